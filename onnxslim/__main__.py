@@ -1,0 +1,3 @@
+from onnxslim.cli import main
+
+main()

@@ -1,0 +1,118 @@
+"""Parameters and multiply-accumulates per node at given input shapes.
+
+`macs` counts only the multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul: the numbers channel
+pruning changes and the ones latency follows. Everything else is counted separately as `elementwise`: the
+number of elements each other node writes, a rough measure of memory-bound work. `params` counts the
+elements of floating-point initializers, each once (attributed to its first reader).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxslim.io import TensorInfo
+
+__all__ = ["LayerCost", "ModelCost", "MAC_OPS", "compute_cost"]
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Cost of one node."""
+
+    name: str
+    op_type: str
+    macs: int
+    params: int
+    elementwise: int
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """Cost of a whole model at the analysis shapes."""
+
+    layers: tuple[LayerCost, ...]
+    params: int
+    macs: int
+    elementwise: int
+
+    def by_name(self) -> dict[str, LayerCost]:
+        return {layer.name: layer for layer in self.layers}
+
+
+def _shape(infos: Mapping[str, TensorInfo], name: str) -> tuple[int, ...] | None:
+    info = infos.get(name)
+    return info.shape if info is not None else None
+
+
+def _conv_macs(node: onnx.NodeProto, infos: Mapping[str, TensorInfo]) -> int | None:
+    out, weight = _shape(infos, node.output[0]), _shape(infos, node.input[1])
+    if out is None or weight is None:
+        return None
+    # weight [C_out, C_in / group, k...]: each output element reads C_in/group * prod(k) inputs
+    return int(np.prod(out)) * int(np.prod(weight[1:]))
+
+
+def _conv_transpose_macs(node: onnx.NodeProto, infos: Mapping[str, TensorInfo]) -> int | None:
+    x, weight = _shape(infos, node.input[0]), _shape(infos, node.input[1])
+    if x is None or weight is None:
+        return None
+    # weight [C_in, C_out / group, k...]: each input element is scattered into C_out/group * prod(k) outputs
+    return int(np.prod(x)) * int(np.prod(weight[1:]))
+
+
+def _gemm_macs(node: onnx.NodeProto, infos: Mapping[str, TensorInfo]) -> int | None:
+    a, out = _shape(infos, node.input[0]), _shape(infos, node.output[0])
+    if a is None or out is None:
+        return None
+    trans_a = next((attr.i for attr in node.attribute if attr.name == "transA"), 0)
+    inner = a[0] if trans_a else a[1]
+    return int(np.prod(out)) * int(inner)
+
+
+def _matmul_macs(node: onnx.NodeProto, infos: Mapping[str, TensorInfo]) -> int | None:
+    a, out = _shape(infos, node.input[0]), _shape(infos, node.output[0])
+    if a is None or out is None:
+        return None
+    inner = a[-1] if len(a) >= 1 else 1
+    return int(np.prod(out)) * int(inner)
+
+
+MAC_OPS: Mapping[str, Callable[[onnx.NodeProto, Mapping[str, TensorInfo]], int | None]] = {
+    "Conv": _conv_macs,
+    "ConvTranspose": _conv_transpose_macs,
+    "Gemm": _gemm_macs,
+    "MatMul": _matmul_macs,
+}
+
+
+def compute_cost(model: onnx.ModelProto, infos: Mapping[str, TensorInfo]) -> ModelCost:
+    """Params and MACs of every node of `model`'s main graph, at the shapes in `infos`."""
+    float_initializers = {
+        t.name: int(np.prod(t.dims))
+        for t in model.graph.initializer
+        if np.issubdtype(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)), np.floating)
+    }
+    counted: set[str] = set()
+    layers = []
+    for node in model.graph.node:
+        params = 0
+        for name in node.input:
+            if name in float_initializers and name not in counted:
+                counted.add(name)
+                params += float_initializers[name]
+        mac_rule = MAC_OPS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        macs = (mac_rule(node, infos) or 0) if mac_rule is not None else 0
+        elementwise = 0
+        if mac_rule is None:
+            elementwise = sum(int(np.prod(s)) for o in node.output if o and (s := _shape(infos, o)) is not None)
+        layers.append(LayerCost(node.name, node.op_type, macs, params, elementwise))
+    return ModelCost(
+        layers=tuple(layers),
+        params=sum(layer.params for layer in layers),
+        macs=sum(layer.macs for layer in layers),
+        elementwise=sum(layer.elementwise for layer in layers),
+    )

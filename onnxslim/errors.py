@@ -1,0 +1,55 @@
+"""One exception hierarchy for every user-facing failure.
+
+Each class carries the process exit code the CLI uses for it (DESIGN.md, "Exit codes"):
+1 the model or data given is unreadable, invalid or unsupported; 2 a usage error;
+4 onnxslim produced something that failed its own validation (a bug in onnxslim).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "OnnxSlimError",
+    "ModelLoadError",
+    "UnsupportedModelError",
+    "DataError",
+    "UsageError",
+    "ValidationError",
+]
+
+ISSUE_URL = "the onnxslim issue tracker"
+
+
+class OnnxSlimError(Exception):
+    """Base of every error onnxslim raises on purpose; its message is meant for the user."""
+
+    exit_code: int = 1
+
+
+class ModelLoadError(OnnxSlimError):
+    """The model file cannot be read: missing, not ONNX, truncated, unsafe or missing external data."""
+
+
+class UnsupportedModelError(OnnxSlimError):
+    """The model is valid ONNX but uses something onnxslim cannot handle (too old an opset, ...)."""
+
+
+class DataError(OnnxSlimError):
+    """Calibration or evaluation data is unreadable or does not match the model's inputs."""
+
+
+class UsageError(OnnxSlimError):
+    """An option value that does not fit the model (unknown input name, wrong rank, ...)."""
+
+    exit_code = 2
+
+
+class ValidationError(OnnxSlimError):
+    """A model onnxslim produced failed its own validation. This is a bug in onnxslim; nothing is written."""
+
+    exit_code = 4
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            f"{message}\nThis is a bug in onnxslim, not in your model: nothing was written. "
+            f"Please report it on {ISSUE_URL} with the command line and, if you can, the model."
+        )

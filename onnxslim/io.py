@@ -1,0 +1,703 @@
+"""Load, normalize, shape-infer, save and validate models: the one entry point every command uses.
+
+Normalization gives later passes a single form without changing what the model computes:
+
+* initializers are no longer listed as graph inputs (IR 3 exports list them; they are weights, not inputs);
+* `Constant` nodes and subgraphs made only of constants (ConstantOfShape, Cast, Unsqueeze, Reshape,
+  Identity ... of constants) are evaluated once and become initializers. Anything that depends on a graph
+  input, including its shape (`Shape -> Gather -> Concat`), is left alone, so the saved model stays as
+  dynamic as the input model. A constant subgraph that cannot be evaluated is an error, never skipped;
+* the IR version is raised where the result needs it;
+* unnamed (or duplicate-named) nodes get stable names: node names are the user's handle in `--exclude`,
+  plans and reports.
+
+Input shapes for analysis come from the model's static dims, from `--input-shapes name:1,3,224,224`, or
+(batch only) default to 1; the saved model keeps symbolic dims unless asked to fix them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from onnxslim.errors import ModelLoadError, UnsupportedModelError, UsageError, ValidationError
+
+__all__ = [
+    "MIN_OPSET",
+    "TensorInfo",
+    "WeightStorage",
+    "NormalizationReport",
+    "LoadedModel",
+    "read_model",
+    "normalize_model",
+    "load_model",
+    "graph_inputs",
+    "parse_input_shapes",
+    "resolve_input_shapes",
+    "fix_input_shapes",
+    "infer_tensor_infos",
+    "annotate_shapes",
+    "random_inputs",
+    "save_model",
+    "validate",
+]
+
+logger = logging.getLogger(__name__)
+
+MIN_OPSET = 7
+_PROTOBUF_LIMIT = 2**31 - 1
+_EXTERNAL_DATA_MARGIN = 64 * 2**20  # switch to external data well before protobuf's 2 GiB limit
+
+# Ops that are never evaluated at load time even when all their inputs are constant: random ops (their
+# value is not a constant) and quantization ops (folding them would dequantize the weights).
+_NEVER_FOLD = frozenset(
+    {
+        "RandomNormal",
+        "RandomNormalLike",
+        "RandomUniform",
+        "RandomUniformLike",
+        "Multinomial",
+        "Bernoulli",
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+    }
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Static shape and element type of one tensor at the analysis input shapes."""
+
+    shape: tuple[int, ...]
+    elem_type: int
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.elem_type))
+
+
+@dataclass(frozen=True)
+class WeightStorage:
+    """Where the model's constant tensors lived as loaded, before normalization (count, elements)."""
+
+    initializers: tuple[int, int] = (0, 0)
+    constant_nodes: tuple[int, int] = (0, 0)
+    computed: tuple[int, int] = (0, 0)
+
+
+@dataclass(frozen=True)
+class NormalizationReport:
+    """What normalization changed: weight storage as loaded, nodes folded and renamed, other notes."""
+
+    storage: WeightStorage
+    folded_nodes: int = 0
+    renamed_nodes: int = 0
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model as every command sees it: normalized unless asked otherwise, with what that changed."""
+
+    model: onnx.ModelProto
+    path: Path
+    size_bytes: int  # the model file plus the external data files it reads
+    normalization: NormalizationReport
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def read_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """Read a model file and its external data, refusing anything unsafe or malformed."""
+    return _read_model_and_size(Path(path))[0]
+
+
+def _read_model_and_size(path: Path) -> tuple[onnx.ModelProto, int]:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory, not an ONNX model file")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path}: the file is empty")
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as e:
+        raise ModelLoadError(f"{path}: not a readable ONNX model (truncated or not protobuf): {e}") from e
+    if not model.HasField("graph") or model.ir_version <= 0 or (not model.graph.node and not model.graph.output):
+        raise ModelLoadError(f"{path}: does not look like an ONNX model (no graph or no IR version)")
+    data_files = _load_external_data(model, path.parent.resolve(), path)
+    _check_opsets(model, path)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise ModelLoadError(f"{path}: the model is not valid ONNX: {_first_line(e)}") from e
+    return model, path.stat().st_size + sum(f.stat().st_size for f in data_files)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto in a graph: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _all_tensors(sub)
+
+
+def _load_external_data(model: onnx.ModelProto, base_dir: Path, path: Path) -> set[Path]:
+    """Read every external tensor into the model; return the data files read."""
+    files: set[Path] = set()
+    external = [t for t in _all_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
+    for tensor in external:
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        target = (base_dir / location).resolve()
+        if not location or Path(location).is_absolute() or base_dir not in (target, *target.parents):
+            raise ModelLoadError(
+                f"{path}: tensor {tensor.name!r} stores its data at {location!r}, outside the model's folder; "
+                "refusing to read it"
+            )
+        if not target.is_file():
+            raise ModelLoadError(
+                f"{path}: tensor {tensor.name!r} needs external data file {location!r}, which is missing "
+                f"(expected at {target})"
+            )
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else None
+        size = target.stat().st_size
+        if offset + (length or 0) > size:
+            raise ModelLoadError(
+                f"{path}: external data file {location!r} is too short for tensor {tensor.name!r} "
+                "(truncated?)"
+            )
+        with open(target, "rb") as f:
+            f.seek(offset)
+            tensor.raw_data = f.read() if length is None else f.read(length)
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+        files.add(target)
+    return files
+
+
+def _check_opsets(model: onnx.ModelProto, path: Path) -> None:
+    opsets = {imp.domain or "ai.onnx": imp.version for imp in model.opset_import}
+    default = opsets.get("ai.onnx")
+    newest = onnx.defs.onnx_opset_version()
+    if default is None:
+        raise UnsupportedModelError(f"{path}: the model imports no ai.onnx opset")
+    if default < MIN_OPSET:
+        raise UnsupportedModelError(
+            f"{path}: opset {default} is too old; onnxslim supports ai.onnx opset {MIN_OPSET} to {newest}. "
+            "Re-export the model with a newer opset, or convert it with onnx.version_converter."
+        )
+    if default > newest:
+        raise UnsupportedModelError(
+            f"{path}: opset {default} is newer than the installed onnx package supports ({newest}); "
+            "upgrade onnx"
+        )
+
+
+# ----------------------------------------------------------------------------------------- normalizing
+
+
+def normalize_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, NormalizationReport]:
+    """Return a normalized copy of `model` (see the module docstring) and what was changed."""
+    model = _copy(model)
+    graph = model.graph
+    origins = _constant_origins(graph)
+    initializer_names = {t.name for t in graph.initializer}
+    kept_inputs = [i for i in graph.input if i.name not in initializer_names]
+    if len(kept_inputs) != len(graph.input):
+        del graph.input[:]
+        graph.input.extend(kept_inputs)
+    renamed = _name_nodes(graph)
+    folded = _fold_constants(model)
+    _remove_unused_initializers(graph)
+    storage = _weight_storage(origins, _initializer_sizes(graph))
+    notes = []
+    needed_ir = max(4, onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True))
+    if model.ir_version < needed_ir:
+        notes.append(f"IR version raised from {model.ir_version} to {needed_ir}")
+        model.ir_version = needed_ir
+    return model, NormalizationReport(storage, folded, renamed, tuple(notes))
+
+
+def load_model(path: str | os.PathLike[str], *, normalize: bool = True) -> LoadedModel:
+    """Read and (by default) normalize a model. Every command starts here."""
+    path = Path(path)
+    model, size = _read_model_and_size(path)
+    if not normalize:
+        storage = _weight_storage(_constant_origins(model.graph), _initializer_sizes(model.graph))
+        return LoadedModel(model, path, size, NormalizationReport(storage))
+    normalized, report = normalize_model(model)
+    return LoadedModel(normalized, path, size, report)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _name_nodes(graph: onnx.GraphProto) -> int:
+    """Give every node a unique, stable name (op type and position); return how many were renamed."""
+    seen: set[str] = set()
+    renamed = 0
+    for index, node in enumerate(graph.node):
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = node.name or f"{node.op_type}_{index}"
+        name, suffix = base, 1
+        while name in seen:
+            name, suffix = f"{base}_{suffix}", suffix + 1
+        node.name = name
+        seen.add(name)
+        renamed += 1
+    return renamed
+
+
+def _subgraph_references(graph: onnx.GraphProto) -> set[str]:
+    """Names that nodes inside subgraphs of `graph` read (possibly from the outer scope)."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                for inner in sub.node:
+                    names.update(inner.input)
+                names.update(o.name for o in sub.output)
+                names |= _subgraph_references(sub)
+    return names
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def _is_foldable(node: onnx.NodeProto, constants: set[str], graph_outputs: set[str]) -> bool:
+    return (
+        node.domain in ("", "ai.onnx")
+        and node.op_type not in _NEVER_FOLD
+        and not _has_subgraph(node)
+        and not any(o in graph_outputs for o in node.output)
+        and all(i in constants for i in node.input if i)
+    )
+
+
+def _constant_subgraph(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Nodes whose inputs are all constants, transitively (graph nodes are topologically sorted)."""
+    constants = {t.name for t in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
+    foldable = []
+    for node in graph.node:
+        if _is_foldable(node, constants, graph_outputs):
+            foldable.append(node)
+            constants.update(o for o in node.output if o)
+    return foldable
+
+
+def _fold_constants(model: onnx.ModelProto) -> int:
+    graph = model.graph
+    foldable = _constant_subgraph(graph)
+    if not foldable:
+        return 0
+    folded_ids = {id(n) for n in foldable}
+    produced = {o for n in foldable for o in n.output if o}
+    read_elsewhere = {i for n in graph.node if id(n) not in folded_ids for i in n.input}
+    read_elsewhere |= _subgraph_references(graph)
+    needed = [name for name in dict.fromkeys(o for n in foldable for o in n.output) if name in read_elsewhere]
+    values = _evaluate(model, foldable, needed) if needed else {}
+    kept = [n for n in graph.node if id(n) not in folded_ids]
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(numpy_helper.from_array(np.asarray(values[name]), name) for name in needed)
+    # value_info entries of folded tensors now describe initializers; they are harmless but stale
+    stale = [vi for vi in graph.value_info if vi.name in produced]
+    for vi in stale:
+        graph.value_info.remove(vi)
+    return len(foldable)
+
+
+def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: list[str]) -> dict[str, np.ndarray]:
+    """Evaluate a constant subgraph with onnx's reference evaluator; fail loudly, naming the node."""
+    read = {i for n in nodes for i in n.input if i}
+    graph = onnx.helper.make_graph(
+        list(nodes),
+        "constant_subgraph",
+        inputs=[],
+        outputs=[onnx.helper.make_empty_tensor_value_info(name) for name in outputs],
+        initializer=[t for t in model.graph.initializer if t.name in read],
+    )
+    sub = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    try:
+        results = ReferenceEvaluator(sub).run(None, {})
+    except Exception as e:  # noqa: BLE001 - the reference evaluator raises anything; we re-raise with context
+        culprit = _first_failing_node(model, nodes)
+        raise UnsupportedModelError(
+            f"could not evaluate the constant subgraph feeding the model's weights"
+            f"{culprit}: {type(e).__name__}: {_first_line(e)}"
+        ) from e
+    return dict(zip(outputs, results, strict=True))
+
+
+def _first_failing_node(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> str:
+    """Re-run node by node to name the node that fails (only on the error path)."""
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in nodes:
+        inputs = [onnx.helper.make_tensor_value_info(i, onnx.TensorProto.UNDEFINED, None) for i in node.input if i]
+        sub_graph = onnx.helper.make_graph(
+            [node], "one", inputs, [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o]
+        )
+        sub = onnx.helper.make_model(sub_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+        try:
+            results = ReferenceEvaluator(sub).run(None, {i: values[i] for i in node.input if i})
+        except Exception:  # noqa: BLE001 - only used to locate the failure
+            return f" (node {node.name!r}, {node.op_type})"
+        values.update(zip([o for o in node.output if o], results, strict=False))
+    return ""
+
+
+def _remove_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output} | _subgraph_references(graph)
+    kept = [t for t in graph.initializer if t.name in used]
+    if len(kept) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+
+
+def _constant_origins(graph: onnx.GraphProto) -> dict[str, str]:
+    """For each constant tensor a variable node reads: 'initializer', 'constant_node' or 'computed'."""
+    foldable = _constant_subgraph(graph)
+    folded_ids = {id(n) for n in foldable}
+    read = {i for n in graph.node if id(n) not in folded_ids for i in n.input if i} | _subgraph_references(graph)
+    origins = {t.name: "initializer" for t in graph.initializer if t.name in read}
+    for node in foldable:
+        kind = "constant_node" if node.op_type == "Constant" else "computed"
+        origins.update({o: kind for o in node.output if o in read})
+    return origins
+
+
+def _weight_storage(origins: Mapping[str, str], sizes: Mapping[str, int]) -> WeightStorage:
+    """Count and elements of the constant tensors by where they were stored."""
+
+    def census(kind: str) -> tuple[int, int]:
+        names = [name for name, origin in origins.items() if origin == kind]
+        return len(names), sum(sizes.get(name, 0) for name in names)
+
+    return WeightStorage(census("initializer"), census("constant_node"), census("computed"))
+
+
+def _initializer_sizes(graph: onnx.GraphProto) -> dict[str, int]:
+    return {t.name: int(np.prod(t.dims)) for t in graph.initializer}
+
+
+# ------------------------------------------------------------------------------------------ input shapes
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The model's real inputs: graph inputs that are not initializers."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in initializers]
+
+
+def _declared_dims(value: onnx.ValueInfoProto) -> list[int | str] | None:
+    """Declared dims of an input: ints where static, the symbol (or '?') where not; None if rank unknown."""
+    tensor_type = value.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim]
+
+
+def parse_input_shapes(specs: Sequence[str]) -> dict[str | None, tuple[int, ...]]:
+    """Parse repeated `name:1,3,224,224` specs. A spec without a name applies to a single-input model."""
+    shapes: dict[str | None, tuple[int, ...]] = {}
+    for spec in specs:
+        name, sep, dims_text = spec.rpartition(":")
+        key = name if sep else None
+        try:
+            dims = tuple(int(d) for d in dims_text.replace("x", ",").split(","))
+        except ValueError as e:
+            raise UsageError(
+                f"--input-shapes {spec!r}: expected NAME:D1,D2,... with whole numbers, e.g. images:1,3,224,224"
+            ) from e
+        if any(d <= 0 for d in dims):
+            raise UsageError(f"--input-shapes {spec!r}: every dimension must be a positive whole number")
+        if key in shapes:
+            raise UsageError(f"--input-shapes names {key or 'the input'!r} twice")
+        shapes[key] = dims
+    return shapes
+
+
+def resolve_input_shapes(
+    model: onnx.ModelProto, overrides: Mapping[str | None, Sequence[int]] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes for every model input: overrides, else static dims, else batch 1 if only it is symbolic."""
+    overrides = dict(overrides or {})
+    inputs = graph_inputs(model)
+    names = [i.name for i in inputs]
+    if None in overrides:
+        if len(inputs) != 1:
+            raise UsageError(
+                f"--input-shapes without a name works only for single-input models; this one has {names}: "
+                "write NAME:D1,D2,..."
+            )
+        overrides[names[0]] = overrides.pop(None)
+    unknown = [n for n in overrides if n not in names]
+    if unknown:
+        raise UsageError(f"--input-shapes names {unknown[0]!r}, which is not an input of the model; inputs: {names}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in inputs:
+        declared = _declared_dims(value)
+        if value.name in overrides:
+            given = tuple(int(d) for d in overrides[value.name])  # type: ignore[arg-type]
+            if declared is not None and len(declared) != len(given):
+                raise UsageError(
+                    f"--input-shapes {value.name}: rank {len(given)} given, but the input has rank "
+                    f"{len(declared)} ({_dims_text(declared)})"
+                )
+            for axis, (want, got) in enumerate(zip(declared or [], given, strict=False)):
+                if isinstance(want, int) and want != got:
+                    raise UsageError(
+                        f"--input-shapes {value.name}: axis {axis} is fixed to {want} in the model, not {got}"
+                    )
+            shapes[value.name] = given
+            continue
+        if declared is None:
+            raise UsageError(f"input {value.name!r} has no declared shape; give it with --input-shapes {value.name}:...")
+        symbolic = [axis for axis, d in enumerate(declared) if not isinstance(d, int) or d <= 0]
+        if symbolic and symbolic != [0]:
+            raise UsageError(
+                f"input {value.name!r} has symbolic dims ({_dims_text(declared)}); give concrete ones with "
+                f"--input-shapes {value.name}:{','.join(str(d) if isinstance(d, int) and d > 0 else 'N' for d in declared)}"
+            )
+        shapes[value.name] = tuple(1 if axis in symbolic else int(d) for axis, d in enumerate(declared))
+    return shapes
+
+
+def _dims_text(dims: Sequence[int | str]) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+def fix_input_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
+    """A copy of `model` whose inputs have the given static shapes (used for analysis and --fix-shapes)."""
+    model = _copy(model)
+    for value in model.graph.input:
+        if value.name in shapes:
+            shape = value.type.tensor_type.shape
+            del shape.dim[:]
+            for d in shapes[value.name]:
+                shape.dim.add().dim_value = int(d)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ shape infos
+
+
+def _static_info(value: onnx.ValueInfoProto) -> TensorInfo | None:
+    tensor_type = value.type.tensor_type
+    if not tensor_type.elem_type or not tensor_type.HasField("shape"):
+        return None
+    dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim]
+    if any(d < 0 for d in dims):
+        return None
+    return TensorInfo(tuple(dims), tensor_type.elem_type)
+
+
+def infer_tensor_infos(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, TensorInfo]:
+    """Static shape and type of every tensor at `input_shapes`.
+
+    onnx's shape inference first (with data propagation); where it leaves a tensor without a static shape
+    (custom ops, shapes computed at run time), onnxruntime runs the model once on random inputs with those
+    tensors exposed. Tensors neither can resolve are simply absent (analysis treats them as unknown).
+    """
+    fixed = fix_input_shapes(model, input_shapes)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(fixed, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as e:  # noqa: BLE001 - onnx raises several types; the fallback below covers it
+        logger.warning("onnx shape inference failed (%s); falling back to onnxruntime", _first_line(e))
+        inferred = fixed
+    infos: dict[str, TensorInfo] = {}
+    graph = inferred.graph
+    for tensor in graph.initializer:
+        infos[tensor.name] = TensorInfo(tuple(tensor.dims), tensor.data_type)
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        info = _static_info(value)
+        if info is not None:
+            infos.setdefault(value.name, info)
+    missing = [o for n in graph.node for o in n.output if o and o not in infos]
+    if missing:
+        infos.update(_infos_from_onnxruntime(fixed, missing, input_shapes))
+    return infos
+
+
+def _infos_from_onnxruntime(
+    model: onnx.ModelProto, names: list[str], input_shapes: Mapping[str, Sequence[int]]
+) -> dict[str, TensorInfo]:
+    import onnxruntime as ort
+
+    probe = _copy(model)
+    existing = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing)
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        feeds = random_inputs(model, input_shapes)
+        outputs = session.run(names, feeds)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        logger.warning("could not infer %d tensor shapes with onnxruntime either: %s", len(names), _first_line(e))
+        return {}
+    infos = {}
+    for name, value in zip(names, outputs, strict=True):
+        array = np.asarray(value)
+        if array.dtype == object:
+            continue
+        infos[name] = TensorInfo(tuple(array.shape), onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+    return infos
+
+
+def annotate_shapes(model: onnx.ModelProto, infos: Mapping[str, TensorInfo]) -> onnx.ModelProto:
+    """A copy of `model` whose value_info holds the given static shapes (for graph-level analysis)."""
+    model = _copy(model)
+    graph = model.graph
+    declared = {i.name for i in graph.input} | {o.name for o in graph.output} | {t.name for t in graph.initializer}
+    del graph.value_info[:]
+    for name, info in infos.items():
+        if name not in declared:
+            graph.value_info.append(onnx.helper.make_tensor_value_info(name, info.elem_type, list(info.shape)))
+    return model
+
+
+def random_inputs(
+    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]], seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Random feeds for every model input at the given shapes (floats ~ N(0,1), ints small, bools random)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in graph_inputs(model):
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+        shape = tuple(input_shapes[value.name])
+        if np.issubdtype(dtype, np.floating):
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[value.name] = rng.integers(0, 2, shape).astype(np.bool_)
+        else:
+            feeds[value.name] = rng.integers(0, 4, shape).astype(dtype)
+    return feeds
+
+
+# -------------------------------------------------------------------------------------------- saving
+
+
+def _model_bytes(model: onnx.ModelProto) -> int:
+    """Size of the model's tensors in bytes (ByteSize() is unusable past protobuf's limit)."""
+    return sum(len(t.raw_data) or t.ByteSize() for t in _all_tensors(model.graph))
+
+
+def save_model(
+    model: onnx.ModelProto, path: str | os.PathLike[str], *, source: str | os.PathLike[str] | None = None
+) -> Path:
+    """Write `model` atomically; never onto `source`. Past ~2 GB the weights go to `<name>.data` beside it."""
+    path = Path(path)
+    if source is not None and _same_file(path, Path(source)):
+        raise UsageError(f"refusing to overwrite the input model {source}; choose another output path")
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory; give a file name for the output model")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"cannot write {path}: folder {parent} does not exist")
+    external = _model_bytes(model) > _PROTOBUF_LIMIT - _EXTERNAL_DATA_MARGIN
+    with tempfile.TemporaryDirectory(dir=parent, prefix=f".{path.name}.") as staging:
+        staged = Path(staging) / path.name
+        if external:
+            data_name = f"{path.name}.data"
+            to_save = _copy(model)
+            onnx.save_model(
+                to_save, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                location=data_name, size_threshold=1024,
+            )
+            os.replace(Path(staging) / data_name, parent / data_name)
+        else:
+            with open(staged, "wb") as f:
+                f.write(model.SerializeToString())
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(staged, path)
+    return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def _contract(model: onnx.ModelProto) -> tuple[list[tuple[str, int]], list[tuple[str, int, tuple]]]:
+    inputs = [(i.name, i.type.tensor_type.elem_type) for i in graph_inputs(model)]
+    outputs = [
+        (o.name, o.type.tensor_type.elem_type, tuple(_declared_dims(o) or ()))
+        for o in model.graph.output
+    ]
+    return inputs, outputs
+
+
+def validate(
+    candidate: onnx.ModelProto,
+    source: onnx.ModelProto,
+    input_shapes: Mapping[str, Sequence[int]],
+) -> None:
+    """Check a model onnxslim produced: onnx.checker, an onnxruntime run, and the source's I/O contract.
+
+    Raises ValidationError (exit 4, nothing written) on any failure.
+    """
+    import onnxruntime as ort
+
+    try:
+        onnx.checker.check_model(candidate)
+    except onnx.checker.ValidationError as e:
+        raise ValidationError(f"the optimized model fails onnx.checker: {_first_line(e)}") from e
+    want_inputs, want_outputs = _contract(source)
+    got_inputs, got_outputs = _contract(candidate)
+    if want_inputs != got_inputs:
+        raise ValidationError(f"inputs changed from {want_inputs} to {got_inputs}")
+    if want_outputs != got_outputs:
+        raise ValidationError(f"outputs changed from {want_outputs} to {got_outputs}")
+    feeds = random_inputs(source, input_shapes)
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        got = ort.InferenceSession(candidate.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+            None, feeds
+        )
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise ValidationError(f"the optimized model does not run in onnxruntime: {_first_line(e)}") from e
+    want = ort.InferenceSession(source.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for (name, _, _), a, b in zip(want_outputs, want, got, strict=True):
+        if np.shape(a) != np.shape(b):
+            raise ValidationError(f"output {name!r} has shape {np.shape(b)}, the original {np.shape(a)}")

@@ -1,0 +1,93 @@
+"""What is in a model: `onnxslim inspect` as a library call returning a dataclass."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import onnx
+
+from onnxslim.analysis.cost import ModelCost, compute_cost
+from onnxslim.io import (
+    LoadedModel,
+    WeightStorage,
+    graph_inputs,
+    infer_tensor_infos,
+    load_model,
+    resolve_input_shapes,
+)
+
+__all__ = ["TensorSummary", "ModelInfo", "inspect_model", "summarize_model"]
+
+
+@dataclass(frozen=True)
+class TensorSummary:
+    """A graph input or output: name, element type and declared shape (symbols kept as strings)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...] | None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Everything `inspect` reports about a model."""
+
+    path: str
+    size_bytes: int
+    producer: str
+    ir_version: int
+    opsets: dict[str, int]
+    inputs: tuple[TensorSummary, ...]
+    outputs: tuple[TensorSummary, ...]
+    analysis_shapes: dict[str, tuple[int, ...]]
+    ops: dict[str, int]
+    weight_storage: WeightStorage
+    folded_nodes: int
+    cost: ModelCost
+
+    @property
+    def params(self) -> int:
+        return self.cost.params
+
+    @property
+    def macs(self) -> int:
+        return self.cost.macs
+
+
+def _summarize_value(value: onnx.ValueInfoProto) -> TensorSummary:
+    tensor_type = value.type.tensor_type
+    dtype = onnx.helper.tensor_dtype_to_string(tensor_type.elem_type).removeprefix("TensorProto.").lower()
+    shape = None
+    if tensor_type.HasField("shape"):
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim)
+    return TensorSummary(value.name, dtype, shape)
+
+
+def summarize_model(loaded: LoadedModel, input_shapes: Mapping[str | None, Sequence[int]] | None = None) -> ModelInfo:
+    """Summarize an already loaded model at the given (or default) analysis shapes."""
+    model = loaded.model
+    shapes = resolve_input_shapes(model, input_shapes)
+    infos = infer_tensor_infos(model, shapes)
+    producer = " ".join(p for p in (model.producer_name, model.producer_version) if p) or "unknown"
+    return ModelInfo(
+        path=str(loaded.path),
+        size_bytes=loaded.size_bytes,
+        producer=producer,
+        ir_version=model.ir_version,
+        opsets={imp.domain or "ai.onnx": imp.version for imp in model.opset_import},
+        inputs=tuple(_summarize_value(v) for v in graph_inputs(model)),
+        outputs=tuple(_summarize_value(v) for v in model.graph.output),
+        analysis_shapes=shapes,
+        ops=dict(Counter(node.op_type for node in model.graph.node).most_common()),
+        weight_storage=loaded.normalization.storage,
+        folded_nodes=loaded.normalization.folded_nodes,
+        cost=compute_cost(model, infos),
+    )
+
+
+def inspect_model(path: str | os.PathLike[str], input_shapes: Mapping[str | None, Sequence[int]] | None = None) -> ModelInfo:
+    """Load `path` and summarize it: I/O, opsets, ops, where weights live, params and MACs per layer."""
+    return summarize_model(load_model(path), input_shapes)
