@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +114,7 @@ class LoadedModel:
     path: Path
     size_bytes: int  # the model file plus the external data files it reads
     normalization: NormalizationReport
+    source_ir_version: int  # the file's IR version (normalization may raise it)
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -251,9 +252,9 @@ def load_model(path: str | os.PathLike[str], *, normalize: bool = True) -> Loade
     model, size = _read_model_and_size(path)
     if not normalize:
         storage = _weight_storage(_constant_origins(model.graph), _initializer_sizes(model.graph))
-        return LoadedModel(model, path, size, NormalizationReport(storage))
+        return LoadedModel(model, path, size, NormalizationReport(storage), model.ir_version)
     normalized, report = normalize_model(model)
-    return LoadedModel(normalized, path, size, report)
+    return LoadedModel(normalized, path, size, report, model.ir_version)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -76,7 +76,7 @@ def summarize_model(loaded: LoadedModel, input_shapes: Mapping[str | None, Seque
         path=str(loaded.path),
         size_bytes=loaded.size_bytes,
         producer=producer,
-        ir_version=model.ir_version,
+        ir_version=loaded.source_ir_version,
         opsets={imp.domain or "ai.onnx": imp.version for imp in model.opset_import},
         inputs=tuple(_summarize_value(v) for v in graph_inputs(model)),
         outputs=tuple(_summarize_value(v) for v in model.graph.output),

@@ -1,0 +1,105 @@
+"""The command line: `inspect`, group options, exit codes and messages for bad input (no tracebacks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+from conftest import LIGHT_DIR, MODELS_DIR
+from io_models import constant_weights_model, conv_model
+
+from onnxslim import __version__
+from onnxslim.cli import cli
+
+INSPECT_KEYS = {"inputs", "outputs", "opsets", "ops", "params", "macs", "layers"}
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args))
+    assert "Traceback" not in result.stdout + result.stderr
+    return result.exit_code, result.stdout, result.stderr
+
+
+def inspect_json(path: Path, *extra: str) -> dict:
+    code, out, err = invoke("inspect", str(path), "--json", *extra)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_version_and_help() -> None:
+    code, out, _ = invoke("--version")
+    assert code == 0 and __version__ in out
+    code, out, _ = invoke("inspect", "--help")
+    assert code == 0 and "--input-shapes" in out
+
+
+def test_inspect_every_light_model(light_model_name: str) -> None:
+    info = inspect_json(LIGHT_DIR / light_model_name)
+    assert INSPECT_KEYS <= info.keys()
+    model = onnx.load(str(LIGHT_DIR / light_model_name))
+    convs = sum(1 for n in model.graph.node if n.op_type in ("Conv", "Gemm"))
+    mac_layers = [layer for layer in info["layers"] if layer["op_type"] in ("Conv", "Gemm")]
+    assert len(mac_layers) == convs and all(layer["macs"] > 0 for layer in mac_layers)
+    assert info["macs"] == sum(layer["macs"] for layer in info["layers"])
+    assert info["params"] > 0 and info["opsets"] == {"ai.onnx": 9}
+    assert info["weight_storage"]["computed"]["tensors"] > 0  # their weights are ConstantOfShape outputs
+
+
+def test_inspect_text_report() -> None:
+    code, out, _ = invoke("inspect", str(LIGHT_DIR / "light_squeezenet.onnx"))
+    assert code == 0
+    assert "MACs" in out and "Conv 26" in out and "top 10 layers by MACs" in out
+
+
+def test_inspect_constant_node_model(tmp_path: Path) -> None:
+    path = tmp_path / "paddle_style.onnx"
+    onnx.save_model(constant_weights_model(), str(path))
+    info = inspect_json(path)
+    assert info["weight_storage"]["constant_nodes"]["tensors"] >= 2
+    assert info["macs"] == 4 * 8 * 8 * 3 * 3 * 3  # one 3x3 conv, 3 -> 4 channels, 8x8 output
+    assert info["inputs"][0]["shape"] == ["batch", 3, 8, 8]
+    assert info["analysis_shapes"] == {"x": [1, 3, 8, 8]}
+    # a larger batch for analysis scales the MACs
+    assert inspect_json(path, "--input-shapes", "x:4,3,8,8")["macs"] == 4 * info["macs"]
+
+
+@pytest.mark.parametrize("model_path", sorted(MODELS_DIR.glob("*.onnx")), ids=lambda p: p.stem)
+def test_inspect_every_shipped_model(model_path: Path) -> None:
+    info = inspect_json(model_path)
+    assert info["macs"] > 0 and info["params"] > 0
+
+
+def test_bad_inputs_exit_with_a_message(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model\n")
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    model = tmp_path / "m.onnx"
+    onnx.save_model(conv_model(), str(model))
+    cases = [
+        ([str(tmp_path / "missing.onnx")], 1, "no such file"),
+        ([str(tmp_path)], 1, "directory"),
+        ([str(text)], 1, "not a readable ONNX model"),
+        ([str(empty)], 1, "empty"),
+        ([str(model), "--input-shapes", "nope:1,4,10,10"], 2, "not an input of the model"),
+        ([str(model), "--input-shapes", "x:1,4,10"], 2, "rank 3 given"),
+        ([str(model), "--input-shapes", "x:1,four"], 2, "whole numbers"),
+    ]
+    for args, code, message in cases:
+        got_code, out, err = invoke("inspect", *args)
+        assert (got_code, out) == (code, ""), (args, err)
+        assert message in err, (args, err)
+
+
+def test_symbolic_dims_without_shapes_name_the_input(tmp_path: Path) -> None:
+    model = conv_model()
+    for d, name in zip(model.graph.input[0].type.tensor_type.shape.dim, ["n", "c", "h", "w"], strict=True):
+        d.dim_param = name
+    path = tmp_path / "dynamic.onnx"
+    onnx.save_model(model, str(path))
+    code, _, err = invoke("inspect", str(path))
+    assert code == 2 and "input 'x' has symbolic dims" in err and "--input-shapes x:" in err
+    assert inspect_json(path, "--input-shapes", "x:1,4,10,10")["macs"] == 8 * 10 * 10 * 4 * 9

@@ -1,0 +1,66 @@
+"""Params and MACs (onnxslim/analysis/cost.py) against counts done by hand."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+from conftest import load_light
+from io_models import conv_model, conv_transpose_model, gemm_model, matmul_model
+
+from onnxslim.analysis.cost import compute_cost
+from onnxslim.io import infer_tensor_infos, resolve_input_shapes
+
+
+def cost_of(model: onnx.ModelProto):
+    return compute_cost(model, infer_tensor_infos(model, resolve_input_shapes(model)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, macs, params",
+    [
+        # 8 out channels x 10x10 outputs, each reads 4 in channels x 3x3
+        (dict(c_in=4, c_out=8, kernel=3, stride=1, pad=1, hw=10), 8 * 10 * 10 * 4 * 3 * 3, 8 * 4 * 9 + 8),
+        # stride 2, no padding: (10 - 3) // 2 + 1 = 4 -> 4x4 outputs
+        (dict(c_in=4, c_out=8, kernel=3, stride=2, pad=0, hw=10), 8 * 4 * 4 * 4 * 3 * 3, 8 * 4 * 9 + 8),
+        # grouped: each output reads c_in / group = 2 channels
+        (dict(c_in=4, c_out=8, kernel=3, pad=1, group=2, hw=10), 8 * 10 * 10 * 2 * 9, 8 * 2 * 9 + 8),
+        # depthwise: one input channel per output
+        (dict(c_in=6, c_out=6, kernel=3, pad=1, group=6, hw=10), 6 * 10 * 10 * 9, 6 * 9 + 6),
+        # 1x1, no bias, batch 2
+        (dict(c_in=5, c_out=7, kernel=1, pad=0, hw=4, bias=False, batch=2), 2 * 7 * 4 * 4 * 5, 7 * 5),
+    ],
+)
+def test_conv_macs_and_params_by_hand(kwargs: dict, macs: int, params: int) -> None:
+    cost = cost_of(conv_model(**kwargs))
+    assert (cost.macs, cost.params) == (macs, params)
+    assert cost.elementwise == 0
+
+
+def test_conv_transpose_macs_by_hand() -> None:
+    # every one of the 4x5x5 input values is scattered into 6 out channels x 2x2 kernel taps
+    cost = cost_of(conv_transpose_model(c_in=4, c_out=6, kernel=2, stride=2, hw=5))
+    assert cost.macs == 4 * 5 * 5 * 6 * 2 * 2
+    assert cost.params == 4 * 6 * 2 * 2
+
+
+@pytest.mark.parametrize("trans_a, trans_b", [(0, 0), (0, 1), (1, 0), (1, 1)])
+def test_gemm_macs_by_hand(trans_a: int, trans_b: int) -> None:
+    cost = cost_of(gemm_model(m=3, k=5, n=7, trans_a=trans_a, trans_b=trans_b))
+    assert cost.macs == 3 * 5 * 7
+    assert cost.params == 5 * 7 + 7
+
+
+def test_batched_matmul_macs_by_hand() -> None:
+    cost = cost_of(matmul_model(batch=2, m=3, k=5, n=7))
+    assert cost.macs == 2 * 3 * 5 * 7 and cost.params == 5 * 7
+
+
+def test_light_resnet50_matches_its_published_size() -> None:
+    loaded = load_light("light_resnet50.onnx")
+    cost = cost_of(loaded.model)
+    # ResNet-50 v1: 25.6M parameters and 4.1 GMACs at 224x224 (He et al. 2016, Table 1: 3.8 GFLOPs for v1.5's
+    # stride placement; this caffe2 export is v1, 4.09 G); BN parameters count as parameters.
+    assert cost.params == pytest.approx(25.61e6, rel=1e-3)
+    assert cost.macs == pytest.approx(4.089e9, rel=1e-3)
+    conv_layers = [layer for layer in cost.layers if layer.op_type == "Conv"]
+    assert len(conv_layers) == 53 and all(layer.macs > 0 for layer in conv_layers)

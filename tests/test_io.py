@@ -1,0 +1,323 @@
+"""Loading, normalization, input shapes, shape inference, saving and validation (onnxslim/io.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import LIGHT_DIR, load_light
+from io_models import constant_weights_model, conv_model, ir3_model, make
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxslim import io as slim_io
+from onnxslim.errors import ModelLoadError, UnsupportedModelError, UsageError, ValidationError
+from onnxslim.io import (
+    fix_input_shapes,
+    infer_tensor_infos,
+    load_model,
+    normalize_model,
+    parse_input_shapes,
+    random_inputs,
+    resolve_input_shapes,
+    save_model,
+    validate,
+)
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save_model(model, str(path))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ normalization
+
+
+def test_normalization_keeps_outputs_of_every_light_model(light_model_name: str) -> None:
+    original = onnx.load(str(LIGHT_DIR / light_model_name))
+    normalized = load_light(light_model_name).model
+    feeds = random_inputs(normalized, resolve_input_shapes(normalized))
+    for want, got in zip(run(original, feeds), run(normalized, feeds), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # weights made by ConstantOfShape are now plain initializers, and nothing constant is left as a node
+    assert not any(n.op_type == "ConstantOfShape" for n in normalized.graph.node)
+    assert not {i.name for i in normalized.graph.input} & {t.name for t in normalized.graph.initializer}
+    onnx.checker.check_model(normalized)
+
+
+def test_constant_node_weights_become_initializers_and_outputs_stay(tmp_path: Path) -> None:
+    model = constant_weights_model()
+    loaded = load_model(save(model, tmp_path / "m.onnx"))
+    normalized = loaded.model
+    ops = [n.op_type for n in normalized.graph.node]
+    assert "Constant" not in ops and "ConstantOfShape" not in ops and "Cast" not in ops
+    assert ops.count("Reshape") == 1, "the bias Reshape(Constant) is folded; the dynamic flatten Reshape stays"
+    # the shape-dependent subgraph is kept, so the model still accepts any batch size
+    assert {"Shape", "Gather", "Concat"} <= set(ops)
+    initializer_shapes = {tuple(t.dims) for t in normalized.graph.initializer}
+    assert (1, 4, 1, 1) in initializer_shapes and (4, 1, 1) in initializer_shapes
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, 8, 8)).astype(np.float32)
+        (want,), (got,) = run(model, {"x": x}), run(normalized, {"x": x})
+        assert got.shape == (batch, 256)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    storage = loaded.normalization.storage
+    assert storage.constant_nodes[0] >= 2  # w and the Reshape's input feed variable nodes directly
+    assert storage.computed[0] >= 3  # the reshaped bias, the cast/unsqueezed scale, the ConstantOfShape shift
+
+
+def test_input_symbolic_dims_stay_symbolic_after_normalization() -> None:
+    normalized, _ = normalize_model(constant_weights_model())
+    dims = normalized.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch"
+
+
+def test_ir3_model_with_initializers_as_inputs_checks_after_normalization() -> None:
+    model = ir3_model()
+    normalized, report = normalize_model(model)
+    assert [i.name for i in normalized.graph.input] == ["x"]
+    assert normalized.ir_version >= 4
+    assert any("IR version" in note for note in report.notes)
+    onnx.checker.check_model(normalized)
+    x = np.ones((1, 3, 4, 4), np.float32)
+    np.testing.assert_allclose(run(normalized, {"x": x})[0], run(model, {"x": x})[0])
+
+
+def test_unnamed_and_duplicate_nodes_get_stable_unique_names() -> None:
+    model = ir3_model()
+    model.graph.node[1].name = "dup"
+    model.graph.node.insert(0, helper.make_node("Identity", ["x"], ["x_id"], name="dup"))
+    model.graph.node[1].input[0] = "x_id"
+    first, report = normalize_model(model)
+    second, _ = normalize_model(model)
+    names = [n.name for n in first.graph.node]
+    assert len(set(names)) == len(names) and all(names)
+    assert names == [n.name for n in second.graph.node]
+    assert names[0] == "dup" and report.renamed_nodes == 2
+
+
+def test_quantization_ops_are_not_folded() -> None:
+    weight = numpy_helper.from_array(np.array([[1, -2], [3, 4]], np.int8), "wq")
+    scale = numpy_helper.from_array(np.array(0.5, np.float32), "s")
+    nodes = [
+        helper.make_node("DequantizeLinear", ["wq", "s"], ["w"]),
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])
+    normalized, _ = normalize_model(make(nodes, [x], [y], [weight, scale]))
+    assert [n.op_type for n in normalized.graph.node] == ["DequantizeLinear", "MatMul"]
+
+
+def test_constant_subgraph_that_cannot_be_evaluated_is_an_error() -> None:
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.zeros(6, np.float32), "c")),
+        helper.make_node("Constant", [], ["shape"], value=numpy_helper.from_array(np.array([4], np.int64), "shape")),
+        helper.make_node("Reshape", ["c", "shape"], ["bad"], name="bad_reshape"),
+        helper.make_node("Add", ["x", "bad"], ["y"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    with pytest.raises(UnsupportedModelError, match="bad_reshape"):
+        normalize_model(make(nodes, [x], [y]))
+
+
+# -------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "empty"),
+        (bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8)), "not a readable ONNX model|does not look"),
+        (b"this is a text file, not a model\n" * 10, "not a readable ONNX model|does not look"),
+    ],
+    ids=["empty", "random-bytes", "text"],
+)
+def test_unreadable_files_are_refused(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(path)
+
+
+def test_truncated_model_is_refused(tmp_path: Path) -> None:
+    data = conv_model().SerializeToString()
+    path = tmp_path / "truncated.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError):
+        load_model(path)
+
+
+def test_missing_path_and_directory_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no such file"):
+        load_model(tmp_path / "missing.onnx")
+    with pytest.raises(ModelLoadError, match="directory"):
+        load_model(tmp_path)
+
+
+def test_too_old_opset_is_refused(tmp_path: Path) -> None:
+    model = ir3_model()
+    model.opset_import[0].version = 6
+    with pytest.raises(UnsupportedModelError, match="opset 6 is too old"):
+        load_model(save(model, tmp_path / "old.onnx"))
+
+
+def _external_model(tmp_path: Path) -> Path:
+    model = conv_model(c_in=16, c_out=16)
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    return path
+
+
+def test_external_data_is_loaded(tmp_path: Path) -> None:
+    path = _external_model(tmp_path)
+    loaded = load_model(path)
+    assert loaded.size_bytes == path.stat().st_size + (tmp_path / "ext.onnx.data").stat().st_size
+    weight = next(t for t in loaded.model.graph.initializer if t.name == "w")
+    assert numpy_helper.to_array(weight).shape == (16, 16, 3, 3)
+
+
+def test_missing_external_data_is_refused(tmp_path: Path) -> None:
+    path = _external_model(tmp_path)
+    (tmp_path / "ext.onnx.data").unlink()
+    with pytest.raises(ModelLoadError, match="missing"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("location", ["../escape.data", "/etc/passwd"])
+def test_external_data_outside_the_model_folder_is_refused(tmp_path: Path, location: str) -> None:
+    path = _external_model(tmp_path)
+    model = onnx.load_model(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save_model(model, str(path))
+    with pytest.raises(ModelLoadError, match="outside the model's folder"):
+        load_model(path)
+
+
+# ----------------------------------------------------------------------------------------- input shapes
+
+
+def test_parse_input_shapes() -> None:
+    assert parse_input_shapes(["images:1,3,320,320", "mask:1,1,320,320"]) == {
+        "images": (1, 3, 320, 320),
+        "mask": (1, 1, 320, 320),
+    }
+    assert parse_input_shapes(["input:0:2,3"]) == {"input:0": (2, 3)}  # TensorFlow-style names keep their colon
+    assert parse_input_shapes(["1,3,8,8"]) == {None: (1, 3, 8, 8)}
+    for bad in (["x:1,a"], ["x:0,3"], ["x:1", "x:2"]):
+        with pytest.raises(UsageError):
+            parse_input_shapes(bad)
+
+
+def test_resolve_input_shapes_defaults_symbolic_batch_to_one() -> None:
+    assert resolve_input_shapes(constant_weights_model()) == {"x": (1, 3, 8, 8)}
+    assert resolve_input_shapes(constant_weights_model(), {"x": (4, 3, 8, 8)}) == {"x": (4, 3, 8, 8)}
+    assert resolve_input_shapes(constant_weights_model(), {None: (2, 3, 8, 8)}) == {"x": (2, 3, 8, 8)}
+
+
+def test_resolve_input_shapes_errors_name_the_input() -> None:
+    model = conv_model()
+    with pytest.raises(UsageError, match="'nope', which is not an input"):
+        resolve_input_shapes(model, {"nope": (1, 4, 10, 10)})
+    with pytest.raises(UsageError, match="rank 3 given, but the input has rank 4"):
+        resolve_input_shapes(model, {"x": (1, 4, 10)})
+    with pytest.raises(UsageError, match="axis 1 is fixed to 4"):
+        resolve_input_shapes(model, {"x": (1, 5, 10, 10)})
+    dynamic = conv_model()
+    for d, name in zip(dynamic.graph.input[0].type.tensor_type.shape.dim, ["n", "c", "h", "w"], strict=True):
+        d.dim_param = name
+    with pytest.raises(UsageError, match="input 'x' has symbolic dims.*--input-shapes x:"):
+        resolve_input_shapes(dynamic)
+
+
+def test_fix_input_shapes_only_on_request() -> None:
+    model = constant_weights_model()
+    fixed = fix_input_shapes(model, {"x": (2, 3, 8, 8)})
+    assert [d.dim_value for d in fixed.graph.input[0].type.tensor_type.shape.dim] == [2, 3, 8, 8]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+# ------------------------------------------------------------------------------------------- inference
+
+
+def test_infer_tensor_infos_covers_every_tensor() -> None:
+    model, _ = normalize_model(constant_weights_model())
+    infos = infer_tensor_infos(model, {"x": (2, 3, 8, 8)})
+    assert infos["conv"].shape == (2, 4, 8, 8)
+    assert infos["y"].shape == (2, 256)
+    assert all(o in infos for n in model.graph.node for o in n.output)
+
+
+def test_infer_tensor_infos_falls_back_to_onnxruntime_for_data_dependent_shapes() -> None:
+    nodes = [helper.make_node("NonZero", ["x"], ["nz"]), helper.make_node("Cast", ["nz"], ["y"], to=TensorProto.FLOAT)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    infos = infer_tensor_infos(make(nodes, [x], [y]), {"x": (2, 3)})
+    # onnx can only say [2, ?]; onnxruntime ran it on random inputs (all nonzero) -> [2, 6]
+    assert infos["nz"].shape == (2, 6) and infos["y"].shape == (2, 6)
+
+
+# ---------------------------------------------------------------------------------------- save/validate
+
+
+def test_save_refuses_to_overwrite_the_source(tmp_path: Path) -> None:
+    path = save(conv_model(), tmp_path / "m.onnx")
+    before = path.read_bytes()
+    with pytest.raises(UsageError, match="refusing to overwrite the input model"):
+        save_model(conv_model(), path, source=path)
+    with pytest.raises(UsageError, match="refusing"):
+        save_model(conv_model(), tmp_path / "." / "m.onnx", source=path)
+    assert path.read_bytes() == before
+
+
+def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path: Path) -> None:
+    model = conv_model()
+    out = save_model(model, tmp_path / "out.onnx")
+    assert onnx.load(str(out)) == model
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
+    with pytest.raises(UsageError, match="does not exist"):
+        save_model(model, tmp_path / "no" / "such" / "dir.onnx")
+
+
+def test_save_switches_to_external_data_past_the_protobuf_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(slim_io, "_PROTOBUF_LIMIT", 1024)
+    monkeypatch.setattr(slim_io, "_EXTERNAL_DATA_MARGIN", 0)
+    out = save_model(conv_model(c_in=16, c_out=16), tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    reloaded = load_model(out).model
+    assert numpy_helper.to_array(next(t for t in reloaded.graph.initializer if t.name == "w")).shape == (16, 16, 3, 3)
+    os.remove(tmp_path / "big.onnx.data")
+
+
+def test_validate_accepts_an_equivalent_model_and_rejects_broken_contracts() -> None:
+    source = conv_model()
+    shapes = {"x": (1, 4, 10, 10)}
+    validate(source, source, shapes)
+    renamed = conv_model()
+    renamed.graph.output[0].name = "z"
+    renamed.graph.node[0].output[0] = "z"
+    with pytest.raises(ValidationError, match="outputs changed"):
+        validate(renamed, source, shapes)
+    fewer_channels = conv_model(c_out=6)
+    with pytest.raises(ValidationError, match="outputs changed"):
+        validate(fewer_channels, source, shapes)
+    # a declared shape that lies is caught by running the model
+    fewer_channels.graph.output[0].CopyFrom(source.graph.output[0])
+    with pytest.raises(ValidationError, match="has shape"):
+        validate(fewer_channels, source, shapes)
+    broken = conv_model()
+    broken.graph.node[0].input[1] = "missing_weight"
+    with pytest.raises(ValidationError, match="onnx.checker|onnxruntime"):
+        validate(broken, source, shapes)
