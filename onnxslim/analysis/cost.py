@@ -3,7 +3,8 @@
 `macs` counts only the multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul: the numbers channel
 pruning changes and the ones latency follows. Everything else is counted separately as `elementwise`: the
 number of elements each other node writes, a rough measure of memory-bound work. `params` counts the
-elements of floating-point initializers, each once (attributed to its first reader).
+elements of floating-point initializers and of quantized weights (integer initializers a DequantizeLinear
+reads), each once (attributed to its first reader).
 """
 
 from __future__ import annotations
@@ -91,10 +92,12 @@ MAC_OPS: Mapping[str, Callable[[onnx.NodeProto, Mapping[str, TensorInfo]], int |
 
 def compute_cost(model: onnx.ModelProto, infos: Mapping[str, TensorInfo]) -> ModelCost:
     """Params and MACs of every node of `model`'s main graph, at the shapes in `infos`."""
+    quantized = {node.input[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
     float_initializers = {
         t.name: int(np.prod(t.dims))
         for t in model.graph.initializer
         if np.issubdtype(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)), np.floating)
+        or t.name in quantized
     }
     counted: set[str] = set()
     layers = []

@@ -1,0 +1,217 @@
+"""`benchmark` and `onnxslim bench`: metrics against known answers, several models, JSON schema, exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import MODELS_DIR
+from data_models import (
+    CLASSES,
+    classification_npz,
+    int_input_model,
+    save,
+    scaled_classifier,
+    two_output_classifier,
+)
+
+from onnxslim.bench import BenchOptions, benchmark, physical_cores
+from onnxslim.calib import DataOptions
+from onnxslim.cli import cli
+from onnxslim.errors import DataError, UsageError
+from onnxslim.report import render_bench
+
+FAST = BenchOptions(warmup=1, repeat=7, memory=False)
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> dict[str, Path]:
+    """identity, doubled and negated classifiers over [N, 10] input `x`."""
+    return {
+        name: save(scaled_classifier(factor), tmp_path / f"{name}.onnx")
+        for name, factor in (("identity", 1.0), ("doubled", 2.0), ("negated", -1.0))
+    }
+
+
+@pytest.fixture
+def eval_npz(tmp_path: Path) -> Path:
+    classification_npz(tmp_path / "eval.npz", samples=12)
+    return tmp_path / "eval.npz"
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args))
+    assert "Traceback" not in result.stdout + result.stderr
+    return result.exit_code, result.stdout, result.stderr
+
+
+# ------------------------------------------------------------------------------------------- library
+
+
+def test_several_models_with_labels_known_fidelity_and_accuracy(models: dict[str, Path], eval_npz: Path) -> None:
+    progress: list[int] = []
+    result = benchmark(
+        [models["identity"], models["doubled"], models["negated"]], data=eval_npz,
+        data_options=DataOptions(batch=4), options=FAST, progress=progress.append,
+    )
+    assert sum(progress) == FAST.repeat
+    assert (result.samples, result.batch_size, result.random_data, result.output) == (12, 4, False, "logits")
+    assert result.input_shapes == {"x": (4, CLASSES)} and result.threads == physical_cores()
+    identity, doubled, negated = result.models
+    assert [m.name for m in result.models] == ["identity.onnx", "doubled.onnx", "negated.onnx"]
+    assert identity.fidelity is None and identity.speedup == 1.0
+    # labels are the argmax of x: every model that keeps the argmax is 100% right
+    assert identity.accuracy.top1 == 1.0 and doubled.accuracy.top1 == 1.0 and negated.accuracy.top1 == 0.0
+    assert identity.accuracy.samples == 12
+    # 2x: cosine 1, SNR 10 log10(|x|^2 / |x|^2) = 0 dB; -x: cosine -1, no top-1 agreement
+    assert doubled.fidelity.cosine == pytest.approx(1.0) and doubled.fidelity.snr_db == pytest.approx(0.0, abs=1e-6)
+    assert doubled.fidelity.top1_agreement == 1.0 and doubled.fidelity.samples == 12
+    assert negated.fidelity.cosine == pytest.approx(-1.0) and negated.fidelity.top1_agreement == 0.0
+    for model in result.models:
+        latency = model.latency
+        assert latency.runs == FAST.repeat
+        assert 0 < latency.min_ms <= latency.p50_ms <= latency.p90_ms <= latency.p99_ms
+        assert model.speedup == pytest.approx(identity.latency.p50_ms / latency.p50_ms)
+        assert model.throughput == pytest.approx(4 / (latency.mean_ms / 1e3))
+        assert (model.params, model.macs) == (100, 4 * 100)  # Gemm 10x10 at batch 4
+        assert model.size_bytes == model.path.stat().st_size and model.peak_memory_bytes is None
+
+
+def test_random_inputs_when_no_data(models: dict[str, Path]) -> None:
+    result = benchmark([models["identity"], models["doubled"]], options=FAST)
+    assert result.random_data and result.samples == 8 and result.batch_size == 1
+    assert result.models[0].accuracy is None and result.models[1].fidelity.cosine == pytest.approx(1.0)
+    assert "RANDOM inputs" in render_bench(result)
+
+
+def test_fixed_batch_model_counts_every_sample_once(tmp_path: Path, eval_npz: Path) -> None:
+    a = save(scaled_classifier(1.0, batch=5), tmp_path / "a.onnx")
+    b = save(scaled_classifier(3.0, batch=5), tmp_path / "b.onnx")
+    result = benchmark([a, b], data=eval_npz, options=FAST)  # 12 samples at batch 5: 5, 5, 2 (+3 padding)
+    assert result.batch_size == 5 and result.samples == 12
+    assert result.models[0].accuracy.samples == 12 and result.models[1].fidelity.samples == 12
+    assert result.models[1].accuracy.top1 == 1.0
+
+
+def test_peak_memory_is_measured_in_a_separate_process(models: dict[str, Path]) -> None:
+    result = benchmark([models["identity"]], options=BenchOptions(warmup=0, repeat=2, memory=True, memory_runs=1))
+    memory = result.models[0].peak_memory_bytes
+    assert isinstance(memory, int) and 0 < memory < 2**30
+
+
+def test_output_choice(tmp_path: Path, eval_npz: Path) -> None:
+    path = save(two_output_classifier(), tmp_path / "two.onnx")
+    (tmp_path / "sub").mkdir()
+    other = save(two_output_classifier(), tmp_path / "sub" / "two.onnx")
+    result = benchmark([path, other], data=eval_npz, options=BenchOptions(warmup=0, repeat=2, memory=False, output="doubled"))
+    assert result.output == "doubled" and result.models[1].fidelity.max_abs == 0.0
+    assert result.models[0].name != result.models[1].name  # same file name: shown by path
+    with pytest.raises(UsageError, match="'nope' is not an output"):
+        benchmark([path], options=BenchOptions(output="nope", memory=False))
+
+
+def test_models_whose_inputs_differ_are_refused(tmp_path: Path, models: dict[str, Path]) -> None:
+    renamed = save(scaled_classifier(input_name="y"), tmp_path / "renamed.onnx")
+    with pytest.raises(UsageError, match=r"inputs are \['y'\], the first model's \['x'\]"):
+        benchmark([models["identity"], renamed], options=FAST)
+    other_dtype = save(int_input_model(), tmp_path / "ints.onnx")
+    with pytest.raises(UsageError, match="cannot be compared"):
+        benchmark([models["identity"], other_dtype], options=FAST)
+    fixed = save(scaled_classifier(batch=3), tmp_path / "fixed3.onnx")
+    with pytest.raises(UsageError, match="input shapes must agree"):
+        benchmark([models["identity"], fixed], options=FAST)
+
+
+def test_bad_data_is_a_data_error(tmp_path: Path, models: dict[str, Path]) -> None:
+    np.savez(tmp_path / "wrong.npz", input=np.zeros((2, CLASSES), np.float32))
+    with pytest.raises(DataError, match="no array for input 'x'"):
+        benchmark([models["identity"]], data=tmp_path / "wrong.npz", options=FAST)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+BENCH_KEYS = {
+    "models": list, "data": str, "random_data": bool, "samples": int, "batch_size": int, "input_shapes": dict,
+    "output": str, "threads": int, "warmup": int, "repeat": int, "provider": str, "opt_level": str,
+    "speedup_statistic": str,
+}
+MODEL_KEYS = {
+    "name": str, "path": str, "size_bytes": int, "params": int, "macs": int, "latency": dict, "speedup": float,
+    "throughput": float,
+}
+LATENCY_KEYS = {"p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "runs"}
+FIDELITY_KEYS = {"cosine", "max_abs", "mean_abs", "snr_db", "top1_agreement", "samples"}
+
+
+def test_cli_json_schema(models: dict[str, Path], eval_npz: Path) -> None:
+    code, out, err = invoke(
+        "bench", str(models["identity"]), str(models["negated"]), "--data", str(eval_npz), "--json",
+        "--warmup", "0", "--repeat", "3", "--threads", "1", "--batch", "2", "--opt-level", "basic",
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    for key, kind in BENCH_KEYS.items():
+        assert isinstance(report[key], kind), key
+    assert (report["threads"], report["batch_size"], report["opt_level"], report["repeat"]) == (1, 2, "basic", 3)
+    assert report["input_shapes"] == {"x": [2, CLASSES]}
+    first, second = report["models"]
+    for model in (first, second):
+        for key, kind in MODEL_KEYS.items():
+            assert isinstance(model[key], kind), key
+        assert set(model["latency"]) == LATENCY_KEYS and all(isinstance(v, float) for k, v in model["latency"].items() if k != "runs")
+        assert set(model["accuracy"]) == {"top1", "top5", "samples"}
+        assert isinstance(model["peak_memory_bytes"], int) and model["peak_memory_bytes"] > 0
+    assert first["fidelity"] is None and set(second["fidelity"]) == FIDELITY_KEYS
+    assert second["fidelity"]["cosine"] == pytest.approx(-1.0) and second["accuracy"]["top1"] == 0.0
+
+
+def test_cli_table_and_markdown(models: dict[str, Path], eval_npz: Path, tmp_path: Path) -> None:
+    markdown = tmp_path / "bench.md"
+    code, out, err = invoke(
+        "bench", str(models["identity"]), str(models["doubled"]), "--data", str(eval_npz), "--no-memory",
+        "--warmup", "0", "--repeat", "3", "--markdown", str(markdown),
+    )
+    assert code == 0, err
+    header = next(line for line in out.splitlines() if line.startswith("model"))
+    for column in ("p50 ms", "speedup", "samples/s", "params", "MACs", "cosine", "top-1 agree", "top-1 acc", "peak mem"):
+        assert column in header
+    rows = [line for line in out.splitlines() if line.startswith(("identity.onnx", "doubled.onnx"))]
+    assert len(rows) == 2 and "1.00x" in rows[0] and "100.00%" in rows[1]
+    text = markdown.read_text()
+    assert "| model | p50 ms |" in text and "| doubled.onnx |" in text and "12 samples" in text
+
+
+def test_cli_exit_codes(models: dict[str, Path], tmp_path: Path) -> None:
+    np.savez(tmp_path / "wrong.npz", x=np.zeros((2, CLASSES), np.float64))
+    code, _, err = invoke("bench", str(models["identity"]), "--data", str(tmp_path / "wrong.npz"), "--no-memory")
+    assert code == 1 and "float64, but input 'x' expects float32" in err
+    renamed = save(scaled_classifier(input_name="y"), tmp_path / "renamed.onnx")
+    code, _, err = invoke("bench", str(models["identity"]), str(renamed), "--no-memory")
+    assert code == 2 and "cannot be compared" in err
+    code, _, err = invoke("bench", str(models["identity"]), "--markdown", str(models["identity"]))
+    assert code == 2 and "refusing to overwrite" in err
+    code, _, err = invoke("bench", str(models["identity"]), "--mean", "a,b")
+    assert code == 2 and "comma-separated numbers" in err
+    code, _, err = invoke("bench", str(models["identity"]), "--provider", "NoSuchProvider", "--no-memory")
+    assert code == 2 and "not available" in err
+
+
+def test_cli_help_states_the_defaults() -> None:
+    code, out, _ = invoke("bench", "--help")
+    assert code == 0
+    for text in ("--data", "--batch", "0.875", "ImageNet", "1/255", "physical cores", "--opt-level", "--markdown"):
+        assert text in out
+
+
+def test_cli_bench_on_the_reference_model_with_labels() -> None:
+    code, out, err = invoke(
+        "bench", str(MODELS_DIR / "mnist_mobilenet.onnx"), "--data", str(MODELS_DIR / "mnist_calib.npz"),
+        "--batch", "64", "--warmup", "0", "--repeat", "2", "--no-memory", "--json",
+    )
+    assert code == 0, err
+    accuracy = json.loads(out)["models"][0]["accuracy"]
+    assert accuracy["samples"] == 256 and accuracy["top1"] > 0.9
