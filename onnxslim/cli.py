@@ -7,17 +7,31 @@ and logs go to stderr. Exit codes: 0 done; 1 unreadable/invalid/unsupported mode
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import click
 
 from onnxslim import __version__
-from onnxslim.errors import OnnxSlimError
-from onnxslim.io import parse_input_shapes
+from onnxslim.bench import OPT_LEVELS, BenchOptions, benchmark, physical_cores
+from onnxslim.calib import DataOptions, ImageOptions
+from onnxslim.errors import OnnxSlimError, UsageError
+from onnxslim.io import load_model, parse_input_shapes, save_model
 from onnxslim.model_info import inspect_model
-from onnxslim.report import inspect_json, render_inspect, to_json
+from onnxslim.prune import CRITERIA, prune_model
+from onnxslim.report import (
+    bench_json,
+    inspect_json,
+    prune_json,
+    render_bench,
+    render_inspect,
+    render_prune,
+    to_json,
+)
 
 logger = logging.getLogger("onnxslim")
 
@@ -103,6 +117,153 @@ def inspect(model: str, input_shapes: tuple[str, ...], top: int, as_json: bool) 
     """Show what is in MODEL: inputs/outputs, opsets, ops, where weights live, params and MACs per layer."""
     info = inspect_model(model, parse_input_shapes(input_shapes))
     click.echo(to_json(inspect_json(info)) if as_json else render_inspect(info, top=top))
+
+
+DATA_HELP = (
+    "Data: a .npz file (one array per input, keyed by input name; integer class ids under 'labels'), a .npy "
+    "file (single-input models), a folder of such files, a folder of images (class sub-folders give labels), "
+    "or random / random:N (seeded noise, for smoke tests only). Arrays have the input's rank with samples on "
+    "the first axis (one rank short: one sample)."
+)
+
+
+def _float_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError as e:
+        raise click.BadParameter(f"expected comma-separated numbers, e.g. 0.485,0.456,0.406, not {value!r}") from e
+
+
+_DATA_OPTIONS = (
+    click.option(
+        "--batch", type=click.IntRange(min=1), default=None,
+        help="Batch size where the model's batch dim is symbolic [default: 1]. A fixed batch dim is used as is "
+        "(its last batch is padded; padded rows are ignored).",
+    ),
+    click.option(
+        "--resize", type=click.Choice(["crop", "stretch"]), default="crop", show_default=True,
+        help="Images: 'crop' resizes (bilinear) to cover size/crop-fraction, then center-crops to the input's "
+        "size (from its static dims or --input-shapes); 'stretch' resizes straight to it.",
+    ),
+    click.option("--crop-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.875, show_default=True,
+                 help="Images: with --resize crop, the share of the resized image kept (224 -> resize to 256)."),
+    click.option("--color", type=click.Choice(["rgb", "bgr"]), default="rgb", show_default=True,
+                 help="Images: channel order for 3-channel inputs (1-channel inputs get grayscale)."),
+    click.option("--scale", type=float, default=None,
+                 help="Images: pixel multiplier before mean/std [default: 1/255 for float inputs, 1 for integer]."),
+    click.option("--mean", callback=_float_list, metavar="M1,M2,...",
+                 help="Images: per-channel mean subtracted after --scale, in the fed channel order [default: ImageNet "
+                 "0.485,0.456,0.406 for 3-channel float inputs (reversed for bgr), else 0]."),
+    click.option("--std", callback=_float_list, metavar="S1,S2,...",
+                 help="Images: per-channel std divided by [default: ImageNet 0.229,0.224,0.225 for 3-channel float "
+                 "inputs (reversed for bgr), else 1]. The dtype is always the model input's."),
+    click.option("--layout", type=click.Choice(["auto", "NCHW", "NHWC"]), default="auto", show_default=True,
+                 help="Images: the input's layout; auto takes the one whose channel axis is 1 or 3."),
+)
+
+
+def data_options(f: Any) -> Any:
+    """Add the data options (batch size, image preprocessing) and pass them as one `data_options` argument.
+
+    The data spec itself (--data, --calib, --eval) is each command's own option; --input-shapes, when the
+    command has it, and the group's --seed go into the same DataOptions.
+    """
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        image = ImageOptions(
+            resize=kwargs.pop("resize"), crop_fraction=kwargs.pop("crop_fraction"), color=kwargs.pop("color"),
+            scale=kwargs.pop("scale"), mean=kwargs.pop("mean"), std=kwargs.pop("std"), layout=kwargs.pop("layout"),
+        )
+        ctx = click.get_current_context()
+        kwargs["data_options"] = DataOptions(
+            input_shapes=parse_input_shapes(kwargs.get("input_shapes", ())),
+            batch=kwargs.pop("batch"),
+            image=image,
+            seed=(ctx.obj or {}).get("seed", 0),
+        )
+        return f(*args, **kwargs)
+
+    for option in reversed(_DATA_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=True, path_type=str))
+@click.option("--data", "data", metavar="DATA", default=None, help=DATA_HELP + " [default: random inputs]")
+@input_shapes_option
+@data_options
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help=f"Intra-op threads per session [default: the physical cores available, {physical_cores()} here].")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed runs per model first.")
+@click.option("--repeat", type=click.IntRange(min=1), default=100, show_default=True, help="Timed runs per model.")
+@click.option("--provider", default="CPUExecutionProvider", show_default=True, help="onnxruntime execution provider.")
+@click.option("--opt-level", type=click.Choice(OPT_LEVELS), default="all", show_default=True,
+              help="onnxruntime graph optimization level.")
+@click.option("--output", "output_name", metavar="NAME", default=None,
+              help="The output fidelity and accuracy read [default: the first model's first output].")
+@click.option("--memory/--no-memory", default=True, show_default=True,
+              help="Measure peak memory, in a separate process per model.")
+@json_option
+@click.option("--markdown", "markdown_path", metavar="FILE", type=click.Path(dir_okay=False, path_type=str),
+              default=None, help="Also write the table as Markdown to FILE.")
+@click.pass_context
+def bench(
+    ctx: click.Context, models: tuple[str, ...], data: str | None, input_shapes: tuple[str, ...],
+    data_options: DataOptions, threads: int | None, warmup: int, repeat: int, provider: str, opt_level: str,
+    output_name: str | None, memory: bool, as_json: bool, markdown_path: str | None,
+) -> None:
+    """Benchmark MODELS side by side; the first is the reference.
+
+    Per model: latency percentiles (models interleaved run by run), speedup against the first (ratio of
+    p50s from the same run), throughput, size, params, MACs, fidelity against the first, accuracy when the
+    data has labels, and peak memory. Without --data, inputs are random.
+    """
+    if markdown_path is not None and any(Path(markdown_path).resolve() == Path(m).resolve() for m in models):
+        raise UsageError(f"--markdown {markdown_path} is one of the models; refusing to overwrite it")
+    options = BenchOptions(
+        threads=threads, warmup=warmup, repeat=repeat, provider=provider, opt_level=opt_level, output=output_name,
+        memory=memory,
+    )
+    with ExitStack() as stack:
+        bars: list[Any] = []
+
+        def advance(steps: int) -> None:
+            if not bars:
+                bars.append(stack.enter_context(click.progressbar(length=repeat, label="timing", file=sys.stderr)))
+            bars[0].update(steps)
+
+        result = benchmark(
+            models, data=data, data_options=data_options, options=options,
+            progress=None if ctx.obj.get("quiet") else advance,
+        )
+    if markdown_path is not None:
+        Path(markdown_path).write_text(render_bench(result, markdown=True) + "\n")
+    click.echo(to_json(bench_json(result)) if as_json else render_bench(result))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=True, path_type=str))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Where to write the pruned model.")
+@click.option("--ratio", type=click.FloatRange(0, 1, max_open=True), required=True,
+              help="Fraction of each prunable channel group's channels to remove (the lowest-scoring ones).")
+@click.option("--criterion", type=click.Choice(sorted(CRITERIA)), default="l1", show_default=True,
+              help="How channels are scored: l1 or l2 norm of each source's output-channel weights.")
+@input_shapes_option
+@json_option
+def prune(model: str, output: str, ratio: float, criterion: str, input_shapes: tuple[str, ...], as_json: bool) -> None:
+    """Remove the lowest-scoring fraction --ratio of every prunable channel group's channels from MODEL.
+
+    Channels are physically removed from every layer that creates, follows or consumes them; the result is
+    validated (checker, onnxruntime run, same inputs and outputs) before it is written to --output.
+    Groups that cannot be pruned are listed with the node that blocks them.
+    """
+    result = prune_model(load_model(model), ratio=ratio, criterion=criterion, input_shapes=parse_input_shapes(input_shapes))
+    save_model(result.model, output, source=model)
+    click.echo(to_json(prune_json(result, output)) if as_json else render_prune(result, output))
 
 
 def main() -> None:

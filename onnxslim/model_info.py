@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import onnx
 
 from onnxslim.analysis.cost import ModelCost, compute_cost
+from onnxslim.analysis.groups import ChannelGroup, find_channel_groups
 from onnxslim.io import (
     LoadedModel,
     WeightStorage,
@@ -47,6 +48,7 @@ class ModelInfo:
     weight_storage: WeightStorage
     folded_nodes: int
     cost: ModelCost
+    groups: tuple[ChannelGroup, ...] = ()  # channel groups at the analysis shapes
 
     @property
     def params(self) -> int:
@@ -85,6 +87,7 @@ def summarize_model(loaded: LoadedModel, input_shapes: Mapping[str | None, Seque
         weight_storage=loaded.normalization.storage,
         folded_nodes=loaded.normalization.folded_nodes,
         cost=compute_cost(model, infos),
+        groups=find_channel_groups(model, shapes, infos),
     )
 
 

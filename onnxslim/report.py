@@ -12,9 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from onnxslim.analysis.groups import ChannelGroup
+from onnxslim.bench import BenchResult, ModelBench
 from onnxslim.model_info import ModelInfo
+from onnxslim.prune.pruner import PruneResult
 
-__all__ = ["to_jsonable", "to_json", "format_count", "format_bytes", "format_table", "render_inspect", "inspect_json"]
+__all__ = ["to_jsonable", "to_json", "format_count", "format_bytes", "format_table", "render_inspect", "inspect_json", "render_bench", "bench_json", "render_groups", "groups_json", "render_prune", "prune_json"]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -125,6 +128,8 @@ def render_inspect(info: ModelInfo, *, top: int = 10) -> str:
                 ],
             ),
         ]
+    if info.groups:
+        lines += ["", render_groups(info.groups)]
     return "\n".join(lines)
 
 
@@ -157,4 +162,191 @@ def inspect_json(info: ModelInfo) -> dict[str, Any]:
             for layer in info.cost.layers
             if layer.macs or layer.params
         ],
+        "groups": groups_json(info.groups),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ bench
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.1f}"
+
+
+def _fraction(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{100 * value:.2f}%"
+
+
+def _bench_row(model: ModelBench, *, labels: bool) -> list[str]:
+    latency, fidelity = model.latency, model.fidelity
+    row = [
+        model.name,
+        _ms(latency.p50_ms),
+        _ms(latency.p90_ms),
+        _ms(latency.p99_ms),
+        f"{_ms(latency.mean_ms)}±{_ms(latency.std_ms)}",
+        _ms(latency.min_ms),
+        f"{model.speedup:.2f}x",
+        f"{model.throughput:.1f}",
+        format_bytes(model.size_bytes),
+        format_count(model.params),
+        format_count(model.macs),
+        "ref" if fidelity is None else f"{fidelity.cosine:.6f}",
+        "ref" if fidelity is None else f"{fidelity.max_abs:.3g}",
+        "ref" if fidelity is None else _fraction(fidelity.top1_agreement),
+    ]
+    if labels:
+        row.append(_fraction(model.accuracy.top1 if model.accuracy else None))
+    row.append("n/a" if model.peak_memory_bytes is None else format_bytes(model.peak_memory_bytes))
+    return row
+
+
+def render_bench(result: BenchResult, *, markdown: bool = False) -> str:
+    """The `bench` table with a line of settings above and the definitions below (terminal or Markdown)."""
+    labels = any(m.accuracy is not None for m in result.models)
+    headers = [
+        "model", "p50 ms", "p90 ms", "p99 ms", "mean±std ms", "min ms", "speedup", "samples/s", "size",
+        "params", "MACs", "cosine", "max abs", "top-1 agree",
+    ]
+    if labels:
+        headers.append("top-1 acc")
+    headers.append("peak mem")
+    shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in result.input_shapes.items())
+    reference = result.models[0].name
+    if result.random_data:
+        data = f"data: {result.data} -- RANDOM inputs: fidelity is on random inputs, no accuracy"
+    else:
+        data = f"data: {result.data} ({result.samples} samples{', labels' if labels else ''})"
+    settings = (
+        f"batch {result.batch_size} ({shapes}), {result.threads} threads, {result.provider}, opt level "
+        f"{result.opt_level}, {result.warmup} warm-up + {result.repeat} timed runs per model, interleaved"
+    )
+    notes = (
+        f"speedup: {result.speedup_statistic} of {reference} / {result.speedup_statistic} of each. samples/s: "
+        f"batch / mean latency. fidelity: output {result.output!r} against {reference}. MACs: at the shapes "
+        "above. peak mem: rise of a fresh process's peak RSS from loading and running the model."
+    )
+    table = format_table(headers, [_bench_row(m, labels=labels) for m in result.models], markdown=markdown)
+    if markdown:
+        return "\n".join([f"{settings}; {data}", "", table, "", notes])
+    return "\n".join([settings, data, "", table, "", notes])
+
+
+def bench_json(result: BenchResult) -> dict[str, Any]:
+    """The `bench --json` object: the result's fields (latencies in ms, sizes in bytes, inf/NaN as null)."""
+    return to_jsonable(result)
+
+
+# ------------------------------------------------------------------------------- channel groups, prune
+
+
+def _group_status(group: ChannelGroup) -> str:
+    if group.blocked_by is None:
+        return "prunable"
+    where = f" at {group.blocked_by.node}" if group.blocked_by.node else ""
+    return f"blocked{where}: {group.blocked_by.reason}"
+
+
+def _names(nodes: Sequence[str], limit: int = 1) -> str:
+    shown = ", ".join(nodes[:limit])
+    return shown + (f" +{len(nodes) - limit}" if len(nodes) > limit else "") if nodes else "-"
+
+
+def render_groups(groups: Sequence[ChannelGroup]) -> str:
+    """The channel groups as a table: id, channels, sources, sinks, prunable or the reason it is not."""
+    prunable = sum(group.prunable for group in groups)
+    return "\n".join(
+        [
+            f"channel groups  {len(groups)} found, {prunable} prunable",
+            format_table(
+                ["group", "channels", "sources", "sinks", "status"],
+                [
+                    (
+                        group.id,
+                        group.channels,
+                        _names([s.node for s in group.sources]),
+                        _names([s.node for s in group.sinks]),
+                        _group_status(group),
+                    )
+                    for group in groups
+                ],
+            ),
+        ]
+    )
+
+
+def groups_json(groups: Sequence[ChannelGroup]) -> list[dict[str, Any]]:
+    """The channel groups as JSON objects (`inspect --json`)."""
+    return [
+        {
+            "id": group.id,
+            "channels": group.channels,
+            "sources": [s.node for s in group.sources],
+            "sinks": [s.node for s in group.sinks],
+            "prunable": group.prunable,
+            "blocked_by": to_jsonable(group.blocked_by),
+        }
+        for group in groups
+    ]
+
+
+def _change(before: float, after: float) -> str:
+    return f"{100 * (after - before) / before:+.1f}%" if before else "-"
+
+
+def render_prune(result: PruneResult, output: str | None = None) -> str:
+    """The `prune` summary for a terminal: params, MACs and size before/after; groups found/prunable/pruned."""
+    rows = [
+        ("params", format_count(result.params_before), format_count(result.params_after),
+         _change(result.params_before, result.params_after)),
+        ("MACs", format_count(result.macs_before), format_count(result.macs_after),
+         _change(result.macs_before, result.macs_after)),
+        ("size", format_bytes(result.size_before), format_bytes(result.size_after),
+         _change(result.size_before, result.size_after)),
+    ]
+    lines = [
+        f"criterion  {result.criterion}   ratio {result.ratio:g}   analysis shapes "
+        + ", ".join(f"{n}:{','.join(map(str, s))}" for n, s in result.analysis_shapes.items()),
+        f"groups     {len(result.groups)} found, {result.prunable_groups} prunable, {result.pruned_groups} pruned, "
+        f"{result.channels_removed} channels removed",
+        "",
+        format_table(["", "before", "after", "change"], rows),
+    ]
+    if result.blocked:
+        lines += [
+            "",
+            "blocked groups",
+            format_table(
+                ["group", "node", "reason"],
+                [(b.group, b.node or "-", b.reason) for b in result.blocked],
+            ),
+        ]
+    if output:
+        lines += ["", f"wrote {output}"]
+    return "\n".join(lines)
+
+
+def prune_json(result: PruneResult, output: str | None = None) -> dict[str, Any]:
+    """The `prune --json` object."""
+    return {
+        "output": output,
+        "criterion": result.criterion,
+        "ratio": result.ratio,
+        "analysis_shapes": to_jsonable(result.analysis_shapes),
+        "params_before": result.params_before,
+        "params_after": result.params_after,
+        "macs_before": result.macs_before,
+        "macs_after": result.macs_after,
+        "size_before": result.size_before,
+        "size_after": result.size_after,
+        "groups": len(result.groups),
+        "prunable_groups": result.prunable_groups,
+        "pruned_groups": result.pruned_groups,
+        "channels_removed": result.channels_removed,
+        "pruned": [
+            {"group": group.id, "channels": group.channels, "kept": len(result.plan.kept[group.id])}
+            for group in result.groups
+            if result.plan.changes(group)
+        ],
+        "blocked": to_jsonable(result.blocked),
     }

@@ -1,0 +1,499 @@
+"""How channels flow through each op type: the one table of per-op knowledge for the channel analysis.
+
+Every op type the analysis understands has one entry in `RULES`: its behaviour (for reports and the
+import-time checks) and a small function that looks at the node (attributes, operand shapes, constant
+operands, the channel axis of each input) and decides what happens to the channels:
+
+* `Create` — a **source** (and the **sink** of its input): Conv/ConvTranspose with group 1, Gemm/MatMul
+  with a constant weight. It mixes the channels of one input on one axis and creates new ones.
+* `Flow` — **pass-through** and **join**: output 0 carries the channels of the `operands` on `out_axis`.
+  Several operands are joined (their groups are united); `broadcast` operands have channel dim 1 and
+  join nothing; `follower` marks a node with per-channel constants or attributes the rewrite must slice.
+* `Block` — a **blocker**, with the reason reported by `inspect` and `prune`.
+
+Op types missing from the table are blockers ("unsupported op X"). Being conservative is never a bug;
+emitting a wrong graph always is (DESIGN.md). The table is checked once at import: every key is a real
+ONNX op, every entry has exactly one behaviour and a decision function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+__all__ = [
+    "Behaviour",
+    "Create",
+    "Flow",
+    "Block",
+    "Decision",
+    "NodeView",
+    "OpRule",
+    "RULES",
+    "decide",
+    "unsupported",
+]
+
+
+class Behaviour(Enum):
+    """What an op type does to channels (its usual case; attributes may still make one node a blocker)."""
+
+    SOURCE = "source"  # mixes its input's channels (the group's sink) and creates new ones
+    PASS_THROUGH = "pass-through"  # output channel c depends only on input channel c
+    JOIN = "join"  # elementwise between several variable tensors: unites their groups
+    BLOCKER = "blocker"  # mixes channels in a way the rules do not model
+
+
+@dataclass(frozen=True)
+class Create:
+    """The node consumes the channels of input `sink_input` on `sink_axis` and creates `channels` new ones."""
+
+    out_axis: int
+    channels: int
+    sink_input: int = 0
+    sink_axis: int = 1
+
+
+@dataclass(frozen=True)
+class Flow:
+    """Output 0 carries the channels of `operands` on `out_axis` (one operand: pass-through; several: join)."""
+
+    operands: tuple[int, ...]
+    out_axis: int
+    follower: bool = False
+    broadcast: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Block:
+    """The node mixes channels in a way the rules do not model."""
+
+    reason: str
+
+
+Decision = Create | Flow | Block
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """What a rule may look at: the node, the opset, static shapes and the channel axis of each input."""
+
+    node: gs.Node
+    opset: int
+    input_shapes: tuple[tuple[int, ...] | None, ...]
+    output_shapes: tuple[tuple[int, ...] | None, ...]
+    input_axes: tuple[int | None, ...]  # channel axis of each variable input; None for constants/absent
+
+    @property
+    def op(self) -> str:
+        return self.node.op
+
+    def has_input(self, index: int) -> bool:
+        return index < len(self.node.inputs) and bool(self.node.inputs[index].name)
+
+    def constant(self, index: int) -> np.ndarray | None:
+        """The value of input `index` if it is a constant, else None."""
+        if not self.has_input(index):
+            return None
+        tensor = self.node.inputs[index]
+        return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+
+    def is_variable(self, index: int) -> bool:
+        return self.has_input(index) and not isinstance(self.node.inputs[index], gs.Constant)
+
+    def shape(self, index: int) -> tuple[int, ...]:
+        shape = self.input_shapes[index]
+        if shape is None:
+            raise KeyError(f"input {index} of {self.node.name} has no static shape")
+        return shape
+
+    def axis(self, index: int) -> int | None:
+        return self.input_axes[index] if index < len(self.input_axes) else None
+
+    def out_rank(self) -> int:
+        shape = self.output_shapes[0]
+        return len(shape) if shape is not None else 0
+
+    def attr(self, name: str, default: object = None) -> object:
+        return self.node.attrs.get(name, default)
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """One table entry: the op's behaviour, the function deciding one node, and whether it may be a follower."""
+
+    behaviour: Behaviour
+    decide: Callable[[NodeView], Decision]
+    follower: bool = False  # the rewrite may have to slice this op's constants or attributes
+
+
+# ----------------------------------------------------------------------------------------- decisions
+
+
+def _unary(view: NodeView) -> Decision:
+    """Elementwise on one tensor (other inputs are scalars or attributes): channels pass through."""
+    axis = view.axis(0)
+    if axis is None:
+        return Block("its input carries no channels")
+    return Flow((0,), axis)
+
+
+def _axis_must_be(view: NodeView, wanted: int, what: str) -> Block | None:
+    axis = view.axis(0)
+    if axis != wanted:
+        return Block(f"{what} works on axis {wanted}, but the channels are on axis {axis}")
+    return None
+
+
+def _spatial(view: NodeView) -> Decision:
+    """Pooling and friends: NCHW ops that keep channel c in channel c."""
+    return _axis_must_be(view, 1, view.op) or Flow((0,), 1)
+
+
+def _per_channel_norm(view: NodeView) -> Decision:
+    """BatchNormalization, InstanceNormalization: per-channel statistics on axis 1, sliced by the rewrite."""
+    if any(view.has_input(i) and not isinstance(view.node.inputs[i], gs.Constant) for i in range(1, len(view.node.inputs))):
+        return Block(f"{view.op} with computed (non-constant) parameters")
+    return _axis_must_be(view, 1, view.op) or Flow((0,), 1, follower=True)
+
+
+def _elementwise(view: NodeView) -> Decision:
+    """Add/Sub/Mul/Div/Pow/Sum/Max/Min/Mean/PRelu with numpy broadcasting, aligned from the right.
+
+    Variable operands whose channel dim matches the output are joined; those with channel dim 1 broadcast
+    and join nothing; a constant whose aligned channel dim is not 1 is per-channel (the node is a follower).
+    """
+    out_shape = view.output_shapes[0]
+    assert out_shape is not None
+    rank = len(out_shape)
+    operands: list[int] = []
+    broadcast: list[int] = []
+    axes: set[int] = set()
+    constants: list[np.ndarray] = []
+    for index in range(len(view.node.inputs)):
+        if not view.has_input(index):
+            continue
+        value = view.constant(index)
+        if value is not None:
+            constants.append(value)
+            continue
+        shape, axis = view.shape(index), view.axis(index)
+        if axis is None:  # a rank-0 variable: a scalar, broadcast everywhere
+            broadcast.append(index)
+            continue
+        aligned = axis + rank - len(shape)
+        if shape[axis] == out_shape[aligned]:
+            operands.append(index)
+            axes.add(aligned)
+        elif shape[axis] == 1:
+            broadcast.append(index)
+        else:
+            return Block(f"operand {index} has {shape[axis]} channels where the output has {out_shape[aligned]}")
+    if len(axes) != 1:
+        return Block("its operands carry channels on different axes" if axes else "no operand carries channels")
+    out_axis = axes.pop()
+    follower = False
+    for value in constants:
+        aligned = out_axis - (rank - value.ndim)
+        if aligned >= 0 and value.shape[aligned] != 1:
+            follower = True
+    return Flow(tuple(operands), out_axis, follower=follower, broadcast=tuple(broadcast))
+
+
+def _conv(view: NodeView) -> Decision:
+    weight = view.constant(1)
+    if weight is None:
+        return Block("Conv with a computed (non-constant) weight")
+    if view.is_variable(2):
+        return Block("Conv with a computed (non-constant) bias")
+    group = int(view.attr("group", 1))  # type: ignore[arg-type]
+    if group == 1:
+        return Create(out_axis=1, channels=int(weight.shape[0]))
+    in_channels = view.shape(0)[1]
+    if group == in_channels and weight.shape[0] == in_channels and weight.shape[1] == 1:
+        return _axis_must_be(view, 1, "depthwise Conv") or Flow((0,), 1, follower=True)
+    if weight.shape[1] == 1:
+        return Block(f"depthwise Conv with channel multiplier {weight.shape[0] // group} is not supported yet")
+    return Block(f"grouped Conv (group={group}) is not supported yet")
+
+
+def _conv_transpose(view: NodeView) -> Decision:
+    weight = view.constant(1)
+    if weight is None:
+        return Block("ConvTranspose with a computed (non-constant) weight")
+    if view.is_variable(2):
+        return Block("ConvTranspose with a computed (non-constant) bias")
+    if int(view.attr("group", 1)) != 1:  # type: ignore[arg-type]
+        return Block("grouped ConvTranspose is not supported yet")
+    return Create(out_axis=1, channels=int(weight.shape[1]))
+
+
+def _gemm(view: NodeView) -> Decision:
+    weight = view.constant(1)
+    if weight is None or weight.ndim != 2:
+        return Block("Gemm with a computed (non-constant) weight")
+    if view.is_variable(2):
+        return Block("Gemm with a computed (non-constant) bias")
+    if view.attr("transA", 0):
+        return Block("Gemm with transA=1 is not supported")
+    features = weight.shape[0] if view.attr("transB", 0) else weight.shape[1]
+    return Create(out_axis=1, channels=int(features))
+
+
+def _matmul(view: NodeView) -> Decision:
+    weight = view.constant(1)
+    if weight is None or weight.ndim != 2 or not view.is_variable(0):
+        return Block("MatMul without a constant 2-D weight as its second input")
+    rank = len(view.shape(0))
+    if rank < 2:
+        return Block("MatMul of a 1-D tensor")
+    return Create(out_axis=rank - 1, channels=int(weight.shape[1]), sink_axis=rank - 1)
+
+
+def _reduce_axes(view: NodeView) -> list[int] | None:
+    """The axes a Reduce* node reduces (attribute or input by opset), or None for all axes."""
+    axes = view.attr("axes")
+    if axes is None and view.has_input(1):
+        value = view.constant(1)
+        if value is None:
+            return None
+        axes = value.tolist()
+    if not axes:
+        return None
+    rank = len(view.shape(0))
+    return sorted(int(a) % rank for a in axes)  # type: ignore[union-attr]
+
+
+def _reduce(view: NodeView) -> Decision:
+    axis = view.axis(0)
+    if axis is None:
+        return Block("its input carries no channels")
+    if view.has_input(1) and view.constant(1) is None:
+        return Block(f"{view.op} over computed axes")
+    axes = _reduce_axes(view)
+    if axes is None:
+        if view.attr("noop_with_empty_axes", 0):
+            return Flow((0,), axis)
+        return Block(f"{view.op} over all axes mixes the channels")
+    if axis in axes:
+        return Block(f"{view.op} over the channel axis mixes the channels")
+    keepdims = view.attr("keepdims", 1)
+    out_axis = axis if keepdims else axis - sum(1 for a in axes if a < axis)
+    return Flow((0,), out_axis)
+
+
+def _softmax(view: NodeView) -> Decision:
+    axis = view.axis(0)
+    if axis is None:
+        return Block("its input carries no channels")
+    rank = len(view.shape(0))
+    if view.opset < 13:
+        normalized_from = int(view.attr("axis", 1)) % rank  # type: ignore[arg-type]
+        if axis >= normalized_from:
+            return Block(f"{view.op} over the channel axis mixes the channels")
+    elif int(view.attr("axis", -1)) % rank == axis:  # type: ignore[arg-type]
+        return Block(f"{view.op} over the channel axis mixes the channels")
+    return Flow((0,), axis)
+
+
+def _layer_norm(view: NodeView) -> Decision:
+    axis = view.axis(0)
+    if axis is None:
+        return Block("its input carries no channels")
+    if int(view.attr("axis", -1)) % len(view.shape(0)) <= axis:  # type: ignore[arg-type]
+        return Block("LayerNormalization over the channel axis mixes the channels")
+    return Flow((0,), axis)
+
+
+def _pad(view: NodeView) -> Decision:
+    axis = view.axis(0)
+    if axis is None:
+        return Block("its input carries no channels")
+    rank = len(view.shape(0))
+    pads = view.attr("pads")
+    if pads is None:
+        value = view.constant(1)
+        if value is None:
+            return Block("Pad with computed pads")
+        pads = value.tolist()
+    if view.has_input(3):
+        value = view.constant(3)
+        if value is None:
+            return Block("Pad with computed axes")
+        padded_axes = [int(a) % rank for a in value.tolist()]
+    else:
+        padded_axes = list(range(rank))
+    pads = list(pads)  # type: ignore[call-overload]
+    count = len(padded_axes)
+    for position, padded in enumerate(padded_axes):
+        if padded == axis and (pads[position] or pads[position + count]):
+            return Block("Pad on the channel axis")
+    return Flow((0,), axis)
+
+
+def _resize(view: NodeView) -> Decision:
+    axis = view.axis(0)
+    if axis is None:
+        return Block("its input carries no channels")
+    if view.attr("axes") is not None:
+        return Block(f"{view.op} with the axes attribute is not supported yet")
+    in_shape, out_shape = view.shape(0), view.output_shapes[0]
+    assert out_shape is not None
+    if in_shape[axis] != out_shape[axis]:
+        return Block(f"{view.op} scales the channel axis")
+    if any(view.is_variable(i) for i in range(1, len(view.node.inputs))):
+        return Block(f"{view.op} with computed scales or sizes")
+    sizes_index = 3 if view.op == "Resize" and view.opset >= 11 else None
+    has_sizes = sizes_index is not None and view.has_input(sizes_index) and view.constant(sizes_index).size > 0  # type: ignore[union-attr]
+    return Flow((0,), axis, follower=has_sizes)
+
+
+def _flatten(view: NodeView) -> Decision:
+    """Flatten is modelled only where it keeps channel c as feature c: [N, C, 1, 1] -> [N, C]."""
+    axis = view.axis(0)
+    shape = view.shape(0)
+    flatten_axis = int(view.attr("axis", 1))  # type: ignore[arg-type]
+    flatten_axis += len(shape) if flatten_axis < 0 else 0
+    if axis is not None and flatten_axis == axis and all(d == 1 for d in shape[axis + 1 :]) and (
+        all(d == 1 for d in shape[:axis]) or axis == 1
+    ):
+        return Flow((0,), 1)
+    return Block("Flatten of channels into features is not supported yet")
+
+
+def _squeeze_axes(view: NodeView) -> list[int] | None:
+    axes = view.attr("axes")
+    if axes is None and view.has_input(1):
+        value = view.constant(1)
+        if value is None:
+            return None
+        axes = value.tolist()
+    return list(axes) if axes is not None else []  # type: ignore[call-overload]
+
+
+def _squeeze(view: NodeView) -> Decision:
+    axis = view.axis(0)
+    axes = _squeeze_axes(view)
+    if axis is None or axes is None:
+        return Block("Squeeze with computed axes" if axes is None else "its input carries no channels")
+    shape = view.shape(0)
+    squeezed = [a % len(shape) for a in axes] if axes else [a for a, d in enumerate(shape) if d == 1]
+    if axis in squeezed:
+        return Block("Squeeze of the channel axis")
+    return Flow((0,), axis - sum(1 for a in squeezed if a < axis))
+
+
+def _unsqueeze(view: NodeView) -> Decision:
+    axis = view.axis(0)
+    axes = _squeeze_axes(view)
+    if axis is None or not axes:
+        return Block("Unsqueeze with computed axes" if axes is None else "its input carries no channels")
+    out_rank = view.out_rank()
+    out_axis = axis
+    for inserted in sorted(a % out_rank for a in axes):
+        if inserted <= out_axis:
+            out_axis += 1
+    return Flow((0,), out_axis)
+
+
+def _transpose(view: NodeView) -> Decision:
+    axis = view.axis(0)
+    if axis is None:
+        return Block("its input carries no channels")
+    rank = len(view.shape(0))
+    perm = view.attr("perm")
+    perm_list = list(reversed(range(rank))) if perm is None else [int(p) for p in perm]  # type: ignore[union-attr]
+    return Flow((0,), perm_list.index(axis))
+
+
+def _blocker(reason: str) -> Callable[[NodeView], Decision]:
+    def decide_block(view: NodeView) -> Decision:
+        return Block(reason)
+
+    return decide_block
+
+
+# ---------------------------------------------------------------------------------------------- table
+
+_UNARY_OPS = (
+    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Clip", "Elu", "Selu", "Celu",
+    "Softplus", "Softsign", "Mish", "Gelu", "Erf", "ThresholdedRelu", "Exp", "Log", "Sqrt", "Abs", "Neg",
+    "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Dropout", "Identity", "Cast",
+)
+_POOL_OPS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
+_JOIN_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Sum", "Max", "Min", "Mean")
+_REDUCE_OPS = (
+    "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",
+    "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
+)
+
+RULES: Mapping[str, OpRule] = {
+    **{op: OpRule(Behaviour.PASS_THROUGH, _unary) for op in _UNARY_OPS},
+    **{op: OpRule(Behaviour.PASS_THROUGH, _spatial) for op in _POOL_OPS},
+    **{op: OpRule(Behaviour.JOIN, _elementwise, follower=True) for op in _JOIN_OPS},
+    **{op: OpRule(Behaviour.PASS_THROUGH, _reduce) for op in _REDUCE_OPS},
+    "PRelu": OpRule(Behaviour.PASS_THROUGH, _elementwise, follower=True),
+    "BatchNormalization": OpRule(Behaviour.PASS_THROUGH, _per_channel_norm, follower=True),
+    "InstanceNormalization": OpRule(Behaviour.PASS_THROUGH, _per_channel_norm, follower=True),
+    "LayerNormalization": OpRule(Behaviour.PASS_THROUGH, _layer_norm),
+    "Softmax": OpRule(Behaviour.PASS_THROUGH, _softmax),
+    "LogSoftmax": OpRule(Behaviour.PASS_THROUGH, _softmax),
+    "Hardmax": OpRule(Behaviour.PASS_THROUGH, _softmax),
+    "Pad": OpRule(Behaviour.PASS_THROUGH, _pad),
+    "Resize": OpRule(Behaviour.PASS_THROUGH, _resize, follower=True),
+    "Upsample": OpRule(Behaviour.PASS_THROUGH, _resize),
+    "Flatten": OpRule(Behaviour.PASS_THROUGH, _flatten),
+    "Squeeze": OpRule(Behaviour.PASS_THROUGH, _squeeze),
+    "Unsqueeze": OpRule(Behaviour.PASS_THROUGH, _unsqueeze),
+    "Transpose": OpRule(Behaviour.PASS_THROUGH, _transpose),
+    "Conv": OpRule(Behaviour.SOURCE, _conv, follower=True),  # follower when depthwise
+    "ConvTranspose": OpRule(Behaviour.SOURCE, _conv_transpose),
+    "Gemm": OpRule(Behaviour.SOURCE, _gemm),
+    "MatMul": OpRule(Behaviour.SOURCE, _matmul),
+    "LRN": OpRule(Behaviour.BLOCKER, _blocker("LRN mixes neighbouring channels")),
+    "Shape": OpRule(Behaviour.BLOCKER, _blocker("Shape reads the channel count")),
+    "Size": OpRule(Behaviour.BLOCKER, _blocker("Size reads the channel count")),
+}
+
+
+def unsupported(node: gs.Node) -> Block | None:
+    """A blocker for ops the table does not know (custom domains included), else None."""
+    if node.domain not in (None, "", "ai.onnx"):
+        return Block(f"unsupported op {node.domain}.{node.op}")
+    if node.op not in RULES:
+        return Block(f"unsupported op {node.op}")
+    return None
+
+
+def decide(view: NodeView) -> Decision:
+    """The decision for one node: its table entry's, or a blocker for ops the table does not know."""
+    node = view.node
+    blocked = unsupported(node)
+    if blocked is not None:
+        return blocked
+    rule = RULES[node.op]
+    decision = rule.decide(view)
+    if isinstance(decision, Flow) and decision.follower and not rule.follower:
+        raise AssertionError(f"rules: {node.op} decided follower=True but its table entry says it cannot be one")
+    return decision
+
+
+def _check_table(rules: Mapping[str, OpRule], known_op: Callable[[str], bool]) -> Sequence[str]:
+    """Problems with the table: unknown op names, entries without one behaviour or a decision function."""
+    problems = []
+    for op, rule in rules.items():
+        if not known_op(op):
+            problems.append(f"{op!r} is not an ONNX op")
+        if not isinstance(rule, OpRule) or not isinstance(rule.behaviour, Behaviour) or not callable(rule.decide):
+            problems.append(f"{op!r} needs exactly one Behaviour and a decision function")
+    return problems
+
+
+_PROBLEMS = _check_table(RULES, onnx.defs.has)
+if _PROBLEMS:  # pragma: no cover - a broken table must stop the import, not produce wrong graphs
+    raise ImportError("onnxslim.analysis.rules: " + "; ".join(_PROBLEMS))

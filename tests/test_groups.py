@@ -1,0 +1,180 @@
+"""Group structure: which nodes end up in which group, which groups block and why."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from builders import ModelBuilder
+
+from onnxslim.analysis.groups import ChannelGroup, Member, find_channel_groups
+from onnxslim.io import normalize_model, resolve_input_shapes
+
+
+def groups_of(model: onnx.ModelProto, shapes: dict | None = None) -> tuple[ChannelGroup, ...]:
+    normalized = normalize_model(model)[0]
+    return find_channel_groups(normalized, resolve_input_shapes(normalized, shapes))
+
+
+def by_first_source_op(groups: tuple[ChannelGroup, ...], node: str) -> ChannelGroup:
+    return next(g for g in groups if any(s.node == node for s in g.sources))
+
+
+def node_names(model: onnx.ModelProto, op: str) -> list[str]:
+    return [n.name for n in model.graph.node if n.op_type == op]
+
+
+def test_conv_chain_groups_sources_sinks_members_and_ids() -> None:
+    b = ModelBuilder((3, 8, 8))
+    y = b.relu(b.bn(b.conv(b.input, 8, 3)))
+    model = b.build(b.conv(y, 4))
+    groups = groups_of(model)
+    convs, bn = node_names(model, "Conv"), node_names(model, "BatchNormalization")
+    assert [g.id for g in groups] == convs  # stable ids: the first source's node name
+    first, last = groups
+    assert first.channels == 8 and first.prunable
+    assert [s.node for s in first.sources] == [convs[0]]
+    assert [(s.node, s.input_index, s.axis) for s in first.sinks] == [(convs[1], 0, 1)]
+    assert [f.node for f in first.followers] == bn
+    assert len(first.members) == 3 and all(m.axis == 1 and m.offset == 0 and m.length == 8 for m in first.members)
+    assert not last.prunable
+    assert last.blocked_by is not None and last.blocked_by.node == convs[1]
+    assert "graph output" in last.blocked_by.reason
+
+
+def test_squeeze_excite_structure() -> None:
+    b = ModelBuilder((3, 6, 6))
+    x = b.relu(b.conv(b.input, 8, 3))
+    model = b.build(b.conv(b.se(x, 4, "HardSigmoid"), 4))
+    main_conv, squeeze, expand, last = node_names(model, "Conv")
+    groups = groups_of(model)
+    main = by_first_source_op(groups, main_conv)
+    assert [s.node for s in main.sources] == [main_conv, expand]  # the gate joins via the Mul
+    assert [s.node for s in main.sinks] == [squeeze, last]
+    squeezed = by_first_source_op(groups, squeeze)
+    assert squeezed.channels == 4 and [s.node for s in squeezed.sinks] == [expand]
+    assert main.prunable and squeezed.prunable
+
+
+def test_silu_and_residual_are_one_group() -> None:
+    b = ModelBuilder((3, 6, 6))
+    x = b.silu(b.conv(b.input, 8, 3))
+    y = b.conv(b.relu(b.conv(x, 5, 3)), 8, 3)
+    model = b.build(b.conv(b.op("Add", [x, y]), 4))
+    first, inner, second, last = node_names(model, "Conv")
+    groups = groups_of(model)
+    assert len(groups) == 3
+    residual = by_first_source_op(groups, first)
+    assert [s.node for s in residual.sources] == [first, second]
+    assert [s.node for s in residual.sinks] == [inner, last]
+
+
+def test_spatial_attention_is_blocked_as_broadcast_and_the_main_group_is_not() -> None:
+    b = ModelBuilder((3, 6, 6))
+    x = b.relu(b.conv(b.input, 8, 3))
+    model = b.build(b.conv(b.op("Mul", [x, b.op("Sigmoid", [b.conv(x, 1, 3)])]), 4))
+    main_conv, attention, _ = node_names(model, "Conv")
+    groups = groups_of(model)
+    assert by_first_source_op(groups, main_conv).prunable
+    blocked = by_first_source_op(groups, attention).blocked_by
+    assert blocked is not None and blocked.reason == "broadcast along the channel axis by Mul"
+
+
+def test_graph_input_joined_with_conv_blocks_it() -> None:
+    b = ModelBuilder((3, 6, 6))
+    model = b.build(b.conv(b.op("Add", [b.input, b.conv(b.input, 3, 3)]), 4))
+    group = groups_of(model)[0]
+    assert group.blocked_by is not None
+    assert group.blocked_by.node is None and "graph input 'input'" in group.blocked_by.reason
+
+
+def test_unknown_op_is_named_as_the_blocker() -> None:
+    b = ModelBuilder((3, 6, 6))
+    x = b.relu(b.conv(b.input, 8, 3))
+    y = b.conv(b.op("LpNormalization", [x], axis=1), 6, 3)
+    model = b.build(b.conv(b.relu(y), 4))
+    lp = node_names(model, "LpNormalization")[0]
+    groups = groups_of(model)
+    assert groups[0].blocked_by is not None
+    assert (groups[0].blocked_by.node, groups[0].blocked_by.reason) == (lp, "unsupported op LpNormalization")
+    assert groups[1].prunable  # the conv after the unknown op consumes blocked channels but creates its own
+
+
+def test_custom_domain_op_with_unknown_shape_blocks() -> None:
+    b = ModelBuilder((3, 6, 6))
+    x = b.relu(b.conv(b.input, 8, 3))
+    y = b.op("Mystery", [x], domain="com.example")
+    model = b.build(b.conv(b.relu(b.conv(y, 6, 3)), 4))
+    groups = groups_of(model)
+    assert groups[0].blocked_by is not None and groups[0].blocked_by.reason == "unsupported op com.example.Mystery"
+    # the convs after it have shapes nothing can infer: they are blockers themselves and create no group
+    assert len(groups) == 1
+
+
+def test_blocking_ops_and_their_reasons() -> None:
+    cases = {
+        "Softmax": ({"axis": 1}, "over the channel axis"),
+        "ReduceMean": ({"axes": [1]}, "over the channel axis"),
+        "LRN": ({"size": 3}, "neighbouring channels"),
+    }
+    for op, (attrs, reason) in cases.items():
+        b = ModelBuilder((3, 6, 6))
+        model = b.build(b.conv(b.op(op, [b.relu(b.conv(b.input, 8, 3))], **attrs), 4))
+        group = groups_of(model)[0]
+        assert group.blocked_by is not None and reason in group.blocked_by.reason, op
+
+
+def test_softmax_over_spatial_axis_passes() -> None:
+    b = ModelBuilder((3, 6, 6))
+    model = b.build(b.conv(b.op("Softmax", [b.conv(b.input, 8, 3)], axis=-1), 4))
+    assert groups_of(model)[0].prunable
+
+
+def test_pad_on_channel_axis_and_grouped_conv_block() -> None:
+    b = ModelBuilder((3, 6, 6))
+    padded = b.op("Pad", [b.conv(b.input, 8, 3), b.const(np.array([0, 1, 0, 0, 0, 1, 0, 0], np.int64))])
+    b.channels[padded] = 10
+    grouped = b.conv(b.conv(b.input, 8, 3), 8, 3, group=2)
+    model = b.build(b.conv(padded, 4), b.conv(grouped, 4))
+    groups = groups_of(model)
+    reasons = [g.blocked_by.reason for g in groups if g.blocked_by]
+    assert "Pad on the channel axis" in reasons
+    assert "grouped Conv (group=2) is not supported yet" in reasons
+
+
+def test_depthwise_conv_follows_and_multiplier_blocks() -> None:
+    b = ModelBuilder((3, 6, 6))
+    x = b.conv(b.input, 8, 1)
+    y = b.depthwise(x, 3)
+    multiplied = b.op("Conv", [y, b.const(b.random(16, 1, 3, 3))], channels=16, group=8, pads=[1, 1, 1, 1])
+    model = b.build(b.conv(multiplied, 4))
+    first = groups_of(model)[0]
+    assert [f.op_type for f in first.followers] == ["Conv"]
+    assert first.blocked_by is not None and "channel multiplier 2" in first.blocked_by.reason
+
+
+def test_transpose_moves_the_channel_axis() -> None:
+    b = ModelBuilder((3, 4, 4))
+    y = b.op("Transpose", [b.conv(b.input, 8, 3)], perm=[0, 2, 3, 1])
+    model = b.build(b.matmul(y, 5))
+    group = groups_of(model)[0]
+    transposed = next(n.output[0] for n in model.graph.node if n.op_type == "Transpose")
+    assert Member(transposed, 3, 0, 8) in group.members
+    assert group.sinks[0].axis == 3 and group.prunable
+
+
+def test_conv_after_channels_last_transpose_blocks() -> None:
+    b = ModelBuilder((3, 4, 4))
+    y = b.op("Transpose", [b.conv(b.input, 8, 3)], perm=[0, 2, 3, 1])  # [N, H, W, C]
+    b.channels[y] = 4
+    model = b.build(b.conv(y, 4))
+    group = groups_of(model)[0]
+    assert group.blocked_by is not None and "axis 1, but the channels are on axis 3" in group.blocked_by.reason
+
+
+def test_flatten_with_spatial_extent_blocks_for_now() -> None:
+    b = ModelBuilder((3, 4, 4))
+    flat = b.op("Flatten", [b.relu(b.conv(b.input, 8, 3))])
+    b.channels[flat] = 8 * 16
+    model = b.build(b.gemm(flat, 5))
+    group = groups_of(model)[0]
+    assert group.blocked_by is not None and "Flatten" in group.blocked_by.reason

@@ -1,0 +1,466 @@
+"""Rewrite tests: every pattern pruned and checked against the masked oracle, weight shapes and onnx.checker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from builders import STORAGES, ModelBuilder
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from oracle import check_prune, run_model
+
+from onnxslim.analysis.groups import ChannelGroup
+from onnxslim.errors import ValidationError
+from onnxslim.io import load_model, normalize_model, random_inputs, resolve_input_shapes
+from onnxslim.prune import PrunePlan, prune_model, rewrite_model
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def _group_with_source_op(groups: tuple[ChannelGroup, ...], node_name_part: str) -> ChannelGroup:
+    return next(g for g in groups if any(node_name_part in s.node for s in g.sources))
+
+
+def _initializer_shape(model: onnx.ModelProto, node_op: str, index: int, nth: int = 0) -> tuple[int, ...]:
+    node = [n for n in model.graph.node if n.op_type == node_op][nth]
+    return next(tuple(t.dims) for t in model.graph.initializer if t.name == node.input[index])
+
+
+# ----------------------------------------------------------------------------------- sources and sinks
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("bias", ["input", "add", None])
+def test_conv_chain_with_every_weight_storage_and_bias_form(storage: str, bias: str | None) -> None:
+    b = ModelBuilder((3, 8, 8))
+    y = b.relu(b.conv(b.input, 8, 3, bias=bias, storage=storage))
+    y = b.relu(b.conv(y, 6, 3, bias=bias, storage=storage))
+    result = check_prune(b.build(b.conv(y, 4)), ratio=0.5)
+    assert result.pruned_groups == 2
+    assert _initializer_shape(result.model, "Conv", 1, 0) == (4, 3, 3, 3)
+    assert _initializer_shape(result.model, "Conv", 1, 1) == (3, 4, 3, 3)
+    assert _initializer_shape(result.model, "Conv", 1, 2) == (4, 3, 1, 1)
+    if bias == "add":
+        assert _initializer_shape(result.model, "Add", 1, 0) == (1, 4, 1, 1)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_mlp_with_gemm(trans_b: int) -> None:
+    b = ModelBuilder((12,))
+    y = b.relu(b.gemm(b.input, 16, trans_b=trans_b))
+    y = b.op("Tanh", [b.gemm(y, 10, trans_b=trans_b)])
+    result = check_prune(b.build(b.gemm(y, 3, trans_b=trans_b)), ratio=0.5)
+    assert result.pruned_groups == 2
+    first = _initializer_shape(result.model, "Gemm", 1, 0)
+    assert first == ((8, 12) if trans_b else (12, 8))
+    assert _initializer_shape(result.model, "Gemm", 2, 0) == (8,)
+
+
+def test_mlp_with_matmul_add_and_gelu() -> None:
+    b = ModelBuilder((5, 12), opset=20)  # [batch, tokens, features]: channels on the last axis
+    b.channels[b.input] = 12
+    y = b.op("Gelu", [b.matmul(b.input, 16)])
+    y = b.op("Erf", [b.matmul(y, 8)])
+    result = check_prune(b.build(b.matmul(y, 4)), ratio=0.25)
+    assert _initializer_shape(result.model, "MatMul", 1, 0) == (12, 12)
+    assert _initializer_shape(result.model, "MatMul", 1, 1) == (12, 6)
+    assert _initializer_shape(result.model, "Add", 1, 0) == (12,)
+
+
+def test_conv_transpose_as_source_and_sink() -> None:
+    b = ModelBuilder((4, 6, 6))
+    weight = b.const(b.random(4, 8, 2, 2))
+    y = b.op("ConvTranspose", [b.input, weight, b.const(b.random(8))], channels=8, strides=[2, 2])
+    y = b.relu(y)
+    weight2 = b.const(b.random(8, 5, 3, 3))
+    y = b.op("ConvTranspose", [y, weight2, b.const(b.random(5))], channels=5)
+    result = check_prune(b.build(b.conv(b.relu(y), 3)), ratio=0.5)
+    assert _initializer_shape(result.model, "ConvTranspose", 1, 0) == (4, 4, 2, 2)
+    assert _initializer_shape(result.model, "ConvTranspose", 1, 1) == (4, 3, 3, 3)
+
+
+# --------------------------------------------------------------------------------------- followers
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_batchnorm_statistics_are_sliced(storage: str) -> None:
+    b = ModelBuilder((3, 8, 8))
+    y = b.relu(b.bn(b.conv(b.input, 8, 3, bias=None), storage=storage))
+    result = check_prune(b.build(b.conv(y, 4)), ratio=0.5)
+    bn = next(n for n in result.model.graph.node if n.op_type == "BatchNormalization")
+    assert all(next(t.dims for t in result.model.graph.initializer if t.name == name) == [4] for name in bn.input[1:])
+
+
+def test_instance_norm_and_prelu() -> None:
+    b = ModelBuilder((3, 8, 8))
+    y = b.prelu(b.instance_norm(b.conv(b.input, 8, 3)))
+    result = check_prune(b.build(b.conv(y, 4)), ratio=0.5)
+    assert _initializer_shape(result.model, "InstanceNormalization", 1) == (4,)
+    assert _initializer_shape(result.model, "PRelu", 1) == (4, 1, 1)
+
+
+@pytest.mark.parametrize("shape", ["1c11", "c11"])
+@pytest.mark.parametrize("storage", ["initializer", "computed"])
+def test_decomposed_batchnorm_as_per_channel_mul_add(shape: str, storage: str) -> None:
+    b = ModelBuilder((3, 8, 8))
+    y = b.conv(b.input, 8, 3, bias=None)
+    y = b.per_channel("Add", b.per_channel("Mul", y, shape=shape, storage=storage), shape=shape, storage=storage)
+    y = b.per_channel("Sub", b.per_channel("Div", y, shape=shape), shape=shape)
+    result = check_prune(b.build(b.conv(b.relu(y), 4)), ratio=0.5)
+    expected = (1, 4, 1, 1) if shape == "1c11" else (4, 1, 1)
+    for op in ("Mul", "Add", "Div", "Sub"):
+        assert _initializer_shape(result.model, op, 1) == expected
+
+
+def test_per_channel_constant_shared_with_another_group_is_copied() -> None:
+    b = ModelBuilder((3, 8, 8))
+    scale = b.const(b.random(1, 8, 1, 1, low=0.5, high=1.5), prefix="shared")
+    left = b.relu(b.op("Mul", [b.conv(b.input, 8, 3), scale]))
+    right = b.relu(b.op("Mul", [b.conv(b.input, 8, 1), scale]))
+    left = b.conv(left, 4)
+    right = b.conv(right, 4)
+    result = check_prune(b.build(b.op("Concat", [left, right], axis=1, channels=8)), ratio=0.5)
+    assert result.pruned_groups == 2
+    muls = [n for n in result.model.graph.node if n.op_type == "Mul"]
+    assert muls[0].input[1] != muls[1].input[1]  # each user got its own sliced copy
+    assert _initializer_shape(result.model, "Mul", 1, 0) == _initializer_shape(result.model, "Mul", 1, 1) == (1, 4, 1, 1)
+
+
+def test_scalar_arithmetic_passes_through() -> None:
+    b = ModelBuilder((3, 8, 8))
+    y = b.conv(b.input, 8, 3)
+    y = b.scalar("Add", y, 3.0)
+    y = b.scalar("Mul", y, 0.5, rank1=True)
+    y = b.scalar("Div", y, 6.0)
+    y = b.scalar("Sub", y, 0.1, rank1=True)
+    y = b.scalar("Pow", b.relu(y), 2.0)
+    result = check_prune(b.build(b.conv(y, 4)), ratio=0.5)
+    assert result.pruned_groups == 1
+
+
+# --------------------------------------------------------------------------------------- activations
+
+UNARY = [
+    ("Relu", 13, {}), ("LeakyRelu", 13, {"alpha": 0.1}), ("Sigmoid", 13, {}), ("Tanh", 13, {}),
+    ("HardSigmoid", 13, {}), ("HardSwish", 14, {}), ("Elu", 13, {}), ("Selu", 13, {}), ("Softplus", 13, {}),
+    ("Softsign", 13, {}), ("Mish", 18, {}), ("Gelu", 20, {}), ("Erf", 13, {}), ("Celu", 13, {}),
+    ("Identity", 13, {}), ("Dropout", 13, {}), ("Cast", 13, {"to": onnx.TensorProto.FLOAT}), ("Abs", 13, {}),
+]
+
+
+@pytest.mark.parametrize(("op", "opset", "attrs"), UNARY, ids=[u[0] for u in UNARY])
+def test_unary_activation_passes_channels(op: str, opset: int, attrs: dict) -> None:
+    b = ModelBuilder((3, 6, 6), opset=opset)
+    y = b.op(op, [b.bn(b.conv(b.input, 8, 3))], **attrs)
+    result = check_prune(b.build(b.conv(y, 4)), ratio=0.5)
+    assert result.pruned_groups == 1
+
+
+@pytest.mark.parametrize("opset", [9, 13])
+def test_relu6_as_clip_with_attributes_or_inputs(opset: int) -> None:
+    b = ModelBuilder((3, 6, 6), opset=opset)
+    y = b.relu6(b.bn(b.conv(b.input, 8, 3)))
+    result = check_prune(b.build(b.conv(y, 4)), ratio=0.5)
+    assert result.pruned_groups == 1
+
+
+def test_silu_two_paths_joined_by_mul() -> None:
+    b = ModelBuilder((3, 6, 6))
+    y = b.silu(b.bn(b.conv(b.input, 8, 3)))
+    result = check_prune(b.build(b.conv(y, 4)), ratio=0.5)
+    assert result.pruned_groups == 1
+
+
+@pytest.mark.parametrize(("form", "opset"), [("op", 14), ("hardsigmoid", 13), ("clip", 13), ("clip", 11)])
+def test_hardswish_forms(form: str, opset: int) -> None:
+    b = ModelBuilder((3, 6, 6), opset=opset)
+    y = b.hardswish(b.bn(b.conv(b.input, 8, 3)), form)
+    result = check_prune(b.build(b.conv(y, 4)), ratio=0.5)
+    assert result.pruned_groups == 1
+
+
+# ------------------------------------------------------------------------------ spatial pass-through
+
+
+@pytest.mark.parametrize(
+    ("op", "attrs"),
+    [
+        ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}),
+        ("AveragePool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}),
+        ("GlobalAveragePool", {}),
+        ("GlobalMaxPool", {}),
+    ],
+)
+def test_pooling_passes_channels(op: str, attrs: dict) -> None:
+    b = ModelBuilder((3, 8, 8))
+    y = b.op(op, [b.relu(b.conv(b.input, 8, 3))], **attrs)
+    result = check_prune(b.build(b.conv(y, 4)), ratio=0.5)
+    assert result.pruned_groups == 1
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_reduce_over_spatial_axes_then_gemm(opset: int) -> None:
+    b = ModelBuilder((3, 8, 8), opset=opset)
+    y = b.relu(b.conv(b.input, 8, 3))
+    if opset >= 18:
+        axes = b.const(np.array([2, 3], np.int64), prefix="axes")
+        pooled = b.op("ReduceMean", [y, axes], keepdims=0)
+        peak = b.op("ReduceMax", [y, axes], keepdims=0)
+    else:
+        pooled = b.op("ReduceMean", [y], axes=[2, 3], keepdims=0)
+        peak = b.op("ReduceMax", [y], axes=[-1, -2], keepdims=0)
+    result = check_prune(b.build(b.gemm(b.op("Add", [pooled, peak]), 5)), ratio=0.5)
+    assert _initializer_shape(result.model, "Gemm", 1) == (5, 4)
+
+
+@pytest.mark.parametrize("form", ["scales", "sizes"])
+def test_resize(form: str) -> None:
+    b = ModelBuilder((3, 4, 4), opset=13)
+    y = b.relu(b.conv(b.input, 8, 3))
+    empty = b.const(np.zeros(0, np.float32), prefix="roi")
+    if form == "scales":
+        inputs = [y, empty, b.const(np.array([1, 1, 2, 2], np.float32), prefix="scales")]
+    else:
+        sizes = b.const(np.array([1, 8, 8, 8], np.int64), prefix="sizes")
+        inputs = [y, empty, empty, sizes]
+    y = b.op("Resize", inputs, mode="nearest")
+    result = check_prune(b.build(b.conv(y, 4)), ratio=0.5)
+    if form == "sizes":
+        resize = next(n for n in result.model.graph.node if n.op_type == "Resize")
+        sizes = next(t for t in result.model.graph.initializer if t.name == resize.input[3])
+        assert onnx.numpy_helper.to_array(sizes).tolist() == [1, 4, 8, 8]
+
+
+@pytest.mark.parametrize("opset", [10, 13])
+def test_pad_on_spatial_axes(opset: int) -> None:
+    b = ModelBuilder((3, 6, 6), opset=opset)
+    y = b.relu(b.conv(b.input, 8, 3))
+    pads = [0, 0, 1, 2, 0, 0, 2, 1]
+    if opset >= 11:
+        y = b.op("Pad", [y, b.const(np.array(pads, np.int64), prefix="pads")], mode="reflect")
+    else:
+        y = b.op("Pad", [y], pads=pads, mode="constant", value=0.5)
+    check_prune(b.build(b.conv(y, 4)), ratio=0.5)
+
+
+def test_depthwise_conv_passes_channels_and_changes_group() -> None:
+    b = ModelBuilder((3, 8, 8))
+    y = b.relu(b.bn(b.conv(b.input, 8, 1, bias=None)))
+    y = b.relu(b.bn(b.depthwise(y, 3, bias=None)))
+    y = b.depthwise(y, 3)
+    result = check_prune(b.build(b.conv(y, 4)), ratio=0.5)
+    assert _initializer_shape(result.model, "Conv", 1, 1) == (4, 1, 3, 3)
+    assert _initializer_shape(result.model, "Conv", 2, 2) == (4,)
+
+
+# -------------------------------------------------------------------------------------------- joins
+
+
+@pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Max", "Min"])
+def test_residual_join(op: str) -> None:
+    b = ModelBuilder((3, 6, 6))
+    x = b.relu(b.conv(b.input, 8, 3))
+    y = b.conv(b.relu(b.conv(x, 6, 3)), 8, 3)
+    joined = b.relu(b.op(op, [x, y]))
+    result = check_prune(b.build(b.conv(joined, 4)), ratio=0.5)
+    group = _group_with_source_op(result.groups, "Conv_")
+    assert len(group.sources) == 2 and group.prunable
+    assert result.pruned_groups == 2
+
+
+def test_div_and_three_input_sum_and_mean() -> None:
+    b = ModelBuilder((3, 6, 6), opset=9)
+    x = b.relu(b.conv(b.input, 8, 3))
+    y = b.relu(b.conv(x, 8, 3))
+    z = b.op("Sigmoid", [b.conv(y, 8, 1)])
+    total = b.op("Sum", [x, y, b.op("Div", [x, b.scalar("Add", z, 1.0)])])
+    mean = b.op("Mean", [total, y])
+    result = check_prune(b.build(b.conv(mean, 4)), ratio=0.5)
+    assert sum(len(g.sources) for g in result.groups if g.prunable) == 3
+
+
+@pytest.mark.parametrize("gate", ["Sigmoid", "HardSigmoid"])
+def test_squeeze_excite(gate: str) -> None:
+    b = ModelBuilder((3, 6, 6))
+    x = b.relu(b.bn(b.conv(b.input, 8, 3)))
+    y = b.se(x, 4, gate)
+    result = check_prune(b.build(b.conv(y, 4)), ratio=0.5)
+    assert result.pruned_groups == 2  # the main group (with the expand conv) and the squeeze conv's own
+
+
+def test_spatial_attention_broadcast_joins_nothing() -> None:
+    b = ModelBuilder((3, 6, 6))
+    x = b.relu(b.conv(b.input, 8, 3))
+    attention = b.op("Sigmoid", [b.conv(x, 1, 3)])  # [N, 1, H, W]
+    y = b.op("Mul", [x, attention])
+    result = check_prune(b.build(b.conv(y, 4)), ratio=0.5)
+    main = result.groups[0]
+    assert main.prunable and len(main.sources) == 1
+    assert _initializer_shape(result.model, "Conv", 1, 1) == (1, 4, 3, 3)
+
+
+# ------------------------------------------------------------------------------------------- layout
+
+
+def test_transpose_to_channels_last_then_matmul() -> None:
+    b = ModelBuilder((3, 4, 4))
+    y = b.relu(b.conv(b.input, 8, 3))
+    y = b.op("Transpose", [y], perm=[0, 2, 3, 1])
+    result = check_prune(b.build(b.matmul(y, 5)), ratio=0.5)
+    assert _initializer_shape(result.model, "MatMul", 1) == (4, 5)
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_global_pool_flatten_or_squeeze_into_gemm(opset: int) -> None:
+    b = ModelBuilder((3, 4, 4), opset=opset)
+    y = b.op("GlobalAveragePool", [b.relu(b.conv(b.input, 8, 3))])
+    flat = b.op("Flatten", [y], axis=1)
+    if opset >= 13:
+        squeezed = b.op("Squeeze", [y, b.const(np.array([2, 3], np.int64), prefix="axes")])
+    else:
+        squeezed = b.op("Squeeze", [y], axes=[3, 2])
+    result = check_prune(b.build(b.op("Add", [b.gemm(flat, 5), b.gemm(squeezed, 5)])), ratio=0.5)
+    assert _initializer_shape(result.model, "Gemm", 1) == (5, 4)
+
+
+# ------------------------------------------------------------------------------------------ blockers
+
+
+def test_unknown_op_blocks_its_group_and_the_rest_still_prunes() -> None:
+    b = ModelBuilder((3, 6, 6))
+    x = b.relu(b.conv(b.input, 8, 3))
+    blocked = b.op("LpNormalization", [b.conv(x, 6, 3)], axis=1)
+    y = b.relu(b.conv(blocked, 8, 3))
+    result = check_prune(b.build(b.conv(y, 4)), ratio=0.5)
+    status = {g.id: g.blocked_by for g in result.groups}
+    blocker = next(v for v in status.values() if v is not None and "LpNormalization" in v.reason)
+    assert blocker.reason == "unsupported op LpNormalization"
+    assert result.pruned_groups == 2  # the first conv's and the one after the blocker
+
+
+# ------------------------------------------------------------------------------------- combinations
+
+
+def test_residual_stage_with_se_gates_and_depthwise_convs() -> None:
+    b = ModelBuilder((3, 8, 8), opset=14)
+    x = b.hardswish(b.bn(b.conv(b.input, 8, 3, bias=None)))
+    for _ in range(2):
+        y = b.relu(b.bn(b.conv(x, 16, 1, bias=None)))
+        y = b.silu(b.bn(b.depthwise(y, 3, bias=None)))
+        y = b.se(y, 4, "HardSigmoid")
+        y = b.bn(b.conv(y, 8, 1, bias=None))
+        x = b.op("Add", [x, y])
+    result = check_prune(b.build(b.conv(x, 4)), ratio=0.4)
+    assert result.pruned_groups == 5  # the stage's residual group, 2 expand groups, 2 squeeze groups
+
+
+def test_conv_bn_hardswish_chain_with_reshape_of_constant_bias() -> None:
+    b = ModelBuilder((3, 8, 8), opset=11)
+    y = b.conv(b.input, 8, 3, bias="add", storage="computed")
+    y = b.hardswish(b.bn(y, storage="constant"), "clip")
+    y = b.conv(y, 6, 3, bias="add", storage="computed")
+    y = b.hardswish(b.bn(y, storage="computed"), "hardsigmoid")
+    result = check_prune(b.build(b.conv(y, 4)), ratio=0.5)
+    assert result.pruned_groups == 2
+    assert _initializer_shape(result.model, "Add", 1, 0) == (1, 4, 1, 1)
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2"])
+@pytest.mark.parametrize("ratio", [0.3, 0.7])
+def test_mixed_network_at_several_ratios(criterion: str, ratio: float) -> None:
+    b = ModelBuilder((3, 8, 8), opset=13, seed=3)
+    x = b.relu(b.bn(b.conv(b.input, 12, 3)))
+    y = b.relu6(b.bn(b.depthwise(x, 3)))
+    y = b.se(y, 3)
+    x = b.op("Sum", [x, b.bn(b.conv(y, 12, 1)), b.per_channel("Mul", x)])
+    x = b.op("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
+    x = b.op("Flatten", [b.op("GlobalAveragePool", [b.silu(b.conv(x, 10, 3))])])
+    check_prune(b.build(b.gemm(b.relu(b.gemm(x, 16)), 3)), ratio=ratio, criterion=criterion)
+
+
+def test_ratio_zero_gives_the_original_outputs() -> None:
+    b = ModelBuilder((3, 6, 6))
+    y = b.se(b.relu(b.bn(b.conv(b.input, 8, 3))), 4)
+    result = check_prune(b.build(b.conv(y, 4)), ratio=0.0, expect_pruned=False)
+    assert result.channels_removed == 0
+
+
+# ------------------------------------------------------------------------------------ failure paths
+
+
+def test_a_broken_rewrite_is_a_validation_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    b = ModelBuilder((3, 6, 6))
+    model = normalize_model(b.build(b.conv(b.relu(b.bn(b.conv(b.input, 8, 3))), 4)))[0]
+    result = prune_model(model, ratio=0.5)
+    from onnxslim.prune import rewrite as rewrite_module
+
+    handlers = dict(rewrite_module.REWRITE_HANDLERS)
+    handlers["BatchNormalization"] = rewrite_module.RewriteHandler(prune_follower=lambda *args: None)
+    monkeypatch.setattr(rewrite_module, "REWRITE_HANDLERS", handlers)
+    with pytest.raises(ValidationError):
+        rewrite_model(model, result.groups, result.plan, result.analysis_shapes)
+
+
+def test_plan_for_a_blocked_group_is_refused() -> None:
+    b = ModelBuilder((3, 6, 6))
+    model = normalize_model(b.build(b.conv(b.input, 8, 3)))[0]
+    result = prune_model(model, ratio=0.5)
+    group = result.groups[0]
+    assert not group.prunable
+    with pytest.raises(ValidationError):
+        rewrite_model(model, result.groups, PrunePlan({group.id: (0, 1)}), result.analysis_shapes)
+
+
+# ---------------------------------------------------------------------------------- trained models
+
+TRAINED = ["mnist_resnet", "mnist_resnet_bn", "mnist_mobilenet", "mnist_mobilenet_bn"]
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2"])
+@pytest.mark.parametrize("name", TRAINED)
+def test_trained_models_prune_at_0_3(name: str, criterion: str) -> None:
+    path = MODELS / f"{name}.onnx"
+    if not path.exists():
+        pytest.skip(f"{path} not built")
+    model = load_model(path).model
+    result = check_prune(model, ratio=0.3, criterion=criterion)
+    assert result.macs_after < 0.8 * result.macs_before
+    assert result.prunable_groups >= 8
+    # the saved model keeps the symbolic batch dim and runs at another batch size
+    dim = result.model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_param == "batch"
+    shapes = {"input": (3, 1, 28, 28)}
+    outputs = run_model(result.model, random_inputs(model, shapes))
+    assert outputs[0].shape == (3, 10)
+    assert resolve_input_shapes(result.model) == {"input": (1, 1, 28, 28)}
+
+
+# ------------------------------------------------------------------------------- random compositions
+
+BLOCKS = {
+    "conv_bn_relu": lambda b, x: b.relu(b.bn(b.conv(x, 6, 3))),
+    "conv_add_bias_hswish": lambda b, x: b.hardswish(b.conv(x, 5, 1, bias="add", storage="computed"), "clip"),
+    "depthwise_prelu": lambda b, x: b.prelu(b.depthwise(x, 3)),
+    "se": lambda b, x: b.se(x, 2, "HardSigmoid"),
+    "residual": lambda b, x: b.op("Add", [x, b.bn(b.conv(b.relu(b.conv(x, 4, 1)), b.channels[x], 3))]),
+    "silu_per_channel": lambda b, x: b.silu(b.per_channel("Add", b.per_channel("Mul", x))),
+    "pool_scalar": lambda b, x: b.scalar("Mul", b.op("MaxPool", [x], kernel_shape=[3, 3], pads=[1, 1, 1, 1]), 0.5),
+    "instance_norm": lambda b, x: b.instance_norm(b.conv(x, 7, 3)),
+}
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    blocks=st.lists(st.sampled_from(sorted(BLOCKS)), min_size=1, max_size=5),
+    ratio=st.sampled_from([0.2, 0.5, 0.8]),
+    criterion=st.sampled_from(["l1", "l2"]),
+)
+def test_random_compositions_hold_the_oracle(blocks: list[str], ratio: float, criterion: str) -> None:
+    b = ModelBuilder((3, 6, 6), opset=13, seed=len(blocks))
+    x = b.relu(b.conv(b.input, 6, 3))
+    for block in blocks:
+        x = BLOCKS[block](b, x)
+    check_prune(b.build(b.conv(x, 3)), ratio=ratio, criterion=criterion)

@@ -1,0 +1,128 @@
+"""The per-op table: checked at import, and the decisions that depend on attributes and operand shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+
+from onnxslim.analysis import rules
+from onnxslim.analysis.rules import RULES, Behaviour, Block, Create, Flow, NodeView, OpRule, decide
+from onnxslim.prune.rewrite import REWRITE_HANDLERS
+
+
+def view(
+    op: str,
+    inputs: list[gs.Tensor],
+    shapes: list[tuple[int, ...] | None],
+    out_shape: tuple[int, ...],
+    channel_axes: list[int | None],
+    opset: int = 13,
+    domain: str | None = None,
+    **attrs: object,
+) -> NodeView:
+    node = gs.Node(op, "node", attrs=dict(attrs), inputs=inputs, outputs=[gs.Variable("y")], domain=domain)
+    return NodeView(node, opset, tuple(shapes), (out_shape,), tuple(channel_axes))
+
+
+def x() -> gs.Variable:
+    return gs.Variable("x", dtype=np.float32)
+
+
+def const(value: np.ndarray) -> gs.Constant:
+    return gs.Constant(f"c{id(value)}", np.asarray(value, np.float32))
+
+
+def test_every_key_is_an_onnx_op_with_one_behaviour() -> None:
+    assert rules._check_table(RULES, onnx.defs.has) == []
+    for op, rule in RULES.items():
+        assert isinstance(rule.behaviour, Behaviour), op
+
+
+def test_the_table_check_catches_typos_and_bad_entries() -> None:
+    broken = {"Rleu": OpRule(Behaviour.PASS_THROUGH, rules._unary), "Relu": "pass"}
+    problems = rules._check_table(broken, onnx.defs.has)  # type: ignore[arg-type]
+    assert any("'Rleu' is not an ONNX op" in p for p in problems)
+    assert any("'Relu' needs exactly one Behaviour" in p for p in problems)
+
+
+def test_sources_and_followers_have_rewrite_handlers() -> None:
+    for op, rule in RULES.items():
+        if rule.behaviour is Behaviour.SOURCE:
+            assert REWRITE_HANDLERS[op].prune_output and REWRITE_HANDLERS[op].prune_input, op
+        if rule.follower:
+            assert REWRITE_HANDLERS[op].prune_follower, op
+
+
+def test_unknown_and_custom_ops_are_blockers() -> None:
+    assert decide(view("LpNormalization", [x()], [(1, 8, 4, 4)], (1, 8, 4, 4), [1])) == Block(
+        "unsupported op LpNormalization"
+    )
+    custom = view("Foo", [x()], [(1, 8, 4, 4)], (1, 8, 4, 4), [1], domain="com.example")
+    assert decide(custom) == Block("unsupported op com.example.Foo")
+
+
+def test_conv_group_decides_source_depthwise_or_blocker() -> None:
+    shape = [(1, 8, 4, 4), (8, 8, 3, 3)]
+    assert decide(view("Conv", [x(), const(np.ones((6, 8, 3, 3)))], shape, (1, 6, 4, 4), [1, None])) == Create(1, 6)
+    depthwise = view("Conv", [x(), const(np.ones((8, 1, 3, 3)))], shape, (1, 8, 4, 4), [1, None], group=8)
+    assert decide(depthwise) == Flow((0,), 1, follower=True)
+    grouped = view("Conv", [x(), const(np.ones((8, 4, 3, 3)))], shape, (1, 8, 4, 4), [1, None], group=2)
+    assert isinstance(decide(grouped), Block)
+    variable_weight = view("Conv", [x(), gs.Variable("w")], shape, (1, 8, 4, 4), [1, 1])
+    assert isinstance(decide(variable_weight), Block)
+
+
+@pytest.mark.parametrize(
+    ("constant_shape", "follower"),
+    [((), False), ((1,), False), ((1, 8, 1, 1), True), ((8, 1, 1), True), ((1, 1, 4, 4), False), ((4,), False)],
+)
+def test_mul_by_constant_is_per_channel_only_when_its_aligned_dim_is_c(constant_shape: tuple, follower: bool) -> None:
+    decision = decide(
+        view("Mul", [x(), const(np.ones(constant_shape))], [(1, 8, 4, 4), constant_shape], (1, 8, 4, 4), [1, None])
+    )
+    assert decision == Flow((0,), 1, follower=follower)
+
+
+def test_join_of_variables_and_broadcast_operand() -> None:
+    joined = view("Add", [x(), gs.Variable("z")], [(1, 8, 4, 4), (1, 8, 1, 1)], (1, 8, 4, 4), [1, 1])
+    assert decide(joined) == Flow((0, 1), 1)
+    broadcast = view("Mul", [x(), gs.Variable("a")], [(1, 8, 4, 4), (1, 1, 4, 4)], (1, 8, 4, 4), [1, 1])
+    assert decide(broadcast) == Flow((0,), 1, broadcast=(1,))
+    lower_rank = view("Add", [x(), gs.Variable("v")], [(1, 4, 8), (8,)], (1, 4, 8), [2, 0])
+    assert decide(lower_rank) == Flow((0, 1), 2)
+    mismatched = view("Add", [x(), gs.Variable("v")], [(1, 8, 8), (1, 8, 8)], (1, 8, 8), [1, 2])
+    assert isinstance(decide(mismatched), Block)
+
+
+def test_reduce_over_spatial_axes_shifts_the_axis_without_keepdims() -> None:
+    assert decide(view("ReduceMean", [x()], [(1, 8, 4, 4)], (1, 8), [1], axes=[2, 3], keepdims=0)) == Flow((0,), 1)
+    assert decide(view("ReduceMean", [x()], [(1, 4, 4, 8)], (1, 8), [3], axes=[1, 2], keepdims=0)) == Flow((0,), 1)
+    assert isinstance(decide(view("ReduceMean", [x()], [(1, 8, 4, 4)], (1, 1, 4, 4), [1], axes=[1])), Block)
+    assert isinstance(decide(view("ReduceMax", [x()], [(1, 8, 4, 4)], (1, 1, 1, 1), [1])), Block)  # all axes
+
+
+def test_softmax_axis_semantics_depend_on_opset() -> None:
+    shape = [(1, 8, 4)]
+    assert decide(view("Softmax", [x()], shape, (1, 8, 4), [1], opset=13, axis=2)) == Flow((0,), 1)
+    # before opset 13 Softmax flattens everything from `axis` on: axis 1 covers the channels
+    assert isinstance(decide(view("Softmax", [x()], shape, (1, 8, 4), [1], opset=11, axis=1)), Block)
+    assert isinstance(decide(view("Softmax", [x()], shape, (1, 8, 4), [1], opset=13, axis=1)), Block)
+
+
+def test_pad_and_resize_on_the_channel_axis_block() -> None:
+    pads = const(np.array([0, 1, 0, 0, 0, 0, 0, 0], np.int64))
+    assert isinstance(decide(view("Pad", [x(), pads], [(1, 8, 4, 4), (8,)], (1, 9, 4, 4), [1, None])), Block)
+    scales = const(np.array([1, 2, 2, 2], np.float32))
+    resize = view("Resize", [x(), const(np.zeros(0)), scales], [(1, 8, 4, 4), (0,), (4,)], (1, 16, 8, 8), [1, None, None])
+    assert isinstance(decide(resize), Block)
+
+
+def test_gemm_and_matmul_sources() -> None:
+    gemm = view("Gemm", [x(), const(np.ones((5, 8)))], [(1, 8), (5, 8)], (1, 5), [1, None], transB=1)
+    assert decide(gemm) == Create(1, 5)
+    matmul = view("MatMul", [x(), const(np.ones((8, 6)))], [(1, 3, 8), (8, 6)], (1, 3, 6), [2, None])
+    assert decide(matmul) == Create(2, 6, sink_axis=2)
+    variable = view("MatMul", [x(), gs.Variable("k")], [(1, 3, 8), (1, 8, 3)], (1, 3, 3), [2, 1])
+    assert isinstance(decide(variable), Block)
