@@ -20,7 +20,7 @@ from onnxslim import __version__
 from onnxslim.bench import OPT_LEVELS, BenchOptions, benchmark, physical_cores
 from onnxslim.calib import DataOptions, ImageOptions
 from onnxslim.errors import OnnxSlimError, UsageError
-from onnxslim.io import load_model, parse_input_shapes, save_model
+from onnxslim.io import fix_input_shapes, load_model, parse_input_shapes, save_model
 from onnxslim.model_info import inspect_model
 from onnxslim.prune import CRITERIA, prune_model
 from onnxslim.report import (
@@ -102,6 +102,14 @@ def cli(ctx: click.Context, verbose: bool, quiet: bool, seed: int) -> None:
 
 def input_shapes_option(f: Any) -> Any:
     return click.option("--input-shapes", "input_shapes", multiple=True, metavar="NAME:D1,D2,...", help=INPUT_SHAPES_HELP)(f)
+
+
+def fix_shapes_option(f: Any) -> Any:
+    return click.option(
+        "--fix-shapes", is_flag=True,
+        help="Write the output model with its inputs fixed to the analysis shapes (see --input-shapes). "
+        "By default symbolic dims stay symbolic.",
+    )(f)
 
 
 def json_option(f: Any) -> Any:
@@ -253,8 +261,11 @@ def bench(
 @click.option("--criterion", type=click.Choice(sorted(CRITERIA)), default="l1", show_default=True,
               help="How channels are scored: l1 or l2 norm of each source's output-channel weights.")
 @input_shapes_option
+@fix_shapes_option
 @json_option
-def prune(model: str, output: str, ratio: float, criterion: str, input_shapes: tuple[str, ...], as_json: bool) -> None:
+def prune(
+    model: str, output: str, ratio: float, criterion: str, input_shapes: tuple[str, ...], fix_shapes: bool, as_json: bool
+) -> None:
     """Remove the lowest-scoring fraction --ratio of every prunable channel group's channels from MODEL.
 
     Channels are physically removed from every layer that creates, follows or consumes them; the result is
@@ -262,7 +273,8 @@ def prune(model: str, output: str, ratio: float, criterion: str, input_shapes: t
     Groups that cannot be pruned are listed with the node that blocks them.
     """
     result = prune_model(load_model(model), ratio=ratio, criterion=criterion, input_shapes=parse_input_shapes(input_shapes))
-    save_model(result.model, output, source=model)
+    pruned = fix_input_shapes(result.model, result.analysis_shapes) if fix_shapes else result.model
+    save_model(pruned, output, source=model)
     click.echo(to_json(prune_json(result, output)) if as_json else render_prune(result, output))
 
 

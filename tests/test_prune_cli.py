@@ -93,8 +93,6 @@ def test_validation_failure_exits_4_and_writes_nothing(
 @pytest.mark.parametrize("name", ["mnist_resnet_bn", "mnist_mobilenet"])
 def test_prune_trained_model_from_the_command_line(name: str, tmp_path: Path) -> None:
     path = MODELS / f"{name}.onnx"
-    if not path.exists():
-        pytest.skip(f"{path} not built")
     out = tmp_path / "pruned.onnx"
     result = CliRunner().invoke(cli, ["prune", str(path), "-o", str(out), "--ratio", "0.3", "--json"])
     assert result.exit_code == 0, result.output
@@ -105,3 +103,19 @@ def test_prune_trained_model_from_the_command_line(name: str, tmp_path: Path) ->
 def test_library_entry_point_accepts_a_path(model_with_blocker: Path) -> None:
     result = prune_model(model_with_blocker, ratio=0.5)
     assert result.channels_removed > 0 and result.size_after < result.size_before
+
+
+def test_symbolic_batch_is_kept_unless_fix_shapes(tmp_path: Path) -> None:
+    source = MODELS / "mnist_resnet.onnx"
+    kept, fixed = tmp_path / "kept.onnx", tmp_path / "fixed.onnx"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["prune", str(source), "-o", str(kept), "--ratio", "0.2"]).exit_code == 0
+    args = ["prune", str(source), "-o", str(fixed), "--ratio", "0.2", "--fix-shapes", "--input-shapes", "input:8,1,28,28"]
+    assert runner.invoke(cli, args).exit_code == 0
+
+    def input_dims(path: Path) -> list[int | str]:
+        dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+        return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in dims]
+
+    assert input_dims(kept) == ["batch", 1, 28, 28]
+    assert input_dims(fixed) == [8, 1, 28, 28]
