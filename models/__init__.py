@@ -1,0 +1,1 @@
+"""Reference models for onnxslim: trained MNIST classifiers and benchmark architectures (see README.md)."""
