@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from conftest import LIGHT_DIR, MODELS_DIR
 from io_models import constant_weights_model, conv_model
 
+from models.build import BUILDERS, write_models
 from onnxslim import __version__
 from onnxslim.cli import cli
 
@@ -70,6 +71,13 @@ def test_inspect_constant_node_model(tmp_path: Path) -> None:
 def test_inspect_every_shipped_model(model_path: Path) -> None:
     info = inspect_json(model_path)
     assert info["macs"] > 0 and info["params"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_inspect_every_benchmark_architecture(name: str, tmp_path: Path) -> None:
+    (path,) = write_models(tmp_path, [name])
+    info = inspect_json(path)
+    assert info["macs"] > 1e8 and info["params"] > 1e6
 
 
 def test_bad_inputs_exit_with_a_message(tmp_path: Path) -> None:
