@@ -5,7 +5,8 @@ from onnxslim.calib import open_dataset
 from onnxslim.errors import OnnxSlimError
 from onnxslim.io import load_model, save_model, validate
 from onnxslim.prune import prune_model
+from onnxslim.quantize import quantize_model
 
 __version__ = "0.1.0"
 
-__all__ = ["OnnxSlimError", "__version__", "benchmark", "load_model", "open_dataset", "prune_model", "save_model", "validate"]
+__all__ = ["OnnxSlimError", "__version__", "benchmark", "load_model", "open_dataset", "prune_model", "quantize_model", "save_model", "validate"]

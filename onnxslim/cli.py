@@ -18,18 +18,29 @@ import click
 
 from onnxslim import __version__
 from onnxslim.bench import OPT_LEVELS, BenchOptions, benchmark, physical_cores
-from onnxslim.calib import DataOptions, ImageOptions
+from onnxslim.calib import DataOptions, ImageOptions, open_dataset
 from onnxslim.errors import OnnxSlimError, UsageError
 from onnxslim.io import fix_input_shapes, load_model, parse_input_shapes, save_model
 from onnxslim.model_info import inspect_model
 from onnxslim.prune import CRITERIA, prune_model
+from onnxslim.quantize import (
+    FORMATS,
+    INT8_TYPES,
+    METHODS,
+    MIN_SPEEDUP,
+    QuantConfig,
+    QuantizeOptions,
+    quantize_model,
+)
 from onnxslim.report import (
     bench_json,
     inspect_json,
     prune_json,
+    quantize_json,
     render_bench,
     render_inspect,
     render_prune,
+    render_quantize,
     to_json,
 )
 
@@ -276,6 +287,88 @@ def prune(
     pruned = fix_input_shapes(result.model, result.analysis_shapes) if fix_shapes else result.model
     save_model(pruned, output, source=model)
     click.echo(to_json(prune_json(result, output)) if as_json else render_prune(result, output))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=True, path_type=str))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str),
+              help="Where to write the int8 model (or the fp32 model, when int8 is not faster).")
+@click.option("--calib", "calib", metavar="DATA", required=True,
+              help=DATA_HELP + " The last 20% of its batches are held out to measure fidelity unless --eval is given.")
+@click.option("--eval", "eval_data", metavar="DATA", default=None,
+              help="Data to measure fidelity (and accuracy, with labels) on; then all of --calib calibrates.")
+@click.option("--format", "quant_format", type=click.Choice(FORMATS), default="qdq", show_default=True,
+              help="qdq: QuantizeLinear/DequantizeLinear around float ops (portable; onnxruntime fuses them); "
+              "qoperator: QLinearConv, QLinearMatMul ... ops.")
+@click.option("--method", type=click.Choice(METHODS), default="minmax", show_default=True,
+              help="How activation ranges are calibrated.")
+@click.option("--per-channel/--per-tensor", default=True, show_default=True,
+              help="Weight scales per output channel (needs opset 13: older models are upgraded, or fall back to "
+              "per-tensor with a warning) or one per tensor.")
+@click.option("--activations", type=click.Choice(INT8_TYPES), default="u8", show_default=True,
+              help="Activation type. u8 is the fast path of onnxruntime on x86; s8 is onnxruntime's default.")
+@click.option("--weights", type=click.Choice(INT8_TYPES), default="s8", show_default=True, help="Weight type.")
+@click.option("--reduce-range", is_flag=True,
+              help="7-bit weights: avoids overflow in u8 x s8 products on x86 CPUs without VNNI.")
+@click.option("--exclude", multiple=True, metavar="PATTERN",
+              help="Keep nodes in fp32: a node-name glob ('head.*') or an op type (Softmax). Repeat for several.")
+@input_shapes_option
+@data_options
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help=f"Intra-op threads for timing [default: the physical cores available, {physical_cores()} here].")
+@click.option("--calib-memory", "calib_memory_mb", type=click.IntRange(min=1), default=256, show_default=True,
+              help="MiB of intermediate outputs calibration may hold at once. Memory stays within this (or one "
+              "batch's intermediate outputs, if larger) whatever the number of samples, for every --method.")
+@click.option("--force", is_flag=True,
+              help=f"Write the fastest int8 model even when it is not at least {MIN_SPEEDUP:.2f}x as fast as fp32.")
+@json_option
+@click.pass_context
+def quantize(
+    ctx: click.Context, model: str, output: str, calib: str, eval_data: str | None, quant_format: str, method: str,
+    per_channel: bool, activations: str, weights: str, reduce_range: bool, exclude: tuple[str, ...],
+    input_shapes: tuple[str, ...], data_options: DataOptions, threads: int | None, calib_memory_mb: int,
+    force: bool, as_json: bool,
+) -> None:
+    """Quantize MODEL to int8 (onnxruntime static quantization), calibrated on --calib, and keep it only if faster.
+
+    The int8 model is timed against the fp32 one on this machine (same threads, same batch, interleaved).
+    If it is not at least 5% faster, other variants are tried in order (the other activation type, the
+    other format, per-tensor weights, only Conv/Gemm/MatMul quantized) and the fastest is kept; if none
+    wins, the fp32 model is written to --output and the report says so ("quantized": false), unless
+    --force. Fidelity and accuracy against fp32 are reported, measured on data not used for calibration.
+    Models that are already quantized are refused. Symbolic input dims are kept.
+    """
+    if Path(output).resolve() == Path(model).resolve():
+        raise UsageError(f"refusing to overwrite the input model {model}; choose another output path")
+    loaded = load_model(model)
+    calib_data = open_dataset(calib, loaded.model, data_options)
+    evaluation = open_dataset(eval_data, loaded.model, data_options) if eval_data is not None else None
+    options = QuantizeOptions(
+        config=QuantConfig(format=quant_format, activations=activations, weights=weights, per_channel=per_channel,
+                           reduce_range=reduce_range),
+        method=method, exclude=exclude, force=force, threads=threads, calibration_memory=calib_memory_mb * 2**20,
+    )
+    with ExitStack() as stack:
+        bars: dict[str, Any] = {}
+
+        def advance(stage: str, done: int, total: int) -> None:
+            bar = bars.get(stage)
+            if bar is None or done < bar.pos:
+                if bar is not None:
+                    bar.render_finish()
+                bar = stack.enter_context(click.progressbar(length=total, label=f"{stage:<11}", file=sys.stderr))
+                bars[stage] = bar
+            bar.length = max(total, done)
+            bar.update(done - bar.pos)
+
+        result = quantize_model(
+            loaded, calib_data, options, eval_data=evaluation,
+            progress=None if ctx.obj.get("quiet") else advance,
+        )
+    save_model(result.model, output, source=model)
+    if not result.quantized:
+        logger.warning("%s; wrote the fp32 model to %s", result.reason, output)
+    click.echo(to_json(quantize_json(result, output)) if as_json else render_quantize(result, output))
 
 
 def main() -> None:

@@ -16,8 +16,9 @@ from onnxslim.analysis.groups import ChannelGroup
 from onnxslim.bench import BenchResult, ModelBench
 from onnxslim.model_info import ModelInfo
 from onnxslim.prune.pruner import PruneResult
+from onnxslim.quantize import CandidateTiming, QuantizeResult
 
-__all__ = ["to_jsonable", "to_json", "format_count", "format_bytes", "format_table", "render_inspect", "inspect_json", "render_bench", "bench_json", "render_groups", "groups_json", "render_prune", "prune_json"]
+__all__ = ["to_jsonable", "to_json", "format_count", "format_bytes", "format_table", "render_inspect", "inspect_json", "render_bench", "bench_json", "render_groups", "groups_json", "render_prune", "prune_json", "render_quantize", "quantize_json"]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -349,4 +350,138 @@ def prune_json(result: PruneResult, output: str | None = None) -> dict[str, Any]
             if result.plan.changes(group)
         ],
         "blocked": to_jsonable(result.blocked),
+    }
+
+
+# ------------------------------------------------------------------------------------------- quantize
+
+
+def _ratio(before: float | None, after: float | None, better: str, worse: str) -> str:
+    if not before or not after:
+        return "-"
+    ratio = before / after
+    return f"{ratio:.2f}x {better}" if ratio >= 1 else f"{1 / ratio:.2f}x {worse}"
+
+
+def _points(before: float | None, after: float | None) -> str:
+    return "-" if before is None or after is None else f"{100 * (after - before):+.2f} pt"
+
+
+def _candidate_row(candidate: CandidateTiming) -> list[str]:
+    if candidate.error is not None:
+        return [candidate.config.label, "-", "-", "failed", "-", "-"]
+    assert candidate.latency_ms is not None and candidate.fp32_latency_ms is not None
+    return [
+        candidate.config.label,
+        _ms(candidate.latency_ms),
+        _ms(candidate.fp32_latency_ms),
+        f"{candidate.speedup:.2f}x",
+        format_bytes(candidate.size_bytes or 0),
+        str(candidate.nodes_quantized),
+    ]
+
+
+def render_quantize(result: QuantizeResult, output: str | None = None) -> str:
+    """The `quantize` report for a terminal: the decision, fp32 against int8, fidelity, candidates tried."""
+    calibration = result.calibration
+    verdict = "yes" if result.quantized else "NO, the fp32 model is kept"
+    label = result.config.label if result.config else "-"
+    lines = [
+        f"quantized    {verdict}: {result.reason}",
+        f"calibration  {calibration.method} on {calibration.data}: {calibration.samples} samples in "
+        f"{calibration.batches} batches of {calibration.batch_size}, {calibration.tensors} tensors; held at most "
+        f"{calibration.peak_held_batches} batches ({format_bytes(calibration.peak_held_batches * calibration.bytes_per_batch)}"
+        f", bound {format_bytes(calibration.memory_bound_bytes)})",
+        "",
+        format_table(
+            ["", "fp32", f"int8 ({label})", "change"],
+            [
+                ("latency ms", _ms(result.latency_fp32_ms or 0), _ms(result.latency_int8_ms or 0),
+                 _ratio(result.latency_fp32_ms, result.latency_int8_ms, "faster", "slower")),
+                ("size", format_bytes(result.size_fp32), format_bytes(result.size_int8 or 0),
+                 _ratio(result.size_fp32, result.size_int8, "smaller", "larger")),
+                *(
+                    [("top-1 accuracy", _fraction(result.accuracy_fp32.top1), _fraction(result.accuracy_int8.top1),
+                      _points(result.accuracy_fp32.top1, result.accuracy_int8.top1))]
+                    if result.accuracy_fp32 is not None and result.accuracy_int8 is not None
+                    else []
+                ),
+                ("nodes in int8", "-", f"{result.nodes_quantized} of {(result.nodes_quantized or 0) + (result.nodes_fp32 or 0)}", ""),
+            ],
+        ),
+    ]
+    if result.fidelity is not None:
+        fidelity = result.fidelity
+        lines += [
+            "",
+            f"fidelity     output {result.output!r}: cosine {fidelity.cosine:.6f}, max abs {fidelity.max_abs:.3g}, "
+            f"mean abs {fidelity.mean_abs:.3g}, top-1 agreement {_fraction(fidelity.top1_agreement)}",
+            f"             on {result.fidelity_data}",
+        ]
+    shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in result.timing_shapes.items())
+    lines += [
+        "",
+        f"candidates tried (median latency, interleaved with fp32 in the same run; {shapes}, {result.threads} threads; "
+        f"int8 is kept when at least {result.min_speedup:.2f}x as fast)",
+        format_table(["config", "int8 ms", "fp32 ms", "speedup", "size", "int8 nodes"],
+                     [_candidate_row(c) for c in result.candidates]),
+    ]
+    failed = [c for c in result.candidates if c.error]
+    lines += [f"  {c.config.label}: {c.error}" for c in failed]
+    if result.notes:
+        lines += ["", *(f"note: {note}" for note in result.notes)]
+    if output:
+        lines += ["", f"wrote {output} ({'int8' if result.quantized else 'fp32'})"]
+    return "\n".join(lines)
+
+
+def quantize_json(result: QuantizeResult, output: str | None = None) -> dict[str, Any]:
+    """The `quantize --json` object."""
+    config = result.config
+    accuracy = None
+    if result.accuracy_fp32 is not None and result.accuracy_int8 is not None:
+        accuracy = {
+            "fp32": result.accuracy_fp32.top1,
+            "int8": result.accuracy_int8.top1,
+            "delta": result.accuracy_int8.top1 - result.accuracy_fp32.top1,
+            "top5_fp32": result.accuracy_fp32.top5,
+            "top5_int8": result.accuracy_int8.top5,
+            "samples": result.accuracy_int8.samples,
+        }
+    fidelity = None
+    if result.fidelity is not None:
+        fidelity = {**to_jsonable(result.fidelity), "output": result.output, "data": result.fidelity_data}
+    return {
+        "output": output,
+        "quantized": result.quantized,
+        "forced": result.forced,
+        "reason": result.reason,
+        "format": result.format,
+        "activations": result.activations,
+        "weights": config.weights if config else None,
+        "per_channel": config.per_channel if config else None,
+        "reduce_range": config.reduce_range if config else None,
+        "op_types": list(config.op_types) if config and config.op_types is not None else None,
+        "method": result.method,
+        "latency_fp32_ms": result.latency_fp32_ms,
+        "latency_int8_ms": result.latency_int8_ms,
+        "speedup": result.speedup,
+        "min_speedup": result.min_speedup,
+        "size_fp32": result.size_fp32,
+        "size_int8": result.size_int8,
+        "nodes_quantized": result.nodes_quantized,
+        "nodes_fp32": result.nodes_fp32,
+        "fidelity": to_jsonable(fidelity),
+        "accuracy": accuracy,
+        "calibration": to_jsonable(result.calibration),
+        "candidates": [
+            {"config": c.config.label, **to_jsonable(c.config), "latency_ms": c.latency_ms,
+             "fp32_latency_ms": c.fp32_latency_ms, "speedup": c.speedup, "size_bytes": c.size_bytes,
+             "nodes_quantized": c.nodes_quantized, "error": c.error}
+            for c in result.candidates
+        ],
+        "threads": result.threads,
+        "timing_shapes": to_jsonable(result.timing_shapes),
+        "opset": {"source": result.opset[0], "output": result.opset[1]},
+        "notes": list(result.notes),
     }

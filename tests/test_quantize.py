@@ -1,0 +1,568 @@
+"""`quantize_model` and `onnxslim quantize`: pre-processing, bounded calibration, the speed guard's decisions
+(with injected timings), fidelity, refusal of quantized inputs, and the command line.
+
+Speed itself is never asserted here (benchmarks/quantize_speed.py measures it); every test that reaches
+the speed guard injects its timings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tracemalloc
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from builders import ModelBuilder
+from click.testing import CliRunner
+from conftest import MODELS_DIR
+from onnx import numpy_helper
+
+import onnxslim.quantize as quantize_module
+from onnxslim.calib import DataOptions, open_dataset
+from onnxslim.cli import cli
+from onnxslim.errors import DataError, UnsupportedModelError, UsageError
+from onnxslim.io import load_model
+from onnxslim.quantize import (
+    COMPUTE_OP_TYPES,
+    CandidateTiming,
+    QuantConfig,
+    QuantizeOptions,
+    alternatives,
+    calibrate,
+    decide,
+    find_quantized_nodes,
+    prepare_model,
+    quantize_model,
+    search_fastest,
+)
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def cnn(*, opset: int = 13, storage: str = "initializer", size: int = 16, channels: int = 8) -> onnx.ModelProto:
+    """input [batch, 3, size, size] -> Conv 3x3 -> Relu -> Conv 3x3 -> Relu -> GAP -> Flatten -> Gemm(10)."""
+    b = ModelBuilder((3, size, size), opset=opset, seed=1)
+    y = b.relu(b.conv(b.input, channels, k=3, storage=storage))
+    y = b.relu(b.conv(y, channels, k=3, storage=storage))
+    y = b.op("Flatten", [b.op("GlobalAveragePool", [y])], axis=1)
+    return b.build(b.gemm(y, 10, storage=storage))
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(model, str(path))
+    return path
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def data_npz(path: Path, model: onnx.ModelProto, samples: int, *, seed: int = 0, labels: bool = True) -> Path:
+    """Inputs ~ N(0, 1) for `input`; labels are the fp32 model's own argmax (so fp32 is 100% right)."""
+    x = np.random.default_rng(seed).standard_normal((samples, *_sample_shape(model))).astype(np.float32)
+    arrays = {"input": x}
+    if labels:
+        arrays["labels"] = np.argmax(run(model, x), axis=1).astype(np.int64)
+    np.savez(path, **arrays)
+    return path
+
+
+def _sample_shape(model: onnx.ModelProto) -> tuple[int, ...]:
+    return tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])
+
+
+def dataset(path: Path, model: onnx.ModelProto, batch: int = 4):
+    return open_dataset(path, model, DataOptions(batch=batch))
+
+
+def fixed_timer(int8_ms: float | Callable[[QuantConfig], float], fp32_ms: float = 10.0):
+    """A timer that reports `fp32_ms` for fp32 and `int8_ms` (or int8_ms(config)) for each int8 model."""
+    calls: list[list[QuantConfig | None]] = []
+
+    def timer(entries: Sequence[tuple[QuantConfig | None, onnx.ModelProto]], feeds) -> list[float]:
+        calls.append([config for config, _ in entries])
+        return [fp32_ms if c is None else (int8_ms(c) if callable(int8_ms) else int8_ms) for c, _ in entries]
+
+    timer.calls = calls  # type: ignore[attr-defined]
+    return timer
+
+
+FAST = fixed_timer(5.0)  # int8 twice as fast: the guard keeps the requested config without a search
+
+
+def weight_dequantizers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """DequantizeLinear nodes whose input is an initializer (quantized weights and biases)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in initializers]
+
+
+def float_weights(model: onnx.ModelProto, min_elements: int = 16) -> list[str]:
+    """Float initializers big enough to be weights (scales and small constants are not)."""
+    return [
+        t.name
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) >= min_elements
+    ]
+
+
+@pytest.fixture
+def model_and_data(tmp_path: Path) -> tuple[onnx.ModelProto, Path, Path]:
+    model = cnn()
+    return model, save(model, tmp_path / "cnn.onnx"), data_npz(tmp_path / "calib.npz", model, 40)
+
+
+# ---------------------------------------------------------------------------------------- pre-processing
+
+
+def test_constant_node_weights_get_quantized(tmp_path: Path) -> None:
+    source = cnn(storage="constant")
+    assert not source.graph.initializer and sum(n.op_type == "Constant" for n in source.graph.node) == 6
+    path = save(source, tmp_path / "constant.onnx")
+    loaded = load_model(path)
+    result = quantize_model(loaded, dataset(data_npz(tmp_path / "c.npz", source, 20), loaded.model), timer=FAST)
+    assert result.quantized
+    weights = [numpy_helper.to_array(t) for t in result.model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert sorted(w.shape for w in weights if w.ndim > 1) == [(8, 3, 3, 3), (8, 8, 3, 3), (10, 8)]
+    assert float_weights(result.model) == []  # no weight left in fp32, in a Constant node or anywhere
+    assert not any(n.op_type == "Constant" for n in result.model.graph.node)
+    onnx.checker.check_model(result.model)
+
+
+def test_dynamic_input_dims_survive_and_run_at_any_batch(model_and_data) -> None:
+    source, path, calib = model_and_data
+    loaded = load_model(path)
+    result = quantize_model(loaded, dataset(calib, loaded.model, batch=4), timer=FAST)
+    model = result.model
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert model.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    for batch in (1, 7):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, 16, 16)).astype(np.float32)
+        assert run(model, x).shape == (batch, 10)
+
+
+def test_opset_11_models_get_per_channel_weights_through_the_upgrade(tmp_path: Path) -> None:
+    source = cnn(opset=11)
+    loaded = load_model(save(source, tmp_path / "old.onnx"))
+    result = quantize_model(loaded, dataset(data_npz(tmp_path / "c.npz", source, 20), loaded.model), timer=FAST)
+    assert result.opset == (11, 13)
+    assert any("opset upgraded from 11 to 13" in note for note in result.notes)
+    conv_weight = next(n for n in weight_dequantizers(result.model) if n.output[0].startswith("w_0"))
+    scale = next(t for t in result.model.graph.initializer if t.name == conv_weight.input[1])
+    assert list(scale.dims) == [8]  # one scale per output channel
+    assert {a.name: a.i for a in conv_weight.attribute}.get("axis", 1) == 0
+    onnx.checker.check_model(result.model)
+
+
+def test_a_failed_opset_upgrade_falls_back_to_per_tensor_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+        raise RuntimeError("converter says no")
+
+    monkeypatch.setattr(quantize_module, "_upgrade_opset", refuse)
+    source = cnn(opset=11)
+    loaded = load_model(save(source, tmp_path / "old.onnx"))
+    with caplog.at_level(logging.WARNING, logger="onnxslim"):
+        result = quantize_model(loaded, dataset(data_npz(tmp_path / "c.npz", source, 20), loaded.model), timer=FAST)
+    assert "per tensor" in caplog.text and "converter says no" in caplog.text
+    assert result.config is not None and not result.config.per_channel
+    assert result.opset == (11, 11)
+    scales = [t for t in result.model.graph.initializer if t.name.endswith("_scale")]
+    assert scales and all(int(np.prod(t.dims)) == 1 for t in scales)
+    assert run(result.model, np.zeros((2, 3, 16, 16), np.float32)).shape == (2, 10)
+
+
+def test_prepare_keeps_symbolic_dims_and_types_every_tensor() -> None:
+    model = load_model_proto(cnn())
+    prepared = prepare_model(model, {"input": (2, 3, 16, 16)}, per_channel=True)
+    assert prepared.model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    typed = {v.name for v in prepared.model.graph.value_info} | {o.name for o in prepared.model.graph.output}
+    assert all(o in typed for n in prepared.model.graph.node for o in n.output)
+    assert all(n.name for n in prepared.model.graph.node)
+
+
+def load_model_proto(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxslim.io import normalize_model
+
+    return normalize_model(model)[0]
+
+
+# ------------------------------------------------------------------------------------ already quantized
+
+
+def test_quantized_models_are_refused(tmp_path: Path, model_and_data) -> None:
+    _, path, calib = model_and_data
+    loaded = load_model(path)
+    int8 = quantize_model(loaded, dataset(calib, loaded.model), timer=FAST).model
+    assert find_quantized_nodes(int8)
+    int8_path = save(int8, tmp_path / "int8.onnx")
+    with pytest.raises(UnsupportedModelError, match="already quantized.*QuantizeLinear"):
+        quantize_model(load_model(int8_path), dataset(calib, loaded.model), timer=FAST)
+
+
+def test_a_model_with_nothing_to_quantize_is_refused(tmp_path: Path) -> None:
+    b = ModelBuilder((4,), opset=13)
+    model = b.build(b.op("Cast", [b.op("Floor", [b.input])], to=onnx.TensorProto.FLOAT))
+    with pytest.raises(UnsupportedModelError, match="leaves every node of this model in fp32 \\(op types: Cast, Floor\\)$"):
+        quantize_model(model, open_dataset("random:8", model, DataOptions(batch=2)), timer=FAST)
+
+
+@pytest.mark.parametrize("op_type", ["ConvInteger", "MatMulInteger", "QLinearConv", "DynamicQuantizeLinear"])
+def test_any_quantized_op_is_recognized(op_type: str) -> None:
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph([onnx.helper.make_node(op_type, ["a", "b"], ["c"], name="q")], "g", [], [])
+    )
+    assert [n.name for n in find_quantized_nodes(model)] == ["q"]
+
+
+# ------------------------------------------------------------------------------------------ calibration
+
+
+def test_bad_calibration_values_get_a_clear_error(tmp_path: Path, model_and_data) -> None:
+    source, path, _ = model_and_data
+    x = np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    x[3, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", input=x)
+    loaded = load_model(path)
+    with pytest.raises(DataError, match="NaN or infinite"):
+        quantize_model(loaded, dataset(tmp_path / "nan.npz", loaded.model), timer=FAST)
+
+
+def _calibration_peak(prepared: onnx.ModelProto, path: Path, method: str, memory: int, tmp_path: Path):
+    """Calibration summary and peak traced memory. tracemalloc sees numpy's allocations, not onnxruntime's
+    output buffers, but the histogram calibrators stack what they hold into one numpy array per tensor, so
+    the peak is proportional to the batches held."""
+    data = open_dataset(path, prepared, DataOptions(batch=1))
+    tracemalloc.start()
+    try:
+        summary = calibrate(prepared, data, method, memory=memory, cache_path=tmp_path / f"{method}{memory}.json")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return summary, peak
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_calibration_memory_does_not_grow_with_the_number_of_samples(tmp_path: Path, method: str) -> None:
+    source = cnn(size=64, channels=16)  # about 1 MiB of calibrated tensors per sample
+    prepared = prepare_model(load_model_proto(source), {"input": (1, 3, 64, 64)}, per_channel=True).model
+    few = data_npz(tmp_path / "few.npz", source, 8, labels=False)
+    many = data_npz(tmp_path / "many.npz", source, 64, labels=False)
+    budget = 4 * 2**20  # 3 batches
+    small, small_peak = _calibration_peak(prepared, few, method, budget, tmp_path)
+    large, large_peak = _calibration_peak(prepared, many, method, budget, tmp_path)
+    assert large.chunk_batches == small.chunk_batches == budget // large.bytes_per_batch >= 2
+    assert large.peak_held_batches == large.chunk_batches < large.batches == 64
+    assert large.memory_bound_bytes <= budget
+    assert large_peak < 1.5 * small_peak  # 8x the samples, no more memory
+    # The control: without a bound the calibrator holds all 64 batches, and the measured peak grows with
+    # them (so the assertion above can fail).
+    _, unbounded_peak = _calibration_peak(prepared, many, method, 2**40, tmp_path)
+    assert unbounded_peak > 5 * large_peak
+
+
+def test_calibration_never_mixes_batch_shapes(tmp_path: Path, model_and_data) -> None:
+    """10 samples in batches of 4: the last batch has 2 rows; the histogram calibrators stack one call's
+    outputs, so that batch must be collected on its own."""
+    source, path, _ = model_and_data
+    prepared = prepare_model(load_model_proto(source), {"input": (4, 3, 16, 16)}, per_channel=True).model
+    data = open_dataset(data_npz(tmp_path / "ten.npz", source, 10), prepared, DataOptions(batch=4))
+    summary = calibrate(prepared, data, "entropy", cache_path=tmp_path / "ranges.json")
+    assert summary.batches == 3 and summary.samples == 10 and summary.peak_held_batches == 2
+
+
+def test_last_fifth_of_the_calibration_data_is_held_out_for_fidelity(model_and_data) -> None:
+    source, path, calib = model_and_data  # 40 samples, batches of 4: 10 batches
+    loaded = load_model(path)
+    result = quantize_model(loaded, dataset(calib, loaded.model, batch=4), timer=FAST)
+    assert result.calibration.batches == 8 and result.calibration.samples == 32
+    assert result.fidelity is not None and result.fidelity.samples == 8
+    assert result.accuracy_fp32 is not None and result.accuracy_fp32.top1 == 1.0  # labels are fp32's argmax
+    assert result.fidelity.cosine > 0.99
+    assert "last 2 of 10 batches" in result.fidelity_data
+
+
+def test_eval_data_measures_fidelity_and_all_calibration_data_calibrates(tmp_path: Path, model_and_data) -> None:
+    source, path, calib = model_and_data
+    loaded = load_model(path)
+    evaluation = dataset(data_npz(tmp_path / "eval.npz", source, 12, seed=5), loaded.model)
+    result = quantize_model(loaded, dataset(calib, loaded.model), eval_data=evaluation, timer=FAST)
+    assert result.calibration.samples == 40
+    assert result.fidelity is not None and result.fidelity.samples == 12
+    assert result.accuracy_int8 is not None and result.accuracy_int8.samples == 12
+
+
+# ----------------------------------------------------------------------------------- formats and outputs
+
+
+@pytest.mark.parametrize(
+    ("quant_format", "expected_op"), [("qdq", "DequantizeLinear"), ("qoperator", "QLinearConv")]
+)
+@pytest.mark.parametrize("activations", ["u8", "s8"])
+def test_qdq_and_qoperator_outputs_load_and_run(model_and_data, quant_format: str, expected_op: str, activations: str) -> None:
+    source, path, calib = model_and_data
+    loaded = load_model(path)
+    config = QuantConfig(format=quant_format, activations=activations)
+    result = quantize_model(loaded, dataset(calib, loaded.model), QuantizeOptions(config=config), timer=FAST)
+    assert result.quantized and result.config == config
+    assert expected_op in {n.op_type for n in result.model.graph.node}
+    onnx.checker.check_model(result.model)
+    x = np.random.default_rng(3).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    want, got = run(source, x), run(result.model, x)
+    assert got.shape == want.shape == (3, 10)
+    cosine = np.sum(want * got) / (np.linalg.norm(want) * np.linalg.norm(got))
+    assert cosine > 0.99
+    assert result.nodes_quantized == 7 and result.nodes_fp32 == 0
+
+
+def test_exclusions_by_op_type_and_name_glob(model_and_data) -> None:
+    source, path, calib = model_and_data
+    loaded = load_model(path)
+    data = dataset(calib, loaded.model)
+    gemm = next(n.name for n in loaded.model.graph.node if n.op_type == "Gemm")
+    by_type = quantize_model(loaded, data, QuantizeOptions(exclude=("Gemm",)), timer=FAST)
+    by_name = quantize_model(loaded, data, QuantizeOptions(exclude=(gemm[:-1] + "*",)), timer=FAST)
+    for result in (by_type, by_name):
+        node = next(n for n in result.model.graph.node if n.name == gemm)
+        producers = {o: n.op_type for n in result.model.graph.node for o in n.output}
+        assert producers.get(node.input[1]) != "DequantizeLinear"  # the Gemm's weight stayed fp32
+        assert result.nodes_fp32 == 1
+    with pytest.raises(UsageError, match="matches no node name and no op type"):
+        quantize_model(loaded, data, QuantizeOptions(exclude=("no_such_node*",)), timer=FAST)
+
+
+def test_a_pruned_model_quantizes_like_any_other(tmp_path: Path, model_and_data) -> None:
+    from onnxslim.prune import prune_model
+
+    source, path, calib = model_and_data
+    pruned = prune_model(load_model(path), ratio=0.5).model
+    assert pruned.ByteSize() < source.ByteSize()
+    loaded = load_model(save(pruned, tmp_path / "pruned.onnx"))
+    result = quantize_model(loaded, dataset(calib, loaded.model), timer=FAST)
+    assert result.quantized and result.fidelity is not None and result.fidelity.cosine > 0.99
+    assert run(result.model, np.zeros((2, 3, 16, 16), np.float32)).shape == (2, 10)
+
+
+def test_trained_mnist_resnet_keeps_its_accuracy_and_shrinks() -> None:
+    """The 'done when' numbers that do not depend on timing: accuracy within 0.5 point, weights 4x smaller."""
+    loaded = load_model(MODELS_DIR / "mnist_resnet.onnx")
+    calib = open_dataset(MODELS_DIR / "mnist_calib.npz", loaded.model, DataOptions(batch=16))
+    evaluation = open_dataset(MODELS_DIR / "mnist_eval.npz", loaded.model, DataOptions(batch=100))
+    result = quantize_model(loaded, calib, eval_data=evaluation, timer=FAST)
+    assert result.accuracy_fp32 is not None and result.accuracy_int8 is not None
+    assert abs(result.accuracy_int8.top1 - result.accuracy_fp32.top1) <= 0.005
+    int8_weights = sum(t.ByteSize() for t in result.model.graph.initializer if t.data_type == onnx.TensorProto.INT8)
+    fp32_weights = sum(t.ByteSize() for t in loaded.model.graph.initializer)
+    assert 3.5 < fp32_weights / int8_weights < 4.5
+    assert result.size_int8 is not None and result.size_fp32 / result.size_int8 > 2.5
+
+
+# ------------------------------------------------------------------------------------------ speed guard
+
+
+def timing(config: QuantConfig, int8_ms: float | None, fp32_ms: float = 10.0) -> CandidateTiming:
+    if int8_ms is None:
+        return CandidateTiming(config, None, None, error="quantizer failed")
+    return CandidateTiming(config, int8_ms, fp32_ms, size_bytes=100, nodes_quantized=3)
+
+
+REQUESTED = QuantConfig()
+
+
+def test_decide_keeps_int8_only_when_clearly_faster() -> None:
+    assert decide([timing(REQUESTED, 5.0)]).chosen is not None
+    assert decide([timing(REQUESTED, 10.0 / 1.05)]).chosen is not None  # exactly the margin
+    slightly = decide([timing(REQUESTED, 10.0 / 1.04)])  # 4 % faster is within noise: fp32
+    assert slightly.chosen is None and slightly.best is not None and "not faster" in slightly.reason
+    slower = decide([timing(REQUESTED, 20.0)])
+    assert slower.chosen is None and slower.best is not None and slower.best.speedup == 0.5
+
+
+def test_decide_with_force_keeps_the_fastest_int8() -> None:
+    slow, slower = timing(REQUESTED, 12.0), timing(QuantConfig(format="qoperator"), 15.0)
+    decision = decide([slower, slow], force=True)
+    assert decision.chosen is slow and "--force" in decision.reason
+
+
+def test_decide_without_any_working_candidate() -> None:
+    decision = decide([timing(REQUESTED, None)])
+    assert decision.chosen is None and decision.best is None and "quantizer failed" in decision.reason
+
+
+def test_alternatives_are_tried_in_the_stated_order() -> None:
+    kinds = [kind for kind, _ in alternatives(REQUESTED)]
+    assert kinds == ["activations", "format", "per-tensor", "compute-ops-only"]
+    steps = dict(alternatives(QuantConfig(activations="u8", weights="u8")))
+    assert steps["activations"] == QuantConfig(activations="s8", weights="s8")  # s8 x u8 does not exist
+    assert steps["compute-ops-only"].op_types == COMPUTE_OP_TYPES
+    assert [k for k, _ in alternatives(REQUESTED, per_channel_possible=False)] == [
+        "activations", "format", "compute-ops-only"
+    ]
+
+
+def _fake_measure(latencies: dict[QuantConfig, float | None]):
+    calls: list[list[QuantConfig]] = []
+
+    def measure(configs: Sequence[QuantConfig]) -> list[CandidateTiming]:
+        calls.append(list(configs))
+        return [timing(c, latencies.get(c, 30.0)) for c in configs]
+
+    return measure, calls
+
+
+def test_search_stops_at_a_fast_requested_config() -> None:
+    measure, calls = _fake_measure({REQUESTED: 6.0})
+    decision, tried = search_fastest(REQUESTED, measure)
+    assert calls == [[REQUESTED]] and decision.chosen is not None and decision.chosen.config == REQUESTED
+    assert len(tried) == 1
+
+
+def test_search_tries_each_change_on_the_best_so_far_and_keeps_the_fastest() -> None:
+    s8 = QuantConfig(activations="s8")
+    s8_qop = QuantConfig(activations="s8", format="qoperator")
+    s8_qop_tensor = QuantConfig(activations="s8", format="qoperator", per_channel=False)
+    measure, calls = _fake_measure({REQUESTED: 15.0, s8: 9.0, s8_qop: 7.0, s8_qop_tensor: None})
+    decision, tried = search_fastest(REQUESTED, measure)
+    compute_only = QuantConfig(activations="s8", format="qoperator", op_types=COMPUTE_OP_TYPES)
+    assert calls == [
+        [REQUESTED],
+        [REQUESTED, s8],
+        [s8, s8_qop],
+        [s8_qop, s8_qop_tensor],  # fails: skipped
+        [s8_qop, compute_only],  # 30 ms: slower
+    ]
+    assert decision.chosen is not None and decision.chosen.config == s8_qop
+    assert [t.config for t in tried] == [REQUESTED, s8, s8_qop, s8_qop_tensor, compute_only]
+
+
+def test_search_keeps_fp32_when_nothing_is_faster_unless_forced() -> None:
+    measure, calls = _fake_measure({REQUESTED: 12.0, QuantConfig(activations="s8"): 11.0})
+    decision, tried = search_fastest(REQUESTED, measure)
+    assert decision.chosen is None and decision.best is not None
+    assert decision.best.config == QuantConfig(activations="s8") and len(tried) == 5
+    assert "fastest of 5 int8 variant(s)" in decision.reason and "0.91x" in decision.reason
+    forced, _ = search_fastest(REQUESTED, _fake_measure({REQUESTED: 12.0, QuantConfig(activations="s8"): 11.0})[0], force=True)
+    assert forced.chosen is not None and forced.chosen.config == QuantConfig(activations="s8")
+
+
+def test_quantize_model_writes_fp32_when_int8_is_slower(model_and_data) -> None:
+    source, path, calib = model_and_data
+    loaded = load_model(path)
+    timer = fixed_timer(12.0)
+    result = quantize_model(loaded, dataset(calib, loaded.model), timer=timer)
+    assert not result.quantized and not find_quantized_nodes(result.model)
+    assert [n.op_type for n in result.model.graph.node] == [n.op_type for n in loaded.model.graph.node]
+    assert len(result.candidates) == 5 and len(timer.calls) == 5
+    assert all(call[0] is None for call in timer.calls)  # fp32 is timed in every run
+    assert result.speedup == pytest.approx(10 / 12) and result.size_int8 is not None
+    forced = quantize_model(loaded, dataset(calib, loaded.model), QuantizeOptions(force=True), timer=fixed_timer(12.0))
+    assert forced.quantized and forced.forced and find_quantized_nodes(forced.model)
+
+
+def test_measure_latencies_interleaves_and_takes_medians(model_and_data) -> None:
+    source, _, _ = model_and_data
+    ticks = iter(range(10**6))
+    latencies = quantize_module.measure_latencies(
+        [source, source], {"input": np.zeros((1, 3, 16, 16), np.float32)}, threads=1, warmup=1, min_rounds=4,
+        max_rounds=4, clock=lambda: float(next(ticks)),
+    )
+    assert latencies == [1000.0, 1000.0]  # each timed run spans one tick of the injected clock
+
+
+# ----------------------------------------------------------------------------------------- command line
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args))
+    assert "Traceback" not in result.stdout + result.stderr
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture
+def fake_latencies(monkeypatch: pytest.MonkeyPatch):
+    """Makes the CLI's real timer report given latencies: `fake_latencies(fp32_ms, int8_ms)`."""
+
+    def install(fp32_ms: float, int8_ms: float) -> None:
+        def measure(models, feeds, **kwargs) -> list[float]:
+            return [fp32_ms] + [int8_ms] * (len(models) - 1)
+
+        monkeypatch.setattr(quantize_module, "measure_latencies", measure)
+
+    return install
+
+
+JSON_KEYS = {
+    "quantized", "format", "activations", "latency_fp32_ms", "latency_int8_ms", "speedup", "size_fp32",
+    "size_int8", "nodes_quantized", "nodes_fp32", "fidelity", "accuracy",
+}
+
+
+def test_cli_quantizes_and_reports_json(tmp_path: Path, model_and_data, fake_latencies) -> None:
+    fake_latencies(10.0, 4.0)
+    _, path, calib = model_and_data
+    out = tmp_path / "int8.onnx"
+    code, stdout, _ = invoke(
+        "quantize", str(path), "-o", str(out), "--calib", str(calib), "--batch", "4", "--method", "entropy", "--json"
+    )
+    assert code == 0
+    report = json.loads(stdout)  # nothing but the JSON object on stdout (onnxruntime's histogram prints are caught)
+    assert JSON_KEYS <= set(report)
+    assert report["quantized"] is True and report["format"] == "qdq" and report["activations"] == "u8"
+    assert report["speedup"] == pytest.approx(2.5) and report["accuracy"]["fp32"] == 1.0
+    assert report["calibration"]["samples"] == 32 and report["fidelity"]["samples"] == 8
+    assert find_quantized_nodes(onnx.load(str(out)))
+
+
+def test_cli_writes_fp32_when_int8_is_not_faster_and_force_overrides(tmp_path: Path, model_and_data, fake_latencies) -> None:
+    fake_latencies(10.0, 11.0)
+    _, path, calib = model_and_data
+    out = tmp_path / "out.onnx"
+    code, stdout, stderr = invoke("quantize", str(path), "-o", str(out), "--calib", str(calib), "--json")
+    assert code == 0 and "fp32" in stderr
+    report = json.loads(stdout)
+    assert report["quantized"] is False and len(report["candidates"]) == 5
+    assert not find_quantized_nodes(onnx.load(str(out)))
+    code, stdout, _ = invoke("quantize", str(path), "-o", str(out), "--calib", str(calib), "--force")
+    assert code == 0 and "quantized    yes" in stdout and "--force" in stdout
+    assert find_quantized_nodes(onnx.load(str(out)))
+
+
+def test_cli_table_report(tmp_path: Path, model_and_data, fake_latencies) -> None:
+    fake_latencies(10.0, 4.0)
+    _, path, calib = model_and_data
+    code, stdout, _ = invoke("quantize", str(path), "-o", str(tmp_path / "o.onnx"), "--calib", str(calib),
+                             "--format", "qoperator", "--per-tensor", "--method", "percentile")
+    assert code == 0
+    for text in ("quantized    yes", "qoperator u8/s8 per-tensor", "percentile", "top-1 accuracy", "cosine",
+                 "wrote"):
+        assert text in stdout
+
+
+def test_cli_errors_have_exit_codes_and_no_traceback(tmp_path: Path, model_and_data, fake_latencies) -> None:
+    fake_latencies(10.0, 4.0)
+    _, path, calib = model_and_data
+    np.savez(tmp_path / "wrong.npz", images=np.zeros((4, 3, 16, 16), np.float32))
+    code, _, stderr = invoke("quantize", str(path), "-o", str(tmp_path / "o.onnx"), "--calib", str(tmp_path / "wrong.npz"))
+    assert code == 1 and "no array for input 'input'" in stderr
+    np.savez(tmp_path / "shape.npz", input=np.zeros((4, 3, 8, 8), np.float32))
+    code, _, stderr = invoke("quantize", str(path), "-o", str(tmp_path / "o.onnx"), "--calib", str(tmp_path / "shape.npz"))
+    assert code == 1 and "axis 2 must be 16" in stderr
+    code, _, stderr = invoke("quantize", str(path), "-o", str(path), "--calib", str(calib))
+    assert code == 2 and "refusing to overwrite" in stderr
+    code, _, stderr = invoke("quantize", str(path), "-o", str(tmp_path / "o.onnx"), "--calib", str(calib),
+                             "--exclude", "nothing_like_this")
+    assert code == 2 and "--exclude" in stderr
+    code, _, stderr = invoke("quantize", str(path), "-o", str(tmp_path / "o.onnx"), "--calib", str(calib),
+                             "--activations", "s8", "--weights", "u8")
+    assert code == 2 and "s8 activations with u8 weights" in stderr
+    int8 = tmp_path / "int8.onnx"
+    assert invoke("quantize", str(path), "-o", str(int8), "--calib", str(calib))[0] == 0
+    code, _, stderr = invoke("quantize", str(int8), "-o", str(tmp_path / "again.onnx"), "--calib", str(calib))
+    assert code == 1 and "already quantized" in stderr
+    assert not (tmp_path / "again.onnx").exists() and not (tmp_path / "o.onnx").exists()
