@@ -2,7 +2,7 @@
 
     python -m onnxslim._memory_probe MODEL --feeds JSON [--threads N] [--opt-level all] [--provider P] [--runs 3]
 
-It imports numpy and onnxruntime, builds the inputs, notes the resident memory (the baseline), creates the
+It imports onnxslim's session settings, builds the inputs, notes the resident memory (the baseline), creates the
 session and runs it `--runs` times, and prints one JSON object: baseline and peak resident bytes. On Linux
 the kernel's high-water mark (VmHWM) is reset after the baseline, so the peak is that of loading and
 running the model alone; elsewhere the peak is getrusage's ru_maxrss.
@@ -18,11 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-_OPT_LEVELS = {
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
+from onnxslim.bench import OPT_LEVELS, session_options
 
 
 def _status_bytes(field: str) -> int | None:
@@ -57,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model")
     parser.add_argument("--feeds", required=True, help='JSON: {"input": [[1, 3, 224, 224], "float32"]}')
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--opt-level", default="all", choices=sorted(_OPT_LEVELS))
+    parser.add_argument("--opt-level", default="all", choices=OPT_LEVELS)
     parser.add_argument("--provider", default="CPUExecutionProvider")
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)
@@ -77,11 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         method, baseline = "ru_maxrss", _maxrss_bytes()
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = args.threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = _OPT_LEVELS[args.opt_level]
+    options = session_options(threads=args.threads, opt_level=args.opt_level)
     session = ort.InferenceSession(args.model, options, providers=[args.provider])
     for _ in range(args.runs):
         session.run(None, feeds)

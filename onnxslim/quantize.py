@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxslim.bench import physical_cores
+from onnxslim.bench import physical_cores, session_options, time_interleaved
 from onnxslim.calib import Batch, Dataset
 from onnxslim.errors import DataError, ModelLoadError, UnsupportedModelError, UsageError
 from onnxslim.io import LoadedModel, infer_tensor_infos, normalize_model, validate
@@ -362,30 +362,11 @@ def _ort() -> Any:
     return ort
 
 
-def _session_options(threads: int | None = None, level: str = "all", *, spinning: bool = True) -> Any:
-    ort = _ort()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if not spinning:
-        # Idle worker threads of one session otherwise spin on the cores the next session runs on.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.graph_optimization_level = {
-        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[level]
-    return options
-
-
 def _session(
     model: onnx.ModelProto | str, threads: int | None = None, level: str = "all", *, spinning: bool = True
 ) -> Any:
     source = model if isinstance(model, str) else model.SerializeToString()
-    options = _session_options(threads, level, spinning=spinning)
+    options = session_options(threads=threads, opt_level=level, spinning=spinning)
     return _ort().InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
@@ -412,7 +393,7 @@ def _strip_unused_domains(model: onnx.ModelProto) -> None:
 
 def _basic_optimize(model: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
     """onnxruntime's basic-level graph optimizations, saved: plain ONNX ops only, symbolic dims kept."""
-    options = _session_options(level="basic")
+    options = session_options(opt_level="basic")
     options.optimized_model_filepath = str(scratch / "basic.onnx")
     try:
         _ort().InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -901,24 +882,16 @@ def measure_latencies(
             sessions.append(_session(model, threads, spinning=spinning))
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise ModelLoadError(f"onnxruntime cannot load a model to time: {_first_line(e)}") from e
-    for _ in range(warmup):
-        for session in sessions:
-            session.run(None, dict(feeds))
-    times: list[list[float]] = [[] for _ in sessions]
-    order = list(range(len(sessions)))
-    spent = 0.0
-    rounds = 0
-    while rounds < max_rounds and (rounds < min_rounds or spent < budget_s):
-        for index in order if rounds % 2 == 0 else order[::-1]:
-            start = clock()
-            sessions[index].run(None, dict(feeds))
-            elapsed = clock() - start
-            times[index].append(elapsed)
-            spent += elapsed
-        rounds += 1
+
+    def report(rounds: int, spent: float) -> None:
         if progress is not None:
             expected = math.ceil(budget_s / (spent / rounds)) if spent > 0 else max_rounds
             progress("timing", rounds, max(rounds, min(max_rounds, max(min_rounds, expected))))
+
+    times = time_interleaved(
+        sessions, [feeds], warmup=warmup, clock=clock, on_round=report,
+        keep_going=lambda rounds, spent: rounds < max_rounds and (rounds < min_rounds or spent < budget_s),
+    )
     return [float(np.median(t)) * 1e3 for t in times]
 
 

@@ -215,3 +215,26 @@ def test_cli_bench_on_the_reference_model_with_labels() -> None:
     assert code == 0, err
     accuracy = json.loads(out)["models"][0]["accuracy"]
     assert accuracy["samples"] == 256 and accuracy["top1"] > 0.9
+
+
+def test_time_interleaved_alternates_order_and_cycles_feeds() -> None:
+    from onnxslim.bench import time_interleaved
+
+    calls: list[tuple[str, int]] = []
+
+    class FakeSession:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def run(self, _outputs: object, feeds: dict) -> None:
+            calls.append((self.name, int(feeds["x"][0])))
+
+    ticks = iter(range(10**6))
+    feeds = [{"x": np.array([0])}, {"x": np.array([1])}]
+    times = time_interleaved(
+        [FakeSession("a"), FakeSession("b")], feeds, warmup=1, keep_going=lambda rounds, _spent: rounds < 3,
+        clock=lambda: float(next(ticks)),
+    )
+    assert calls[:2] == [("a", 0), ("b", 0)]  # warm-up, untimed
+    assert calls[2:] == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 0), ("b", 0)]
+    assert times == [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]  # one injected tick per timed run
