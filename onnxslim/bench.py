@@ -343,11 +343,11 @@ def benchmark(
             _run(s, batch.feeds, p, f"batch {number} of {dataset.description}")[i][: batch.size]
             for s, p, i in zip(sessions, paths, output_index, strict=True)
         ]
-        for meter, candidate in zip(fidelity_meters, outputs[1:], strict=True):
-            meter.update(outputs[0], candidate)
+        for fidelity_meter, candidate in zip(fidelity_meters, outputs[1:], strict=True):
+            fidelity_meter.update(outputs[0], candidate)
         if batch.labels is not None:
-            for meter, scores in zip(accuracy_meters, outputs, strict=True):
-                meter.update(scores, batch.labels)
+            for accuracy_meter, scores in zip(accuracy_meters, outputs, strict=True):
+                accuracy_meter.update(scores, batch.labels)
         if len(timing) < options.timing_batches and _rows(batch) == dataset.batch_size:
             timing.append(batch)
     if not timing:  # fewer samples than one batch of a symbolic-batch model

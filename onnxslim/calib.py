@@ -566,7 +566,7 @@ def _check_array_file(path: Path, specs: Sequence[InputSpec]) -> _ArrayFile:
             spec = missing[0]
             raise DataError(
                 f"{path}: no array for input {spec.name!r} ({spec.describe()}); the file has arrays "
-                f"{sorted(found)}. Key arrays by the model's input names {names}, labels by {LABELS_KEY!r}."
+                f"{sorted(str(key) for key in found)}. Key arrays by the model's input names {names}, labels by {LABELS_KEY!r}."
             )
         extra = [key for key in found if key not in names and key != LABELS_KEY]
         if extra:
@@ -764,6 +764,8 @@ def _image_plan(spec: InputSpec, shape: tuple[int, ...], options: ImageOptions) 
         )
     integer = spec.dtype.kind in "iub"
     bgr = options.color == "bgr" and channels == 3
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     if integer:
         scale, mean, std = 1.0, (0.0,), (1.0,)
     else:
@@ -788,9 +790,8 @@ def _load_image(path: Path, plan: _ImagePlan) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image = image.convert("L" if plan.channels == 1 else "RGB")
-            image = _resize(image, plan)
+        with Image.open(path) as opened:
+            image = _resize(opened.convert("L" if plan.channels == 1 else "RGB"), plan)
             pixels = np.asarray(image, dtype=np.float32)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read the image ({e})") from e

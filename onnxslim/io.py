@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -375,7 +376,7 @@ def _first_failing_node(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> 
         )
         sub = onnx.helper.make_model(sub_graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
         try:
-            results = ReferenceEvaluator(sub).run(None, {i: values[i] for i in node.input if i})
+            results: list[Any] = ReferenceEvaluator(sub).run(None, {i: values[i] for i in node.input if i})  # type: ignore[assignment]
         except Exception:  # noqa: BLE001 - only used to locate the failure
             return f" (node {node.name!r}, {node.op_type})"
         values.update(zip([o for o in node.output if o], results, strict=False))
