@@ -271,11 +271,20 @@ def bench(
               help="Fraction of each prunable channel group's channels to remove (the lowest-scoring ones).")
 @click.option("--criterion", type=click.Choice(sorted(CRITERIA)), default="l1", show_default=True,
               help="How channels are scored: l1 or l2 norm of each source's output-channel weights.")
+@click.option("--round-to", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Round each group's channels kept up to a multiple of this (8 or 16 suit CPU kernels).")
 @input_shapes_option
 @fix_shapes_option
 @json_option
 def prune(
-    model: str, output: str, ratio: float, criterion: str, input_shapes: tuple[str, ...], fix_shapes: bool, as_json: bool
+    model: str,
+    output: str,
+    ratio: float,
+    criterion: str,
+    round_to: int,
+    input_shapes: tuple[str, ...],
+    fix_shapes: bool,
+    as_json: bool,
 ) -> None:
     """Remove the lowest-scoring fraction --ratio of every prunable channel group's channels from MODEL.
 
@@ -283,7 +292,13 @@ def prune(
     validated (checker, onnxruntime run, same inputs and outputs) before it is written to --output.
     Groups that cannot be pruned are listed with the node that blocks them.
     """
-    result = prune_model(load_model(model), ratio=ratio, criterion=criterion, input_shapes=parse_input_shapes(input_shapes))
+    result = prune_model(
+        load_model(model),
+        ratio=ratio,
+        criterion=criterion,
+        input_shapes=parse_input_shapes(input_shapes),
+        round_to=round_to,
+    )
     pruned = fix_input_shapes(result.model, result.analysis_shapes) if fix_shapes else result.model
     save_model(pruned, output, source=model)
     click.echo(to_json(prune_json(result, output)) if as_json else render_prune(result, output))

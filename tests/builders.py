@@ -206,3 +206,82 @@ class ModelBuilder:
         squeezed = self.relu(self.conv(pooled, reduced))
         excited = self.conv(squeezed, self.channels[x])
         return self.op("Mul", [x, self.op(gate, [excited])])
+
+    # ------------------------------------------------------------------------- concat and split
+
+    def concat(self, *xs: str, axis: int = 1) -> str:
+        channels = sum(self.channels[x] for x in xs) if axis == 1 else self.channels[xs[0]]
+        return self.op("Concat", list(xs), channels=channels, axis=axis)
+
+    def split(self, x: str, sizes: Sequence[int], *, equal: bool = False) -> list[str]:
+        """Split on the channel axis: sizes as an attribute (opset < 13) or an input (>= 13); `equal` gives
+        no sizes (equal parts; `num_outputs` from opset 18)."""
+        outs = [self.name("split") for _ in sizes]
+        inputs, attrs = [x], {"axis": 1}
+        if equal and self.opset >= 18:
+            attrs["num_outputs"] = len(sizes)
+        elif not equal and self.opset >= 13:
+            inputs.append(self.const(np.array(sizes, np.int64), prefix="split"))
+        elif not equal:
+            attrs["split"] = list(sizes)
+        self.nodes.append(helper.make_node("Split", inputs, outs, name=self.name("Split"), **attrs))
+        for out, size in zip(outs, sizes, strict=True):
+            self.channels[out] = size
+        return outs
+
+    def slice_channels(self, x: str, start: int, end: int, *, axes: bool = True) -> str:
+        """Slice channels [start, end) (attributes before opset 10, inputs after; end may be INT64_MAX)."""
+        stop = min(end, self.channels[x])
+        if self.opset < 10:
+            return self.op("Slice", [x], channels=stop - start, starts=[start], ends=[end], axes=[1])
+        if not axes:  # no axes input: starts/ends cover every axis from 0
+            big = np.iinfo(np.int64).max
+            inputs = [x, self.const(np.array([0, start], np.int64), prefix="starts"),
+                      self.const(np.array([big, end], np.int64), prefix="ends")]
+            return self.op("Slice", inputs, channels=stop - start)
+        inputs = [
+            x,
+            self.const(np.array([start], np.int64), prefix="starts"),
+            self.const(np.array([end], np.int64), prefix="ends"),
+            self.const(np.array([1], np.int64), prefix="axes"),
+        ]
+        return self.op("Slice", inputs, channels=stop - start)
+
+    def c2f(self, x: str, out: int, bottlenecks: int = 2, *, use_slice: bool = False) -> str:
+        """YOLO C2f: Conv(2c) → Split(c, c) → bottlenecks on the last part → Concat(all parts) → Conv."""
+        hidden = out // 2
+        y = self.silu(self.conv(x, 2 * hidden, 1))
+        if use_slice:
+            parts = [self.slice_channels(y, 0, hidden), self.slice_channels(y, hidden, 2 * hidden)]
+        else:
+            parts = self.split(y, [hidden, hidden])
+        for _ in range(bottlenecks):
+            inner = self.silu(self.conv(parts[-1], hidden, 3))
+            parts.append(self.op("Add", [parts[-1], self.silu(self.conv(inner, hidden, 3))]))
+        return self.silu(self.conv(self.concat(*parts), out, 1))
+
+    def sppf(self, x: str, out: int) -> str:
+        """YOLO SPPF: Conv → MaxPool ×3 → Concat(4) → Conv."""
+        y = self.silu(self.conv(x, self.channels[x] // 2, 1))
+        pools = [y]
+        for _ in range(3):
+            pools.append(self.op("MaxPool", [pools[-1]], kernel_shape=[5, 5], pads=[2, 2, 2, 2]))
+        return self.silu(self.conv(self.concat(*pools), out, 1))
+
+    def if_branches(self, condition_from: str, x: str) -> str:
+        """If(ReduceSum(condition_from) > 0) then x * 2 else x + 1, both branches reading `x` from outer scope."""
+        total = self.op("ReduceSum", [condition_from], keepdims=0, channels=1)
+        condition = self.op("Greater", [total, self.const(np.array(0, np.float32), prefix="zero")], channels=1)
+        out = self.name("if_out")
+        branches = []
+        for op_type, value in (("Mul", 2.0), ("Add", 1.0)):
+            constant = numpy_helper.from_array(np.array(value, np.float32), self.name("k"))
+            branch_out = self.name("branch_out")
+            node = helper.make_node(op_type, [x, constant.name], [branch_out], name=self.name(op_type))
+            output = helper.make_tensor_value_info(branch_out, TensorProto.FLOAT, None)
+            branches.append(helper.make_graph([node], self.name("branch"), [], [output], initializer=[constant]))
+        self.nodes.append(
+            helper.make_node("If", [condition], [out], name=self.name("If"), then_branch=branches[0], else_branch=branches[1])
+        )
+        self.channels[out] = self.channels[x]
+        return out

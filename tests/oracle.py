@@ -14,12 +14,30 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from onnxslim.analysis.groups import ChannelGroup
+from onnxslim.analysis.groups import ChannelGroup, Sink
 from onnxslim.graph import export_model
 from onnxslim.io import infer_tensor_infos, normalize_model, random_inputs
 from onnxslim.prune import PrunePlan, PruneResult, prune_model
 
 __all__ = ["masked_model", "run_model", "assert_outputs_close", "check_prune", "check_weight_shapes"]
+
+
+def _sink_masks(groups: Sequence[ChannelGroup], plan: PrunePlan) -> dict[tuple[str, int], tuple[int, np.ndarray]]:
+    """(sink node, input index) → (axis, 0/1 mask over that input's channels), combining every pruned group
+    (a sink reading a concatenation sees one group per segment)."""
+    masks: dict[tuple[str, int], tuple[int, np.ndarray]] = {}
+    for group in groups:
+        if not plan.changes(group):
+            continue
+        for sink in group.sinks:
+            key = (sink.node, sink.input_index)
+            axis, mask = masks.setdefault(key, (sink.axis, np.ones(sink.extent or group.channels, np.float32)))
+            mask[[sink.offset + c for c in plan.removed(group)]] = 0.0
+    # a Flatten/Reshape → Gemm sink reads each channel as `outer` repeats of `inner` consecutive features
+    flattened = {(s.node, s.input_index): (s.outer, s.inner) for g in groups for s in g.sinks}
+    return {
+        key: (axis, np.tile(np.repeat(mask, flattened[key][1]), flattened[key][0])) for key, (axis, mask) in masks.items()
+    }
 
 
 def masked_model(
@@ -29,20 +47,15 @@ def masked_model(
     infos = infer_tensor_infos(model, input_shapes)
     graph = gs.import_onnx(model)
     nodes = {node.name: node for node in graph.nodes}
-    for group in groups:
-        if not plan.changes(group):
-            continue
-        mask = np.zeros(group.channels, np.float32)
-        mask[list(plan.kept[group.id])] = 1.0
-        for sink in group.sinks:
-            node = nodes[sink.node]
-            tensor = node.inputs[sink.input_index]
-            rank = len(infos[tensor.name].shape)
-            values = mask.reshape((group.channels,) + (1,) * (rank - 1 - sink.axis))
-            masked = gs.Variable(f"{tensor.name}_masked_{sink.node}", dtype=np.float32)
-            mul = gs.Node("Mul", f"mask_{sink.node}_{sink.input_index}", inputs=[tensor, gs.Constant(f"{masked.name}_mask", values)], outputs=[masked])
-            graph.nodes.append(mul)
-            node.inputs[sink.input_index] = masked
+    for (name, index), (axis, mask) in _sink_masks(groups, plan).items():
+        node = nodes[name]
+        tensor = node.inputs[index]
+        rank = len(infos[tensor.name].shape)
+        values = mask.reshape((len(mask),) + (1,) * (rank - 1 - axis))
+        masked = gs.Variable(f"{tensor.name}_masked_{name}_{index}", dtype=np.float32)
+        mul = gs.Node("Mul", f"mask_{name}_{index}", inputs=[tensor, gs.Constant(f"{masked.name}_mask", values)], outputs=[masked])
+        graph.nodes.append(mul)
+        node.inputs[index] = masked
     graph.toposort()
     return export_model(graph, model)
 
@@ -69,27 +82,37 @@ def _trans_b(node: onnx.NodeProto) -> int:
     return next((a.i for a in node.attribute if a.name == "transB"), 0)
 
 
+def _kept_counts(groups: Sequence[ChannelGroup], plan: PrunePlan) -> dict[tuple[str, str], int]:
+    """(role, node) → channels the pruned node keeps there (its extent minus what every group removes)."""
+    extents: dict[tuple[str, str], int] = {}
+    removed: dict[tuple[str, str], int] = {}
+    for group in groups:
+        if not plan.changes(group):
+            continue
+        for role, members in (("out", group.sources), ("in", group.sinks), ("follow", group.followers)):
+            for member in members:
+                key = (role, member.node)
+                features = member.outer * member.inner if isinstance(member, Sink) else 1  # flattened sinks
+                extents[key] = (member.extent or group.channels) * features
+                removed[key] = removed.get(key, 0) + len(plan.removed(group)) * features
+    return {key: extents[key] - removed[key] for key in extents}
+
+
 def check_weight_shapes(pruned: onnx.ModelProto, groups: Sequence[ChannelGroup], plan: PrunePlan) -> None:
     """Every pruned group's sources, sinks, BatchNorms and depthwise convs have the kept channel count."""
     nodes = {n.name: n for n in pruned.graph.node}
     dims = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
-    for group in groups:
-        if not plan.changes(group):
-            continue
-        kept = len(plan.kept[group.id])
-        for source in group.sources:
-            node = nodes[source.node]
-            assert dims[node.input[1]][_OUT_AXIS[node.op_type](node)] == kept, (group.id, source)
-        for sink in group.sinks:
-            node = nodes[sink.node]
-            assert dims[node.input[1]][_IN_AXIS[node.op_type](node)] == kept, (group.id, sink)
-        for follower in group.followers:
-            node = nodes[follower.node]
-            if node.op_type == "BatchNormalization":
-                assert all(dims[name] == (kept,) for name in node.input[1:5]), (group.id, follower)
-            if node.op_type == "Conv":
-                assert dims[node.input[1]][0] == kept
-                assert next(a.i for a in node.attribute if a.name == "group") == kept
+    for (role, name), kept in _kept_counts(groups, plan).items():
+        node = nodes[name]
+        if role == "out":
+            assert dims[node.input[1]][_OUT_AXIS[node.op_type](node)] == kept, (role, name)
+        elif role == "in":
+            assert dims[node.input[1]][_IN_AXIS[node.op_type](node)] == kept, (role, name)
+        elif node.op_type == "BatchNormalization":
+            assert all(dims[n] == (kept,) for n in node.input[1:5]), (role, name)
+        elif node.op_type == "Conv":
+            assert dims[node.input[1]][0] == kept
+            assert next(a.i for a in node.attribute if a.name == "group") == kept
 
 
 def check_prune(

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import LIGHT_DIR, MODELS_DIR
 from io_models import constant_weights_model, conv_model
+from test_prune_light import EXPECTED as LIGHT_GROUPS
 
 from models.build import BUILDERS, write_models
 from onnxslim import __version__
@@ -47,6 +48,10 @@ def test_inspect_every_light_model(light_model_name: str) -> None:
     assert info["macs"] == sum(layer["macs"] for layer in info["layers"])
     assert info["params"] > 0 and info["opsets"] == {"ai.onnx": 9}
     assert info["weight_storage"]["computed"]["tensors"] > 0  # their weights are ConstantOfShape outputs
+    groups, prunable, _ = LIGHT_GROUPS[light_model_name.removeprefix("light_").removesuffix(".onnx")]
+    assert (len(info["groups"]), sum(g["prunable"] for g in info["groups"])) == (groups, prunable)
+    assert all(g["prunable"] == (g["blocked_by"] is None) for g in info["groups"])
+    assert all(g["blocked_by"]["reason"] for g in info["groups"] if g["blocked_by"])
 
 
 def test_inspect_text_report() -> None:

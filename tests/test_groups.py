@@ -171,10 +171,51 @@ def test_conv_after_channels_last_transpose_blocks() -> None:
     assert group.blocked_by is not None and "axis 1, but the channels are on axis 3" in group.blocked_by.reason
 
 
-def test_flatten_with_spatial_extent_blocks_for_now() -> None:
+def test_flatten_with_spatial_extent_maps_each_channel_to_a_block_of_features() -> None:
     b = ModelBuilder((3, 4, 4))
     flat = b.op("Flatten", [b.relu(b.conv(b.input, 8, 3))])
     b.channels[flat] = 8 * 16
     model = b.build(b.gemm(flat, 5))
     group = groups_of(model)[0]
-    assert group.blocked_by is not None and "Flatten" in group.blocked_by.reason
+    assert group.prunable
+    assert [(s.op_type, s.outer, s.inner) for s in group.sinks] == [("Gemm", 1, 16)]
+
+
+def test_channel_shuffle_reshape_blocks() -> None:
+    b = ModelBuilder((3, 4, 4), opset=13)
+    x = b.relu(b.conv(b.input, 8, 3))
+    grouped = b.op("Reshape", [x, b.const(np.array([1, 2, 4, 4, 4], np.int64), prefix="shape")])
+    swapped = b.op("Transpose", [grouped], perm=[0, 2, 1, 3, 4])
+    shuffled = b.op("Reshape", [swapped, b.const(np.array([1, 8, 4, 4], np.int64), prefix="shape")], channels=8)
+    model = b.build(b.conv(shuffled, 4))
+    group = groups_of(model)[0]
+    assert group.blocked_by is not None and group.blocked_by.reason == "Reshape splits the channel axis"
+
+
+def test_concat_output_is_a_sequence_of_segments() -> None:
+    b = ModelBuilder((3, 6, 6))
+    left, right = b.conv(b.input, 8, 3), b.conv(b.input, 4, 1)
+    stacked = b.concat(b.relu(left), b.relu(right))
+    model = b.build(b.conv(stacked, 4))
+    first, second, last = node_names(model, "Conv")
+    groups = groups_of(model)
+    concat_out = next(n.output[0] for n in model.graph.node if n.op_type == "Concat")
+    left_group, right_group = by_first_source_op(groups, first), by_first_source_op(groups, second)
+    assert Member(concat_out, 1, 0, 8) in left_group.members
+    assert Member(concat_out, 1, 8, 4) in right_group.members
+    assert [(s.node, s.offset, s.extent) for s in right_group.sinks] == [(last, 8, 12)]
+
+
+def test_c2f_split_cuts_its_producer_into_two_groups() -> None:
+    b = ModelBuilder((3, 6, 6), opset=13)
+    cv1 = b.conv(b.input, 8, 1)
+    halves = b.split(b.silu(cv1), [4, 4])
+    model = b.build(b.conv(b.concat(halves[0], b.relu(halves[1]), halves[1]), 4))
+    cv1_name, cv2 = node_names(model, "Conv")
+    split = node_names(model, "Split")[0]
+    groups = [g for g in groups_of(model) if g.sources[0].node == cv1_name]
+    assert [(g.channels, [(s.offset, s.extent) for s in g.sources]) for g in groups] == [(4, [(0, 8)]), (4, [(4, 8)])]
+    assert all(g.prunable for g in groups)
+    assert [(s.node, s.offset) for s in groups[1].sinks] == [(cv2, 4), (cv2, 8)]
+    assert [(f.node, f.offset) for f in groups[1].followers if f.op_type == "Split"] == [(split, 4)]
+

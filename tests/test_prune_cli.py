@@ -53,6 +53,17 @@ def test_prune_text_summary(model_with_blocker: Path, tmp_path: Path) -> None:
     assert "MACs" in result.stdout and "unsupported op LpNormalization" in result.stdout
 
 
+def test_prune_round_to(model_with_blocker: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pruned.onnx"
+    args = ["prune", str(model_with_blocker), "-o", str(out), "--ratio", "0.5", "--round-to", "3", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    saved = onnx.load(out)
+    first = next(t for t in saved.graph.initializer if t.name == saved.graph.node[0].input[1])
+    assert first.dims[0] == 6  # 8 channels, 4 removed, 4 kept rounded up to 6
+    assert CliRunner().invoke(cli, [*args[:-3], "--round-to", "0"]).exit_code == 2
+
+
 def test_inspect_lists_groups_and_names_the_blocker(model_with_blocker: Path) -> None:
     text = CliRunner().invoke(cli, ["inspect", str(model_with_blocker)])
     assert text.exit_code == 0, text.output

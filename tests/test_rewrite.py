@@ -464,3 +464,390 @@ def test_random_compositions_hold_the_oracle(blocks: list[str], ratio: float, cr
     for block in blocks:
         x = BLOCKS[block](b, x)
     check_prune(b.build(b.conv(x, 3)), ratio=ratio, criterion=criterion)
+
+
+# ------------------------------------------------------------------------------- concat and split
+
+
+def _concat_channels(model: onnx.ModelProto) -> list[int]:
+    """Channel count of every Concat output in the pruned model (from the inferred shapes)."""
+    shapes = {v.name: v.type.tensor_type.shape.dim for v in [*model.graph.value_info, *model.graph.output]}
+    return [shapes[n.output[0]][1].dim_value for n in model.graph.node if n.op_type == "Concat"]
+
+
+def test_concat_of_two_groups_prunes_each_segment() -> None:
+    b = ModelBuilder((3, 6, 6))
+    left = b.relu(b.conv(b.input, 8, 3))
+    right = b.relu(b.conv(b.input, 4, 1))
+    result = check_prune(b.build(b.conv(b.concat(left, right), 5)), ratio=0.5)
+    assert result.pruned_groups == 2
+    assert _initializer_shape(result.model, "Conv", 1, 2) == (5, 6, 1, 1)  # 4 + 2 input channels
+    assert _concat_channels(result.model) == [6]
+
+
+def test_sppf_concat_of_the_same_group_four_times() -> None:
+    b = ModelBuilder((8, 8, 8))
+    x = b.relu(b.conv(b.input, 8, 3))
+    result = check_prune(b.build(b.conv(b.sppf(x, 8), 4)), ratio=0.5)
+    assert result.pruned_groups == 3
+    sppf_in = _group_with_source_op(result.groups, "Conv_")
+    assert sppf_in.prunable
+    # SPPF's first conv keeps 2 of 4 channels; its concat (4 copies) feeds 8 channels into the last conv
+    assert _initializer_shape(result.model, "Conv", 1, 2) == (4, 8, 1, 1)
+
+
+def test_inception_block() -> None:
+    b = ModelBuilder((3, 8, 8), opset=11)
+    x = b.relu(b.conv(b.input, 8, 3))
+    one = b.relu(b.conv(x, 4, 1))
+    three = b.relu(b.conv(b.relu(b.conv(x, 4, 1)), 6, 3))
+    five = b.relu(b.conv(b.relu(b.conv(x, 2, 1)), 4, 5))
+    pool = b.relu(b.conv(b.op("MaxPool", [x], kernel_shape=[3, 3], pads=[1, 1, 1, 1]), 3, 1))
+    y = b.concat(one, three, five, pool)
+    result = check_prune(b.build(b.conv(y, 4)), ratio=0.5)
+    assert result.pruned_groups == 7
+    assert _concat_channels(result.model) == [2 + 3 + 2 + 2]
+
+
+@pytest.mark.parametrize("opset", [11, 13, 21])
+def test_densenet_block_with_batchnorm_after_concat(opset: int) -> None:
+    b = ModelBuilder((3, 6, 6), opset=opset)
+    features = b.conv(b.input, 6, 3)
+    for _ in range(3):
+        grown = b.conv(b.relu(b.bn(features)), 4, 3)
+        features = b.concat(features, grown)
+    result = check_prune(b.build(b.conv(b.relu(b.bn(features)), 4)), ratio=0.5)
+    assert result.pruned_groups == 4
+    assert _concat_channels(result.model) == [3 + 2, 3 + 2 + 2, 3 + 2 + 2 + 2]
+    last_bn = [n for n in result.model.graph.node if n.op_type == "BatchNormalization"][-1]
+    assert next(tuple(t.dims) for t in result.model.graph.initializer if t.name == last_bn.input[1]) == (9,)
+
+
+@pytest.mark.parametrize("form", ["scales", "sizes"])
+def test_fpn_resize_then_concat_with_lateral(form: str) -> None:
+    b = ModelBuilder((3, 8, 8), opset=13)
+    lateral = b.relu(b.conv(b.input, 6, 3))
+    deep = b.relu(b.conv(b.op("MaxPool", [lateral], kernel_shape=[2, 2], strides=[2, 2]), 8, 3))
+    empty = b.const(np.zeros(0, np.float32), prefix="roi")
+    if form == "scales":
+        inputs = [deep, empty, b.const(np.array([1, 1, 2, 2], np.float32), prefix="scales")]
+    else:
+        inputs = [deep, empty, empty, b.const(np.array([1, 8, 8, 8], np.int64), prefix="sizes")]
+    up = b.op("Resize", inputs, mode="nearest")
+    result = check_prune(b.build(b.conv(b.concat(up, lateral), 4)), ratio=0.5)
+    assert _concat_channels(result.model) == [4 + 3]
+
+
+def test_concat_on_a_spatial_axis_joins_the_groups() -> None:
+    b = ModelBuilder((3, 6, 6))
+    top, bottom = b.relu(b.conv(b.input, 8, 3)), b.relu(b.conv(b.input, 8, 1))
+    result = check_prune(b.build(b.conv(b.concat(top, bottom, axis=2), 4)), ratio=0.5)
+    joined = _group_with_source_op(result.groups, "Conv_")
+    assert len(joined.sources) == 2 and joined.prunable
+
+
+def test_join_of_a_concat_with_one_conv_cuts_the_conv_into_matching_segments() -> None:
+    b = ModelBuilder((3, 6, 6))
+    stacked = b.concat(b.relu(b.conv(b.input, 4, 3)), b.relu(b.conv(b.input, 6, 1)))
+    whole = b.conv(b.input, 10, 3)
+    result = check_prune(b.build(b.conv(b.op("Add", [stacked, whole]), 4)), ratio=0.5)
+    assert result.pruned_groups == 2  # the 10-channel conv is cut into 4 + 6, each joined to one branch
+    assert _initializer_shape(result.model, "Conv", 1, 2) == (5, 3, 3, 3)
+
+
+def test_every_segment_keeps_at_least_one_channel() -> None:
+    b = ModelBuilder((3, 6, 6))
+    parts = [b.relu(b.conv(b.input, size, 1)) for size in (1, 2, 3)]
+    result = check_prune(b.build(b.conv(b.concat(*parts), 4)), ratio=0.9)
+    assert _concat_channels(result.model) == [3]
+    assert all(len(kept) >= 1 for kept in result.plan.kept.values())
+
+
+SPLIT_FORMS = [(11, False), (13, False), (13, True), (18, False), (18, True), (21, True)]
+
+
+@pytest.mark.parametrize(("opset", "equal"), SPLIT_FORMS, ids=[f"opset{o}-{'equal' if e else 'sizes'}" for o, e in SPLIT_FORMS])
+def test_c2f_with_split_in_every_opset_form(opset: int, equal: bool) -> None:
+    b = ModelBuilder((3, 8, 8), opset=opset)
+    x = b.relu(b.conv(b.input, 8, 3))
+    hidden = b.silu(b.conv(x, 8, 1))
+    parts = b.split(hidden, [4, 4], equal=equal)
+    inner = b.silu(b.conv(b.silu(b.conv(parts[1], 4, 3)), 4, 3))
+    parts.append(b.op("Add", [parts[1], inner]))
+    result = check_prune(b.build(b.conv(b.silu(b.conv(b.concat(*parts), 8, 1)), 3)), ratio=0.5)
+    split = next(n for n in result.model.graph.node if n.op_type == "Split")
+    if opset >= 13:
+        sizes = next(t for t in result.model.graph.initializer if t.name == split.input[1])
+        assert onnx.numpy_helper.to_array(sizes).tolist() == [2, 2]
+    else:
+        assert next(list(a.ints) for a in split.attribute if a.name == "split") == [2, 2]
+    assert not any(a.name == "num_outputs" for a in split.attribute)
+    assert _concat_channels(result.model) == [6]
+    cv1_groups = [g for g in result.groups if any(s.offset == 4 and s.extent == 8 for s in g.sources)]
+    assert len(cv1_groups) == 1 and cv1_groups[0].prunable  # cv1's output is two independent groups
+
+
+@pytest.mark.parametrize("opset", [9, 13])
+def test_c2f_with_slice(opset: int) -> None:
+    b = ModelBuilder((3, 8, 8), opset=opset)
+    x = b.relu(b.conv(b.input, 8, 3))
+    result = check_prune(b.build(b.conv(b.c2f(x, 8, use_slice=True), 3)), ratio=0.5)
+    assert result.pruned_groups == 6  # stem, cv1's two halves, two bottleneck inner convs, cv2
+    assert _concat_channels(result.model) == [2 + 2 + 2 + 2]
+
+
+def test_slice_with_open_end_and_no_axes_and_unequal_parts() -> None:
+    b = ModelBuilder((3, 6, 6), opset=13)
+    y = b.relu(b.conv(b.input, 10, 3))
+    head = b.slice_channels(y, 0, 3)
+    tail = b.slice_channels(y, 3, np.iinfo(np.int64).max, axes=False)
+    result = check_prune(b.build(b.op("Add", [b.conv(head, 4), b.conv(tail, 4)])), ratio=0.5)
+    slices = [n for n in result.model.graph.node if n.op_type == "Slice"]
+    values = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in result.model.graph.initializer}
+    assert values[slices[0].input[2]] == [2]  # 3 channels → 2 kept (floor(0.5 · 3) = 1 removed)
+    assert values[slices[1].input[1]] == [0, 2]
+    assert _initializer_shape(result.model, "Conv", 1, 0) == (6, 3, 3, 3)
+
+
+def test_slice_of_part_of_a_group_leaves_the_rest_unconsumed() -> None:
+    b = ModelBuilder((3, 6, 6), opset=13)
+    y = b.relu(b.conv(b.input, 8, 3))
+    result = check_prune(b.build(b.conv(b.slice_channels(y, 2, 6), 4)), ratio=0.5)
+    middle = [g for g in result.groups if g.prunable]
+    assert [(g.channels, g.sources[0].offset) for g in middle] == [(4, 2)]
+    assert _initializer_shape(result.model, "Conv", 1, 0) == (6, 3, 3, 3)
+
+
+def test_split_of_a_graph_input_blocks_and_the_rest_prunes() -> None:
+    b = ModelBuilder((4, 6, 6), opset=13)
+    left, right = b.split(b.input, [1, 3])
+    result = check_prune(b.build(b.conv(b.relu(b.conv(left, 6, 3)), 2), b.conv(right, 2)), ratio=0.5)
+    assert result.pruned_groups == 1
+
+
+# ------------------------------------------------------------------------ flatten / reshape → gemm
+
+
+@pytest.mark.parametrize("form", ["flatten", "reshape_named", "reshape_inferred", "reshape_zero"])
+def test_flatten_or_reshape_nchw_into_gemm_prunes_blocks_of_features(form: str) -> None:
+    b = ModelBuilder((3, 4, 4), opset=13)
+    y = b.op("MaxPool", [b.relu(b.bn(b.conv(b.input, 8, 3)))], kernel_shape=[2, 2], strides=[2, 2])  # [N, 8, 2, 2]
+    if form == "flatten":
+        flat = b.op("Flatten", [y], channels=32)
+    else:
+        shape = {"reshape_named": [-1, 32], "reshape_inferred": [1, -1], "reshape_zero": [0, 32]}[form]
+        flat = b.op("Reshape", [y, b.const(np.array(shape, np.int64), prefix="shape")], channels=32)
+    result = check_prune(b.build(b.gemm(b.relu(b.gemm(b.op("Dropout", [flat]), 6)), 3)), ratio=0.5, input_shapes={"input": (1, 3, 4, 4)})
+    assert _initializer_shape(result.model, "Gemm", 1, 0) == (3, 16)  # 4 channels kept × 2 × 2 features
+    if form != "flatten":
+        reshape = next(n for n in result.model.graph.node if n.op_type == "Reshape")
+        shape = next(onnx.numpy_helper.to_array(t).tolist() for t in result.model.graph.initializer if t.name == reshape.input[1])
+        assert shape == {"reshape_named": [-1, 16], "reshape_inferred": [1, -1], "reshape_zero": [0, 16]}[form]
+
+
+def test_nhwc_transpose_reshape_into_matmul_prunes_every_cth_feature() -> None:
+    b = ModelBuilder((3, 4, 4), opset=13)
+    y = b.op("Transpose", [b.relu(b.conv(b.input, 8, 3))], perm=[0, 2, 3, 1])  # [N, 4, 4, 8]
+    flat = b.op("Reshape", [y, b.const(np.array([1, 128], np.int64), prefix="shape")], channels=128)
+    result = check_prune(b.build(b.matmul(flat, 5)), ratio=0.5, input_shapes={"input": (1, 3, 4, 4)})
+    group = result.groups[0]
+    assert [(s.outer, s.inner) for s in group.sinks] == [(16, 1)]
+    assert _initializer_shape(result.model, "MatMul", 1) == (64, 5)
+
+
+def test_concat_then_flatten_into_gemm() -> None:
+    b = ModelBuilder((3, 2, 2), opset=13)
+    stacked = b.concat(b.relu(b.conv(b.input, 4, 1)), b.relu(b.conv(b.input, 6, 1)))
+    flat = b.op("Flatten", [stacked], channels=40)
+    result = check_prune(b.build(b.gemm(flat, 3)), ratio=0.5, input_shapes={"input": (1, 3, 2, 2)})
+    assert _initializer_shape(result.model, "Gemm", 1) == (3, (2 + 3) * 4)
+
+
+def test_channel_shuffle_blocks_and_the_rest_prunes() -> None:
+    b = ModelBuilder((3, 4, 4), opset=13)
+    x = b.relu(b.conv(b.input, 8, 3))
+    grouped = b.op("Reshape", [x, b.const(np.array([-1, 2, 4, 4, 4], np.int64), prefix="shape")])
+    swapped = b.op("Transpose", [grouped], perm=[0, 2, 1, 3, 4])
+    shuffled = b.op("Reshape", [swapped, b.const(np.array([-1, 8, 4, 4], np.int64), prefix="shape")], channels=8)
+    y = b.relu(b.conv(shuffled, 6, 3))
+    result = check_prune(b.build(b.conv(y, 4)), ratio=0.5)
+    assert [g.prunable for g in result.groups] == [False, True, False]
+    assert result.groups[0].blocked_by is not None and result.groups[0].blocked_by.reason == "Reshape splits the channel axis"
+
+
+# ------------------------------------------------------------------- layout, opset variants, subgraphs
+
+
+def test_nhwc_island_with_per_channel_ops_on_the_last_axis() -> None:
+    b = ModelBuilder((3, 6, 6), opset=13)
+    y = b.op("Transpose", [b.relu(b.conv(b.input, 8, 3))], perm=[0, 2, 3, 1])  # [N, H, W, C]
+    y = b.op("Mul", [y, b.const(b.random(8, low=0.5, high=1.5), prefix="scale")])
+    y = b.op("Add", [y, b.const(b.random(1, 1, 1, 8), prefix="shift")])
+    y = b.op("Transpose", [b.relu(y)], perm=[0, 3, 1, 2])
+    result = check_prune(b.build(b.conv(y, 4)), ratio=0.5)
+    assert _initializer_shape(result.model, "Mul", 1) == (4,)
+    assert _initializer_shape(result.model, "Add", 1) == (1, 1, 1, 4)
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18, 19, 21])
+def test_axes_as_attributes_or_inputs_across_opsets(opset: int) -> None:
+    b = ModelBuilder((3, 6, 6), opset=opset)
+    y = b.relu(b.conv(b.input, 8, 3))
+    if opset >= 18:  # Pad with an axes input: pad only H and W
+        pads = b.const(np.array([1, 1, 1, 1], np.int64), prefix="pads")
+        y = b.op("Pad", [y, pads, "", b.const(np.array([2, 3], np.int64), prefix="axes")])
+        reduced = b.op("ReduceMax", [y, b.const(np.array([-1], np.int64), prefix="axes")], keepdims=1)
+    else:
+        y = b.op("Pad", [y, b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), prefix="pads")])
+        reduced = b.op("ReduceMax", [y], axes=[-1], keepdims=1)  # [N, C, H, 1]
+    if opset >= 13:
+        unsqueezed = b.op("Unsqueeze", [reduced, b.const(np.array([0], np.int64), prefix="axes")])
+        squeezed = b.op("Squeeze", [unsqueezed, b.const(np.array([0, 4], np.int64), prefix="axes")])
+    else:
+        squeezed = b.op("Squeeze", [b.op("Unsqueeze", [reduced], axes=[0])], axes=[0, 4])  # back to [N, C, H]
+    pooled = b.op("ReduceMean", [squeezed, b.const(np.array([2], np.int64), prefix="axes")] if opset >= 18 else [squeezed], keepdims=0, **({} if opset >= 18 else {"axes": [2]}))
+    result = check_prune(b.build(b.gemm(pooled, 3)), ratio=0.5)
+    assert _initializer_shape(result.model, "Gemm", 1) == (3, 4)
+
+
+@pytest.mark.parametrize(("opset", "axis", "prunable"), [(11, 1, False), (11, 2, True), (11, -1, True), (13, 1, False), (13, 2, True)])
+def test_softmax_before_and_after_opset_13(opset: int, axis: int, prunable: bool) -> None:
+    b = ModelBuilder((3, 6, 6), opset=opset)
+    y = b.op("Softmax", [b.relu(b.conv(b.input, 8, 3))], axis=axis)
+    result = check_prune(b.build(b.conv(y, 4)), ratio=0.5, expect_pruned=prunable)
+    assert result.groups[0].prunable == prunable
+
+
+def test_softmax_before_opset_13_blocks_channels_last() -> None:
+    b = ModelBuilder((3, 6, 6), opset=11)
+    y = b.op("Transpose", [b.relu(b.conv(b.input, 8, 3))], perm=[0, 2, 3, 1])
+    y = b.op("Softmax", [y], axis=2)  # flattens [N·H, W·C]: mixes the channels
+    result = check_prune(b.build(b.matmul(y, 4)), ratio=0.5, expect_pruned=False)
+    assert result.groups[0].blocked_by is not None and "Softmax over the channel axis" in result.groups[0].blocked_by.reason
+
+
+@pytest.mark.parametrize(("layout", "prunable"), [("nchw", True), ("nhwc", False)])
+def test_layer_norm_over_the_last_axis(layout: str, prunable: bool) -> None:
+    b = ModelBuilder((3, 6, 6), opset=17)
+    y = b.relu(b.conv(b.input, 8, 3))
+    if layout == "nhwc":
+        y = b.op("Transpose", [y], perm=[0, 2, 3, 1])
+    width = 8 if layout == "nhwc" else 6
+    y = b.op("LayerNormalization", [y, b.const(b.random(width)), b.const(b.random(width))], axis=-1)
+    tail = b.matmul(y, 4) if layout == "nhwc" else b.conv(y, 4)
+    result = check_prune(b.build(tail), ratio=0.5, expect_pruned=prunable)
+    assert result.groups[0].prunable == prunable
+
+
+def test_grouped_conv_blocks_and_the_rest_prunes() -> None:
+    b = ModelBuilder((3, 6, 6))
+    x = b.relu(b.conv(b.input, 8, 3))
+    y = b.relu(b.conv(x, 8, 3, group=2))
+    result = check_prune(b.build(b.conv(b.relu(b.conv(y, 6, 3)), 4)), ratio=0.5)
+    assert [g.prunable for g in result.groups] == [False, True, False]  # the grouped conv creates no group
+    assert result.groups[0].blocked_by is not None and result.groups[0].blocked_by.reason == "grouped Conv (group=2) is not supported yet"
+
+
+def test_channels_read_inside_an_if_subgraph_block_and_the_rest_prunes() -> None:
+    b = ModelBuilder((3, 6, 6), opset=13)
+    x = b.relu(b.conv(b.input, 8, 3))
+    y = b.relu(b.conv(b.if_branches(b.input, x), 6, 3))
+    other = b.relu(b.conv(b.input, 5, 3))
+    result = check_prune(b.build(b.conv(y, 4), b.conv(other, 4)), ratio=0.5)
+    first = result.groups[0]
+    assert first.blocked_by is not None and first.blocked_by.reason == "its channels are read inside a subgraph of If"
+    assert result.pruned_groups == 2
+
+
+# ------------------------------------------------------------- random compositions of every pattern
+
+
+def _split_join(b: ModelBuilder, x: str) -> str:
+    y = b.relu(b.conv(x, 6, 1))
+    parts = b.split(y, [3, 3], equal=True)
+    return b.concat(b.relu(parts[1]), parts[0])
+
+
+def _fpn(b: ModelBuilder, x: str) -> str:
+    deep = b.silu(b.conv(b.op("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2]), 5, 3))
+    empty = b.const(np.zeros(0, np.float32), prefix="roi")
+    scales = b.const(np.array([1, 1, 2, 2], np.float32), prefix="scales")
+    return b.concat(b.op("Resize", [deep, empty, scales], mode="nearest"), x)
+
+
+def _nhwc(b: ModelBuilder, x: str) -> str:
+    y = b.op("Transpose", [x], perm=[0, 2, 3, 1])
+    y = b.op("Mul", [y, b.const(b.random(b.channels[x], low=0.5, high=1.5), prefix="scale")])
+    return b.op("Transpose", [b.relu(y)], perm=[0, 3, 1, 2])
+
+
+def _pad_reduce_gate(b: ModelBuilder, x: str) -> str:
+    """Spatial Pad then a crop back, and a ReduceMean gate over H (axes as attribute or input by opset)."""
+    padded = b.op("Pad", [x, b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), prefix="pads")])
+    cropped = b.op("MaxPool", [padded], kernel_shape=[3, 3])
+    if b.opset >= 18:
+        gate = b.op("ReduceMean", [cropped, b.const(np.array([2], np.int64), prefix="axes")], keepdims=1)
+    else:
+        gate = b.op("ReduceMean", [cropped], axes=[2], keepdims=1)
+    return b.op("Mul", [cropped, b.op("Sigmoid", [gate])])
+
+
+ALL_BLOCKS = {
+    **BLOCKS,
+    "c2f": lambda b, x: b.c2f(x, 6, 1),
+    "c2f_slice": lambda b, x: b.c2f(x, 4, 1, use_slice=True),
+    "sppf": lambda b, x: b.sppf(x, 6),
+    "inception": lambda b, x: b.concat(b.relu(b.conv(x, 3, 1)), b.relu(b.conv(b.relu(b.conv(x, 2, 1)), 4, 3)), b.op("MaxPool", [x], kernel_shape=[3, 3], pads=[1, 1, 1, 1])),
+    "dense": lambda b, x: b.concat(x, b.relu(b.conv(b.relu(b.bn(x)), 3, 3))),
+    "fpn": _fpn,
+    "nhwc": _nhwc,
+    "split_join": _split_join,
+    "pad_reduce_gate": _pad_reduce_gate,
+    "slice_tail": lambda b, x: b.op("Add", [b.slice_channels(b.relu(b.conv(x, 7, 1)), 2, np.iinfo(np.int64).max), b.conv(x, 5, 3)]),
+    "if_branch": lambda b, x: b.relu(b.conv(b.if_branches(b.input, x), 5, 3)),
+}
+
+
+def _tail(b: ModelBuilder, x: str, kind: str) -> str:
+    if kind == "conv":
+        return b.conv(x, 3)
+    if kind == "pool_gemm":
+        return b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [x])]), 3)
+    if kind == "reshape_gemm":  # the shape constant names C · H · W and is rewritten
+        pooled = b.op("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])
+        features = b.channels[x] * 9
+        flat = b.op("Reshape", [pooled, b.const(np.array([-1, features], np.int64), prefix="shape")], channels=features)
+        return b.gemm(flat, 3)
+    if kind == "nhwc_matmul":  # channel c is every C-th feature
+        pooled = b.op("Transpose", [b.op("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])], perm=[0, 2, 3, 1])
+        features = b.channels[x] * 9
+        flat = b.op("Reshape", [pooled, b.const(np.array([1, features], np.int64), prefix="shape")], channels=features)
+        return b.matmul(flat, 3)
+    flat = b.op("Flatten", [b.op("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])], channels=b.channels[x] * 9)
+    return b.gemm(b.relu(b.gemm(flat, 6)), 3)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    blocks=st.lists(st.sampled_from(sorted(ALL_BLOCKS)), min_size=1, max_size=4),
+    opset=st.integers(11, 21),
+    tail=st.sampled_from(["conv", "pool_gemm", "flatten_gemm", "reshape_gemm", "nhwc_matmul"]),
+    ratio=st.sampled_from([0.2, 0.5, 0.8]),
+)
+def test_random_compositions_of_every_pattern_across_opsets(blocks: list[str], opset: int, tail: str, ratio: float) -> None:
+    b = ModelBuilder((3, 6, 6), opset=opset, seed=len(blocks) + opset)
+    x = b.relu(b.conv(b.input, 6, 3))
+    for block in blocks:
+        x = ALL_BLOCKS[block](b, x)
+    result = check_prune(b.build(_tail(b, x, tail)), ratio=ratio, input_shapes={"input": (1, 3, 6, 6)})
+    assert result.prunable_groups >= 1
+
+
+@pytest.mark.parametrize("round_to", [4, 8])
+def test_round_to_keeps_multiples_in_every_segment(round_to: int) -> None:
+    b = ModelBuilder((3, 6, 6), opset=13)
+    x = b.relu(b.conv(b.input, 16, 3))
+    y = b.c2f(x, 16, 1)
+    result = prune_model(b.build(b.conv(y, 3)), ratio=0.5, round_to=round_to)
+    kept = {g.id: len(result.plan.kept[g.id]) for g in result.groups if result.plan.changes(g)}
+    assert kept and all(count % round_to == 0 for count in kept.values())

@@ -7,8 +7,12 @@ mark them unprunable (and give their outputs spaces that are blocked from the st
 collects the group's members, sources, sinks and followers; a group is one union-find class with at
 least one source. Per-op knowledge lives in `rules.py`; this module only applies the decisions.
 
-A tensor's channel dim is a sequence of segments (offset, length), each in one space. In this version
-every tensor has one segment covering the whole axis; Concat/Split add multi-segment states later.
+A tensor's channel dim is a sequence of segments (offset, length), each in one space: Concat on the
+channel axis concatenates its operands' segment lists (SPPF, Inception, DenseNet, FPN necks); Split and
+Slice give each output the segments of its range. When a split boundary (or a join of differently
+segmented operands) falls inside a space, the sources of that space are *cut* there: the next walk
+creates their outputs as independent segments, each its own group (YOLO C2f: `Conv(2c) → Split(c, c)`
+makes two groups of c channels). Joins unite segment by segment.
 """
 
 from __future__ import annotations
@@ -20,7 +24,17 @@ from dataclasses import dataclass, field
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxslim.analysis.rules import Block, Create, Decision, Flow, NodeView, decide, unsupported
+from onnxslim.analysis.rules import (
+    Block,
+    Concatenate,
+    Create,
+    Decision,
+    Flow,
+    NodeView,
+    Partition,
+    decide,
+    unsupported,
+)
 from onnxslim.io import TensorInfo, infer_tensor_infos
 
 __all__ = [
@@ -36,6 +50,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_MAX_PASSES = 16  # walks with ever finer cuts; the last one is conservative whatever the count
+
 
 @dataclass(frozen=True)
 class Member:
@@ -49,31 +65,42 @@ class Member:
 
 @dataclass(frozen=True)
 class Source:
-    """A node that creates the group's channels on output `axis` (its weights are scored and sliced)."""
+    """A node that creates the group's channels: channels [offset, offset + group size) of its `extent`
+    output channels on `axis` (its weights are scored and sliced). `extent` None: the group is all of them."""
 
     node: str
     op_type: str
     axis: int
+    offset: int = 0
+    extent: int | None = None
 
 
 @dataclass(frozen=True)
 class Sink:
-    """A node that consumes and mixes the group's channels from input `input_index` on `axis`."""
+    """A node that consumes and mixes the group's channels, read as [offset, offset + group size) of the
+    `extent` channels of input `input_index` on `axis`."""
 
     node: str
     op_type: str
     input_index: int
     axis: int
+    offset: int = 0
+    extent: int | None = None
+    outer: int = 1  # Flatten/Reshape → Gemm: the input holds the channels `outer` times …
+    inner: int = 1  # … each as `inner` consecutive features: feature (o·extent + c)·inner + j
 
 
 @dataclass(frozen=True)
 class Follower:
-    """A node whose per-channel constants or attributes follow the group on output `axis` (of `rank` dims)."""
+    """A node whose per-channel constants or attributes follow the group on `axis` (of `rank` dims), as
+    channels [offset, offset + group size) of `extent`: BatchNorm, per-channel Mul/Add, Split sizes, …"""
 
     node: str
     op_type: str
     axis: int
     rank: int
+    offset: int = 0
+    extent: int | None = None
 
 
 @dataclass(frozen=True)
@@ -102,11 +129,33 @@ class ChannelGroup:
 
 
 @dataclass(frozen=True)
+class _Segment:
+    """Channels [offset, offset + length) of a tensor belong to channel space `space`."""
+
+    offset: int
+    length: int
+    space: int
+
+
+@dataclass(frozen=True)
 class _ChannelState:
-    """Where a tensor's channels are: its axis and the space they belong to."""
+    """Where a tensor's channels are: its axis and the segments (each in one space) along it."""
 
     axis: int
-    space: int
+    segments: tuple[_Segment, ...]
+    outer: int = 1  # after Flatten/Reshape: the channels repeat `outer` times along the axis …
+    inner: int = 1  # … each as `inner` consecutive entries
+
+    @property
+    def flattened(self) -> bool:
+        return self.outer * self.inner != 1
+
+    @property
+    def extent(self) -> int:
+        return sum(segment.length for segment in self.segments)
+
+    def boundaries(self) -> tuple[int, ...]:
+        return tuple(segment.offset for segment in self.segments[1:])
 
 
 @dataclass
@@ -166,6 +215,22 @@ class _Spaces:
             data.blocker = (order, blocker)
 
 
+def _outer_references(node: gs.Node) -> list[str]:
+    """Names of outer-scope tensors that the subgraphs of `node` (If, Loop, Scan) read, recursively."""
+    names: list[str] = []
+    for value in node.attrs.values():
+        subgraphs = value if isinstance(value, list) else [value]
+        for graph in subgraphs:
+            if not isinstance(graph, gs.Graph):
+                continue
+            local = {t.name for t in graph.inputs} | {t.name for n in graph.nodes for t in n.outputs}
+            for inner in graph.nodes:
+                names += [t.name for t in inner.inputs if t.name and t.name not in local and not isinstance(t, gs.Constant)]
+                names += [name for name in _outer_references(inner) if name not in local]
+            names += [t.name for t in graph.outputs if t.name not in local and not isinstance(t, gs.Constant)]
+    return names
+
+
 def _static_shape(tensor: gs.Tensor, shapes: Mapping[str, Sequence[int]] | None) -> tuple[int, ...] | None:
     if shapes is not None and tensor.name in shapes:
         return tuple(int(d) for d in shapes[tensor.name])
@@ -178,11 +243,21 @@ def _static_shape(tensor: gs.Tensor, shapes: Mapping[str, Sequence[int]] | None)
 
 
 class _Walker:
-    """One pass over the graph in topological order, applying each node's decision."""
+    """One pass over the graph in topological order, applying each node's decision.
 
-    def __init__(self, graph: gs.Graph, shapes: Mapping[str, Sequence[int]] | None) -> None:
+    `cuts` names, per source node, the output-channel positions where its channels are split into
+    independent segments (each its own space). A Split/Slice boundary or a join of differently segmented
+    operands that falls inside a space asks for new cuts (`new_cuts`) and blocks for this pass; the
+    caller walks again with them until no new cut is needed.
+    """
+
+    def __init__(
+        self, graph: gs.Graph, shapes: Mapping[str, Sequence[int]] | None, cuts: Mapping[str, frozenset[int]]
+    ) -> None:
         self.graph = graph
         self.shapes = shapes
+        self.cuts = cuts
+        self.new_cuts: dict[str, set[int]] = {}
         self.spaces = _Spaces()
         self.states: dict[str, _ChannelState] = {}
         self.opset = int(graph.opset or onnx.defs.onnx_opset_version())
@@ -190,10 +265,13 @@ class _Walker:
     def shape(self, tensor: gs.Tensor) -> tuple[int, ...] | None:
         return _static_shape(tensor, self.shapes)
 
-    def set_state(self, tensor: gs.Tensor, order: int, axis: int, space: int) -> None:
-        self.states[tensor.name] = _ChannelState(axis, space)
-        data = self.spaces.get(space)
-        data.members.append((order, Member(tensor.name, axis, 0, data.size)))
+    def set_state(
+        self, tensor: gs.Tensor, order: int, axis: int, segments: Sequence[_Segment], outer: int = 1, inner: int = 1
+    ) -> None:
+        self.states[tensor.name] = _ChannelState(axis, tuple(segments), outer, inner)
+        for segment in segments:
+            member = Member(tensor.name, axis, segment.offset, segment.length)
+            self.spaces.get(segment.space).members.append((order, member))
 
     def opaque(self, tensor: gs.Tensor, order: int, blocker: Blocker) -> None:
         """Give `tensor` a space that is blocked from the start (graph inputs, outputs of blockers)."""
@@ -201,12 +279,30 @@ class _Walker:
         if not tensor.name or shape is None or len(shape) == 0:
             return
         axis = 1 if len(shape) >= 2 else 0
-        self.set_state(tensor, order, axis, self.spaces.new(shape[axis], (order, blocker)))
+        space = self.spaces.new(shape[axis], (order, blocker))
+        self.set_state(tensor, order, axis, [_Segment(0, shape[axis], space)])
 
     def block_input(self, tensor: gs.Tensor, order: int, blocker: Blocker) -> None:
         state = self.states.get(tensor.name)
         if state is not None:
-            self.spaces.block(state.space, order, blocker)
+            for segment in state.segments:
+                self.spaces.block(segment.space, order, blocker)
+
+    def request_cut(self, segment: _Segment, position: int) -> None:
+        """Ask for `segment`'s space to be cut at `position` (relative to the segment) in the next pass."""
+        data = self.spaces.get(segment.space)
+        if data.blocker is not None:
+            return  # blocked anyway: nothing to gain from cutting it
+        for _, source in data.sources:
+            self.new_cuts.setdefault(source.node, set()).add(source.offset + position)
+
+    def block_subgraph_reads(self, order: int, node: gs.Node) -> None:
+        """Channels read inside a subgraph (If/Loop bodies) are not followed there: they block."""
+        for name in _outer_references(node):
+            state = self.states.get(name)
+            blocker = Blocker(node.name, f"its channels are read inside a subgraph of {node.op}")
+            for segment in state.segments if state is not None else ():
+                self.spaces.block(segment.space, order, blocker)
 
     def run(self) -> None:
         for tensor in self.graph.inputs:
@@ -244,21 +340,24 @@ class _Walker:
         for tensor in variables:
             if tensor.name not in self.states and len(self.shape(tensor) or ()) > 0:
                 return Block(f"{tensor.name!r} comes from outside the main graph")
+        decision = decide(view)
+        if isinstance(decision, Partition):
+            return decision
         graph_outputs = {t.name for t in self.graph.outputs}
         for index, tensor in enumerate(node.outputs[1:], start=1):
             if tensor.name and (tensor.outputs or tensor.name in graph_outputs):
                 return Block(f"output {index} of {node.op} is used")
-        return decide(view)
+        return decision
 
     def visit(self, order: int, node: gs.Node) -> None:
+        self.block_subgraph_reads(order, node)
         view = self.view(node)
         decision = self.decide(node, view)
+        decision = self.check_flattened(node, decision)
         if isinstance(decision, Flow):
-            sizes = {self.spaces.get(self.states[node.inputs[i].name].space).size for i in decision.operands}
-            if len(sizes) > 1:  # cannot happen for a valid model; never join spaces of different sizes
-                decision = Block(f"its operands carry different channel counts {sorted(sizes)}")
-        spaces = self.spaces
-        handled: set[int] = set()
+            decision = self.check_join(node, decision)
+        elif isinstance(decision, Partition):
+            decision = self.check_partition(node, decision)
         if isinstance(decision, Block):
             blocker = Blocker(node.name, decision.reason)
             logger.debug("blocker %s (%s): %s", node.name, node.op, decision.reason)
@@ -268,38 +367,139 @@ class _Walker:
                 self.opaque(tensor, order, blocker)
             return
         if isinstance(decision, Create):
-            handled.add(decision.sink_input)
-            state = self.states.get(node.inputs[decision.sink_input].name)
-            if state is not None:
-                if state.axis != decision.sink_axis:
-                    spaces.block(
-                        state.space,
-                        order,
-                        Blocker(node.name, f"{node.op} mixes axis {decision.sink_axis}, but the channels are on axis {state.axis}"),
-                    )
-                else:
-                    sink = Sink(node.name, node.op, decision.sink_input, decision.sink_axis)
-                    spaces.get(state.space).sinks.append((order, sink))
-            space = spaces.new(decision.channels)
-            spaces.get(space).sources.append((order, Source(node.name, node.op, decision.out_axis)))
-            self.set_state(node.outputs[0], order, decision.out_axis, space)
+            handled = {decision.sink_input}
+            self.create(order, node, decision)
+        elif isinstance(decision, Flow):
+            handled = {*decision.operands, *decision.broadcast}
+            self.flow(order, node, view, decision)
+        elif isinstance(decision, Concatenate):
+            handled = set(decision.operands)
+            segments, offset = [], 0
+            for index in decision.operands:
+                for segment in self.states[node.inputs[index].name].segments:
+                    segments.append(_Segment(offset, segment.length, segment.space))
+                    offset += segment.length
+            self.set_state(node.outputs[0], order, decision.out_axis, segments)
         else:
-            handled.update(decision.operands, decision.broadcast)
-            operand_spaces = [self.states[node.inputs[i].name].space for i in decision.operands]
-            space = operand_spaces[0]
-            for other in operand_spaces[1:]:
-                space = spaces.union(space, other)
-            for index in decision.broadcast:
-                self.block_input(
-                    node.inputs[index], order, Blocker(node.name, f"broadcast along the channel axis by {node.op}")
-                )
-            if decision.follower:
-                follower = Follower(node.name, node.op, decision.out_axis, view.out_rank())
-                spaces.get(space).followers.append((order, follower))
-            self.set_state(node.outputs[0], order, decision.out_axis, space)
+            handled = {0}
+            self.partition(order, node, view, decision)
         for index, tensor in enumerate(node.inputs):
             if index not in handled and not isinstance(tensor, gs.Constant):
                 self.block_input(tensor, order, Blocker(node.name, f"read as a parameter by {node.op}"))
+
+    def check_flattened(self, node: gs.Node, decision: Decision) -> Decision:
+        """Channels flattened into features may only reach a sink, through elementwise ops of one input."""
+        if isinstance(decision, Create):
+            read = [decision.sink_input]
+        elif isinstance(decision, Flow) and decision.elementwise and len(decision.operands) == 1:
+            read = []
+        elif isinstance(decision, Block):
+            return decision
+        else:
+            read = list(range(len(node.inputs)))
+        for index in read:
+            state = self.states.get(node.inputs[index].name)
+            if state is not None and state.flattened and not isinstance(decision, Create):
+                return Block(f"{node.op} reads channels flattened into features")
+        return decision
+
+    def check_join(self, node: gs.Node, decision: Flow) -> Flow | Block:
+        """Joined operands must be segmented alike; otherwise ask for cuts so that they are next pass."""
+        states = [self.states[node.inputs[i].name] for i in decision.operands]
+        extents = {state.extent for state in states}
+        if len(extents) > 1:  # cannot happen for a valid model; never join spaces of different sizes
+            return Block(f"its operands carry different channel counts {sorted(extents)}")
+        boundaries = {state.boundaries() for state in states}
+        if len(boundaries) == 1:
+            return decision
+        wanted = sorted(set().union(*boundaries))
+        for state in states:
+            self.cut_at(state, wanted)
+        return Block("its operands are concatenations of differently sized parts")
+
+    def cut_at(self, state: _ChannelState, positions: Sequence[int]) -> None:
+        for segment in state.segments:
+            for position in positions:
+                if segment.offset < position < segment.offset + segment.length:
+                    self.request_cut(segment, position - segment.offset)
+
+    def check_partition(self, node: gs.Node, decision: Partition) -> Partition | Block:
+        """A split boundary inside a segment needs that segment's space cut there (next pass)."""
+        state = self.states[node.inputs[0].name]
+        positions = sorted({p for start, end in decision.ranges for p in (start, end)})
+        inside = [
+            p for p in positions for s in state.segments if s.offset < p < s.offset + s.length
+        ]
+        if not inside:
+            return decision
+        self.cut_at(state, inside)
+        return Block(f"{node.op} cuts a group of channels (modelled as separate groups where the source allows)")
+
+    def create(self, order: int, node: gs.Node, decision: Create) -> None:
+        spaces = self.spaces
+        state = self.states.get(node.inputs[decision.sink_input].name)
+        if state is not None:
+            if state.axis != decision.sink_axis:
+                reason = f"{node.op} mixes axis {decision.sink_axis}, but the channels are on axis {state.axis}"
+                self.block_input(node.inputs[decision.sink_input], order, Blocker(node.name, reason))
+            else:
+                for segment in state.segments:
+                    sink = Sink(
+                        node.name,
+                        node.op,
+                        decision.sink_input,
+                        decision.sink_axis,
+                        segment.offset,
+                        state.extent,
+                        state.outer,
+                        state.inner,
+                    )
+                    spaces.get(segment.space).sinks.append((order, sink))
+        bounds = [0, *sorted(c for c in self.cuts.get(node.name, ()) if 0 < c < decision.channels), decision.channels]
+        segments = []
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            space = spaces.new(end - start)
+            source = Source(node.name, node.op, decision.out_axis, start, decision.channels)
+            spaces.get(space).sources.append((order, source))
+            segments.append(_Segment(start, end - start, space))
+        self.set_state(node.outputs[0], order, decision.out_axis, segments)
+
+    def flow(self, order: int, node: gs.Node, view: NodeView, decision: Flow) -> None:
+        spaces = self.spaces
+        states = [self.states[node.inputs[i].name] for i in decision.operands]
+        segments = []
+        for parts in zip(*(state.segments for state in states), strict=True):
+            space = parts[0].space
+            for other in parts[1:]:
+                space = spaces.union(space, other.space)
+            segments.append(_Segment(parts[0].offset, parts[0].length, space))
+        for index in decision.broadcast:
+            self.block_input(node.inputs[index], order, Blocker(node.name, f"broadcast along the channel axis by {node.op}"))
+        if decision.follower:
+            for segment in segments:
+                follower = Follower(node.name, node.op, decision.out_axis, view.out_rank(), segment.offset, states[0].extent)
+                spaces.get(segment.space).followers.append((order, follower))
+        if decision.elementwise:
+            outer, inner = states[0].outer, states[0].inner
+        else:
+            outer, inner = decision.outer, decision.inner
+        self.set_state(node.outputs[0], order, decision.out_axis, segments, outer, inner)
+
+    def partition(self, order: int, node: gs.Node, view: NodeView, decision: Partition) -> None:
+        state = self.states[node.inputs[0].name]
+        if decision.follower:
+            for segment in state.segments:
+                follower = Follower(node.name, node.op, decision.out_axis, view.out_rank(), segment.offset, state.extent)
+                self.spaces.get(segment.space).followers.append((order, follower))
+        for tensor, (start, end) in zip(node.outputs, decision.ranges, strict=True):
+            if not tensor.name:
+                continue
+            segments = [
+                _Segment(segment.offset - start, segment.length, segment.space)
+                for segment in state.segments
+                if start <= segment.offset and segment.offset + segment.length <= end
+            ]
+            self.set_state(tensor, order, decision.out_axis, segments)
 
     def groups(self) -> tuple[ChannelGroup, ...]:
         roots = sorted({self.spaces.find(s) for s in range(len(self.spaces.parent))})
@@ -351,8 +551,14 @@ def build_channel_groups(
     `shapes` gives the static shape of tensors by name (e.g. from `infer_tensor_infos`); tensors not in it
     use the graph's own static shapes. Groups come in the order of their first source.
     """
-    walker = _Walker(graph, shapes)
-    walker.run()
+    cuts: dict[str, frozenset[int]] = {}
+    for _ in range(_MAX_PASSES):
+        walker = _Walker(graph, shapes, cuts)
+        walker.run()
+        if not walker.new_cuts:
+            break
+        for node, positions in walker.new_cuts.items():
+            cuts[node] = cuts.get(node, frozenset()) | positions
     return walker.groups()
 
 

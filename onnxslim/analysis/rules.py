@@ -9,6 +9,10 @@ operands, the channel axis of each input) and decides what happens to the channe
 * `Flow` — **pass-through** and **join**: output 0 carries the channels of the `operands` on `out_axis`.
   Several operands are joined (their groups are united); `broadcast` operands have channel dim 1 and
   join nothing; `follower` marks a node with per-channel constants or attributes the rewrite must slice.
+* `Concatenate` — **concat** on the channel axis: output 0 is the operands' channels one after another,
+  a sequence of segments that each keep their own group.
+* `Partition` — **split**: output i carries channels [start, end) of input 0 (Split, Slice); `follower`
+  marks that the rewrite must update the sizes or starts/ends.
 * `Block` — a **blocker**, with the reason reported by `inspect` and `prune`.
 
 Op types missing from the table are blockers ("unsupported op X"). Being conservative is never a bug;
@@ -31,8 +35,11 @@ __all__ = [
     "Create",
     "Flow",
     "Block",
+    "Concatenate",
+    "Partition",
     "Decision",
     "NodeView",
+    "merged_channel_axis",
     "OpRule",
     "RULES",
     "decide",
@@ -46,6 +53,8 @@ class Behaviour(Enum):
     SOURCE = "source"  # mixes its input's channels (the group's sink) and creates new ones
     PASS_THROUGH = "pass-through"  # output channel c depends only on input channel c
     JOIN = "join"  # elementwise between several variable tensors: unites their groups
+    CONCAT = "concat"  # stacks its operands' channels as segments
+    SPLIT = "split"  # each output takes a range of its input's channels
     BLOCKER = "blocker"  # mixes channels in a way the rules do not model
 
 
@@ -67,6 +76,9 @@ class Flow:
     out_axis: int
     follower: bool = False
     broadcast: tuple[int, ...] = ()
+    elementwise: bool = False  # output element i depends only on input element i (safe on flattened channels)
+    outer: int = 1  # Flatten/Reshape: each output feature block holds the channels `outer` times …
+    inner: int = 1  # … and each channel as `inner` consecutive features (NCHW: H·W; NHWC: outer = H·W)
 
 
 @dataclass(frozen=True)
@@ -76,7 +88,24 @@ class Block:
     reason: str
 
 
-Decision = Create | Flow | Block
+@dataclass(frozen=True)
+class Concatenate:
+    """Output 0 is the channels of `operands` one after another on `out_axis` (Concat on the channel axis)."""
+
+    operands: tuple[int, ...]
+    out_axis: int
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Output i carries channels `ranges[i]` = [start, end) of input 0 on `out_axis` (Split, Slice)."""
+
+    ranges: tuple[tuple[int, int], ...]
+    out_axis: int
+    follower: bool = False
+
+
+Decision = Create | Flow | Concatenate | Partition | Block
 
 
 @dataclass(frozen=True)
@@ -140,7 +169,7 @@ def _unary(view: NodeView) -> Decision:
     axis = view.axis(0)
     if axis is None:
         return Block("its input carries no channels")
-    return Flow((0,), axis)
+    return Flow((0,), axis, elementwise=True)
 
 
 def _axis_must_be(view: NodeView, wanted: int, what: str) -> Block | None:
@@ -353,17 +382,43 @@ def _resize(view: NodeView) -> Decision:
     return Flow((0,), axis, follower=has_sizes)
 
 
+def merged_channel_axis(in_shape: Sequence[int], axis: int, out_shape: Sequence[int]) -> tuple[int, int, int] | None:
+    """Where a row-major reshape puts channel axis `axis`: (out_axis, outer, inner) when output dim
+    `out_axis` holds every channel whole as `outer` repeats of `inner`-long blocks, else None (the
+    reshape splits the channel axis, e.g. a channel shuffle)."""
+    before = int(np.prod(in_shape[:axis], dtype=np.int64))
+    after = int(np.prod(in_shape[axis + 1 :], dtype=np.int64))
+    total = before * in_shape[axis] * after
+    leading = 1
+    for out_axis, dim in enumerate(out_shape):
+        trailing = total // (leading * dim) if leading * dim else 0
+        if before % leading == 0 and trailing and after % trailing == 0 and leading * dim * trailing == total:
+            outer, inner = before // leading, after // trailing
+            if outer * in_shape[axis] * inner == dim:
+                return out_axis, outer, inner
+        leading *= dim
+    return None
+
+
 def _flatten(view: NodeView) -> Decision:
-    """Flatten is modelled only where it keeps channel c as feature c: [N, C, 1, 1] -> [N, C]."""
+    """Flatten/Reshape: channel c becomes a block of features (NCHW) or every C-th feature (NHWC)."""
     axis = view.axis(0)
-    shape = view.shape(0)
-    flatten_axis = int(view.attr("axis", 1))  # type: ignore[arg-type]
-    flatten_axis += len(shape) if flatten_axis < 0 else 0
-    if axis is not None and flatten_axis == axis and all(d == 1 for d in shape[axis + 1 :]) and (
-        all(d == 1 for d in shape[:axis]) or axis == 1
-    ):
-        return Flow((0,), 1)
-    return Block("Flatten of channels into features is not supported yet")
+    if axis is None:
+        return Block("its input carries no channels")
+    if view.op == "Reshape" and view.constant(1) is None:
+        return Block("Reshape with a computed shape")
+    out_shape = view.output_shapes[0]
+    assert out_shape is not None
+    merged = merged_channel_axis(view.shape(0), axis, out_shape)
+    if merged is None:
+        return Block(f"{view.op} splits the channel axis")
+    out_axis, outer, inner = merged
+    names_channels = False
+    if view.op == "Reshape":
+        shape = view.constant(1)
+        assert shape is not None
+        names_channels = out_axis < shape.size and int(shape.reshape(-1)[out_axis]) > 0
+    return Flow((0,), out_axis, follower=names_channels, outer=outer, inner=inner)
 
 
 def _squeeze_axes(view: NodeView) -> list[int] | None:
@@ -411,6 +466,96 @@ def _transpose(view: NodeView) -> Decision:
     return Flow((0,), perm_list.index(axis))
 
 
+def _concat(view: NodeView) -> Decision:
+    """Concat on the channel axis stacks segments; on another axis it joins its operands' channels."""
+    rank = view.out_rank()
+    concat_axis = int(view.attr("axis", 0)) % rank  # type: ignore[arg-type]
+    operands = [i for i in range(len(view.node.inputs)) if view.is_variable(i)]
+    if len(operands) < sum(1 for i in range(len(view.node.inputs)) if view.has_input(i)):
+        return Block("Concat with a constant operand")
+    axes = {view.axis(i) for i in operands}
+    if len(axes) != 1 or None in axes:
+        return Block("its operands carry channels on different axes")
+    axis = axes.pop()
+    assert axis is not None
+    if any(len(view.shape(i)) != rank for i in operands):
+        return Block("Concat of operands of different ranks")
+    if axis == concat_axis:
+        return Concatenate(tuple(operands), axis)
+    return Flow(tuple(operands), axis)
+
+
+def _split_sizes(view: NodeView, dim: int) -> list[int] | None:
+    """Split sizes from the attribute (opset < 13), the input (>= 13), `num_outputs` (>= 18) or equal parts."""
+    sizes = view.attr("split")
+    if sizes is None and view.has_input(1):
+        value = view.constant(1)
+        if value is None:
+            return None
+        sizes = value.tolist()
+    if sizes:
+        return [int(s) for s in sizes]  # type: ignore[union-attr]
+    parts = int(view.attr("num_outputs", len(view.node.outputs)))  # type: ignore[arg-type]
+    chunk = -(-dim // parts)
+    return [min(chunk, max(dim - chunk * i, 0)) for i in range(parts)]
+
+
+def _split(view: NodeView) -> Decision:
+    axis = view.axis(0)
+    if axis is None:
+        return Block("its input carries no channels")
+    shape = view.shape(0)
+    split_axis = int(view.attr("axis", 0)) % len(shape)  # type: ignore[arg-type]
+    channels = shape[axis]
+    if split_axis != axis:
+        return Partition(tuple((0, channels) for _ in view.node.outputs), axis)
+    sizes = _split_sizes(view, channels)
+    if sizes is None:
+        return Block("Split with computed sizes")
+    if sum(sizes) != channels or len(sizes) != len(view.node.outputs):
+        return Block(f"Split sizes {sizes} do not cover the {channels} channels")
+    starts = np.cumsum([0, *sizes]).tolist()
+    return Partition(tuple(zip(starts[:-1], starts[1:], strict=True)), axis, follower=True)
+
+
+def _slice_arguments(view: NodeView) -> tuple[list[int], list[int], list[int], list[int]] | None:
+    """Slice starts, ends, axes (normalized) and steps from attributes (opset < 10) or constant inputs."""
+    rank = len(view.shape(0))
+    if view.opset < 10:
+        starts, ends = view.attr("starts"), view.attr("ends")
+        axes = view.attr("axes")
+        steps = None
+    else:
+        values = [view.constant(i) if view.has_input(i) else None for i in range(1, 5)]
+        if any(view.is_variable(i) for i in range(1, 5)):
+            return None
+        starts, ends, axes, steps = (v.tolist() if v is not None else None for v in values)
+    starts_list = [int(v) for v in starts]  # type: ignore[union-attr]
+    axes_list = [int(a) % rank for a in axes] if axes else list(range(len(starts_list)))  # type: ignore[union-attr]
+    steps_list = [int(v) for v in steps] if steps else [1] * len(starts_list)  # type: ignore[union-attr]
+    return starts_list, [int(v) for v in ends], axes_list, steps_list  # type: ignore[union-attr]
+
+
+def _slice(view: NodeView) -> Decision:
+    axis = view.axis(0)
+    if axis is None:
+        return Block("its input carries no channels")
+    arguments = _slice_arguments(view)
+    if arguments is None:
+        return Block("Slice with computed starts, ends, axes or steps")
+    starts, ends, axes, steps = arguments
+    channels = view.shape(0)[axis]
+    if axis not in axes:
+        return Partition(((0, channels),), axis)
+    position = axes.index(axis)
+    if steps[position] != 1:
+        return Block(f"Slice with step {steps[position]} on the channel axis")
+    start, end, _ = slice(starts[position], ends[position]).indices(channels)
+    if start >= end:
+        return Block("Slice leaves no channel")
+    return Partition(((start, end),), axis, follower=True)
+
+
 def _blocker(reason: str) -> Callable[[NodeView], Decision]:
     def decide_block(view: NodeView) -> Decision:
         return Block(reason)
@@ -448,9 +593,13 @@ RULES: Mapping[str, OpRule] = {
     "Resize": OpRule(Behaviour.PASS_THROUGH, _resize, follower=True),
     "Upsample": OpRule(Behaviour.PASS_THROUGH, _resize),
     "Flatten": OpRule(Behaviour.PASS_THROUGH, _flatten),
+    "Reshape": OpRule(Behaviour.PASS_THROUGH, _flatten, follower=True),
     "Squeeze": OpRule(Behaviour.PASS_THROUGH, _squeeze),
     "Unsqueeze": OpRule(Behaviour.PASS_THROUGH, _unsqueeze),
     "Transpose": OpRule(Behaviour.PASS_THROUGH, _transpose),
+    "Concat": OpRule(Behaviour.CONCAT, _concat),
+    "Split": OpRule(Behaviour.SPLIT, _split, follower=True),
+    "Slice": OpRule(Behaviour.SPLIT, _slice, follower=True),
     "Conv": OpRule(Behaviour.SOURCE, _conv, follower=True),  # follower when depthwise
     "ConvTranspose": OpRule(Behaviour.SOURCE, _conv_transpose),
     "Gemm": OpRule(Behaviour.SOURCE, _gemm),
@@ -478,7 +627,7 @@ def decide(view: NodeView) -> Decision:
         return blocked
     rule = RULES[node.op]
     decision = rule.decide(view)
-    if isinstance(decision, Flow) and decision.follower and not rule.follower:
+    if isinstance(decision, Flow | Partition) and decision.follower and not rule.follower:
         raise AssertionError(f"rules: {node.op} decided follower=True but its table entry says it cannot be one")
     return decision
 

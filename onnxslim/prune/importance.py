@@ -60,6 +60,11 @@ def output_channel_weights(source: Source, graph: gs.Graph) -> np.ndarray:
     return weights.reshape(weights.shape[0], -1).astype(np.float64)
 
 
+def _group_rows(source: Source, graph: gs.Graph, group: ChannelGroup) -> np.ndarray:
+    """The rows of `source`'s output-channel weights that belong to `group` (a segment after a cut)."""
+    return output_channel_weights(source, graph)[source.offset : source.offset + group.channels]
+
+
 def _node_named(graph: gs.Graph, name: str) -> gs.Node:
     for node in graph.nodes:
         if node.name == name:
@@ -77,13 +82,13 @@ def _normalized_sum(per_source: list[np.ndarray], channels: int) -> np.ndarray:
 
 def l1_importance(group: ChannelGroup, graph: gs.Graph) -> np.ndarray:
     """Sum over sources of the mean-normalized L1 norm of each channel's weights."""
-    return _normalized_sum([np.abs(output_channel_weights(s, graph)).sum(axis=1) for s in group.sources], group.channels)
+    return _normalized_sum([np.abs(_group_rows(s, graph, group)).sum(axis=1) for s in group.sources], group.channels)
 
 
 def l2_importance(group: ChannelGroup, graph: gs.Graph) -> np.ndarray:
     """Sum over sources of the mean-normalized L2 norm of each channel's weights."""
     return _normalized_sum(
-        [np.sqrt(np.square(output_channel_weights(s, graph)).sum(axis=1)) for s in group.sources], group.channels
+        [np.sqrt(np.square(_group_rows(s, graph, group)).sum(axis=1)) for s in group.sources], group.channels
     )
 
 

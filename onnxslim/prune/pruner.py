@@ -81,11 +81,13 @@ def prune_model(
     ratio: float,
     criterion: str = "l1",
     input_shapes: Mapping[str | None, Sequence[int]] | None = None,
+    round_to: int = 1,
 ) -> PruneResult:
     """Remove the lowest-scoring fraction `ratio` of every prunable channel group's channels.
 
     The model is analysed at concrete input shapes (`input_shapes`, else its static dims with batch 1);
-    the pruned model keeps the original's symbolic dims. Raises ValidationError if the result fails
+    the pruned model keeps the original's symbolic dims. `round_to` rounds each group's channels kept up
+    to a multiple of it. Raises ValidationError if the result fails
     validation (a bug in onnxslim).
     """
     normalized, size_before = _as_normalized(model)
@@ -93,7 +95,7 @@ def prune_model(
     infos = infer_tensor_infos(normalized, shapes)
     graph = gs.import_onnx(normalized)
     groups = build_channel_groups(graph, {name: info.shape for name, info in infos.items()})
-    plan = plan_by_ratio(groups, score_groups(groups, graph, criterion), ratio)
+    plan = plan_by_ratio(groups, score_groups(groups, graph, criterion), ratio, round_to)
     pruned = rewrite_model(normalized, groups, plan, shapes) if plan.kept else normalized
     cost_before = compute_cost(normalized, infos)
     cost_after = compute_cost(pruned, infer_tensor_infos(pruned, shapes)) if plan.kept else cost_before

@@ -3,8 +3,14 @@
 Per-op knowledge lives in one table, `REWRITE_HANDLERS`: op type → how to slice that op's constants and
 attributes when channels go from its output (a source), from one of its inputs (a sink), or pass through
 it (a follower: BatchNorm statistics, per-channel Mul/Add constants, depthwise Conv weights and `group`,
-Resize sizes). It is checked against `rules.RULES` once at import. A constant read by several nodes is
-copied for the node being sliced, never sliced in place under the others.
+Resize sizes, Split sizes, Slice starts/ends, Reshape shape constants). It is checked against
+`rules.RULES` once at import. A constant read by several nodes is copied for the node being sliced, never
+sliced in place under the others.
+
+A node may hold several groups in one tensor (a Conv reading a Concat, a Split cutting its producer into
+independent groups): the removals of every group are gathered first, in that node's own channel
+numbering (segment offset + channel; for a Flatten/Reshape → Gemm sink, every feature of the channel),
+and each handler runs once per node and role.
 
 After slicing, stale shape information is dropped, shapes are re-inferred (symbolic dims kept), and the
 result is validated against the source model (`io.validate`): a failure is a `ValidationError` (exit 4).
@@ -38,8 +44,20 @@ Kept = np.ndarray  # sorted int64 indices of the channels kept
 class _Slicer:
     """Slices constant inputs of nodes; copies a constant when other nodes read it too."""
 
-    def __init__(self) -> None:
+    def __init__(self, opset: int) -> None:
+        self.opset = opset
         self._names = itertools.count()
+
+    def set_constant(self, node: gs.Node, index: int, values: np.ndarray) -> None:
+        """Replace constant input `index` of `node` (copied if other nodes read it too)."""
+        tensor = node.inputs[index] if index < len(node.inputs) else None
+        if isinstance(tensor, gs.Constant) and len(tensor.outputs) == 1:
+            tensor.values = values
+            return
+        constant = gs.Constant(f"{node.name}_input{index}_pruned_{next(self._names)}", values)
+        while len(node.inputs) <= index:
+            node.inputs.append(gs.Variable.empty())
+        node.inputs[index] = constant
 
     def slice_input(self, node: gs.Node, index: int, axis: int, kept: Kept, channels: int) -> None:
         tensor = node.inputs[index]
@@ -141,6 +159,62 @@ def prune_resize_sizes(slicer: _Slicer, resize: gs.Node, axis: int, kept: Kept, 
         resize.inputs[3] = gs.Constant(f"{sizes.name}_pruned_{resize.name}", values)
 
 
+def prune_reshape_shape(slicer: _Slicer, reshape: gs.Node, axis: int, kept: Kept, channels: int, rank: int) -> None:
+    """A Reshape shape constant that names the channel count (times H·W when flattening): scale it down."""
+    shape = np.asarray(reshape.inputs[1].values).copy()
+    if shape[axis] % channels:
+        raise ValidationError(f"Reshape {reshape.name!r}: shape {shape.tolist()} does not hold {channels} channels")
+    shape[axis] = shape[axis] // channels * len(kept)
+    slicer.set_constant(reshape, 1, shape)
+
+
+def _kept_in(kept: Kept, start: int, end: int) -> int:
+    return int(np.count_nonzero((kept >= start) & (kept < end)))
+
+
+def prune_split_sizes(slicer: _Slicer, split: gs.Node, axis: int, kept: Kept, channels: int, rank: int) -> None:
+    """Rewrite a Split on the channel axis with explicit sizes: the channels kept of each part."""
+    if int(split.attrs.get("axis", 0)) % rank != axis:
+        return
+    sizes = split.attrs.get("split")
+    if sizes is None and len(split.inputs) > 1 and split.inputs[1].name:
+        sizes = np.asarray(split.inputs[1].values).tolist()
+    if not sizes:
+        parts = int(split.attrs.get("num_outputs", len(split.outputs)))
+        chunk = -(-channels // parts)
+        sizes = [min(chunk, max(channels - chunk * i, 0)) for i in range(parts)]
+    starts = np.cumsum([0, *sizes])
+    new_sizes = [_kept_in(kept, int(a), int(b)) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+    split.attrs.pop("num_outputs", None)
+    if slicer.opset >= 13:
+        split.attrs.pop("split", None)
+        slicer.set_constant(split, 1, np.asarray(new_sizes, dtype=np.int64))
+    else:
+        split.attrs["split"] = new_sizes
+
+
+def prune_slice_range(slicer: _Slicer, slice_node: gs.Node, axis: int, kept: Kept, channels: int, rank: int) -> None:
+    """Rewrite a Slice's start and end on the channel axis to count only the channels kept before them."""
+    attributes = slicer.opset < 10
+    if attributes:
+        starts, ends = list(slice_node.attrs["starts"]), list(slice_node.attrs["ends"])
+        axes = slice_node.attrs.get("axes")
+    else:
+        starts, ends = (np.asarray(slice_node.inputs[i].values).tolist() for i in (1, 2))
+        has_axes = len(slice_node.inputs) > 3 and slice_node.inputs[3].name
+        axes = np.asarray(slice_node.inputs[3].values).tolist() if has_axes else None
+    axes = [int(a) % rank for a in axes] if axes else list(range(len(starts)))
+    position = axes.index(axis)
+    start, end, _ = slice(int(starts[position]), int(ends[position])).indices(channels)
+    starts[position], ends[position] = _kept_in(kept, 0, start), _kept_in(kept, 0, end)
+    if attributes:
+        slice_node.attrs["starts"], slice_node.attrs["ends"] = starts, ends
+        return
+    dtype = np.asarray(slice_node.inputs[1].values).dtype
+    slicer.set_constant(slice_node, 1, np.asarray(starts, dtype=dtype))
+    slicer.set_constant(slice_node, 2, np.asarray(ends, dtype=dtype))
+
+
 @dataclass(frozen=True)
 class RewriteHandler:
     """How to remove channels from one op type: as a source's outputs, a sink's input, or a follower."""
@@ -167,6 +241,9 @@ REWRITE_HANDLERS: Mapping[str, RewriteHandler] = {
     "BatchNormalization": RewriteHandler(prune_follower=_ignoring_rank(_slice_inputs_on_axis0(1, 2, 3, 4))),
     "InstanceNormalization": RewriteHandler(prune_follower=_ignoring_rank(_slice_inputs_on_axis0(1, 2))),
     "Resize": RewriteHandler(prune_follower=_ignoring_rank(prune_resize_sizes)),
+    "Split": RewriteHandler(prune_follower=prune_split_sizes),
+    "Reshape": RewriteHandler(prune_follower=prune_reshape_shape),
+    "Slice": RewriteHandler(prune_follower=prune_slice_range),
     **{
         op: RewriteHandler(prune_follower=prune_elementwise_constants)
         for op in ("Add", "Sub", "Mul", "Div", "Pow", "Sum", "Max", "Min", "Mean", "PRelu")
@@ -190,6 +267,56 @@ if _PROBLEMS:  # pragma: no cover - checked once at import
     raise ImportError("onnxslim.prune.rewrite: " + "; ".join(_PROBLEMS))
 
 
+@dataclass
+class _Removal:
+    """Channels removed from one role of one node (its output, an input, or as a follower), all groups."""
+
+    op_type: str
+    extent: int
+    axis: int
+    rank: int
+    removed: set[int]
+
+    def kept(self) -> Kept:
+        return np.asarray([c for c in range(self.extent) if c not in self.removed], dtype=np.int64)
+
+
+def _collect_removals(groups: Sequence[ChannelGroup], plan: PrunePlan) -> dict[tuple[str, str, int], _Removal]:
+    """(role, node, input index or axis) → the channels every pruned group removes there, in that node's
+    own channel numbering (a group is a segment [offset, offset + size) of it after Concat/Split)."""
+    removals: dict[tuple[str, str, int], _Removal] = {}
+
+    def add(
+        key: tuple[str, str, int], op_type: str, offset: int, extent: int | None, axis: int, rank: int, group: ChannelGroup
+    ) -> None:
+        removal = removals.setdefault(key, _Removal(op_type, extent or group.channels, axis, rank, set()))
+        removal.removed.update(offset + c for c in plan.removed(group))
+
+    for group in groups:
+        if not plan.changes(group):
+            continue
+        if not group.prunable:
+            raise ValidationError(f"the plan prunes group {group.id!r}, which is blocked: {group.blocked_by}")
+        logger.debug("group %s: keeping %d of %d channels", group.id, len(plan.kept[group.id]), group.channels)
+        for source in group.sources:
+            add(("output", source.node, source.axis), source.op_type, source.offset, source.extent, source.axis, 0, group)
+        for sink in group.sinks:
+            key = ("input", sink.node, sink.input_index)
+            if sink.outer * sink.inner == 1:
+                add(key, sink.op_type, sink.offset, sink.extent, sink.axis, 0, group)
+                continue
+            extent = sink.extent or group.channels  # flattened: channel c is features (o·extent + c)·inner + j
+            features = removals.setdefault(key, _Removal(sink.op_type, sink.outer * extent * sink.inner, sink.axis, 0, set()))
+            for channel in plan.removed(group):
+                for repeat in range(sink.outer):
+                    first = ((repeat * extent) + sink.offset + channel) * sink.inner
+                    features.removed.update(range(first, first + sink.inner))
+        for follower in group.followers:
+            key = ("follower", follower.node, follower.axis)
+            add(key, follower.op_type, follower.offset, follower.extent, follower.axis, follower.rank, group)
+    return removals
+
+
 def apply_plan(model: onnx.ModelProto, groups: Sequence[ChannelGroup], plan: PrunePlan) -> onnx.ModelProto:
     """A copy of the normalized `model` with the plan's removed channels sliced out of every group member.
 
@@ -197,28 +324,18 @@ def apply_plan(model: onnx.ModelProto, groups: Sequence[ChannelGroup], plan: Pru
     """
     graph = gs.import_onnx(model)
     nodes = {node.name: node for node in graph.nodes}
-    slicer = _Slicer()
-    for group in groups:
-        if not plan.changes(group):
-            continue
-        if not group.prunable:
-            raise ValidationError(f"the plan prunes group {group.id!r}, which is blocked: {group.blocked_by}")
-        kept = np.asarray(plan.kept[group.id], dtype=np.int64)
-        logger.debug("group %s: keeping %d of %d channels", group.id, len(kept), group.channels)
-        for source in group.sources:
-            prune_output = REWRITE_HANDLERS[source.op_type].prune_output
-            assert prune_output is not None  # guaranteed by the import-time check
-            prune_output(slicer, nodes[source.node], source.axis, kept, group.channels)
-        for sink in group.sinks:
-            prune_input = REWRITE_HANDLERS[sink.op_type].prune_input
-            assert prune_input is not None
-            prune_input(slicer, nodes[sink.node], sink.input_index, sink.axis, kept, group.channels)
-        for follower in group.followers:
-            prune_follower = REWRITE_HANDLERS[follower.op_type].prune_follower
-            assert prune_follower is not None
-            prune_follower(
-                slicer, nodes[follower.node], follower.axis, kept, group.channels, follower.rank
-            )
+    slicer = _Slicer(int(graph.opset or onnx.defs.onnx_opset_version()))
+    for (role, name, where), removal in _collect_removals(groups, plan).items():
+        handler, node, kept = REWRITE_HANDLERS[removal.op_type], nodes[name], removal.kept()
+        if role == "output":
+            assert handler.prune_output is not None  # guaranteed by the import-time check
+            handler.prune_output(slicer, node, removal.axis, kept, removal.extent)
+        elif role == "input":
+            assert handler.prune_input is not None
+            handler.prune_input(slicer, node, where, removal.axis, kept, removal.extent)
+        else:
+            assert handler.prune_follower is not None
+            handler.prune_follower(slicer, node, removal.axis, kept, removal.extent, removal.rank)
     keep = {t.name for t in [*graph.inputs, *graph.outputs]}
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Variable) and tensor.name not in keep:

@@ -1,0 +1,68 @@
+"""Every onnx backend-test light model prunes at ratio 0.3 with the masked oracle holding.
+
+Their weights are constant fills, so they are randomized first (seeded, He-scaled) and the final Softmax is
+dropped so that the oracle compares logits, where a wrong rewrite cannot hide behind a saturated softmax.
+The group counts and blocker reasons are pinned so that a regression in the analysis shows.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from conftest import load_light
+from oracle import check_prune
+
+from onnxslim.prune import PruneResult
+
+
+def randomized_logits_model(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
+    """A copy with He-scaled random weights, positive random 1-D parameters and the final Softmax removed."""
+    rng = np.random.default_rng(seed)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in copy.graph.initializer:
+        values = onnx.numpy_helper.to_array(tensor)
+        if values.dtype != np.float32 or values.size <= 1:
+            continue
+        if values.ndim >= 2:
+            fan_in = int(np.prod(values.shape[1:])) if values.ndim > 2 else min(values.shape)
+            values = rng.standard_normal(values.shape) * np.sqrt(2.0 / fan_in)
+        else:
+            values = rng.uniform(0.5, 1.5, values.shape)
+        tensor.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.float32), tensor.name))
+    output = copy.graph.output[0]
+    softmax = next((n for n in copy.graph.node if n.op_type == "Softmax" and n.output[0] == output.name), None)
+    if softmax is not None:
+        copy.graph.node.remove(softmax)
+        output.name = softmax.input[0]
+    return copy
+
+
+# name → (groups, prunable groups, blocker reasons and how many groups each blocks)
+EXPECTED: dict[str, tuple[int, int, dict[str, int]]] = {
+    "bvlc_alexnet": (5, 2, {"LRN mixes neighbouring channels": 1, "grouped Conv (group=2) is not supported yet": 1, "its channels reach graph output 'r24'": 1}),
+    "densenet121": (121, 120, {"its channels reach graph output 'fc6_1'": 1}),
+    "inception_v1": (58, 55, {"LRN mixes neighbouring channels": 2, "its channels reach graph output 'r143'": 1}),
+    "inception_v2": (70, 69, {"its channels reach graph output 'r507'": 1}),
+    "resnet50": (38, 37, {"its channels reach graph output 'r174'": 1}),
+    "shufflenet": (2, 0, {"grouped Conv (group=4) is not supported yet": 1, "its channels reach graph output 'r201'": 1}),
+    "squeezenet": (26, 25, {"its channels reach graph output 'r65'": 1}),
+    "vgg19": (19, 18, {"its channels reach graph output 'r46'": 1}),
+    "zfnet512": (8, 5, {"LRN mixes neighbouring channels": 2, "its channels reach graph output 'r20'": 1}),
+}
+
+
+def _reasons(result: PruneResult) -> dict[str, int]:
+    return dict(Counter(group.blocked_by.reason for group in result.groups if group.blocked_by is not None))
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_light_model_prunes_at_0_3_with_the_oracle_holding(name: str) -> None:
+    groups, prunable, reasons = EXPECTED[name]
+    model = randomized_logits_model(load_light(f"light_{name}.onnx").model)
+    result = check_prune(model, ratio=0.3, rel=1e-3, expect_pruned=prunable > 0)
+    assert (len(result.groups), result.prunable_groups) == (groups, prunable)
+    assert _reasons(result) == reasons
