@@ -35,7 +35,7 @@ import numpy as np
 
 from onnxslim.analysis.cost import compute_cost
 from onnxslim.calib import Batch, DataOptions, model_input_specs, open_dataset
-from onnxslim.errors import DataError, ModelLoadError, UsageError
+from onnxslim.errors import DataError, ModelLoadError, UsageError, first_line
 from onnxslim.io import LoadedModel, infer_tensor_infos, load_model
 from onnxslim.metrics import Accuracy, AccuracyMeter, Fidelity, FidelityMeter, select_output
 
@@ -259,7 +259,7 @@ def _session(path: Path, options: BenchOptions, threads: int, provider: str) -> 
             str(path), session_options(threads=threads, opt_level=options.opt_level), providers=[provider]
         )
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise ModelLoadError(f"{path}: onnxruntime cannot load the model: {str(e).strip().splitlines()[0]}") from e
+        raise ModelLoadError(f"{path}: onnxruntime cannot load the model: {first_line(e)}") from e
 
 
 def _run(session: Any, feeds: dict[str, np.ndarray], path: Path, what: str) -> list[np.ndarray]:
@@ -267,7 +267,7 @@ def _run(session: Any, feeds: dict[str, np.ndarray], path: Path, what: str) -> l
         return session.run(None, feeds)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         shapes = {name: list(array.shape) for name, array in feeds.items()}
-        raise DataError(f"{path}: onnxruntime failed on {what} (inputs {shapes}): {str(e).strip().splitlines()[0]}") from e
+        raise DataError(f"{path}: onnxruntime failed on {what} (inputs {shapes}): {first_line(e)}") from e
 
 
 def _latency(times_s: Sequence[float]) -> Latency:

@@ -14,6 +14,7 @@ __all__ = [
     "DataError",
     "UsageError",
     "ValidationError",
+    "first_line",
 ]
 
 ISSUE_URL = "the onnxslim issue tracker"
@@ -53,3 +54,9 @@ class ValidationError(OnnxSlimError):
             f"{message}\nThis is a bug in onnxslim, not in your model: nothing was written. "
             f"Please report it on {ISSUE_URL} with the command line and, if you can, the model."
         )
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (library errors can be pages long), or its type when empty."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -31,7 +31,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from onnxslim.errors import ModelLoadError, UnsupportedModelError, UsageError, ValidationError
+from onnxslim.errors import ModelLoadError, UnsupportedModelError, UsageError, ValidationError, first_line
 
 __all__ = [
     "MIN_OPSET",
@@ -144,13 +144,8 @@ def _read_model_and_size(path: Path) -> tuple[onnx.ModelProto, int]:
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
-        raise ModelLoadError(f"{path}: the model is not valid ONNX: {_first_line(e)}") from e
+        raise ModelLoadError(f"{path}: the model is not valid ONNX: {first_line(e)}") from e
     return model, path.stat().st_size + sum(f.stat().st_size for f in data_files)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -361,7 +356,7 @@ def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], outputs: list
         culprit = _first_failing_node(model, nodes)
         raise UnsupportedModelError(
             f"could not evaluate the constant subgraph feeding the model's weights"
-            f"{culprit}: {type(e).__name__}: {_first_line(e)}"
+            f"{culprit}: {type(e).__name__}: {first_line(e)}"
         ) from e
     return dict(zip(outputs, results, strict=True))
 
@@ -540,7 +535,7 @@ def infer_tensor_infos(model: onnx.ModelProto, input_shapes: Mapping[str, Sequen
     try:
         inferred = onnx.shape_inference.infer_shapes(fixed, check_type=False, strict_mode=False, data_prop=True)
     except Exception as e:  # noqa: BLE001 - onnx raises several types; the fallback below covers it
-        logger.warning("onnx shape inference failed (%s); falling back to onnxruntime", _first_line(e))
+        logger.warning("onnx shape inference failed (%s); falling back to onnxruntime", first_line(e))
         inferred = fixed
     infos: dict[str, TensorInfo] = {}
     graph = inferred.graph
@@ -569,7 +564,7 @@ def _infos_from_onnxruntime(
         feeds = random_inputs(model, input_shapes)
         outputs = session.run(names, feeds)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        logger.warning("could not infer %d tensor shapes with onnxruntime either: %s", len(names), _first_line(e))
+        logger.warning("could not infer %d tensor shapes with onnxruntime either: %s", len(names), first_line(e))
         return {}
     infos = {}
     for name, value in zip(names, outputs, strict=True):
@@ -683,7 +678,7 @@ def validate(
     try:
         onnx.checker.check_model(candidate)
     except onnx.checker.ValidationError as e:
-        raise ValidationError(f"the optimized model fails onnx.checker: {_first_line(e)}") from e
+        raise ValidationError(f"the optimized model fails onnx.checker: {first_line(e)}") from e
     want_inputs, want_outputs = _contract(source)
     got_inputs, got_outputs = _contract(candidate)
     if want_inputs != got_inputs:
@@ -698,7 +693,7 @@ def validate(
             None, feeds
         )
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise ValidationError(f"the optimized model does not run in onnxruntime: {_first_line(e)}") from e
+        raise ValidationError(f"the optimized model does not run in onnxruntime: {first_line(e)}") from e
     want = ort.InferenceSession(source.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
     for (name, _, _), a, b in zip(want_outputs, want, got, strict=True):
         if np.shape(a) != np.shape(b):

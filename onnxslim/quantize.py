@@ -58,7 +58,7 @@ import onnx
 
 from onnxslim.bench import physical_cores, session_options, time_interleaved
 from onnxslim.calib import Batch, Dataset
-from onnxslim.errors import DataError, ModelLoadError, UnsupportedModelError, UsageError
+from onnxslim.errors import DataError, ModelLoadError, UnsupportedModelError, UsageError, first_line
 from onnxslim.io import LoadedModel, infer_tensor_infos, normalize_model, validate
 from onnxslim.metrics import (
     Accuracy,
@@ -370,11 +370,6 @@ def _session(
     return _ort().InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     """The model converted to opset `target` and checked; raises on any failure."""
     converted = onnx.version_converter.convert_version(model, target)
@@ -398,7 +393,7 @@ def _basic_optimize(model: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
     try:
         _ort().InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise UnsupportedModelError(f"onnxruntime cannot load the model, so it cannot quantize it: {_first_line(e)}") from e
+        raise UnsupportedModelError(f"onnxruntime cannot load the model, so it cannot quantize it: {first_line(e)}") from e
     optimized = onnx.load_model(options.optimized_model_filepath)
     _strip_unused_domains(optimized)
     # The optimizer keeps the declared inputs and outputs, but make sure: they are the model's contract.
@@ -420,7 +415,7 @@ def _infer_types(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception as e:  # noqa: BLE001 - onnx raises several types
-        logger.debug("onnx shape inference failed on the prepared model: %s", _first_line(e))
+        logger.debug("onnx shape inference failed on the prepared model: %s", first_line(e))
         inferred = model
     graph = inferred.graph
     typed = {v.name for v in [*graph.input, *graph.output, *graph.value_info] if v.type.tensor_type.elem_type}
@@ -451,12 +446,12 @@ def prepare_model(
             if source_opset < MIN_QUANT_OPSET:
                 raise UnsupportedModelError(
                     f"opset {source_opset} has no QuantizeLinear/DequantizeLinear and upgrading the model to opset "
-                    f"{PER_CHANNEL_OPSET} failed ({_first_line(e)}); re-export it with opset {PER_CHANNEL_OPSET} or newer"
+                    f"{PER_CHANNEL_OPSET} failed ({first_line(e)}); re-export it with opset {PER_CHANNEL_OPSET} or newer"
                 ) from e
             want_per_channel = False
             message = (
                 f"per-channel weights need opset {PER_CHANNEL_OPSET} and upgrading from opset {source_opset} failed "
-                f"({_first_line(e)}); quantizing weights per tensor instead"
+                f"({first_line(e)}); quantizing weights per tensor instead"
             )
             logger.warning(message)
             notes.append(message)
@@ -634,7 +629,7 @@ def calibrate(
         try:
             calibrator = _create_calibrator(model_path, method, Path(scratch))
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise UnsupportedModelError(f"onnxruntime cannot prepare the model for calibration: {_first_line(e)}") from e
+            raise UnsupportedModelError(f"onnxruntime cannot prepare the model for calibration: {first_line(e)}") from e
         source = _Peekable(_limited(dataset.batches(), total))
         while source.peek() is not None:
             first = source.peek()
@@ -648,13 +643,13 @@ def calibrate(
                 shapes = {name: list(array.shape) for name, array in first.feeds.items()}
                 raise DataError(
                     f"{dataset.description}: onnxruntime failed to run calibration batch {done} (inputs {shapes}): "
-                    f"{_first_line(e)}"
+                    f"{first_line(e)}"
                 ) from e
             peak = max(peak, reader.held)
         try:
             ranges = calibrator.compute_data()
         except Exception as e:  # noqa: BLE001 - onnxruntime raises anything from ValueError to AssertionError
-            raise UnsupportedModelError(f"onnxruntime's {method} calibrator failed: {_first_line(e)}") from e
+            raise UnsupportedModelError(f"onnxruntime's {method} calibrator failed: {first_line(e)}") from e
         _check_ranges(ranges, dataset.description)
         from onnxruntime.quantization.calibrate import save_tensors_data
 
@@ -711,7 +706,7 @@ def quantize_with_ranges(
                 calibration_cache_path=str(cache_path),
             )
         except Exception as e:  # noqa: BLE001 - the quantizer raises anything from ValueError to AssertionError
-            raise UnsupportedModelError(f"onnxruntime's quantizer failed ({config.label}): {_first_line(e)}") from e
+            raise UnsupportedModelError(f"onnxruntime's quantizer failed ({config.label}): {first_line(e)}") from e
         quantized = onnx.load_model(str(output))
     _strip_unused_domains(quantized)
     kept = [p for p in quantized.metadata_props if p.key not in _ORT_METADATA]
@@ -881,7 +876,7 @@ def measure_latencies(
         try:
             sessions.append(_session(model, threads, spinning=spinning))
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise ModelLoadError(f"onnxruntime cannot load a model to time: {_first_line(e)}") from e
+            raise ModelLoadError(f"onnxruntime cannot load a model to time: {first_line(e)}") from e
 
     def report(rounds: int, spent: float) -> None:
         if progress is not None:
@@ -918,7 +913,7 @@ def _compare(
             want = reference.run([output], batch.feeds)[0][: batch.size]
             got = candidate.run([output], batch.feeds)[0][: batch.size]
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise DataError(f"onnxruntime failed on evaluation batch {number}: {_first_line(e)}") from e
+            raise DataError(f"onnxruntime failed on evaluation batch {number}: {first_line(e)}") from e
         fidelity_meter.update(want, got)
         if accuracy_meters is not None and batch.labels is not None:
             if not is_classifier_output(np.shape(want)):
@@ -1045,7 +1040,7 @@ class _Candidates:
         except UnsupportedModelError as e:
             result = e
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            result = UnsupportedModelError(f"onnxruntime cannot load the int8 model ({config.label}): {_first_line(e)}")
+            result = UnsupportedModelError(f"onnxruntime cannot load the int8 model ({config.label}): {first_line(e)}")
         if isinstance(result, UnsupportedModelError):
             logger.info("%s", result)
         self.built[config] = result
