@@ -17,10 +17,12 @@ Input shapes for analysis come from the model's static dims, from `--input-shape
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,8 +51,12 @@ __all__ = [
     "infer_tensor_infos",
     "annotate_shapes",
     "random_inputs",
+    "check_output_path",
+    "loadable",
     "save_model",
+    "save_text",
     "validate",
+    "write_validated",
 ]
 
 logger = logging.getLogger(__name__)
@@ -142,7 +148,7 @@ def _read_model_and_size(path: Path) -> tuple[onnx.ModelProto, int]:
     data_files = _load_external_data(model, path.parent.resolve(), path)
     _check_opsets(model, path)
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path)) if _is_large(model) else onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
         raise ModelLoadError(f"{path}: the model is not valid ONNX: {first_line(e)}") from e
     return model, path.stat().st_size + sum(f.stat().st_size for f in data_files)
@@ -533,7 +539,7 @@ def infer_tensor_infos(model: onnx.ModelProto, input_shapes: Mapping[str, Sequen
     """
     fixed = fix_input_shapes(model, input_shapes)
     try:
-        inferred = onnx.shape_inference.infer_shapes(fixed, check_type=False, strict_mode=False, data_prop=True)
+        inferred = _infer_shapes(fixed)
     except Exception as e:  # noqa: BLE001 - onnx raises several types; the fallback below covers it
         logger.warning("onnx shape inference failed (%s); falling back to onnxruntime", first_line(e))
         inferred = fixed
@@ -560,7 +566,8 @@ def _infos_from_onnxruntime(
     existing = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing)
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        with loadable(probe) as source:
+            session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
         feeds = random_inputs(model, input_shapes)
         outputs = session.run(names, feeds)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
@@ -613,26 +620,94 @@ def _model_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) or t.ByteSize() for t in _all_tensors(model.graph))
 
 
-def save_model(
-    model: onnx.ModelProto, path: str | os.PathLike[str], *, source: str | os.PathLike[str] | None = None
+def _is_large(model: onnx.ModelProto) -> bool:
+    """Too large to serialize in memory (protobuf's 2 GiB limit, with a margin)."""
+    return _model_bytes(model) > _PROTOBUF_LIMIT - _EXTERNAL_DATA_MARGIN
+
+
+@contextlib.contextmanager
+def loadable(model: onnx.ModelProto) -> Iterator[bytes | str]:
+    """What onnxruntime and onnx.checker can load: the serialized model, or, past protobuf's limit, the
+    path of a temporary copy that keeps its weights in external data."""
+    if not _is_large(model):
+        yield model.SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="onnxslim-") as scratch:
+        path = Path(scratch) / "model.onnx"
+        onnx.save_model(
+            _copy(model), str(path), save_as_external_data=True, location="model.onnx.data", size_threshold=1024
+        )
+        yield str(path)
+
+
+def _check(model: onnx.ModelProto) -> None:
+    """onnx.checker on a model of any size."""
+    if not _is_large(model):
+        onnx.checker.check_model(model)
+        return
+    with loadable(model) as path:
+        onnx.checker.check_model(path)
+
+
+def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx shape inference (with data propagation) on a model of any size."""
+    if not _is_large(model):
+        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    with loadable(model) as path, tempfile.TemporaryDirectory(prefix="onnxslim-") as scratch:
+        inferred = Path(scratch) / "inferred.onnx"
+        onnx.shape_inference.infer_shapes_path(str(path), str(inferred), check_type=False, strict_mode=False, data_prop=True)
+        return onnx.load_model(str(inferred), load_external_data=False)
+
+
+def _protected_files(source: Path) -> list[Path]:
+    """The input model and the external data files it reads: no output may land on any of them."""
+    files = [source]
+    try:
+        header = onnx.load_model(str(source), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError):
+        return files
+    for tensor in _all_tensors(header.graph):
+        files += [source.parent / e.value for e in tensor.external_data if e.key == "location"]
+    return files
+
+
+def check_output_path(
+    path: str | os.PathLike[str], *, sources: Iterable[str | os.PathLike[str]] = ()
 ) -> Path:
-    """Write `model` atomically; never onto `source`. Past ~2 GB the weights go to `<name>.data` beside it."""
+    """Refuse (UsageError, exit 2) an output path that would overwrite an input model or its external data,
+    is a directory, or lies in a folder that does not exist. Commands call it before any long work."""
     path = Path(path)
-    if source is not None and _same_file(path, Path(source)):
-        raise UsageError(f"refusing to overwrite the input model {source}; choose another output path")
+    for source in sources:
+        for protected in _protected_files(Path(source)):
+            if _same_file(path, protected):
+                what = "the input model" if protected == Path(source) else f"the external data of the input model {source}"
+                raise UsageError(f"refusing to overwrite {what} ({protected}); choose another output path")
     if path.is_dir():
-        raise UsageError(f"{path} is a directory; give a file name for the output model")
+        raise UsageError(f"{path} is a directory; give a file name for the output")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"cannot write {path}: folder {parent} does not exist")
-    external = _model_bytes(model) > _PROTOBUF_LIMIT - _EXTERNAL_DATA_MARGIN
+    return path
+
+
+def save_model(
+    model: onnx.ModelProto, path: str | os.PathLike[str], *, source: str | os.PathLike[str] | None = None
+) -> Path:
+    """Write `model` atomically; never onto `source` or its external data.
+
+    Past ~2 GB the weights go to `<name>.<token>.data` beside the model: a fresh name each time, so the model
+    and its data are replaced together by the model's rename (an earlier `<name>.*.data` is removed after).
+    """
+    path = check_output_path(path, sources=[source] if source is not None else [])
+    parent = path.parent if str(path.parent) else Path(".")
+    previous_data = set(parent.glob(f"{path.name}.*.data"))
+    external = _is_large(model)
     with tempfile.TemporaryDirectory(dir=parent, prefix=f".{path.name}.") as staging:
         staged = Path(staging) / path.name
         if external:
-            data_name = f"{path.name}.data"
-            to_save = _copy(model)
+            data_name = f"{path.name}.{uuid.uuid4().hex[:8]}.data"
             onnx.save_model(
-                to_save, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                _copy(model), str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                 location=data_name, size_threshold=1024,
             )
             os.replace(Path(staging) / data_name, parent / data_name)
@@ -642,6 +717,33 @@ def save_model(
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(staged, path)
+    for stale in previous_data:
+        stale.unlink(missing_ok=True)
+    return path
+
+
+def write_validated(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    source: str | os.PathLike[str],
+    input_shapes: Mapping[str, Sequence[int]],
+) -> Path:
+    """Validate `model` against the input *file* as given (so normalization is checked too), then save it.
+
+    The one way commands write models: a failure is a ValidationError (exit 4) and nothing is written.
+    """
+    validate(model, read_model(source), input_shapes)
+    return save_model(model, path, source=source)
+
+
+def save_text(text: str, path: str | os.PathLike[str], *, sources: Iterable[str | os.PathLike[str]] = ()) -> Path:
+    """Write a report file atomically, with the same guards as models."""
+    path = check_output_path(path, sources=sources)
+    parent = path.parent if str(path.parent) else Path(".")
+    with tempfile.NamedTemporaryFile("w", dir=parent, prefix=f".{path.name}.", delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
     return path
 
 
@@ -676,7 +778,7 @@ def validate(
     import onnxruntime as ort
 
     try:
-        onnx.checker.check_model(candidate)
+        _check(candidate)
     except onnx.checker.ValidationError as e:
         raise ValidationError(f"the optimized model fails onnx.checker: {first_line(e)}") from e
     want_inputs, want_outputs = _contract(source)
@@ -686,15 +788,15 @@ def validate(
     if want_outputs != got_outputs:
         raise ValidationError(f"outputs changed from {want_outputs} to {got_outputs}")
     feeds = random_inputs(source, input_shapes)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
     try:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        got = ort.InferenceSession(candidate.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
-            None, feeds
-        )
+        with loadable(candidate) as loaded:
+            got = ort.InferenceSession(loaded, options, providers=["CPUExecutionProvider"]).run(None, feeds)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise ValidationError(f"the optimized model does not run in onnxruntime: {first_line(e)}") from e
-    want = ort.InferenceSession(source.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    with loadable(source) as loaded:
+        want = ort.InferenceSession(loaded, options, providers=["CPUExecutionProvider"]).run(None, feeds)
     for (name, _, _), a, b in zip(want_outputs, want, got, strict=True):
         if np.shape(a) != np.shape(b):
             raise ValidationError(f"output {name!r} has shape {np.shape(b)}, the original {np.shape(a)}")

@@ -24,6 +24,7 @@ from onnxslim.io import (
     random_inputs,
     resolve_input_shapes,
     save_model,
+    save_text,
     validate,
 )
 
@@ -290,15 +291,40 @@ def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path: Path) -> None:
         save_model(model, tmp_path / "no" / "such" / "dir.onnx")
 
 
-def test_save_switches_to_external_data_past_the_protobuf_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_large_models_are_saved_loaded_checked_and_run_through_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past protobuf's 2 GiB limit nothing may be serialized in memory: simulate the limit at 1 KiB, both
+    onnxslim's and onnx.checker's (which refuses in-memory models over it)."""
     monkeypatch.setattr(slim_io, "_PROTOBUF_LIMIT", 1024)
     monkeypatch.setattr(slim_io, "_EXTERNAL_DATA_MARGIN", 0)
-    out = save_model(conv_model(c_in=16, c_out=16), tmp_path / "big.onnx")
-    assert (tmp_path / "big.onnx.data").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
-    reloaded = load_model(out).model
-    assert numpy_helper.to_array(next(t for t in reloaded.graph.initializer if t.name == "w")).shape == (16, 16, 3, 3)
-    os.remove(tmp_path / "big.onnx.data")
+    monkeypatch.setattr(onnx.checker, "MAXIMUM_PROTOBUF", 1024)
+    model = conv_model(c_in=16, c_out=16)
+    out = save_model(model, tmp_path / "big.onnx")
+    (data_file,) = tmp_path.glob("big.onnx.*.data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", data_file.name]
+    loaded = load_model(out)
+    assert numpy_helper.to_array(next(t for t in loaded.model.graph.initializer if t.name == "w")).shape == (16, 16, 3, 3)
+    shapes = {"x": (1, 16, 10, 10)}
+    assert infer_tensor_infos(loaded.model, shapes)["y"].shape == (1, 16, 10, 10)
+    validate(loaded.model, model, shapes)
+    # saving again replaces the model and its data together; the old data file goes
+    save_model(loaded.model, out)
+    (new_data,) = tmp_path.glob("big.onnx.*.data")
+    assert new_data != data_file and sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", new_data.name]
+    assert load_model(out).model.graph.initializer
+
+
+def test_output_may_not_land_on_the_input_models_external_data(tmp_path: Path) -> None:
+    path = _external_model(tmp_path)
+    data = tmp_path / "ext.onnx.data"
+    before = data.read_bytes()
+    with pytest.raises(UsageError, match="external data of the input model"):
+        save_model(conv_model(), data, source=path)
+    with pytest.raises(UsageError, match="external data"):
+        save_text("report", data, sources=[path])
+    assert data.read_bytes() == before
+    assert save_text("| a |", tmp_path / "report.md", sources=[path]).read_text() == "| a |"
 
 
 def test_validate_accepts_an_equivalent_model_and_rejects_broken_contracts() -> None:
