@@ -64,3 +64,31 @@ def test_light_resnet50_matches_its_published_size() -> None:
     assert cost.macs == pytest.approx(4.089e9, rel=1e-3)
     conv_layers = [layer for layer in cost.layers if layer.op_type == "Conv"]
     assert len(conv_layers) == 53 and all(layer.macs > 0 for layer in conv_layers)
+
+
+def test_unknown_shapes_are_reported_not_counted_as_zero() -> None:
+    model = conv_model()
+    cost = compute_cost(model, {})  # nothing inferred
+    assert cost.unknown == ("conv",) and cost.macs == 0
+
+
+def test_qlinear_conv_counts_like_conv(tmp_path) -> None:
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    from onnxslim.calib import DataOptions, open_dataset
+
+    fp32 = conv_model(c_in=4, c_out=8, hw=10)
+    source = tmp_path / "fp32.onnx"
+    onnx.save_model(fp32, str(source))
+
+    class Reader:
+        def __init__(self) -> None:
+            self.batches = iter(b.feeds for b in open_dataset("random:4", fp32, DataOptions()).batches())
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(source), str(tmp_path / "int8.onnx"), Reader(), quant_format=QuantFormat.QOperator)
+    int8 = onnx.load(str(tmp_path / "int8.onnx"))
+    assert any(n.op_type == "QLinearConv" for n in int8.graph.node)
+    assert cost_of(int8).macs == cost_of(fp32).macs == 8 * 10 * 10 * 4 * 9

@@ -1,16 +1,19 @@
 """Parameters and multiply-accumulates per node at given input shapes.
 
-`macs` counts only the multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul: the numbers channel
+`macs` counts only the multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul (and their int8
+QOperator forms): the numbers channel
 pruning changes and the ones latency follows. Everything else is counted separately as `elementwise`: the
 number of elements each other node writes, a rough measure of memory-bound work. `params` counts the
 elements of floating-point initializers and of quantized weights (integer initializers a DequantizeLinear
-reads), each once (attributed to its first reader).
+reads), each once (attributed to its first reader). A MAC layer whose shapes are unknown is listed in
+`unknown`, never silently counted as zero.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import onnx
@@ -39,6 +42,11 @@ class ModelCost:
     params: int
     macs: int
     elementwise: int
+    unknown: tuple[str, ...] = ()  # MAC layers whose shapes are unknown: `macs` leaves them out
+
+    def top_layers(self, count: int) -> list[LayerCost]:
+        """The `count` layers with the most MACs, most first."""
+        return sorted((layer for layer in self.layers if layer.macs), key=lambda layer: -layer.macs)[:count]
 
     def by_name(self) -> dict[str, LayerCost]:
         return {layer.name: layer for layer in self.layers}
@@ -49,8 +57,8 @@ def _shape(infos: Mapping[str, TensorInfo], name: str) -> tuple[int, ...] | None
     return info.shape if info is not None else None
 
 
-def _conv_macs(node: onnx.NodeProto, infos: Mapping[str, TensorInfo]) -> int | None:
-    out, weight = _shape(infos, node.output[0]), _shape(infos, node.input[1])
+def _conv_macs(node: onnx.NodeProto, infos: Mapping[str, TensorInfo], weight_input: int = 1) -> int | None:
+    out, weight = _shape(infos, node.output[0]), _shape(infos, node.input[weight_input])
     if out is None or weight is None:
         return None
     # weight [C_out, C_in / group, k...]: each output element reads C_in/group * prod(k) inputs
@@ -87,6 +95,11 @@ MAC_OPS: Mapping[str, Callable[[onnx.NodeProto, Mapping[str, TensorInfo]], int |
     "ConvTranspose": _conv_transpose_macs,
     "Gemm": _gemm_macs,
     "MatMul": _matmul_macs,
+    # int8 forms written by QOperator quantization: the same arithmetic, so the same count
+    "ConvInteger": _conv_macs,
+    "QLinearConv": partial(_conv_macs, weight_input=3),  # x, x_scale, x_zero_point, w, ...
+    "MatMulInteger": _matmul_macs,
+    "QLinearMatMul": _matmul_macs,
 }
 
 
@@ -101,6 +114,7 @@ def compute_cost(model: onnx.ModelProto, infos: Mapping[str, TensorInfo]) -> Mod
     }
     counted: set[str] = set()
     layers = []
+    unknown = []
     for node in model.graph.node:
         params = 0
         for name in node.input:
@@ -108,7 +122,10 @@ def compute_cost(model: onnx.ModelProto, infos: Mapping[str, TensorInfo]) -> Mod
                 counted.add(name)
                 params += float_initializers[name]
         mac_rule = MAC_OPS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        macs = (mac_rule(node, infos) or 0) if mac_rule is not None else 0
+        found = mac_rule(node, infos) if mac_rule is not None else 0
+        if found is None:
+            unknown.append(node.name)
+        macs = found or 0
         elementwise = 0
         if mac_rule is None:
             elementwise = sum(int(np.prod(s)) for o in node.output if o and (s := _shape(infos, o)) is not None)
@@ -118,4 +135,5 @@ def compute_cost(model: onnx.ModelProto, infos: Mapping[str, TensorInfo]) -> Mod
         params=sum(layer.params for layer in layers),
         macs=sum(layer.macs for layer in layers),
         elementwise=sum(layer.elementwise for layer in layers),
+        unknown=tuple(unknown),
     )
