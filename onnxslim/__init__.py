@@ -4,9 +4,10 @@ from onnxslim.bench import benchmark
 from onnxslim.calib import open_dataset
 from onnxslim.errors import OnnxSlimError
 from onnxslim.io import load_model, save_model, validate
+from onnxslim.model_info import inspect_model
 from onnxslim.prune import prune_model
 from onnxslim.quantize import quantize_model
 
 __version__ = "0.1.0"
 
-__all__ = ["OnnxSlimError", "__version__", "benchmark", "load_model", "open_dataset", "prune_model", "quantize_model", "save_model", "validate"]
+__all__ = ["OnnxSlimError", "__version__", "benchmark", "inspect_model", "load_model", "open_dataset", "prune_model", "quantize_model", "save_model", "validate"]

@@ -495,7 +495,7 @@ def resolve_input_shapes(
         if symbolic and symbolic != [0]:
             raise UsageError(
                 f"input {value.name!r} has symbolic dims ({_dims_text(declared)}); give concrete ones with "
-                f"--input-shapes {value.name}:{','.join(str(d) if isinstance(d, int) and d > 0 else 'N' for d in declared)}"
+                f"--input-shapes {value.name}:{','.join(str(d) if isinstance(d, int) and d > 0 else f'<{d}>' for d in declared)}"
             )
         shapes[value.name] = tuple(1 if axis in symbolic else int(d) for axis, d in enumerate(declared))
     return shapes
