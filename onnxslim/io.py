@@ -476,7 +476,7 @@ def resolve_input_shapes(
     for value in inputs:
         declared = _declared_dims(value)
         if value.name in overrides:
-            given = tuple(int(d) for d in overrides[value.name])  # type: ignore[arg-type]
+            given = tuple(int(d) for d in overrides[value.name])
             if declared is not None and len(declared) != len(given):
                 raise UsageError(
                     f"--input-shapes {value.name}: rank {len(given)} given, but the input has rank "

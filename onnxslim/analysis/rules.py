@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import numpy as np
 import onnx
@@ -148,7 +149,7 @@ class NodeView:
         shape = self.output_shapes[0]
         return len(shape) if shape is not None else 0
 
-    def attr(self, name: str, default: object = None) -> object:
+    def attr(self, name: str, default: Any = None) -> Any:
         return self.node.attrs.get(name, default)
 
 
@@ -240,7 +241,7 @@ def _conv(view: NodeView) -> Decision:
         return Block("Conv with a computed (non-constant) weight")
     if view.is_variable(2):
         return Block("Conv with a computed (non-constant) bias")
-    group = int(view.attr("group", 1))  # type: ignore[arg-type]
+    group = int(view.attr("group", 1))
     if group == 1:
         return Create(out_axis=1, channels=int(weight.shape[0]))
     in_channels = view.shape(0)[1]
@@ -257,7 +258,7 @@ def _conv_transpose(view: NodeView) -> Decision:
         return Block("ConvTranspose with a computed (non-constant) weight")
     if view.is_variable(2):
         return Block("ConvTranspose with a computed (non-constant) bias")
-    if int(view.attr("group", 1)) != 1:  # type: ignore[arg-type]
+    if int(view.attr("group", 1)) != 1:
         return Block("grouped ConvTranspose is not supported yet")
     return Create(out_axis=1, channels=int(weight.shape[1]))
 
@@ -295,7 +296,7 @@ def _reduce_axes(view: NodeView) -> list[int] | None:
     if not axes:
         return None
     rank = len(view.shape(0))
-    return sorted(int(a) % rank for a in axes)  # type: ignore[union-attr]
+    return sorted(int(a) % rank for a in axes)
 
 
 def _reduce(view: NodeView) -> Decision:
@@ -322,10 +323,10 @@ def _softmax(view: NodeView) -> Decision:
         return Block("its input carries no channels")
     rank = len(view.shape(0))
     if view.opset < 13:
-        normalized_from = int(view.attr("axis", 1)) % rank  # type: ignore[arg-type]
+        normalized_from = int(view.attr("axis", 1)) % rank
         if axis >= normalized_from:
             return Block(f"{view.op} over the channel axis mixes the channels")
-    elif int(view.attr("axis", -1)) % rank == axis:  # type: ignore[arg-type]
+    elif int(view.attr("axis", -1)) % rank == axis:
         return Block(f"{view.op} over the channel axis mixes the channels")
     return Flow((0,), axis)
 
@@ -334,7 +335,7 @@ def _layer_norm(view: NodeView) -> Decision:
     axis = view.axis(0)
     if axis is None:
         return Block("its input carries no channels")
-    if int(view.attr("axis", -1)) % len(view.shape(0)) <= axis:  # type: ignore[arg-type]
+    if int(view.attr("axis", -1)) % len(view.shape(0)) <= axis:
         return Block("LayerNormalization over the channel axis mixes the channels")
     return Flow((0,), axis)
 
@@ -357,7 +358,7 @@ def _pad(view: NodeView) -> Decision:
         padded_axes = [int(a) % rank for a in value.tolist()]
     else:
         padded_axes = list(range(rank))
-    pads = list(pads)  # type: ignore[call-overload]
+    pads = list(pads)
     count = len(padded_axes)
     for position, padded in enumerate(padded_axes):
         if padded == axis and (pads[position] or pads[position + count]):
@@ -428,7 +429,7 @@ def _squeeze_axes(view: NodeView) -> list[int] | None:
         if value is None:
             return None
         axes = value.tolist()
-    return list(axes) if axes is not None else []  # type: ignore[call-overload]
+    return list(axes) if axes is not None else []
 
 
 def _squeeze(view: NodeView) -> Decision:
@@ -462,14 +463,14 @@ def _transpose(view: NodeView) -> Decision:
         return Block("its input carries no channels")
     rank = len(view.shape(0))
     perm = view.attr("perm")
-    perm_list = list(reversed(range(rank))) if perm is None else [int(p) for p in perm]  # type: ignore[union-attr]
+    perm_list = list(reversed(range(rank))) if perm is None else [int(p) for p in perm]
     return Flow((0,), perm_list.index(axis))
 
 
 def _concat(view: NodeView) -> Decision:
     """Concat on the channel axis stacks segments; on another axis it joins its operands' channels."""
     rank = view.out_rank()
-    concat_axis = int(view.attr("axis", 0)) % rank  # type: ignore[arg-type]
+    concat_axis = int(view.attr("axis", 0)) % rank
     operands = [i for i in range(len(view.node.inputs)) if view.is_variable(i)]
     if len(operands) < sum(1 for i in range(len(view.node.inputs)) if view.has_input(i)):
         return Block("Concat with a constant operand")
@@ -494,8 +495,8 @@ def _split_sizes(view: NodeView, dim: int) -> list[int] | None:
             return None
         sizes = value.tolist()
     if sizes:
-        return [int(s) for s in sizes]  # type: ignore[union-attr]
-    parts = int(view.attr("num_outputs", len(view.node.outputs)))  # type: ignore[arg-type]
+        return [int(s) for s in sizes]
+    parts = int(view.attr("num_outputs", len(view.node.outputs)))
     chunk = -(-dim // parts)
     return [min(chunk, max(dim - chunk * i, 0)) for i in range(parts)]
 
@@ -505,7 +506,7 @@ def _split(view: NodeView) -> Decision:
     if axis is None:
         return Block("its input carries no channels")
     shape = view.shape(0)
-    split_axis = int(view.attr("axis", 0)) % len(shape)  # type: ignore[arg-type]
+    split_axis = int(view.attr("axis", 0)) % len(shape)
     channels = shape[axis]
     if split_axis != axis:
         return Partition(tuple((0, channels) for _ in view.node.outputs), axis)
@@ -530,10 +531,10 @@ def _slice_arguments(view: NodeView) -> tuple[list[int], list[int], list[int], l
         if any(view.is_variable(i) for i in range(1, 5)):
             return None
         starts, ends, axes, steps = (v.tolist() if v is not None else None for v in values)
-    starts_list = [int(v) for v in starts]  # type: ignore[union-attr]
-    axes_list = [int(a) % rank for a in axes] if axes else list(range(len(starts_list)))  # type: ignore[union-attr]
-    steps_list = [int(v) for v in steps] if steps else [1] * len(starts_list)  # type: ignore[union-attr]
-    return starts_list, [int(v) for v in ends], axes_list, steps_list  # type: ignore[union-attr]
+    starts_list = [int(v) for v in starts]
+    axes_list = [int(a) % rank for a in axes] if axes else list(range(len(starts_list)))
+    steps_list = [int(v) for v in steps] if steps else [1] * len(starts_list)
+    return starts_list, [int(v) for v in ends], axes_list, steps_list
 
 
 def _slice(view: NodeView) -> Decision:
