@@ -20,9 +20,17 @@ from onnxslim import __version__
 from onnxslim.bench import OPT_LEVELS, BenchOptions, benchmark, physical_cores
 from onnxslim.calib import DataOptions, ImageOptions, open_dataset
 from onnxslim.errors import OnnxSlimError, UsageError
-from onnxslim.io import fix_input_shapes, load_model, parse_input_shapes, save_model
+from onnxslim.io import (
+    check_output_path,
+    fix_input_shapes,
+    load_model,
+    parse_input_shapes,
+    save_model,
+    save_text,
+    write_validated,
+)
 from onnxslim.model_info import inspect_model
-from onnxslim.prune import CRITERIA, prune_model
+from onnxslim.prune import CRITERIA, PruneOptions, prune_model, save_plan
 from onnxslim.quantize import (
     FORMATS,
     INT8_TYPES,
@@ -35,6 +43,7 @@ from onnxslim.quantize import (
 from onnxslim.report import (
     bench_json,
     inspect_json,
+    plan_record,
     prune_json,
     quantize_json,
     render_bench,
@@ -241,8 +250,8 @@ def bench(
     p50s from the same run), throughput, size, params, MACs, fidelity against the first, accuracy when the
     data has labels, and peak memory. Without --data, inputs are random.
     """
-    if markdown_path is not None and any(Path(markdown_path).resolve() == Path(m).resolve() for m in models):
-        raise UsageError(f"--markdown {markdown_path} is one of the models; refusing to overwrite it")
+    if markdown_path is not None:
+        check_output_path(markdown_path, sources=models)
     options = BenchOptions(
         threads=threads, warmup=warmup, repeat=repeat, provider=provider, opt_level=opt_level, output=output_name,
         memory=memory,
@@ -259,49 +268,102 @@ def bench(
             models, data=data, data_options=data_options, options=options,
             progress=None if ctx.obj.get("quiet") else advance,
         )
-    if markdown_path is not None:
-        Path(markdown_path).write_text(render_bench(result, markdown=True) + "\n")
     click.echo(to_json(bench_json(result)) if as_json else render_bench(result))
+    if markdown_path is not None:
+        save_text(render_bench(result, markdown=True) + "\n", markdown_path, sources=models)
 
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=True, path_type=str))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="Where to write the pruned model.")
-@click.option("--ratio", type=click.FloatRange(0, 1, max_open=True), required=True,
-              help="Fraction of each prunable channel group's channels to remove (the lowest-scoring ones).")
+@click.option("--ratio", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Fraction of each prunable channel group's channels to remove (the lowest-scoring ones), the "
+              "same in every group. Exclusive with --target-macs and --plan.")
+@click.option("--target-macs", type=click.FloatRange(0, 1, min_open=True), default=None, metavar="F",
+              help="Keep this fraction of the model's Conv/Gemm/MatMul MACs (e.g. 0.5): channels are ranked "
+              "globally, each group's scores divided by the group's mean score so groups of any weight scale "
+              "compete fairly; a budget that cannot be met is met as far as possible with a warning.")
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False, exists=True, path_type=str), default=None,
+              metavar="PLAN.json", help="Apply exactly the channels removed in a plan saved by --plan-out (no "
+              "scoring); refused if it was made for another model.")
+@click.option("--plan-out", type=click.Path(dir_okay=False, path_type=str), default=None, metavar="PLAN.json",
+              help="Write the channels removed per group, with the model's sha256, to reproduce this prune.")
 @click.option("--criterion", type=click.Choice(sorted(CRITERIA)), default="l1", show_default=True,
-              help="How channels are scored: l1 or l2 norm of each source's output-channel weights.")
-@click.option("--round-to", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Round each group's channels kept up to a multiple of this (8 or 16 suit CPU kernels).")
+              help="How channels are scored: l1 or l2 norm of each source's output-channel weights; bn: |gamma| "
+              "of the following BatchNormalization (PyTorch eval exports fold BN: then use l1); random: a "
+              "baseline, seeded by --seed.")
+@click.option("--round-to", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Round each group's channels kept (each Concat segment's) up to a multiple of this. CPU kernels "
+              "run best on multiples of 8: in benchmarks/prune_budget.py unrounded channel counts made pruned "
+              "models up to 1.6x slower than rounded ones at the same MACs (sometimes slower than the original). "
+              "1 disables rounding.")
+@click.option("--min-keep", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Channels every group (and every Concat segment) keeps at least.")
+@click.option("--exclude", multiple=True, metavar="PATTERN",
+              help="Leave alone the groups created by nodes whose name matches this glob, or of this op type "
+              "(repeat for several: --exclude 'head.*' --exclude Gemm).")
+@click.option("--protect-first/--no-protect-first", default=True, show_default=True,
+              help="Leave alone the group created by the first layer (on by default: the most sensitive).")
+@click.option("--protect-last/--no-protect-last", default=True, show_default=True,
+              help="Leave alone the groups feeding the last classifier or head layers (on by default).")
+@click.option("--lossless", is_flag=True,
+              help="Remove dead channels (provably zero at every consumer, e.g. zero filter and bias then Relu) "
+              "with no change to the outputs, and constant channels where folding them into the consumers' bias "
+              "is exact (Gemm, unpadded Conv); alone, or first, with --ratio/--target-macs taking the rest.")
 @input_shapes_option
 @fix_shapes_option
 @json_option
+@click.pass_context
 def prune(
+    ctx: click.Context,
     model: str,
     output: str,
-    ratio: float,
+    ratio: float | None,
+    target_macs: float | None,
+    plan_path: str | None,
+    plan_out: str | None,
     criterion: str,
     round_to: int,
+    min_keep: int,
+    exclude: tuple[str, ...],
+    protect_first: bool,
+    protect_last: bool,
+    lossless: bool,
     input_shapes: tuple[str, ...],
     fix_shapes: bool,
     as_json: bool,
 ) -> None:
-    """Remove the lowest-scoring fraction --ratio of every prunable channel group's channels from MODEL.
+    """Remove channels from MODEL: a uniform --ratio, a --target-macs budget, a saved --plan, or --lossless.
 
     Channels are physically removed from every layer that creates, follows or consumes them; the result is
     validated (checker, onnxruntime run, same inputs and outputs) before it is written to --output.
     Groups that cannot be pruned are listed with the node that blocks them.
     """
-    result = prune_model(
-        load_model(model),
+    given = [name for name, value in (("--ratio", ratio), ("--target-macs", target_macs), ("--plan", plan_path))
+             if value is not None]
+    if len(given) > 1:
+        raise click.UsageError(f"{' and '.join(given)} are exclusive: give one")
+    if not given and not lossless:
+        raise click.UsageError("say how much to prune: --ratio, --target-macs, --plan or --lossless")
+    options = PruneOptions(
         ratio=ratio,
+        target_macs=target_macs,
         criterion=criterion,
-        input_shapes=parse_input_shapes(input_shapes),
         round_to=round_to,
+        min_keep=min_keep,
+        exclude=exclude,
+        protect_first=protect_first,
+        protect_last=protect_last,
+        seed=ctx.obj["seed"],
+        lossless=lossless,
+        plan_path=plan_path,
     )
+    result = prune_model(load_model(model), options, input_shapes=parse_input_shapes(input_shapes))
     pruned = fix_input_shapes(result.model, result.analysis_shapes) if fix_shapes else result.model
     save_model(pruned, output, source=model)
-    click.echo(to_json(prune_json(result, output)) if as_json else render_prune(result, output))
+    if plan_out is not None:
+        save_plan(plan_out, result.plan, result.groups, result.model_sha256, plan_record(result))
+    click.echo(to_json(prune_json(result, output, plan_out)) if as_json else render_prune(result, output))
 
 
 @cli.command()
@@ -355,6 +417,7 @@ def quantize(
     """
     if Path(output).resolve() == Path(model).resolve():
         raise UsageError(f"refusing to overwrite the input model {model}; choose another output path")
+    check_output_path(output, sources=[model])
     loaded = load_model(model)
     calib_data = open_dataset(calib, loaded.model, data_options)
     evaluation = open_dataset(eval_data, loaded.model, data_options) if eval_data is not None else None
@@ -380,7 +443,7 @@ def quantize(
             loaded, calib_data, options, eval_data=evaluation,
             progress=None if ctx.obj.get("quiet") else advance,
         )
-    save_model(result.model, output, source=model)
+    write_validated(result.model, output, source=model, input_shapes=calib_data.input_shapes)
     if not result.quantized:
         logger.warning("%s; wrote the fp32 model to %s", result.reason, output)
     click.echo(to_json(quantize_json(result, output)) if as_json else render_quantize(result, output))

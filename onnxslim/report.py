@@ -18,7 +18,7 @@ from onnxslim.model_info import ModelInfo
 from onnxslim.prune.pruner import PruneResult
 from onnxslim.quantize import CandidateTiming, QuantizeResult
 
-__all__ = ["to_jsonable", "to_json", "format_count", "format_bytes", "format_table", "render_inspect", "inspect_json", "render_bench", "bench_json", "render_groups", "groups_json", "render_prune", "prune_json", "render_quantize", "quantize_json"]
+__all__ = ["to_jsonable", "to_json", "format_count", "format_bytes", "format_table", "render_inspect", "inspect_json", "render_bench", "bench_json", "render_groups", "groups_json", "render_prune", "prune_json", "plan_record", "render_quantize", "quantize_json"]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -72,7 +72,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, markd
     def line(row: Sequence[str]) -> str:
         return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric, strict=True))
 
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)]).rstrip()
+    return "\n".join(line(r).rstrip() for r in [list(headers), ["-" * w for w in widths], *cells])
 
 
 def _looks_numeric(text: str) -> bool:
@@ -99,7 +99,9 @@ def render_inspect(info: ModelInfo, *, top: int = 10) -> str:
         "",
         "analysis shapes  " + ", ".join(f"{n}:{','.join(map(str, s))}" for n, s in info.analysis_shapes.items()),
         f"params     {format_count(info.params)}",
-        f"MACs       {format_count(info.macs)}   (Conv/ConvTranspose/Gemm/MatMul at the analysis shapes)",
+        f"MACs       {format_count(info.macs)}   (Conv/ConvTranspose/Gemm/MatMul at the analysis shapes)"
+        + (f"; unknown for {len(info.cost.unknown)} layers whose shapes could not be inferred: "
+           + ", ".join(info.cost.unknown[:5]) + (" ..." if len(info.cost.unknown) > 5 else "") if info.cost.unknown else ""),
         "weights    "
         + ", ".join(
             f"{label} {count} tensors / {format_count(elements)} values"
@@ -114,7 +116,7 @@ def render_inspect(info: ModelInfo, *, top: int = 10) -> str:
         "",
         "ops        " + ", ".join(f"{op} {n}" for op, n in info.ops.items()),
     ]
-    heavy = sorted((layer for layer in info.cost.layers if layer.macs), key=lambda layer: -layer.macs)[:top]
+    heavy = info.cost.top_layers(top)
     if heavy:
         total = max(info.macs, 1)
         lines += [
@@ -149,6 +151,7 @@ def inspect_json(info: ModelInfo) -> dict[str, Any]:
         "params": info.params,
         "macs": info.macs,
         "elementwise": info.cost.elementwise,
+        "macs_unknown_layers": list(info.cost.unknown),
         "weight_storage": {
             kind: {"tensors": count, "values": values}
             for kind, (count, values) in (
@@ -306,13 +309,15 @@ def render_prune(result: PruneResult, output: str | None = None) -> str:
          _change(result.size_before, result.size_after)),
     ]
     lines = [
-        f"criterion  {result.criterion}   ratio {result.ratio:g}   analysis shapes "
+        f"criterion  {result.criterion}   {_budget(result)}   analysis shapes "
         + ", ".join(f"{n}:{','.join(map(str, s))}" for n, s in result.analysis_shapes.items()),
         f"groups     {len(result.groups)} found, {result.prunable_groups} prunable, {result.pruned_groups} pruned, "
         f"{result.channels_removed} channels removed",
         "",
         format_table(["", "before", "after", "change"], rows),
     ]
+    if result.left_alone:
+        lines += ["", format_table(["left alone", "why"], sorted(result.left_alone.items()))]
     if result.blocked:
         lines += [
             "",
@@ -327,12 +332,53 @@ def render_prune(result: PruneResult, output: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def prune_json(result: PruneResult, output: str | None = None) -> dict[str, Any]:
+def _budget(result: PruneResult) -> str:
+    options = result.options
+    if options.plan_path is not None:
+        text = f"plan {options.plan_path}"
+    elif options.target_macs is not None:
+        text = f"target MACs {options.target_macs:g}" + ("" if result.budget_met else " (not met)")
+    elif options.ratio is not None:
+        text = f"ratio {options.ratio:g}"
+    else:
+        text = "lossless only"
+    if options.lossless:
+        text += f"   lossless removed {result.lossless_removed}"
+    return text + f"   round-to {options.round_to}"
+
+
+def plan_record(result: PruneResult) -> dict[str, Any]:
+    """How a plan was made, recorded in the plan file (informational; applying a plan does not read it)."""
+    options = result.options
+    return {
+        "criterion": options.criterion,
+        "ratio": options.ratio,
+        "target_macs": options.target_macs,
+        "round_to": options.round_to,
+        "min_keep": options.min_keep,
+        "exclude": list(options.exclude),
+        "protect_first": options.protect_first,
+        "protect_last": options.protect_last,
+        "lossless": options.lossless,
+        "seed": options.seed,
+    }
+
+
+def prune_json(result: PruneResult, output: str | None = None, plan_out: str | None = None) -> dict[str, Any]:
     """The `prune --json` object."""
     return {
         "output": output,
         "criterion": result.criterion,
         "ratio": result.ratio,
+        "target_macs": result.options.target_macs,
+        "budget_met": result.budget_met,
+        "round_to": result.options.round_to,
+        "min_keep": result.options.min_keep,
+        "lossless_removed": result.lossless_removed,
+        "plan": result.options.plan_path,
+        "plan_out": plan_out,
+        "model_sha256": result.model_sha256,
+        "left_alone": [{"group": gid, "reason": why} for gid, why in sorted(result.left_alone.items())],
         "analysis_shapes": to_jsonable(result.analysis_shapes),
         "params_before": result.params_before,
         "params_after": result.params_after,

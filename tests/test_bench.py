@@ -238,3 +238,14 @@ def test_time_interleaved_alternates_order_and_cycles_feeds() -> None:
     assert calls[:2] == [("a", 0), ("b", 0)]  # warm-up, untimed
     assert calls[2:] == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 0), ("b", 0)]
     assert times == [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]  # one injected tick per timed run
+
+
+def test_markdown_into_a_missing_folder_is_refused_before_any_work(tmp_path: Path) -> None:
+    model = Path(__file__).parent.parent / "models" / "mnist_resnet.onnx"
+    code, out, err = invoke("bench", str(model), "--repeat", "2", "--no-memory", "--markdown", str(tmp_path / "no" / "r.md"))
+    assert (code, out) == (2, "") and "does not exist" in err
+    code, out, err = invoke("bench", str(model), "--repeat", "2", "--no-memory", "--markdown", str(model))
+    assert code == 2 and "refusing to overwrite the input model" in err
+    report = tmp_path / "r.md"
+    code, out, _ = invoke("bench", str(model), "--repeat", "2", "--no-memory", "--markdown", str(report))
+    assert code == 0 and "speedup" in out and report.read_text().startswith("batch 1")

@@ -90,3 +90,29 @@ def test_plan_by_ratio_removes_the_lowest_floor_ratio_and_keeps_one() -> None:
     assert plan_by_ratio([_group(2)], {"g": np.ones(2)}, 0.99).kept == {"g": (1,)}  # ties: lower index first
     with pytest.raises(UsageError):
         plan_by_ratio(groups, scores, 1.0)
+
+
+def test_bn_criterion_is_normalized_gamma_and_falls_back_to_l1_without_bn() -> None:
+    b = ModelBuilder((3, 6, 6))
+    x = b.relu(b.bn(b.conv(b.input, 8, 3)))
+    y = b.relu(b.conv(x, 6, 3))
+    groups, graph = analysed(b.build(b.conv(y, 4)))
+    bn = next(n for n in graph.nodes if n.op == "BatchNormalization")
+    gamma = np.abs(np.asarray(bn.inputs[1].values, np.float64))
+    np.testing.assert_allclose(CRITERIA["bn"](groups[0], graph), gamma / gamma.mean())
+    np.testing.assert_allclose(CRITERIA["bn"](groups[1], graph), l1_importance(groups[1], graph))
+
+
+def test_bn_criterion_on_a_model_without_batchnorm_says_why() -> None:
+    b = ModelBuilder((3, 6, 6))
+    groups, graph = analysed(b.build(b.conv(b.relu(b.conv(b.input, 8, 3)), 4)))
+    with pytest.raises(UsageError, match="fold"):
+        score_groups(groups, graph, "bn")
+
+
+def test_random_criterion_is_seeded() -> None:
+    b = ModelBuilder((3, 6, 6))
+    groups, graph = analysed(b.build(b.conv(b.relu(b.conv(b.input, 8, 3)), 4)))
+    first = score_groups(groups, graph, "random", seed=1)
+    assert all(np.array_equal(first[k], v) for k, v in score_groups(groups, graph, "random", seed=1).items())
+    assert not np.array_equal(first[groups[0].id], score_groups(groups, graph, "random", seed=2)[groups[0].id])

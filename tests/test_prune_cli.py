@@ -15,6 +15,8 @@ from onnxslim.cli import cli
 from onnxslim.errors import ValidationError
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
+NO_PROTECT = ["--no-protect-first", "--no-protect-last"]  # the command line protects first and last by default
+UNROUNDED = ["--round-to", "1"]  # ... and rounds to 8, which leaves these 4-8 channel test groups whole
 
 
 @pytest.fixture
@@ -30,7 +32,7 @@ def model_with_blocker(tmp_path: Path) -> Path:
 
 def test_prune_json_and_output(model_with_blocker: Path, tmp_path: Path) -> None:
     out = tmp_path / "pruned.onnx"
-    result = CliRunner().invoke(cli, ["prune", str(model_with_blocker), "-o", str(out), "--ratio", "0.5", "--json"])
+    result = CliRunner().invoke(cli, ["prune", str(model_with_blocker), "-o", str(out), "--ratio", "0.5", *UNROUNDED, "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     for key in ("macs_before", "macs_after", "params_before", "params_after", "groups", "prunable_groups",
@@ -47,7 +49,7 @@ def test_prune_json_and_output(model_with_blocker: Path, tmp_path: Path) -> None
 
 def test_prune_text_summary(model_with_blocker: Path, tmp_path: Path) -> None:
     out = tmp_path / "pruned.onnx"
-    result = CliRunner().invoke(cli, ["prune", str(model_with_blocker), "-o", str(out), "--ratio", "0.3", "--criterion", "l2"])
+    result = CliRunner().invoke(cli, ["prune", str(model_with_blocker), "-o", str(out), "--ratio", "0.3", "--criterion", "l2", *NO_PROTECT, *UNROUNDED])
     assert result.exit_code == 0, result.output
     assert "5 found, 3 prunable, 3 pruned" in result.stdout
     assert "MACs" in result.stdout and "unsupported op LpNormalization" in result.stdout
@@ -55,7 +57,7 @@ def test_prune_text_summary(model_with_blocker: Path, tmp_path: Path) -> None:
 
 def test_prune_round_to(model_with_blocker: Path, tmp_path: Path) -> None:
     out = tmp_path / "pruned.onnx"
-    args = ["prune", str(model_with_blocker), "-o", str(out), "--ratio", "0.5", "--round-to", "3", "--json"]
+    args = ["prune", str(model_with_blocker), "-o", str(out), *NO_PROTECT, "--ratio", "0.5", "--round-to", "3", "--json"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     saved = onnx.load(out)
@@ -96,7 +98,7 @@ def test_validation_failure_exits_4_and_writes_nothing(
 
     monkeypatch.setattr(rewrite, "validate", fail)
     out = tmp_path / "pruned.onnx"
-    result = CliRunner().invoke(cli, ["prune", str(model_with_blocker), "-o", str(out), "--ratio", "0.5"])
+    result = CliRunner().invoke(cli, ["prune", str(model_with_blocker), "-o", str(out), "--ratio", "0.5", *UNROUNDED])
     assert result.exit_code == 4
     assert "boom" in result.stderr and not out.exists()
 
@@ -105,7 +107,7 @@ def test_validation_failure_exits_4_and_writes_nothing(
 def test_prune_trained_model_from_the_command_line(name: str, tmp_path: Path) -> None:
     path = MODELS / f"{name}.onnx"
     out = tmp_path / "pruned.onnx"
-    result = CliRunner().invoke(cli, ["prune", str(path), "-o", str(out), "--ratio", "0.3", "--json"])
+    result = CliRunner().invoke(cli, ["prune", str(path), "-o", str(out), "--ratio", "0.3", *UNROUNDED, "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["macs_after"] < 0.8 * report["macs_before"] and out.exists()
@@ -130,3 +132,69 @@ def test_symbolic_batch_is_kept_unless_fix_shapes(tmp_path: Path) -> None:
 
     assert input_dims(kept) == ["batch", 1, 28, 28]
     assert input_dims(fixed) == [8, 1, 28, 28]
+
+
+def test_target_macs_json_keys_and_exclusive_budgets(model_with_blocker: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pruned.onnx"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["prune", str(model_with_blocker), "-o", str(out), "--target-macs", "0.7", *NO_PROTECT, *UNROUNDED, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["target_macs"] == 0.7 and report["round_to"] == 1 and report["criterion"] == "l1"
+    assert report["lossless_removed"] == 0 and report["plan"] is None and isinstance(report["budget_met"], bool)
+    assert {"ratio", "macs_after", "blocked", "pruned"} <= set(report)
+    both = runner.invoke(cli, ["prune", str(model_with_blocker), "-o", str(out), "--ratio", "0.3", "--target-macs", "0.5"])
+    assert both.exit_code == 2 and "exclusive" in both.stderr
+    assert runner.invoke(cli, ["prune", str(model_with_blocker), "-o", str(out)]).exit_code == 2
+
+
+def test_unmeetable_budget_is_a_warning_and_budget_met_false(model_with_blocker: Path, tmp_path: Path) -> None:
+    args = ["prune", str(model_with_blocker), "-o", str(tmp_path / "p.onnx"), "--target-macs", "0.05", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["budget_met"] is False
+    assert "cannot be met" in result.stderr
+
+
+def test_protection_is_on_by_default_and_says_why(model_with_blocker: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["prune", str(model_with_blocker), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.5", "--json"])
+    assert result.exit_code == 0, result.output
+    reasons = [entry["reason"] for entry in json.loads(result.stdout)["left_alone"]]
+    assert any("--protect-first" in r for r in reasons) and any("--protect-last" in r for r in reasons)
+    helptext = " ".join(CliRunner().invoke(cli, ["prune", "--help"]).stdout.split())
+    assert "--no-protect-first" in helptext and "on by default" in helptext
+    assert json.loads(result.stdout)["round_to"] == 8 and "1 disables rounding" in helptext
+
+
+def test_exclude_min_keep_criteria_and_lossless_from_the_command_line(model_with_blocker: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    base = ["prune", str(model_with_blocker), "-o", str(tmp_path / "p.onnx"), *NO_PROTECT, *UNROUNDED, "--json"]
+    excluded = json.loads(runner.invoke(cli, [*base, "--ratio", "0.5", "--exclude", "Conv"]).stdout)
+    assert excluded["channels_removed"] == 0 and all("--exclude 'Conv'" in e["reason"] for e in excluded["left_alone"])
+    kept = json.loads(runner.invoke(cli, [*base, "--ratio", "0.9", "--min-keep", "3"]).stdout)
+    assert kept["pruned"] and all(entry["kept"] == 3 for entry in kept["pruned"])
+    assert json.loads(runner.invoke(cli, [*base, "--ratio", "0.5", "--criterion", "bn"]).stdout)["criterion"] == "bn"
+    lossless = runner.invoke(cli, [*base, "--lossless"])
+    assert lossless.exit_code == 0 and json.loads(lossless.stdout)["lossless_removed"] == 0
+    no_bn = runner.invoke(cli, ["prune", str(MODELS / "mnist_resnet.onnx"), "-o", str(tmp_path / "q.onnx"),
+                                "--ratio", "0.3", "--criterion", "bn"])
+    assert no_bn.exit_code == 2 and "fold" in no_bn.stderr
+
+
+def test_saved_plan_reproduces_the_model_byte_for_byte(tmp_path: Path) -> None:
+    source = MODELS / "mnist_resnet_bn.onnx"
+    runner = CliRunner()
+    first, second, third = tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "c.onnx"
+    plan = tmp_path / "plan.json"
+    args = ["prune", str(source), "--target-macs", "0.6", "--round-to", "4"]
+    assert runner.invoke(cli, [*args, "-o", str(first), "--plan-out", str(plan)]).exit_code == 0
+    assert runner.invoke(cli, [*args, "-o", str(second)]).exit_code == 0
+    replay = runner.invoke(cli, ["prune", str(source), "-o", str(third), "--plan", str(plan), "--json"])
+    assert replay.exit_code == 0, replay.output
+    assert json.loads(replay.stdout)["plan"] == str(plan)
+    assert first.read_bytes() == second.read_bytes() == third.read_bytes()
+    saved = json.loads(plan.read_text())
+    assert saved["format"] == 1 and len(saved["model_sha256"]) == 64 and saved["target_macs"] == 0.6
+    assert all(entry["removed"] == sorted(entry["removed"]) for entry in saved["groups"].values())
+    other = runner.invoke(cli, ["prune", str(MODELS / "mnist_resnet.onnx"), "-o", str(third), "--plan", str(plan)])
+    assert other.exit_code == 1 and "another model" in other.stderr

@@ -3,13 +3,21 @@
 `l1` and `l2` are magnitude criteria: the norm of each source's output-channel weights (a Conv filter
 `weight[c]`, a Gemm/MatMul weight column or row). A group with several sources (a residual stage, an SE
 gate joined to its block) sums their scores after dividing each source's scores by their mean, so every
-source weighs the same whatever the scale of its weights. Followers (BatchNorm, per-channel Mul/Add) are
-not scored here; a `bn` criterion can use them later.
+source weighs the same whatever the scale of its weights. `bn` scores a channel
+by |γ| of the BatchNormalization nodes that follow it (each BN mean-normalized, then summed), the
+network-slimming criterion; a group without a BN in a model that has some falls back to `l1` (logged). A
+model without any BatchNormalization cannot use `bn`: PyTorch eval exports fold BN into the convs.
+`random` is a baseline for benchmarks, seeded by `--seed` and the group id (the same run twice is the same).
+
+Every criterion takes the keyword `seed`; only `random` uses it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -18,9 +26,24 @@ from onnxslim.analysis.groups import ChannelGroup, Source
 from onnxslim.analysis.rules import RULES, Behaviour
 from onnxslim.errors import UsageError
 
-__all__ = ["Criterion", "CRITERIA", "output_channel_weights", "l1_importance", "l2_importance", "score_groups"]
+__all__ = [
+    "Criterion",
+    "CRITERIA",
+    "output_channel_weights",
+    "l1_importance",
+    "l2_importance",
+    "bn_importance",
+    "random_importance",
+    "score_groups",
+]
 
-Criterion = Callable[[ChannelGroup, gs.Graph], np.ndarray]
+logger = logging.getLogger(__name__)
+
+
+class Criterion(Protocol):
+    """Scores one group's channels (higher = more important)."""
+
+    def __call__(self, group: ChannelGroup, graph: gs.Graph, *, seed: int = 0) -> np.ndarray: ...
 
 
 def _conv_out_weights(node: gs.Node) -> np.ndarray:
@@ -80,24 +103,55 @@ def _normalized_sum(per_source: list[np.ndarray], channels: int) -> np.ndarray:
     return total
 
 
-def l1_importance(group: ChannelGroup, graph: gs.Graph) -> np.ndarray:
+def l1_importance(group: ChannelGroup, graph: gs.Graph, *, seed: int = 0) -> np.ndarray:
     """Sum over sources of the mean-normalized L1 norm of each channel's weights."""
     return _normalized_sum([np.abs(_group_rows(s, graph, group)).sum(axis=1) for s in group.sources], group.channels)
 
 
-def l2_importance(group: ChannelGroup, graph: gs.Graph) -> np.ndarray:
+def l2_importance(group: ChannelGroup, graph: gs.Graph, *, seed: int = 0) -> np.ndarray:
     """Sum over sources of the mean-normalized L2 norm of each channel's weights."""
     return _normalized_sum(
         [np.sqrt(np.square(_group_rows(s, graph, group)).sum(axis=1)) for s in group.sources], group.channels
     )
 
 
-CRITERIA: Mapping[str, Criterion] = {"l1": l1_importance, "l2": l2_importance}
+def bn_importance(group: ChannelGroup, graph: gs.Graph, *, seed: int = 0) -> np.ndarray:
+    """Sum over the group's BatchNormalization followers of the mean-normalized |γ| of each channel."""
+    norms = [follower for follower in group.followers if follower.op_type == "BatchNormalization"]
+    if not norms:
+        if not any(node.op == "BatchNormalization" for node in graph.nodes):
+            raise UsageError(
+                "--criterion bn needs BatchNormalization nodes, and this model has none (PyTorch eval exports "
+                "fold BatchNorm into the convs); use l1 or l2, or export with BatchNorm kept"
+            )
+        logger.info("group %s has no BatchNormalization; scoring it with l1", group.id)
+        return l1_importance(group, graph)
+    gammas = []
+    for follower in norms:
+        gamma = np.abs(np.asarray(_node_named(graph, follower.node).inputs[1].values, dtype=np.float64))
+        gammas.append(gamma[follower.offset : follower.offset + group.channels])
+    return _normalized_sum(gammas, group.channels)
 
 
-def score_groups(groups: tuple[ChannelGroup, ...], graph: gs.Graph, criterion: str) -> dict[str, np.ndarray]:
+def random_importance(group: ChannelGroup, graph: gs.Graph, *, seed: int = 0) -> np.ndarray:
+    """Uniform random scores, reproducible from `seed` and the group id (a baseline)."""
+    digest = hashlib.sha256(f"{seed}:{group.id}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little")).random(group.channels)
+
+
+CRITERIA: Mapping[str, Criterion] = {
+    "l1": l1_importance,
+    "l2": l2_importance,
+    "bn": bn_importance,
+    "random": random_importance,
+}
+
+
+def score_groups(
+    groups: tuple[ChannelGroup, ...], graph: gs.Graph, criterion: str, *, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Scores of every prunable group under the named criterion."""
     if criterion not in CRITERIA:
         raise UsageError(f"unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)}")
     score = CRITERIA[criterion]
-    return {group.id: score(group, graph) for group in groups if group.prunable}
+    return {group.id: score(group, graph, seed=seed) for group in groups if group.prunable}

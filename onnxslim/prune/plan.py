@@ -1,24 +1,62 @@
 """Scores and a budget → `PrunePlan`: which channels of each group are kept.
 
-This version has one budget: remove the lowest-scoring fraction `ratio` of every prunable group's
-channels (floor(ratio · C), always keeping at least one), optionally rounding the channels kept up to a
-multiple (`round_to`). A group is one segment of a concatenation, so every segment keeps at least one
-channel. Budgets by MACs, global ranking and exclusions are later additions; they only change how `kept`
-is chosen, not the plan's shape.
+Two budgets:
+
+- `plan_by_ratio`: remove the lowest-scoring fraction `ratio` of every eligible group's channels
+  (floor(ratio · C)), uniformly.
+- `plan_by_macs`: keep a fraction `target` of the model's Conv/Gemm/MatMul MACs, ranking channels
+  *globally*. Each group's scores are divided by the group's mean score, so every group's channels average
+  1.0 whatever the scale of its weights or its criterion values; a channel is then compared with every
+  other channel by how far below its own group's average it is. The mean (rather than the max) is robust to
+  one outlier channel and matches how `importance.py` already weighs several sources of a group. MACs are
+  not part of the ranking (that would strip the expensive layers first and hurt accuracy most); they
+  decide *where to stop*: a single global threshold on the normalized score is bisected until the MACs of
+  the pruned model, computed exactly from per-node MACs (each Conv/Gemm/MatMul scales by the kept fraction
+  of its output channels times that of its input channels), are the closest to `target` from the
+  candidates around it. Rounding, min-keep and forced channels are applied inside the search, so a group
+  rounded up simply lets the threshold rise and take more elsewhere.
+
+Every group (a segment, after Concat/Split) keeps at least `min_keep` channels and, with `round_to`, a
+multiple of it (rounded up, capped at the group's size). Channels listed in `forced` (dead channels from
+`lossless.py`) go first in either budget. `eligible_groups` applies `--exclude` and
+`--protect-first/--protect-last`. Plans are saved to and loaded from JSON with the model's hash.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
+import json
+import logging
 import math
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from onnxslim.analysis.groups import ChannelGroup
-from onnxslim.errors import UsageError
+from onnxslim.analysis.groups import ChannelGroup, Follower, Source
+from onnxslim.errors import ModelLoadError, UsageError
 
-__all__ = ["PrunePlan", "plan_by_ratio"]
+__all__ = [
+    "PLAN_FORMAT",
+    "MacBudget",
+    "MacModel",
+    "PrunePlan",
+    "eligible_groups",
+    "load_plan",
+    "model_sha256",
+    "plan_by_macs",
+    "plan_by_ratio",
+    "save_plan",
+]
+
+logger = logging.getLogger(__name__)
+
+PLAN_FORMAT = 1
+BUDGET_TOLERANCE = 0.01  # a MAC target is met when the kept fraction is at most target + this
 
 
 @dataclass(frozen=True)
@@ -36,30 +74,289 @@ class PrunePlan:
         return group.id in self.kept and len(self.kept[group.id]) < group.channels
 
 
-def plan_by_ratio(
-    groups: Sequence[ChannelGroup], scores: Mapping[str, np.ndarray], ratio: float, round_to: int = 1
-) -> PrunePlan:
-    """Remove floor(ratio · C) lowest-scoring channels of every prunable group (ties: lower index goes first).
+def _check_rounding(round_to: int, min_keep: int) -> None:
+    if round_to < 1:
+        raise UsageError(f"--round-to must be at least 1, not {round_to}")
+    if min_keep < 1:
+        raise UsageError(f"--min-keep must be at least 1, not {min_keep}")
 
-    `round_to` rounds the channels kept up to a multiple of it (kernels run faster on multiples of 8 or 16);
-    a group (a segment, after Concat/Split) always keeps at least one channel.
+
+def _kept_count(channels: int, remove: int, round_to: int, min_keep: int) -> int:
+    """Channels kept when `remove` are asked for: at least `min_keep`, rounded up to `round_to`, at most all."""
+    keep = max(channels - remove, min(min_keep, channels))
+    return min(channels, -(-keep // round_to) * round_to)
+
+
+def _order(group: ChannelGroup, scores: Mapping[str, np.ndarray], forced: Collection[int]) -> np.ndarray:
+    """Channel indices of `group` from first to go to last: forced ones, then by score, then by index."""
+    group_scores = np.asarray(scores[group.id], dtype=np.float64).copy()
+    if group_scores.shape != (group.channels,):
+        raise ValueError(f"group {group.id}: {group_scores.shape[0]} scores for {group.channels} channels")
+    group_scores[list(forced)] = -np.inf
+    return np.lexsort((np.arange(group.channels), group_scores))
+
+
+def _plan_from_counts(
+    groups: Sequence[ChannelGroup], orders: Mapping[str, np.ndarray], removed: Mapping[str, int]
+) -> PrunePlan:
+    kept: dict[str, tuple[int, ...]] = {}
+    for group in groups:
+        count = removed.get(group.id, 0)
+        if count > 0:
+            kept[group.id] = tuple(sorted(int(c) for c in orders[group.id][count:]))
+    return PrunePlan(kept)
+
+
+def plan_by_ratio(
+    groups: Sequence[ChannelGroup],
+    scores: Mapping[str, np.ndarray],
+    ratio: float,
+    round_to: int = 1,
+    *,
+    min_keep: int = 1,
+    eligible: Collection[str] | None = None,
+    forced: Mapping[str, Collection[int]] | None = None,
+) -> PrunePlan:
+    """Remove floor(ratio · C) lowest-scoring channels of every eligible group (ties: lower index goes first).
+
+    Forced channels go first and always go (a group with more than floor(ratio · C) of them loses them all,
+    down to `min_keep`). `eligible` None: every prunable group.
     """
     if not 0.0 <= ratio < 1.0:
         raise UsageError(f"--ratio must be in [0, 1), not {ratio}")
-    if round_to < 1:
-        raise UsageError(f"--round-to must be at least 1, not {round_to}")
-    kept: dict[str, tuple[int, ...]] = {}
+    _check_rounding(round_to, min_keep)
+    forced = forced or {}
+    orders: dict[str, np.ndarray] = {}
+    removed: dict[str, int] = {}
+    for group in groups:
+        if not group.prunable or (eligible is not None and group.id not in eligible):
+            continue
+        dead = len(forced.get(group.id, ()))
+        wanted = max(math.floor(ratio * group.channels + 1e-9), dead)
+        count = group.channels - _kept_count(group.channels, wanted, round_to, min_keep)
+        if count > 0:
+            orders[group.id] = _order(group, scores, forced.get(group.id, ()))
+            removed[group.id] = count
+    return _plan_from_counts(groups, orders, removed)
+
+
+# ----------------------------------------------------------------------------------------- MAC budget
+
+
+class MacModel:
+    """MACs of the model as a function of how many channels each group loses (exact for Conv/Gemm/MatMul).
+
+    A node's MACs scale by (kept output channels / its output channels) · (kept input channels / its input
+    channels); a depthwise Conv (a follower) scales once, by its kept channels.
+    """
+
+    def __init__(self, groups: Sequence[ChannelGroup], layer_macs: Mapping[str, int]) -> None:
+        self.group_ids = [group.id for group in groups]
+        nodes = sorted(name for name, macs in layer_macs.items() if macs > 0)
+        index = {name: i for i, name in enumerate(nodes)}
+        self.macs = np.array([layer_macs[name] for name in nodes], dtype=np.float64)
+        self.total = float(sum(layer_macs.values()))
+        self.outputs = np.zeros((len(nodes), len(groups)))  # fraction of a node's output channels per channel
+        self.inputs = np.zeros((len(nodes), len(groups)))
+        for g, group in enumerate(groups):
+            outs: list[Source | Follower] = [*group.sources, *(f for f in group.followers if f.op_type == "Conv")]
+            for member in outs:
+                if member.node in index:
+                    self.outputs[index[member.node], g] += 1.0 / float(member.extent or group.channels)
+            for sink in group.sinks:
+                if sink.node in index:
+                    self.inputs[index[sink.node], g] += 1.0 / float(sink.extent or group.channels)
+
+    def macs_after(self, removed: Mapping[str, int]) -> float:
+        """Total MACs when group id → that many channels are removed."""
+        counts = np.array([removed.get(gid, 0) for gid in self.group_ids], dtype=np.float64)
+        out_kept = np.clip(1.0 - self.outputs @ counts, 0.0, 1.0)
+        in_kept = np.clip(1.0 - self.inputs @ counts, 0.0, 1.0)
+        return self.total - float(self.macs.sum()) + float((self.macs * out_kept * in_kept).sum())
+
+
+@dataclass(frozen=True)
+class MacBudget:
+    """A MAC-budget plan and how close it came: `kept_fraction` is the estimate of MACs after / before."""
+
+    plan: PrunePlan
+    target: float
+    kept_fraction: float
+    met: bool
+
+
+def plan_by_macs(
+    groups: Sequence[ChannelGroup],
+    scores: Mapping[str, np.ndarray],
+    layer_macs: Mapping[str, int],
+    target: float,
+    round_to: int = 1,
+    *,
+    min_keep: int = 1,
+    eligible: Collection[str] | None = None,
+    forced: Mapping[str, Collection[int]] | None = None,
+) -> MacBudget:
+    """Keep about `target` of the MACs by removing the globally lowest mean-normalized channels.
+
+    Not met (`met` False, a warning logged) when even the highest threshold — every eligible group down to
+    `min_keep` — keeps more than `target` + 1 %, because too much is blocked, excluded or protected.
+    """
+    if not 0.0 < target <= 1.0:
+        raise UsageError(f"--target-macs must be in (0, 1], not {target}")
+    _check_rounding(round_to, min_keep)
+    forced = forced or {}
+    model = MacModel(groups, layer_macs)
+    chosen = [
+        g for g in groups if g.prunable and (eligible is None or g.id in eligible) and g.id in scores
+    ]
+    orders: dict[str, np.ndarray] = {}
+    keys: dict[str, np.ndarray] = {}  # normalized scores in removal order
+    for group in chosen:
+        order = _order(group, scores, forced.get(group.id, ()))
+        raw = np.asarray(scores[group.id], dtype=np.float64)
+        mean = float(np.abs(raw).mean())
+        normalized = raw / mean if mean > 0 else raw.copy()
+        normalized[list(forced.get(group.id, ()))] = -np.inf
+        orders[group.id], keys[group.id] = order, normalized[order]
+
+    def counts(threshold: float) -> dict[str, int]:
+        removed = {}
+        for group in chosen:
+            wanted = int(np.searchsorted(keys[group.id], threshold, side="left"))  # keys below the threshold
+            wanted = max(wanted, len(forced.get(group.id, ())))
+            removed[group.id] = group.channels - _kept_count(group.channels, wanted, round_to, min_keep)
+        return removed
+
+    total = model.total or 1.0
+    goal = target * total
+    candidates = np.unique(np.concatenate([k[np.isfinite(k)] for k in keys.values()] + [np.array([-np.inf])]))
+    candidates = np.append(candidates, np.inf)  # the last removes everything down to min_keep
+    low, high = 0, len(candidates) - 1  # macs(low) is the most, macs(high) the fewest
+    if model.macs_after(counts(candidates[high])) > goal:
+        best = high
+    elif model.macs_after(counts(candidates[low])) <= goal:
+        best = low
+    else:
+        while high - low > 1:  # invariant: macs(high) <= goal
+            middle = (low + high) // 2
+            if model.macs_after(counts(candidates[middle])) <= goal:
+                high = middle
+            else:
+                low = middle
+        above = model.macs_after(counts(candidates[low]))
+        below = model.macs_after(counts(candidates[high]))
+        best = low if above - goal < goal - below and above <= goal + BUDGET_TOLERANCE * total else high
+    removed = counts(candidates[best])
+    fraction = model.macs_after(removed) / total
+    met = fraction <= target + BUDGET_TOLERANCE
+    if not met:
+        logger.warning(
+            "--target-macs %g cannot be met: at most %.1f %% of the MACs can be removed (the rest is blocked, "
+            "excluded, protected or held by --min-keep); keeping %.1f %%",
+            target, 100 * (1 - fraction), 100 * fraction,
+        )
+    return MacBudget(_plan_from_counts(groups, orders, removed), target, fraction, met)
+
+
+# ----------------------------------------------------------------------------- which groups may change
+
+
+def _reaches_output(group: ChannelGroup, outputs: Collection[str]) -> bool:
+    if any(member.tensor in outputs for member in group.members):
+        return True
+    return group.blocked_by is not None and "graph output" in group.blocked_by.reason
+
+
+def eligible_groups(
+    groups: Sequence[ChannelGroup],
+    outputs: Collection[str],
+    *,
+    exclude: Sequence[str] = (),
+    protect_first: bool = True,
+    protect_last: bool = True,
+) -> tuple[frozenset[str], dict[str, str]]:
+    """Prunable groups a budget may touch, and group id → why each other prunable group is left alone.
+
+    `exclude`: node-name globs or op types matched against each group's *sources* (the ops that create the
+    channels). protect-first: the group(s) created by the first source in topological order (the first
+    conv reading the input). protect-last: the groups consumed by a head, a layer whose own output channels
+    reach a graph output (the classifier Gemm, the detection-head convs).
+    """
+    reasons: dict[str, str] = {}
+    first = groups[0].sources[0].node if groups else None
+    heads = {s.node for g in groups if _reaches_output(g, outputs) for s in g.sources}
     for group in groups:
         if not group.prunable:
             continue
-        remove = min(math.floor(ratio * group.channels + 1e-9), group.channels - 1)
-        keep = min(group.channels, -(-(group.channels - remove) // round_to) * round_to)
-        remove = group.channels - keep
-        if remove <= 0:
-            continue
-        group_scores = np.asarray(scores[group.id], dtype=np.float64)
-        if group_scores.shape != (group.channels,):
-            raise ValueError(f"group {group.id}: {group_scores.shape[0]} scores for {group.channels} channels")
-        order = np.lexsort((np.arange(group.channels), group_scores))  # by score, then index
-        kept[group.id] = tuple(sorted(int(c) for c in order[remove:]))
+        for source in group.sources:
+            hit = next((p for p in exclude if source.op_type == p or fnmatch.fnmatchcase(source.node, p)), None)
+            if hit is not None:
+                reasons[group.id] = f"excluded by --exclude {hit!r} (source {source.node})"
+                break
+        else:
+            if protect_first and any(s.node == first for s in group.sources):
+                reasons[group.id] = "protected: created by the first layer (--protect-first)"
+            elif protect_last and any(s.node in heads for s in group.sinks):
+                reasons[group.id] = "protected: feeds the last layer (--protect-last)"
+    eligible = frozenset(g.id for g in groups if g.prunable and g.id not in reasons)
+    return eligible, reasons
+
+
+# ------------------------------------------------------------------------------------------ plan files
+
+
+def model_sha256(data: bytes | str | os.PathLike[str]) -> str:
+    """The sha256 of a model file's bytes (or of the given bytes)."""
+    if not isinstance(data, bytes):
+        data = Path(data).read_bytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_plan(
+    path: str | os.PathLike[str],
+    plan: PrunePlan,
+    groups: Sequence[ChannelGroup],
+    sha256: str,
+    record: Mapping[str, Any],
+) -> None:
+    """Write `plan` as JSON: format, model hash, how it was made (`record`), and per group the channels removed."""
+    document = {
+        "format": PLAN_FORMAT,
+        "model_sha256": sha256,
+        **dict(record),
+        "groups": {
+            group.id: {"channels": group.channels, "removed": list(plan.removed(group))}
+            for group in groups
+            if plan.changes(group)
+        },
+    }
+    target = Path(path)
+    temporary = target.with_name(f".{target.name}.tmp")
+    temporary.write_text(json.dumps(document, indent=2) + "\n")
+    os.replace(temporary, target)
+
+
+def load_plan(path: str | os.PathLike[str], groups: Sequence[ChannelGroup], sha256: str) -> PrunePlan:
+    """Read a plan written by `save_plan`, refusing one made for another model or whose groups do not match."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read plan {path}: {e}") from e
+    if not isinstance(document, dict) or document.get("format") != PLAN_FORMAT or "groups" not in document:
+        raise ModelLoadError(f"{path} is not an onnxslim plan (format {PLAN_FORMAT})")
+    if document.get("model_sha256") != sha256:
+        raise ModelLoadError(
+            f"plan {path} was made for another model (sha256 {str(document.get('model_sha256'))[:12]}…, "
+            f"this model is {sha256[:12]}…)"
+        )
+    by_id = {group.id: group for group in groups}
+    kept: dict[str, tuple[int, ...]] = {}
+    for gid, entry in document["groups"].items():
+        group = by_id.get(gid)
+        if group is None or not group.prunable or entry.get("channels") != group.channels:
+            raise ModelLoadError(f"plan {path}: group {gid!r} does not match a prunable group of this model")
+        removed = {int(c) for c in entry.get("removed", [])}
+        if not removed <= set(range(group.channels)) or len(removed) >= group.channels:
+            raise ModelLoadError(f"plan {path}: group {gid!r} removes invalid channels")
+        kept[gid] = tuple(c for c in range(group.channels) if c not in removed)
     return PrunePlan(kept)

@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim.analysis.cost import compute_cost
 from onnxslim.analysis.groups import ChannelGroup, build_channel_groups
+from onnxslim.errors import UsageError
 from onnxslim.io import LoadedModel, infer_tensor_infos, load_model, normalize_model, resolve_input_shapes
 from onnxslim.prune.importance import score_groups
-from onnxslim.prune.plan import PrunePlan, plan_by_ratio
+from onnxslim.prune.lossless import find_lossless_channels, fold_constant_channels
+from onnxslim.prune.plan import (
+    PrunePlan,
+    eligible_groups,
+    load_plan,
+    model_sha256,
+    plan_by_macs,
+    plan_by_ratio,
+)
 from onnxslim.prune.rewrite import rewrite_model
 
-__all__ = ["BlockedGroup", "PruneResult", "prune_model"]
+__all__ = ["BlockedGroup", "PruneOptions", "PruneResult", "prune_model"]
 
 
 @dataclass(frozen=True)
@@ -29,14 +39,39 @@ class BlockedGroup:
 
 
 @dataclass(frozen=True)
+class PruneOptions:
+    """What to remove and how to choose it. Exactly one of `ratio`, `target_macs` and `plan_path` (or none,
+    with `lossless`). The library protects nothing by default; the command line turns on `protect_first`
+    and `protect_last`."""
+
+    ratio: float | None = None
+    target_macs: float | None = None
+    criterion: str = "l1"
+    round_to: int = 1
+    min_keep: int = 1
+    exclude: tuple[str, ...] = ()
+    protect_first: bool = False
+    protect_last: bool = False
+    seed: int = 0
+    lossless: bool = False
+    plan_path: str | None = None
+
+    def __post_init__(self) -> None:
+        budgets = [name for name in ("ratio", "target_macs", "plan_path") if getattr(self, name) is not None]
+        if len(budgets) > 1:
+            raise UsageError(f"choose one of --ratio, --target-macs and --plan, not {' and '.join(budgets)}")
+        if not budgets and not self.lossless:
+            raise UsageError("say how much to prune: --ratio, --target-macs, --plan or --lossless")
+
+
+@dataclass(frozen=True)
 class PruneResult:
     """A pruned model and what changed: params, MACs and size before and after, groups and channels."""
 
     model: onnx.ModelProto
     groups: tuple[ChannelGroup, ...]
     plan: PrunePlan
-    criterion: str
-    ratio: float
+    options: PruneOptions
     analysis_shapes: dict[str, tuple[int, ...]]
     params_before: int
     params_after: int
@@ -44,6 +79,18 @@ class PruneResult:
     macs_after: int
     size_before: int
     size_after: int
+    model_sha256: str
+    budget_met: bool = True
+    left_alone: Mapping[str, str] = field(default_factory=dict)  # group id → why the budget skipped it
+    lossless_removed: int = 0
+
+    @property
+    def criterion(self) -> str:
+        return self.options.criterion
+
+    @property
+    def ratio(self) -> float | None:
+        return self.options.ratio
 
     @property
     def prunable_groups(self) -> int:
@@ -66,45 +113,73 @@ class PruneResult:
         )
 
 
-def _as_normalized(model: LoadedModel | onnx.ModelProto | str | os.PathLike[str]) -> tuple[onnx.ModelProto, int]:
-    if isinstance(model, LoadedModel):
-        return model.model, model.size_bytes
+def _as_normalized(
+    model: LoadedModel | onnx.ModelProto | str | os.PathLike[str],
+) -> tuple[onnx.ModelProto, int, str]:
+    """The normalized model, its size and the sha256 of its file's bytes (of its serialization if in memory)."""
     if isinstance(model, onnx.ModelProto):
-        return normalize_model(model)[0], model.ByteSize()
-    loaded = load_model(model)
-    return loaded.model, loaded.size_bytes
+        return normalize_model(model)[0], model.ByteSize(), model_sha256(model.SerializeToString(deterministic=True))
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    digest = model_sha256(loaded.path) if loaded.path.is_file() else model_sha256(
+        loaded.model.SerializeToString(deterministic=True)
+    )
+    return loaded.model, loaded.size_bytes, digest
 
 
 def prune_model(
     model: LoadedModel | onnx.ModelProto | str | os.PathLike[str],
+    options: PruneOptions | None = None,
     *,
-    ratio: float,
-    criterion: str = "l1",
     input_shapes: Mapping[str | None, Sequence[int]] | None = None,
-    round_to: int = 1,
+    **fields: Any,
 ) -> PruneResult:
-    """Remove the lowest-scoring fraction `ratio` of every prunable channel group's channels.
+    """Prune `model` as `options` say (or as keyword `fields` of PruneOptions, e.g. `ratio=0.3, round_to=8`).
 
     The model is analysed at concrete input shapes (`input_shapes`, else its static dims with batch 1);
-    the pruned model keeps the original's symbolic dims. `round_to` rounds each group's channels kept up
-    to a multiple of it. Raises ValidationError if the result fails
-    validation (a bug in onnxslim).
+    the pruned model keeps the original's symbolic dims. With `lossless`, dead channels go first and the
+    budget applies to the rest. Raises ValidationError if the result fails validation (a bug in onnxslim).
     """
-    normalized, size_before = _as_normalized(model)
+    options = replace(options, **fields) if options is not None else PruneOptions(**fields)
+    normalized, size_before, digest = _as_normalized(model)
     shapes = resolve_input_shapes(normalized, input_shapes)
     infos = infer_tensor_infos(normalized, shapes)
     graph = gs.import_onnx(normalized)
     groups = build_channel_groups(graph, {name: info.shape for name, info in infos.items()})
-    plan = plan_by_ratio(groups, score_groups(groups, graph, criterion), ratio, round_to)
-    pruned = rewrite_model(normalized, groups, plan, shapes) if plan.kept else normalized
     cost_before = compute_cost(normalized, infos)
+    outputs = {t.name for t in normalized.graph.output}
+    eligible, left_alone = eligible_groups(
+        groups, outputs, exclude=options.exclude, protect_first=options.protect_first, protect_last=options.protect_last
+    )
+    lossless = find_lossless_channels(graph, groups)
+    removable = lossless.removable()
+    forced = {gid: channels for gid, channels in removable.items() if gid in eligible} if options.lossless else {}
+    budget_met = True
+    if options.plan_path is not None:
+        plan = load_plan(options.plan_path, groups, digest)
+    elif options.target_macs is not None:
+        scores = score_groups(groups, graph, options.criterion, seed=options.seed)
+        layer_macs = {layer.name: layer.macs for layer in cost_before.layers}
+        budget = plan_by_macs(
+            groups, scores, layer_macs, options.target_macs, options.round_to,
+            min_keep=options.min_keep, eligible=eligible, forced=forced,
+        )
+        plan, budget_met = budget.plan, budget.met
+    else:
+        scores = score_groups(groups, graph, options.criterion, seed=options.seed)
+        plan = plan_by_ratio(
+            groups, scores, options.ratio or 0.0, options.round_to,
+            min_keep=options.min_keep, eligible=eligible, forced=forced,
+        )
+    # constant channels that go are folded into their sinks' biases whatever chose them (exact, see lossless.py)
+    folded = fold_constant_channels(normalized, groups, plan, lossless)
+    pruned = rewrite_model(folded, groups, plan, shapes) if plan.kept else normalized
     cost_after = compute_cost(pruned, infer_tensor_infos(pruned, shapes)) if plan.kept else cost_before
+    removed = {group.id: set(plan.removed(group)) for group in groups}
     return PruneResult(
         model=pruned,
         groups=groups,
         plan=plan,
-        criterion=criterion,
-        ratio=ratio,
+        options=options,
         analysis_shapes=shapes,
         params_before=cost_before.params,
         params_after=cost_after.params,
@@ -112,4 +187,8 @@ def prune_model(
         macs_after=cost_after.macs,
         size_before=size_before,
         size_after=pruned.ByteSize(),
+        model_sha256=digest,
+        budget_met=budget_met,
+        left_alone=left_alone,
+        lossless_removed=sum(len(removed[gid] & set(channels)) for gid, channels in removable.items()),
     )
