@@ -25,7 +25,6 @@ from onnxslim.io import (
     fix_input_shapes,
     load_model,
     parse_input_shapes,
-    save_model,
     save_text,
     write_validated,
 )
@@ -345,6 +344,19 @@ def prune(
         raise click.UsageError(f"{' and '.join(given)} are exclusive: give one")
     if not given and not lossless:
         raise click.UsageError("say how much to prune: --ratio, --target-macs, --plan or --lossless")
+    if plan_path is not None:
+        ignored = [
+            f"--{name.replace('_', '-')}"
+            for name in ("criterion", "round_to", "min_keep", "exclude", "protect_first", "protect_last", "lossless")
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+        ]
+        if ignored:
+            raise click.UsageError(f"--plan applies exactly the channels it lists; {', '.join(ignored)} would have no effect")
+    check_output_path(output, sources=[model])
+    if plan_out is not None:
+        if Path(plan_out).resolve() == Path(output).resolve():
+            raise click.UsageError("--plan-out and --output name the same file")
+        check_output_path(plan_out, sources=[model])
     options = PruneOptions(
         ratio=ratio,
         target_macs=target_macs,
@@ -360,7 +372,7 @@ def prune(
     )
     result = prune_model(load_model(model), options, input_shapes=parse_input_shapes(input_shapes))
     pruned = fix_input_shapes(result.model, result.analysis_shapes) if fix_shapes else result.model
-    save_model(pruned, output, source=model)
+    write_validated(pruned, output, source=model, input_shapes=result.analysis_shapes)
     if plan_out is not None:
         save_plan(plan_out, result.plan, result.groups, result.model_sha256, plan_record(result))
     click.echo(to_json(prune_json(result, output, plan_out)) if as_json else render_prune(result, output))

@@ -198,3 +198,18 @@ def test_saved_plan_reproduces_the_model_byte_for_byte(tmp_path: Path) -> None:
     assert all(entry["removed"] == sorted(entry["removed"]) for entry in saved["groups"].values())
     other = runner.invoke(cli, ["prune", str(MODELS / "mnist_resnet.onnx"), "-o", str(third), "--plan", str(plan)])
     assert other.exit_code == 1 and "another model" in other.stderr
+
+
+def test_plan_refuses_options_it_would_ignore_and_outputs_are_checked_first(tmp_path: Path) -> None:
+    source = MODELS / "mnist_resnet.onnx"
+    plan = tmp_path / "plan.json"
+    runner = CliRunner()
+    made = runner.invoke(cli, ["prune", str(source), "-o", str(tmp_path / "a.onnx"), "--ratio", "0.3", "--plan-out", str(plan)])
+    assert made.exit_code == 0, made.output
+    ignored = runner.invoke(cli, ["prune", str(source), "-o", str(tmp_path / "b.onnx"), "--plan", str(plan), "--criterion", "l2"])
+    assert ignored.exit_code == 2 and "--criterion would have no effect" in ignored.output
+    same = runner.invoke(cli, ["prune", str(source), "-o", str(plan), "--ratio", "0.3", "--plan-out", str(plan)])
+    assert same.exit_code == 2 and "same file" in same.output
+    missing = runner.invoke(cli, ["prune", str(source), "-o", str(tmp_path / "no" / "c.onnx"), "--ratio", "0.3"])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    assert not (tmp_path / "b.onnx").exists()

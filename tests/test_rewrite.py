@@ -10,9 +10,9 @@ import pytest
 from builders import STORAGES, ModelBuilder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from oracle import check_prune, run_model
+from oracle import assert_outputs_close, check_prune, run_model
 
-from onnxslim.analysis.groups import ChannelGroup
+from onnxslim.analysis.groups import ChannelGroup, find_channel_groups
 from onnxslim.errors import ValidationError
 from onnxslim.io import load_model, normalize_model, random_inputs, resolve_input_shapes
 from onnxslim.prune import PrunePlan, prune_model, rewrite_model
@@ -388,6 +388,22 @@ def test_ratio_zero_gives_the_original_outputs() -> None:
     assert result.channels_removed == 0
 
 
+def test_a_plan_that_keeps_every_channel_rewrites_to_the_original() -> None:
+    """Drive the rewrite itself with a keep-everything plan for every prunable group: every handler runs on
+    every member, and the result must equal the model as given (ratio 0 never reaches the rewrite)."""
+    b = ModelBuilder((3, 6, 6))
+    y = b.se(b.relu(b.bn(b.conv(b.input, 8, 3))), 4)
+    model = b.build(b.gemm(b.op("Flatten", [b.conv(y, 4)], channels=4 * 6 * 6), 5))
+    normalized = normalize_model(model)[0]
+    shapes = {"input": (1, 3, 6, 6)}
+    groups = find_channel_groups(normalized, shapes)
+    everything = PrunePlan({g.id: tuple(range(g.channels)) for g in groups if g.prunable})
+    assert len(everything.kept) >= 3
+    rewritten = rewrite_model(normalized, groups, everything, shapes)
+    feeds = random_inputs(normalized, shapes, seed=2)
+    assert_outputs_close(run_model(rewritten, feeds), run_model(model, feeds), 1e-6)
+
+
 # ------------------------------------------------------------------------------------ failure paths
 
 
@@ -423,8 +439,6 @@ TRAINED = ["mnist_resnet", "mnist_resnet_bn", "mnist_mobilenet", "mnist_mobilene
 @pytest.mark.parametrize("name", TRAINED)
 def test_trained_models_prune_at_0_3(name: str, criterion: str) -> None:
     path = MODELS / f"{name}.onnx"
-    if not path.exists():
-        pytest.skip(f"{path} not built")
     model = load_model(path).model
     result = check_prune(model, ratio=0.3, criterion=criterion)
     assert result.macs_after < 0.8 * result.macs_before
@@ -561,6 +575,22 @@ def test_every_segment_keeps_at_least_one_channel() -> None:
     result = check_prune(b.build(b.conv(b.concat(*parts), 4)), ratio=0.9)
     assert _concat_channels(result.model) == [3]
     assert all(len(kept) >= 1 for kept in result.plan.kept.values())
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18])
+def test_unequal_split_parts_get_their_own_new_sizes(opset: int) -> None:
+    """Parts of 3 and 5 channels lose 1 and 2 at ratio 0.5: a rewrite that mixes up the sizes fails here."""
+    b = ModelBuilder((3, 8, 8), opset=opset)
+    hidden = b.relu(b.conv(b.input, 8, 3))
+    small, large = b.split(hidden, [3, 5])
+    joined = b.concat(b.relu(b.conv(small, 4, 1)), large)
+    result = check_prune(b.build(b.conv(joined, 3)), ratio=0.5)
+    split = next(n for n in result.model.graph.node if n.op_type == "Split")
+    if opset >= 13:
+        sizes = onnx.numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == split.input[1]))
+        assert sizes.tolist() == [2, 3]
+    else:
+        assert next(list(a.ints) for a in split.attribute if a.name == "split") == [2, 3]
 
 
 SPLIT_FORMS = [(11, False), (13, False), (13, True), (18, False), (18, True), (21, True)]

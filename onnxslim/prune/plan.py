@@ -39,6 +39,7 @@ import numpy as np
 
 from onnxslim.analysis.groups import ChannelGroup, Follower, Source
 from onnxslim.errors import ModelLoadError, UsageError
+from onnxslim.io import save_text
 
 __all__ = [
     "PLAN_FORMAT",
@@ -330,10 +331,7 @@ def save_plan(
             if plan.changes(group)
         },
     }
-    target = Path(path)
-    temporary = target.with_name(f".{target.name}.tmp")
-    temporary.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(temporary, target)
+    save_text(json.dumps(document, indent=2) + "\n", path)
 
 
 def load_plan(path: str | os.PathLike[str], groups: Sequence[ChannelGroup], sha256: str) -> PrunePlan:
