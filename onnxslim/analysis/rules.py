@@ -22,6 +22,7 @@ ONNX op, every entry has exactly one behaviour and a decision function.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -165,11 +166,22 @@ class OpRule:
 # ----------------------------------------------------------------------------------------- decisions
 
 
-def _unary(view: NodeView) -> Decision:
+def _on_channels(decide: Callable[[NodeView, int], Decision]) -> Callable[[NodeView], Decision]:
+    """A decision about the channels of input 0: it blocks when that input carries none, else gets their axis."""
+
+    @functools.wraps(decide)
+    def decide_on_channels(view: NodeView) -> Decision:
+        axis = view.axis(0)
+        if axis is None:
+            return Block("its input carries no channels")
+        return decide(view, axis)
+
+    return decide_on_channels
+
+
+@_on_channels
+def _unary(view: NodeView, axis: int) -> Decision:
     """Elementwise on one tensor (other inputs are scalars or attributes): channels pass through."""
-    axis = view.axis(0)
-    if axis is None:
-        return Block("its input carries no channels")
     return Flow((0,), axis, elementwise=True)
 
 
@@ -299,10 +311,8 @@ def _reduce_axes(view: NodeView) -> list[int] | None:
     return sorted(int(a) % rank for a in axes)
 
 
-def _reduce(view: NodeView) -> Decision:
-    axis = view.axis(0)
-    if axis is None:
-        return Block("its input carries no channels")
+@_on_channels
+def _reduce(view: NodeView, axis: int) -> Decision:
     if view.has_input(1) and view.constant(1) is None:
         return Block(f"{view.op} over computed axes")
     axes = _reduce_axes(view)
@@ -317,10 +327,8 @@ def _reduce(view: NodeView) -> Decision:
     return Flow((0,), out_axis)
 
 
-def _softmax(view: NodeView) -> Decision:
-    axis = view.axis(0)
-    if axis is None:
-        return Block("its input carries no channels")
+@_on_channels
+def _softmax(view: NodeView, axis: int) -> Decision:
     rank = len(view.shape(0))
     if view.opset < 13:
         normalized_from = int(view.attr("axis", 1)) % rank
@@ -331,19 +339,15 @@ def _softmax(view: NodeView) -> Decision:
     return Flow((0,), axis)
 
 
-def _layer_norm(view: NodeView) -> Decision:
-    axis = view.axis(0)
-    if axis is None:
-        return Block("its input carries no channels")
+@_on_channels
+def _layer_norm(view: NodeView, axis: int) -> Decision:
     if int(view.attr("axis", -1)) % len(view.shape(0)) <= axis:
         return Block("LayerNormalization over the channel axis mixes the channels")
     return Flow((0,), axis)
 
 
-def _pad(view: NodeView) -> Decision:
-    axis = view.axis(0)
-    if axis is None:
-        return Block("its input carries no channels")
+@_on_channels
+def _pad(view: NodeView, axis: int) -> Decision:
     rank = len(view.shape(0))
     pads = view.attr("pads")
     if pads is None:
@@ -366,10 +370,8 @@ def _pad(view: NodeView) -> Decision:
     return Flow((0,), axis)
 
 
-def _resize(view: NodeView) -> Decision:
-    axis = view.axis(0)
-    if axis is None:
-        return Block("its input carries no channels")
+@_on_channels
+def _resize(view: NodeView, axis: int) -> Decision:
     if view.attr("axes") is not None:
         return Block(f"{view.op} with the axes attribute is not supported yet")
     in_shape, out_shape = view.shape(0), view.output_shapes[0]
@@ -401,11 +403,9 @@ def merged_channel_axis(in_shape: Sequence[int], axis: int, out_shape: Sequence[
     return None
 
 
-def _flatten(view: NodeView) -> Decision:
+@_on_channels
+def _flatten(view: NodeView, axis: int) -> Decision:
     """Flatten/Reshape: channel c becomes a block of features (NCHW) or every C-th feature (NHWC)."""
-    axis = view.axis(0)
-    if axis is None:
-        return Block("its input carries no channels")
     if view.op == "Reshape" and view.constant(1) is None:
         return Block("Reshape with a computed shape")
     out_shape = view.output_shapes[0]
@@ -457,10 +457,8 @@ def _unsqueeze(view: NodeView) -> Decision:
     return Flow((0,), out_axis)
 
 
-def _transpose(view: NodeView) -> Decision:
-    axis = view.axis(0)
-    if axis is None:
-        return Block("its input carries no channels")
+@_on_channels
+def _transpose(view: NodeView, axis: int) -> Decision:
     rank = len(view.shape(0))
     perm = view.attr("perm")
     perm_list = list(reversed(range(rank))) if perm is None else [int(p) for p in perm]
@@ -501,10 +499,8 @@ def _split_sizes(view: NodeView, dim: int) -> list[int] | None:
     return [min(chunk, max(dim - chunk * i, 0)) for i in range(parts)]
 
 
-def _split(view: NodeView) -> Decision:
-    axis = view.axis(0)
-    if axis is None:
-        return Block("its input carries no channels")
+@_on_channels
+def _split(view: NodeView, axis: int) -> Decision:
     shape = view.shape(0)
     split_axis = int(view.attr("axis", 0)) % len(shape)
     channels = shape[axis]
@@ -537,10 +533,8 @@ def _slice_arguments(view: NodeView) -> tuple[list[int], list[int], list[int], l
     return starts_list, [int(v) for v in ends], axes_list, steps_list
 
 
-def _slice(view: NodeView) -> Decision:
-    axis = view.axis(0)
-    if axis is None:
-        return Block("its input carries no channels")
+@_on_channels
+def _slice(view: NodeView, axis: int) -> Decision:
     arguments = _slice_arguments(view)
     if arguments is None:
         return Block("Slice with computed starts, ends, axes or steps")
