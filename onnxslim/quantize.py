@@ -304,6 +304,13 @@ class QuantizeResult:
     notes: tuple[str, ...] = ()
 
     @property
+    def accuracy_delta(self) -> float | None:
+        """int8 top-1 minus fp32 top-1 (points as a fraction), when labels were given."""
+        if self.accuracy_fp32 is None or self.accuracy_int8 is None:
+            return None
+        return self.accuracy_int8.top1 - self.accuracy_fp32.top1
+
+    @property
     def format(self) -> str | None:
         return None if self.config is None else self.config.format
 

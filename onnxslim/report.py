@@ -489,7 +489,7 @@ def quantize_json(result: QuantizeResult, output: str | None = None) -> dict[str
         accuracy = {
             "fp32": result.accuracy_fp32.top1,
             "int8": result.accuracy_int8.top1,
-            "delta": result.accuracy_int8.top1 - result.accuracy_fp32.top1,
+            "delta": result.accuracy_delta,
             "top5_fp32": result.accuracy_fp32.top5,
             "top5_int8": result.accuracy_int8.top5,
             "samples": result.accuracy_int8.samples,
