@@ -297,14 +297,21 @@ def _matmul(view: NodeView) -> Decision:
     return Create(out_axis=rank - 1, channels=int(weight.shape[1]), sink_axis=rank - 1)
 
 
-def _reduce_axes(view: NodeView) -> list[int] | None:
-    """The axes a Reduce* node reduces (attribute or input by opset), or None for all axes."""
+def _axes_operand(view: NodeView) -> list[int] | None:
+    """An `axes` operand: the attribute (older opsets) or constant input 1 (newer); [] when absent, None
+    when it is computed at run time."""
     axes = view.attr("axes")
     if axes is None and view.has_input(1):
         value = view.constant(1)
         if value is None:
             return None
         axes = value.tolist()
+    return [int(a) for a in axes] if axes is not None else []
+
+
+def _reduce_axes(view: NodeView) -> list[int] | None:
+    """The axes a Reduce* node reduces, or None for all axes (or computed ones, which `_reduce` blocks)."""
+    axes = _axes_operand(view)
     if not axes:
         return None
     rank = len(view.shape(0))
@@ -422,19 +429,9 @@ def _flatten(view: NodeView, axis: int) -> Decision:
     return Flow((0,), out_axis, follower=names_channels, outer=outer, inner=inner)
 
 
-def _squeeze_axes(view: NodeView) -> list[int] | None:
-    axes = view.attr("axes")
-    if axes is None and view.has_input(1):
-        value = view.constant(1)
-        if value is None:
-            return None
-        axes = value.tolist()
-    return list(axes) if axes is not None else []
-
-
 def _squeeze(view: NodeView) -> Decision:
     axis = view.axis(0)
-    axes = _squeeze_axes(view)
+    axes = _axes_operand(view)
     if axis is None or axes is None:
         return Block("Squeeze with computed axes" if axes is None else "its input carries no channels")
     shape = view.shape(0)
@@ -446,7 +443,7 @@ def _squeeze(view: NodeView) -> Decision:
 
 def _unsqueeze(view: NodeView) -> Decision:
     axis = view.axis(0)
-    axes = _squeeze_axes(view)
+    axes = _axes_operand(view)
     if axis is None or not axes:
         return Block("Unsqueeze with computed axes" if axes is None else "its input carries no channels")
     out_rank = view.out_rank()
