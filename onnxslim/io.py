@@ -52,6 +52,7 @@ __all__ = [
     "annotate_shapes",
     "random_inputs",
     "check_output_path",
+    "model_files",
     "loadable",
     "save_model",
     "save_text",
@@ -659,8 +660,9 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.load_model(str(inferred), load_external_data=False)
 
 
-def _protected_files(source: Path) -> list[Path]:
-    """The input model and the external data files it reads: no output may land on any of them."""
+def model_files(source: str | os.PathLike[str]) -> list[Path]:
+    """The model file and the external data files it reads, in that order (what makes up the model on disk)."""
+    source = Path(source)
     files = [source]
     try:
         header = onnx.load_model(str(source), load_external_data=False)
@@ -668,7 +670,7 @@ def _protected_files(source: Path) -> list[Path]:
         return files
     for tensor in _all_tensors(header.graph):
         files += [source.parent / e.value for e in tensor.external_data if e.key == "location"]
-    return files
+    return list(dict.fromkeys(files))
 
 
 def check_output_path(
@@ -678,7 +680,7 @@ def check_output_path(
     is a directory, or lies in a folder that does not exist. Commands call it before any long work."""
     path = Path(path)
     for source in sources:
-        for protected in _protected_files(Path(source)):
+        for protected in model_files(source):  # no output may land on any of them
             if _same_file(path, protected):
                 what = "the input model" if protected == Path(source) else f"the external data of the input model {source}"
                 raise UsageError(f"refusing to overwrite {what} ({protected}); choose another output path")

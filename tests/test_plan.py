@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +11,12 @@ import pytest
 from builders import ModelBuilder
 from oracle import assert_outputs_close, check_weight_shapes, masked_model, run_model
 
+from models.build import BUILDERS
 from onnxslim.analysis.cost import compute_cost
 from onnxslim.errors import ModelLoadError
 from onnxslim.io import infer_tensor_infos, normalize_model, random_inputs
 from onnxslim.prune import PruneOptions, prune_model
 from onnxslim.prune.plan import MacModel, eligible_groups, load_plan, save_plan
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models.build import BUILDERS  # noqa: E402
 
 
 def chain_with_concat() -> onnx.ModelProto:
@@ -144,3 +141,25 @@ def test_the_same_options_give_the_same_bytes() -> None:
     other = prune_model(model, target_macs=0.6, criterion="random", seed=4)
     assert other.plan != first.plan
     assert np.isfinite(first.macs_after)
+
+
+def test_the_model_hash_covers_external_weights(tmp_path: Path) -> None:
+    """Two models with the same graph but different weights in their external data must not share a hash,
+    or a plan made for one would be accepted for the other."""
+    from onnxslim.prune.plan import model_sha256
+
+    b = ModelBuilder((3, 8, 8))
+    model = b.build(b.conv(b.relu(b.conv(b.input, 8, 3)), 4))
+    path = tmp_path / "m.onnx"
+    external = onnx.ModelProto()
+    external.CopyFrom(model)  # save_model converts the proto it is given to external data in place
+    onnx.save_model(external, str(path), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    before = model_sha256(path)
+    data = bytearray((tmp_path / "m.onnx.data").read_bytes())
+    data[0] ^= 0xFF  # same graph, same .onnx bytes, different weights
+    (tmp_path / "m.onnx.data").write_bytes(bytes(data))
+    assert model_sha256(path) != before
+    # without external data the hash is that of the file's bytes, as before
+    plain = tmp_path / "plain.onnx"
+    onnx.save_model(model, str(plain))
+    assert model_sha256(plain) == model_sha256(plain.read_bytes())

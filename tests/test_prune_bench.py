@@ -4,21 +4,17 @@ YOLO-like detector prunes inside its C2f, SPPF and neck groups: its MACs fall ab
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import onnx
 import pytest
 from oracle import check_prune
 
+from models.build import BUILDERS
 from onnxslim.analysis.cost import compute_cost
 from onnxslim.analysis.groups import ChannelGroup
 from onnxslim.io import infer_tensor_infos, normalize_model
 from onnxslim.prune import PruneResult
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models.build import BUILDERS  # noqa: E402
 
 
 def _reaches_output(group: ChannelGroup) -> bool:

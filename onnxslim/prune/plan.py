@@ -39,7 +39,7 @@ import numpy as np
 
 from onnxslim.analysis.groups import ChannelGroup, Follower, Source
 from onnxslim.errors import ModelLoadError, UsageError
-from onnxslim.io import save_text
+from onnxslim.io import model_files, save_text
 
 __all__ = [
     "PLAN_FORMAT",
@@ -307,10 +307,16 @@ def eligible_groups(
 
 
 def model_sha256(data: bytes | str | os.PathLike[str]) -> str:
-    """The sha256 of a model file's bytes (or of the given bytes)."""
-    if not isinstance(data, bytes):
-        data = Path(data).read_bytes()
-    return hashlib.sha256(data).hexdigest()
+    """The sha256 of a model on disk, its external data files included (or of the given bytes)."""
+    digest = hashlib.sha256()
+    if isinstance(data, bytes):
+        digest.update(data)
+        return digest.hexdigest()
+    for path in model_files(data):
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def save_plan(
