@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 from builders import ModelBuilder
 from click.testing import CliRunner
-from conftest import MODELS_DIR
+from conftest import MODELS_DIR, load_light
 from onnx import numpy_helper
 
 import onnxslim.quantize as quantize_module
@@ -361,6 +361,28 @@ def test_trained_mnist_resnet_keeps_its_accuracy_and_shrinks() -> None:
     fp32_weights = sum(t.ByteSize() for t in loaded.model.graph.initializer)
     assert 3.5 < fp32_weights / int8_weights < 4.5
     assert result.size_int8 is not None and result.size_fp32 / result.size_int8 > 2.5
+
+
+@pytest.mark.parametrize("name", ["light_squeezenet.onnx", "light_inception_v1.onnx", "light_shufflenet.onnx"])
+def test_real_architectures_from_opset_9_quantize_per_channel(name: str) -> None:
+    """Caffe2 exports at opset 9 with constant-subgraph weights: Concat branches (Inception, SqueezeNet fire
+    modules), grouped convs and a channel shuffle (ShuffleNet). Upgraded to opset 13, every Conv and Gemm
+    weight int8 per channel, the model validated against the original (quantize_model raises otherwise)."""
+    loaded = load_light(name)
+    result = quantize_model(loaded, open_dataset("random:2", loaded.model, DataOptions()), timer=FAST)
+    assert result.quantized and result.opset == (9, 13)
+    model = result.model
+    initializers = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    weighted = [n for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert len(weighted) == sum(n.op_type in ("Conv", "Gemm") for n in loaded.model.graph.node)
+    for node in weighted:
+        dequantize = producers[node.input[1]]
+        assert dequantize.op_type == "DequantizeLinear", node.name
+        weight, scale = (initializers[name] for name in dequantize.input[:2])
+        assert weight.data_type == onnx.TensorProto.INT8, node.name
+        channel_axis = {a.name: a.i for a in dequantize.attribute}.get("axis", 1)
+        assert list(scale.dims) == [weight.dims[channel_axis]], node.name  # one scale per output channel
 
 
 # ------------------------------------------------------------------------------------------ speed guard
