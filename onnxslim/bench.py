@@ -16,6 +16,11 @@ How it measures (so the numbers can be trusted and compared):
   cannot attribute its memory to one of several sessions: how far creating the session and running it
   a few times at the benchmark's input shapes raised the process's peak resident memory above its
   resident memory before loading (the interpreter and onnxruntime itself are excluded).
+* profile (optional): where each model's time goes, from onnxruntime's own profiler in a separate session
+  (`profile_runs` runs after a few untimed ones), as kernel time per run by op type *after* onnxruntime's
+  graph optimizations (fused ops such as FusedConv or QLinearConv, and the layout ops it inserts, such as
+  ReorderInput, appear under their own names). The profiler's bookkeeping inflates short kernels, so its
+  totals exceed the latencies above: compare shares, and models with each other.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,8 +50,11 @@ __all__ = [
     "BenchOptions",
     "Latency",
     "ModelBench",
+    "OpTime",
+    "Profile",
     "BenchResult",
     "benchmark",
+    "parse_profile",
     "physical_cores",
     "session_options",
     "time_interleaved",
@@ -71,6 +80,7 @@ class BenchOptions:
     memory: bool = True
     memory_runs: int = 3
     timing_batches: int = 8  # the timed loop cycles through at most this many batches (held in memory)
+    profile_runs: int = 0  # runs under onnxruntime's profiler per model (0: no profile)
 
     def __post_init__(self) -> None:
         if self.threads is not None and self.threads < 1:
@@ -81,6 +91,8 @@ class BenchOptions:
             raise UsageError(f"optimization level must be one of {list(OPT_LEVELS)}, not {self.opt_level!r}")
         if self.timing_batches < 1 or self.memory_runs < 1:
             raise UsageError("timing_batches and memory_runs must be at least 1")
+        if self.profile_runs < 0:
+            raise UsageError(f"profile runs must be >= 0, not {self.profile_runs}")
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,25 @@ class Latency:
     std_ms: float
     min_ms: float
     runs: int
+
+
+@dataclass(frozen=True)
+class OpTime:
+    """One op type in a profile: its kernels' time per run."""
+
+    op_type: str
+    kernels: int  # kernels of this type run per run
+    ms: float  # their kernel time per run, under the profiler
+    share: float  # of the model's total kernel time
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Where a model's time goes, per onnxruntime's profiler (see the module docstring)."""
+
+    runs: int
+    kernel_ms: float  # total kernel time per run, under the profiler
+    ops: tuple[OpTime, ...]  # the most time first
 
 
 @dataclass(frozen=True)
@@ -111,6 +142,7 @@ class ModelBench:
     fidelity: Fidelity | None
     accuracy: Accuracy | None
     peak_memory_bytes: int | None  # None when it could not be measured
+    profile: Profile | None = None  # with BenchOptions.profile_runs
 
 
 @dataclass(frozen=True)
@@ -253,11 +285,13 @@ def time_interleaved(
     return times
 
 
-def _session(path: Path, options: BenchOptions, threads: int, provider: str) -> Any:
+def _session(path: Path, options: BenchOptions, threads: int, provider: str, *, profile_prefix: str | None = None) -> Any:
+    settings = session_options(threads=threads, opt_level=options.opt_level)
+    if profile_prefix is not None:
+        settings.enable_profiling = True
+        settings.profile_file_prefix = profile_prefix
     try:
-        return _ort().InferenceSession(
-            str(path), session_options(threads=threads, opt_level=options.opt_level), providers=[provider]
-        )
+        return _ort().InferenceSession(str(path), settings, providers=[provider])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise ModelLoadError(f"{path}: onnxruntime cannot load the model: {first_line(e)}") from e
 
@@ -268,6 +302,49 @@ def _run(session: Any, feeds: dict[str, np.ndarray], path: Path, what: str) -> l
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         shapes = {name: list(array.shape) for name, array in feeds.items()}
         raise DataError(f"{path}: onnxruntime failed on {what} (inputs {shapes}): {first_line(e)}") from e
+
+
+_PROFILE_WARMUP = 2
+
+
+def parse_profile(events: Sequence[Mapping[str, Any]], *, skip_runs: int = 0) -> Profile:
+    """Kernel time per op type from onnxruntime's profile `events` (its JSON trace), leaving out the kernels
+    of the first `skip_runs` runs (warm-up: first-run allocations and caches)."""
+    runs = sorted(e["ts"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    if len(runs) <= skip_runs:
+        raise ValueError(f"the profile has {len(runs)} runs, not more than the {skip_runs} to skip")
+    start = runs[skip_runs]
+    time_us: dict[str, float] = {}
+    kernels: dict[str, int] = {}
+    for event in events:
+        if event.get("cat") != "Node" or not str(event.get("name", "")).endswith("_kernel_time"):
+            continue
+        if event["ts"] < start:
+            continue
+        op_type = str(event.get("args", {}).get("op_name", "?"))
+        time_us[op_type] = time_us.get(op_type, 0.0) + float(event["dur"])
+        kernels[op_type] = kernels.get(op_type, 0) + 1
+    counted = len(runs) - skip_runs
+    total_us = sum(time_us.values())
+    ops = sorted(
+        (
+            OpTime(op, round(kernels[op] / counted), us / counted / 1e3, us / total_us if total_us else 0.0)
+            for op, us in time_us.items()
+        ),
+        key=lambda o: (-o.ms, o.op_type),
+    )
+    return Profile(runs=counted, kernel_ms=total_us / counted / 1e3, ops=tuple(ops))
+
+
+def _profile(path: Path, feeds: Mapping[str, np.ndarray], options: BenchOptions, threads: int, provider: str) -> Profile:
+    """Run `path` under onnxruntime's profiler in its own session (same settings as the timed one)."""
+    with tempfile.TemporaryDirectory(prefix="onnxslim-profile-") as scratch:
+        session = _session(path, options, threads, provider, profile_prefix=str(Path(scratch) / "profile"))
+        for _ in range(_PROFILE_WARMUP + options.profile_runs):
+            _run(session, dict(feeds), path, "a profiled run")
+        trace = Path(session.end_profiling())
+        events = json.loads(trace.read_text())
+    return parse_profile(events, skip_runs=_PROFILE_WARMUP)
 
 
 def _latency(times_s: Sequence[float]) -> Latency:
@@ -368,6 +445,7 @@ def benchmark(
     for index, (path, model, name) in enumerate(zip(paths, loaded, _display_names(paths), strict=True)):
         cost = compute_cost(model.model, infer_tensor_infos(model.model, shapes))
         memory = _peak_memory(path, timing[0], options, threads, provider) if options.memory else None
+        profile = _profile(path, timing[0].feeds, options, threads, provider) if options.profile_runs else None
         latency = latencies[index]
         results.append(
             ModelBench(
@@ -382,6 +460,7 @@ def benchmark(
                 fidelity=fidelity_meters[index - 1].result() if index else None,
                 accuracy=accuracy_meters[index].result() if accuracy_meters else None,
                 peak_memory_bytes=memory,
+                profile=profile,
             )
         )
     return BenchResult(

@@ -234,6 +234,10 @@ def data_options(f: Any) -> Any:
               help="The output fidelity and accuracy read [default: the first model's first output].")
 @click.option("--memory/--no-memory", default=True, show_default=True,
               help="Measure peak memory, in a separate process per model.")
+@click.option("--profile", "profile_runs", type=click.IntRange(min=1), default=None, is_flag=False, flag_value=20,
+              metavar="[RUNS]",
+              help="Also show where each model's time goes: onnxruntime's profiler over RUNS runs (20 when "
+                   "given without a number), kernel time by op type after onnxruntime's fusions.")
 @json_option
 @click.option("--markdown", "markdown_path", metavar="FILE", type=click.Path(dir_okay=False, path_type=str),
               default=None, help="Also write the table as Markdown to FILE.")
@@ -241,19 +245,20 @@ def data_options(f: Any) -> Any:
 def bench(
     ctx: click.Context, models: tuple[str, ...], data: str | None, input_shapes: tuple[str, ...],
     data_options: DataOptions, threads: int | None, warmup: int, repeat: int, provider: str, opt_level: str,
-    output_name: str | None, memory: bool, as_json: bool, markdown_path: str | None,
+    output_name: str | None, memory: bool, profile_runs: int | None, as_json: bool, markdown_path: str | None,
 ) -> None:
     """Benchmark MODELS side by side; the first is the reference.
 
     Per model: latency percentiles (models interleaved run by run), speedup against the first (ratio of
     p50s from the same run), throughput, size, params, MACs, fidelity against the first, accuracy when the
-    data has labels, and peak memory. Without --data, inputs are random.
+    data has labels, and peak memory. Without --data, inputs are random. With --profile, a table of where
+    each model's time goes by op type (why an int8 or pruned model is not faster shows there).
     """
     if markdown_path is not None:
         check_output_path(markdown_path, sources=models)
     options = BenchOptions(
         threads=threads, warmup=warmup, repeat=repeat, provider=provider, opt_level=opt_level, output=output_name,
-        memory=memory,
+        memory=memory, profile_runs=profile_runs or 0,
     )
     with ExitStack() as stack:
         bars: list[Any] = []

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from onnxslim.analysis.groups import ChannelGroup
-from onnxslim.bench import BenchResult, ModelBench
+from onnxslim.bench import BenchResult, ModelBench, OpTime
 from onnxslim.model_info import ModelInfo
 from onnxslim.prune.pruner import PruneResult
 from onnxslim.quantize import CandidateTiming, QuantizeResult
@@ -231,9 +231,38 @@ def render_bench(result: BenchResult, *, markdown: bool = False) -> str:
         "above. peak mem: rise of a fresh process's peak RSS from loading and running the model."
     )
     table = format_table(headers, [_bench_row(m, labels=labels) for m in result.models], markdown=markdown)
+    profile = _render_profiles(result.models, markdown=markdown)
     if markdown:
-        return "\n".join([f"{settings}; {data}", "", table, "", notes])
-    return "\n".join([settings, data, "", table, "", notes])
+        return "\n".join([f"{settings}; {data}", "", table, "", notes, *profile])
+    return "\n".join([settings, data, "", table, "", notes, *profile])
+
+
+_PROFILE_ROWS = 15
+
+
+def _render_profiles(models: Sequence[ModelBench], *, markdown: bool) -> list[str]:
+    """The 'where the time goes' table: op types down, models across (empty when nothing was profiled)."""
+    profiles = [(m.name, m.profile) for m in models if m.profile is not None]
+    if not profiles:
+        return []
+    by_model = [{op.op_type: op for op in profile.ops} for _, profile in profiles]
+    op_types = sorted({op for ops in by_model for op in ops}, key=lambda op: -max(o[op].share for o in by_model if op in o))
+    shown, rest = op_types[:_PROFILE_ROWS], op_types[_PROFILE_ROWS:]
+
+    def cell(op: OpTime | None) -> str:
+        return "-" if op is None else f"{_ms(op.ms)} ms {100 * op.share:.0f}% ({op.kernels})"
+
+    rows = [[op_type, *(cell(ops.get(op_type)) for ops in by_model)] for op_type in shown]
+    if rest:
+        rows.append([f"{len(rest)} other op types", *(f"{_ms(sum(ops[op].ms for op in rest if op in ops))} ms" for ops in by_model)])
+    rows.append(["kernel time", *(f"{_ms(profile.kernel_ms)} ms" for _, profile in profiles)])
+    title = (
+        f"where the time goes: onnxruntime's profiler, {profiles[0][1].runs} runs per model in its own session; "
+        "kernel time per run by op type after onnxruntime's graph optimizations, share of the model's kernel time, "
+        "(kernels per run). The profiler inflates short kernels: compare shares and models, not these with the "
+        "latencies."
+    )
+    return ["", title, "", format_table(["op type", *(name for name, _ in profiles)], rows, markdown=markdown)]
 
 
 def bench_json(result: BenchResult) -> dict[str, Any]:
@@ -478,6 +507,11 @@ def render_quantize(result: QuantizeResult, output: str | None = None) -> str:
         lines += ["", *(f"note: {note}" for note in result.notes)]
     if output:
         lines += ["", f"wrote {output} ({'int8' if result.quantized else 'fp32'})"]
+    if not result.quantized and result.config is not None:
+        lines += [
+            "to see where the int8 model loses time: write it with --force, then "
+            "`onnxslim bench MODEL INT8_MODEL --profile`",
+        ]
     return "\n".join(lines)
 
 

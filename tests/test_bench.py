@@ -18,7 +18,7 @@ from data_models import (
     two_output_classifier,
 )
 
-from onnxslim.bench import BenchOptions, benchmark, physical_cores
+from onnxslim.bench import BenchOptions, benchmark, parse_profile, physical_cores
 from onnxslim.calib import DataOptions
 from onnxslim.cli import cli
 from onnxslim.errors import DataError, UsageError
@@ -183,6 +183,54 @@ def test_cli_table_and_markdown(models: dict[str, Path], eval_npz: Path, tmp_pat
     assert len(rows) == 2 and "1.00x" in rows[0] and "100.00%" in rows[1]
     text = markdown.read_text()
     assert "| model | p50 ms |" in text and "| doubled.onnx |" in text and "12 samples" in text
+
+
+def _kernel(name: str, op_type: str, ts: int, dur: int) -> dict:
+    return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op_type}}
+
+
+def test_parse_profile_leaves_out_warm_up_runs_and_sums_by_op_type() -> None:
+    runs = [{"cat": "Session", "name": "model_run", "ts": ts, "dur": 90} for ts in (100, 200, 300)]
+    events = [
+        {"cat": "Session", "name": "session_initialization", "ts": 0, "dur": 50},
+        *runs,
+        _kernel("conv_a", "Conv", 110, 1000),  # the warm-up run: left out
+        *(_kernel(f"conv_{i}", "Conv", ts + 10 + i, 30) for ts in (200, 300) for i in range(2)),
+        *(_kernel("relu", "Relu", ts + 20, 20) for ts in (200, 300)),
+        {"cat": "Node", "name": "conv_0_fence_before", "ts": 205, "dur": 5, "args": {"op_name": "Conv"}},
+    ]
+    profile = parse_profile(events, skip_runs=1)
+    assert profile.runs == 2
+    assert [(o.op_type, o.kernels) for o in profile.ops] == [("Conv", 2), ("Relu", 1)]
+    assert [o.ms for o in profile.ops] == pytest.approx([0.060, 0.020])
+    assert profile.kernel_ms == pytest.approx(0.080)
+    assert [o.share for o in profile.ops] == pytest.approx([0.75, 0.25])
+    with pytest.raises(ValueError, match="3 runs"):
+        parse_profile(events, skip_runs=3)
+
+
+def test_profile_shows_each_models_kernels(models: dict[str, Path], eval_npz: Path) -> None:
+    code, out, err = invoke(
+        "bench", str(models["identity"]), str(models["doubled"]), "--data", str(eval_npz), "--no-memory",
+        "--warmup", "0", "--repeat", "3", "--profile", "4", "--json",
+    )
+    assert code == 0, err
+    for model in json.loads(out)["models"]:
+        profile = model["profile"]
+        assert profile["runs"] == 4 and profile["kernel_ms"] > 0
+        assert [op["op_type"] for op in profile["ops"]] == ["Gemm"]  # the one node each model has
+        assert profile["ops"][0]["kernels"] == 1 and profile["ops"][0]["share"] == pytest.approx(1.0)
+    code, out, err = invoke(
+        "bench", str(models["identity"]), str(models["doubled"]), "--data", str(eval_npz), "--no-memory",
+        "--warmup", "0", "--repeat", "3", "--profile",
+    )
+    assert code == 0, err
+    table = out[out.index("where the time goes"):]
+    assert "20 runs per model" in table
+    assert next(line for line in table.splitlines() if line.startswith("op type")).split()[2:] == ["identity.onnx", "doubled.onnx"]
+    assert [line.split()[0] for line in table.splitlines() if line.startswith(("Gemm", "kernel time"))] == ["Gemm", "kernel"]
+    code, out, _ = invoke("bench", str(models["identity"]), "--no-memory", "--repeat", "2")
+    assert code == 0 and "where the time goes" not in out
 
 
 def test_cli_exit_codes(models: dict[str, Path], tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import onnx
 import pytest
+from builders import ModelBuilder
 from conftest import load_light
 from io_models import conv_model, conv_transpose_model, gemm_model, matmul_model
 
@@ -72,12 +73,18 @@ def test_unknown_shapes_are_reported_not_counted_as_zero() -> None:
     assert cost.unknown == ("conv",) and cost.macs == 0
 
 
-def test_qlinear_conv_counts_like_conv(tmp_path) -> None:
+@pytest.mark.parametrize("quant_format", ["QOperator", "QDQ"])
+def test_int8_layers_count_like_their_float_originals(tmp_path, quant_format: str) -> None:
+    """Same MACs and params after quantization, whether the int8 weights sit behind DequantizeLinear (QDQ)
+    or are read by QLinearConv / QGemm directly (QOperator)."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     from onnxslim.calib import DataOptions, open_dataset
 
-    fp32 = conv_model(c_in=4, c_out=8, hw=10)
+    builder = ModelBuilder((4, 10, 10))
+    y = builder.conv(builder.input, 8, 3)
+    flat = builder.op("Flatten", [y], channels=800)
+    fp32 = builder.build(builder.gemm(flat, 5))
     source = tmp_path / "fp32.onnx"
     onnx.save_model(fp32, str(source))
 
@@ -88,7 +95,9 @@ def test_qlinear_conv_counts_like_conv(tmp_path) -> None:
         def get_next(self):
             return next(self.batches, None)
 
-    quantize_static(str(source), str(tmp_path / "int8.onnx"), Reader(), quant_format=QuantFormat.QOperator)
+    quantize_static(str(source), str(tmp_path / "int8.onnx"), Reader(), quant_format=getattr(QuantFormat, quant_format))
     int8 = onnx.load(str(tmp_path / "int8.onnx"))
-    assert any(n.op_type == "QLinearConv" for n in int8.graph.node)
-    assert cost_of(int8).macs == cost_of(fp32).macs == 8 * 10 * 10 * 4 * 9
+    expected = {"QOperator": {"QLinearConv", "QGemm"}, "QDQ": {"Conv", "Gemm", "DequantizeLinear"}}[quant_format]
+    assert expected <= {n.op_type for n in int8.graph.node}
+    assert cost_of(int8).macs == cost_of(fp32).macs == 8 * 10 * 10 * 4 * 9 + 5 * 800
+    assert cost_of(int8).params == cost_of(fp32).params == 8 * 4 * 9 + 8 + 5 * 800 + 5

@@ -550,8 +550,10 @@ def test_cli_writes_fp32_when_int8_is_not_faster_and_force_overrides(tmp_path: P
     report = json.loads(stdout)
     assert report["quantized"] is False and len(report["candidates"]) == 5
     assert not find_quantized_nodes(onnx.load(str(out)))
+    code, stdout, _ = invoke("quantize", str(path), "-o", str(out), "--calib", str(calib))
+    assert code == 0 and "NO, the fp32 model is kept" in stdout and "bench MODEL INT8_MODEL --profile" in stdout
     code, stdout, _ = invoke("quantize", str(path), "-o", str(out), "--calib", str(calib), "--force")
-    assert code == 0 and "quantized    yes" in stdout and "--force" in stdout
+    assert code == 0 and "quantized    yes" in stdout and "--force" in stdout and "--profile" not in stdout
     assert find_quantized_nodes(onnx.load(str(out)))
 
 

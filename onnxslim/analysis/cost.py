@@ -1,12 +1,13 @@
 """Parameters and multiply-accumulates per node at given input shapes.
 
 `macs` counts only the multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul (and their int8
-QOperator forms): the numbers channel
-pruning changes and the ones latency follows. Everything else is counted separately as `elementwise`: the
-number of elements each other node writes, a rough measure of memory-bound work. `params` counts the
-elements of floating-point initializers and of quantized weights (integer initializers a DequantizeLinear
-reads), each once (attributed to its first reader). A MAC layer whose shapes are unknown is listed in
-`unknown`, never silently counted as zero.
+QOperator forms): the numbers channel pruning changes and the ones latency follows. Everything else is
+counted separately as `elementwise`: the number of elements each other node writes, a rough measure of
+memory-bound work. `params` counts the elements of floating-point initializers and of quantized weights
+(integer initializers a DequantizeLinear reads, or the weight and bias inputs of QOperator nodes), each
+once (attributed to its first reader), but not quantization scales and zero points: an int8 model has the
+params of its float original. A MAC layer whose shapes are unknown is listed in `unknown`, never silently
+counted as zero.
 """
 
 from __future__ import annotations
@@ -90,6 +91,22 @@ def _matmul_macs(node: onnx.NodeProto, infos: Mapping[str, TensorInfo]) -> int |
     return int(np.prod(out)) * int(inner)
 
 
+_MAC_DOMAINS = ("", "ai.onnx", "com.microsoft")
+
+# The inputs of int8 nodes that can be weights (when they are initializers): op type -> input indices. Their
+# other initializer inputs are scales and zero points, which are not counted as parameters.
+QUANTIZED_WEIGHT_INPUTS: Mapping[str, tuple[int, ...]] = {
+    "QuantizeLinear": (0,),
+    "DequantizeLinear": (0,),
+    "QLinearConv": (3, 8),  # w, bias
+    "QLinearMatMul": (0, 3),  # a, b
+    "QGemm": (0, 3, 6),  # A, B, C
+    "QLinearAdd": (0, 3),
+    "QLinearMul": (0, 3),
+    "ConvInteger": (0, 1),
+    "MatMulInteger": (0, 1),
+}
+
 MAC_OPS: Mapping[str, Callable[[onnx.NodeProto, Mapping[str, TensorInfo]], int | None]] = {
     "Conv": _conv_macs,
     "ConvTranspose": _conv_transpose_macs,
@@ -98,6 +115,7 @@ MAC_OPS: Mapping[str, Callable[[onnx.NodeProto, Mapping[str, TensorInfo]], int |
     # int8 forms written by QOperator quantization: the same arithmetic, so the same count
     "ConvInteger": _conv_macs,
     "QLinearConv": partial(_conv_macs, weight_input=3),  # x, x_scale, x_zero_point, w, ...
+    "QGemm": _gemm_macs,  # com.microsoft
     "MatMulInteger": _matmul_macs,
     "QLinearMatMul": _matmul_macs,
 }
@@ -105,12 +123,14 @@ MAC_OPS: Mapping[str, Callable[[onnx.NodeProto, Mapping[str, TensorInfo]], int |
 
 def compute_cost(model: onnx.ModelProto, infos: Mapping[str, TensorInfo]) -> ModelCost:
     """Params and MACs of every node of `model`'s main graph, at the shapes in `infos`."""
-    quantized = {node.input[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
-    float_initializers = {
+    int8_nodes = [n for n in model.graph.node if n.op_type in QUANTIZED_WEIGHT_INPUTS or n.op_type.startswith("QLinear")]
+    quantized = {n.input[i] for n in int8_nodes for i in QUANTIZED_WEIGHT_INPUTS.get(n.op_type, ()) if i < len(n.input)}
+    quantization_parameters = {name for n in int8_nodes for name in n.input} - quantized
+    weights = {
         t.name: int(np.prod(t.dims))
         for t in model.graph.initializer
-        if np.issubdtype(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)), np.floating)
-        or t.name in quantized
+        if (np.issubdtype(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)), np.floating) or t.name in quantized)
+        and t.name not in quantization_parameters
     }
     counted: set[str] = set()
     layers = []
@@ -118,10 +138,10 @@ def compute_cost(model: onnx.ModelProto, infos: Mapping[str, TensorInfo]) -> Mod
     for node in model.graph.node:
         params = 0
         for name in node.input:
-            if name in float_initializers and name not in counted:
+            if name in weights and name not in counted:
                 counted.add(name)
-                params += float_initializers[name]
-        mac_rule = MAC_OPS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+                params += weights[name]
+        mac_rule = MAC_OPS.get(node.op_type) if node.domain in _MAC_DOMAINS else None
         found = mac_rule(node, infos) if mac_rule is not None else 0
         if found is None:
             unknown.append(node.name)
