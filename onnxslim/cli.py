@@ -234,10 +234,11 @@ def data_options(f: Any) -> Any:
               help="The output fidelity and accuracy read [default: the first model's first output].")
 @click.option("--memory/--no-memory", default=True, show_default=True,
               help="Measure peak memory, in a separate process per model.")
-@click.option("--profile", "profile_runs", type=click.IntRange(min=1), default=None, is_flag=False, flag_value=20,
-              metavar="[RUNS]",
-              help="Also show where each model's time goes: onnxruntime's profiler over RUNS runs (20 when "
-                   "given without a number), kernel time by op type after onnxruntime's fusions.")
+@click.option("--profile", is_flag=True,
+              help="Also show where each model's time goes: kernel time by op type from onnxruntime's profiler, "
+                   "after its fusions (fused and layout ops appear under their own names).")
+@click.option("--profile-runs", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Runs per model under the profiler.")
 @json_option
 @click.option("--markdown", "markdown_path", metavar="FILE", type=click.Path(dir_okay=False, path_type=str),
               default=None, help="Also write the table as Markdown to FILE.")
@@ -245,7 +246,7 @@ def data_options(f: Any) -> Any:
 def bench(
     ctx: click.Context, models: tuple[str, ...], data: str | None, input_shapes: tuple[str, ...],
     data_options: DataOptions, threads: int | None, warmup: int, repeat: int, provider: str, opt_level: str,
-    output_name: str | None, memory: bool, profile_runs: int | None, as_json: bool, markdown_path: str | None,
+    output_name: str | None, memory: bool, profile: bool, profile_runs: int, as_json: bool, markdown_path: str | None,
 ) -> None:
     """Benchmark MODELS side by side; the first is the reference.
 
@@ -258,7 +259,7 @@ def bench(
         check_output_path(markdown_path, sources=models)
     options = BenchOptions(
         threads=threads, warmup=warmup, repeat=repeat, provider=provider, opt_level=opt_level, output=output_name,
-        memory=memory, profile_runs=profile_runs or 0,
+        memory=memory, profile_runs=profile_runs if profile else 0,
     )
     with ExitStack() as stack:
         bars: list[Any] = []

@@ -212,7 +212,7 @@ def test_parse_profile_leaves_out_warm_up_runs_and_sums_by_op_type() -> None:
 def test_profile_shows_each_models_kernels(models: dict[str, Path], eval_npz: Path) -> None:
     code, out, err = invoke(
         "bench", str(models["identity"]), str(models["doubled"]), "--data", str(eval_npz), "--no-memory",
-        "--warmup", "0", "--repeat", "3", "--profile", "4", "--json",
+        "--warmup", "0", "--repeat", "3", "--profile", "--profile-runs", "4", "--json",
     )
     assert code == 0, err
     for model in json.loads(out)["models"]:
@@ -221,8 +221,8 @@ def test_profile_shows_each_models_kernels(models: dict[str, Path], eval_npz: Pa
         assert [op["op_type"] for op in profile["ops"]] == ["Gemm"]  # the one node each model has
         assert profile["ops"][0]["kernels"] == 1 and profile["ops"][0]["share"] == pytest.approx(1.0)
     code, out, err = invoke(
-        "bench", str(models["identity"]), str(models["doubled"]), "--data", str(eval_npz), "--no-memory",
-        "--warmup", "0", "--repeat", "3", "--profile",
+        "bench", "--profile", str(models["identity"]), str(models["doubled"]), "--data", str(eval_npz), "--no-memory",
+        "--warmup", "0", "--repeat", "3",
     )
     assert code == 0, err
     table = out[out.index("where the time goes"):]
