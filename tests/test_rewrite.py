@@ -404,6 +404,53 @@ def test_a_plan_that_keeps_every_channel_rewrites_to_the_original() -> None:
     assert_outputs_close(run_model(rewritten, feeds), run_model(model, feeds), 1e-6)
 
 
+
+def _token_gate_model() -> onnx.ModelProto:
+    """Tokens [batch, 10, 16], channels last: h = relu(x W1) is gated by g = sigmoid(reshape(mean_tokens(x W3)))
+    of shape [batch, 1, 32], the Reshape's shape computed from Shape(input) (a blocker), as PyTorch exports
+    `fc3(x).mean(1).reshape(x.shape[0], 1, -1)`."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in
+               (("w0", (16, 16)), ("w1", (16, 32)), ("w3", (16, 32)), ("w2", (32, 16)), ("head", (16, 8)))}
+    consts = {"one": np.array([1], np.int64), "minus_one": np.array([-1], np.int64), "zero": np.array([0], np.int64)}
+    nodes = [
+        helper.make_node("MatMul", ["input", "w0"], ["a0"], name="fc0"),
+        helper.make_node("Relu", ["a0"], ["x"], name="relu0"),
+        helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+        helper.make_node("Relu", ["h0"], ["h"], name="relu1"),
+        helper.make_node("MatMul", ["x", "w3"], ["g0"], name="fc3"),
+        helper.make_node("ReduceMean", ["g0"], ["g1"], name="mean", axes=[1], keepdims=0),
+        helper.make_node("Shape", ["input"], ["shape"], name="shape"),
+        helper.make_node("Gather", ["shape", "zero"], ["batch"], name="batch", axis=0),
+        helper.make_node("Concat", ["batch", "one", "minus_one"], ["target"], name="target", axis=0),
+        helper.make_node("Reshape", ["g1", "target"], ["g2"], name="reshape"),
+        helper.make_node("Sigmoid", ["g2"], ["g"], name="sigmoid"),
+        helper.make_node("Mul", ["h", "g"], ["gated"], name="gate"),
+        helper.make_node("MatMul", ["gated", "w2"], ["y0"], name="fc2"),
+        helper.make_node("Relu", ["y0"], ["y"], name="relu2"),
+        helper.make_node("MatMul", ["y", "head"], ["output"], name="head_fc"),
+    ]
+    graph = helper.make_graph(
+        nodes, "token_gate",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 10, 16])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 10, 8])],
+        [numpy_helper.from_array(v, k) for k, v in {**weights, **consts}.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_channels_last_gate_from_a_blocker_blocks_the_group_it_multiplies() -> None:
+    """The gate's channels are on axis 2, where h's are; it comes out of a blocker, whose output axis is only
+    assumed (1, where the gate has size 1). Taking it for a broadcast once pruned h alone (the Mul failed)."""
+    result = check_prune(_token_gate_model(), ratio=0.5)
+    gated = _group_with_source_op(result.groups, "fc1")
+    assert gated.blocked_by is not None and gated.blocked_by.node == "gate"
+    assert "varies along the channel axis" in gated.blocked_by.reason and "reshape: Reshape" in gated.blocked_by.reason
+    assert _group_with_source_op(result.groups, "fc0").prunable and result.pruned_groups >= 1
+
+
 # ------------------------------------------------------------------------------------ failure paths
 
 

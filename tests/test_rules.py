@@ -96,6 +96,25 @@ def test_join_of_variables_and_broadcast_operand() -> None:
     assert isinstance(decide(mismatched), Block)
 
 
+
+def test_an_operand_whose_channels_are_not_followed_broadcasts_only_if_constant_along_the_channel_axis() -> None:
+    """An opaque operand (from a blocker or a graph input) has only an assumed axis, 1; the tracked operand
+    decides the channel axis. A channels-last gate [1, 1, 8] from a blocked op varies along it: block."""
+
+    def opaque_mul(gate_shape: tuple[int, ...], tracked_axis: int, out: tuple[int, ...]) -> NodeView:
+        node = view("Mul", [x(), gs.Variable("gate")], [out, gate_shape], out, [tracked_axis, 1])
+        return NodeView(node.node, 13, node.input_shapes, node.output_shapes, node.input_axes, {1: "/r: why"})
+
+    gate = decide(opaque_mul((1, 1, 8), 2, (1, 5, 8)))
+    assert isinstance(gate, Block) and "operand 1 varies along the channel axis" in gate.reason and "/r: why" in gate.reason
+    spatial = opaque_mul((1, 5, 1), 2, (1, 5, 8))  # varies along the tokens only: the same for every channel
+    assert decide(spatial) == Flow((0,), 2, broadcast=(1,))
+    aligned = opaque_mul((1, 8, 4, 4), 1, (1, 8, 4, 4))  # assumed axis is the channel axis: joined (and blocks)
+    assert decide(aligned) == Flow((0, 1), 1)
+    # a followed operand with size 1 on its own axis but not on the output's: carries channels elsewhere
+    crossed = view("Mul", [x(), gs.Variable("a")], [(1, 5, 8), (1, 1, 8)], (1, 5, 8), [2, 1])
+    assert isinstance(decide(crossed), Block) and "carries its channels on another axis" in decide(crossed).reason
+
 def test_reduce_over_spatial_axes_shifts_the_axis_without_keepdims() -> None:
     assert decide(view("ReduceMean", [x()], [(1, 8, 4, 4)], (1, 8), [1], axes=[2, 3], keepdims=0)) == Flow((0,), 1)
     assert decide(view("ReduceMean", [x()], [(1, 4, 4, 8)], (1, 8), [3], axes=[1, 2], keepdims=0)) == Flow((0,), 1)

@@ -274,7 +274,10 @@ class _Walker:
             self.spaces.get(segment.space).members.append((order, member))
 
     def opaque(self, tensor: gs.Tensor, order: int, blocker: Blocker) -> None:
-        """Give `tensor` a space that is blocked from the start (graph inputs, outputs of blockers)."""
+        """Give `tensor` a space that is blocked from the start (graph inputs, outputs of blockers).
+
+        Its channel axis is not known: it is assumed to be 1 (0 for vectors), and rules are told the input is
+        opaque (NodeView.opaque_inputs) so that they do not rely on the assumption where it matters."""
         shape = self.shape(tensor)
         if not tensor.name or shape is None or len(shape) == 0:
             return
@@ -327,7 +330,21 @@ class _Walker:
             input_shapes=tuple(self.shape(t) for t in node.inputs),
             output_shapes=tuple(self.shape(t) for t in node.outputs),
             input_axes=input_axes,
+            opaque_inputs={
+                index: self.opaque_origin(state)
+                for index, t in enumerate(node.inputs)
+                if (state := self.states.get(t.name)) is not None
+                and not isinstance(t, gs.Constant)
+                and not any(self.spaces.get(segment.space).sources for segment in state.segments)
+            },
         )
+
+    def opaque_origin(self, state: _ChannelState) -> str:
+        """What stopped the channels of an opaque tensor from being followed, for messages."""
+        blocked = [data.blocker[1] for s in state.segments if (data := self.spaces.get(s.space)).blocker is not None]
+        if not blocked:
+            return "they come from an op that blocks"
+        return f"{blocked[0].node}: {blocked[0].reason}" if blocked[0].node else blocked[0].reason
 
     def decide(self, node: gs.Node, view: NodeView) -> Decision:
         blocked = unsupported(node)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -119,6 +119,9 @@ class NodeView:
     input_shapes: tuple[tuple[int, ...] | None, ...]
     output_shapes: tuple[tuple[int, ...] | None, ...]
     input_axes: tuple[int | None, ...]  # channel axis of each variable input; None for constants/absent
+    # variable inputs whose channels are not followed (graph inputs, outputs of blocking ops) -> what stopped
+    # them: their axis in `input_axes` is only assumed (1), so a rule may not conclude from it that they broadcast
+    opaque_inputs: Mapping[int, str] = field(default_factory=dict)
 
     @property
     def op(self) -> str:
@@ -209,42 +212,54 @@ def _elementwise(view: NodeView) -> Decision:
 
     Variable operands whose channel dim matches the output are joined; those with channel dim 1 broadcast
     and join nothing; a constant whose aligned channel dim is not 1 is per-channel (the node is a follower).
+    The output's channel axis comes from the operands whose channels are followed; an operand whose channels
+    are not (opaque: its axis is only assumed) broadcasts only if it has size 1 on that axis, joins (and so
+    blocks the group) if its assumed axis is that axis, and otherwise blocks the node.
     """
     out_shape = view.output_shapes[0]
     assert out_shape is not None
     rank = len(out_shape)
+    variables = [i for i in range(len(view.node.inputs)) if view.has_input(i) and view.constant(i) is None]
+    constants = [value for i in range(len(view.node.inputs)) if (value := view.constant(i)) is not None]
+    with_axis = [i for i in variables if view.axis(i) is not None]
+    carriers = [i for i in with_axis if i not in view.opaque_inputs] or with_axis
     operands: list[int] = []
     broadcast: list[int] = []
     axes: set[int] = set()
-    constants: list[np.ndarray] = []
-    for index in range(len(view.node.inputs)):
-        if not view.has_input(index):
-            continue
-        value = view.constant(index)
-        if value is not None:
-            constants.append(value)
-            continue
+    for index in carriers:
         shape, axis = view.shape(index), view.axis(index)
-        if axis is None:  # a rank-0 variable: a scalar, broadcast everywhere
-            broadcast.append(index)
-            continue
+        assert axis is not None
         aligned = axis + rank - len(shape)
         if shape[axis] == out_shape[aligned]:
             operands.append(index)
             axes.add(aligned)
-        elif shape[axis] == 1:
-            broadcast.append(index)
-        else:
+        elif shape[axis] != 1:
             return Block(f"operand {index} has {shape[axis]} channels where the output has {out_shape[aligned]}")
     if len(axes) != 1:
         return Block("its operands carry channels on different axes" if axes else "no operand carries channels")
     out_axis = axes.pop()
+    for index in variables:
+        if index in operands:
+            continue
+        shape, axis = view.shape(index), view.axis(index)
+        position = out_axis - (rank - len(shape))
+        if position < 0 or shape[position] == 1:
+            broadcast.append(index)  # the same value for every channel
+        elif index in view.opaque_inputs and axis is not None and axis + rank - len(shape) == out_axis:
+            operands.append(index)  # joined: what blocked its channels blocks the group
+        elif index in view.opaque_inputs:
+            return Block(
+                f"operand {index} varies along the channel axis, but its channels could not be followed "
+                f"({view.opaque_inputs[index]})"
+            )
+        else:
+            return Block(f"operand {index} varies along the channel axis but carries its channels on another axis")
     follower = False
     for value in constants:
         aligned = out_axis - (rank - value.ndim)
         if aligned >= 0 and value.shape[aligned] != 1:
             follower = True
-    return Flow(tuple(operands), out_axis, follower=follower, broadcast=tuple(broadcast))
+    return Flow(tuple(sorted(operands)), out_axis, follower=follower, broadcast=tuple(broadcast))
 
 
 def _conv(view: NodeView) -> Decision:
