@@ -403,14 +403,20 @@ def _basic_optimize(model: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
         raise UnsupportedModelError(f"onnxruntime cannot load the model, so it cannot quantize it: {first_line(e)}") from e
     optimized = onnx.load_model(options.optimized_model_filepath)
     _strip_unused_domains(optimized)
-    # The optimizer keeps the declared inputs and outputs, but make sure: they are the model's contract.
-    for target, source in ((optimized.graph.input, model.graph.input), (optimized.graph.output, model.graph.output)):
-        by_name = {v.name: v for v in source}
+    _declare_like(optimized, model)
+    optimized, _ = normalize_model(optimized)  # names the nodes the optimizer created without a name
+    return optimized
+
+
+def _declare_like(model: onnx.ModelProto, source: onnx.ModelProto) -> None:
+    """Give `model`'s graph inputs and outputs the declarations (types, symbolic dims) they have in `source`:
+    they are the model's contract, and optimizers and shape inference (which can make a Resize output's dims
+    concrete) must not change them."""
+    for target, declared in ((model.graph.input, source.graph.input), (model.graph.output, source.graph.output)):
+        by_name = {v.name: v for v in declared}
         for value in target:
             if value.name in by_name:
                 value.CopyFrom(by_name[value.name])
-    optimized, _ = normalize_model(optimized)  # names the nodes the optimizer created without a name
-    return optimized
 
 
 def _infer_types(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
@@ -465,6 +471,7 @@ def prepare_model(
     with tempfile.TemporaryDirectory(prefix="onnxslim-quant-") as scratch:
         optimized = _basic_optimize(model, Path(scratch))
     prepared = _infer_types(optimized, input_shapes)
+    _declare_like(prepared, model)
     return PreparedModel(prepared, source_opset, _default_opset(prepared), want_per_channel, tuple(notes))
 
 
@@ -1038,6 +1045,7 @@ class _Candidates:
             result = quantize_with_ranges(
                 self._prepared_path, self._cache_path, config, self._method, exclude_nodes=self._exclude
             )
+            _declare_like(result, self._source)
             _session(result, self._threads)  # a candidate onnxruntime cannot load is no candidate
             if self.count(config, result)[0] == 0:
                 ops = sorted({n.op_type for n in self._prepared.graph.node})

@@ -146,6 +146,25 @@ def test_dynamic_input_dims_survive_and_run_at_any_batch(model_and_data) -> None
         assert run(model, x).shape == (batch, 10)
 
 
+
+def test_symbolic_output_dims_stay_symbolic_though_inference_can_make_them_concrete(tmp_path: Path) -> None:
+    """A segmentation-style output: Conv -> Resize(x2), declared [batch, classes, height, width] with names,
+    as exporters do. Shape inference with data propagation makes those dims concrete; the int8 model must
+    keep the source's declaration (torchvision's LRASPP and FCN exports failed validation here)."""
+    b = ModelBuilder((3, 8, 8), opset=13, seed=1)
+    y = b.relu(b.conv(b.input, 8, k=3))
+    y = b.op("Resize", [b.conv(y, 4, k=1), "", b.const(np.array([1, 1, 2, 2], np.float32), prefix="scales")], mode="linear")
+    source = b.build(y)
+    for dim, name in zip(source.graph.output[0].type.tensor_type.shape.dim[1:], ("classes", "height", "width"), strict=True):
+        dim.Clear()
+        dim.dim_param = name
+    loaded = load_model(save(source, tmp_path / "seg.onnx"))
+    result = quantize_model(loaded, dataset(data_npz(tmp_path / "c.npz", source, 20, labels=False), loaded.model), timer=FAST)
+    assert result.quantized
+    assert result.model.graph.output[0] == source.graph.output[0]
+    assert run(result.model, np.zeros((2, 3, 8, 8), np.float32)).shape == (2, 4, 16, 16)
+
+
 def test_opset_11_models_get_per_channel_weights_through_the_upgrade(tmp_path: Path) -> None:
     source = cnn(opset=11)
     loaded = load_model(save(source, tmp_path / "old.onnx"))
