@@ -499,6 +499,20 @@ def test_trained_models_prune_at_0_3(name: str, criterion: str) -> None:
     assert resolve_input_shapes(result.model) == {"input": (1, 1, 28, 28)}
 
 
+
+CLI_DEFAULTS = {"round_to": 8, "protect_first": True, "protect_last": True}
+
+
+@pytest.mark.parametrize("budget", [{"ratio": 0.3}, {"ratio": None, "target_macs": 0.5}], ids=["ratio", "target_macs"])
+@pytest.mark.parametrize("name", ["mnist_resnet", "mnist_mobilenet_bn"])
+def test_the_command_lines_defaults_hold_the_oracle(name: str, budget: dict) -> None:
+    """What a user of `onnxslim prune` gets: channels rounded to multiples of 8, first and last layers kept."""
+    result = check_prune(load_model(MODELS / f"{name}.onnx").model, **budget, **CLI_DEFAULTS)
+    assert result.left_alone and result.pruned_groups >= 3
+    kept = [g.channels - len(result.plan.removed(g)) for g in result.groups if result.plan.changes(g)]
+    assert all(count % 8 == 0 for count in kept)
+
+
 # ------------------------------------------------------------------------------- random compositions
 
 BLOCKS = {

@@ -41,8 +41,8 @@ class BlockedGroup:
 @dataclass(frozen=True)
 class PruneOptions:
     """What to remove and how to choose it. Exactly one of `ratio`, `target_macs` and `plan_path` (or none,
-    with `lossless`). The library protects nothing by default; the command line turns on `protect_first`
-    and `protect_last`."""
+    with `lossless`). The library's defaults are the literal ones: nothing protected and exact channel counts
+    (`round_to` 1); the command line turns on `protect_first` and `protect_last` and rounds to 8 (README)."""
 
     ratio: float | None = None
     target_macs: float | None = None
