@@ -451,6 +451,46 @@ def test_a_channels_last_gate_from_a_blocker_blocks_the_group_it_multiplies() ->
     assert _group_with_source_op(result.groups, "fc0").prunable and result.pruned_groups >= 1
 
 
+
+def _shape_read_model(form: str) -> onnx.ModelProto:
+    """y = relu(conv(x)); Shape(y) read as PyTorch exports `y.shape[-2:]` (form "slice"), `y.shape[2], y.shape[3]`
+    ("gather") or Shape(start=2) ("start") builds the sizes of a Resize of a pooled branch; form "channels"
+    also multiplies the output by the channel count `y.shape[1]`, which pruning changes."""
+    b = ModelBuilder((3, 8, 8), opset=17)
+    y = b.relu(b.conv(b.input, 8, 3))
+    z = b.conv(b.op("AveragePool", [y], kernel_shape=[2, 2], strides=[2, 2]), 4)
+    shape = b.op("Shape", [y], channels=0, **({"start": 2} if form == "start" else {}))
+
+    def gather(*indices: int) -> str:
+        return b.op("Gather", [shape, b.const(np.array(indices, np.int64))], channels=0, axis=0)
+
+    if form == "start":
+        spatial = shape
+    elif form == "slice":
+        spatial = b.op("Slice", [shape, b.const(np.array([2], np.int64)), b.const(np.array([4], np.int64))], channels=0)
+    else:
+        spatial = b.op("Concat", [gather(2), gather(3)], channels=0, axis=0)
+    sizes = b.op("Concat", [b.const(np.array([1, 4], np.int64)), spatial], channels=0, axis=0)
+    up = b.op("Resize", [z, "", "", sizes], mode="nearest")
+    out = b.conv(b.op("Add", [up, b.conv(y, 4)]), 2)
+    if form == "channels":
+        out = b.op("Mul", [out, b.op("Cast", [gather(1)], channels=0, to=onnx.TensorProto.FLOAT)])
+    return b.build(out)
+
+
+@pytest.mark.parametrize("form", ["slice", "gather", "start"])
+def test_shape_of_the_other_dims_does_not_block(form: str) -> None:
+    """`y.shape[-2:]`, `y.shape[2]`, or Shape(start=2) read no channel count: y's group stays prunable."""
+    result = check_prune(_shape_read_model(form), ratio=0.5)
+    assert result.groups[0].channels == 8 and result.groups[0].prunable  # y's group
+
+
+def test_shape_read_at_the_channel_axis_blocks() -> None:
+    result = check_prune(_shape_read_model("channels"), ratio=0.5, expect_pruned=False)
+    blocked = result.groups[0].blocked_by
+    assert result.groups[0].channels == 8 and blocked is not None and blocked.reason == "Shape reads the channel count"
+
+
 # ------------------------------------------------------------------------------------ failure paths
 
 

@@ -32,6 +32,7 @@ from onnxslim.analysis.rules import (
     Flow,
     NodeView,
     Partition,
+    Unread,
     decide,
     unsupported,
 )
@@ -361,6 +362,8 @@ class _Walker:
         if isinstance(decision, Partition):
             return decision
         graph_outputs = {t.name for t in self.graph.outputs}
+        if isinstance(decision, Unread) and any(t.name in graph_outputs for t in node.outputs):
+            return Block(f"{node.op} reads the channel count into a graph output")
         for index, tensor in enumerate(node.outputs[1:], start=1):
             if tensor.name and (tensor.outputs or tensor.name in graph_outputs):
                 return Block(f"output {index} of {node.op} is used")
@@ -397,6 +400,8 @@ class _Walker:
                     segments.append(_Segment(offset, segment.length, segment.space))
                     offset += segment.length
             self.set_state(node.outputs[0], order, decision.out_axis, segments)
+        elif isinstance(decision, Unread):
+            handled = {0}  # read, but not its channels; the outputs carry none
         else:
             handled = {0}
             self.partition(order, node, view, decision)

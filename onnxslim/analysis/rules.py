@@ -13,6 +13,8 @@ operands, the channel axis of each input) and decides what happens to the channe
   a sequence of segments that each keep their own group.
 * `Partition` — **split**: output i carries channels [start, end) of input 0 (Split, Slice); `follower`
   marks that the rewrite must update the sizes or starts/ends.
+* `Unread` — the node reads input 0 but neither its channels' values nor their count (`Shape` whose
+  channel entry nobody uses): nothing flows on, and nothing blocks.
 * `Block` — a **blocker**, with the reason reported by `inspect` and `prune`.
 
 Op types missing from the table are blockers ("unsupported op X"). Being conservative is never a bug;
@@ -39,6 +41,7 @@ __all__ = [
     "Block",
     "Concatenate",
     "Partition",
+    "Unread",
     "Decision",
     "NodeView",
     "merged_channel_axis",
@@ -57,6 +60,7 @@ class Behaviour(Enum):
     JOIN = "join"  # elementwise between several variable tensors: unites their groups
     CONCAT = "concat"  # stacks its operands' channels as segments
     SPLIT = "split"  # each output takes a range of its input's channels
+    TERMINAL = "terminal"  # reads its input but not its channels (Shape of the other dims)
     BLOCKER = "blocker"  # mixes channels in a way the rules do not model
 
 
@@ -107,7 +111,12 @@ class Partition:
     follower: bool = False
 
 
-Decision = Create | Flow | Concatenate | Partition | Block
+@dataclass(frozen=True)
+class Unread:
+    """The node reads input 0 without depending on its channels; its outputs carry none."""
+
+
+Decision = Create | Flow | Concatenate | Partition | Unread | Block
 
 
 @dataclass(frozen=True)
@@ -563,6 +572,42 @@ def _slice(view: NodeView, axis: int) -> Decision:
     return Partition(((start, end),), axis, follower=True)
 
 
+def _reads_only(consumer: gs.Node, shape_output: gs.Tensor, excluded: int, length: int) -> bool:
+    """Whether `consumer` of a Shape output (a 1-D tensor of `length` dims) reads only entries other than
+    `excluded`: a Gather of constant indices on axis 0, or a Slice with constant arguments on axis 0."""
+    if consumer.op == "Gather" and consumer.inputs[0] is shape_output and int(consumer.attrs.get("axis", 0)) == 0:
+        indices = consumer.inputs[1]
+        return isinstance(indices, gs.Constant) and excluded not in (np.asarray(indices.values).reshape(-1) % length)
+    if consumer.op == "Slice" and consumer.inputs[0] is shape_output and len(consumer.inputs) >= 3:
+        # starts, ends, axes, steps by position (absent optional inputs have no name); on a 1-D tensor the
+        # only axis is 0
+        arguments = [a if a.name else None for a in consumer.inputs[1:5]]
+        if not all(a is None or isinstance(a, gs.Constant) for a in arguments):
+            return False
+        starts, ends, _, steps = (
+            [int(v) for v in np.asarray(a.values).reshape(-1)] if isinstance(a, gs.Constant) else None
+            for a in [*arguments, None, None][:4]
+        )
+        if starts is None or ends is None or len(starts) != 1:
+            return False
+        return excluded not in range(length)[slice(starts[0], ends[0], steps[0] if steps else 1)]
+    return False
+
+
+@_on_channels
+def _shape(view: NodeView, axis: int) -> Decision:
+    """Shape passes when the channel count is not in its output (`start`/`end`, opset 15) or when every
+    consumer reads only the other entries (`b, _, h, w = x.shape` as PyTorch exports it); else it blocks."""
+    rank = len(view.shape(0))
+    start, end, _ = slice(int(view.attr("start", 0)), int(view.attr("end", rank))).indices(rank)
+    if not start <= axis < end:
+        return Unread()
+    output = view.node.outputs[0]
+    if output.outputs and all(_reads_only(consumer, output, axis - start, end - start) for consumer in output.outputs):
+        return Unread()
+    return Block("Shape reads the channel count")
+
+
 def _blocker(reason: str) -> Callable[[NodeView], Decision]:
     def decide_block(view: NodeView) -> Decision:
         return Block(reason)
@@ -612,7 +657,7 @@ RULES: Mapping[str, OpRule] = {
     "Gemm": OpRule(Behaviour.SOURCE, _gemm),
     "MatMul": OpRule(Behaviour.SOURCE, _matmul),
     "LRN": OpRule(Behaviour.BLOCKER, _blocker("LRN mixes neighbouring channels")),
-    "Shape": OpRule(Behaviour.BLOCKER, _blocker("Shape reads the channel count")),
+    "Shape": OpRule(Behaviour.TERMINAL, _shape),
     "Size": OpRule(Behaviour.BLOCKER, _blocker("Size reads the channel count")),
 }
 
