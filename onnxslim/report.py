@@ -314,6 +314,7 @@ def groups_json(groups: Sequence[ChannelGroup]) -> list[dict[str, Any]]:
         {
             "id": group.id,
             "channels": group.channels,
+            "blocks": group.blocks,  # > 1: grouped convs; each block must lose as many channels
             "sources": [s.node for s in group.sources],
             "sinks": [s.node for s in group.sinks],
             "prunable": group.prunable,

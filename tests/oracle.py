@@ -109,8 +109,9 @@ def check_weight_shapes(pruned: onnx.ModelProto, groups: Sequence[ChannelGroup],
         node = nodes[name]
         if role == "out":
             assert dims[node.input[1]][_OUT_AXIS[node.op_type](node)] == kept, (role, name)
-        elif role == "in":
-            assert dims[node.input[1]][_IN_AXIS[node.op_type](node)] == kept, (role, name)
+        elif role == "in":  # a grouped Conv's weight holds one group's inputs
+            groups = next((a.i for a in node.attribute if a.name == "group"), 1) if node.op_type == "Conv" else 1
+            assert dims[node.input[1]][_IN_AXIS[node.op_type](node)] * groups == kept, (role, name)
         elif node.op_type == "BatchNormalization":
             assert all(dims[n] == (kept,) for n in node.input[1:5]), (role, name)
         elif node.op_type == "Conv":

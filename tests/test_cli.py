@@ -52,6 +52,8 @@ def test_inspect_every_light_model(light_model_name: str) -> None:
     assert (len(info["groups"]), sum(g["prunable"] for g in info["groups"])) == (groups, prunable)
     assert all(g["prunable"] == (g["blocked_by"] is None) for g in info["groups"])
     assert all(g["blocked_by"]["reason"] for g in info["groups"] if g["blocked_by"])
+    if "alexnet" in light_model_name:  # its two-group convs: prunable, in two blocks
+        assert sum(g["blocks"] == 2 and g["prunable"] for g in info["groups"]) == 3
 
 
 def test_inspect_text_report() -> None:

@@ -129,16 +129,34 @@ def test_softmax_over_spatial_axis_passes() -> None:
     assert groups_of(model)[0].prunable
 
 
-def test_pad_on_channel_axis_and_grouped_conv_block() -> None:
+def test_pad_on_channel_axis_blocks() -> None:
     b = ModelBuilder((3, 6, 6))
     padded = b.op("Pad", [b.conv(b.input, 8, 3), b.const(np.array([0, 1, 0, 0, 0, 1, 0, 0], np.int64))])
     b.channels[padded] = 10
-    grouped = b.conv(b.conv(b.input, 8, 3), 8, 3, group=2)
-    model = b.build(b.conv(padded, 4), b.conv(grouped, 4))
+    groups = groups_of(b.build(b.conv(padded, 4)))
+    assert "Pad on the channel axis" in [g.blocked_by.reason for g in groups if g.blocked_by]
+
+
+def test_grouped_conv_is_a_source_and_a_sink_in_blocks() -> None:
+    """conv(8) -> grouped conv(12, group=4) -> conv: the first group is read in 4 blocks of 2, the second is
+    created in 4 blocks of 3; a concatenation read by a grouped conv, or a Split of its output, blocks."""
+    b = ModelBuilder((3, 6, 6))
+    first = b.conv(b.input, 8, 3)
+    grouped = b.conv(first, 12, 3, group=4)
+    model = b.build(b.conv(grouped, 4))
+    convs = node_names(model, "Conv")
     groups = groups_of(model)
-    reasons = [g.blocked_by.reason for g in groups if g.blocked_by]
-    assert "Pad on the channel axis" in reasons
-    assert "grouped Conv (group=2) is not supported yet" in reasons
+    read, made = by_first_source_op(groups, convs[0]), by_first_source_op(groups, convs[1])
+    assert read.prunable and made.prunable and (read.blocks, made.blocks) == (4, 4)
+    assert [s.blocks for s in read.sinks] == [4] and [s.blocks for s in made.sources] == [4]
+
+    b = ModelBuilder((3, 6, 6))
+    grouped = b.conv(b.concat(b.conv(b.input, 4, 1), b.conv(b.input, 4, 1)), 8, 3, group=2)
+    left, right = b.split(grouped, [4, 4])
+    model = b.build(b.conv(left, 4), b.conv(right, 4))
+    reasons = [g.blocked_by.reason for g in groups_of(model) if g.blocked_by]
+    assert reasons.count("grouped Conv (group=2) reads a concatenation of channel groups") == 2
+    assert reasons.count("the output of a grouped Conv (group=2) is split") == 2
 
 
 def test_depthwise_conv_follows_and_multiplier_blocks() -> None:

@@ -163,3 +163,70 @@ def test_the_model_hash_covers_external_weights(tmp_path: Path) -> None:
     plain = tmp_path / "plain.onnx"
     onnx.save_model(model, str(plain))
     assert model_sha256(plain) == model_sha256(plain.read_bytes())
+
+
+# ------------------------------------------------------------------------------------------ grouped convs
+
+
+def resnext_block() -> onnx.ModelProto:
+    """A ResNeXt bottleneck: conv1x1(24) → grouped conv3x3(24, group=4) → conv1x1(16) + shortcut conv(16)."""
+    b = ModelBuilder((8, 8, 8))
+    x = b.relu(b.bn(b.conv(b.input, 16, 1)))
+    y = b.relu(b.bn(b.conv(x, 24, 1)))
+    y = b.relu(b.bn(b.conv(y, 24, 3, group=4)))
+    y = b.relu(b.op("Add", [b.bn(b.conv(y, 16, 1)), x]))
+    return b.build(b.conv(y, 4))
+
+
+def _per_block(group, kept) -> list[int]:  # type: ignore[no-untyped-def]
+    size = group.channels // group.blocks
+    return [sum(1 for c in kept if c // size == block) for block in range(group.blocks)]
+
+
+@pytest.mark.parametrize("budget", [{"ratio": 0.5}, {"target_macs": 0.5}, {"ratio": 0.5, "round_to": 8}])
+def test_groups_of_grouped_convs_lose_as_many_channels_from_every_block(budget: dict) -> None:
+    model = normalize_model(resnext_block())[0]
+    result = prune_model(model, **budget)
+    grouped = [g for g in result.groups if g.blocks > 1]
+    assert len(grouped) == 2 and all(g.blocks == 4 for g in grouped)
+    for group in grouped:
+        kept = result.plan.kept.get(group.id, tuple(range(group.channels)))
+        assert len(set(_per_block(group, kept))) == 1, (group.id, _per_block(group, kept))
+        if budget.get("round_to") == 8:
+            assert len(kept) % 8 == 0
+    assert any(result.plan.changes(g) for g in grouped)
+    infos = infer_tensor_infos(model, result.analysis_shapes)
+    estimate = MacModel(result.groups, {layer.name: layer.macs for layer in compute_cost(model, infos).layers})
+    removed = {g.id: len(result.plan.removed(g)) for g in result.groups}
+    assert estimate.macs_after(removed) == pytest.approx(result.macs_after, rel=1e-9)  # exact for grouped convs
+
+
+def test_within_each_block_the_lowest_scoring_channels_go() -> None:
+    model = normalize_model(resnext_block())[0]
+    result = prune_model(model, ratio=0.5)
+    import onnx_graphsurgeon as gs
+
+    from onnxslim.prune.importance import l1_importance
+
+    group = next(g for g in result.groups if g.blocks > 1 and result.plan.changes(g))
+    scores = l1_importance(group, gs.import_onnx(model))
+    size = group.channels // group.blocks
+    for block in range(group.blocks):
+        channels = range(block * size, (block + 1) * size)
+        kept = [c for c in channels if c in result.plan.kept[group.id]]
+        gone = [c for c in channels if c not in result.plan.kept[group.id]]
+        assert len(kept) == len(gone) == size // 2 and max(scores[c] for c in gone) <= min(scores[c] for c in kept)
+
+
+def test_an_unbalanced_plan_for_a_grouped_conv_is_refused(tmp_path: Path) -> None:
+    model = normalize_model(resnext_block())[0]
+    result = prune_model(model, ratio=0.5)
+    group = next(g for g in result.groups if g.blocks > 1 and result.plan.changes(g))
+    path = tmp_path / "plan.json"
+    unbalanced = dict(result.plan.kept)
+    unbalanced[group.id] = tuple(range(group.channels // 2, group.channels))  # keeps blocks 2 and 3 whole
+    from onnxslim.prune import PrunePlan
+
+    save_plan(path, PrunePlan(unbalanced), result.groups, result.model_sha256, {})
+    with pytest.raises(ModelLoadError, match="as many channels from each of its 4 blocks"):
+        load_plan(path, result.groups, result.model_sha256)

@@ -43,12 +43,18 @@ def randomized_logits_model(model: onnx.ModelProto, seed: int = 0) -> onnx.Model
 
 # name → (groups, prunable groups, blocker reasons and how many groups each blocks)
 EXPECTED: dict[str, tuple[int, int, dict[str, int]]] = {
-    "bvlc_alexnet": (5, 2, {"LRN mixes neighbouring channels": 1, "grouped Conv (group=2) is not supported yet": 1, "its channels reach graph output 'r24'": 1}),
+    "bvlc_alexnet": (8, 5, {"LRN mixes neighbouring channels": 2, "its channels reach graph output 'r24'": 1}),
     "densenet121": (121, 120, {"its channels reach graph output 'fc6_1'": 1}),
     "inception_v1": (58, 55, {"LRN mixes neighbouring channels": 2, "its channels reach graph output 'r143'": 1}),
     "inception_v2": (70, 69, {"its channels reach graph output 'r507'": 1}),
     "resnet50": (38, 37, {"its channels reach graph output 'r174'": 1}),
-    "shufflenet": (2, 0, {"grouped Conv (group=4) is not supported yet": 1, "its channels reach graph output 'r201'": 1}),
+    "shufflenet": (28, 0, {
+        "Reshape splits the channel axis": 16,  # the channel shuffle
+        "grouped Conv (group=4) reads a concatenation of channel groups": 4,
+        "the output of a grouped Conv (group=4) is split": 6,
+        "its operands are concatenations of differently sized parts": 1,
+        "its channels reach graph output 'r201'": 1,
+    }),
     "squeezenet": (26, 25, {"its channels reach graph output 'r65'": 1}),
     "vgg19": (19, 18, {"its channels reach graph output 'r46'": 1}),
     "zfnet512": (8, 5, {"LRN mixes neighbouring channels": 2, "its channels reach graph output 'r20'": 1}),

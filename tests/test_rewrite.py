@@ -10,6 +10,7 @@ import pytest
 from builders import STORAGES, ModelBuilder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from onnx import numpy_helper
 from oracle import assert_outputs_close, check_prune, run_model
 
 from onnxslim.analysis.groups import ChannelGroup, find_channel_groups
@@ -491,6 +492,50 @@ def test_shape_read_at_the_channel_axis_blocks() -> None:
     assert result.groups[0].channels == 8 and blocked is not None and blocked.reason == "Shape reads the channel count"
 
 
+
+# ----------------------------------------------------------------------------------------- grouped convs
+
+
+def _regnet_y_block(b: ModelBuilder, x: str, width: int, group_width: int, storage: str = "initializer") -> str:
+    """RegNetY: conv1x1 → BN → Relu → grouped conv3x3 (width / group_width groups) → BN → Relu → SE →
+    conv1x1 → BN, added to x."""
+    y = b.relu(b.bn(b.conv(x, width, 1, storage=storage)))
+    y = b.relu(b.bn(b.conv(y, width, 3, group=width // group_width, storage=storage)))
+    y = b.bn(b.conv(b.se(y, 4), b.channels[x], 1, storage=storage))
+    return b.relu(b.op("Add", [x, y]))
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("budget", [{"ratio": 0.5}, {"ratio": None, "target_macs": 0.4}, {"ratio": 0.3, "round_to": 4}])
+def test_regnet_and_resnext_blocks_hold_the_oracle(budget: dict, storage: str) -> None:
+    """Grouped convs read and make channels per block; a plan removes as many from each block, and the
+    rewrite slices every group's inputs out of its own part of the weight."""
+    b = ModelBuilder((3, 8, 8), opset=13)
+    x = b.relu(b.bn(b.conv(b.input, 16, 3)))
+    x = _regnet_y_block(b, x, 24, 8, storage)  # 3 groups of 8
+    x = _regnet_y_block(b, x, 32, 4, storage)  # 8 groups of 4
+    y = b.relu(b.bn(b.conv(x, 32, 1)))  # ResNeXt: group 4 on 32
+    x = b.relu(b.op("Add", [b.bn(b.conv(b.relu(b.bn(b.conv(y, 32, 3, group=4))), 16, 1)), x]))
+    result = check_prune(b.build(b.conv(x, 4)), **budget)
+    grouped = [g for g in result.groups if g.blocks > 1]
+    assert sorted(g.blocks for g in grouped) == [3, 3, 4, 4, 8, 8]
+    assert all(g.prunable for g in grouped) and sum(result.plan.changes(g) for g in grouped) >= 4
+
+
+def test_grouped_conv_weights_keep_each_groups_own_inputs() -> None:
+    """Input channel c of a group-2 conv is column c mod 4 of the rows of group c // 4: removing channels 1
+    and 6 leaves columns (0, 2, 3) of group 0's rows and (0, 1, 3) of group 1's."""
+    b = ModelBuilder((8, 4, 4))
+    model = normalize_model(b.build(b.conv(b.conv(b.input, 8, 1), 6, 3, group=2)))[0]
+    groups = find_channel_groups(model, resolve_input_shapes(model))
+    first = next(g for g in groups if g.blocks == 2 and g.prunable)
+    weight = next(numpy_helper.to_array(t) for t in model.graph.initializer if tuple(t.dims) == (6, 4, 3, 3))
+    pruned = rewrite_model(model, groups, PrunePlan({first.id: (0, 2, 3, 4, 5, 7)}), resolve_input_shapes(model))
+    new = next(numpy_helper.to_array(t) for t in pruned.graph.initializer if tuple(t.dims) == (6, 3, 3, 3))
+    np.testing.assert_array_equal(new[:3], weight[:3][:, [0, 2, 3]])
+    np.testing.assert_array_equal(new[3:], weight[3:][:, [0, 1, 3]])
+
+
 # ------------------------------------------------------------------------------------ failure paths
 
 
@@ -564,6 +609,7 @@ BLOCKS = {
     "silu_per_channel": lambda b, x: b.silu(b.per_channel("Add", b.per_channel("Mul", x))),
     "pool_scalar": lambda b, x: b.scalar("Mul", b.op("MaxPool", [x], kernel_shape=[3, 3], pads=[1, 1, 1, 1]), 0.5),
     "instance_norm": lambda b, x: b.instance_norm(b.conv(x, 7, 3)),
+    "grouped": lambda b, x: b.relu(b.conv(b.relu(b.conv(x, 8, 1)), 12, 3, group=4)),
 }
 
 
@@ -870,13 +916,14 @@ def test_layer_norm_over_the_last_axis(layout: str, prunable: bool) -> None:
     assert result.groups[0].prunable == prunable
 
 
-def test_grouped_conv_blocks_and_the_rest_prunes() -> None:
+def test_a_grouped_conv_between_plain_ones_prunes_both_its_groups() -> None:
     b = ModelBuilder((3, 6, 6))
     x = b.relu(b.conv(b.input, 8, 3))
     y = b.relu(b.conv(x, 8, 3, group=2))
     result = check_prune(b.build(b.conv(b.relu(b.conv(y, 6, 3)), 4)), ratio=0.5)
-    assert [g.prunable for g in result.groups] == [False, True, False]  # the grouped conv creates no group
-    assert result.groups[0].blocked_by is not None and result.groups[0].blocked_by.reason == "grouped Conv (group=2) is not supported yet"
+    assert [g.prunable for g in result.groups] == [True, True, True, False]
+    assert [g.blocks for g in result.groups] == [2, 2, 1, 1]
+    assert all(result.plan.changes(g) for g in result.groups[:3])
 
 
 def test_channels_read_inside_an_if_subgraph_block_and_the_rest_prunes() -> None:

@@ -69,7 +69,9 @@ def test_conv_group_decides_source_depthwise_or_blocker() -> None:
     depthwise = view("Conv", [x(), const(np.ones((8, 1, 3, 3)))], shape, (1, 8, 4, 4), [1, None], group=8)
     assert decide(depthwise) == Flow((0,), 1, follower=True)
     grouped = view("Conv", [x(), const(np.ones((8, 4, 3, 3)))], shape, (1, 8, 4, 4), [1, None], group=2)
-    assert isinstance(decide(grouped), Block)
+    assert decide(grouped) == Create(1, 8, blocks=2)
+    multiplier = view("Conv", [x(), const(np.ones((16, 1, 3, 3)))], shape, (1, 16, 4, 4), [1, None], group=8)
+    assert isinstance(decide(multiplier), Block)
     variable_weight = view("Conv", [x(), gs.Variable("w")], shape, (1, 8, 4, 4), [1, 1])
     assert isinstance(decide(variable_weight), Block)
 

@@ -18,6 +18,7 @@ makes two groups of c channels). Joins unite segment by segment.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -74,6 +75,7 @@ class Source:
     axis: int
     offset: int = 0
     extent: int | None = None
+    blocks: int = 1  # a grouped Conv: its channels fall into this many equal blocks (ChannelGroup.blocks)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class Sink:
     extent: int | None = None
     outer: int = 1  # Flatten/Reshape → Gemm: the input holds the channels `outer` times …
     inner: int = 1  # … each as `inner` consecutive features: feature (o·extent + c)·inner + j
+    blocks: int = 1  # a grouped Conv: its input channels fall into this many equal blocks
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,12 @@ class ChannelGroup:
     @property
     def prunable(self) -> bool:
         return self.blocked_by is None
+
+    @property
+    def blocks(self) -> int:
+        """Equal consecutive blocks the channels fall into, each of which must lose as many channels: the
+        groups of every grouped Conv that creates or reads them (1 when there is none)."""
+        return math.lcm(1, *(s.blocks for s in self.sources), *(s.blocks for s in self.sinks))
 
 
 @dataclass(frozen=True)
@@ -464,6 +473,9 @@ class _Walker:
             if state.axis != decision.sink_axis:
                 reason = f"{node.op} mixes axis {decision.sink_axis}, but the channels are on axis {state.axis}"
                 self.block_input(node.inputs[decision.sink_input], order, Blocker(node.name, reason))
+            elif decision.blocks > 1 and len(state.segments) > 1:
+                reason = f"grouped Conv (group={decision.blocks}) reads a concatenation of channel groups"
+                self.block_input(node.inputs[decision.sink_input], order, Blocker(node.name, reason))
             else:
                 for segment in state.segments:
                     sink = Sink(
@@ -475,13 +487,16 @@ class _Walker:
                         state.extent,
                         state.outer,
                         state.inner,
+                        decision.blocks,
                     )
                     spaces.get(segment.space).sinks.append((order, sink))
         bounds = [0, *sorted(c for c in self.cuts.get(node.name, ()) if 0 < c < decision.channels), decision.channels]
         segments = []
+        split = len(bounds) > 2 and decision.blocks > 1
         for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-            space = spaces.new(end - start)
-            source = Source(node.name, node.op, decision.out_axis, start, decision.channels)
+            blocker = Blocker(node.name, f"the output of a grouped Conv (group={decision.blocks}) is split")
+            space = spaces.new(end - start, (order, blocker) if split else None)
+            source = Source(node.name, node.op, decision.out_axis, start, decision.channels, decision.blocks)
             spaces.get(space).sources.append((order, source))
             segments.append(_Segment(start, end - start, space))
         self.set_state(node.outputs[0], order, decision.out_axis, segments)

@@ -4,8 +4,10 @@ Every op type the analysis understands has one entry in `RULES`: its behaviour (
 import-time checks) and a small function that looks at the node (attributes, operand shapes, constant
 operands, the channel axis of each input) and decides what happens to the channels:
 
-* `Create` — a **source** (and the **sink** of its input): Conv/ConvTranspose with group 1, Gemm/MatMul
-  with a constant weight. It mixes the channels of one input on one axis and creates new ones.
+* `Create` — a **source** (and the **sink** of its input): Conv/ConvTranspose, Gemm/MatMul with a constant
+  weight. It mixes the channels of one input on one axis and creates new ones. A grouped Conv (1 < group <
+  channels) does so per block of channels (`blocks`): both groups must then lose as many channels from
+  every block.
 * `Flow` — **pass-through** and **join**: output 0 carries the channels of the `operands` on `out_axis`.
   Several operands are joined (their groups are united); `broadcast` operands have channel dim 1 and
   join nothing; `follower` marks a node with per-channel constants or attributes the rewrite must slice.
@@ -72,6 +74,7 @@ class Create:
     channels: int
     sink_input: int = 0
     sink_axis: int = 1
+    blocks: int = 1  # a grouped Conv's groups: its input and output channels fall into this many equal blocks
 
 
 @dataclass(frozen=True)
@@ -285,7 +288,7 @@ def _conv(view: NodeView) -> Decision:
         return _axis_must_be(view, 1, "depthwise Conv") or Flow((0,), 1, follower=True)
     if weight.shape[1] == 1:
         return Block(f"depthwise Conv with channel multiplier {weight.shape[0] // group} is not supported yet")
-    return Block(f"grouped Conv (group={group}) is not supported yet")
+    return Create(out_axis=1, channels=int(weight.shape[0]), blocks=group)
 
 
 def _conv_transpose(view: NodeView) -> Decision:

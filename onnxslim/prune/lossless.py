@@ -297,7 +297,7 @@ def find_lossless_channels(graph: gs.Graph, groups: Sequence[ChannelGroup]) -> L
     dead: dict[str, tuple[int, ...]] = {}
     constant: dict[str, dict[int, float]] = {}
     for group in groups:
-        if not group.prunable:
+        if not group.prunable or group.blocks > 1:  # grouped convs: removals must be balanced, not just dead
             continue
         values = _GroupValues(graph, group)
         for node in graph.nodes:

@@ -82,10 +82,13 @@ def _check_rounding(round_to: int, min_keep: int) -> None:
         raise UsageError(f"--min-keep must be at least 1, not {min_keep}")
 
 
-def _kept_count(channels: int, remove: int, round_to: int, min_keep: int) -> int:
-    """Channels kept when `remove` are asked for: at least `min_keep`, rounded up to `round_to`, at most all."""
+def _kept_count(channels: int, remove: int, round_to: int, min_keep: int, blocks: int = 1) -> int:
+    """Channels kept when `remove` are asked for: at least `min_keep`, rounded up to `round_to`, at most all;
+    with `blocks` (grouped convs), the same number in each block, so a multiple of `blocks`."""
     keep = max(channels - remove, min(min_keep, channels))
-    return min(channels, -(-keep // round_to) * round_to)
+    step = round_to // math.gcd(round_to, blocks)  # per block, so that blocks · kept is a multiple of round_to
+    per_block = -(-keep // blocks)
+    return min(channels, -(-per_block // step) * step * blocks)
 
 
 def _order(group: ChannelGroup, scores: Mapping[str, np.ndarray], forced: Collection[int]) -> np.ndarray:
@@ -103,9 +106,24 @@ def _plan_from_counts(
     kept: dict[str, tuple[int, ...]] = {}
     for group in groups:
         count = removed.get(group.id, 0)
-        if count > 0:
-            kept[group.id] = tuple(sorted(int(c) for c in orders[group.id][count:]))
+        if count <= 0:
+            continue
+        order, blocks = orders[group.id], group.blocks
+        if blocks == 1:
+            kept[group.id] = tuple(sorted(int(c) for c in order[count:]))
+            continue
+        # each block loses count / blocks channels: its own lowest in the group's order
+        size = group.channels // blocks
+        kept[group.id] = tuple(
+            sorted(int(c) for block in range(blocks) for c in order[order // size == block][count // blocks :])
+        )
     return PrunePlan(kept)
+
+
+def _balanced(group: ChannelGroup, kept: Collection[int]) -> bool:
+    """Whether every block of a group with grouped convs keeps as many channels."""
+    size = group.channels // group.blocks
+    return len({sum(1 for c in kept if c // size == block) for block in range(group.blocks)}) == 1
 
 
 def plan_by_ratio(
@@ -134,7 +152,7 @@ def plan_by_ratio(
             continue
         dead = len(forced.get(group.id, ()))
         wanted = max(math.floor(ratio * group.channels + 1e-9), dead)
-        count = group.channels - _kept_count(group.channels, wanted, round_to, min_keep)
+        count = group.channels - _kept_count(group.channels, wanted, round_to, min_keep, group.blocks)
         if count > 0:
             orders[group.id] = _order(group, scores, forced.get(group.id, ()))
             removed[group.id] = count
@@ -225,7 +243,7 @@ def plan_by_macs(
         for group in chosen:
             wanted = int(np.searchsorted(keys[group.id], threshold, side="left"))  # keys below the threshold
             wanted = max(wanted, len(forced.get(group.id, ())))
-            removed[group.id] = group.channels - _kept_count(group.channels, wanted, round_to, min_keep)
+            removed[group.id] = group.channels - _kept_count(group.channels, wanted, round_to, min_keep, group.blocks)
         return removed
 
     total = model.total or 1.0
@@ -363,4 +381,9 @@ def load_plan(path: str | os.PathLike[str], groups: Sequence[ChannelGroup], sha2
         if not removed <= set(range(group.channels)) or len(removed) >= group.channels:
             raise ModelLoadError(f"plan {path}: group {gid!r} removes invalid channels")
         kept[gid] = tuple(c for c in range(group.channels) if c not in removed)
+        if not _balanced(group, kept[gid]):
+            raise ModelLoadError(
+                f"plan {path}: group {gid!r} feeds grouped convs and must lose as many channels from each of its "
+                f"{group.blocks} blocks"
+            )
     return PrunePlan(kept)

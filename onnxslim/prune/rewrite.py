@@ -96,7 +96,26 @@ def prune_conv_out_channels(slicer: _Slicer, conv: gs.Node, axis: int, kept: Kep
 
 
 def prune_conv_in_channels(slicer: _Slicer, conv: gs.Node, index: int, axis: int, kept: Kept, channels: int) -> None:
-    slicer.slice_input(conv, 1, 1, kept, channels)
+    groups = int(conv.attrs.get("group", 1))
+    if groups == 1:
+        slicer.slice_input(conv, 1, 1, kept, channels)
+        return
+    # grouped: weight [C_out, C_in / G, k...]; the output channels of group g (rows g·R … (g+1)·R) read its
+    # input channels g·S … (g+1)·S as columns 0 … S; every group keeps as many (the plan balances them)
+    weight = conv.inputs[1]
+    if not isinstance(weight, gs.Constant):
+        raise ValidationError(f"Conv {conv.name!r}: the weight should be a constant to slice")
+    values = np.asarray(weight.values)
+    size, rows = channels // groups, values.shape[0] // groups
+    if values.shape[1] != size or values.shape[0] % groups:
+        raise ValidationError(f"Conv {conv.name!r}: weight {values.shape} does not fit {channels} inputs in {groups} groups")
+    parts = [
+        np.take(values[g * rows : (g + 1) * rows], kept[(kept >= g * size) & (kept < (g + 1) * size)] - g * size, axis=1)
+        for g in range(groups)
+    ]
+    if len({part.shape[1] for part in parts}) != 1:
+        raise ValidationError(f"Conv {conv.name!r}: its {groups} groups would keep different numbers of inputs")
+    slicer.set_constant(conv, 1, np.concatenate(parts, axis=0))
 
 
 def prune_depthwise_conv_channels(slicer: _Slicer, conv: gs.Node, axis: int, kept: Kept, channels: int) -> None:
