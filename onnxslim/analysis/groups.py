@@ -473,8 +473,9 @@ class _Walker:
             if state.axis != decision.sink_axis:
                 reason = f"{node.op} mixes axis {decision.sink_axis}, but the channels are on axis {state.axis}"
                 self.block_input(node.inputs[decision.sink_input], order, Blocker(node.name, reason))
-            elif decision.blocks > 1 and len(state.segments) > 1:
-                reason = f"grouped Conv (group={decision.blocks}) reads a concatenation of channel groups"
+            elif decision.blocks > 1 and (len(state.segments) > 1 or state.flattened):
+                what = "channels flattened into features" if state.flattened else "a concatenation of channel groups"
+                reason = f"grouped Conv (group={decision.blocks}) reads {what}"
                 self.block_input(node.inputs[decision.sink_input], order, Blocker(node.name, reason))
             else:
                 for segment in state.segments:
