@@ -296,7 +296,7 @@ def render_groups(groups: Sequence[ChannelGroup]) -> str:
                 [
                     (
                         group.id,
-                        group.channels,
+                        f"{group.channels} in {group.blocks} blocks" if group.blocks > 1 else group.channels,
                         _names([s.node for s in group.sources]),
                         _names([s.node for s in group.sinks]),
                         _group_status(group),

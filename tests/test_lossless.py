@@ -134,3 +134,16 @@ def test_a_constant_channel_before_a_padded_conv_or_a_bare_matmul_is_kept(sink: 
     found = find_lossless_channels(gs.import_onnx(normalize_model(model)[0]), result.groups)
     assert not found.dead and not found.constant  # a constant, but padded borders read 0, not 1.7 (no bias to
     # fold into for the bare MatMul)
+
+
+def test_groups_of_grouped_convs_are_left_alone_and_said_so() -> None:
+    """Dead channels 0, 4, 8, 12 of a group-4 conv's output (one per block): --lossless does not touch such
+    groups (a removal there must be balanced across blocks) and lists them as left alone."""
+    b = ModelBuilder((3, 6, 6))
+    x = b.relu(b.conv(b.input, 8, 3))
+    y = b.relu(b.conv(x, 16, 3, group=4))
+    model = plant(normalize_model(b.build(b.conv(y, 4)))[0], 1, [0, 4, 8, 12])
+    result = prune_model(model, lossless=True)
+    grouped = next(g for g in result.groups if g.blocks == 4 and any(s.blocks == 4 for s in g.sources))
+    assert not result.plan.changes(grouped) and "grouped convs" in result.left_alone[grouped.id]
+    assert result.lossless_removed == 0

@@ -228,5 +228,5 @@ def test_an_unbalanced_plan_for_a_grouped_conv_is_refused(tmp_path: Path) -> Non
     from onnxslim.prune import PrunePlan
 
     save_plan(path, PrunePlan(unbalanced), result.groups, result.model_sha256, {})
-    with pytest.raises(ModelLoadError, match="as many channels from each of its 4 blocks"):
+    with pytest.raises(ModelLoadError, match=r"each of its 4 blocks must keep as many channels; this plan keeps \[0, 0, 6, 6\]"):
         load_plan(path, result.groups, result.model_sha256)

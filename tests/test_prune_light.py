@@ -50,8 +50,8 @@ EXPECTED: dict[str, tuple[int, int, dict[str, int]]] = {
     "resnet50": (38, 37, {"its channels reach graph output 'r174'": 1}),
     "shufflenet": (28, 0, {
         "Reshape splits the channel axis": 16,  # the channel shuffle
-        "grouped Conv (group=4) reads a concatenation of channel groups": 4,
-        "the output of a grouped Conv (group=4) is split": 6,
+        "grouped Conv (group=4) reads channels of several groups (a Concat, or a Split or Slice elsewhere cuts them)": 4,
+        "the output of a grouped Conv (group=4) is cut into parts (by a Split or Slice, or a join with a concatenation)": 6,
         "its operands are concatenations of differently sized parts": 1,
         "its channels reach graph output 'r201'": 1,
     }),

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -474,7 +474,10 @@ class _Walker:
                 reason = f"{node.op} mixes axis {decision.sink_axis}, but the channels are on axis {state.axis}"
                 self.block_input(node.inputs[decision.sink_input], order, Blocker(node.name, reason))
             elif decision.blocks > 1 and (len(state.segments) > 1 or state.flattened):
-                what = "channels flattened into features" if state.flattened else "a concatenation of channel groups"
+                what = (
+                    "channels flattened into features" if state.flattened
+                    else "channels of several groups (a Concat, or a Split or Slice elsewhere cuts them)"
+                )
                 reason = f"grouped Conv (group={decision.blocks}) reads {what}"
                 self.block_input(node.inputs[decision.sink_input], order, Blocker(node.name, reason))
             else:
@@ -495,7 +498,11 @@ class _Walker:
         segments = []
         split = len(bounds) > 2 and decision.blocks > 1
         for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-            blocker = Blocker(node.name, f"the output of a grouped Conv (group={decision.blocks}) is split")
+            blocker = Blocker(
+                node.name,
+                f"the output of a grouped Conv (group={decision.blocks}) is cut into parts (by a Split or Slice, or a "
+                "join with a concatenation)",
+            )
             space = spaces.new(end - start, (order, blocker) if split else None)
             source = Source(node.name, node.op, decision.out_axis, start, decision.channels, decision.blocks)
             spaces.get(space).sources.append((order, source))
@@ -551,20 +558,22 @@ class _Walker:
             blocker = data.blocker[1] if data.blocker is not None else None
             if blocker is None and not sinks:
                 blocker = Blocker(sources[0].node, "its channels reach no layer that consumes them")
-            found.append(
-                (
-                    min(order for order, _ in data.sources),
-                    ChannelGroup(
-                        id=sources[0].node,
-                        channels=data.size,
-                        members=tuple(m for _, m in sorted(data.members, key=lambda item: item[0])),
-                        sources=tuple(sources),
-                        sinks=sinks,
-                        followers=tuple(f for _, f in sorted(data.followers, key=lambda item: item[0])),
-                        blocked_by=blocker,
-                    ),
-                )
+            group = ChannelGroup(
+                id=sources[0].node,
+                channels=data.size,
+                members=tuple(m for _, m in sorted(data.members, key=lambda item: item[0])),
+                sources=tuple(sources),
+                sinks=sinks,
+                followers=tuple(f for _, f in sorted(data.followers, key=lambda item: item[0])),
+                blocked_by=blocker,
             )
+            if group.prunable and group.channels // group.blocks <= 1:
+                grouped = next(
+                    (s.node for s in sources if s.blocks > 1), next((s.node for s in sinks if s.blocks > 1), group.id)
+                )
+                reason = f"its grouped convs leave one channel in each of its {group.blocks} blocks"
+                group = replace(group, blocked_by=Blocker(grouped, reason))
+            found.append((min(order for order, _ in data.sources), group))
         found.sort(key=lambda item: item[0])
         return _unique_ids([group for _, group in found])
 

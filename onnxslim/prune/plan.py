@@ -120,10 +120,10 @@ def _plan_from_counts(
     return PrunePlan(kept)
 
 
-def _balanced(group: ChannelGroup, kept: Collection[int]) -> bool:
-    """Whether every block of a group with grouped convs keeps as many channels."""
+def _kept_per_block(group: ChannelGroup, kept: Collection[int]) -> list[int]:
+    """How many channels each block of a group with grouped convs keeps (they must all be equal)."""
     size = group.channels // group.blocks
-    return len({sum(1 for c in kept if c // size == block) for block in range(group.blocks)}) == 1
+    return [sum(1 for c in kept if c // size == block) for block in range(group.blocks)]
 
 
 def plan_by_ratio(
@@ -381,9 +381,10 @@ def load_plan(path: str | os.PathLike[str], groups: Sequence[ChannelGroup], sha2
         if not removed <= set(range(group.channels)) or len(removed) >= group.channels:
             raise ModelLoadError(f"plan {path}: group {gid!r} removes invalid channels")
         kept[gid] = tuple(c for c in range(group.channels) if c not in removed)
-        if not _balanced(group, kept[gid]):
+        per_block = _kept_per_block(group, kept[gid])
+        if len(set(per_block)) > 1:
             raise ModelLoadError(
-                f"plan {path}: group {gid!r} feeds grouped convs and must lose as many channels from each of its "
-                f"{group.blocks} blocks"
+                f"plan {path}: group {gid!r} is read or made by grouped convs, so each of its {group.blocks} blocks "
+                f"must keep as many channels; this plan keeps {per_block}"
             )
     return PrunePlan(kept)

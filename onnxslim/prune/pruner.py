@@ -152,6 +152,10 @@ def prune_model(
     )
     lossless = find_lossless_channels(graph, groups)
     removable = lossless.removable()
+    if options.lossless and options.ratio is None and options.target_macs is None and options.plan_path is None:
+        for group in groups:
+            if group.id in eligible and group.blocks > 1:
+                left_alone[group.id] = "--lossless leaves groups of grouped convs (their removals must be balanced)"
     forced = {gid: channels for gid, channels in removable.items() if gid in eligible} if options.lossless else {}
     budget_met = True
     if options.plan_path is not None:
