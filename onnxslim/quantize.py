@@ -410,8 +410,9 @@ def _basic_optimize(model: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
 
 def _declare_like(model: onnx.ModelProto, source: onnx.ModelProto) -> None:
     """Give `model`'s graph inputs and outputs the declarations (types, symbolic dims) they have in `source`:
-    they are the model's contract, and optimizers and shape inference (which can make a Resize output's dims
-    concrete) must not change them."""
+    they are the model's contract, and optimizers, shape inference (which can make a Resize output's dims
+    concrete) and the quantizer must not change them. Applied after the optimizer and to every int8 candidate;
+    the prepared model in between only calibrates, at concrete shapes."""
     for target, declared in ((model.graph.input, source.graph.input), (model.graph.output, source.graph.output)):
         by_name = {v.name: v for v in declared}
         for value in target:
@@ -471,7 +472,6 @@ def prepare_model(
     with tempfile.TemporaryDirectory(prefix="onnxslim-quant-") as scratch:
         optimized = _basic_optimize(model, Path(scratch))
     prepared = _infer_types(optimized, input_shapes)
-    _declare_like(prepared, model)
     return PreparedModel(prepared, source_opset, _default_opset(prepared), want_per_channel, tuple(notes))
 
 
