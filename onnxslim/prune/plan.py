@@ -108,11 +108,9 @@ def _plan_from_counts(
         count = removed.get(group.id, 0)
         if count <= 0:
             continue
+        # each block (one unless grouped convs read or make the channels) loses count / blocks channels: its
+        # own first ones in the group's order
         order, blocks = orders[group.id], group.blocks
-        if blocks == 1:
-            kept[group.id] = tuple(sorted(int(c) for c in order[count:]))
-            continue
-        # each block loses count / blocks channels: its own lowest in the group's order
         size = group.channels // blocks
         kept[group.id] = tuple(
             sorted(int(c) for block in range(blocks) for c in order[order // size == block][count // blocks :])
