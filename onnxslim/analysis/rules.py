@@ -274,12 +274,20 @@ def _elementwise(view: NodeView) -> Decision:
     return Flow(tuple(sorted(operands)), out_axis, follower=follower, broadcast=tuple(broadcast))
 
 
-def _conv(view: NodeView) -> Decision:
+def _constant_weight(view: NodeView) -> np.ndarray | Block:
+    """A Conv/ConvTranspose/Gemm weight (input 1) when it and the bias (input 2) are constants, else the Block."""
     weight = view.constant(1)
     if weight is None:
-        return Block("Conv with a computed (non-constant) weight")
+        return Block(f"{view.op} with a computed (non-constant) weight")
     if view.is_variable(2):
-        return Block("Conv with a computed (non-constant) bias")
+        return Block(f"{view.op} with a computed (non-constant) bias")
+    return weight
+
+
+def _conv(view: NodeView) -> Decision:
+    weight = _constant_weight(view)
+    if isinstance(weight, Block):
+        return weight
     group = int(view.attr("group", 1))
     if group == 1:
         return Create(out_axis=1, channels=int(weight.shape[0]))
@@ -292,22 +300,20 @@ def _conv(view: NodeView) -> Decision:
 
 
 def _conv_transpose(view: NodeView) -> Decision:
-    weight = view.constant(1)
-    if weight is None:
-        return Block("ConvTranspose with a computed (non-constant) weight")
-    if view.is_variable(2):
-        return Block("ConvTranspose with a computed (non-constant) bias")
+    weight = _constant_weight(view)
+    if isinstance(weight, Block):
+        return weight
     if int(view.attr("group", 1)) != 1:
         return Block("grouped ConvTranspose is not supported yet")
     return Create(out_axis=1, channels=int(weight.shape[1]))
 
 
 def _gemm(view: NodeView) -> Decision:
-    weight = view.constant(1)
-    if weight is None or weight.ndim != 2:
+    weight = _constant_weight(view)
+    if isinstance(weight, Block):
+        return weight
+    if weight.ndim != 2:
         return Block("Gemm with a computed (non-constant) weight")
-    if view.is_variable(2):
-        return Block("Gemm with a computed (non-constant) bias")
     if view.attr("transA", 0):
         return Block("Gemm with transA=1 is not supported")
     features = weight.shape[0] if view.attr("transB", 0) else weight.shape[1]
