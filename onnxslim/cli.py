@@ -29,7 +29,8 @@ from onnxslim.io import (
     write_validated,
 )
 from onnxslim.model_info import inspect_model
-from onnxslim.prune import CRITERIA, PruneOptions, prune_model, save_plan
+from onnxslim.prune import CRITERIA, RECOVERY_METHODS, PruneOptions, prune_model, save_plan
+from onnxslim.prune.importance import NEEDS_DATA
 from onnxslim.quantize import (
     FORMATS,
     INT8_TYPES,
@@ -144,6 +145,23 @@ def inspect(model: str, input_shapes: tuple[str, ...], top: int, as_json: bool) 
     """Show what is in MODEL: inputs/outputs, opsets, ops, where weights live, params and MACs per layer."""
     info = inspect_model(model, parse_input_shapes(input_shapes))
     click.echo(to_json(inspect_json(info)) if as_json else render_inspect(info, top=top))
+
+
+def _progress_bars(stack: ExitStack) -> Any:
+    """A `progress(stage, done, total)` callback drawing one click progress bar per stage on stderr."""
+    bars: dict[str, Any] = {}
+
+    def advance(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None or done < bar.pos:
+            if bar is not None:
+                bar.render_finish()
+            bar = stack.enter_context(click.progressbar(length=total, label=f"{stage:<11}", file=sys.stderr))
+            bars[stage] = bar
+        bar.length = max(total, done)
+        bar.update(done - bar.pos)
+
+    return advance
 
 
 DATA_HELP = (
@@ -293,10 +311,13 @@ def bench(
               "scoring); refused if it was made for another model.")
 @click.option("--plan-out", type=click.Path(dir_okay=False, path_type=str), default=None, metavar="PLAN.json",
               help="Write the channels removed per group, with the model's sha256, to reproduce this prune.")
-@click.option("--criterion", type=click.Choice(sorted(CRITERIA)), default="l1", show_default=True,
-              help="How channels are scored: l1 or l2 norm of each source's output-channel weights; bn: |gamma| "
-              "of the following BatchNormalization (PyTorch eval exports fold BN: then use l1); random: a "
-              "baseline, seeded by --seed.")
+@click.option("--criterion", type=click.Choice(sorted(CRITERIA)), default=None,
+              help="How channels are scored [default: activation with --calib, else l1]. activation: each "
+              "consumer's weight norm for the channel times the channel's RMS on the calibration data (sees "
+              "folded-BN biases and scales after the activation, which magnitude cannot); fluctuation: the same "
+              "with the channel's variance (FLAP); l1 or l2: norm of each source's output-channel weights; bn: "
+              "|gamma| of the following BatchNormalization (PyTorch eval exports fold BN: then use l1); random: a "
+              "baseline, seeded by --seed. activation and fluctuation need --calib.")
 @click.option("--round-to", type=click.IntRange(min=1), default=8, show_default=True,
               help="Round each group's channels kept (each Concat segment's) up to a multiple of this. CPU kernels "
               "run best on multiples of 8: in benchmarks/prune_budget.py unrounded channel counts made pruned "
@@ -315,7 +336,25 @@ def bench(
               help="Remove dead channels (provably zero at every consumer, e.g. zero filter and bias then Relu) "
               "with no change to the outputs, and constant channels where folding them into the consumers' bias "
               "is exact (Gemm, unpadded Conv); alone, or first, with --ratio/--target-macs taking the rest.")
+@click.option("--calib", "calib", metavar="DATA", default=None,
+              help=DATA_HELP + " Calibration data (a few hundred samples): scores channels (--criterion activation), "
+              "refits the layers that read pruned channels (--recover), and measures the result on every fifth "
+              "sample, held out of the refit, unless --eval is given.")
+@click.option("--eval", "eval_data", metavar="DATA", default=None,
+              help="Data to measure the pruned model against the original on (cosine per output; top-1 with labels).")
+@click.option("--recover", type=click.Choice(RECOVERY_METHODS), default=None,
+              help="How the layers that read pruned channels are corrected, without retraining [default: lsq with "
+              "--calib, else none]. lsq: ridge least-squares refit of their kept weights and bias, layer by layer "
+              "in order, to reproduce the original's outputs from the pruned model's inputs; affine: match each "
+              "output channel's mean and variance; bias: move the lost mean into the bias; none: the model as "
+              "sliced (equal to the original with the channels zeroed). A layer whose refit does worse on held-out "
+              "samples than leaving it falls back to bias.")
+@click.option("--ridge", type=click.FloatRange(min=0), default=PruneOptions.ridge, show_default=True,
+              help="lsq: penalty on each input weight, times that input's energy, pulling toward the original weight.")
+@click.option("--positions-per-weight", type=click.IntRange(min=1), default=PruneOptions.positions_per_weight,
+              show_default=True, help="lsq: rows (sampled output positions) per input weight of each refit layer.")
 @input_shapes_option
+@data_options
 @fix_shapes_option
 @json_option
 @click.pass_context
@@ -334,15 +373,23 @@ def prune(
     protect_first: bool,
     protect_last: bool,
     lossless: bool,
+    calib: str | None,
+    eval_data: str | None,
+    recover: str | None,
+    ridge: float,
+    positions_per_weight: int,
     input_shapes: tuple[str, ...],
+    data_options: DataOptions,
     fix_shapes: bool,
     as_json: bool,
 ) -> None:
     """Remove channels from MODEL: a uniform --ratio, a --target-macs budget, a saved --plan, or --lossless.
 
-    Channels are physically removed from every layer that creates, follows or consumes them; the result is
-    validated (checker, onnxruntime run, same inputs and outputs) before it is written to --output.
-    Groups that cannot be pruned are listed with the node that blocks them.
+    Channels are physically removed from every layer that creates, follows or consumes them. With --calib,
+    channels are chosen by how much the model uses them and the layers that read them are refit to make up
+    for them (--recover lsq), and the pruned model is measured against the original on held-out data.
+    The result is validated (checker, onnxruntime run, same inputs and outputs) before it is written to
+    --output. Groups that cannot be pruned are listed with the node that blocks them.
     """
     given = [name for name, value in (("--ratio", ratio), ("--target-macs", target_macs), ("--plan", plan_path))
              if value is not None]
@@ -363,6 +410,15 @@ def prune(
         if Path(plan_out).resolve() == Path(output).resolve():
             raise click.UsageError("--plan-out and --output name the same file")
         check_output_path(plan_out, sources=[model])
+    if criterion is None:
+        criterion = "activation" if calib is not None else "l1"
+    if calib is None:
+        if criterion in NEEDS_DATA:
+            raise click.UsageError(f"--criterion {criterion} needs calibration data: give --calib DATA")
+        if recover not in (None, "none"):
+            raise click.UsageError(f"--recover {recover} needs calibration data: give --calib DATA")
+        if eval_data is not None:
+            raise click.UsageError("--eval measures the pruned model against the original and needs --calib too")
     options = PruneOptions(
         ratio=ratio,
         target_macs=target_macs,
@@ -375,8 +431,18 @@ def prune(
         seed=ctx.obj["seed"],
         lossless=lossless,
         plan_path=plan_path,
+        recover=recover,
+        ridge=ridge,
+        positions_per_weight=positions_per_weight,
     )
-    result = prune_model(load_model(model), options, input_shapes=parse_input_shapes(input_shapes))
+    loaded = load_model(model)
+    calib_data = open_dataset(calib, loaded.model, data_options) if calib is not None else None
+    evaluation = open_dataset(eval_data, loaded.model, data_options) if eval_data is not None else None
+    with ExitStack() as stack:
+        result = prune_model(
+            loaded, options, input_shapes=parse_input_shapes(input_shapes), calib=calib_data, eval_data=evaluation,
+            progress=None if ctx.obj.get("quiet") else _progress_bars(stack),
+        )
     pruned = fix_input_shapes(result.model, result.analysis_shapes) if fix_shapes else result.model
     write_validated(pruned, output, source=model, input_shapes=result.analysis_shapes)
     if plan_out is not None:

@@ -357,9 +357,85 @@ def render_prune(result: PruneResult, output: str | None = None) -> str:
                 [(b.group, b.node or "-", b.reason) for b in result.blocked],
             ),
         ]
+    lines += _recovery_lines(result)
     if output:
         lines += ["", f"wrote {output}"]
     return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _recovery_lines(result: PruneResult) -> list[str]:
+    """Recovery per layer (the worst first, at most 12) and the whole model before and after it."""
+    lines: list[str] = []
+    recovery, evaluation = result.recovery, result.evaluation
+    if recovery is not None and recovery.nodes:
+        nodes = sorted(recovery.nodes, key=lambda n: -n.error_before)
+        lines += [
+            "",
+            f"recovery   {recovery.method}: {len(recovery.nodes)} layers refit in {recovery.seconds:.1f} s on "
+            f"{recovery.samples} samples ({recovery.held_out} held out to check each layer), "
+            f"{recovery.fallbacks} fell back",
+            format_table(
+                ["layer", "op", "method", "error before", "error after"],
+                [(n.node, n.op_type, n.method + ("*" if n.method != n.requested else ""),
+                  f"{n.error_before:.4f}", f"{n.error_after:.4f}") for n in nodes[:12]],
+            ),
+            "(error: squared error of the layer's output against the original's, relative to its variance, on "
+            "held-out samples" + ("; * fell back: worse on held-out samples" if recovery.fallbacks else "")
+            + (f"; {len(nodes) - 12} more layers in --json" if len(nodes) > 12 else "") + ")",
+        ]
+    if evaluation is not None:
+        rows = [(f"cosine {o.output}", f"{o.cosine_before:.4f}", f"{o.cosine_after:.4f}") for o in evaluation.outputs]
+        if evaluation.accuracy_after is not None:
+            rows.insert(0, ("top-1 (original " + _percent(evaluation.accuracy_original) + ")",
+                            _percent(evaluation.accuracy_before), _percent(evaluation.accuracy_after)))
+        lines += [
+            "",
+            f"against the original on {evaluation.samples} samples of {evaluation.data}",
+            format_table(["", "pruned as sliced", f"after {result.recover}"], rows),
+        ]
+        if evaluation.collapsed:
+            lines += ["WARNING: the pruned model no longer works (cosine < 0.9 or 10 points of top-1 lost): "
+                      "prune less, exclude sensitive layers, or give more calibration data"]
+    return lines
+
+
+def _recovery_json(result: PruneResult) -> dict[str, Any] | None:
+    recovery = result.recovery
+    if recovery is None:
+        return None
+    return {
+        "method": recovery.method,
+        "seconds": recovery.seconds,
+        "samples": recovery.samples,
+        "held_out": recovery.held_out,
+        "fallbacks": recovery.fallbacks,
+        "spilled_bytes": recovery.spilled_bytes,
+        "layers": [
+            {"node": n.node, "op_type": n.op_type, "method": n.method, "requested": n.requested,
+             "error_before": n.error_before, "error_after": n.error_after, "note": n.note or None}
+            for n in recovery.nodes
+        ],
+    }
+
+
+def _evaluation_json(result: PruneResult) -> dict[str, Any] | None:
+    evaluation = result.evaluation
+    if evaluation is None:
+        return None
+    return {
+        "data": evaluation.data,
+        "samples": evaluation.samples,
+        "collapsed": evaluation.collapsed,
+        "outputs": [{"output": o.output, "cosine_before": o.cosine_before, "cosine_after": o.cosine_after}
+                    for o in evaluation.outputs],
+        "accuracy_original": evaluation.accuracy_original,
+        "accuracy_before": evaluation.accuracy_before,
+        "accuracy_after": evaluation.accuracy_after,
+    }
 
 
 def _budget(result: PruneResult) -> str:
@@ -382,6 +458,7 @@ def plan_record(result: PruneResult) -> dict[str, Any]:
     options = result.options
     return {
         "criterion": options.criterion,
+        "recover": result.recover,
         "ratio": options.ratio,
         "target_macs": options.target_macs,
         "round_to": options.round_to,
@@ -426,6 +503,9 @@ def prune_json(result: PruneResult, output: str | None = None, plan_out: str | N
             if result.plan.changes(group)
         ],
         "blocked": to_jsonable(result.blocked),
+        "recover": result.recover,
+        "recovery": _recovery_json(result),
+        "evaluation": _evaluation_json(result),
     }
 
 

@@ -12,6 +12,7 @@ from onnxslim.errors import UsageError
 from onnxslim.io import normalize_model, resolve_input_shapes
 from onnxslim.prune.importance import (
     CRITERIA,
+    ScoreContext,
     l1_importance,
     l2_importance,
     output_channel_weights,
@@ -36,8 +37,8 @@ def test_l1_and_l2_of_a_single_source_are_mean_normalized_filter_norms() -> None
     weight = conv_weight(graph, 0).reshape(8, -1)
     l1 = np.abs(weight).sum(axis=1)
     l2 = np.sqrt((weight**2).sum(axis=1))
-    np.testing.assert_allclose(l1_importance(groups[0], graph), l1 / l1.mean())
-    np.testing.assert_allclose(l2_importance(groups[0], graph), l2 / l2.mean())
+    np.testing.assert_allclose(l1_importance(groups[0], ScoreContext(graph)), l1 / l1.mean())
+    np.testing.assert_allclose(l2_importance(groups[0], ScoreContext(graph)), l2 / l2.mean())
 
 
 def test_several_sources_are_normalized_then_summed() -> None:
@@ -48,7 +49,7 @@ def test_several_sources_are_normalized_then_summed() -> None:
     group = next(g for g in groups if len(g.sources) == 2)
     first = np.abs(conv_weight(graph, 0).reshape(8, -1)).sum(axis=1)
     second = np.abs(conv_weight(graph, 1).reshape(8, -1)).sum(axis=1)
-    np.testing.assert_allclose(l1_importance(group, graph), first / first.mean() + second / second.mean())
+    np.testing.assert_allclose(l1_importance(group, ScoreContext(graph)), first / first.mean() + second / second.mean())
 
 
 @pytest.mark.parametrize("trans_b", [0, 1])
@@ -99,8 +100,8 @@ def test_bn_criterion_is_normalized_gamma_and_falls_back_to_l1_without_bn() -> N
     groups, graph = analysed(b.build(b.conv(y, 4)))
     bn = next(n for n in graph.nodes if n.op == "BatchNormalization")
     gamma = np.abs(np.asarray(bn.inputs[1].values, np.float64))
-    np.testing.assert_allclose(CRITERIA["bn"](groups[0], graph), gamma / gamma.mean())
-    np.testing.assert_allclose(CRITERIA["bn"](groups[1], graph), l1_importance(groups[1], graph))
+    np.testing.assert_allclose(CRITERIA["bn"](groups[0], ScoreContext(graph)), gamma / gamma.mean())
+    np.testing.assert_allclose(CRITERIA["bn"](groups[1], ScoreContext(graph)), l1_importance(groups[1], ScoreContext(graph)))
 
 
 def test_bn_criterion_on_a_model_without_batchnorm_says_why() -> None:

@@ -206,10 +206,10 @@ def test_within_each_block_the_lowest_scoring_channels_go() -> None:
     result = prune_model(model, ratio=0.5)
     import onnx_graphsurgeon as gs
 
-    from onnxslim.prune.importance import l1_importance
+    from onnxslim.prune.importance import ScoreContext, l1_importance
 
     group = next(g for g in result.groups if g.blocks > 1 and result.plan.changes(g))
-    scores = l1_importance(group, gs.import_onnx(model))
+    scores = l1_importance(group, ScoreContext(gs.import_onnx(model)))
     size = group.channels // group.blocks
     for block in range(group.blocks):
         channels = range(block * size, (block + 1) * size)

@@ -91,12 +91,12 @@ def test_usage_errors(model_with_blocker: Path, tmp_path: Path) -> None:
 def test_validation_failure_exits_4_and_writes_nothing(
     model_with_blocker: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from onnxslim.prune import rewrite
+    from onnxslim.prune import pruner
 
     def fail(*args: object) -> None:
         raise ValidationError("boom")
 
-    monkeypatch.setattr(rewrite, "validate", fail)
+    monkeypatch.setattr(pruner, "validate", fail)
     out = tmp_path / "pruned.onnx"
     result = CliRunner().invoke(cli, ["prune", str(model_with_blocker), "-o", str(out), "--ratio", "0.5", *UNROUNDED])
     assert result.exit_code == 4

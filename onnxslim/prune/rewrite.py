@@ -34,7 +34,7 @@ from onnxslim.graph import export_model
 from onnxslim.io import validate
 from onnxslim.prune.plan import PrunePlan
 
-__all__ = ["RewriteHandler", "REWRITE_HANDLERS", "apply_plan", "rewrite_model"]
+__all__ = ["RewriteHandler", "REWRITE_HANDLERS", "apply_plan", "kept_output_channels", "rewrite_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -334,6 +334,16 @@ def _collect_removals(groups: Sequence[ChannelGroup], plan: PrunePlan) -> dict[t
             key = ("follower", follower.node, follower.axis)
             add(key, follower.op_type, follower.offset, follower.extent, follower.axis, follower.rank, group)
     return removals
+
+
+def kept_output_channels(groups: Sequence[ChannelGroup], plan: PrunePlan) -> dict[str, np.ndarray]:
+    """Node → the output channels it still produces, in its own numbering, for every source and follower
+    (a depthwise Conv, a BatchNorm …) that loses some: how a pruned node's outputs map to the original's."""
+    return {
+        name: removal.kept()
+        for (role, name, _), removal in _collect_removals(groups, plan).items()
+        if role in ("output", "follower")
+    }
 
 
 def apply_plan(model: onnx.ModelProto, groups: Sequence[ChannelGroup], plan: PrunePlan) -> onnx.ModelProto:

@@ -1,0 +1,648 @@
+"""Retraining-free recovery: refit the layers that read pruned channels so the pruned model works without them.
+
+Every Conv, Gemm and MatMul with constant weights that reads a channel group (pruned or not: it corrects
+error from upstream too) and lies downstream of a change, plus the depthwise convs that pass a pruned
+group through, is a *refit node*. Refit nodes are visited in topological order. For each, its input is
+taken from the model *as pruned and refit so far* and its target is the *original* model's output at that
+node (the kept output channels of it): sequential refits, measured to beat refits from the original's
+inputs (DESIGN.md). Activations are passed forward range by range (`activations.StagedRunner`), so the
+whole model is run about once per model, not once per layer.
+
+The least-squares problem of a node is accumulated as Gram matrices over the calibration batches —
+[AᵀA, Aᵀy] with A the node's input features plus a column of ones (its bias) — so memory is the square of
+the node's input features, never the number of samples. k×k convs are unfolded into patches at output
+positions sampled per sample (`positions_per_weight` rows per input feature in all, honouring pads,
+strides, dilations and groups; a grouped conv is one problem per group). Methods:
+
+- `none`: nothing changes (the masked-model oracle holds exactly).
+- `bias`: the mean of the residual (original output − pruned output) goes into the bias; when nothing
+  upstream changed, that is Σ_removed W[:, c]·E[x_c], exact for constant channels.
+- `affine`: each output channel's mean and variance are matched to the original's (a scale folded into its
+  weights, a shift into its bias).
+- `lsq`: ridge least squares for the kept weights and bias. The ridge of each input feature is `ridge`
+  times that feature's own energy (diag AᵀA: scale-invariant) and shrinks toward the *original* weights of
+  the kept inputs rather than toward zero (DESIGN.md: toward zero collapsed a real recognizer).
+
+Guard: every fifth calibration sample (by index) is held out of the fit; a node whose refit is worse on
+the held-out samples than leaving it alone falls back to `bias` (or to `none` when that is worse too),
+and the report says so. Nodes without a bias slot (a MatMul not followed by a constant Add) are refit
+without an intercept and cannot use `bias` or `affine`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxslim.activations import Progress, StagedRunner
+from onnxslim.errors import UsageError
+
+__all__ = [
+    "RECOVERY_METHODS",
+    "RecoverOptions",
+    "NodeRecovery",
+    "RecoveryReport",
+    "recover_model",
+    "unfold_patches",
+]
+
+logger = logging.getLogger(__name__)
+
+RECOVERY_METHODS = ("none", "bias", "affine", "lsq")
+HOLDOUT_EVERY = 5  # sample i is held out of the fit when i % 5 == 4
+_CHUNK_ROWS = 4096  # sampled rows gathered across batches before they are added to the Gram matrices
+
+
+@dataclass(frozen=True)
+class RecoverOptions:
+    """How recovery refits: the method, the ridge (relative to each input's energy), how many sampled rows
+    per input feature, the memory the forward pass may hold before spilling to disk, and the seed."""
+
+    method: str = "lsq"
+    ridge: float = 3e-2
+    positions_per_weight: int = 8
+    memory_budget: int = 1 << 30
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in RECOVERY_METHODS:
+            raise UsageError(f"unknown recovery {self.method!r}; choose one of {', '.join(RECOVERY_METHODS)}")
+        if not self.ridge >= 0:
+            raise UsageError(f"--ridge must be at least 0, not {self.ridge}")
+        if self.positions_per_weight < 1:
+            raise UsageError(f"--positions-per-weight must be at least 1, not {self.positions_per_weight}")
+
+
+@dataclass(frozen=True)
+class NodeRecovery:
+    """What recovery did to one node: the method used (and asked for), and the relative squared error of its
+    output against the original's on held-out calibration samples before (pruned as is) and after."""
+
+    node: str
+    op_type: str
+    method: str
+    requested: str
+    error_before: float
+    error_after: float
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """Recovery of a whole model: per node, plus the time it took and the data it used."""
+
+    method: str
+    nodes: tuple[NodeRecovery, ...]
+    seconds: float
+    samples: int
+    held_out: int
+    spilled_bytes: int = 0
+
+    @property
+    def fallbacks(self) -> int:
+        return sum(node.method != node.requested for node in self.nodes)
+
+
+# ------------------------------------------------------------------------------------------ unfolding
+
+
+def _conv_geometry(conv: onnx.NodeProto, spatial: Sequence[int], kernel: Sequence[int]) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Pads (begin, end), strides and dilations of a Conv over input spatial dims `spatial`."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}
+    rank = len(kernel)
+    strides = list(attrs.get("strides", [1] * rank))
+    dilations = list(attrs.get("dilations", [1] * rank))
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for size, k, s, d in zip(spatial, kernel, strides, dilations, strict=True):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            small, large = total // 2, total - total // 2
+            begin.append(small if auto_pad == "SAME_UPPER" else large)
+            end.append(large if auto_pad == "SAME_UPPER" else small)
+    elif auto_pad == "VALID":
+        begin, end = [0] * rank, [0] * rank
+    else:
+        pads = list(attrs.get("pads", [0] * 2 * rank))
+        begin, end = pads[:rank], pads[rank:]
+    return begin, end, strides, dilations
+
+
+def unfold_patches(
+    x: np.ndarray,
+    conv: onnx.NodeProto,
+    kernel: Sequence[int],
+    samples: np.ndarray,
+    positions: np.ndarray,
+) -> np.ndarray:
+    """The input patches a Conv reads to compute output positions `positions` (flat indices into its output
+    spatial dims) of samples `samples`: [rows, C_in, *kernel]. Zero padding, strides and dilations as the
+    node's attributes (or auto_pad) say."""
+    spatial = x.shape[2:]
+    begin, end, strides, dilations = _conv_geometry(conv, spatial, kernel)
+    padded = np.pad(x, [(0, 0), (0, 0), *zip(begin, end, strict=True)])
+    out = [
+        (padded.shape[2 + i] - ((kernel[i] - 1) * dilations[i] + 1)) // strides[i] + 1 for i in range(len(kernel))
+    ]
+    coordinates = np.unravel_index(positions, out)
+    rank = len(kernel)
+    index: list[np.ndarray] = [samples.reshape(-1, 1, *([1] * rank)), np.arange(x.shape[1]).reshape(1, -1, *([1] * rank))]
+    for axis in range(rank):
+        shape = [1] * rank
+        shape[axis] = kernel[axis]
+        taps = np.arange(kernel[axis]).reshape(shape) * dilations[axis]
+        start = (coordinates[axis] * strides[axis]).reshape(-1, 1, *([1] * rank))
+        index.append(start + taps.reshape(1, 1, *shape))
+    return padded[tuple(index)]
+
+
+def conv_output_size(x_shape: Sequence[int], conv: onnx.NodeProto, kernel: Sequence[int]) -> list[int]:
+    begin, end, strides, dilations = _conv_geometry(conv, x_shape[2:], kernel)
+    return [
+        (x_shape[2 + i] + begin[i] + end[i] - ((kernel[i] - 1) * dilations[i] + 1)) // strides[i] + 1
+        for i in range(len(kernel))
+    ]
+
+
+# ----------------------------------------------------------------------------------- linear layers
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+class _Layer:
+    """A refit node seen as G independent linear maps y_g = A_g W_g + b_g (one per conv group)."""
+
+    def __init__(self, node: onnx.NodeProto, model: _ModelEditor) -> None:
+        self.node = node
+        self.model = model
+
+    blocks: int = 1
+    has_bias_slot: bool = True
+
+    def rows(
+        self, x: np.ndarray, y: np.ndarray, kept_out: np.ndarray | None, rng: np.random.Generator, per_sample: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Features [rows, G, K], targets [rows, G, O] and the sample index of every row."""
+        raise NotImplementedError
+
+    def features(self) -> int:
+        raise NotImplementedError
+
+    def get(self) -> tuple[np.ndarray, np.ndarray]:
+        """Current weights [G, K, O] and bias [G, O] (zeros when the node has none)."""
+        raise NotImplementedError
+
+    def set(self, weights: np.ndarray, bias: np.ndarray) -> None:
+        raise NotImplementedError
+
+
+class _ModelEditor:
+    """Reads and replaces constant inputs of nodes of a model being recovered."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.initializers = {t.name: t for t in model.graph.initializer}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self._names = itertools.count()
+        self.outputs = {o.name for o in model.graph.output}
+
+    def constant(self, name: str) -> np.ndarray | None:
+        tensor = self.initializers.get(name)
+        return None if tensor is None else numpy_helper.to_array(tensor)
+
+    def set_input(self, node: onnx.NodeProto, index: int, values: np.ndarray) -> None:
+        """Give `node` a new constant as input `index` (never changes a constant other nodes read)."""
+        base = node.input[index] if index < len(node.input) and node.input[index] else f"{node.name}_input{index}"
+        name = f"{base}_recovered{next(self._names)}"
+        tensor = numpy_helper.from_array(np.ascontiguousarray(values), name)
+        self.model.graph.initializer.append(tensor)
+        self.initializers[name] = tensor
+        while len(node.input) <= index:
+            node.input.append("")
+        node.input[index] = name
+
+    def drop_unused(self) -> None:
+        used = {name for node in self.model.graph.node for name in node.input}
+        used |= {o.name for o in self.model.graph.output}
+        keep = [t for t in self.model.graph.initializer if t.name in used]
+        del self.model.graph.initializer[:]
+        self.model.graph.initializer.extend(keep)
+
+
+def _sample_positions(
+    rng: np.random.Generator, samples: int, total: int, per_sample: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(sample index, flat position) pairs: `per_sample` distinct positions of each sample (all if fewer)."""
+    if per_sample >= total:
+        return np.repeat(np.arange(samples), total), np.tile(np.arange(total), samples)
+    positions = np.stack([rng.choice(total, per_sample, replace=False) for _ in range(samples)])
+    return np.repeat(np.arange(samples), per_sample), positions.reshape(-1)
+
+
+class _Conv(_Layer):
+    def __init__(self, node: onnx.NodeProto, model: _ModelEditor) -> None:
+        super().__init__(node, model)
+        weight = model.constant(node.input[1])
+        assert weight is not None
+        self.weight_shape = weight.shape
+        self.blocks = int(_attrs(node).get("group", 1))  # type: ignore[call-overload]
+        self.kernel = list(weight.shape[2:])
+
+    def features(self) -> int:
+        return int(np.prod(self.weight_shape[1:]))
+
+    def rows(self, x, y, kept_out, rng, per_sample):
+        out_shape = y.shape[2:]
+        total = int(np.prod(out_shape))
+        samples, positions = _sample_positions(rng, x.shape[0], total, per_sample)
+        patches = unfold_patches(x, self.node, self.kernel, samples, positions)  # [rows, C_in, *k]
+        rows = len(samples)
+        features = patches.reshape(rows, self.blocks, -1)
+        if kept_out is not None:
+            y = y[:, kept_out]
+        targets = y.reshape(y.shape[0], y.shape[1], -1)[samples, :, positions]  # [rows, C_out]
+        return features, targets.reshape(rows, self.blocks, -1), samples
+
+    def get(self) -> tuple[np.ndarray, np.ndarray]:
+        weight = self.model.constant(self.node.input[1])
+        assert weight is not None
+        out = weight.shape[0] // self.blocks
+        weights = weight.reshape(self.blocks, out, -1).transpose(0, 2, 1)
+        bias = self.model.constant(self.node.input[2]) if len(self.node.input) > 2 and self.node.input[2] else None
+        bias = np.zeros(weight.shape[0], dtype=weight.dtype) if bias is None else bias
+        return weights.astype(np.float64), bias.reshape(self.blocks, out).astype(np.float64)
+
+    def set(self, weights: np.ndarray, bias: np.ndarray) -> None:
+        dtype = np.float32
+        weight = weights.transpose(0, 2, 1).reshape(self.weight_shape).astype(dtype)
+        self.model.set_input(self.node, 1, weight)
+        self.model.set_input(self.node, 2, bias.reshape(-1).astype(dtype))
+
+
+class _Gemm(_Layer):
+    def __init__(self, node: onnx.NodeProto, model: _ModelEditor) -> None:
+        super().__init__(node, model)
+        attrs = _attrs(node)
+        self.trans_b = int(attrs.get("transB", 0))  # type: ignore[call-overload]
+        self.alpha = float(attrs.get("alpha", 1.0))  # type: ignore[arg-type]
+        self.beta = float(attrs.get("beta", 1.0))  # type: ignore[arg-type]
+
+    def features(self) -> int:
+        weight = self.model.constant(self.node.input[1])
+        assert weight is not None
+        return int(weight.shape[0 if not self.trans_b else 1])
+
+    def rows(self, x, y, kept_out, rng, per_sample):
+        if kept_out is not None:
+            y = y[:, kept_out]
+        return x[:, None, :], y[:, None, :], np.arange(len(x))
+
+    def get(self) -> tuple[np.ndarray, np.ndarray]:
+        weight = self.model.constant(self.node.input[1])
+        assert weight is not None
+        weights = (weight.T if self.trans_b else weight).astype(np.float64) * self.alpha
+        bias = np.zeros(weights.shape[1])
+        if len(self.node.input) > 2 and self.node.input[2]:
+            constant = self.model.constant(self.node.input[2])
+            assert constant is not None
+            bias = np.broadcast_to(constant.astype(np.float64) * self.beta, (weights.shape[1],)).copy()
+        return weights[None], bias[None]
+
+    def set(self, weights: np.ndarray, bias: np.ndarray) -> None:
+        weight = weights[0] / self.alpha
+        self.model.set_input(self.node, 1, (weight.T if self.trans_b else weight).astype(np.float32))
+        beta = self.beta if self.beta != 0 else 1.0
+        if self.beta == 0:
+            for attribute in self.node.attribute:
+                if attribute.name == "beta":
+                    attribute.f = 1.0
+        self.model.set_input(self.node, 2, (bias[0] / beta).astype(np.float32))
+
+
+class _MatMul(_Layer):
+    def __init__(self, node: onnx.NodeProto, model: _ModelEditor) -> None:
+        super().__init__(node, model)
+        self.add, self.add_index = self._bias_add()
+        self.has_bias_slot = self.add is not None
+
+    def _bias_add(self) -> tuple[onnx.NodeProto | None, int]:
+        """The Add after this MatMul whose other operand is a constant per output feature (its bias)."""
+        output = self.node.output[0]
+        readers = self.model.consumers.get(output, [])
+        if len(readers) != 1 or readers[0].op_type != "Add" or output in self.model.outputs:
+            return None, 0
+        add = readers[0]
+        other = 1 if add.input[0] == output else 0
+        constant = self.model.constant(add.input[other])
+        columns = self.features_out()
+        if constant is None or constant.size != columns or constant.shape[-1] != columns:
+            return None, 0
+        return add, other
+
+    def features_out(self) -> int:
+        weight = self.model.constant(self.node.input[1])
+        assert weight is not None
+        return int(weight.shape[1])
+
+    def features(self) -> int:
+        weight = self.model.constant(self.node.input[1])
+        assert weight is not None
+        return int(weight.shape[0])
+
+    def rows(self, x, y, kept_out, rng, per_sample):
+        if kept_out is not None:
+            y = y[..., kept_out]
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+        y3 = y.reshape(y.shape[0], -1, y.shape[-1])
+        samples, positions = _sample_positions(rng, x3.shape[0], x3.shape[1], per_sample)
+        return x3[samples, positions][:, None, :], y3[samples, positions][:, None, :], samples
+
+    def get(self) -> tuple[np.ndarray, np.ndarray]:
+        weight = self.model.constant(self.node.input[1])
+        assert weight is not None
+        bias = np.zeros(weight.shape[1])
+        if self.add is not None:
+            constant = self.model.constant(self.add.input[self.add_index])
+            assert constant is not None
+            bias = constant.reshape(-1).astype(np.float64)
+        return weight.astype(np.float64)[None], bias[None]
+
+    def set(self, weights: np.ndarray, bias: np.ndarray) -> None:
+        self.model.set_input(self.node, 1, weights[0].astype(np.float32))
+        if self.add is not None:
+            shape = self.model.constant(self.add.input[self.add_index]).shape  # type: ignore[union-attr]
+            self.model.set_input(self.add, self.add_index, bias[0].reshape(shape).astype(np.float32))
+
+
+def refit_layer(node: onnx.NodeProto, model: _ModelEditor) -> _Layer | None:
+    """The linear view of `node` if it can be refit: constant weights, a layout the refit understands."""
+    if len(node.input) < 2 or model.constant(node.input[1]) is None:
+        return None
+    if node.op_type == "Conv":
+        if len(node.input) > 2 and node.input[2] and model.constant(node.input[2]) is None:
+            return None
+        return _Conv(node, model)
+    if node.op_type == "Gemm":
+        attrs = _attrs(node)
+        if int(attrs.get("transA", 0)) or (len(node.input) > 2 and node.input[2] and model.constant(node.input[2]) is None):  # type: ignore[call-overload]
+            return None
+        gemm = _Gemm(node, model)
+        if len(node.input) > 2 and node.input[2]:
+            bias = model.constant(node.input[2])
+            assert bias is not None
+            if bias.size not in (1, gemm.get()[0].shape[2]):
+                return None
+        return gemm
+    if node.op_type == "MatMul" and model.constant(node.input[1]) is not None:
+        if model.constant(node.input[1]).ndim != 2:  # type: ignore[union-attr]
+            return None
+        return _MatMul(node, model)
+    return None
+
+
+# ------------------------------------------------------------------------------------------ solving
+
+
+class _Normal:
+    """Running sums of one node's least-squares problem, per group: AᵀA, Aᵀy, Σy, Σy² (A with a ones column)."""
+
+    def __init__(self, blocks: int, features: int, outputs: int) -> None:
+        self.gram = np.zeros((blocks, features + 1, features + 1))
+        self.cross = np.zeros((blocks, features + 1, outputs))
+        self.y_sum = np.zeros((blocks, outputs))
+        self.y_square = np.zeros((blocks, outputs))
+        self.rows = 0
+
+    def add(self, features: np.ndarray, targets: np.ndarray) -> None:
+        if not len(features):
+            return
+        # products in float32 through BLAS, one group at a time (an einsum over groups does not reach BLAS),
+        # sums in float64: a chunk's float32 rounding is far below the refit's own error
+        a = np.concatenate([features, np.ones((*features.shape[:2], 1), features.dtype)], axis=2).astype(np.float32)
+        t = targets.astype(np.float32)
+        if a.shape[1] == 1:
+            self.gram[0] += a[:, 0].T @ a[:, 0]
+            self.cross[0] += a[:, 0].T @ t[:, 0]
+        else:
+            a_by_group, t_by_group = a.transpose(1, 2, 0), t.transpose(1, 0, 2)  # [G, K, rows], [G, rows, O]
+            self.gram += np.matmul(a_by_group, a_by_group.transpose(0, 2, 1))
+            self.cross += np.matmul(a_by_group, t_by_group)
+        t64 = t.astype(np.float64)
+        self.y_sum += t64.sum(axis=0)
+        self.y_square += np.square(t64).sum(axis=0)
+        self.rows += len(features)
+
+    def merged(self, other: _Normal) -> _Normal:
+        both = _Normal(self.gram.shape[0], self.gram.shape[1] - 1, self.cross.shape[2])
+        for name in ("gram", "cross", "y_sum", "y_square"):
+            setattr(both, name, getattr(self, name) + getattr(other, name))
+        both.rows = self.rows + other.rows
+        return both
+
+    def error(self, weights: np.ndarray, bias: np.ndarray) -> float:
+        """Σ‖A θ − y‖² over the rows added, θ = [weights; bias]."""
+        theta = np.concatenate([weights, bias[:, None, :]], axis=1)
+        quadratic = np.einsum("gko,gkl,glo->", theta, self.gram, theta, optimize=True)
+        linear = np.einsum("gko,gko->", theta, self.cross)
+        return max(float(quadratic - 2 * linear + self.y_square.sum()), 0.0)  # ≥ 0 up to rounding
+
+    def variance(self) -> float:
+        """Σ over outputs of Σ(y − ȳ)²: what a relative error is relative to."""
+        if not self.rows:
+            return 0.0
+        return float(np.sum(self.y_square - np.square(self.y_sum) / self.rows))
+
+
+def _solve_lsq(normal: _Normal, weights: np.ndarray, ridge: float, intercept: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge least squares, each input's penalty `ridge` × its energy, shrinking toward `weights`."""
+    blocks, features = weights.shape[0], weights.shape[1]
+    new_weights, new_bias = np.empty_like(weights), np.zeros((blocks, weights.shape[2]))
+    for g in range(blocks):
+        gram, cross = normal.gram[g], normal.cross[g]
+        energy = np.diag(gram)[:features].copy()
+        floor = 1e-6 * float(energy.mean()) if energy.size and energy.mean() > 0 else 1e-12
+        penalty = ridge * np.maximum(energy, floor)
+        size = features + 1 if intercept else features
+        system = gram[:size, :size].copy()
+        system[np.arange(features), np.arange(features)] += penalty
+        rhs = cross[:size].copy()
+        rhs[:features] += penalty[:, None] * weights[g]
+        try:
+            solution = np.linalg.solve(system, rhs)
+        except np.linalg.LinAlgError:
+            solution = np.linalg.lstsq(system, rhs, rcond=None)[0]
+        new_weights[g] = solution[:features]
+        if intercept:
+            new_bias[g] = solution[features]
+    return new_weights, new_bias
+
+
+def _means(normal: _Normal) -> tuple[np.ndarray, np.ndarray]:
+    rows = max(normal.rows, 1)
+    features = normal.gram.shape[1] - 1
+    return normal.gram[:, features, :features] / rows, normal.y_sum / rows  # E[a] [G, K], E[y] [G, O]
+
+
+def _solve_bias(normal: _Normal, weights: np.ndarray) -> np.ndarray:
+    mean_a, mean_y = _means(normal)
+    return mean_y - np.einsum("gk,gko->go", mean_a, weights)
+
+
+def _solve_affine(normal: _Normal, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    rows = max(normal.rows, 1)
+    features = weights.shape[1]
+    mean_a, mean_y = _means(normal)
+    covariance = normal.gram[:, :features, :features] / rows - np.einsum("gk,gl->gkl", mean_a, mean_a)
+    variance_z = np.einsum("gko,gkl,glo->go", weights, covariance, weights)
+    variance_y = np.maximum(normal.y_square / rows - mean_y**2, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(variance_z > 1e-12, np.sqrt(variance_y / variance_z), 1.0)
+    new_weights = weights * scale[:, None, :]
+    new_bias = mean_y - np.einsum("gk,gko->go", mean_a, new_weights)
+    return new_weights, new_bias
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def _rebatch(feeds: Sequence[Mapping[str, np.ndarray]], rows: int, fixed: bool) -> list[dict[str, np.ndarray]]:
+    """Join consecutive batches into batches of about `rows` samples (only when the batch dim is free)."""
+    if fixed:
+        return [dict(f) for f in feeds]
+    joined: list[dict[str, np.ndarray]] = []
+    pending: list[Mapping[str, np.ndarray]] = []
+    count = 0
+    for feed in feeds:
+        pending.append(feed)
+        count += len(next(iter(feed.values())))
+        if count >= rows:
+            joined.append({name: np.concatenate([p[name] for p in pending]) for name in feed})
+            pending, count = [], 0
+    if pending:
+        joined.append({name: np.concatenate([p[name] for p in pending]) for name in pending[0]})
+    return joined
+
+
+def recover_model(
+    original: onnx.ModelProto,
+    pruned: onnx.ModelProto,
+    refit_nodes: Sequence[str],
+    kept_outputs: Mapping[str, np.ndarray],
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    options: RecoverOptions,
+    *,
+    sizes: Sequence[int] | None = None,
+    fixed_batch: bool = False,
+    progress: Progress | None = None,
+) -> tuple[onnx.ModelProto, RecoveryReport]:
+    """Refit `refit_nodes` of `pruned` (a copy is returned) to reproduce `original` on calibration `feeds`.
+
+    `kept_outputs`: node → the output channels of the original that the pruned node still produces (absent:
+    all). `sizes`: real samples per batch of `feeds` (padding rows of a fixed batch are ignored).
+    """
+    start = time.perf_counter()
+    recovered = onnx.ModelProto()
+    recovered.CopyFrom(pruned)
+    if options.method == "none" or not refit_nodes:
+        return recovered, RecoveryReport(options.method, (), 0.0, 0, 0)
+    sizes = list(sizes) if sizes is not None else [len(next(iter(f.values()))) for f in feeds]
+    if not fixed_batch:
+        feeds = _rebatch([{k: v[:s] for k, v in f.items()} for f, s in zip(feeds, sizes, strict=True)], 32, False)
+        sizes = [len(next(iter(f.values()))) for f in feeds]
+    editor = _ModelEditor(recovered)
+    nodes = {node.name: node for node in recovered.graph.node}
+    original_nodes = {node.name: node for node in original.graph.node}
+    order = [node.name for node in recovered.graph.node if node.name in set(refit_nodes)]
+    samples = sum(sizes)
+    held_out = sum(1 for i in range(samples) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1)
+    train_samples = max(samples - held_out, 1)
+    rng = np.random.default_rng(options.seed)
+    targets = [original_nodes[name].output[0] for name in order if name in original_nodes]
+    runner_original = StagedRunner(original, feeds, memory_budget=options.memory_budget // 2, protect=targets)
+    runner_pruned = StagedRunner(recovered, feeds, memory_budget=options.memory_budget // 2)
+    results: list[NodeRecovery] = []
+    try:
+        for done, name in enumerate(order, start=1):
+            node = nodes[name]
+            layer = refit_layer(node, editor)
+            if layer is None or name not in original_nodes:
+                continue
+            runner_pruned.run_to(runner_pruned.position_of(name))
+            runner_original.run_to(runner_original.position_of(name) + 1)
+            weights, bias = layer.get()
+            per_sample = max(4, math.ceil(options.positions_per_weight * (layer.features() + 1) / train_samples))
+            fit = _Normal(layer.blocks, weights.shape[1], weights.shape[2])
+            check = _Normal(layer.blocks, weights.shape[1], weights.shape[2])
+            first = 0
+            kept = kept_outputs.get(name)
+            pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+            for batch, size in enumerate(sizes):
+                x = np.asarray(runner_pruned.get(batch, node.input[0]))[:size]
+                y = np.asarray(runner_original.get(batch, original_nodes[name].output[0]))[:size]
+                features, target, sample = layer.rows(x, y, kept, rng, per_sample)
+                pending.append((features, target, (first + sample) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1))
+                first += size
+                if sum(len(p[0]) for p in pending) >= _CHUNK_ROWS or batch == len(sizes) - 1:
+                    features, target, held = (np.concatenate(parts) for parts in zip(*pending, strict=True))
+                    fit.add(features[~held], target[~held])
+                    check.add(features[held], target[held])
+                    pending = []
+            runner_original.release(original_nodes[name].output[0])
+            results.append(_refit(layer, fit, check if check.rows else fit, weights, bias, options))
+            runner_pruned.update(recovered)
+            if progress is not None:
+                progress("recovery", done, len(order))
+        spilled = runner_original.spilled_bytes + runner_pruned.spilled_bytes
+    finally:
+        runner_original.close()
+        runner_pruned.close()
+    editor.drop_unused()
+    report = RecoveryReport(options.method, tuple(results), time.perf_counter() - start, samples, held_out, spilled)
+    return recovered, report
+
+
+def _refit(
+    layer: _Layer, fit: _Normal, check: _Normal, weights: np.ndarray, bias: np.ndarray, options: RecoverOptions
+) -> NodeRecovery:
+    """Choose and write the node's new weights; the guard compares held-out errors (module docstring)."""
+    intercept = layer.has_bias_slot
+    candidates: dict[str, tuple[np.ndarray, np.ndarray]] = {"none": (weights, bias)}
+    if intercept:
+        candidates["bias"] = (weights, _solve_bias(fit, weights))
+    if options.method == "affine" and intercept:
+        candidates["affine"] = _solve_affine(fit, weights)
+    if options.method == "lsq":
+        candidates["lsq"] = _solve_lsq(fit, weights, options.ridge, intercept)
+    scale = check.variance() or float(check.y_square.sum()) or 1.0
+    errors = {method: check.error(*values) / scale for method, values in candidates.items()}
+    requested = options.method
+    method, note = requested, ""
+    if requested not in candidates:
+        method, note = "none", "no bias slot (a MatMul not followed by a constant Add)"
+    elif requested != "none" and errors[requested] > errors["none"] * (1 + 1e-6) + 1e-12:
+        method = "bias" if "bias" in candidates and errors["bias"] <= errors["none"] else "none"
+        note = f"{requested} was worse on held-out samples ({errors[requested]:.3g} vs {errors['none']:.3g})"
+    if method != "none":  # the guard has decided; the weights are fit on every sample, held-out ones too
+        every = fit.merged(check) if check is not fit else fit
+        final = {
+            "bias": lambda: (weights, _solve_bias(every, weights)),
+            "affine": lambda: _solve_affine(every, weights),
+            "lsq": lambda: _solve_lsq(every, weights, options.ridge, intercept),
+        }[method]()
+        layer.set(*final)
+    node = layer.node
+    return NodeRecovery(node.name, node.op_type, method, requested, errors["none"], errors[method], note)
