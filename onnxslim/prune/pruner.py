@@ -287,8 +287,9 @@ def find_lossless(state: PruneState) -> None:
 
 def collect_statistics(state: PruneState) -> None:
     """Per-channel statistics of every prunable group's sink inputs, when the criterion reads them."""
-    if state.options.criterion not in NEEDS_DATA or state.options.plan_path is not None:
-        return
+    options = state.options
+    if options.criterion not in NEEDS_DATA or (options.ratio is None and options.target_macs is None):
+        return  # a plan file or lossless alone: nothing is scored by data
     if state.calib is None:
         raise UsageError(f"--criterion {state.options.criterion} needs calibration data: give --calib DATA")
     assert state.graph is not None
@@ -298,11 +299,14 @@ def collect_statistics(state: PruneState) -> None:
 
 def score(state: PruneState) -> None:
     """One score per channel of every prunable group."""
-    if state.options.plan_path is not None or (state.options.ratio is None and state.options.target_macs is None):
+    if state.options.plan_path is not None:
         return
     assert state.graph is not None
     context = ScoreContext(state.graph, state.options.seed, state.statistics)
-    state.scores = score_groups(state.groups, context, state.options.criterion)
+    budget = state.options.ratio is not None or state.options.target_macs is not None
+    # lossless alone removes only forced channels: any criterion orders the rest, one without data will do
+    criterion = state.options.criterion if budget or state.options.criterion not in NEEDS_DATA else "l1"
+    state.scores = score_groups(state.groups, context, criterion)
 
 
 def plan(state: PruneState) -> None:
