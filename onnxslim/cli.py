@@ -26,6 +26,7 @@ from onnxslim.io import (
     load_model,
     parse_input_shapes,
     save_text,
+    staged_outputs,
     write_validated,
 )
 from onnxslim.model_info import inspect_model
@@ -378,9 +379,10 @@ def prune(
     )
     result = prune_model(load_model(model), options, input_shapes=parse_input_shapes(input_shapes))
     pruned = fix_input_shapes(result.model, result.analysis_shapes) if fix_shapes else result.model
-    write_validated(pruned, output, source=model, input_shapes=result.analysis_shapes)
-    if plan_out is not None:
-        save_plan(plan_out, result.plan, result.groups, result.model_sha256, plan_record(result))
+    with staged_outputs() as stage:  # the model and its plan are written together or not at all
+        write_validated(pruned, output, source=model, input_shapes=result.analysis_shapes, stage=stage)
+        if plan_out is not None:
+            save_plan(plan_out, result.plan, result.groups, result.model_sha256, plan_record(result), stage)
     click.echo(to_json(prune_json(result, output, plan_out)) if as_json else render_prune(result, output))
 
 
@@ -461,7 +463,8 @@ def quantize(
             loaded, calib_data, options, eval_data=evaluation,
             progress=None if ctx.obj.get("quiet") else advance,
         )
-    write_validated(result.model, output, source=model, input_shapes=calib_data.input_shapes)
+    feeds = next(iter(calib_data.batches())).feeds  # validate on the user's data, not random inputs
+    write_validated(result.model, output, source=model, input_shapes=calib_data.input_shapes, feeds=feeds)
     if not result.quantized:
         logger.warning("%s; wrote the fp32 model to %s", result.reason, output)
     click.echo(to_json(quantize_json(result, output)) if as_json else render_quantize(result, output))
