@@ -927,7 +927,7 @@ def validate(
     given = feeds is not None
     feeds = dict(feeds) if feeds is not None else random_inputs(source, input_shapes)
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures are reported below, in one line, not as onnxruntime's log
     try:
         with loadable(source) as loaded:
             want = ort.InferenceSession(loaded, options, providers=["CPUExecutionProvider"]).run(None, feeds)

@@ -118,3 +118,42 @@ def matmul_model(*, batch: int = 2, m: int = 3, k: int = 5, n: int = 7) -> onnx.
     a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [batch, m, k])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     return make([node], [a], [y], [numpy_helper.from_array(b, "b")])
+
+
+def paddle_dims_model(*, dynamic_hw: bool = True) -> onnx.ModelProto:
+    """A paddle2onnx-style export: dynamic dims written as dim_value -1 (not dim_param), on the input and
+    the output. Conv 3 -> 4 channels, 3x3, 'same' padding; [-1, 3, -1, -1] or [-1, 3, 8, 8]."""
+    model = conv_model(c_in=3, c_out=4, hw=8)
+    dims = [-1, 3, -1, -1] if dynamic_hw else [-1, 3, 8, 8]
+    for value, channels in ((model.graph.input[0], 3), (model.graph.output[0], 4)):
+        shape = value.type.tensor_type.shape
+        del shape.dim[:]
+        for axis, d in enumerate(dims):
+            shape.dim.add().dim_value = channels if axis == 1 else d
+    return model
+
+
+def token_model(*, hidden: bool = False) -> onnx.ModelProto:
+    """A BERT-style embedding: input_ids index a 30-row table, token_type_ids a 2-row one (only 0 and 1 are
+    valid), summed and projected by a MatMul. Inputs int64 [batch, seq]; output [batch, seq, 4].
+
+    `hidden`: token_type_ids reach their Gather through an `Add` of 0, which the range of random inputs
+    does not see through, so random token types (0-3) make the original model fail in onnxruntime."""
+    words = numpy_helper.from_array(RNG.standard_normal((30, 8)).astype(np.float32), "words")
+    types = numpy_helper.from_array(RNG.standard_normal((2, 8)).astype(np.float32), "types")
+    proj = numpy_helper.from_array(RNG.standard_normal((8, 4)).astype(np.float32), "proj")
+    zero = numpy_helper.from_array(np.array(0, np.int64), "zero")
+    type_ids = "type_ids_shifted" if hidden else "token_type_ids"
+    nodes = [
+        helper.make_node("Gather", ["words", "input_ids"], ["word_emb"], name="word_gather"),
+        *([helper.make_node("Add", ["token_type_ids", "zero"], ["type_ids_shifted"], name="shift")] if hidden else []),
+        helper.make_node("Gather", ["types", type_ids], ["type_emb"], name="type_gather"),
+        helper.make_node("Add", ["word_emb", "type_emb"], ["emb"], name="emb_add"),
+        helper.make_node("MatMul", ["emb", "proj"], ["y"], name="proj_matmul"),
+    ]
+    inputs = [
+        helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "seq"])
+        for name in ("input_ids", "token_type_ids")
+    ]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])
+    return make(nodes, inputs, [y], [words, types, proj, zero])
