@@ -131,8 +131,16 @@ def render_inspect(info: ModelInfo, *, top: int = 10) -> str:
                 ],
             ),
         ]
+    if info.quantized_ops:
+        lines += [
+            "",
+            "quantized  already: " + ", ".join(f"{op} x{n}" for op, n in info.quantized_ops.items())
+            + "; prune and quantize refuse it (start from the fp32 model)",
+        ]
     if info.groups:
         lines += ["", render_groups(info.groups)]
+    elif not info.quantized_ops:
+        lines += ["", "channel groups  none found (no Conv, Gemm or MatMul with constant weights)"]
     return "\n".join(lines)
 
 
@@ -167,6 +175,7 @@ def inspect_json(info: ModelInfo) -> dict[str, Any]:
             if layer.macs or layer.params
         ],
         "groups": groups_json(info.groups),
+        "quantized_ops": info.quantized_ops,
     }
 
 

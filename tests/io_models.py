@@ -157,3 +157,48 @@ def token_model(*, hidden: bool = False) -> onnx.ModelProto:
     ]
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])
     return make(nodes, inputs, [y], [words, types, proj, zero])
+
+
+def conv_integer_model() -> onnx.ModelProto:
+    """A dynamically quantized conv, as onnxruntime's quantize_dynamic writes it: DynamicQuantizeLinear →
+    ConvInteger (uint8 × int8 weights [8, 3, 3, 3]) → Cast → Mul by the scales, then Relu. x [1, 3, 8, 8]."""
+    weights = numpy_helper.from_array(RNG.integers(-100, 100, (8, 3, 3, 3)).astype(np.int8), "w_q")
+    w_zero = numpy_helper.from_array(np.array(0, np.int8), "w_zero")
+    w_scale = numpy_helper.from_array(np.array(0.01, np.float32), "w_scale")
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["x_q", "x_scale", "x_zero"], name="quant"),
+        helper.make_node("ConvInteger", ["x_q", "w_q", "x_zero", "w_zero"], ["acc"], name="conv_int", pads=[1, 1, 1, 1]),
+        helper.make_node("Cast", ["acc"], ["acc_f"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["x_scale", "w_scale"], ["scale"], name="scale_mul"),
+        helper.make_node("Mul", ["acc_f", "scale"], ["conv"], name="rescale"),
+        helper.make_node("Relu", ["conv"], ["y"], name="relu"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])
+    return make(nodes, [x], [y], [weights, w_zero, w_scale])
+
+
+def dynamic_lstm_model(*, hidden: int = 4, features: int = 3) -> onnx.ModelProto:
+    """onnxruntime's DynamicQuantizeLSTM (com.microsoft): int8 W [1, features, 4·hidden] and R [1, hidden,
+    4·hidden], a float bias B [1, 8·hidden], per-tensor scales and zero points. x [seq 5, batch 1, features]."""
+    gates = 4 * hidden
+    tensors = {
+        "W": RNG.integers(-50, 50, (1, features, gates)).astype(np.int8),
+        "R": RNG.integers(-50, 50, (1, hidden, gates)).astype(np.int8),
+        "B": RNG.standard_normal((1, 2 * gates)).astype(np.float32),
+        "W_scale": np.array([0.01], np.float32),
+        "W_zero_point": np.array([0], np.int8),
+        "R_scale": np.array([0.01], np.float32),
+        "R_zero_point": np.array([0], np.int8),
+    }
+    inputs = ["x", "W", "R", "B", "", "", "", "", "W_scale", "W_zero_point", "R_scale", "R_zero_point"]
+    node = helper.make_node(
+        "DynamicQuantizeLSTM", inputs, ["y"], name="lstm_q", domain="com.microsoft", hidden_size=hidden
+    )
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, 1, hidden])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in tensors.items()],
+    )
+    opsets = [helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)

@@ -8,6 +8,7 @@ from pathlib import Path
 import onnx
 import pytest
 from builders import ModelBuilder
+from io_models import conv_integer_model
 from click.testing import CliRunner
 
 from onnxslim import prune_model
@@ -213,3 +214,16 @@ def test_plan_refuses_options_it_would_ignore_and_outputs_are_checked_first(tmp_
     missing = runner.invoke(cli, ["prune", str(source), "-o", str(tmp_path / "no" / "c.onnx"), "--ratio", "0.3"])
     assert missing.exit_code == 2 and "does not exist" in missing.output
     assert not (tmp_path / "b.onnx").exists()
+
+
+def test_prequantized_model_is_refused_naming_the_ops_and_inspect_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "dynamic.onnx"
+    onnx.save(conv_integer_model(), path)
+    out = tmp_path / "p.onnx"
+    result = CliRunner().invoke(cli, ["prune", str(path), "-o", str(out), "--ratio", "0.3"])
+    assert result.exit_code == 1 and not out.exists()
+    assert "already quantized (DynamicQuantizeLinear x1, ConvInteger x1)" in result.stderr
+    info = json.loads(CliRunner().invoke(cli, ["inspect", str(path), "--json"]).stdout)
+    assert info["quantized_ops"] == {"DynamicQuantizeLinear": 1, "ConvInteger": 1}
+    text = CliRunner().invoke(cli, ["inspect", str(path)]).stdout
+    assert "ConvInteger x1; prune and quantize refuse it" in text

@@ -14,6 +14,7 @@ from onnxslim.analysis.cost import compute_cost
 from onnxslim.analysis.groups import ChannelGroup, build_channel_groups
 from onnxslim.errors import UsageError
 from onnxslim.io import LoadedModel, infer_tensor_infos, load_model, normalize_model, resolve_input_shapes
+from onnxslim.model_info import refuse_quantized
 from onnxslim.prune.importance import score_groups
 from onnxslim.prune.lossless import find_lossless_channels, fold_constant_channels
 from onnxslim.prune.plan import (
@@ -141,6 +142,7 @@ def prune_model(
     """
     options = replace(options, **fields) if options is not None else PruneOptions(**fields)
     normalized, size_before, digest = _as_normalized(model)
+    refuse_quantized(normalized)
     shapes = resolve_input_shapes(normalized, input_shapes)
     infos = infer_tensor_infos(normalized, shapes)
     graph = gs.import_onnx(normalized)
