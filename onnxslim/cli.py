@@ -144,7 +144,8 @@ def json_option(f: Any) -> Any:
 def inspect(model: str, input_shapes: tuple[str, ...], top: int, as_json: bool) -> None:
     """Show what is in MODEL: inputs/outputs, opsets, ops, where weights live, params and MACs per layer."""
     info = inspect_model(model, parse_input_shapes(input_shapes))
-    click.echo(to_json(inspect_json(info)) if as_json else render_inspect(info, top=top))
+    verbose = click.get_current_context().obj["verbose"]
+    click.echo(to_json(inspect_json(info)) if as_json else render_inspect(info, top=top, verbose=verbose))
 
 
 DATA_HELP = (
@@ -383,7 +384,8 @@ def prune(
         write_validated(pruned, output, source=model, input_shapes=result.analysis_shapes, stage=stage)
         if plan_out is not None:
             save_plan(plan_out, result.plan, result.groups, result.model_sha256, plan_record(result), stage)
-    click.echo(to_json(prune_json(result, output, plan_out)) if as_json else render_prune(result, output))
+    verbose = ctx.obj["verbose"]
+    click.echo(to_json(prune_json(result, output, plan_out)) if as_json else render_prune(result, output, verbose=verbose))
 
 
 @cli.command()

@@ -83,7 +83,7 @@ def _shape_text(shape: Sequence[int | str] | None) -> str:
     return "?" if shape is None else "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def render_inspect(info: ModelInfo, *, top: int = 10) -> str:
+def render_inspect(info: ModelInfo, *, top: int = 10, verbose: bool = False) -> str:
     """The `inspect` report for a terminal."""
     storage = info.weight_storage
     lines = [
@@ -138,7 +138,7 @@ def render_inspect(info: ModelInfo, *, top: int = 10) -> str:
             + "; prune and quantize refuse it (start from the fp32 model)",
         ]
     if info.groups:
-        lines += ["", render_groups(info.groups)]
+        lines += ["", render_groups(info.groups, verbose=verbose)]
     elif not info.quantized_ops:
         lines += ["", "channel groups  none found (no Conv, Gemm or MatMul with constant weights)"]
     return "\n".join(lines)
@@ -282,11 +282,28 @@ def bench_json(result: BenchResult) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- channel groups, prune
 
 
-def _group_status(group: ChannelGroup) -> str:
+_FOLLOWED = ", but its channels could not be followed ("
+
+
+def _root_cause(node: str | None, reason: str, *, verbose: bool = False) -> tuple[str | None, str]:
+    """A blocked reason as node and reason of its root cause: a join blocked by an operand whose channels
+    were blocked earlier nests that reason in parentheses (up to a dozen levels in real exports); the whole
+    chain only with --verbose."""
+    depth = 0
+    while not verbose and _FOLLOWED in reason and reason.endswith(")"):
+        inner = reason[reason.index(_FOLLOWED) + len(_FOLLOWED) : -1]
+        where, sep, why = inner.partition(": ")
+        node, reason = (where, why) if sep and " " not in where else (None, inner)
+        depth += 1
+    return node, reason + (f" (through {depth} joins; --verbose for the chain)" if depth else "")
+
+
+def _group_status(group: ChannelGroup, *, verbose: bool = False) -> str:
     if group.blocked_by is None:
         return "prunable"
-    where = f" at {group.blocked_by.node}" if group.blocked_by.node else ""
-    return f"blocked{where}: {group.blocked_by.reason}"
+    node, reason = _root_cause(group.blocked_by.node, group.blocked_by.reason, verbose=verbose)
+    where = f" at {node}" if node else ""
+    return f"blocked{where}: {reason}"
 
 
 def _names(nodes: Sequence[str], limit: int = 1) -> str:
@@ -294,7 +311,7 @@ def _names(nodes: Sequence[str], limit: int = 1) -> str:
     return shown + (f" +{len(nodes) - limit}" if len(nodes) > limit else "") if nodes else "-"
 
 
-def render_groups(groups: Sequence[ChannelGroup]) -> str:
+def render_groups(groups: Sequence[ChannelGroup], *, verbose: bool = False) -> str:
     """The channel groups as a table: id, channels, sources, sinks, prunable or the reason it is not."""
     prunable = sum(group.prunable for group in groups)
     return "\n".join(
@@ -308,7 +325,7 @@ def render_groups(groups: Sequence[ChannelGroup]) -> str:
                         f"{group.channels} in {group.blocks} blocks" if group.blocks > 1 else group.channels,
                         _names([s.node for s in group.sources]),
                         _names([s.node for s in group.sinks]),
-                        _group_status(group),
+                        _group_status(group, verbose=verbose),
                     )
                     for group in groups
                 ],
@@ -337,7 +354,7 @@ def _change(before: float, after: float) -> str:
     return f"{100 * (after - before) / before:+.1f}%" if before else "-"
 
 
-def render_prune(result: PruneResult, output: str | None = None) -> str:
+def render_prune(result: PruneResult, output: str | None = None, *, verbose: bool = False) -> str:
     """The `prune` summary for a terminal: params, MACs and size before/after; groups found/prunable/pruned."""
     rows = [
         ("params", format_count(result.params_before), format_count(result.params_after),
@@ -355,17 +372,23 @@ def render_prune(result: PruneResult, output: str | None = None) -> str:
         "",
         format_table(["", "before", "after", "change"], rows),
     ]
-    if result.left_alone:
-        lines += ["", format_table(["left alone", "why"], sorted(result.left_alone.items()))]
-    if result.blocked:
+    left_alone = {**result.left_alone, **result.outcome.left_whole}
+    if left_alone:
+        lines += ["", format_table(["left alone", "why"], sorted(left_alone.items()))]
+    if result.outcome.lossless_kept:
         lines += [
             "",
-            "blocked groups",
             format_table(
-                ["group", "node", "reason"],
-                [(b.group, b.node or "-", b.reason) for b in result.blocked],
+                ["dead/constant channels kept", "found", "removed", "why"],
+                [(k.group, k.found, k.removed, k.reason) for k in result.outcome.lossless_kept],
             ),
         ]
+    if result.blocked:
+        blocked_rows = []
+        for b in result.blocked:
+            node, reason = _root_cause(b.node, b.reason, verbose=verbose)
+            blocked_rows.append((b.group, node or "-", reason))
+        lines += ["", "blocked groups", format_table(["group", "node", "reason"], blocked_rows)]
     if output:
         lines += ["", f"wrote {output}"]
     return "\n".join(lines)
@@ -382,7 +405,7 @@ def _budget(result: PruneResult) -> str:
     else:
         text = "lossless only"
     if options.lossless:
-        text += f"   lossless removed {result.lossless_removed}"
+        text += f"   lossless: {result.lossless_found} dead/constant channels found, {result.lossless_removed} removed"
     return text + f"   round-to {options.round_to}"
 
 
@@ -413,11 +436,17 @@ def prune_json(result: PruneResult, output: str | None = None, plan_out: str | N
         "budget_met": result.budget_met,
         "round_to": result.options.round_to,
         "min_keep": result.options.min_keep,
+        "lossless_found": result.lossless_found,
         "lossless_removed": result.lossless_removed,
+        "lossless_kept": to_jsonable(result.outcome.lossless_kept),
         "plan": result.options.plan_path,
         "plan_out": plan_out,
         "model_sha256": result.model_sha256,
-        "left_alone": [{"group": gid, "reason": why} for gid, why in sorted(result.left_alone.items())],
+        "left_alone": [
+            {"group": gid, "reason": why}
+            for gid, why in sorted({**result.left_alone, **result.outcome.left_whole}.items())
+        ],
+        "notes": list(result.outcome.notes),
         "analysis_shapes": to_jsonable(result.analysis_shapes),
         "params_before": result.params_before,
         "params_after": result.params_after,

@@ -6,7 +6,14 @@ import onnx
 import pytest
 from builders import ModelBuilder
 from conftest import load_light
-from io_models import conv_integer_model, conv_model, conv_transpose_model, dynamic_lstm_model, gemm_model, matmul_model
+from io_models import (
+    conv_integer_model,
+    conv_model,
+    conv_transpose_model,
+    dynamic_lstm_model,
+    gemm_model,
+    matmul_model,
+)
 
 from onnxslim.analysis.cost import compute_cost
 from onnxslim.io import infer_tensor_infos, resolve_input_shapes

@@ -13,7 +13,14 @@ from io_models import constant_weights_model, conv_model, ir3_model, make, paddl
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim import io as slim_io
-from onnxslim.errors import DataError, ModelLoadError, OutputError, UnsupportedModelError, UsageError, ValidationError
+from onnxslim.errors import (
+    DataError,
+    ModelLoadError,
+    OutputError,
+    UnsupportedModelError,
+    UsageError,
+    ValidationError,
+)
 from onnxslim.io import (
     check_output_path,
     fix_input_shapes,

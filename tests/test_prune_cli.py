@@ -8,8 +8,8 @@ from pathlib import Path
 import onnx
 import pytest
 from builders import ModelBuilder
-from io_models import conv_integer_model
 from click.testing import CliRunner
+from io_models import conv_integer_model
 
 from onnxslim import prune_model
 from onnxslim.cli import cli
@@ -227,3 +227,52 @@ def test_prequantized_model_is_refused_naming_the_ops_and_inspect_says_so(tmp_pa
     assert info["quantized_ops"] == {"DynamicQuantizeLinear": 1, "ConvInteger": 1}
     text = CliRunner().invoke(cli, ["inspect", str(path)]).stdout
     assert "ConvInteger x1; prune and quantize refuse it" in text
+
+
+def test_lossless_at_round_to_8_says_what_it_found_removed_and_why_the_rest_stayed(tmp_path: Path) -> None:
+    from test_lossless import plant
+
+    b = ModelBuilder((3, 8, 8))
+    y = b.relu(b.conv(b.input, 8, 3))  # protected: the first layer
+    y = b.relu(b.conv(y, 64, 3))  # 10 dead channels planted: 54 left, rounded up to 56 kept, so 8 of 10 go
+    y = b.relu(b.conv(y, 16, 3))  # no dead channels: left whole, and listed as such
+    y = b.relu(b.conv(y, 8, 3))  # protected: feeds the last layer
+    model = plant(b.build(b.conv(y, 4)), 1, range(10))
+    path, out = tmp_path / "dead.onnx", tmp_path / "p.onnx"
+    onnx.save(model, path)
+    result = CliRunner().invoke(cli, ["prune", str(path), "-o", str(out), "--lossless", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["lossless_found"], report["lossless_removed"]) == (10, 8)
+    (kept,) = report["lossless_kept"]
+    assert (kept["found"], kept["removed"]) == (10, 8) and "--round-to 8: keeps 56 of 64" in kept["reason"]
+    reasons = {entry["group"]: entry["reason"] for entry in report["left_alone"]}
+    assert len(reasons) == 3 and "no dead or constant channels to remove" in reasons.values()
+    text = CliRunner().invoke(cli, ["prune", str(path), "-o", str(out), "--lossless"]).stdout
+    assert "10 dead/constant channels found, 8 removed" in text and "keeps 56 of 64" in text
+
+
+def test_left_alone_lists_groups_that_rounding_leaves_whole(model_with_blocker: Path, tmp_path: Path) -> None:
+    args = ["prune", str(model_with_blocker), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.3", *NO_PROTECT, "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["pruned_groups"] == 0  # 8-channel groups: 30% off rounds back up to 8
+    reasons = [entry["reason"] for entry in report["left_alone"]]
+    assert len(reasons) == report["prunable_groups"] == 3
+    assert all("--round-to 8 keeps all" in reason for reason in reasons)
+
+
+def test_a_budget_that_falls_on_few_groups_is_a_warning(tmp_path: Path) -> None:
+    b = ModelBuilder((3, 16, 16))
+    y = b.relu(b.conv(b.input, 16, 3))
+    y = b.relu(b.conv(y, 32, 3))  # the only group a budget may cut: its consumer below is blocked
+    y = b.op("LpNormalization", [b.conv(y, 64, 3)], axis=1)  # the heavy conv's outputs are blocked
+    path = tmp_path / "m.onnx"
+    onnx.save(b.build(b.conv(y, 4)), path)
+    args = ["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--target-macs", "0.5", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    notes = json.loads(result.stdout)["notes"]
+    assert len(notes) == 1 and "the MAC budget falls on few groups" in notes[0] and "keeps 8 of 32" in notes[0]
+    assert "falls on few groups" in result.stderr

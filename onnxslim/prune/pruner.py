@@ -17,6 +17,7 @@ from onnxslim.io import LoadedModel, infer_tensor_infos, load_model, normalize_m
 from onnxslim.model_info import refuse_quantized
 from onnxslim.prune.importance import score_groups
 from onnxslim.prune.lossless import find_lossless_channels, fold_constant_channels
+from onnxslim.prune.outcome import PruneOutcome, describe_outcome
 from onnxslim.prune.plan import (
     PrunePlan,
     eligible_groups,
@@ -83,7 +84,15 @@ class PruneResult:
     model_sha256: str
     budget_met: bool = True
     left_alone: Mapping[str, str] = field(default_factory=dict)  # group id → why the budget skipped it
-    lossless_removed: int = 0
+    outcome: PruneOutcome = field(default_factory=PruneOutcome)  # lossless counts, groups left whole, warnings
+
+    @property
+    def lossless_removed(self) -> int:
+        return self.outcome.lossless_removed
+
+    @property
+    def lossless_found(self) -> int:
+        return self.outcome.lossless_found
 
     @property
     def criterion(self) -> str:
@@ -180,7 +189,6 @@ def prune_model(
     folded = fold_constant_channels(normalized, groups, plan, lossless)
     pruned = rewrite_model(folded, groups, plan, shapes) if plan.kept else normalized
     cost_after = compute_cost(pruned, infer_tensor_infos(pruned, shapes)) if plan.kept else cost_before
-    removed = {group.id: set(plan.removed(group)) for group in groups}
     return PruneResult(
         model=pruned,
         groups=groups,
@@ -196,5 +204,9 @@ def prune_model(
         model_sha256=digest,
         budget_met=budget_met,
         left_alone=left_alone,
-        lossless_removed=sum(len(removed[gid] & set(channels)) for gid, channels in removable.items()),
+        outcome=describe_outcome(
+            groups, plan, eligible=eligible, left_alone=left_alone, lossless=removable, round_to=options.round_to,
+            min_keep=options.min_keep, target_macs=options.target_macs,
+            budget=options.plan_path is None and (options.ratio is not None or options.target_macs is not None),
+        ),
     )
