@@ -199,7 +199,7 @@ def _bench_row(model: ModelBench, *, labels: bool) -> list[str]:
         _ms(latency.p99_ms),
         f"{_ms(latency.mean_ms)}±{_ms(latency.std_ms)}",
         _ms(latency.min_ms),
-        f"{model.speedup:.2f}x",
+        f"{model.speedup:.2f}x" + ("" if model.speedup_range is None else "  ({:.2f}-{:.2f})".format(*model.speedup_range)),
         f"{model.throughput:.1f}",
         format_bytes(model.size_bytes),
         format_count(model.params),
@@ -239,6 +239,17 @@ def render_bench(result: BenchResult, *, markdown: bool = False) -> str:
         f"batch / mean latency. fidelity: output {result.output!r} against {reference}. MACs: at the shapes "
         "above. peak mem: rise of a fresh process's peak RSS from loading and running the model."
     )
+    notes += (
+        " speedup range: lowest-highest over 5 consecutive blocks of the interleaved runs; a range that contains "
+        "1.00x is within this run's noise."
+    )
+    warnings = [
+        f"{m.name}: {m.speedup:.2f}x is not a significant difference from {reference} "
+        f"(within this run's noise: {m.speedup_range[0]:.2f}-{m.speedup_range[1]:.2f}x)"
+        for m in result.models[1:]
+        if m.speedup_range is not None and m.speedup_significant is False
+    ]
+    notes = "\n".join([notes, *(f"note: {text}" for text in [*result.notes, *warnings])])
     table = format_table(headers, [_bench_row(m, labels=labels) for m in result.models], markdown=markdown)
     profile = _render_profiles(result.models, markdown=markdown)
     if markdown:
