@@ -101,6 +101,27 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
     logger.propagate = False
+    if quiet:  # onnxruntime logs its own warnings to stderr (C++ log; its quantizer via the root logger)
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)
+        logging.getLogger().setLevel(logging.ERROR)
+
+
+def _quiet_after_the_command(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    """`onnxslim prune -q ...` means the same as `onnxslim -q prune ...`."""
+    if value:
+        ctx.ensure_object(dict)
+        ctx.obj["quiet"] = True
+        _configure_logging(bool(ctx.obj.get("verbose")), True)
+    return value
+
+
+def quiet_option(f: Any) -> Any:
+    return click.option(
+        "--quiet", "-q", is_flag=True, expose_value=False, callback=_quiet_after_the_command,
+        help="Only errors on stderr (same as the group's -q).",
+    )(f)
 
 
 @click.group(cls=_OnnxSlimGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,6 +162,7 @@ def json_option(f: Any) -> Any:
 @input_shapes_option
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, help="How many layers to list by MACs.")
 @json_option
+@quiet_option
 def inspect(model: str, input_shapes: tuple[str, ...], top: int, as_json: bool) -> None:
     """Show what is in MODEL: inputs/outputs, opsets, ops, where weights live, params and MACs per layer."""
     info = inspect_model(model, parse_input_shapes(input_shapes))
@@ -242,6 +264,7 @@ def data_options(f: Any) -> Any:
 @click.option("--profile-runs", type=click.IntRange(min=1), default=20, show_default=True,
               help="Runs per model under the profiler.")
 @json_option
+@quiet_option
 @click.option("--markdown", "markdown_path", metavar="FILE", type=click.Path(dir_okay=False, path_type=str),
               default=None, help="Also write the table as Markdown to FILE.")
 @click.pass_context
@@ -320,6 +343,7 @@ def bench(
 @input_shapes_option
 @fix_shapes_option
 @json_option
+@quiet_option
 @click.pass_context
 def prune(
     ctx: click.Context,
@@ -421,6 +445,7 @@ def prune(
 @click.option("--force", is_flag=True,
               help=f"Write the fastest int8 model even when it is not at least {MIN_SPEEDUP:.2f}x as fast as fp32.")
 @json_option
+@quiet_option
 @click.pass_context
 def quantize(
     ctx: click.Context, model: str, output: str, calib: str, eval_data: str | None, quant_format: str, method: str,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -11,7 +12,7 @@ import onnx
 
 from onnxslim.analysis.cost import ModelCost, compute_cost
 from onnxslim.analysis.groups import ChannelGroup, find_channel_groups
-from onnxslim.errors import UnsupportedModelError
+from onnxslim.errors import UnsupportedModelError, UsageError
 from onnxslim.io import (
     LoadedModel,
     WeightStorage,
@@ -22,7 +23,7 @@ from onnxslim.io import (
 )
 from onnxslim.quantize import QUANTIZED_OP_TYPES
 
-__all__ = ["TensorSummary", "ModelInfo", "inspect_model", "summarize_model", "quantized_ops", "refuse_quantized"]
+__all__ = ["TensorSummary", "ModelInfo", "inspect_model", "summarize_model", "quantized_ops", "refuse_quantized", "check_exclusions"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,19 @@ def refuse_quantized(model: onnx.ModelProto) -> None:
             f"the model is already quantized ({ops}): pruning needs float weights. Prune the fp32 model it came "
             "from, then quantize the result"
         )
+
+
+def check_exclusions(model: onnx.ModelProto, patterns: Sequence[str]) -> None:
+    """Refuse (UsageError, exit 2) an --exclude pattern that names no op type and matches no node name of
+    `model`: a typo would otherwise silently exclude nothing (quantize refuses it the same way)."""
+    op_types = {node.op_type for node in model.graph.node}
+    names = [node.name for node in model.graph.node]
+    for pattern in patterns:
+        if pattern not in op_types and not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise UsageError(
+                f"--exclude {pattern!r} matches no node name and no op type of the model "
+                f"(op types: {', '.join(sorted(op_types))})"
+            )
 
 
 def summarize_model(loaded: LoadedModel, input_shapes: Mapping[str | None, Sequence[int]] | None = None) -> ModelInfo:

@@ -14,7 +14,7 @@ from onnxslim.analysis.cost import compute_cost
 from onnxslim.analysis.groups import ChannelGroup, build_channel_groups
 from onnxslim.errors import UsageError
 from onnxslim.io import LoadedModel, infer_tensor_infos, load_model, normalize_model, resolve_input_shapes
-from onnxslim.model_info import refuse_quantized
+from onnxslim.model_info import check_exclusions, refuse_quantized
 from onnxslim.prune.importance import score_groups
 from onnxslim.prune.lossless import find_lossless_channels, fold_constant_channels
 from onnxslim.prune.outcome import PruneOutcome, describe_outcome
@@ -152,6 +152,7 @@ def prune_model(
     options = replace(options, **fields) if options is not None else PruneOptions(**fields)
     normalized, size_before, digest = _as_normalized(model)
     refuse_quantized(normalized)
+    check_exclusions(normalized, options.exclude)
     shapes = resolve_input_shapes(normalized, input_shapes)
     infos = infer_tensor_infos(normalized, shapes)
     graph = gs.import_onnx(normalized)
