@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from onnxslim.analysis.groups import ChannelGroup
 from onnxslim.bench import BenchResult, ModelBench, OpTime
@@ -506,6 +507,18 @@ def _candidate_row(candidate: CandidateTiming) -> list[str]:
     ]
 
 
+_FLOAT_LABELS = {
+    onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16",
+    onnx.TensorProto.DOUBLE: "fp64",
+}
+
+
+def _float_label(result: QuantizeResult) -> str:
+    """The float model's column label, from its first floating-point output's type ('fp32', 'fp16' ...)."""
+    types = [o.type.tensor_type.elem_type for o in result.model.graph.output]
+    return next((_FLOAT_LABELS[t] for t in types if t in _FLOAT_LABELS), "float")
+
+
 def render_quantize(result: QuantizeResult, output: str | None = None) -> str:
     """The `quantize` report for a terminal: the decision, fp32 against int8, fidelity, candidates tried."""
     calibration = result.calibration
@@ -519,7 +532,7 @@ def render_quantize(result: QuantizeResult, output: str | None = None) -> str:
         f", bound {format_bytes(calibration.memory_bound_bytes)})",
         "",
         format_table(
-            ["", "fp32", f"int8 ({label})", "change"],
+            ["", _float_label(result), f"int8 ({label})", "change"],
             [
                 ("latency ms", _ms(result.latency_fp32_ms or 0), _ms(result.latency_int8_ms or 0),
                  _ratio(result.latency_fp32_ms, result.latency_int8_ms, "faster", "slower")),

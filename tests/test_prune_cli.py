@@ -276,3 +276,21 @@ def test_a_budget_that_falls_on_few_groups_is_a_warning(tmp_path: Path) -> None:
     notes = json.loads(result.stdout)["notes"]
     assert len(notes) == 1 and "the MAC budget falls on few groups" in notes[0] and "keeps 8 of 32" in notes[0]
     assert "falls on few groups" in result.stderr
+
+
+def test_blocked_reasons_show_the_root_cause_and_the_chain_only_with_verbose(model_with_blocker: Path) -> None:
+    from dataclasses import replace
+
+    from onnxslim.analysis.groups import Blocker
+    from onnxslim.model_info import inspect_model
+    from onnxslim.report import render_groups
+
+    groups = inspect_model(model_with_blocker).groups
+    nested = "unsupported op LpNormalization"
+    for level in range(12):  # as a recognizer's joins nest them
+        nested = f"operand 1 varies along the channel axis, but its channels could not be followed (Add_{level}: {nested})"
+    blocked = replace(groups[0], blocked_by=Blocker("Add_99", nested))
+    short = render_groups([blocked])
+    assert "blocked at Add_0: unsupported op LpNormalization (through 12 joins; --verbose for the chain)" in short
+    assert max(len(line) for line in short.splitlines()) < 200
+    assert "Add_11" in render_groups([blocked], verbose=True) and "Add_11" not in short
