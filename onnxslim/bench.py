@@ -43,7 +43,14 @@ from onnxslim.analysis.cost import compute_cost
 from onnxslim.calib import Batch, DataOptions, model_input_specs, open_dataset
 from onnxslim.errors import DataError, ModelLoadError, UsageError, first_line
 from onnxslim.io import LoadedModel, infer_tensor_infos, load_model
-from onnxslim.metrics import Accuracy, AccuracyMeter, Fidelity, FidelityMeter, select_output
+from onnxslim.metrics import (
+    Accuracy,
+    AccuracyMeter,
+    Fidelity,
+    FidelityMeter,
+    is_classifier_output,
+    select_output,
+)
 
 __all__ = [
     "OPT_LEVELS",
@@ -143,6 +150,16 @@ class ModelBench:
     accuracy: Accuracy | None
     peak_memory_bytes: int | None  # None when it could not be measured
     profile: Profile | None = None  # with BenchOptions.profile_runs
+    # the speedup measured on each of a few consecutive blocks of the interleaved runs: lowest and highest
+    # (None with too few runs); a range that contains 1 means the difference is within this run's noise
+    speedup_range: tuple[float, float] | None = None
+
+    @property
+    def speedup_significant(self) -> bool | None:
+        if self.speedup_range is None:
+            return None
+        low, high = self.speedup_range
+        return not low <= 1.0 <= high
 
 
 @dataclass(frozen=True)
@@ -161,6 +178,7 @@ class BenchResult:
     repeat: int
     provider: str
     opt_level: str
+    notes: tuple[str, ...] = ()  # what was measured differently than asked (labels ignored ...)
     speedup_statistic: str = SPEEDUP_STATISTIC
 
 
@@ -413,6 +431,7 @@ def benchmark(
 
     # Fidelity and accuracy over the whole dataset, outside the timed loop; keep a few batches for timing.
     fidelity_meters = [FidelityMeter() for _ in paths[1:]]
+    notes: list[str] = []
     accuracy_meters = [AccuracyMeter() for _ in paths] if dataset.has_labels else []
     timing: list[Batch] = []
     for number, batch in enumerate(dataset.batches(), start=1):
@@ -422,7 +441,10 @@ def benchmark(
         ]
         for fidelity_meter, candidate in zip(fidelity_meters, outputs[1:], strict=True):
             fidelity_meter.update(outputs[0], candidate)
-        if batch.labels is not None:
+        if batch.labels is not None and accuracy_meters and not is_classifier_output(np.shape(outputs[0])):
+            notes.append(f"labels ignored: output {output!r} of shape {list(np.shape(outputs[0]))} is not a classifier's")
+            accuracy_meters = []
+        if batch.labels is not None and accuracy_meters:
             for accuracy_meter, scores in zip(accuracy_meters, outputs, strict=True):
                 accuracy_meter.update(scores, batch.labels)
         if len(timing) < options.timing_batches and _rows(batch) == dataset.batch_size:
@@ -461,6 +483,7 @@ def benchmark(
                 accuracy=accuracy_meters[index].result() if accuracy_meters else None,
                 peak_memory_bytes=memory,
                 profile=profile,
+                speedup_range=_speedup_range(times[0], times[index]) if index else None,
             )
         )
     return BenchResult(
@@ -476,7 +499,27 @@ def benchmark(
         repeat=options.repeat,
         provider=provider,
         opt_level=options.opt_level,
+        notes=tuple(notes),
     )
+
+
+_SPEEDUP_BLOCKS = 5  # the interleaved runs are cut into this many consecutive blocks to see the ratio's spread
+
+
+def _speedup_range(reference: Sequence[float], candidate: Sequence[float]) -> tuple[float, float] | None:
+    """Lowest and highest ratio of median latencies over consecutive blocks of the same interleaved runs."""
+    runs = min(len(reference), len(candidate))
+    if runs < 2 * _SPEEDUP_BLOCKS:
+        return None
+    ratios = [
+        float(np.median(ref) / np.median(cand))
+        for ref, cand in zip(
+            np.array_split(np.asarray(reference[:runs]), _SPEEDUP_BLOCKS),
+            np.array_split(np.asarray(candidate[:runs]), _SPEEDUP_BLOCKS),
+            strict=True,
+        )
+    ]
+    return min(ratios), max(ratios)
 
 
 def _rows(batch: Batch) -> int:

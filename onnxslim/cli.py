@@ -26,6 +26,7 @@ from onnxslim.io import (
     load_model,
     parse_input_shapes,
     save_text,
+    staged_outputs,
     write_validated,
 )
 from onnxslim.model_info import inspect_model
@@ -101,6 +102,27 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
     logger.propagate = False
+    if quiet:  # onnxruntime logs its own warnings to stderr (C++ log; its quantizer via the root logger)
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)
+        logging.getLogger().setLevel(logging.ERROR)
+
+
+def _quiet_after_the_command(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    """`onnxslim prune -q ...` means the same as `onnxslim -q prune ...`."""
+    if value:
+        ctx.ensure_object(dict)
+        ctx.obj["quiet"] = True
+        _configure_logging(bool(ctx.obj.get("verbose")), True)
+    return value
+
+
+def quiet_option(f: Any) -> Any:
+    return click.option(
+        "--quiet", "-q", is_flag=True, expose_value=False, callback=_quiet_after_the_command,
+        help="Only errors on stderr (same as the group's -q).",
+    )(f)
 
 
 @click.group(cls=_OnnxSlimGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,10 +163,12 @@ def json_option(f: Any) -> Any:
 @input_shapes_option
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True, help="How many layers to list by MACs.")
 @json_option
+@quiet_option
 def inspect(model: str, input_shapes: tuple[str, ...], top: int, as_json: bool) -> None:
     """Show what is in MODEL: inputs/outputs, opsets, ops, where weights live, params and MACs per layer."""
     info = inspect_model(model, parse_input_shapes(input_shapes))
-    click.echo(to_json(inspect_json(info)) if as_json else render_inspect(info, top=top))
+    verbose = click.get_current_context().obj["verbose"]
+    click.echo(to_json(inspect_json(info)) if as_json else render_inspect(info, top=top, verbose=verbose))
 
 
 def _progress_bars(stack: ExitStack) -> Any:
@@ -258,6 +282,7 @@ def data_options(f: Any) -> Any:
 @click.option("--profile-runs", type=click.IntRange(min=1), default=20, show_default=True,
               help="Runs per model under the profiler.")
 @json_option
+@quiet_option
 @click.option("--markdown", "markdown_path", metavar="FILE", type=click.Path(dir_okay=False, path_type=str),
               default=None, help="Also write the table as Markdown to FILE.")
 @click.pass_context
@@ -357,6 +382,7 @@ def bench(
 @data_options
 @fix_shapes_option
 @json_option
+@quiet_option
 @click.pass_context
 def prune(
     ctx: click.Context,
@@ -444,10 +470,13 @@ def prune(
             progress=None if ctx.obj.get("quiet") else _progress_bars(stack),
         )
     pruned = fix_input_shapes(result.model, result.analysis_shapes) if fix_shapes else result.model
-    write_validated(pruned, output, source=model, input_shapes=result.analysis_shapes)
-    if plan_out is not None:
-        save_plan(plan_out, result.plan, result.groups, result.model_sha256, plan_record(result))
-    click.echo(to_json(prune_json(result, output, plan_out)) if as_json else render_prune(result, output))
+    with staged_outputs() as stage:  # the model and its plan are written together or not at all
+        feeds = next(iter(calib_data.batches())).feeds if calib_data is not None and not fix_shapes else None
+        write_validated(pruned, output, source=model, input_shapes=result.analysis_shapes, stage=stage, feeds=feeds)
+        if plan_out is not None:
+            save_plan(plan_out, result.plan, result.groups, result.model_sha256, plan_record(result), stage)
+    verbose = ctx.obj["verbose"]
+    click.echo(to_json(prune_json(result, output, plan_out)) if as_json else render_prune(result, output, verbose=verbose))
 
 
 @cli.command()
@@ -483,6 +512,7 @@ def prune(
 @click.option("--force", is_flag=True,
               help=f"Write the fastest int8 model even when it is not at least {MIN_SPEEDUP:.2f}x as fast as fp32.")
 @json_option
+@quiet_option
 @click.pass_context
 def quantize(
     ctx: click.Context, model: str, output: str, calib: str, eval_data: str | None, quant_format: str, method: str,
@@ -527,7 +557,8 @@ def quantize(
             loaded, calib_data, options, eval_data=evaluation,
             progress=None if ctx.obj.get("quiet") else advance,
         )
-    write_validated(result.model, output, source=model, input_shapes=calib_data.input_shapes)
+    feeds = next(iter(calib_data.batches())).feeds  # validate on the user's data, not random inputs
+    write_validated(result.model, output, source=model, input_shapes=calib_data.input_shapes, feeds=feeds)
     if not result.quantized:
         logger.warning("%s; wrote the fp32 model to %s", result.reason, output)
     click.echo(to_json(quantize_json(result, output)) if as_json else render_quantize(result, output))

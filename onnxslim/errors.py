@@ -13,6 +13,7 @@ __all__ = [
     "UnsupportedModelError",
     "DataError",
     "UsageError",
+    "OutputError",
     "ValidationError",
     "first_line",
 ]
@@ -42,6 +43,13 @@ class UsageError(OnnxSlimError):
     """An option value that does not fit the model (unknown input name, wrong rank, ...)."""
 
     exit_code = 2
+
+
+class OutputError(UsageError):
+    """An output path that cannot be written (no such folder, read-only, not a folder ...): the user's to fix.
+
+    Checked before any work starts; a write that still fails (a full disk) raises it too, never exit 4.
+    """
 
 
 class ValidationError(OnnxSlimError):

@@ -33,7 +33,15 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from onnxslim.errors import ModelLoadError, UnsupportedModelError, UsageError, ValidationError, first_line
+from onnxslim.errors import (
+    DataError,
+    ModelLoadError,
+    OutputError,
+    UnsupportedModelError,
+    UsageError,
+    ValidationError,
+    first_line,
+)
 
 __all__ = [
     "MIN_OPSET",
@@ -50,13 +58,17 @@ __all__ = [
     "fix_input_shapes",
     "infer_tensor_infos",
     "annotate_shapes",
+    "index_limits",
     "random_inputs",
     "check_output_path",
+    "OutputStage",
+    "staged_outputs",
     "model_files",
     "loadable",
     "save_model",
     "save_text",
     "validate",
+    "original_fails_message",
     "write_validated",
 ]
 
@@ -429,11 +441,16 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 def _declared_dims(value: onnx.ValueInfoProto) -> list[int | str] | None:
-    """Declared dims of an input: ints where static, the symbol (or '?') where not; None if rank unknown."""
+    """Declared dims of an input: ints where static, the symbol (or '?') where not (dims <= 0 included);
+    None if rank unknown."""
     tensor_type = value.type.tensor_type
     if not tensor_type.HasField("shape"):
         return None
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim]
+    # a dim_value <= 0 is symbolic too: paddle2onnx writes a dynamic dim as dim_value -1
+    return [
+        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+        for d in tensor_type.shape.dim
+    ]
 
 
 def parse_input_shapes(specs: Sequence[str]) -> dict[str | None, tuple[int, ...]]:
@@ -595,11 +612,51 @@ def annotate_shapes(model: onnx.ModelProto, infos: Mapping[str, TensorInfo]) -> 
     return model
 
 
+_RANDOM_INT_LIMIT = 4  # random integer inputs are drawn from [0, 4) unless they index a table (see below)
+# Ops an integer input can go through and still be read as the same indices (token ids → Cast → Gather).
+_INDEX_PRESERVING = frozenset({"Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand"})
+
+
+def index_limits(model: onnx.ModelProto) -> dict[str, int]:
+    """Integer input → the size of the smallest constant table it indexes (a Gather's data along its axis).
+
+    Token ids, token-type ids and position ids reach an embedding `Gather` directly or through a Cast or an
+    Unsqueeze; random values past the table's size make onnxruntime fail, so `random_inputs` stays below it.
+    """
+    tables = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    limits: dict[str, int] = {}
+    for value in graph_inputs(model):
+        if onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).kind not in "iu":
+            continue
+        found: list[int] = []
+        frontier, seen = [value.name], {value.name}
+        while frontier:
+            tensor = frontier.pop()
+            for node in readers.get(tensor, []):
+                if node.op_type in ("Gather", "GatherElements") and list(node.input).index(tensor) == 1:
+                    data = tables.get(node.input[0])
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    if data is not None and -len(data) <= axis < len(data) and data[axis] > 0:
+                        found.append(int(data[axis]))
+                elif node.op_type in _INDEX_PRESERVING and node.input[0] == tensor:
+                    frontier += [o for o in node.output[:1] if o not in seen]
+                    seen.update(node.output[:1])
+        if found:
+            limits[value.name] = min(found)
+    return limits
+
+
 def random_inputs(
     model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]], seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """Random feeds for every model input at the given shapes (floats ~ N(0,1), ints small, bools random)."""
+    """Random feeds for every model input at the given shapes: floats ~ N(0,1), bools random, integers in
+    [0, 4) or, for an input that indexes a constant table (token ids), in [0, table size)."""
     rng = np.random.default_rng(seed)
+    limits = index_limits(model)
     feeds = {}
     for value in graph_inputs(model):
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
@@ -609,7 +666,7 @@ def random_inputs(
         elif dtype == np.bool_:
             feeds[value.name] = rng.integers(0, 2, shape).astype(np.bool_)
         else:
-            feeds[value.name] = rng.integers(0, 4, shape).astype(dtype)
+            feeds[value.name] = rng.integers(0, limits.get(value.name, _RANDOM_INT_LIMIT), shape).astype(dtype)
     return feeds
 
 
@@ -676,20 +733,112 @@ def model_files(source: str | os.PathLike[str]) -> list[Path]:
 def check_output_path(
     path: str | os.PathLike[str], *, sources: Iterable[str | os.PathLike[str]] = ()
 ) -> Path:
-    """Refuse (UsageError, exit 2) an output path that would overwrite an input model or its external data,
-    is a directory, or lies in a folder that does not exist. Commands call it before any long work."""
+    """Refuse (OutputError, exit 2) an output path that would overwrite an input model or its external data,
+    is a directory, lies in a folder that does not exist, or cannot be written (a file is created and removed
+    beside it to find out: permission bits alone do not tell, e.g. for root or on a read-only mount).
+    Commands call it for every output before any long work."""
     path = Path(path)
     for source in sources:
         for protected in model_files(source):  # no output may land on any of them
             if _same_file(path, protected):
                 what = "the input model" if protected == Path(source) else f"the external data of the input model {source}"
-                raise UsageError(f"refusing to overwrite {what} ({protected}); choose another output path")
+                raise OutputError(f"refusing to overwrite {what} ({protected}); choose another output path")
     if path.is_dir():
-        raise UsageError(f"{path} is a directory; give a file name for the output")
+        raise OutputError(f"{path} is a directory; give a file name for the output")
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"cannot write {path}: {parent} is a file, not a folder")
     if not parent.is_dir():
-        raise UsageError(f"cannot write {path}: folder {parent} does not exist")
+        raise OutputError(f"cannot write {path}: folder {parent} does not exist")
+    try:
+        handle, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(handle)
+        os.unlink(probe)
+        if path.exists():
+            with open(path, "ab"):
+                pass
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
     return path
+
+
+class OutputStage:
+    """Outputs written beside their targets under temporary names, then renamed into place together by
+    `commit`, so that a command with several outputs (a model and its plan) writes all of them or none."""
+
+    def __init__(self) -> None:
+        self._scratch = contextlib.ExitStack()
+        self._moves: list[tuple[Path, Path]] = []  # (staged file, target), renamed in this order
+        self._stale: list[Path] = []  # removed after the renames (an earlier model's external data)
+
+    def _staging_dir(self, path: Path) -> Path:
+        parent = path.parent if str(path.parent) else Path(".")
+        try:
+            return Path(self._scratch.enter_context(tempfile.TemporaryDirectory(dir=parent, prefix=f".{path.name}.")))
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+
+    def add_model(self, model: onnx.ModelProto, path: str | os.PathLike[str], *, source: str | os.PathLike[str] | None = None) -> Path:
+        """Stage `model` for `path` (see `save_model`)."""
+        path = check_output_path(path, sources=[source] if source is not None else [])
+        parent = path.parent if str(path.parent) else Path(".")
+        staging = self._staging_dir(path)
+        staged = staging / path.name
+        self._stale += parent.glob(f"{path.name}.*.data")  # an earlier output's weights: replaced or unused
+        try:
+            if _is_large(model):
+                data_name = f"{path.name}.{uuid.uuid4().hex[:8]}.data"
+                onnx.save_model(
+                    _copy(model), str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024,
+                )
+                self._moves.append((staging / data_name, parent / data_name))
+            else:
+                with open(staged, "wb") as f:
+                    f.write(model.SerializeToString())
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+        self._moves.append((staged, path))
+        return path
+
+    def add_text(self, text: str, path: str | os.PathLike[str], *, sources: Iterable[str | os.PathLike[str]] = ()) -> Path:
+        """Stage a report or plan file for `path`."""
+        path = check_output_path(path, sources=sources)
+        staged = self._staging_dir(path) / path.name
+        try:
+            staged.write_text(text)
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+        self._moves.append((staged, path))
+        return path
+
+    def commit(self) -> None:
+        """Rename every staged file into place (renames within a folder are atomic), then drop stale data."""
+        for staged, target in self._moves:
+            try:
+                os.replace(staged, target)
+            except OSError as e:
+                raise OutputError(f"cannot write {target}: {e.strerror or e}") from e
+        self._moves.clear()
+        for stale in self._stale:
+            stale.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Remove whatever was staged and not committed."""
+        self._scratch.close()
+
+
+@contextlib.contextmanager
+def staged_outputs() -> Iterator[OutputStage]:
+    """An `OutputStage` committed when the block succeeds; on any error nothing is written."""
+    stage = OutputStage()
+    try:
+        yield stage
+        stage.commit()
+    finally:
+        stage.close()
 
 
 def save_model(
@@ -700,28 +849,8 @@ def save_model(
     Past ~2 GB the weights go to `<name>.<token>.data` beside the model: a fresh name each time, so the model
     and its data are replaced together by the model's rename (an earlier `<name>.*.data` is removed after).
     """
-    path = check_output_path(path, sources=[source] if source is not None else [])
-    parent = path.parent if str(path.parent) else Path(".")
-    previous_data = set(parent.glob(f"{path.name}.*.data"))
-    external = _is_large(model)
-    with tempfile.TemporaryDirectory(dir=parent, prefix=f".{path.name}.") as staging:
-        staged = Path(staging) / path.name
-        if external:
-            data_name = f"{path.name}.{uuid.uuid4().hex[:8]}.data"
-            onnx.save_model(
-                _copy(model), str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                location=data_name, size_threshold=1024,
-            )
-            os.replace(Path(staging) / data_name, parent / data_name)
-        else:
-            with open(staged, "wb") as f:
-                f.write(model.SerializeToString())
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(staged, path)
-    for stale in previous_data:
-        stale.unlink(missing_ok=True)
-    return path
+    with staged_outputs() as stage:
+        return stage.add_model(model, path, source=source)
 
 
 def write_validated(
@@ -730,23 +859,25 @@ def write_validated(
     *,
     source: str | os.PathLike[str],
     input_shapes: Mapping[str, Sequence[int]],
+    feeds: Mapping[str, np.ndarray] | None = None,
+    stage: OutputStage | None = None,
 ) -> Path:
-    """Validate `model` against the input *file* as given (so normalization is checked too), then save it.
+    """Validate `model` against the input *file* as given (so normalization is checked too), then save it
+    (or stage it in `stage`, to be written with a command's other outputs).
 
     The one way commands write models: a failure is a ValidationError (exit 4) and nothing is written.
+    `feeds`: a batch of the user's data to validate on (else random inputs).
     """
-    validate(model, read_model(source), input_shapes)
+    validate(model, read_model(source), input_shapes, feeds=feeds)
+    if stage is not None:
+        return stage.add_model(model, path, source=source)
     return save_model(model, path, source=source)
 
 
 def save_text(text: str, path: str | os.PathLike[str], *, sources: Iterable[str | os.PathLike[str]] = ()) -> Path:
     """Write a report file atomically, with the same guards as models."""
-    path = check_output_path(path, sources=sources)
-    parent = path.parent if str(path.parent) else Path(".")
-    with tempfile.NamedTemporaryFile("w", dir=parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
-    return path
+    with staged_outputs() as stage:
+        return stage.add_text(text, path, sources=sources)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -772,10 +903,14 @@ def validate(
     candidate: onnx.ModelProto,
     source: onnx.ModelProto,
     input_shapes: Mapping[str, Sequence[int]],
+    *,
+    feeds: Mapping[str, np.ndarray] | None = None,
 ) -> None:
     """Check a model onnxslim produced: onnx.checker, an onnxruntime run, and the source's I/O contract.
 
-    Raises ValidationError (exit 4, nothing written) on any failure.
+    The run uses `feeds` (a batch of the user's data) when given, else `random_inputs`. Raises
+    ValidationError (exit 4, nothing written) when the candidate fails, but DataError (exit 1) when the
+    *source* does not run on those inputs either: then the inputs are at fault, not onnxslim.
     """
     import onnxruntime as ort
 
@@ -789,16 +924,36 @@ def validate(
         raise ValidationError(f"inputs changed from {want_inputs} to {got_inputs}")
     if want_outputs != got_outputs:
         raise ValidationError(f"outputs changed from {want_outputs} to {got_outputs}")
-    feeds = random_inputs(source, input_shapes)
+    given = feeds is not None
+    feeds = dict(feeds) if feeds is not None else random_inputs(source, input_shapes)
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures are reported below, in one line, not as onnxruntime's log
+    try:
+        with loadable(source) as loaded:
+            want = ort.InferenceSession(loaded, options, providers=["CPUExecutionProvider"]).run(None, feeds)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise DataError(original_fails_message(feeds, e, given=given)) from e
     try:
         with loadable(candidate) as loaded:
             got = ort.InferenceSession(loaded, options, providers=["CPUExecutionProvider"]).run(None, feeds)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise ValidationError(f"the optimized model does not run in onnxruntime: {first_line(e)}") from e
-    with loadable(source) as loaded:
-        want = ort.InferenceSession(loaded, options, providers=["CPUExecutionProvider"]).run(None, feeds)
     for (name, _, _), a, b in zip(want_outputs, want, got, strict=True):
         if np.shape(a) != np.shape(b):
             raise ValidationError(f"output {name!r} has shape {np.shape(b)}, the original {np.shape(a)}")
+
+
+def original_fails_message(feeds: Mapping[str, np.ndarray], error: BaseException, *, given: bool) -> str:
+    """Why a check could not run: the *original* model fails on the inputs it was given (one line)."""
+    shapes = ", ".join(f"{name} {a.dtype} {list(a.shape)}" for name, a in feeds.items())
+    if given:
+        return f"the original model does not run on the data given ({shapes}): {first_line(error)}"
+    integers = [name for name, a in feeds.items() if a.dtype.kind in "iu"]
+    hint = (
+        f" (integer inputs {', '.join(integers)} were drawn from a small range; token or class ids may need others)"
+        if integers else ""
+    )
+    return (
+        f"the original model does not run on random inputs ({shapes}){hint}: {first_line(error)}. "
+        "Give real inputs: --calib DATA for quantize, --data DATA for bench (a .npz with one array per input)"
+    )

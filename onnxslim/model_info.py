@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx
 
 from onnxslim.analysis.cost import ModelCost, compute_cost
 from onnxslim.analysis.groups import ChannelGroup, find_channel_groups
+from onnxslim.errors import UnsupportedModelError, UsageError
 from onnxslim.io import (
     LoadedModel,
     WeightStorage,
@@ -19,8 +21,9 @@ from onnxslim.io import (
     load_model,
     resolve_input_shapes,
 )
+from onnxslim.quantize import QUANTIZED_OP_TYPES
 
-__all__ = ["TensorSummary", "ModelInfo", "inspect_model", "summarize_model"]
+__all__ = ["TensorSummary", "ModelInfo", "inspect_model", "summarize_model", "quantized_ops", "refuse_quantized", "check_exclusions"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class ModelInfo:
     folded_nodes: int
     cost: ModelCost
     groups: tuple[ChannelGroup, ...] = ()  # channel groups at the analysis shapes
+    quantized_ops: dict[str, int] = field(default_factory=dict)  # op type → count, when already quantized
 
     @property
     def params(self) -> int:
@@ -66,6 +70,41 @@ def _summarize_value(value: onnx.ValueInfoProto) -> TensorSummary:
     if tensor_type.HasField("shape"):
         shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim)
     return TensorSummary(value.name, dtype, shape)
+
+
+def quantized_ops(model: onnx.ModelProto) -> dict[str, int]:
+    """Op type → count of the nodes that show `model` is already quantized (ConvInteger, QLinearConv, QDQ ...)."""
+    return dict(
+        Counter(
+            node.op_type for node in model.graph.node
+            if node.op_type in QUANTIZED_OP_TYPES or node.op_type.startswith("QLinear")
+        ).most_common()
+    )
+
+
+def refuse_quantized(model: onnx.ModelProto) -> None:
+    """Channel pruning reads float weights: an already quantized model is refused (UnsupportedModelError, exit 1),
+    naming the ops that stop it."""
+    found = quantized_ops(model)
+    if found:
+        ops = ", ".join(f"{op} x{count}" for op, count in found.items())
+        raise UnsupportedModelError(
+            f"the model is already quantized ({ops}): pruning needs float weights. Prune the fp32 model it came "
+            "from, then quantize the result"
+        )
+
+
+def check_exclusions(model: onnx.ModelProto, patterns: Sequence[str]) -> None:
+    """Refuse (UsageError, exit 2) an --exclude pattern that names no op type and matches no node name of
+    `model`: a typo would otherwise silently exclude nothing (quantize refuses it the same way)."""
+    op_types = {node.op_type for node in model.graph.node}
+    names = [node.name for node in model.graph.node]
+    for pattern in patterns:
+        if pattern not in op_types and not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise UsageError(
+                f"--exclude {pattern!r} matches no node name and no op type of the model "
+                f"(op types: {', '.join(sorted(op_types))})"
+            )
 
 
 def summarize_model(loaded: LoadedModel, input_shapes: Mapping[str | None, Sequence[int]] | None = None) -> ModelInfo:
@@ -88,6 +127,7 @@ def summarize_model(loaded: LoadedModel, input_shapes: Mapping[str | None, Seque
         folded_nodes=loaded.normalization.folded_nodes,
         cost=compute_cost(model, infos),
         groups=find_channel_groups(model, shapes, infos),
+        quantized_ops=quantized_ops(model),
     )
 
 

@@ -1151,7 +1151,7 @@ def quantize_model(
     int8 = candidates.built[best.config]
     assert isinstance(int8, onnx.ModelProto)
     if decision.chosen is not None:
-        validate(int8, source, shapes)
+        validate(int8, source, shapes, feeds=feeds)
     fidelity, accuracy_fp32, accuracy_int8, accuracy_note = _compare(
         source, int8, split.fidelity(), output, split.fidelity_batches, threads=threads,
         want_accuracy=split.fidelity_data.has_labels, progress=progress,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from onnxslim.analysis.groups import ChannelGroup
 from onnxslim.bench import BenchResult, ModelBench, OpTime
@@ -83,7 +84,7 @@ def _shape_text(shape: Sequence[int | str] | None) -> str:
     return "?" if shape is None else "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def render_inspect(info: ModelInfo, *, top: int = 10) -> str:
+def render_inspect(info: ModelInfo, *, top: int = 10, verbose: bool = False) -> str:
     """The `inspect` report for a terminal."""
     storage = info.weight_storage
     lines = [
@@ -131,8 +132,16 @@ def render_inspect(info: ModelInfo, *, top: int = 10) -> str:
                 ],
             ),
         ]
+    if info.quantized_ops:
+        lines += [
+            "",
+            "quantized  already: " + ", ".join(f"{op} x{n}" for op, n in info.quantized_ops.items())
+            + "; prune and quantize refuse it (start from the fp32 model)",
+        ]
     if info.groups:
-        lines += ["", render_groups(info.groups)]
+        lines += ["", render_groups(info.groups, verbose=verbose)]
+    elif not info.quantized_ops:
+        lines += ["", "channel groups  none found (no Conv, Gemm or MatMul with constant weights)"]
     return "\n".join(lines)
 
 
@@ -167,6 +176,7 @@ def inspect_json(info: ModelInfo) -> dict[str, Any]:
             if layer.macs or layer.params
         ],
         "groups": groups_json(info.groups),
+        "quantized_ops": info.quantized_ops,
     }
 
 
@@ -190,7 +200,7 @@ def _bench_row(model: ModelBench, *, labels: bool) -> list[str]:
         _ms(latency.p99_ms),
         f"{_ms(latency.mean_ms)}±{_ms(latency.std_ms)}",
         _ms(latency.min_ms),
-        f"{model.speedup:.2f}x",
+        f"{model.speedup:.2f}x" + ("" if model.speedup_range is None else "  ({:.2f}-{:.2f})".format(*model.speedup_range)),
         f"{model.throughput:.1f}",
         format_bytes(model.size_bytes),
         format_count(model.params),
@@ -230,6 +240,17 @@ def render_bench(result: BenchResult, *, markdown: bool = False) -> str:
         f"batch / mean latency. fidelity: output {result.output!r} against {reference}. MACs: at the shapes "
         "above. peak mem: rise of a fresh process's peak RSS from loading and running the model."
     )
+    notes += (
+        " speedup range: lowest-highest over 5 consecutive blocks of the interleaved runs; a range that contains "
+        "1.00x is within this run's noise."
+    )
+    warnings = [
+        f"{m.name}: {m.speedup:.2f}x is not a significant difference from {reference} "
+        f"(within this run's noise: {m.speedup_range[0]:.2f}-{m.speedup_range[1]:.2f}x)"
+        for m in result.models[1:]
+        if m.speedup_range is not None and m.speedup_significant is False
+    ]
+    notes = "\n".join([notes, *(f"note: {text}" for text in [*result.notes, *warnings])])
     table = format_table(headers, [_bench_row(m, labels=labels) for m in result.models], markdown=markdown)
     profile = _render_profiles(result.models, markdown=markdown)
     if markdown:
@@ -273,11 +294,28 @@ def bench_json(result: BenchResult) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- channel groups, prune
 
 
-def _group_status(group: ChannelGroup) -> str:
+_FOLLOWED = ", but its channels could not be followed ("
+
+
+def _root_cause(node: str | None, reason: str, *, verbose: bool = False) -> tuple[str | None, str]:
+    """A blocked reason as node and reason of its root cause: a join blocked by an operand whose channels
+    were blocked earlier nests that reason in parentheses (up to a dozen levels in real exports); the whole
+    chain only with --verbose."""
+    depth = 0
+    while not verbose and _FOLLOWED in reason and reason.endswith(")"):
+        inner = reason[reason.index(_FOLLOWED) + len(_FOLLOWED) : -1]
+        where, sep, why = inner.partition(": ")
+        node, reason = (where, why) if sep and " " not in where else (None, inner)
+        depth += 1
+    return node, reason + (f" (through {depth} joins; --verbose for the chain)" if depth else "")
+
+
+def _group_status(group: ChannelGroup, *, verbose: bool = False) -> str:
     if group.blocked_by is None:
         return "prunable"
-    where = f" at {group.blocked_by.node}" if group.blocked_by.node else ""
-    return f"blocked{where}: {group.blocked_by.reason}"
+    node, reason = _root_cause(group.blocked_by.node, group.blocked_by.reason, verbose=verbose)
+    where = f" at {node}" if node else ""
+    return f"blocked{where}: {reason}"
 
 
 def _names(nodes: Sequence[str], limit: int = 1) -> str:
@@ -285,7 +323,7 @@ def _names(nodes: Sequence[str], limit: int = 1) -> str:
     return shown + (f" +{len(nodes) - limit}" if len(nodes) > limit else "") if nodes else "-"
 
 
-def render_groups(groups: Sequence[ChannelGroup]) -> str:
+def render_groups(groups: Sequence[ChannelGroup], *, verbose: bool = False) -> str:
     """The channel groups as a table: id, channels, sources, sinks, prunable or the reason it is not."""
     prunable = sum(group.prunable for group in groups)
     return "\n".join(
@@ -299,7 +337,7 @@ def render_groups(groups: Sequence[ChannelGroup]) -> str:
                         f"{group.channels} in {group.blocks} blocks" if group.blocks > 1 else group.channels,
                         _names([s.node for s in group.sources]),
                         _names([s.node for s in group.sinks]),
-                        _group_status(group),
+                        _group_status(group, verbose=verbose),
                     )
                     for group in groups
                 ],
@@ -328,7 +366,7 @@ def _change(before: float, after: float) -> str:
     return f"{100 * (after - before) / before:+.1f}%" if before else "-"
 
 
-def render_prune(result: PruneResult, output: str | None = None) -> str:
+def render_prune(result: PruneResult, output: str | None = None, *, verbose: bool = False) -> str:
     """The `prune` summary for a terminal: params, MACs and size before/after; groups found/prunable/pruned."""
     rows = [
         ("params", format_count(result.params_before), format_count(result.params_after),
@@ -346,17 +384,23 @@ def render_prune(result: PruneResult, output: str | None = None) -> str:
         "",
         format_table(["", "before", "after", "change"], rows),
     ]
-    if result.left_alone:
-        lines += ["", format_table(["left alone", "why"], sorted(result.left_alone.items()))]
-    if result.blocked:
+    left_alone = {**result.left_alone, **result.outcome.left_whole}
+    if left_alone:
+        lines += ["", format_table(["left alone", "why"], sorted(left_alone.items()))]
+    if result.outcome.lossless_kept:
         lines += [
             "",
-            "blocked groups",
             format_table(
-                ["group", "node", "reason"],
-                [(b.group, b.node or "-", b.reason) for b in result.blocked],
+                ["dead/constant channels kept", "found", "removed", "why"],
+                [(k.group, k.found, k.removed, k.reason) for k in result.outcome.lossless_kept],
             ),
         ]
+    if result.blocked:
+        blocked_rows = []
+        for b in result.blocked:
+            node, reason = _root_cause(b.node, b.reason, verbose=verbose)
+            blocked_rows.append((b.group, node or "-", reason))
+        lines += ["", "blocked groups", format_table(["group", "node", "reason"], blocked_rows)]
     lines += _recovery_lines(result)
     if output:
         lines += ["", f"wrote {output}"]
@@ -449,7 +493,7 @@ def _budget(result: PruneResult) -> str:
     else:
         text = "lossless only"
     if options.lossless:
-        text += f"   lossless removed {result.lossless_removed}"
+        text += f"   lossless: {result.lossless_found} dead/constant channels found, {result.lossless_removed} removed"
     return text + f"   round-to {options.round_to}"
 
 
@@ -481,11 +525,17 @@ def prune_json(result: PruneResult, output: str | None = None, plan_out: str | N
         "budget_met": result.budget_met,
         "round_to": result.options.round_to,
         "min_keep": result.options.min_keep,
+        "lossless_found": result.lossless_found,
         "lossless_removed": result.lossless_removed,
+        "lossless_kept": to_jsonable(result.outcome.lossless_kept),
         "plan": result.options.plan_path,
         "plan_out": plan_out,
         "model_sha256": result.model_sha256,
-        "left_alone": [{"group": gid, "reason": why} for gid, why in sorted(result.left_alone.items())],
+        "left_alone": [
+            {"group": gid, "reason": why}
+            for gid, why in sorted({**result.left_alone, **result.outcome.left_whole}.items())
+        ],
+        "notes": list(result.outcome.notes),
         "analysis_shapes": to_jsonable(result.analysis_shapes),
         "params_before": result.params_before,
         "params_after": result.params_after,
@@ -537,6 +587,18 @@ def _candidate_row(candidate: CandidateTiming) -> list[str]:
     ]
 
 
+_FLOAT_LABELS = {
+    onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16",
+    onnx.TensorProto.DOUBLE: "fp64",
+}
+
+
+def _float_label(result: QuantizeResult) -> str:
+    """The float model's column label, from its first floating-point output's type ('fp32', 'fp16' ...)."""
+    types = [o.type.tensor_type.elem_type for o in result.model.graph.output]
+    return next((_FLOAT_LABELS[t] for t in types if t in _FLOAT_LABELS), "float")
+
+
 def render_quantize(result: QuantizeResult, output: str | None = None) -> str:
     """The `quantize` report for a terminal: the decision, fp32 against int8, fidelity, candidates tried."""
     calibration = result.calibration
@@ -550,7 +612,7 @@ def render_quantize(result: QuantizeResult, output: str | None = None) -> str:
         f", bound {format_bytes(calibration.memory_bound_bytes)})",
         "",
         format_table(
-            ["", "fp32", f"int8 ({label})", "change"],
+            ["", _float_label(result), f"int8 ({label})", "change"],
             [
                 ("latency ms", _ms(result.latency_fp32_ms or 0), _ms(result.latency_int8_ms or 0),
                  _ratio(result.latency_fp32_ms, result.latency_int8_ms, "faster", "slower")),

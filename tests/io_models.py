@@ -118,3 +118,87 @@ def matmul_model(*, batch: int = 2, m: int = 3, k: int = 5, n: int = 7) -> onnx.
     a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [batch, m, k])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     return make([node], [a], [y], [numpy_helper.from_array(b, "b")])
+
+
+def paddle_dims_model(*, dynamic_hw: bool = True) -> onnx.ModelProto:
+    """A paddle2onnx-style export: dynamic dims written as dim_value -1 (not dim_param), on the input and
+    the output. Conv 3 -> 4 channels, 3x3, 'same' padding; [-1, 3, -1, -1] or [-1, 3, 8, 8]."""
+    model = conv_model(c_in=3, c_out=4, hw=8)
+    dims = [-1, 3, -1, -1] if dynamic_hw else [-1, 3, 8, 8]
+    for value, channels in ((model.graph.input[0], 3), (model.graph.output[0], 4)):
+        shape = value.type.tensor_type.shape
+        del shape.dim[:]
+        for axis, d in enumerate(dims):
+            shape.dim.add().dim_value = channels if axis == 1 else d
+    return model
+
+
+def token_model(*, hidden: bool = False) -> onnx.ModelProto:
+    """A BERT-style embedding: input_ids index a 30-row table, token_type_ids a 2-row one (only 0 and 1 are
+    valid), summed and projected by a MatMul. Inputs int64 [batch, seq]; output [batch, seq, 4].
+
+    `hidden`: token_type_ids reach their Gather through an `Add` of 0, which the range of random inputs
+    does not see through, so random token types (0-3) make the original model fail in onnxruntime."""
+    words = numpy_helper.from_array(RNG.standard_normal((30, 8)).astype(np.float32), "words")
+    types = numpy_helper.from_array(RNG.standard_normal((2, 8)).astype(np.float32), "types")
+    proj = numpy_helper.from_array(RNG.standard_normal((8, 4)).astype(np.float32), "proj")
+    zero = numpy_helper.from_array(np.array(0, np.int64), "zero")
+    type_ids = "type_ids_shifted" if hidden else "token_type_ids"
+    nodes = [
+        helper.make_node("Gather", ["words", "input_ids"], ["word_emb"], name="word_gather"),
+        *([helper.make_node("Add", ["token_type_ids", "zero"], ["type_ids_shifted"], name="shift")] if hidden else []),
+        helper.make_node("Gather", ["types", type_ids], ["type_emb"], name="type_gather"),
+        helper.make_node("Add", ["word_emb", "type_emb"], ["emb"], name="emb_add"),
+        helper.make_node("MatMul", ["emb", "proj"], ["y"], name="proj_matmul"),
+    ]
+    inputs = [
+        helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "seq"])
+        for name in ("input_ids", "token_type_ids")
+    ]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 4])
+    return make(nodes, inputs, [y], [words, types, proj, zero])
+
+
+def conv_integer_model() -> onnx.ModelProto:
+    """A dynamically quantized conv, as onnxruntime's quantize_dynamic writes it: DynamicQuantizeLinear →
+    ConvInteger (uint8 × int8 weights [8, 3, 3, 3]) → Cast → Mul by the scales, then Relu. x [1, 3, 8, 8]."""
+    weights = numpy_helper.from_array(RNG.integers(-100, 100, (8, 3, 3, 3)).astype(np.int8), "w_q")
+    w_zero = numpy_helper.from_array(np.array(0, np.int8), "w_zero")
+    w_scale = numpy_helper.from_array(np.array(0.01, np.float32), "w_scale")
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["x_q", "x_scale", "x_zero"], name="quant"),
+        helper.make_node("ConvInteger", ["x_q", "w_q", "x_zero", "w_zero"], ["acc"], name="conv_int", pads=[1, 1, 1, 1]),
+        helper.make_node("Cast", ["acc"], ["acc_f"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["x_scale", "w_scale"], ["scale"], name="scale_mul"),
+        helper.make_node("Mul", ["acc_f", "scale"], ["conv"], name="rescale"),
+        helper.make_node("Relu", ["conv"], ["y"], name="relu"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])
+    return make(nodes, [x], [y], [weights, w_zero, w_scale])
+
+
+def dynamic_lstm_model(*, hidden: int = 4, features: int = 3) -> onnx.ModelProto:
+    """onnxruntime's DynamicQuantizeLSTM (com.microsoft): int8 W [1, features, 4·hidden] and R [1, hidden,
+    4·hidden], a float bias B [1, 8·hidden], per-tensor scales and zero points. x [seq 5, batch 1, features]."""
+    gates = 4 * hidden
+    tensors = {
+        "W": RNG.integers(-50, 50, (1, features, gates)).astype(np.int8),
+        "R": RNG.integers(-50, 50, (1, hidden, gates)).astype(np.int8),
+        "B": RNG.standard_normal((1, 2 * gates)).astype(np.float32),
+        "W_scale": np.array([0.01], np.float32),
+        "W_zero_point": np.array([0], np.int8),
+        "R_scale": np.array([0.01], np.float32),
+        "R_zero_point": np.array([0], np.int8),
+    }
+    inputs = ["x", "W", "R", "B", "", "", "", "", "W_scale", "W_zero_point", "R_scale", "R_zero_point"]
+    node = helper.make_node(
+        "DynamicQuantizeLSTM", inputs, ["y"], name="lstm_q", domain="com.microsoft", hidden_size=hidden
+    )
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, 1, hidden])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in tensors.items()],
+    )
+    opsets = [helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)

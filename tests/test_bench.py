@@ -22,7 +22,7 @@ from onnxslim.bench import BenchOptions, benchmark, parse_profile, physical_core
 from onnxslim.calib import DataOptions
 from onnxslim.cli import cli
 from onnxslim.errors import DataError, UsageError
-from onnxslim.report import render_bench
+from onnxslim.report import bench_json, render_bench
 
 FAST = BenchOptions(warmup=1, repeat=7, memory=False)
 
@@ -297,3 +297,34 @@ def test_markdown_into_a_missing_folder_is_refused_before_any_work(tmp_path: Pat
     report = tmp_path / "r.md"
     code, out, _ = invoke("bench", str(model), "--repeat", "2", "--no-memory", "--markdown", str(report))
     assert code == 0 and "speedup" in out and report.read_text().startswith("batch 1")
+
+
+def test_labels_on_a_non_classifier_are_ignored_with_a_note(tmp_path: Path) -> None:
+    from io_models import conv_model  # output [1, 8, 10, 10]: a feature map, not class scores
+
+    path = save(conv_model(), tmp_path / "detector.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "labelled.npz", x=rng.standard_normal((3, 4, 10, 10)).astype(np.float32), labels=np.arange(3))
+    result = benchmark([path, path], data=tmp_path / "labelled.npz", options=FAST)
+    assert all(m.accuracy is None for m in result.models)
+    assert result.notes == ("labels ignored: output 'y' of shape [1, 8, 10, 10] is not a classifier's",)
+    assert "note: labels ignored" in render_bench(result)
+
+
+def test_speedup_spread_says_when_a_ratio_is_within_noise(models: dict[str, Path]) -> None:
+    from dataclasses import replace
+
+    from onnxslim.bench import _speedup_range
+
+    assert _speedup_range([1.0] * 20, [0.5] * 20) == (2.0, 2.0)  # twice as fast in every block
+    steady, jumpy = [1.0] * 20, [0.8, 0.8, 0.8, 0.8, 1.3, 1.3, 1.3, 1.3, 1.0, 1.0] * 2  # same median, noisy blocks
+    low, high = _speedup_range(steady, jumpy)
+    assert low < 1.0 < high
+    assert _speedup_range([1.0] * 5, [1.0] * 5) is None  # too few runs to judge
+    result = benchmark([models["identity"], models["doubled"]], options=BenchOptions(warmup=1, repeat=10, memory=False))
+    assert result.models[1].speedup_range is not None and result.models[0].speedup_range is None
+    within = replace(result, models=(result.models[0], replace(result.models[1], speedup_range=(0.8, 1.2))))
+    assert "doubled" in render_bench(within) and "is not a significant difference" in render_bench(within)
+    clear = replace(result, models=(result.models[0], replace(result.models[1], speedup_range=(1.5, 1.7))))
+    assert "not a significant difference" not in render_bench(clear) and "(1.50-1.70)" in render_bench(clear)
+    assert json.loads(json.dumps(bench_json(within)))["models"][1]["speedup_range"] == [0.8, 1.2]

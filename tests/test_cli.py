@@ -118,3 +118,60 @@ def test_symbolic_dims_without_shapes_name_the_input(tmp_path: Path) -> None:
     code, _, err = invoke("inspect", str(path))
     assert code == 2 and "input 'x' has symbolic dims" in err and "--input-shapes x:" in err
     assert inspect_json(path, "--input-shapes", "x:1,4,10,10")["macs"] == 8 * 10 * 10 * 4 * 9
+
+
+def test_no_user_or_environment_problem_reaches_exit_4(tmp_path: Path) -> None:
+    """The bad-input corpus and the real-export cases of issue 15, through every command that can meet
+    them: exit 1 (model or data) or 2 (usage, output path), with a one-line reason and nothing written."""
+    from io_models import conv_integer_model, paddle_dims_model, token_model
+
+    text, empty, model = tmp_path / "notes.txt", tmp_path / "empty.onnx", tmp_path / "m.onnx"
+    text.write_text("not a model\n")
+    empty.write_bytes(b"")
+    onnx.save_model(conv_model(), str(model))
+    quantized, paddle, tokens = tmp_path / "int8.onnx", tmp_path / "paddle.onnx", tmp_path / "tokens.onnx"
+    onnx.save_model(conv_integer_model(), str(quantized))
+    onnx.save_model(paddle_dims_model(), str(paddle))
+    onnx.save_model(token_model(hidden=True), str(tokens))
+    out = tmp_path / "out" / "o.onnx"
+    out.parent.mkdir()
+    cases = [
+        *(
+            (command, [str(bad), *extra], 1, message)
+            for bad, message in (
+                (tmp_path / "missing.onnx", "no such file"), (tmp_path, "directory"),
+                (text, "not a readable ONNX model"), (empty, "empty"),
+            )
+            for command, extra in (("inspect", []), ("prune", ["-o", str(out), "--ratio", "0.3"]), ("bench", []))
+        ),
+        ("inspect", [str(model), "--input-shapes", "nope:1,4,10,10"], 2, "not an input of the model"),
+        ("inspect", [str(paddle)], 2, "--input-shapes x:<?>,3,<?>,<?>"),
+        ("prune", [str(model), "-o", "/proc/x.onnx", "--ratio", "0.3"], 2, "cannot write /proc/x.onnx"),
+        ("prune", [str(model), "-o", str(text / "o.onnx"), "--ratio", "0.3"], 2, "is a file, not a folder"),
+        ("prune", [str(model), "-o", str(out), "--ratio", "0.3", "--plan-out", "/proc/p.json"], 2, "cannot write"),
+        ("prune", [str(model), "-o", str(out), "--ratio", "0.3", "--exclude", "nothing*"], 2, "matches no node"),
+        ("prune", [str(quantized), "-o", str(out), "--ratio", "0.3"], 1, "already quantized"),
+        ("prune", [str(tokens), "-o", str(out), "--ratio", "0.3", "--input-shapes", "input_ids:1,16",
+                   "--input-shapes", "token_type_ids:1,16"], 1, "the original model does not run on random inputs"),
+        ("quantize", [str(model), "-o", "/proc/x.onnx", "--calib", "random"], 2, "cannot write /proc/x.onnx"),
+        ("quantize", [str(quantized), "-o", str(out), "--calib", "random"], 1, "already quantized"),
+        ("bench", [str(model), "--markdown", "/proc/x.md"], 2, "cannot write /proc/x.md"),
+    ]
+    for command, args, code, message in cases:
+        got, stdout, stderr = invoke(command, *args)
+        assert (got, stdout) == (code, ""), (command, args, stderr)
+        errors = [line for line in stderr.splitlines() if line.startswith("error: ")]  # warnings may precede it
+        assert len(errors) == 1 and message in errors[0], (command, args, stderr)
+        assert "bug in onnxslim" not in stderr
+    assert list(out.parent.iterdir()) == []
+
+
+def test_quiet_after_the_subcommand_silences_warnings(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save_model(constant_weights_model(), str(path))
+    args = ["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--target-macs", "0.05", "--no-protect-first"]
+    _, _, loud = invoke(*args)
+    assert "cannot be met" in loud
+    for quiet in ([*args, "-q"], ["-q", *args]):
+        code, _, err = invoke(*quiet)
+        assert code == 0 and err == "", err

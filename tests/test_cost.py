@@ -6,7 +6,14 @@ import onnx
 import pytest
 from builders import ModelBuilder
 from conftest import load_light
-from io_models import conv_model, conv_transpose_model, gemm_model, matmul_model
+from io_models import (
+    conv_integer_model,
+    conv_model,
+    conv_transpose_model,
+    dynamic_lstm_model,
+    gemm_model,
+    matmul_model,
+)
 
 from onnxslim.analysis.cost import compute_cost
 from onnxslim.io import infer_tensor_infos, resolve_input_shapes
@@ -101,3 +108,10 @@ def test_int8_layers_count_like_their_float_originals(tmp_path, quant_format: st
     assert expected <= {n.op_type for n in int8.graph.node}
     assert cost_of(int8).macs == cost_of(fp32).macs == 8 * 10 * 10 * 4 * 9 + 5 * 800
     assert cost_of(int8).params == cost_of(fp32).params == 8 * 4 * 9 + 8 + 5 * 800 + 5
+
+
+def test_dynamically_quantized_weights_are_counted_without_their_scales() -> None:
+    # W [1, 3, 16] + R [1, 4, 16] int8 + B [1, 32] float; not the scales and zero points
+    assert cost_of(dynamic_lstm_model()).params == 48 + 64 + 32
+    conv = cost_of(conv_integer_model())
+    assert conv.by_name()["conv_int"].params == 8 * 3 * 9 and conv.macs == 8 * 8 * 8 * 3 * 9

@@ -9,12 +9,20 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import LIGHT_DIR, load_light
-from io_models import constant_weights_model, conv_model, ir3_model, make
+from io_models import constant_weights_model, conv_model, ir3_model, make, paddle_dims_model, token_model
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim import io as slim_io
-from onnxslim.errors import ModelLoadError, UnsupportedModelError, UsageError, ValidationError
+from onnxslim.errors import (
+    DataError,
+    ModelLoadError,
+    OutputError,
+    UnsupportedModelError,
+    UsageError,
+    ValidationError,
+)
 from onnxslim.io import (
+    check_output_path,
     fix_input_shapes,
     infer_tensor_infos,
     load_model,
@@ -24,6 +32,7 @@ from onnxslim.io import (
     resolve_input_shapes,
     save_model,
     save_text,
+    staged_outputs,
     validate,
 )
 
@@ -241,6 +250,18 @@ def test_resolve_input_shapes_errors_name_the_input() -> None:
         resolve_input_shapes(dynamic)
 
 
+def test_paddle_minus_one_dims_are_symbolic() -> None:
+    assert resolve_input_shapes(paddle_dims_model(dynamic_hw=False)) == {"x": (1, 3, 8, 8)}  # batch -1: 1
+    model = paddle_dims_model()  # [-1, 3, -1, -1]
+    with pytest.raises(UsageError, match=r"--input-shapes x:<\?>,3,<\?>,<\?>"):
+        resolve_input_shapes(model)
+    assert resolve_input_shapes(model, {"x": (1, 3, 48, 192)}) == {"x": (1, 3, 48, 192)}
+    with pytest.raises(UsageError, match="axis 1 is fixed to 3"):
+        resolve_input_shapes(model, {"x": (1, 4, 48, 192)})
+    infos = infer_tensor_infos(model, {"x": (2, 3, 48, 192)})
+    assert infos["y"].shape == (2, 4, 48, 192)
+
+
 def test_fix_input_shapes_only_on_request() -> None:
     model = constant_weights_model()
     fixed = fix_input_shapes(model, {"x": (2, 3, 8, 8)})
@@ -346,3 +367,62 @@ def test_validate_accepts_an_equivalent_model_and_rejects_broken_contracts() -> 
     broken.graph.node[0].input[1] = "missing_weight"
     with pytest.raises(ValidationError, match="onnx.checker|onnxruntime"):
         validate(broken, source, shapes)
+
+
+# ------------------------------------------------------------------------- validation inputs and outputs
+
+
+def test_random_integer_inputs_stay_below_the_tables_they_index() -> None:
+    feeds = random_inputs(token_model(), {"input_ids": (4, 64), "token_type_ids": (4, 64)})
+    assert feeds["token_type_ids"].min() == 0 and feeds["token_type_ids"].max() == 1  # a 2-row table
+    assert feeds["input_ids"].max() >= 4 and feeds["input_ids"].max() < 30  # a 30-row table: the full range
+    assert slim_io.index_limits(token_model()) == {"input_ids": 30, "token_type_ids": 2}
+    assert slim_io.index_limits(token_model(hidden=True)) == {"input_ids": 30}  # through an Add: not followed
+    model = token_model()
+    validate(model, model, {"input_ids": (1, 6), "token_type_ids": (1, 6)})  # runs: no error
+
+
+def test_original_failing_on_random_inputs_is_a_data_error_and_user_data_validates() -> None:
+    model = token_model(hidden=True)
+    shapes = {"input_ids": (1, 16), "token_type_ids": (1, 16)}
+    with pytest.raises(DataError, match="the original model does not run on random inputs") as caught:
+        validate(model, model, shapes)
+    assert "--calib" in str(caught.value) and "\n" not in str(caught.value)
+    rng = np.random.default_rng(0)
+    good = {"input_ids": rng.integers(0, 30, (1, 16)), "token_type_ids": rng.integers(0, 2, (1, 16))}
+    validate(model, model, shapes, feeds=good)
+    with pytest.raises(DataError, match="does not run on the data given"):
+        validate(model, model, shapes, feeds={**good, "token_type_ids": np.full((1, 16), 5)})
+    broken = token_model(hidden=True)  # the original runs on this data, the candidate does not: a bug
+    broken.graph.node[-1].input[1] = "words"  # MatMul [1, 16, 8] x [30, 8]
+    with pytest.raises(ValidationError):
+        validate(broken, model, shapes, feeds=good)
+
+
+def test_unwritable_outputs_are_usage_errors_found_before_any_work(tmp_path: Path) -> None:
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    for path, message in (
+        ("/proc/x.onnx", "cannot write /proc/x.onnx"),  # unwritable even for root
+        (str(a_file / "out.onnx"), "is a file, not a folder"),
+        (str(tmp_path / "missing" / "out.onnx"), "does not exist"),
+        (str(tmp_path), "is a directory"),
+    ):
+        with pytest.raises(OutputError, match=message) as caught:
+            check_output_path(path)
+        assert caught.value.exit_code == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # the probe leaves nothing behind
+
+
+def test_staged_outputs_write_everything_or_nothing(tmp_path: Path) -> None:
+    model, text = conv_model(), tmp_path / "plan.json"
+    with pytest.raises(OutputError), staged_outputs() as stage:
+        stage.add_model(model, tmp_path / "m.onnx")
+        stage.add_text("{}", "/proc/plan.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    with staged_outputs() as stage:
+        stage.add_model(model, tmp_path / "m.onnx")
+        stage.add_text("{}", text)
+        assert not text.exists()  # not before the block ends
+    assert text.read_text() == "{}" and onnx.load(str(tmp_path / "m.onnx")).graph.node[0].op_type == "Conv"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "plan.json"]

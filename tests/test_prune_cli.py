@@ -9,6 +9,7 @@ import onnx
 import pytest
 from builders import ModelBuilder
 from click.testing import CliRunner
+from io_models import conv_integer_model
 
 from onnxslim import prune_model
 from onnxslim.cli import cli
@@ -93,7 +94,7 @@ def test_validation_failure_exits_4_and_writes_nothing(
 ) -> None:
     from onnxslim.prune import pruner
 
-    def fail(*args: object) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
         raise ValidationError("boom")
 
     monkeypatch.setattr(pruner, "validate", fail)
@@ -213,3 +214,83 @@ def test_plan_refuses_options_it_would_ignore_and_outputs_are_checked_first(tmp_
     missing = runner.invoke(cli, ["prune", str(source), "-o", str(tmp_path / "no" / "c.onnx"), "--ratio", "0.3"])
     assert missing.exit_code == 2 and "does not exist" in missing.output
     assert not (tmp_path / "b.onnx").exists()
+
+
+def test_prequantized_model_is_refused_naming_the_ops_and_inspect_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "dynamic.onnx"
+    onnx.save(conv_integer_model(), path)
+    out = tmp_path / "p.onnx"
+    result = CliRunner().invoke(cli, ["prune", str(path), "-o", str(out), "--ratio", "0.3"])
+    assert result.exit_code == 1 and not out.exists()
+    assert "already quantized (DynamicQuantizeLinear x1, ConvInteger x1)" in result.stderr
+    info = json.loads(CliRunner().invoke(cli, ["inspect", str(path), "--json"]).stdout)
+    assert info["quantized_ops"] == {"DynamicQuantizeLinear": 1, "ConvInteger": 1}
+    text = CliRunner().invoke(cli, ["inspect", str(path)]).stdout
+    assert "ConvInteger x1; prune and quantize refuse it" in text
+
+
+def test_lossless_at_round_to_8_says_what_it_found_removed_and_why_the_rest_stayed(tmp_path: Path) -> None:
+    from test_lossless import plant
+
+    b = ModelBuilder((3, 8, 8))
+    y = b.relu(b.conv(b.input, 8, 3))  # protected: the first layer
+    y = b.relu(b.conv(y, 64, 3))  # 10 dead channels planted: 54 left, rounded up to 56 kept, so 8 of 10 go
+    y = b.relu(b.conv(y, 16, 3))  # no dead channels: left whole, and listed as such
+    y = b.relu(b.conv(y, 8, 3))  # protected: feeds the last layer
+    model = plant(b.build(b.conv(y, 4)), 1, range(10))
+    path, out = tmp_path / "dead.onnx", tmp_path / "p.onnx"
+    onnx.save(model, path)
+    result = CliRunner().invoke(cli, ["prune", str(path), "-o", str(out), "--lossless", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["lossless_found"], report["lossless_removed"]) == (10, 8)
+    (kept,) = report["lossless_kept"]
+    assert (kept["found"], kept["removed"]) == (10, 8) and "--round-to 8: keeps 56 of 64" in kept["reason"]
+    reasons = {entry["group"]: entry["reason"] for entry in report["left_alone"]}
+    assert len(reasons) == 3 and "no dead or constant channels to remove" in reasons.values()
+    text = CliRunner().invoke(cli, ["prune", str(path), "-o", str(out), "--lossless"]).stdout
+    assert "10 dead/constant channels found, 8 removed" in text and "keeps 56 of 64" in text
+
+
+def test_left_alone_lists_groups_that_rounding_leaves_whole(model_with_blocker: Path, tmp_path: Path) -> None:
+    args = ["prune", str(model_with_blocker), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.3", *NO_PROTECT, "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["pruned_groups"] == 0  # 8-channel groups: 30% off rounds back up to 8
+    reasons = [entry["reason"] for entry in report["left_alone"]]
+    assert len(reasons) == report["prunable_groups"] == 3
+    assert all("--round-to 8 keeps all" in reason for reason in reasons)
+
+
+def test_a_budget_that_falls_on_few_groups_is_a_warning(tmp_path: Path) -> None:
+    b = ModelBuilder((3, 16, 16))
+    y = b.relu(b.conv(b.input, 16, 3))
+    y = b.relu(b.conv(y, 32, 3))  # the only group a budget may cut: its consumer below is blocked
+    y = b.op("LpNormalization", [b.conv(y, 64, 3)], axis=1)  # the heavy conv's outputs are blocked
+    path = tmp_path / "m.onnx"
+    onnx.save(b.build(b.conv(y, 4)), path)
+    args = ["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--target-macs", "0.5", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    notes = json.loads(result.stdout)["notes"]
+    assert len(notes) == 1 and "the MAC budget falls on few groups" in notes[0] and "keeps 8 of 32" in notes[0]
+    assert "falls on few groups" in result.stderr
+
+
+def test_blocked_reasons_show_the_root_cause_and_the_chain_only_with_verbose(model_with_blocker: Path) -> None:
+    from dataclasses import replace
+
+    from onnxslim.analysis.groups import Blocker
+    from onnxslim.model_info import inspect_model
+    from onnxslim.report import render_groups
+
+    groups = inspect_model(model_with_blocker).groups
+    nested = "unsupported op LpNormalization"
+    for level in range(12):  # as a recognizer's joins nest them
+        nested = f"operand 1 varies along the channel axis, but its channels could not be followed (Add_{level}: {nested})"
+    blocked = replace(groups[0], blocked_by=Blocker("Add_99", nested))
+    short = render_groups([blocked])
+    assert "blocked at Add_0: unsupported op LpNormalization (through 12 joins; --verbose for the chain)" in short
+    assert max(len(line) for line in short.splitlines()) < 200
+    assert "Add_11" in render_groups([blocked], verbose=True) and "Add_11" not in short

@@ -4,7 +4,8 @@
 QOperator forms): the numbers channel pruning changes and the ones latency follows. Everything else is
 counted separately as `elementwise`: the number of elements each other node writes, a rough measure of
 memory-bound work. `params` counts the elements of floating-point initializers and of quantized weights
-(integer initializers a DequantizeLinear reads, or the weight and bias inputs of QOperator nodes), each
+(integer initializers a DequantizeLinear reads, or the weight and bias inputs of QOperator and dynamically
+quantized nodes: ConvInteger, DynamicQuantizeLSTM, ...), each
 once (attributed to its first reader), but not quantization scales and zero points: an int8 model has the
 params of its float original. A MAC layer whose shapes are unknown is listed in `unknown`, never silently
 counted as zero.
@@ -105,6 +106,12 @@ QUANTIZED_WEIGHT_INPUTS: Mapping[str, tuple[int, ...]] = {
     "QLinearMul": (0, 3),
     "ConvInteger": (0, 1),
     "MatMulInteger": (0, 1),
+    # dynamically quantized models (com.microsoft): int8 weights beside float biases
+    "DynamicQuantizeLSTM": (1, 2, 3, 7),  # W, R, B, P
+    "DynamicQuantizeMatMul": (1, 4),  # B, bias
+    "MatMulIntegerToFloat": (0, 1, 6),  # A, B, bias
+    "QAttention": (1, 2),  # weight, bias
+    "MatMulNBits": (1, 5),  # packed B, bias
 }
 
 MAC_OPS: Mapping[str, Callable[[onnx.NodeProto, Mapping[str, TensorInfo]], int | None]] = {

@@ -39,7 +39,7 @@ import numpy as np
 
 from onnxslim.analysis.groups import ChannelGroup, Follower, Source
 from onnxslim.errors import ModelLoadError, UsageError
-from onnxslim.io import model_files, save_text
+from onnxslim.io import OutputStage, model_files, save_text
 
 __all__ = [
     "PLAN_FORMAT",
@@ -341,8 +341,10 @@ def save_plan(
     groups: Sequence[ChannelGroup],
     sha256: str,
     record: Mapping[str, Any],
+    stage: OutputStage | None = None,
 ) -> None:
-    """Write `plan` as JSON: format, model hash, how it was made (`record`), and per group the channels removed."""
+    """Write `plan` as JSON: format, model hash, how it was made (`record`), and per group the channels removed
+    (staged in `stage` when given, to be written with the model)."""
     document = {
         "format": PLAN_FORMAT,
         "model_sha256": sha256,
@@ -353,7 +355,7 @@ def save_plan(
             if plan.changes(group)
         },
     }
-    save_text(json.dumps(document, indent=2) + "\n", path)
+    (stage.add_text if stage is not None else save_text)(json.dumps(document, indent=2) + "\n", path)
 
 
 def load_plan(path: str | os.PathLike[str], groups: Sequence[ChannelGroup], sha256: str) -> PrunePlan:

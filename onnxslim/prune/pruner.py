@@ -40,8 +40,10 @@ from onnxslim.io import (
     validate,
 )
 from onnxslim.metrics import AccuracyMeter, FidelityMeter, is_classifier_output
+from onnxslim.model_info import check_exclusions, refuse_quantized
 from onnxslim.prune.importance import NEEDS_DATA, ScoreContext, score_groups, statistics_requests
 from onnxslim.prune.lossless import LosslessChannels, find_lossless_channels, fold_constant_channels
+from onnxslim.prune.outcome import PruneOutcome, describe_outcome
 from onnxslim.prune.plan import (
     PrunePlan,
     eligible_groups,
@@ -173,10 +175,18 @@ class PruneResult:
     model_sha256: str
     budget_met: bool = True
     left_alone: Mapping[str, str] = field(default_factory=dict)  # group id → why the budget skipped it
-    lossless_removed: int = 0
+    outcome: PruneOutcome = field(default_factory=PruneOutcome)  # lossless counts, groups left whole, warnings
     recovery: RecoveryReport | None = None
     evaluation: Evaluation | None = None
     step_seconds: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def lossless_removed(self) -> int:
+        return self.outcome.lossless_removed
+
+    @property
+    def lossless_found(self) -> int:
+        return self.outcome.lossless_found
 
     @property
     def criterion(self) -> str:
@@ -404,7 +414,8 @@ def validate_result(state: PruneState) -> None:
     """Checker, an onnxruntime run, the same inputs and outputs as the original (ValidationError: exit 4)."""
     assert state.pruned is not None
     if state.pruned is not state.original:
-        validate(state.pruned, state.original, state.shapes)
+        feeds = next(iter(state.calib.batches())).feeds if state.calib is not None else None
+        validate(state.pruned, state.original, state.shapes, feeds=feeds)
 
 
 def _held_out(state: PruneState) -> tuple[str, Iterator[tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]]]:
@@ -545,6 +556,8 @@ def prune_model(
     if options.criterion in NEEDS_DATA and calib is None and options.plan_path is None:
         raise UsageError(f"--criterion {options.criterion} needs calibration data: give --calib DATA")
     normalized, size_before, digest = _as_normalized(model)
+    refuse_quantized(normalized)
+    check_exclusions(normalized, options.exclude)
     state = PruneState(options, normalized, size_before, digest, input_shapes, calib, eval_data, progress)
     for name, step in PIPELINE:
         started = time.perf_counter()
@@ -555,7 +568,6 @@ def prune_model(
     changed = pruned is not state.original
     cost_after = compute_cost(pruned, infer_tensor_infos(pruned, state.shapes)) if changed else state.cost_before
     removable = state.lossless.removable() if state.lossless is not None else {}
-    removed = {group.id: set(state.plan.removed(group)) for group in state.groups}
     return PruneResult(
         model=pruned,
         groups=state.groups,
@@ -571,7 +583,11 @@ def prune_model(
         model_sha256=digest,
         budget_met=state.budget_met,
         left_alone=state.left_alone,
-        lossless_removed=sum(len(removed[gid] & set(channels)) for gid, channels in removable.items()),
+        outcome=describe_outcome(
+            state.groups, state.plan, eligible=state.eligible, left_alone=state.left_alone, lossless=removable,
+            round_to=options.round_to, min_keep=options.min_keep, target_macs=options.target_macs,
+            budget=options.plan_path is None and (options.ratio is not None or options.target_macs is not None),
+        ),
         recovery=state.recovery,
         evaluation=state.evaluation,
         step_seconds=dict(state.seconds),
