@@ -203,19 +203,20 @@ class StagedRunner:
     def __init__(
         self,
         model: onnx.ModelProto,
-        feeds: Sequence[Mapping[str, np.ndarray]],
+        feeds: Iterable[Mapping[str, np.ndarray]],
         *,
         memory_budget: int = 1 << 30,
         protect: Iterable[str] = (),
     ) -> None:
         self._store = _Store(memory_budget)
-        self._batches = len(feeds)
         self._protected = set(protect)
         self.position = 0
         self.update(model)
-        for index, batch in enumerate(feeds):
+        self._batches = 0
+        for index, batch in enumerate(feeds):  # streamed into the store, which spills past its budget
             for name, array in batch.items():
                 self._store.put(index, name, array)
+            self._batches = index + 1
 
     def update(self, model: onnx.ModelProto) -> None:
         """Use `model` for the ranges still to run (same node names; e.g. refit weights)."""

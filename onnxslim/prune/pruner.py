@@ -396,13 +396,9 @@ def recover(state: PruneState) -> None:
         method=method, ridge=state.options.ridge, positions_per_weight=state.options.positions_per_weight,
         memory_budget=state.options.recover_memory, seed=state.options.seed,
     )
-    feeds, sizes = [], []
-    for batch_feeds, size in state.calibration_batches():
-        feeds.append(batch_feeds)
-        sizes.append(size)
     state.pruned, state.recovery = recover_model(
         state.original, state.pruned, _refit_nodes(state), kept_output_channels(state.groups, state.plan),
-        feeds, options, sizes=sizes, fixed_batch=state.calib.fixed_batch, progress=state.progress,
+        state.calibration_batches, options, fixed_batch=state.calib.fixed_batch, progress=state.progress,
     )
     fallbacks = [node for node in state.recovery.nodes if node.method != node.requested]
     if fallbacks:

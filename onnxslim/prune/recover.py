@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 RECOVERY_METHODS = ("none", "bias", "affine", "lsq")
 HOLDOUT_EVERY = 5  # sample i is held out of the fit when i % 5 == 4
 _CHUNK_ROWS = 4096  # sampled rows gathered across batches before they are added to the Gram matrices
+_REBATCH_ROWS = 32  # with a free batch dim, calibration samples run through the stages 32 at a time
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class RecoverOptions:
     positions_per_weight: int = 8
     memory_budget: int = 1 << 30
     seed: int = 0
+    sequential: bool = True  # False: inputs from the original model (kept channels), for comparison only
 
     def __post_init__(self) -> None:
         if self.method not in RECOVERY_METHODS:
@@ -519,22 +521,27 @@ def _solve_affine(normal: _Normal, weights: np.ndarray) -> tuple[np.ndarray, np.
 # --------------------------------------------------------------------------------------------- driver
 
 
-def _rebatch(feeds: Sequence[Mapping[str, np.ndarray]], rows: int, fixed: bool) -> list[dict[str, np.ndarray]]:
-    """Join consecutive batches into batches of about `rows` samples (only when the batch dim is free)."""
-    if fixed:
-        return [dict(f) for f in feeds]
-    joined: list[dict[str, np.ndarray]] = []
+def _rebatched(
+    batches: Iterable[tuple[Mapping[str, np.ndarray], int]], rows: int, fixed: bool, sizes: list[int]
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches as given (a fixed batch dim), or padding dropped and consecutive batches joined into about
+    `rows` samples (a free one); the real samples of each are appended to `sizes`. Streams."""
     pending: list[Mapping[str, np.ndarray]] = []
     count = 0
-    for feed in feeds:
-        pending.append(feed)
-        count += len(next(iter(feed.values())))
+    for feeds, size in batches:
+        if fixed:
+            sizes.append(size)
+            yield dict(feeds)
+            continue
+        pending.append({name: array[:size] for name, array in feeds.items()})
+        count += size
         if count >= rows:
-            joined.append({name: np.concatenate([p[name] for p in pending]) for name in feed})
+            sizes.append(count)
+            yield {name: np.concatenate([p[name] for p in pending]) for name in pending[0]}
             pending, count = [], 0
     if pending:
-        joined.append({name: np.concatenate([p[name] for p in pending]) for name in pending[0]})
-    return joined
+        sizes.append(count)
+        yield {name: np.concatenate([p[name] for p in pending]) for name in pending[0]}
 
 
 def recover_model(
@@ -542,38 +549,49 @@ def recover_model(
     pruned: onnx.ModelProto,
     refit_nodes: Sequence[str],
     kept_outputs: Mapping[str, np.ndarray],
-    feeds: Sequence[Mapping[str, np.ndarray]],
+    batches: Callable[[], Iterable[tuple[Mapping[str, np.ndarray], int]]] | Sequence[Mapping[str, np.ndarray]],
     options: RecoverOptions,
     *,
-    sizes: Sequence[int] | None = None,
     fixed_batch: bool = False,
+    kept_inputs: Mapping[str, np.ndarray] | None = None,
     progress: Progress | None = None,
 ) -> tuple[onnx.ModelProto, RecoveryReport]:
-    """Refit `refit_nodes` of `pruned` (a copy is returned) to reproduce `original` on calibration `feeds`.
+    """Refit `refit_nodes` of `pruned` (a copy is returned) to reproduce `original` on calibration data.
 
+    `batches` gives (feeds, real samples) per batch each time it is called, streamed (padding rows past the
+    real samples of a fixed batch are ignored); a plain list of feeds will do for small data.
     `kept_outputs`: node → the output channels of the original that the pruned node still produces (absent:
-    all). `sizes`: real samples per batch of `feeds` (padding rows of a fixed batch are ignored).
+    all).
+    `kept_inputs` (node → input channels it still reads) is needed only when `options.sequential` is off.
     """
     start = time.perf_counter()
     recovered = onnx.ModelProto()
     recovered.CopyFrom(pruned)
     if options.method == "none" or not refit_nodes:
         return recovered, RecoveryReport(options.method, (), 0.0, 0, 0)
-    sizes = list(sizes) if sizes is not None else [len(next(iter(f.values()))) for f in feeds]
-    if not fixed_batch:
-        feeds = _rebatch([{k: v[:s] for k, v in f.items()} for f, s in zip(feeds, sizes, strict=True)], 32, False)
-        sizes = [len(next(iter(f.values()))) for f in feeds]
+    if not callable(batches):
+        given = list(batches)
+        batches = lambda: ((feeds, len(next(iter(feeds.values())))) for feeds in given)  # noqa: E731
+    sizes: list[int] = []
     editor = _ModelEditor(recovered)
     nodes = {node.name: node for node in recovered.graph.node}
     original_nodes = {node.name: node for node in original.graph.node}
     order = [node.name for node in recovered.graph.node if node.name in set(refit_nodes)]
+    rng = np.random.default_rng(options.seed)
+    targets = [original_nodes[name].output[0] for name in order if name in original_nodes]
+    if not options.sequential:
+        targets += [original_nodes[name].input[0] for name in order if name in original_nodes]
+    rows = _REBATCH_ROWS
+    runner_original = StagedRunner(
+        original, _rebatched(batches(), rows, fixed_batch, sizes), memory_budget=options.memory_budget // 2,
+        protect=targets,
+    )
+    runner_pruned = StagedRunner(
+        recovered, _rebatched(batches(), rows, fixed_batch, []), memory_budget=options.memory_budget // 2
+    )
     samples = sum(sizes)
     held_out = sum(1 for i in range(samples) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1)
     train_samples = max(samples - held_out, 1)
-    rng = np.random.default_rng(options.seed)
-    targets = [original_nodes[name].output[0] for name in order if name in original_nodes]
-    runner_original = StagedRunner(original, feeds, memory_budget=options.memory_budget // 2, protect=targets)
-    runner_pruned = StagedRunner(recovered, feeds, memory_budget=options.memory_budget // 2)
     results: list[NodeRecovery] = []
     try:
         for done, name in enumerate(order, start=1):
@@ -591,7 +609,12 @@ def recover_model(
             kept = kept_outputs.get(name)
             pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
             for batch, size in enumerate(sizes):
-                x = np.asarray(runner_pruned.get(batch, node.input[0]))[:size]
+                if options.sequential:
+                    x = np.asarray(runner_pruned.get(batch, node.input[0]))[:size]
+                else:  # the original's input, its kept channels (the axis a Conv/Gemm reads, a MatMul's last)
+                    x = np.asarray(runner_original.get(batch, original_nodes[name].input[0]))[:size]
+                    if kept_inputs is not None and name in kept_inputs:
+                        x = np.take(x, kept_inputs[name], axis=-1 if node.op_type == "MatMul" else 1)
                 y = np.asarray(runner_original.get(batch, original_nodes[name].output[0]))[:size]
                 features, target, sample = layer.rows(x, y, kept, rng, per_sample)
                 pending.append((features, target, (first + sample) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1))

@@ -34,7 +34,14 @@ from onnxslim.graph import export_model
 from onnxslim.io import validate
 from onnxslim.prune.plan import PrunePlan
 
-__all__ = ["RewriteHandler", "REWRITE_HANDLERS", "apply_plan", "kept_output_channels", "rewrite_model"]
+__all__ = [
+    "RewriteHandler",
+    "REWRITE_HANDLERS",
+    "apply_plan",
+    "kept_input_channels",
+    "kept_output_channels",
+    "rewrite_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -343,6 +350,15 @@ def kept_output_channels(groups: Sequence[ChannelGroup], plan: PrunePlan) -> dic
         name: removal.kept()
         for (role, name, _), removal in _collect_removals(groups, plan).items()
         if role in ("output", "follower")
+    }
+
+
+def kept_input_channels(groups: Sequence[ChannelGroup], plan: PrunePlan) -> dict[str, np.ndarray]:
+    """Sink node → the channels (features, after Flatten → Gemm) of its first input that it still reads."""
+    return {
+        name: removal.kept()
+        for (role, name, index), removal in _collect_removals(groups, plan).items()
+        if role == "input" and index == 0
     }
 
 
