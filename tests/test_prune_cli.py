@@ -294,3 +294,26 @@ def test_blocked_reasons_show_the_root_cause_and_the_chain_only_with_verbose(mod
     assert "blocked at Add_0: unsupported op LpNormalization (through 12 joins; --verbose for the chain)" in short
     assert max(len(line) for line in short.splitlines()) < 200
     assert "Add_11" in render_groups([blocked], verbose=True) and "Add_11" not in short
+
+
+def test_prune_with_calibration_reports_recovery_and_fidelity(tmp_path: Path) -> None:
+    out = tmp_path / "pruned.onnx"
+    args = ["prune", str(MODELS / "mnist_mobilenet.onnx"), "-o", str(out), "--target-macs", "0.7",
+            "--calib", str(MODELS / "mnist_calib.npz"), "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["criterion"] == "activation" and report["recover"] == "lsq"
+    layers = report["recovery"]["layers"]
+    assert layers and {layer["method"] for layer in layers} <= {"lsq", "bias", "none"}
+    assert all(layer["error_after"] <= layer["error_before"] * (1 + 1e-6) + 1e-12 for layer in layers)
+    evaluation = report["evaluation"]
+    assert evaluation["samples"] == 256 // 5 and evaluation["accuracy_after"] > evaluation["accuracy_before"]
+    assert evaluation["outputs"][0]["cosine_after"] > 0.9 and not evaluation["collapsed"]
+
+
+@pytest.mark.parametrize("extra", [["--criterion", "activation"], ["--recover", "lsq"], ["--eval", "random"]])
+def test_data_options_without_calibration_data_are_usage_errors(extra: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "pruned.onnx"
+    result = CliRunner().invoke(cli, ["prune", str(MODELS / "mnist_resnet.onnx"), "-o", str(out), "--ratio", "0.3", *extra])
+    assert result.exit_code == 2 and "--calib" in result.output and not out.exists()

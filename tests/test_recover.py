@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from builders import ModelBuilder
 from onnx import TensorProto, helper, numpy_helper
+from oracle import assert_outputs_close, check_prune, run_model
 
 from onnxslim.activations import StagedRunner, channel_statistics
 from onnxslim.analysis.groups import build_channel_groups
@@ -18,8 +20,6 @@ from onnxslim.prune import PruneOptions, prune_model
 from onnxslim.prune.plan import PrunePlan
 from onnxslim.prune.recover import RecoverOptions, recover_model, unfold_patches
 from onnxslim.prune.rewrite import apply_plan, kept_input_channels, kept_output_channels
-from tests.builders import ModelBuilder
-from tests.oracle import assert_outputs_close, check_prune, run_model
 
 
 def _model(nodes, inputs, outputs, initializers) -> onnx.ModelProto:  # type: ignore[no-untyped-def]

@@ -421,7 +421,7 @@ def _held_out(state: PruneState) -> tuple[str, Iterator[tuple[dict[str, np.ndarr
 
         def batches() -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]]:
             for batch in data.batches():
-                yield batch.feeds, batch.labels, np.arange(batch.size)
+                yield batch.feeds, batch.labels, np.arange(batch.size)  # padding rows of a fixed batch go
 
         return data.description, batches()
     calib = state.calib
@@ -465,15 +465,23 @@ def measure(state: PruneState) -> None:
             outputs = [session.run(names, feeds) for session in sessions]
         except Exception as e:  # noqa: BLE001
             raise DataError(f"the model fails on the evaluation data: {first_line(e)}") from e
+        fed = len(next(iter(feeds.values())))
+
+        def chosen(array: Any, rows: np.ndarray = rows, fed: int = fed) -> np.ndarray:
+            # only an output whose first axis is the batch has rows to choose; a sequence-first output
+            # ([T, N, C]) is compared whole
+            array = np.asarray(array)
+            return array[rows] if array.ndim and array.shape[0] == fed else array
+
         for which in range(2):
             for index in range(len(names)):
-                meters[which][index].update(np.asarray(outputs[0][index])[rows], np.asarray(outputs[which + 1][index])[rows])
-        first = np.asarray(outputs[0][0])
-        if labels is None or not is_classifier_output(first.shape):
+                meters[which][index].update(chosen(outputs[0][index]), chosen(outputs[which + 1][index]))
+        first = chosen(outputs[0][0])
+        if labels is None or not is_classifier_output(first.shape) or len(first) != len(labels):
             labelled = False
         elif labelled:
             for meter, out in zip(accuracy, outputs, strict=True):
-                meter.update(np.asarray(out[0])[rows], labels)
+                meter.update(chosen(out[0]), labels)
         samples += len(rows)
     if not samples:
         return
