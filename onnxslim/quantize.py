@@ -1391,6 +1391,7 @@ def quantize_model(
         method_trials = [MethodTrial(method, trial(method, base_excluded))]
         exclusion_trials: tuple[ExclusionTrial, ...] = ()
         guard_nodes: list[str] = []
+        guard_reasons: dict[str, str] = {}
         own_errors: dict[str, float] = {}
         if not method_trials[0].check.met and trials_left:
             for other in (m for m in ("percentile", "entropy", "minmax") if m != method):
@@ -1412,13 +1413,26 @@ def quantize_model(
                     types = _quantized_op_types(config)
                     quantizable = [n.name for n in prepared.model.graph.node if n.op_type in types and n.name not in base_excluded]
                     own_errors = node_errors(prepared.model, tensor_errors, quantizable)
-                    ranked = rank_blocks(own_errors, layer_norm_blocks(prepared.model), prepared.model)
+                    norms = layer_norm_blocks(prepared.model)
+                    norm_members = {name for block in norms for name in block}
+                    ranked = rank_blocks(own_errors, norms, prepared.model)
                     search = search_exclusions(ranked, lambda nodes: trial(method, [*base_excluded, *nodes]), trials_left)
                     exclusion_trials = search.trials
                     count = search.blocks
                     if count is None and search.trials:  # nothing met the budget: the most faithful set tried
                         count = max(search.trials, key=lambda t: t.check.score).blocks
-                    guard_nodes = list(dict.fromkeys(n for block in ranked[: count or 0] for n in block.nodes))
+                    for block in ranked[: count or 0]:
+                        head = block.nodes[0]
+                        for name in block.nodes:
+                            if name in guard_reasons:
+                                continue
+                            if name == head:
+                                guard_reasons[name] = "int8 adds the most error here (measured)"
+                            elif name in norm_members:
+                                guard_reasons[name] = "part of a decomposed LayerNorm kept in fp32 whole"
+                            else:
+                                guard_reasons[name] = f"reads {head}'s output, which stays float only if its readers do"
+                    guard_nodes = list(guard_reasons)
         excluded = sorted({*base_excluded, *guard_nodes})
         cache_path, calibration = calibrated(method)
         candidates = _Candidates(
@@ -1454,11 +1468,7 @@ def quantize_model(
     kinds = {n.name: n.op_type for n in prepared.model.graph.node}
     fp32_nodes = [NodeError(n, kinds.get(n, "?"), None, "--exclude") for n in user_excluded]
     fp32_nodes += rule_nodes
-    fp32_nodes += [
-        NodeError(n, kinds.get(n, "?"), own_errors.get(n), "int8 adds the most error here (measured)"
-                  if n in own_errors else "part of a decomposed LayerNorm kept in fp32 whole")
-        for n in guard_nodes
-    ]
+    fp32_nodes += [NodeError(n, kinds.get(n, "?"), own_errors.get(n), guard_reasons[n]) for n in guard_nodes]
     if not budget_check.met:
         logger.warning("the int8 model misses the accuracy budget (%s): %s", budget.label, budget_check.why)
     return QuantizeResult(
