@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from onnxslim.analysis.cost import compute_cost
 from onnxslim.calib import Batch, DataOptions, model_input_specs, open_dataset
@@ -48,7 +49,9 @@ from onnxslim.metrics import (
     AccuracyMeter,
     Fidelity,
     FidelityMeter,
-    is_classifier_output,
+    OutputLayout,
+    find_batch_axis,
+    output_layout,
     select_output,
 )
 
@@ -430,18 +433,25 @@ def benchmark(
     output_index = [[o.name for o in s.get_outputs()].index(output) for s in sessions]
 
     # Fidelity and accuracy over the whole dataset, outside the timed loop; keep a few batches for timing.
-    fidelity_meters = [FidelityMeter() for _ in paths[1:]]
+    fidelity_meters: list[FidelityMeter] = []
+    accuracy_meters: list[AccuracyMeter] = []
+    layout: OutputLayout | None = None
     notes: list[str] = []
-    accuracy_meters = [AccuracyMeter() for _ in paths] if dataset.has_labels else []
     timing: list[Batch] = []
     for number, batch in enumerate(dataset.batches(), start=1):
         outputs = [
-            _run(s, batch.feeds, p, f"batch {number} of {dataset.description}")[i][: batch.size]
+            _run(s, batch.feeds, p, f"batch {number} of {dataset.description}")[i]
             for s, p, i in zip(sessions, paths, output_index, strict=True)
         ]
+        if layout is None:  # the output's batch axis is not always 0 (a recognizer's [T, batch, C])
+            layout = _output_layout(loaded[0].model, output, sessions[0], batch, outputs[0])
+            fidelity_meters = [FidelityMeter(layout) for _ in paths[1:]]
+            accuracy_meters = [AccuracyMeter(layout) for _ in paths] if dataset.has_labels else []
+        if layout.batch_axis is not None:
+            outputs = [np.take(o, np.arange(batch.size), axis=layout.batch_axis) for o in outputs]
         for fidelity_meter, candidate in zip(fidelity_meters, outputs[1:], strict=True):
             fidelity_meter.update(outputs[0], candidate)
-        if batch.labels is not None and accuracy_meters and not is_classifier_output(np.shape(outputs[0])):
+        if batch.labels is not None and accuracy_meters and layout.class_axis is None:
             notes.append(f"labels ignored: output {output!r} of shape {list(np.shape(outputs[0]))} is not a classifier's")
             accuracy_meters = []
         if batch.labels is not None and accuracy_meters:
@@ -520,6 +530,22 @@ def _speedup_range(reference: Sequence[float], candidate: Sequence[float]) -> tu
         )
     ]
     return min(ratios), max(ratios)
+
+
+def _output_layout(model: onnx.ModelProto, output: str, session: Any, batch: Batch, produced: np.ndarray) -> OutputLayout:
+    """The output's batch, class and channel axes (`metrics.find_batch_axis`, `metrics.output_layout`)."""
+    rows = _rows(batch)
+    symbolic = all(
+        v.type.tensor_type.shape.dim and not v.type.tensor_type.shape.dim[0].HasField("dim_value")
+        for v in model.graph.input if v.name in batch.feeds
+    )
+
+    def probe(samples: int) -> Sequence[int]:
+        feeds = {name: np.concatenate([a] * samples)[:samples] if rows == 1 else a[:samples] for name, a in batch.feeds.items()}
+        return np.shape(session.run([output], feeds)[0])
+
+    batch_axis = find_batch_axis(model, output, np.shape(produced), rows, probe if symbolic else None)
+    return output_layout(model, output, np.shape(produced), batch_axis)
 
 
 def _rows(batch: Batch) -> int:

@@ -32,6 +32,7 @@ from onnxslim.io import (
 from onnxslim.model_info import inspect_model
 from onnxslim.prune import CRITERIA, RECOVERY_METHODS, PruneOptions, prune_model, save_plan
 from onnxslim.prune.importance import NEEDS_DATA
+from onnxslim.quant_guard import AccuracyBudget
 from onnxslim.quantize import (
     FORMATS,
     INT8_TYPES,
@@ -498,8 +499,17 @@ def prune(
 @click.option("--activations", type=click.Choice(INT8_TYPES), default="u8", show_default=True,
               help="Activation type. u8 is the fast path of onnxruntime on x86; s8 is onnxruntime's default.")
 @click.option("--weights", type=click.Choice(INT8_TYPES), default="s8", show_default=True, help="Weight type.")
-@click.option("--reduce-range", is_flag=True,
-              help="7-bit weights: avoids overflow in u8 x s8 products on x86 CPUs without VNNI.")
+@click.option("--reduce-range/--no-reduce-range", default=None,
+              help="7-bit weights: no u8 x s8 product can saturate on x86 CPUs without VNNI, and the results are "
+              "the same on every CPU [default: on when this CPU has no VNNI/AMX or is unknown, off with VNNI].")
+@click.option("--max-drop", type=click.FloatRange(0, 100), default=None, metavar="PT",
+              help="Accuracy budget: top-1 may drop at most PT points against fp32 (needs labels).")
+@click.option("--min-fidelity", type=click.FloatRange(-1, 1), default=None, metavar="COS",
+              help="Accuracy budget: cosine against fp32 on held-out data, of every sample and of the worst output "
+              "channel, at least COS (no labels needed) [default when neither is given: 0.99].")
+@click.option("--max-trials", type=click.IntRange(min=0), default=12, show_default=True,
+              help="Trial quantizations the accuracy guard may run when the budget is missed (other calibration "
+              "methods, then the most harmful nodes kept in fp32); 0 only checks the budget.")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
               help="Keep nodes in fp32: a node-name glob ('head.*') or an op type (Softmax). Repeat for several.")
 @input_shapes_option
@@ -516,7 +526,8 @@ def prune(
 @click.pass_context
 def quantize(
     ctx: click.Context, model: str, output: str, calib: str, eval_data: str | None, quant_format: str, method: str,
-    per_channel: bool, activations: str, weights: str, reduce_range: bool, exclude: tuple[str, ...],
+    per_channel: bool, activations: str, weights: str, reduce_range: bool | None, max_drop: float | None,
+    min_fidelity: float | None, max_trials: int, exclude: tuple[str, ...],
     input_shapes: tuple[str, ...], data_options: DataOptions, threads: int | None, calib_memory_mb: int,
     force: bool, as_json: bool,
 ) -> None:
@@ -526,7 +537,11 @@ def quantize(
     If it is not at least 5% faster, other variants are tried in order (the other activation type, the
     other format, per-tensor weights, only Conv/Gemm/MatMul quantized) and the fastest is kept; if none
     wins, the fp32 model is written to --output and the report says so ("quantized": false), unless
-    --force. Fidelity and accuracy against fp32 are reported, measured on data not used for calibration.
+    --force. It must also meet an accuracy budget (--max-drop, --min-fidelity; default: cosine 0.99 of
+    every sample and of the worst output channel): when it does not, the other calibration methods are
+    tried, then the nodes whose quantization adds the most measured error are kept in fp32, fewest first,
+    within --max-trials. Fidelity and accuracy against fp32 are measured on data not used for calibration.
+    Weights are 7-bit on CPUs without VNNI (see --reduce-range).
     Models that are already quantized are refused. Symbolic input dims are kept.
     """
     if Path(output).resolve() == Path(model).resolve():
@@ -539,6 +554,7 @@ def quantize(
         config=QuantConfig(format=quant_format, activations=activations, weights=weights, per_channel=per_channel,
                            reduce_range=reduce_range),
         method=method, exclude=exclude, force=force, threads=threads, calibration_memory=calib_memory_mb * 2**20,
+        budget=AccuracyBudget(max_drop=max_drop, min_fidelity=min_fidelity), max_trials=max_trials,
     )
     with ExitStack() as stack:
         bars: dict[str, Any] = {}
@@ -561,6 +577,8 @@ def quantize(
     write_validated(result.model, output, source=model, input_shapes=calib_data.input_shapes, feeds=feeds)
     if not result.quantized:
         logger.warning("%s; wrote the fp32 model to %s", result.reason, output)
+    elif result.budget_check is not None and not result.budget_check.met:
+        logger.warning("the int8 model written misses the accuracy budget: %s", result.budget_check.why)
     click.echo(to_json(quantize_json(result, output)) if as_json else render_quantize(result, output))
 
 

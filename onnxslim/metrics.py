@@ -1,25 +1,38 @@
 """Output fidelity of a candidate model against a reference, and task accuracy with labels.
 
 Both are computed streaming, batch by batch, from running sums, so a metric over a whole evaluation set
-holds no outputs in memory. Pure numpy.
+holds no outputs in memory. Pure numpy (the output's layout is read from the model's graph).
+
+Outputs are not assumed to be `[batch, ...]`: an `OutputLayout` says which axis is the batch (a CTC
+recognizer's `[T, batch, C]`), which is the class axis (top-1 over every position of it; None where no
+class axis is meaningful: embeddings, boxes, feature maps) and which is the channel axis (the per-channel
+measure below). `find_batch_axis` finds the batch axis from the symbolic dims an output shares with the
+inputs, or by probing two batch sizes; `output_layout` finds the class and channel axes.
 
 Fidelity (same inputs through both models, one output):
-  cosine          mean over samples of the cosine similarity of the flattened per-sample outputs
-                  (1 when both are zero, 0 when only one is);
+  cosine          mean over samples of the cosine similarity of each sample's elements (every element of
+                  the output, whatever the axis order; 1 when both are zero, 0 when only one is);
   max_abs         largest absolute difference of any element;
   mean_abs        mean absolute difference over all elements;
   snr_db          10 log10(sum(reference^2) / sum((reference - candidate)^2)) over all elements:
                   inf when identical;
-  top1_agreement  share of samples whose argmax agrees, for classifier-like outputs (one non-trivial axis
-                  per sample, e.g. [batch, classes] or [batch, classes, 1, 1]); None otherwise.
-Accuracy (one output, integer labels): top-1 and top-5 (None with 5 classes or fewer), classifier-like
-outputs only.
+  top1_agreement  share of positions (sample x every other non-class axis) whose argmax over the class axis
+                  agrees; None without a class axis;
+  worst_channel_cosine / worst_channel_rel_error
+                  per channel (each index of the channel axis, over every sample and position), the
+                  cosine and the relative error ||ref - cand|| / ||ref||, worst channel reported. A
+                  whole-output cosine can be fooled by scale: a YOLO head concatenating box coordinates
+                  (0-320) with class scores (0-1) keeps cosine 0.998 when int8 rounds every score to 0;
+                  the score channels' cosine is then 0. Channels whose reference is (almost) zero everywhere
+                  (energy below 1e-12 of the largest channel's) are not scored.
+Accuracy (one output, integer labels): top-1 and top-5 (None with 5 classes or fewer), for outputs with a
+class axis and one position per sample.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,13 +43,19 @@ from onnxslim.errors import DataError, UsageError
 __all__ = [
     "Fidelity",
     "Accuracy",
+    "OutputLayout",
     "FidelityMeter",
     "AccuracyMeter",
     "fidelity",
     "accuracy",
     "select_output",
     "is_classifier_output",
+    "find_batch_axis",
+    "output_layout",
 ]
+
+# Channels whose reference energy is below this share of the largest channel's are not scored.
+_NEGLIGIBLE_CHANNEL = 1e-12
 
 
 @dataclass(frozen=True)
@@ -49,6 +68,19 @@ class Fidelity:
     snr_db: float
     top1_agreement: float | None
     samples: int
+    worst_channel_cosine: float | None = None
+    worst_channel_rel_error: float | None = None
+    worst_channel: int | None = None  # index (on `channel_axis`) of the channel with the lowest cosine
+    channel_axis: int | None = None
+    channels: int | None = None
+    batch_axis: int | None = 0  # None: each run's whole output is one sample
+    class_axis: int | None = None
+
+    @property
+    def score(self) -> float:
+        """What a fidelity budget is checked against: the lower of the mean cosine and the worst channel's."""
+        values = [self.cosine] + ([self.worst_channel_cosine] if self.worst_channel_cosine is not None else [])
+        return min(values)
 
 
 @dataclass(frozen=True)
@@ -60,22 +92,61 @@ class Accuracy:
     samples: int
 
 
-def is_classifier_output(shape: Sequence[int]) -> bool:
+@dataclass(frozen=True)
+class OutputLayout:
+    """Which axis of an output is the batch (None: one sample per run), the class axis (top-1), the channel
+    axis (per-channel fidelity). Axes index the output as the model produces it."""
+
+    batch_axis: int | None = 0
+    class_axis: int | None = None
+    channel_axis: int | None = None
+
+
+def is_classifier_output(shape: Sequence[int], batch_axis: int | None = 0) -> bool:
     """True when each sample's output has exactly one axis longer than 1 (the classes)."""
-    return sum(1 for d in shape[1:] if d > 1) == 1
+    return sum(1 for axis, d in enumerate(shape) if axis != batch_axis and d > 1) == 1
 
 
-def _rows(array: np.ndarray) -> np.ndarray:
+def _legacy_layout(shape: Sequence[int]) -> OutputLayout:
+    """Batch first; the class axis of a classifier-like output; the channel axis 1 (or the class axis)."""
+    class_axis = None
+    if is_classifier_output(shape):
+        class_axis = next(axis for axis, d in enumerate(shape) if axis and d > 1)
+    channel_axis = class_axis if class_axis is not None else (1 if len(shape) > 1 else None)
+    return OutputLayout(0, class_axis, channel_axis)
+
+
+def _as_samples(array: np.ndarray, batch_axis: int | None) -> np.ndarray:
+    """The output with its batch axis first (a leading axis of 1 when there is none), as float64."""
     array = np.asarray(array)
-    if array.ndim == 0:
-        raise DataError("an output is a scalar; metrics need a batch axis first")
-    return array.reshape(len(array), -1).astype(np.float64, copy=False)
+    if batch_axis is None:
+        array = array[None]
+    elif array.ndim == 0:
+        raise DataError("an output is a scalar; metrics need a batch axis")
+    else:
+        array = np.moveaxis(array, batch_axis, 0)
+    return array.astype(np.float64, copy=False)
+
+
+def _moved(axis: int | None, batch_axis: int | None) -> int | None:
+    """Where `axis` of the output lands once the batch axis is moved first (or one is prepended)."""
+    if axis is None:
+        return None
+    if batch_axis is None:
+        return axis + 1
+    if axis == batch_axis:
+        return 0
+    return axis + 1 if axis < batch_axis else axis
 
 
 class FidelityMeter:
-    """Accumulates `Fidelity` over batches: call `update(reference, candidate)` per batch, then `result()`."""
+    """Accumulates `Fidelity` over batches: call `update(reference, candidate)` per batch, then `result()`.
 
-    def __init__(self) -> None:
+    Without a layout the batch axis is 0, a classifier-like output's class axis is its one non-trivial axis,
+    and the channel axis is that class axis or axis 1."""
+
+    def __init__(self, layout: OutputLayout | None = None) -> None:
+        self._layout = layout
         self._samples = 0
         self._elements = 0
         self._cosine_sum = 0.0
@@ -84,19 +155,29 @@ class FidelityMeter:
         self._signal = 0.0
         self._noise = 0.0
         self._agree = 0
+        self._positions = 0
         self._classifier: bool | None = None
+        self._channel_dot: np.ndarray | None = None
+        self._channel_ref: np.ndarray | None = None
+        self._channel_cand: np.ndarray | None = None
+        self._channel_noise: np.ndarray | None = None
+
+    def _layout_for(self, shape: Sequence[int]) -> OutputLayout:
+        return self._layout if self._layout is not None else _legacy_layout(shape)
 
     def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
-        """Add one batch of outputs (same shape, batch axis first)."""
+        """Add one batch of outputs (same shape, laid out as the layout says)."""
         reference, candidate = np.asarray(reference), np.asarray(candidate)
         if reference.shape != candidate.shape:
             raise DataError(
                 f"outputs cannot be compared: the reference has shape {list(reference.shape)}, the candidate "
                 f"{list(candidate.shape)}"
             )
-        ref, cand = _rows(reference), _rows(candidate)
-        if not len(ref):
+        layout = self._layout_for(reference.shape)
+        full_ref, full_cand = _as_samples(reference, layout.batch_axis), _as_samples(candidate, layout.batch_axis)
+        if not len(full_ref):
             return
+        ref, cand = full_ref.reshape(len(full_ref), -1), full_cand.reshape(len(full_cand), -1)
         ref_norm, cand_norm = np.sqrt(np.sum(ref * ref, axis=1)), np.sqrt(np.sum(cand * cand, axis=1))
         dot = np.sum(ref * cand, axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -112,14 +193,58 @@ class FidelityMeter:
         self._signal += float(np.sum(ref * ref))
         self._noise += float(np.sum(diff * diff))
         self._elements += diff.size
-        classifier = is_classifier_output(reference.shape)
+        class_axis = _moved(layout.class_axis, layout.batch_axis)
+        classifier = class_axis is not None and class_axis > 0 and full_ref.shape[class_axis] > 1
         self._classifier = classifier if self._classifier is None else self._classifier and classifier
         if classifier:
-            self._agree += int(np.sum(np.argmax(ref, axis=1) == np.argmax(cand, axis=1)))
+            assert class_axis is not None
+            want = np.argmax(full_ref, axis=class_axis)
+            got = np.argmax(full_cand, axis=class_axis)
+            self._agree += int(np.sum(want == got))
+            self._positions += want.size
+        self._update_channels(full_ref, full_cand, _moved(layout.channel_axis, layout.batch_axis))
         self._samples += len(ref)
+
+    def _update_channels(self, ref: np.ndarray, cand: np.ndarray, axis: int | None) -> None:
+        if axis is None or axis == 0 or axis >= ref.ndim:
+            return
+        channels = ref.shape[axis]
+        ref_c = np.moveaxis(ref, axis, 0).reshape(channels, -1)
+        cand_c = np.moveaxis(cand, axis, 0).reshape(channels, -1)
+        sums = (
+            np.sum(ref_c * cand_c, axis=1), np.sum(ref_c * ref_c, axis=1), np.sum(cand_c * cand_c, axis=1),
+            np.sum((ref_c - cand_c) ** 2, axis=1),
+        )
+        if self._channel_dot is None or len(self._channel_dot) != channels:
+            if self._channel_dot is not None:  # the channel count changed between batches: not comparable
+                raise DataError(f"the output's channel axis changed size between batches ({len(self._channel_dot)} -> {channels})")
+            self._channel_dot, self._channel_ref, self._channel_cand, self._channel_noise = (np.zeros(channels) for _ in range(4))
+        assert self._channel_ref is not None and self._channel_cand is not None and self._channel_noise is not None
+        self._channel_dot += sums[0]
+        self._channel_ref += sums[1]
+        self._channel_cand += sums[2]
+        self._channel_noise += sums[3]
+
+    def _channels(self) -> tuple[float | None, float | None, int | None]:
+        if self._channel_dot is None:
+            return None, None, None
+        assert self._channel_ref is not None and self._channel_cand is not None and self._channel_noise is not None
+        scored = self._channel_ref > _NEGLIGIBLE_CHANNEL * max(float(np.max(self._channel_ref)), 0.0)
+        if not scored.any():
+            return None, None, None
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cosine = np.where(
+                self._channel_cand > 0, self._channel_dot / np.sqrt(self._channel_ref * self._channel_cand), 0.0
+            )
+            rel_error = np.sqrt(self._channel_noise / self._channel_ref)
+        cosine = np.where(scored, np.clip(np.nan_to_num(cosine, nan=0.0), -1.0, 1.0), np.inf)
+        rel_error = np.where(scored, np.nan_to_num(rel_error, nan=np.inf), -np.inf)
+        worst = int(np.argmin(cosine))
+        return float(cosine[worst]), float(np.max(rel_error)), worst
 
     def result(self) -> Fidelity:
         """The fidelity over everything added so far (NaN values when nothing was added)."""
+        layout = self._layout or OutputLayout()
         if not self._samples:
             return Fidelity(math.nan, math.nan, math.nan, math.nan, None, 0)
         if self._noise == 0:
@@ -128,37 +253,49 @@ class FidelityMeter:
             snr = -math.inf
         else:
             snr = 10 * math.log10(self._signal / self._noise)
+        worst_cosine, worst_error, worst = self._channels()
         return Fidelity(
             cosine=self._cosine_sum / self._samples,
             max_abs=self._max_abs,
             mean_abs=self._abs_sum / self._elements if self._elements else math.nan,
             snr_db=snr,
-            top1_agreement=self._agree / self._samples if self._classifier else None,
+            top1_agreement=self._agree / self._positions if self._classifier and self._positions else None,
             samples=self._samples,
+            worst_channel_cosine=worst_cosine,
+            worst_channel_rel_error=worst_error,
+            worst_channel=worst,
+            channel_axis=layout.channel_axis if self._layout is not None else (1 if worst is not None else None),
+            channels=None if self._channel_dot is None else len(self._channel_dot),
+            batch_axis=layout.batch_axis,
+            class_axis=layout.class_axis,
         )
 
 
 class AccuracyMeter:
     """Accumulates top-1/top-5 accuracy over batches: `update(logits, labels)` per batch, then `result()`."""
 
-    def __init__(self) -> None:
+    def __init__(self, layout: OutputLayout | None = None) -> None:
+        self._layout = layout
         self._samples = 0
         self._top1 = 0
         self._top5 = 0
         self._classes: int | None = None
 
     def update(self, logits: np.ndarray, labels: np.ndarray) -> None:
-        """Add one batch: scores [batch, classes] (or classifier-like), integer labels [batch]."""
+        """Add one batch: scores [batch, classes] (or classifier-like, or as the layout says), labels [batch]."""
         logits, labels = np.asarray(logits), np.asarray(labels)
-        if not is_classifier_output(logits.shape):
+        layout = self._layout if self._layout is not None else _legacy_layout(logits.shape)
+        samples = _as_samples(logits, layout.batch_axis)
+        class_axis = _moved(layout.class_axis, layout.batch_axis)
+        if class_axis is None or class_axis == 0 or samples[0].size != samples.shape[class_axis]:
             raise DataError(
                 f"accuracy needs a classifier output ([batch, classes]); this output has shape {list(logits.shape)}"
             )
-        if labels.shape != (len(logits),):
-            raise DataError(f"{len(logits)} outputs but labels of shape {list(labels.shape)}")
+        if labels.shape != (len(samples),):
+            raise DataError(f"{len(samples)} outputs but labels of shape {list(labels.shape)}")
         if labels.dtype.kind not in "iu":
             raise DataError(f"labels must be integer class ids, not {labels.dtype}")
-        scores = _rows(logits)
+        scores = samples.reshape(len(samples), -1)
         classes = scores.shape[1]
         bad = labels[(labels < 0) | (labels >= classes)]
         if bad.size:
@@ -176,6 +313,150 @@ class AccuracyMeter:
             return Accuracy(math.nan, None, 0)
         top5 = self._top5 / self._samples if self._classes is not None and self._classes > 5 else None
         return Accuracy(self._top1 / self._samples, top5, self._samples)
+
+
+def has_one_position(shape: Sequence[int], layout: OutputLayout) -> bool:
+    """True when each sample has one class position (a classifier: accuracy against labels makes sense)."""
+    if layout.class_axis is None:
+        return False
+    return all(d == 1 for axis, d in enumerate(shape) if axis not in (layout.batch_axis, layout.class_axis))
+
+
+# ------------------------------------------------------------------------------------------- layouts
+
+
+def _batch_symbols(model: onnx.ModelProto) -> set[str]:
+    """The symbolic names of the inputs' first dims (the batch, by the data reader's convention)."""
+    initializers = {t.name for t in model.graph.initializer}
+    symbols = set()
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].dim_param and not dims[0].HasField("dim_value"):
+            symbols.add(dims[0].dim_param)
+    return symbols
+
+
+def find_batch_axis(
+    model: onnx.ModelProto,
+    output: str,
+    shape: Sequence[int],
+    batch_size: int,
+    probe: Callable[[int], Sequence[int]] | None = None,
+) -> int | None:
+    """The axis of `output` (produced at `shape` from a batch of `batch_size` samples) that is the batch.
+
+    1. the declared output dims: the one axis whose symbolic dim is the inputs' batch symbol (when the
+       declared rank is the real one: exporters declare `[1, seqlen]` for a real `[T, 1, C]`);
+    2. `probe(n)`, the output's shape for a batch of n samples (None when the batch dim is fixed): the one
+       axis whose size follows the batch;
+    3. with one sample per run, None (the whole output is the sample); else axis 0 when its size is the
+       batch size.
+    Raises DataError when no axis can be the batch of a multi-sample batch.
+    """
+    declared = next((v for v in model.graph.output if v.name == output), None)
+    symbols = _batch_symbols(model)
+    if declared is not None and symbols:
+        dims = declared.type.tensor_type.shape.dim
+        if len(dims) == len(shape):
+            axes = [axis for axis, d in enumerate(dims) if d.dim_param in symbols and shape[axis] == batch_size]
+            if len(axes) == 1:
+                return axes[0]
+    if probe is not None:
+        other = 2 if batch_size == 1 else 1
+        other_shape = list(probe(other))
+        if len(other_shape) == len(shape):
+            axes = [a for a, (x, y) in enumerate(zip(shape, other_shape, strict=True)) if x == batch_size and y == other]
+            if len(axes) == 1:
+                return axes[0]
+            if not axes and shape == other_shape:
+                return None  # the output does not depend on the batch size (a reduction over samples)
+    if batch_size == 1:
+        return None
+    if shape and shape[0] == batch_size:
+        return 0
+    raise DataError(
+        f"cannot tell which axis of output {output!r} (shape {list(shape)}) holds the {batch_size} samples of a "
+        "batch; use batches of 1 (--batch 1)"
+    )
+
+
+_SHAPE_ONLY = frozenset({"Identity", "Cast", "Dropout", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
+_NO_CLASSES = frozenset(
+    {"Concat", "LpNormalization", "ReduceMean", "ReduceSum", "ReduceL2", "ReduceMax", "GlobalAveragePool",
+     "GlobalMaxPool", "Sqrt", "Div"}
+)  # boxes joined to scores, pooled or normalized embeddings: an argmax over them means nothing
+_SOFTMAX = frozenset({"Softmax", "LogSoftmax"})
+
+
+def _head(model: onnx.ModelProto, output: str) -> tuple[onnx.NodeProto | None, list[onnx.NodeProto]]:
+    """The node that computes `output`'s values, past shape-only ops, and the shape-only ops on the way."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    path: list[onnx.NodeProto] = []
+    node = producers.get(output)
+    while node is not None and node.op_type in _SHAPE_ONLY and node.input:
+        path.append(node)
+        node = producers.get(node.input[0])
+    return node, path
+
+
+def _axis_through(axis: int, path: Sequence[onnx.NodeProto]) -> int | None:
+    """Follow an axis of the head's output through rank-keeping shape ops to the graph output."""
+    for node in reversed(path):
+        if node.op_type in ("Identity", "Cast", "Dropout"):
+            continue
+        if node.op_type == "Transpose":
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            if perm is None or axis not in perm:
+                return None
+            axis = perm.index(axis)
+            continue
+        return None
+    return axis
+
+
+def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((int(a.i) for a in node.attribute if a.name == name), default)
+
+
+def output_layout(model: onnx.ModelProto, output: str, shape: Sequence[int], batch_axis: int | None) -> OutputLayout:
+    """The class and channel axes of `output` (at its real `shape`), given its batch axis.
+
+    Class axis: a Softmax/LogSoftmax's axis followed through Transposes (top-1 at every position: a CTC
+    recognizer's `[T, 1, C]`); else, for an output with one axis longer than 1 besides the batch (a
+    classifier), that axis -- unless the values come from a Concat, a pooling or a normalization
+    (boxes, embeddings). Channel axis: the class axis; else a Concat's axis (a head joining boxes and
+    scores); else axis 1 of a 4-d `[N, C, H, W]` map, the last axis otherwise.
+    """
+    rank = len(shape)
+    head, path = _head(model, output)
+    op_type = head.op_type if head is not None else None
+    class_axis: int | None = None
+    if head is not None and op_type in _SOFTMAX:
+        default = -1 if _default_opset(model) >= 13 else 1
+        axis = _attribute(head, "axis", default)
+        axis = axis + rank if axis < 0 else axis
+        class_axis = _axis_through(axis, path)
+        if class_axis is not None and (class_axis == batch_axis or class_axis >= rank or shape[class_axis] < 2):
+            class_axis = None
+    elif op_type not in _NO_CLASSES and is_classifier_output(shape, batch_axis):
+        class_axis = next(axis for axis, d in enumerate(shape) if axis != batch_axis and d > 1)
+    channel_axis = class_axis
+    if channel_axis is None and head is not None and op_type == "Concat":
+        axis = _attribute(head, "axis", 0)
+        channel_axis = _axis_through(axis + rank if axis < 0 else axis, path)
+    if channel_axis is None:
+        others = [axis for axis in range(rank) if axis != batch_axis]
+        if others:
+            channel_axis = 1 if rank == 4 and batch_axis == 0 else others[-1]
+    if channel_axis is not None and (channel_axis == batch_axis or channel_axis >= rank):
+        channel_axis = None
+    return OutputLayout(batch_axis, class_axis, channel_axis)
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")), 13)
 
 
 def fidelity(reference: np.ndarray, candidate: np.ndarray) -> Fidelity:

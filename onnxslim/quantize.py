@@ -30,9 +30,19 @@ The steps, and why each one is here:
   cores from the session timed next (two identical models measured 0.70x-1.30x apart that way; without
   spinning within 1.5 %, 8 runs each on a busy 2-core machine). 5 % is over three times that noise, and an
   int8 model costs accuracy, so it has to win clearly.
-* **Fidelity** of the reported int8 model against fp32 on data not used for calibration: the last
+* **CPU-aware defaults** (`cpu.py`): without VNNI/AMX, u8 x s8 products saturate in int16, so weights are
+  7-bit (`reduce_range`) there and when the CPU is unknown; full 8-bit with VNNI. `reduce_range` given
+  explicitly wins. The choice and why are in the result (`cpu`).
+* **Fidelity** of the int8 model against fp32 on data not used for calibration: the last
   `holdout_fraction` (20 %) of the calibration batches, or all of `eval_data` when given (then every
-  calibration batch calibrates). Accuracy of both when that data has labels. Reported, not acted on.
+  calibration batch calibrates). Every element of the output is compared, whatever axis holds the batch
+  (`metrics.find_batch_axis`), with the worst channel's cosine besides the mean. Accuracy of both when
+  that data has labels and the output is a classifier's.
+* **Accuracy guard** (`quant_guard.py`): the int8 model must meet an accuracy budget (default: cosine
+  0.99, mean and worst channel). Concats joining very different ranges stay fp32 from the start; when
+  the budget is missed, the other calibration methods are tried, then the nodes whose quantization adds the
+  most measured error are kept in fp32, fewest first, within `max_trials` trials. The speed guard then
+  runs on that set of nodes: only candidates that meet the budget can be kept.
 
 The library never prints: progress goes through an optional callback, results are dataclasses that
 `report.py` renders.
@@ -58,6 +68,7 @@ import onnx
 
 from onnxslim.bench import physical_cores, session_options, time_interleaved
 from onnxslim.calib import Batch, Dataset
+from onnxslim.cpu import CpuChoice, CpuFeatures, choose_for_cpu, detect_cpu
 from onnxslim.errors import DataError, ModelLoadError, UnsupportedModelError, UsageError, first_line
 from onnxslim.io import LoadedModel, infer_tensor_infos, normalize_model, validate
 from onnxslim.metrics import (
@@ -65,8 +76,27 @@ from onnxslim.metrics import (
     AccuracyMeter,
     Fidelity,
     FidelityMeter,
-    is_classifier_output,
+    OutputLayout,
+    find_batch_axis,
+    has_one_position,
+    output_layout,
     select_output,
+)
+from onnxslim.quant_guard import (
+    MAX_TRIALS,
+    RANGE_RATIO,
+    AccuracyBudget,
+    BudgetCheck,
+    ExclusionTrial,
+    NodeError,
+    check_budget,
+    concat_range_offenders,
+    finish_errors,
+    layer_norm_blocks,
+    node_errors,
+    rank_blocks,
+    relative_errors,
+    search_exclusions,
 )
 
 __all__ = [
@@ -83,6 +113,7 @@ __all__ = [
     "CalibrationSummary",
     "PreparedModel",
     "QuantizeResult",
+    "MethodTrial",
     "Timer",
     "ProgressCallback",
     "find_quantized_nodes",
@@ -148,7 +179,7 @@ class QuantConfig:
     activations: str = "u8"
     weights: str = "s8"
     per_channel: bool = True
-    reduce_range: bool = False
+    reduce_range: bool | None = None  # None: chosen for the CPU (see cpu.py)
     op_types: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -191,6 +222,10 @@ class QuantizeOptions:
     holdout_fraction: float = HOLDOUT_FRACTION
     calibration_memory: int = CALIBRATION_MEMORY
     output: str | None = None  # the output fidelity and accuracy read; default the first
+    budget: AccuracyBudget = field(default_factory=AccuracyBudget)
+    max_trials: int = MAX_TRIALS  # trial quantizations the accuracy guard may run (0: only check the budget)
+    cpu: CpuFeatures | None = None  # None: detected from /proc/cpuinfo
+    range_ratio: float | None = RANGE_RATIO  # Concats whose inputs' ranges differ more stay fp32 (None: never)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -203,6 +238,8 @@ class QuantizeOptions:
             raise UsageError(f"holdout fraction must be in [0, 1), not {self.holdout_fraction}")
         if self.calibration_memory < 1:
             raise UsageError("calibration memory must be positive")
+        if self.max_trials < 0:
+            raise UsageError(f"max trials must be 0 or more, not {self.max_trials}")
 
 
 # --------------------------------------------------------------------------------------------- results
@@ -221,6 +258,8 @@ class CandidateTiming:
     size_bytes: int | None = None
     nodes_quantized: int | None = None
     error: str | None = None
+    budget_met: bool | None = None  # None: not checked (counts as met)
+    score: float | None = None  # fidelity score on the held-out data, when checked
 
     @property
     def speedup(self) -> float | None:
@@ -302,6 +341,17 @@ class QuantizeResult:
     min_speedup: float
     opset: tuple[int, int]  # (source, quantized model)
     notes: tuple[str, ...] = ()
+    cpu: CpuChoice | None = None
+    budget: AccuracyBudget = field(default_factory=AccuracyBudget)
+    budget_check: BudgetCheck | None = None  # the reported int8 model against the budget
+    fp32_nodes: tuple[NodeError, ...] = ()  # nodes the guard (and --exclude) kept in fp32, and why
+    method_trials: tuple[MethodTrial, ...] = ()
+    exclusion_trials: tuple[ExclusionTrial, ...] = ()
+    max_trials: int = MAX_TRIALS
+
+    @property
+    def budget_met(self) -> bool | None:
+        return None if self.budget_check is None else self.budget_check.met
 
     @property
     def accuracy_delta(self) -> float | None:
@@ -317,6 +367,14 @@ class QuantizeResult:
     @property
     def activations(self) -> str | None:
         return None if self.config is None else self.config.activations
+
+
+@dataclass(frozen=True)
+class MethodTrial:
+    """One calibration method tried by the accuracy guard, with every node of the first trial quantized."""
+
+    method: str
+    check: BudgetCheck
 
 
 # Progress: (stage, done, total), e.g. ("calibrating", 12, 205). Stages: calibrating, quantizing, timing,
@@ -797,7 +855,9 @@ def decide(
     force: bool = False,
     tried: int | None = None,
 ) -> SpeedDecision:
-    """Pure: keep the fastest candidate if it is at least `min_speedup` faster than fp32, or if `force`.
+    """Pure: keep the fastest candidate that meets the accuracy budget if it is at least `min_speedup`
+    faster than fp32, or if `force`. Candidates whose `budget_met` is False are never kept unless `force`
+    and none meets it (then the most faithful one is).
 
     `tried` is how many variants were tried in all, for the message (default: the candidates given).
     """
@@ -805,7 +865,20 @@ def decide(
     if not ran:
         failures = "; ".join(dict.fromkeys(c.error for c in candidates if c.error)) or "no candidate was measured"
         return SpeedDecision(None, None, f"no int8 model could be built: {failures}")
-    best = max(ran, key=lambda c: c.speedup or 0.0)
+    meeting = [c for c in ran if c.budget_met is not False]
+    if not meeting:
+        closest = max(ran, key=lambda c: (c.score if c.score is not None else -math.inf, c.speedup or 0.0))
+        if force:
+            return SpeedDecision(
+                closest, closest,
+                f"--force: keeping int8 ({closest.config.label}) although no int8 variant meets the accuracy budget",
+            )
+        return SpeedDecision(
+            None, closest,
+            f"no int8 variant tried meets the accuracy budget (the closest, {closest.config.label}, has fidelity "
+            f"{closest.score if closest.score is not None else float('nan'):.4f}); keeping the fp32 model",
+        )
+    best = max(meeting, key=lambda c: c.speedup or 0.0)
     speedup = best.speedup or 0.0
     if speedup >= min_speedup:
         return SpeedDecision(best, best, f"int8 ({best.config.label}) is {speedup:.2f}x as fast as fp32")
@@ -846,7 +919,7 @@ def search_fastest(
         return timings
 
     (first,) = run([requested])
-    if first.speedup is not None and first.speedup >= min_speedup:
+    if first.speedup is not None and first.speedup >= min_speedup and first.budget_met is not False:
         return decide([first], min_speedup=min_speedup), tuple(latest.values())
     best = first
     tried = {requested}
@@ -860,7 +933,11 @@ def search_fastest(
         timed = {t.config: t for t in pair}
         best = timed.get(best.config, best)
         challenger = timed[step]
-        if challenger.speedup is not None and (best.speedup is None or challenger.speedup > best.speedup):
+        if challenger.budget_met is False:
+            continue  # never the base of further changes: it loses accuracy the budget does not allow
+        if challenger.speedup is not None and (
+            best.speedup is None or best.budget_met is False or challenger.speedup > best.speedup
+        ):
             best = challenger
     # The winner of the head-to-head comparisons (each made within one run), not the largest ratio seen
     # across runs: ratios from different runs carry different noise.
@@ -907,40 +984,107 @@ def measure_latencies(
 # ------------------------------------------------------------------------------------------- fidelity
 
 
-def _compare(
-    fp32: onnx.ModelProto,
-    int8: onnx.ModelProto,
-    batches: Iterator[Batch],
-    output: str,
-    total: int,
-    *,
-    threads: int,
-    want_accuracy: bool,
-    progress: ProgressCallback | None,
-) -> tuple[Fidelity, Accuracy | None, Accuracy | None, str | None]:
-    reference, candidate = _session(fp32, threads), _session(int8, threads)
-    fidelity_meter = FidelityMeter()
-    accuracy_meters = (AccuracyMeter(), AccuracyMeter()) if want_accuracy else None
-    note = None
-    for number, batch in enumerate(batches, start=1):
-        try:
-            want = reference.run([output], batch.feeds)[0][: batch.size]
-            got = candidate.run([output], batch.feeds)[0][: batch.size]
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise DataError(f"onnxruntime failed on evaluation batch {number}: {first_line(e)}") from e
-        fidelity_meter.update(want, got)
-        if accuracy_meters is not None and batch.labels is not None:
-            if not is_classifier_output(np.shape(want)):
-                note = f"labels ignored: output {output!r} of shape {list(np.shape(want))} is not a classifier's"
-                accuracy_meters = None
-            else:
+class _Evaluator:
+    """Runs int8 candidates against fp32 on the fidelity data: fidelity over every element of the output
+    (its batch axis found once, `metrics.find_batch_axis`), accuracy with labels. The fp32 outputs are kept
+    (up to `cache_bytes`) so each candidate costs one pass of its own."""
+
+    def __init__(
+        self,
+        fp32: onnx.ModelProto,
+        split: _Split,
+        output: str,
+        *,
+        threads: int,
+        progress: ProgressCallback | None,
+        cache_bytes: int = 256 * 2**20,
+    ) -> None:
+        self._fp32, self._split, self._output, self._threads, self._progress = fp32, split, output, threads, progress
+        self._reference = _session(fp32, threads)
+        self._cache: list[np.ndarray | None] = []
+        self._cache_left = cache_bytes
+        self.layout: OutputLayout | None = None
+        self.want_accuracy = split.fidelity_data.has_labels
+        self.note: str | None = None
+        self.fp32_accuracy: Accuracy | None = None
+        self.runs = 0
+
+    def _layout_for(self, batch: Batch, want: np.ndarray) -> OutputLayout:
+        symbolic = all(
+            v.type.tensor_type.shape.dim and not v.type.tensor_type.shape.dim[0].HasField("dim_value")
+            for v in self._fp32.graph.input if v.name in batch.feeds
+        )
+        rows = len(next(iter(batch.feeds.values())))
+
+        def probe(samples: int) -> Sequence[int]:
+            feeds = {name: np.concatenate([array] * samples)[:samples] if rows == 1 else array[:samples]
+                     for name, array in batch.feeds.items()}
+            return np.shape(self._reference.run([self._output], feeds)[0])
+
+        batch_axis = find_batch_axis(self._fp32, self._output, np.shape(want), rows, probe if symbolic else None)
+        return output_layout(self._fp32, self._output, np.shape(want), batch_axis)
+
+    def _rows(self, array: np.ndarray, batch: Batch) -> np.ndarray:
+        """The rows of a padded batch that hold real samples, on the output's batch axis."""
+        assert self.layout is not None
+        axis = self.layout.batch_axis
+        if axis is None:
+            return array
+        return np.take(array, np.arange(batch.size), axis=axis)
+
+    def _reference_outputs(self, number: int, batch: Batch) -> np.ndarray:
+        if number - 1 < len(self._cache) and self._cache[number - 1] is not None:
+            cached = self._cache[number - 1]
+            assert cached is not None
+            return cached
+        want = self._reference.run([self._output], batch.feeds)[0]
+        if self.layout is None:
+            self.layout = self._layout_for(batch, want)
+        want = self._rows(want, batch)
+        if number - 1 == len(self._cache):
+            keep = want.nbytes <= self._cache_left
+            self._cache.append(want if keep else None)
+            self._cache_left -= want.nbytes if keep else 0
+        return want
+
+    def __call__(self, int8: onnx.ModelProto) -> tuple[Fidelity, Accuracy | None, Accuracy | None]:
+        """Fidelity of `int8` against fp32, and the accuracies of both (None without labels)."""
+        candidate = _session(int8, self._threads)
+        fidelity_meter: FidelityMeter | None = None
+        accuracy_meters: tuple[AccuracyMeter, AccuracyMeter] | None = None
+        total = self._split.fidelity_batches
+        for number, batch in enumerate(self._split.fidelity(), start=1):
+            try:
+                want = self._reference_outputs(number, batch)
+                got = self._rows(candidate.run([self._output], batch.feeds)[0], batch)
+            except DataError:
+                raise
+            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+                raise DataError(f"onnxruntime failed on evaluation batch {number}: {first_line(e)}") from e
+            assert self.layout is not None
+            if fidelity_meter is None:
+                fidelity_meter = FidelityMeter(self.layout)
+                if self.want_accuracy:
+                    if has_one_position(np.shape(want), self.layout):
+                        accuracy_meters = (AccuracyMeter(self.layout), AccuracyMeter(self.layout))
+                    else:
+                        self.want_accuracy = False
+                        self.note = (
+                            f"labels ignored: output {self._output!r} of shape {list(np.shape(want))} is not a "
+                            "classifier's (one class score per sample)"
+                        )
+            fidelity_meter.update(want, got)
+            if accuracy_meters is not None and batch.labels is not None:
                 accuracy_meters[0].update(want, batch.labels)
                 accuracy_meters[1].update(got, batch.labels)
-        if progress is not None:
-            progress("evaluating", number, total)
-    if accuracy_meters is None:
-        return fidelity_meter.result(), None, None, note
-    return fidelity_meter.result(), accuracy_meters[0].result(), accuracy_meters[1].result(), note
+            if self._progress is not None:
+                self._progress("evaluating", number, total)
+        self.runs += 1
+        if fidelity_meter is None:
+            raise DataError("no evaluation batch to measure fidelity on")
+        if accuracy_meters is None:
+            return fidelity_meter.result(), None, None
+        return fidelity_meter.result(), accuracy_meters[0].result(), accuracy_meters[1].result()
 
 
 # ---------------------------------------------------------------------------------------- the command
@@ -1086,6 +1230,67 @@ class _Candidates:
         return timings
 
 
+def _load_ranges(cache_path: Path) -> dict[str, tuple[float, float]]:
+    """The calibrated (low, high) of every tensor, from the cache `calibrate` wrote."""
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    ranges = {}
+    for name, data in load_tensors_data(cache_path).items():
+        low, high = data.range_value
+        ranges[name] = (float(np.min(low)), float(np.max(high)))
+    return ranges
+
+
+def _consumer_view(int8: onnx.ModelProto, tensors: Sequence[str]) -> dict[str, str]:
+    """For each fp32 tensor, the int8 model's tensor its consumers read: the DequantizeLinear output of its
+    QuantizeLinear -> DequantizeLinear pair, or the tensor itself when it stays float."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in int8.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    produced = {o for n in int8.graph.node for o in n.output} | {i.name for i in int8.graph.input}
+    view = {}
+    for tensor in tensors:
+        quantize = next((n for n in consumers.get(tensor, []) if n.op_type == "QuantizeLinear"), None)
+        dequantize = None
+        if quantize is not None:
+            dequantize = next((n for n in consumers.get(quantize.output[0], []) if n.op_type == "DequantizeLinear"), None)
+        if dequantize is not None:
+            view[tensor] = dequantize.output[0]
+        elif tensor in produced:
+            view[tensor] = tensor
+    return view
+
+
+def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    existing = {o.name for o in exposed.graph.output}
+    for name in names:
+        if name not in existing:
+            exposed.graph.output.append(onnx.ValueInfoProto(name=name))
+    return exposed
+
+
+def measure_tensor_errors(
+    prepared: onnx.ModelProto, int8_qdq: onnx.ModelProto, batches: Iterator[Batch], *, threads: int
+) -> dict[str, float]:
+    """Relative error ||int8 - fp32|| / ||fp32|| of every float tensor of `prepared`, as the int8 (QDQ)
+    model's consumers read it, over `batches`. Both models run unfused (basic optimizations), every tensor
+    exposed."""
+    tensors = sorted(_calibrated_tensors(prepared) - {i.name for i in prepared.graph.input})
+    view = _consumer_view(int8_qdq, tensors)
+    tensors = [t for t in tensors if t in view]
+    reference = _session(_with_outputs(prepared, tensors), threads, level="basic")
+    candidate = _session(_with_outputs(int8_qdq, [view[t] for t in tensors]), threads, level="basic")
+    sums: dict[str, list[np.ndarray]] = {}
+    for batch in batches:
+        want = dict(zip(tensors, reference.run(tensors, batch.feeds), strict=True))
+        got = dict(zip(tensors, candidate.run([view[t] for t in tensors], batch.feeds), strict=True))
+        relative_errors(want, got, sums)
+    return finish_errors(sums)
+
+
 def quantize_model(
     model: LoadedModel | onnx.ModelProto,
     calib: Dataset,
@@ -1095,12 +1300,13 @@ def quantize_model(
     progress: ProgressCallback | None = None,
     timer: Timer | None = None,
 ) -> QuantizeResult:
-    """Quantize `model` to int8 with onnxruntime, calibrated on `calib`, guarded for speed (module docstring).
+    """Quantize `model` to int8 with onnxruntime, calibrated on `calib`, guarded for accuracy and speed
+    (module docstring).
 
     `timer` replaces the latency measurement (tests inject timings). A kept int8 model is validated
     (onnx.checker, an onnxruntime run, the source's inputs and outputs); a failure raises ValidationError.
     Raises UnsupportedModelError for already-quantized models or when no candidate could be built,
-    DataError for calibration data the model cannot run on.
+    DataError for calibration data the model cannot run on, UsageError for --max-drop without labels.
     """
     options = options or QuantizeOptions()
     if isinstance(model, LoadedModel):
@@ -1114,35 +1320,138 @@ def quantize_model(
     output = select_output(source, options.output)
     if calib.is_random:
         notes.append("calibration data is random: the ranges, fidelity and accuracy mean nothing (smoke test only)")
+    cpu = choose_for_cpu(options.cpu or detect_cpu(), options.config.reduce_range)
+    budget = options.budget
 
     prepared = prepare_model(source, shapes, per_channel=options.config.per_channel)
     notes += prepared.notes
-    config = options.config
+    config = replace(options.config, reduce_range=cpu.reduce_range)
     if config.per_channel and not prepared.per_channel:
         config = replace(config, per_channel=False)
-    exclude_nodes = _resolve_exclusions(options.exclude, [source, prepared.model], prepared.model)
+    user_excluded = _resolve_exclusions(options.exclude, [source, prepared.model], prepared.model)
     split = _split(calib, eval_data, options.holdout_fraction)
     if split.note:
         notes.append(split.note)
+    if budget.max_drop is not None and not split.fidelity_data.has_labels:
+        raise UsageError("--max-drop needs labels in the evaluation data (--eval, or --calib with labels); "
+                         "without labels use --min-fidelity")
     threads = options.threads or physical_cores()
     feeds = next(iter(calib.batches())).feeds
 
     def default_timer(entries: Sequence[tuple[QuantConfig | None, onnx.ModelProto]], feeds: Mapping[str, np.ndarray]) -> list[float]:
         return measure_latencies([m for _, m in entries], feeds, threads=threads, progress=progress)
 
+    evaluator = _Evaluator(source, split, output, threads=threads, progress=progress)
+    evaluated: dict[tuple[QuantConfig, str, tuple[str, ...]], tuple[Fidelity, Accuracy | None, Accuracy | None, BudgetCheck]] = {}
+
+    def evaluate(int8: onnx.ModelProto, key: tuple[QuantConfig, str, tuple[str, ...]]) -> BudgetCheck:
+        if key not in evaluated:
+            fidelity, accuracy_fp32, accuracy_int8 = evaluator(int8)
+            evaluated[key] = (fidelity, accuracy_fp32, accuracy_int8, check_budget(budget, fidelity, accuracy_fp32, accuracy_int8))
+        return evaluated[key][3]
+
     with tempfile.TemporaryDirectory(prefix="onnxslim-quantize-") as scratch:
-        prepared_path, cache_path = Path(scratch) / "prepared.onnx", Path(scratch) / "ranges.json"
+        prepared_path = Path(scratch) / "prepared.onnx"
         onnx.save_model(prepared.model, str(prepared_path))
-        calibration = calibrate(
-            prepared.model, calib, options.method, batches=split.calibration_batches,
-            memory=options.calibration_memory, cache_path=cache_path, progress=progress,
-        )
+        calibrations: dict[str, tuple[Path, CalibrationSummary]] = {}
+
+        def calibrated(method: str) -> tuple[Path, CalibrationSummary]:
+            if method not in calibrations:
+                path = Path(scratch) / f"ranges-{method}.json"
+                summary = calibrate(
+                    prepared.model, calib, method, batches=split.calibration_batches,
+                    memory=options.calibration_memory, cache_path=path, progress=progress,
+                )
+                calibrations[method] = (path, summary)
+            return calibrations[method]
+
+        def build(build_config: QuantConfig, method: str, nodes: Sequence[str]) -> onnx.ModelProto:
+            int8 = quantize_with_ranges(prepared_path, calibrated(method)[0], build_config, method, exclude_nodes=nodes)
+            _declare_like(int8, source)
+            return int8
+
+        def trial(method: str, nodes: Sequence[str]) -> BudgetCheck:
+            key = (config, method, tuple(sorted(nodes)))
+            if key in evaluated:
+                return evaluated[key][3]
+            try:
+                int8 = build(config, method, nodes)
+            except UnsupportedModelError as e:
+                return BudgetCheck(False, -1.0, None, str(e))
+            return evaluate(int8, key)
+
+        # Concats joining very different ranges: fp32 from the start (quant_guard module docstring).
+        ranges = _load_ranges(calibrated(options.method)[0])
+        rule_nodes = [] if options.range_ratio is None else [
+            e for e in concat_range_offenders(prepared.model, ranges, options.range_ratio) if e.name not in user_excluded
+        ]
+        base_excluded = sorted({*user_excluded, *(e.name for e in rule_nodes)})
+        method = options.method
+        trials_left = options.max_trials
+        method_trials = [MethodTrial(method, trial(method, base_excluded))]
+        exclusion_trials: tuple[ExclusionTrial, ...] = ()
+        guard_nodes: list[str] = []
+        guard_reasons: dict[str, str] = {}
+        own_errors: dict[str, float] = {}
+        if not method_trials[0].check.met and trials_left:
+            for other in (m for m in ("percentile", "entropy", "minmax") if m != method):
+                if not trials_left:
+                    break
+                trials_left -= 1
+                method_trials.append(MethodTrial(other, trial(other, base_excluded)))
+            method = max(method_trials, key=lambda t: (t.check.met, t.check.score)).method
+            if not any(t.check.met for t in method_trials) and trials_left:
+                try:
+                    qdq = build(replace(config, format="qdq"), method, base_excluded)
+                except UnsupportedModelError as e:
+                    notes.append(f"cannot measure which nodes int8 hurts: {e}")
+                else:
+                    sensitivity_batches = min(4, split.calibration_batches)
+                    tensor_errors = measure_tensor_errors(
+                        prepared.model, qdq, _limited(calib.batches(), sensitivity_batches), threads=threads
+                    )
+                    types = _quantized_op_types(config)
+                    quantizable = [n.name for n in prepared.model.graph.node if n.op_type in types and n.name not in base_excluded]
+                    own_errors = node_errors(prepared.model, tensor_errors, quantizable)
+                    norms = layer_norm_blocks(prepared.model)
+                    norm_members = {name for block in norms for name in block}
+                    ranked = rank_blocks(own_errors, norms, prepared.model)
+                    search = search_exclusions(ranked, lambda nodes: trial(method, [*base_excluded, *nodes]), trials_left)
+                    exclusion_trials = search.trials
+                    count = search.blocks
+                    if count is None and search.trials:  # nothing met the budget: the most faithful set tried
+                        count = max(search.trials, key=lambda t: t.check.score).blocks
+                    for block in ranked[: count or 0]:
+                        head = block.nodes[0]
+                        for name in block.nodes:
+                            if name in guard_reasons:
+                                continue
+                            if name == head:
+                                guard_reasons[name] = "int8 adds the most error here (measured)"
+                            elif name in norm_members:
+                                guard_reasons[name] = "part of a decomposed LayerNorm kept in fp32 whole"
+                            else:
+                                guard_reasons[name] = f"reads {head}'s output, which stays float only if its readers do"
+                    guard_nodes = list(guard_reasons)
+        excluded = sorted({*base_excluded, *guard_nodes})
+        cache_path, calibration = calibrated(method)
         candidates = _Candidates(
-            source, prepared.model, prepared_path, cache_path, method=options.method, exclude_nodes=exclude_nodes,
+            source, prepared.model, prepared_path, cache_path, method=method, exclude_nodes=excluded,
             threads=threads, timer=timer or default_timer, feeds=feeds, progress=progress,
         )
+
+        def measure(configs: Sequence[QuantConfig]) -> list[CandidateTiming]:
+            timings = []
+            for timing in candidates.measure(configs):
+                built = candidates.built.get(timing.config)
+                if timing.error is None and isinstance(built, onnx.ModelProto):
+                    check = evaluate(built, (timing.config, method, tuple(excluded)))
+                    timing = replace(timing, budget_met=check.met, score=check.score)
+                timings.append(timing)
+            return timings
+
         decision, tried = search_fastest(
-            config, candidates.measure, per_channel_possible=prepared.per_channel,
+            config, measure, per_channel_possible=prepared.per_channel,
             min_speedup=options.min_speedup, force=options.force,
         )
     best = decision.best
@@ -1152,28 +1461,31 @@ def quantize_model(
     assert isinstance(int8, onnx.ModelProto)
     if decision.chosen is not None:
         validate(int8, source, shapes, feeds=feeds)
-    fidelity, accuracy_fp32, accuracy_int8, accuracy_note = _compare(
-        source, int8, split.fidelity(), output, split.fidelity_batches, threads=threads,
-        want_accuracy=split.fidelity_data.has_labels, progress=progress,
-    )
-    if accuracy_note:
-        notes.append(accuracy_note)
-    quantized_nodes, fp32_nodes = candidates.count(best.config, int8)
+    fidelity, accuracy_fp32, accuracy_int8, budget_check = evaluated[(best.config, method, tuple(excluded))]
+    if evaluator.note:
+        notes.append(evaluator.note)
+    quantized_nodes, fp32_count = candidates.count(best.config, int8)
+    kinds = {n.name: n.op_type for n in prepared.model.graph.node}
+    fp32_nodes = [NodeError(n, kinds.get(n, "?"), None, "--exclude") for n in user_excluded]
+    fp32_nodes += rule_nodes
+    fp32_nodes += [NodeError(n, kinds.get(n, "?"), own_errors.get(n), guard_reasons[n]) for n in guard_nodes]
+    if not budget_check.met:
+        logger.warning("the int8 model misses the accuracy budget (%s): %s", budget.label, budget_check.why)
     return QuantizeResult(
         model=int8 if decision.chosen is not None else source,
         quantized=decision.chosen is not None,
-        forced=decision.chosen is not None and (best.speedup or 0.0) < options.min_speedup,
+        forced=decision.chosen is not None and ((best.speedup or 0.0) < options.min_speedup or best.budget_met is False),
         reason=decision.reason,
         int8_model=int8,
         config=best.config,
-        method=options.method,
+        method=method,
         latency_fp32_ms=best.fp32_latency_ms,
         latency_int8_ms=best.latency_ms,
         speedup=best.speedup,
         size_fp32=size_fp32,
         size_int8=best.size_bytes,
         nodes_quantized=quantized_nodes,
-        nodes_fp32=fp32_nodes,
+        nodes_fp32=fp32_count,
         fidelity=fidelity,
         fidelity_data=split.description,
         accuracy_fp32=accuracy_fp32,
@@ -1186,4 +1498,11 @@ def quantize_model(
         min_speedup=options.min_speedup,
         opset=(prepared.source_opset, _default_opset(int8)),
         notes=tuple(notes),
+        cpu=cpu,
+        budget=budget,
+        budget_check=budget_check,
+        fp32_nodes=tuple(fp32_nodes),
+        method_trials=tuple(method_trials),
+        exclusion_trials=exclusion_trials,
+        max_trials=options.max_trials,
     )

@@ -630,12 +630,20 @@ def render_quantize(result: QuantizeResult, output: str | None = None) -> str:
     ]
     if result.fidelity is not None:
         fidelity = result.fidelity
+        top1 = "" if fidelity.top1_agreement is None else f", top-1 agreement {_fraction(fidelity.top1_agreement)}"
+        channel = ""
+        if fidelity.worst_channel_cosine is not None:
+            channel = (
+                f"; worst channel (axis {fidelity.channel_axis}, #{fidelity.worst_channel} of {fidelity.channels}) "
+                f"cosine {fidelity.worst_channel_cosine:.6f}, worst relative error {fidelity.worst_channel_rel_error:.3g}"
+            )
         lines += [
             "",
             f"fidelity     output {result.output!r}: cosine {fidelity.cosine:.6f}, max abs {fidelity.max_abs:.3g}, "
-            f"mean abs {fidelity.mean_abs:.3g}, top-1 agreement {_fraction(fidelity.top1_agreement)}",
+            f"mean abs {fidelity.mean_abs:.3g}{top1}{channel}",
             f"             on {result.fidelity_data}",
         ]
+    lines += _render_guard(result)
     shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in result.timing_shapes.items())
     lines += [
         "",
@@ -656,6 +664,36 @@ def render_quantize(result: QuantizeResult, output: str | None = None) -> str:
             "`onnxslim bench MODEL INT8_MODEL --profile`",
         ]
     return "\n".join(lines)
+
+
+def _render_guard(result: QuantizeResult) -> list[str]:
+    """CPU choice, budget, calibration methods and exclusion trials, nodes kept fp32."""
+    lines = [""]
+    if result.cpu is not None:
+        flags = ", ".join(result.cpu.cpu.flags) or "none seen"
+        lines.append(
+            f"cpu          {'reduce-range (7-bit weights)' if result.cpu.reduce_range else 'full 8-bit weights'}: "
+            f"{result.cpu.reason} [flags: {flags}; from {result.cpu.cpu.source}]"
+        )
+    check = result.budget_check
+    verdict = "-" if check is None else "met" if check.met else f"MISSED: {check.why}"
+    lines.append(f"budget       {result.budget.label}: {verdict}")
+    trials = len(result.method_trials) - 1 + len(result.exclusion_trials)
+    if trials:
+        tried = ", ".join(f"{t.method} {t.check.score:.4f}" for t in result.method_trials)
+        lines.append(f"guard        {trials} of at most {result.max_trials} trials; calibration methods (fidelity): {tried}")
+        for trial in result.exclusion_trials:
+            lines.append(
+                f"             top {trial.blocks} block(s), {trial.nodes} node(s) fp32: fidelity {trial.check.score:.4f}"
+                f"{' (meets)' if trial.check.met else ''}"
+            )
+    if result.fp32_nodes:
+        rows = [(n.name, n.op_type, "-" if n.error is None else f"{n.error:.3g}", n.reason) for n in result.fp32_nodes[:20]]
+        lines += ["", f"kept in fp32 ({len(result.fp32_nodes)} node(s); error: relative error int8 adds there)",
+                  format_table(["node", "op", "error", "why"], rows)]
+        if len(result.fp32_nodes) > 20:
+            lines.append(f"  ... and {len(result.fp32_nodes) - 20} more (--json lists all)")
+    return lines
 
 
 def quantize_json(result: QuantizeResult, output: str | None = None) -> dict[str, Any]:
@@ -700,11 +738,22 @@ def quantize_json(result: QuantizeResult, output: str | None = None) -> dict[str
         "candidates": [
             {"config": c.config.label, **to_jsonable(c.config), "latency_ms": c.latency_ms,
              "fp32_latency_ms": c.fp32_latency_ms, "speedup": c.speedup, "size_bytes": c.size_bytes,
-             "nodes_quantized": c.nodes_quantized, "error": c.error}
+             "nodes_quantized": c.nodes_quantized, "error": c.error, "budget_met": c.budget_met, "score": c.score}
             for c in result.candidates
         ],
         "threads": result.threads,
         "timing_shapes": to_jsonable(result.timing_shapes),
         "opset": {"source": result.opset[0], "output": result.opset[1]},
         "notes": list(result.notes),
+        "cpu": None if result.cpu is None else {
+            "flags": list(result.cpu.cpu.flags), "source": result.cpu.cpu.source, "vnni": result.cpu.cpu.vnni,
+            "reduce_range": result.cpu.reduce_range, "overridden": result.cpu.overridden, "reason": result.cpu.reason,
+        },
+        "budget": {**to_jsonable(result.budget.resolved), "label": result.budget.label},
+        "budget_met": result.budget_met,
+        "budget_check": to_jsonable(result.budget_check),
+        "fp32_nodes": to_jsonable(result.fp32_nodes),
+        "max_trials": result.max_trials,
+        "method_trials": to_jsonable(result.method_trials),
+        "exclusion_trials": to_jsonable(result.exclusion_trials),
     }

@@ -144,7 +144,10 @@ MODEL_KEYS = {
     "throughput": float,
 }
 LATENCY_KEYS = {"p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "runs"}
-FIDELITY_KEYS = {"cosine", "max_abs", "mean_abs", "snr_db", "top1_agreement", "samples"}
+FIDELITY_KEYS = {
+    "cosine", "max_abs", "mean_abs", "snr_db", "top1_agreement", "samples", "worst_channel_cosine",
+    "worst_channel_rel_error", "worst_channel", "channel_axis", "channels", "batch_axis", "class_axis",
+}
 
 
 def test_cli_json_schema(models: dict[str, Path], eval_npz: Path) -> None:

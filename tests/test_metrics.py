@@ -12,9 +12,12 @@ from onnxslim.errors import DataError, UsageError
 from onnxslim.metrics import (
     AccuracyMeter,
     FidelityMeter,
+    OutputLayout,
     accuracy,
     fidelity,
+    find_batch_axis,
     is_classifier_output,
+    output_layout,
     select_output,
 )
 from onnxslim.report import to_jsonable
@@ -125,3 +128,58 @@ def test_select_output() -> None:
     assert select_output(model) == "logits" and select_output(model, "doubled") == "doubled"
     with pytest.raises(UsageError, match=r"'nope' is not an output.*\['logits', 'doubled'\]"):
         select_output(model, "nope")
+
+
+def test_a_sequence_first_output_is_compared_on_every_timestep() -> None:
+    """Issue 15: a CTC recognizer's [T, 1, C] output, declared [1, seqlen]: the batch axis is found by
+    probing (axis 1), and top-1 agreement counts every timestep, not timestep 0 only."""
+    from quant_models import ctc_head
+
+    model = ctc_head(steps=12, classes=7)
+    output = model.graph.output[0].name
+    shape = (12, 2, 7)
+    batch_axis = find_batch_axis(model, output, shape, 2, probe=lambda n: (12, n, 7))
+    assert batch_axis == 1
+    layout = output_layout(model, output, shape, batch_axis)
+    assert layout == OutputLayout(batch_axis=1, class_axis=2, channel_axis=2)
+    reference = RNG.random(shape)
+    candidate = reference.copy()
+    candidate[5:, 0, :] = candidate[5:, 0, ::-1]  # sample 0 wrong from timestep 5 on
+    candidate[5:, 0, 0] += 10
+    result = fidelity_with(layout, reference, candidate)
+    assert result.samples == 2
+    agree = np.mean(np.argmax(reference, axis=2) == np.argmax(candidate, axis=2))
+    assert result.top1_agreement == pytest.approx(agree) and result.top1_agreement < 0.8
+
+
+def test_a_collapsed_channel_fails_the_worst_channel_cosine() -> None:
+    """Boxes (0-320) concatenated with scores (0-0.2): the scores rounded to 0 keep the mean cosine near 1."""
+    boxes = RNG.uniform(0, 320, (4, 4, 50))
+    scores = RNG.uniform(0, 0.2, (4, 6, 50))
+    reference = np.concatenate([boxes, scores], axis=1)
+    candidate = np.concatenate([boxes, np.zeros_like(scores)], axis=1)
+    result = fidelity_with(OutputLayout(0, None, 1), reference, candidate)
+    assert result.cosine > 0.999 and result.worst_channel_cosine == 0.0 and result.worst_channel >= 4
+    assert result.score == 0.0 and result.worst_channel_rel_error == pytest.approx(1.0)
+    assert result.top1_agreement is None
+
+
+def test_layouts_of_heads_without_classes() -> None:
+    from quant_models import ctc_head, yolo_head
+
+    model = yolo_head()
+    output = model.graph.output[0].name
+    assert output_layout(model, output, (2, 10, 256), 0) == OutputLayout(0, None, 1)  # Concat axis: channels
+    assert output_layout(two_output_classifier(), "logits", (3, 10), 0) == OutputLayout(0, 1, 1)
+    assert find_batch_axis(two_output_classifier(), "logits", (3, 10), 3) == 0  # the shared symbol N
+    assert find_batch_axis(model, output, (1, 10, 256), 1) == 0  # declared [batch, 10, 256]
+    ctc = ctc_head()
+    assert find_batch_axis(ctc, ctc.graph.output[0].name, (12, 1, 7), 1) is None  # one sample per run: all of it
+    with pytest.raises(DataError, match="cannot tell which axis"):
+        find_batch_axis(ctc, ctc.graph.output[0].name, (12, 3, 7), 3)
+
+
+def fidelity_with(layout: OutputLayout, reference: np.ndarray, candidate: np.ndarray):
+    meter = FidelityMeter(layout)
+    meter.update(reference, candidate)
+    return meter.result()

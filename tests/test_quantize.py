@@ -11,6 +11,7 @@ import json
 import logging
 import tracemalloc
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,23 @@ from builders import ModelBuilder
 from click.testing import CliRunner
 from conftest import MODELS_DIR, load_light
 from onnx import numpy_helper
+from quant_models import transformer_classifier, yolo_head
 
 import onnxslim.quantize as quantize_module
 from onnxslim.calib import DataOptions, open_dataset
 from onnxslim.cli import cli
+from onnxslim.cpu import CpuFeatures, choose_for_cpu, cpu_from_flags, detect_cpu
 from onnxslim.errors import DataError, UnsupportedModelError, UsageError
 from onnxslim.io import load_model
+from onnxslim.quant_guard import (
+    AccuracyBudget,
+    Block,
+    BudgetCheck,
+    check_budget,
+    layer_norm_blocks,
+    rank_blocks,
+    search_exclusions,
+)
 from onnxslim.quantize import (
     COMPUTE_OP_TYPES,
     CandidateTiming,
@@ -329,7 +341,8 @@ def test_qdq_and_qoperator_outputs_load_and_run(model_and_data, quant_format: st
     loaded = load_model(path)
     config = QuantConfig(format=quant_format, activations=activations)
     result = quantize_model(loaded, dataset(calib, loaded.model), QuantizeOptions(config=config), timer=FAST)
-    assert result.quantized and result.config == config
+    assert result.quantized and result.cpu is not None
+    assert result.config == replace(config, reduce_range=result.cpu.reduce_range)
     assert expected_op in {n.op_type for n in result.model.graph.node}
     onnx.checker.check_model(result.model)
     x = np.random.default_rng(3).standard_normal((3, 3, 16, 16)).astype(np.float32)
@@ -369,13 +382,13 @@ def test_a_pruned_model_quantizes_like_any_other(tmp_path: Path, model_and_data)
 
 
 def test_trained_mnist_resnet_keeps_its_accuracy_and_shrinks() -> None:
-    """The 'done when' numbers that do not depend on timing: accuracy within 0.5 point, weights 4x smaller."""
+    """The "done when" numbers that do not depend on timing: accuracy within 0.3 point, weights 4x smaller."""
     loaded = load_model(MODELS_DIR / "mnist_resnet.onnx")
     calib = open_dataset(MODELS_DIR / "mnist_calib.npz", loaded.model, DataOptions(batch=16))
     evaluation = open_dataset(MODELS_DIR / "mnist_eval.npz", loaded.model, DataOptions(batch=100))
     result = quantize_model(loaded, calib, eval_data=evaluation, timer=FAST)
     assert result.accuracy_fp32 is not None and result.accuracy_int8 is not None
-    assert abs(result.accuracy_int8.top1 - result.accuracy_fp32.top1) <= 0.005
+    assert result.accuracy_fp32.top1 - result.accuracy_int8.top1 <= 0.003  # at most 0.3 pt (issue 14)
     int8_weights = sum(t.ByteSize() for t in result.model.graph.initializer if t.data_type == onnx.TensorProto.INT8)
     fp32_weights = sum(t.ByteSize() for t in loaded.model.graph.initializer)
     assert 3.5 < fp32_weights / int8_weights < 4.5
@@ -540,7 +553,7 @@ def fake_latencies(monkeypatch: pytest.MonkeyPatch):
 
 JSON_KEYS = {
     "quantized", "format", "activations", "latency_fp32_ms", "latency_int8_ms", "speedup", "size_fp32",
-    "size_int8", "nodes_quantized", "nodes_fp32", "fidelity", "accuracy",
+    "size_int8", "nodes_quantized", "nodes_fp32", "fidelity", "accuracy", "budget", "budget_met", "fp32_nodes", "cpu",
 }
 
 
@@ -557,6 +570,8 @@ def test_cli_quantizes_and_reports_json(tmp_path: Path, model_and_data, fake_lat
     assert report["quantized"] is True and report["format"] == "qdq" and report["activations"] == "u8"
     assert report["speedup"] == pytest.approx(2.5) and report["accuracy"]["fp32"] == 1.0
     assert report["calibration"]["samples"] == 32 and report["fidelity"]["samples"] == 8
+    assert report["budget"]["min_fidelity"] == 0.99 and report["budget_met"] is True and report["fp32_nodes"] == []
+    assert report["cpu"]["reduce_range"] == report["reduce_range"] and isinstance(report["cpu"]["flags"], list)
     assert find_quantized_nodes(onnx.load(str(out)))
 
 
@@ -609,3 +624,151 @@ def test_cli_errors_have_exit_codes_and_no_traceback(tmp_path: Path, model_and_d
     code, _, stderr = invoke("quantize", str(int8), "-o", str(tmp_path / "again.onnx"), "--calib", str(calib))
     assert code == 1 and "already quantized" in stderr
     assert not (tmp_path / "again.onnx").exists() and not (tmp_path / "o.onnx").exists()
+
+
+# ------------------------------------------------------------------------------- CPU-aware defaults
+
+
+NO_VNNI = cpu_from_flags({"sse4_1", "avx", "avx2", "fma"}, "simulated AVX2 CPU")
+VNNI = cpu_from_flags({"avx2", "avx512f", "avx512_vnni"}, "simulated AVX-512 VNNI CPU")
+
+
+@pytest.mark.parametrize("cpu", [None, NO_VNNI, VNNI], ids=["this-cpu", "avx2-no-vnni", "avx512-vnni"])
+def test_trained_mnist_resnet_keeps_its_accuracy_on_every_kind_of_cpu(cpu) -> None:
+    """Issue 14: int8 lost 0.7 pt on an AVX2 CPU without VNNI (u8 x s8 saturation). The defaults chosen for
+    a CPU without VNNI (7-bit weights) cannot saturate, so the integer results measured here are those that
+    CPU computes; on this CPU the defaults are the detected ones."""
+    loaded = load_model(MODELS_DIR / "mnist_resnet.onnx")
+    calib = open_dataset(MODELS_DIR / "mnist_calib.npz", loaded.model, DataOptions(batch=16))
+    evaluation = open_dataset(MODELS_DIR / "mnist_eval.npz", loaded.model, DataOptions(batch=100))
+    result = quantize_model(loaded, calib, QuantizeOptions(cpu=cpu), eval_data=evaluation, timer=FAST)
+    assert result.accuracy_fp32 is not None and result.accuracy_int8 is not None and result.cpu is not None
+    assert result.accuracy_fp32.top1 - result.accuracy_int8.top1 <= 0.003
+    assert result.config is not None and result.config.reduce_range == (cpu is not VNNI and result.cpu.cpu.vnni is not True)
+    assert result.budget_met
+
+
+def test_cpu_detection_reads_proc_cpuinfo_flags(tmp_path: Path) -> None:
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse4_1 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse4_1 avx avx2 fma\n")
+    vnni = tmp_path / "vnni"
+    vnni.write_text("flags\t\t: fpu avx2 avx512f avx512bw avx512_vnni amx_int8\n")
+    assert detect_cpu(avx2) == CpuFeatures(("avx2",), str(avx2), False)
+    assert detect_cpu(vnni).vnni is True and "avx512_vnni" in detect_cpu(vnni).flags
+    unknown = detect_cpu(tmp_path / "missing")
+    assert unknown.vnni is None and "unknown" in unknown.source
+    assert choose_for_cpu(detect_cpu(avx2)).reduce_range and "VPMADDUBSW" in choose_for_cpu(detect_cpu(avx2)).reason
+    assert not choose_for_cpu(detect_cpu(vnni)).reduce_range
+    assert choose_for_cpu(unknown).reduce_range  # conservative when unknown
+    forced = choose_for_cpu(detect_cpu(avx2), reduce_range=False)
+    assert not forced.reduce_range and forced.overridden
+
+
+# ----------------------------------------------------------------------------------- accuracy guard
+
+
+def _random_npz(path: Path, model: onnx.ModelProto, samples: int, seed: int = 0) -> Path:
+    x = np.random.default_rng(seed).standard_normal((samples, *_sample_shape(model))).astype(np.float32)
+    np.savez(path, input=x)
+    return path
+
+
+def test_guard_keeps_the_harmful_nodes_of_a_transformer_in_fp32(tmp_path: Path) -> None:
+    """Conv stem, decomposed LayerNorms, Softmax attention, classifier (tests/quant_models.py): plain int8
+    misses the default budget; the guard meets it with far from every quantizable node in fp32."""
+    source = transformer_classifier()
+    data = dataset(_random_npz(tmp_path / "t.npz", source, 48), source, batch=8)
+    plain = quantize_model(source, data, QuantizeOptions(max_trials=0, cpu=VNNI), timer=FAST)
+    assert not plain.method_trials[0].check.met and plain.method_trials[0].check.score < 0.95
+    guarded = quantize_model(source, data, QuantizeOptions(cpu=VNNI), timer=FAST)
+    assert guarded.budget_met and guarded.quantized
+    assert guarded.fidelity is not None and guarded.fidelity.score >= 0.99
+    trials = len(guarded.method_trials) - 1 + len(guarded.exclusion_trials)
+    assert 0 < trials <= 12
+    measured = [n for n in guarded.fp32_nodes if n.error is not None]
+    assert measured and all(n.error is not None and n.error >= 0 for n in measured)
+    types = quantize_module._quantized_op_types(QuantConfig())
+    quantizable = {n.name for n in load_model_proto(source).graph.node if n.op_type in types}
+    kept_fp32 = {n.name for n in guarded.fp32_nodes} & quantizable
+    assert kept_fp32 and len(kept_fp32) < len(quantizable) / 2  # far from all of them
+    assert guarded.nodes_quantized is not None and guarded.nodes_quantized > len(kept_fp32)
+
+
+def test_a_yolo_head_whose_scores_collapse_is_caught_and_its_concat_kept_fp32(tmp_path: Path) -> None:
+    """Boxes 0-320 concatenated with scores 0-0.2: the whole-output cosine stays high while the score
+    channels break; the worst channel fails the budget, and the calibrated ranges keep the Concat fp32."""
+    source = yolo_head()
+    data = dataset(_random_npz(tmp_path / "y.npz", source, 24), source, batch=8)
+    unguarded = quantize_model(source, data, QuantizeOptions(max_trials=0, range_ratio=None, cpu=VNNI), timer=FAST)
+    check = unguarded.method_trials[0].check
+    assert not check.met and "channel" in check.why
+    guarded = quantize_model(source, data, QuantizeOptions(cpu=VNNI), timer=FAST)
+    concat = [n for n in guarded.fp32_nodes if n.op_type == "Concat"]
+    assert len(concat) == 1 and "ranges differ" in concat[0].reason
+    assert guarded.budget_met and guarded.fidelity is not None and guarded.fidelity.channel_axis == 1
+    assert guarded.fidelity.top1_agreement is None  # boxes and scores: no class axis
+
+
+def test_max_drop_needs_labels(tmp_path: Path, model_and_data) -> None:
+    source, path, _ = model_and_data
+    loaded = load_model(path)
+    unlabelled = dataset(data_npz(tmp_path / "u.npz", source, 20, labels=False), loaded.model)
+    with pytest.raises(UsageError, match="--max-drop needs labels"):
+        quantize_model(loaded, unlabelled, QuantizeOptions(budget=AccuracyBudget(max_drop=0.5)), timer=FAST)
+
+
+def _check(score: float, budget: float = 0.99) -> BudgetCheck:
+    return BudgetCheck(score >= budget, score, None, "" if score >= budget else "low")
+
+
+def test_exclusion_search_doubles_then_bisects_within_the_bound() -> None:
+    ranked = [Block((f"n{i}",), 1.0 / (i + 1)) for i in range(20)]
+    calls: list[int] = []
+
+    def evaluate(nodes) -> BudgetCheck:  # the budget holds from 5 nodes kept in fp32
+        calls.append(len(nodes))
+        return _check(0.999 if len(nodes) >= 5 else 0.9)
+
+    search = search_exclusions(ranked, evaluate, max_trials=12)
+    assert calls == [1, 2, 4, 8, 6, 5] and search.blocks == 5
+    bounded = search_exclusions(ranked, evaluate, max_trials=3)
+    assert bounded.blocks is None and len(bounded.trials) == 3
+    never = search_exclusions(ranked, lambda nodes: _check(0.5), max_trials=12)
+    assert never.blocks is None and [t.blocks for t in never.trials] == [1, 2, 4, 8, 16, 20]
+
+
+def test_budget_check_uses_the_worst_channel_and_the_drop() -> None:
+    from onnxslim.metrics import Accuracy, Fidelity
+
+    good = Fidelity(0.9999, 1.0, 0.1, 40.0, None, 10, worst_channel_cosine=0.995, worst_channel=3, channel_axis=1)
+    collapsed = Fidelity(0.998, 1.0, 0.1, 40.0, None, 10, worst_channel_cosine=0.0, worst_channel=7, channel_axis=1)
+    assert check_budget(AccuracyBudget(), good, None, None).met
+    miss = check_budget(AccuracyBudget(), collapsed, None, None)
+    assert not miss.met and "channel 7 (axis 1)" in miss.why
+    fp32, int8 = Accuracy(0.987, None, 1000), Accuracy(0.980, None, 1000)
+    drop = check_budget(AccuracyBudget(max_drop=0.3), good, fp32, int8)
+    assert not drop.met and drop.drop == pytest.approx(0.7) and "0.70 pt" in drop.why
+    assert check_budget(AccuracyBudget(max_drop=1.0), good, fp32, int8).met
+
+
+def test_the_speed_guard_never_keeps_a_candidate_that_misses_the_budget() -> None:
+    fast_but_wrong = replace(timing(REQUESTED, 4.0), budget_met=False, score=0.5)
+    slow_but_right = replace(timing(QuantConfig(op_types=COMPUTE_OP_TYPES), 9.0), budget_met=True, score=0.999)
+    decision = decide([fast_but_wrong, slow_but_right])
+    assert decision.chosen is slow_but_right
+    none_meet = decide([fast_but_wrong])
+    assert none_meet.chosen is None and "accuracy budget" in none_meet.reason
+    assert decide([fast_but_wrong, replace(slow_but_right, latency_ms=12.0)]).chosen is None  # right but slower
+
+
+def test_rank_blocks_takes_a_layer_norm_whole_and_the_readers_of_a_tensor() -> None:
+    source = load_model_proto(transformer_classifier())
+    norms = layer_norm_blocks(source)
+    assert len(norms) == 3 and all(len(block) == 9 for block in norms)
+    assert all({"ReduceMean", "Sub", "Pow", "Sqrt", "Div"} <= {n.op_type for n in source.graph.node if n.name in block} for block in norms)
+    residual = next(n.name for n in source.graph.node if n.op_type == "Add" and any("offset" in i for i in n.input))
+    errors = {n.name: 0.0 for n in source.graph.node if n.op_type in ("Add", "MatMul")}  # quantizable, harmless
+    ranked = rank_blocks({**errors, residual: 0.5, norms[0][0]: 0.1}, norms, source)
+    assert len(ranked) == 2
+    assert ranked[0].nodes[0] == residual and len(ranked[0].nodes) > 1  # with the next residual Add reading it
+    assert set(norms[0]) <= set(ranked[1].nodes)

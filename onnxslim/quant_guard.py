@@ -1,0 +1,396 @@
+"""The accuracy guard of `quantize`: a budget, which nodes int8 hurts most, and a bounded search that keeps the
+fewest of them in fp32 until the budget holds.
+
+* **Budget.** `max_drop` (points of top-1 against labels) and/or `min_fidelity` (against fp32 on held-out
+  data, no labels needed): the lower of the mean per-sample cosine and the *worst channel's* cosine (see
+  `metrics`), so a collapsed slice of an output (class scores concatenated with box coordinates) fails it.
+  Default: `min_fidelity` 0.99 -- see `DEFAULT_MIN_FIDELITY`.
+* **Ranges first.** A Concat whose inputs' calibrated ranges differ by more than `RANGE_RATIO` (100x) would
+  share one int8 scale and round the small input to a few levels (a YOLO head's scores, 0-1 beside box
+  pixels 0-320, all became 0): it is kept in fp32 before anything is measured.
+* **Which nodes hurt (measured).** The fp32 model and the int8 model (QDQ, so every tensor keeps its name)
+  run on a few calibration batches with every intermediate tensor exposed; for each tensor the relative
+  error ||int8 - fp32|| / ||fp32|| of what its consumers read (the DequantizeLinear output where there is
+  one). A node's *own* error is the error of its outputs minus the largest error of its inputs: what
+  quantizing it adds, not what it inherits. Error created by an op int8 does not touch (the Sub of a
+  decomposed LayerNorm amplifies the relative error of its input by cancellation) goes to the quantized
+  nodes that feed it. Decomposed LayerNorm/RMSNorm (ReduceMean ... Div [Mul Add]) is one block: kept
+  in fp32 whole or not at all.
+* **Search.** Blocks ranked by error are kept in fp32 greedily: the top 1, 2, 4, 8 ... until the budget
+  holds (or every block is fp32), then bisection between the last count that failed and the first that
+  held, all within `max_trials` trial quantizations (each a requantization from the shared ranges plus one
+  evaluation; no new calibration). Before that, when the requested calibration method misses the budget,
+  the other methods (percentile at 99.999 %, entropy) are tried, one trial each, and the best kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxslim.errors import UsageError
+from onnxslim.metrics import Accuracy, Fidelity
+
+__all__ = [
+    "DEFAULT_MIN_FIDELITY",
+    "RANGE_RATIO",
+    "MAX_TRIALS",
+    "AccuracyBudget",
+    "BudgetCheck",
+    "NodeError",
+    "Block",
+    "ExclusionTrial",
+    "ExclusionSearch",
+    "check_budget",
+    "concat_range_offenders",
+    "layer_norm_blocks",
+    "node_errors",
+    "rank_blocks",
+    "search_exclusions",
+]
+
+logger = logging.getLogger(__name__)
+
+# Cosine 0.99 of the worst channel: on the reference models int8 that keeps accuracy within 0.3 pt stays
+# above 0.999 on average and above 0.99 on every channel (benchmarks/int8_accuracy.py); a collapsed channel
+# gives about 0, a LayerNorm broken by int8 0.9 and below. It is a floor that plain int8 passes on healthy
+# models and that broken outputs cannot.
+DEFAULT_MIN_FIDELITY = 0.99
+RANGE_RATIO = 100.0
+MAX_TRIALS = 12
+
+
+@dataclass(frozen=True)
+class AccuracyBudget:
+    """How close int8 must stay to fp32. `max_drop` in points of top-1 (0.3 = 0.3 pt, needs labels);
+    `min_fidelity` on `Fidelity.score`. With neither, `min_fidelity` is `DEFAULT_MIN_FIDELITY`."""
+
+    max_drop: float | None = None
+    min_fidelity: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_drop is not None and not 0 <= self.max_drop <= 100:
+            raise UsageError(f"--max-drop is in points of top-1 accuracy, 0 to 100, not {self.max_drop}")
+        if self.min_fidelity is not None and not -1 <= self.min_fidelity <= 1:
+            raise UsageError(f"--min-fidelity is a cosine, -1 to 1, not {self.min_fidelity}")
+
+    @property
+    def resolved(self) -> AccuracyBudget:
+        if self.max_drop is None and self.min_fidelity is None:
+            return AccuracyBudget(min_fidelity=DEFAULT_MIN_FIDELITY)
+        return self
+
+    @property
+    def label(self) -> str:
+        budget = self.resolved
+        parts = []
+        if budget.max_drop is not None:
+            parts.append(f"top-1 drop <= {budget.max_drop:g} pt")
+        if budget.min_fidelity is not None:
+            parts.append(f"cosine (mean and worst channel) >= {budget.min_fidelity:g}")
+        return " and ".join(parts) + (" (default)" if self.max_drop is None and self.min_fidelity is None else "")
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    """One candidate against the budget."""
+
+    met: bool
+    score: float  # fidelity score (higher is better)
+    drop: float | None  # fp32 top-1 minus int8 top-1, in points, when labels were given
+    why: str  # what missed, or "" when met
+
+
+def check_budget(
+    budget: AccuracyBudget, fidelity: Fidelity, accuracy_fp32: Accuracy | None, accuracy_int8: Accuracy | None
+) -> BudgetCheck:
+    """Pure: whether `fidelity` and the accuracies meet `budget`."""
+    budget = budget.resolved
+    misses = []
+    drop = None
+    if accuracy_fp32 is not None and accuracy_int8 is not None:
+        drop = 100 * (accuracy_fp32.top1 - accuracy_int8.top1)
+    if budget.max_drop is not None:
+        if drop is None:
+            raise UsageError("--max-drop needs labels in the evaluation data (or use --min-fidelity)")
+        if drop > budget.max_drop + 1e-9:
+            misses.append(f"top-1 drops {drop:.2f} pt (budget {budget.max_drop:g})")
+    score = fidelity.score if math.isfinite(fidelity.score) else -1.0
+    if budget.min_fidelity is not None and score < budget.min_fidelity:
+        where = "mean cosine"
+        if fidelity.worst_channel_cosine is not None and fidelity.worst_channel_cosine < fidelity.cosine:
+            where = f"cosine of channel {fidelity.worst_channel} (axis {fidelity.channel_axis})"
+        misses.append(f"{where} {score:.4f} (budget {budget.min_fidelity:g})")
+    return BudgetCheck(not misses, score, drop, "; ".join(misses))
+
+
+# --------------------------------------------------------------------------------- which nodes hurt
+
+
+@dataclass(frozen=True)
+class NodeError:
+    """A node kept in fp32 and why: its measured error, or the rule that kept it."""
+
+    name: str
+    op_type: str
+    error: float | None  # own relative error added by int8 (None for nodes kept by a rule)
+    reason: str
+
+
+@dataclass(frozen=True)
+class Block:
+    """Nodes kept in fp32 together (a decomposed LayerNorm), ranked by the largest own error inside."""
+
+    nodes: tuple[str, ...]
+    error: float
+
+
+def concat_range_offenders(
+    model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], ratio: float = RANGE_RATIO
+) -> list[NodeError]:
+    """Concat nodes whose inputs' calibrated ranges (largest |value|) differ by more than `ratio`."""
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "Concat":
+            continue
+        spans = [max(abs(ranges[i][0]), abs(ranges[i][1])) for i in node.input if i in ranges]
+        spans = [s for s in spans if s > 0]
+        if len(spans) >= 2 and max(spans) / min(spans) > ratio:
+            found.append(
+                NodeError(
+                    node.name, node.op_type, None,
+                    f"inputs' calibrated ranges differ {max(spans) / min(spans):.0f}x (max |x| {min(spans):.3g} "
+                    f"vs {max(spans):.3g}): one int8 scale would round the small one away",
+                )
+            )
+    return found
+
+
+_STATISTICS = frozenset({"Sqrt", "Add", "ReduceMean", "Pow", "Mul", "Reciprocal"})
+
+
+def layer_norm_blocks(model: onnx.ModelProto) -> list[tuple[str, ...]]:
+    """Decomposed LayerNorm / RMSNorm, each as a tuple of node names: a Div(x', sqrt(mean(x'^2) + eps)) --
+    x' = x - mean(x) for LayerNorm, x for RMSNorm -- with the statistics behind the denominator, the Sub and
+    ReduceMean that centre x, and the scale Mul / shift Add by constants right after."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    constants = {t.name for t in model.graph.initializer}
+    blocks = []
+    for divide in model.graph.node:
+        if divide.op_type != "Div" or len(divide.input) != 2 or divide.input[1] in constants:
+            continue
+        numerator = divide.input[0]
+        statistics: list[onnx.NodeProto] = []
+        stack, reaches_numerator, reduces = [divide.input[1]], False, False
+        while stack and len(statistics) < 12:
+            producer = producers.get(stack.pop())
+            if producer is None or producer.op_type not in _STATISTICS:
+                continue
+            statistics.append(producer)
+            reduces |= producer.op_type == "ReduceMean"
+            for name in producer.input:
+                if name == numerator:
+                    reaches_numerator = True
+                elif name not in constants:
+                    stack.append(name)
+        if not (reaches_numerator and reduces):
+            continue
+        members = [n.name for n in statistics]
+        centre = producers.get(numerator)
+        if centre is not None and centre.op_type == "Sub":
+            mean = producers.get(centre.input[1])
+            if mean is not None and mean.op_type == "ReduceMean" and mean.input[0] == centre.input[0]:
+                members += [mean.name, centre.name]
+        members.append(divide.name)
+        tail = divide
+        for _ in range(2):
+            users = consumers.get(tail.output[0], [])
+            if len(users) == 1 and users[0].op_type in ("Mul", "Add") and set(users[0].input) & constants:
+                tail = users[0]
+                members.append(tail.name)
+            else:
+                break
+        blocks.append(tuple(dict.fromkeys(members)))
+    return blocks
+
+
+def node_errors(
+    model: onnx.ModelProto,
+    tensor_errors: Mapping[str, float],
+    quantizable: Iterable[str],
+) -> dict[str, float]:
+    """Each quantizable node's own error: the largest error of its outputs minus the largest of its inputs'.
+
+    The error a node that int8 does not touch adds (amplification, cancellation) is passed back to the
+    quantizable nodes that produce its inputs, so it is charged to a node that can be kept in fp32."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    allowed = set(quantizable)
+    own: dict[str, float] = {}
+    for node in model.graph.node:
+        out = max((tensor_errors.get(o, 0.0) for o in node.output), default=0.0)
+        inputs = [tensor_errors[i] for i in node.input if i in tensor_errors]
+        added = max(0.0, out - max(inputs, default=0.0))
+        if node.name in allowed:
+            own[node.name] = own.get(node.name, 0.0) + added
+            continue
+        # not quantizable: charge its own error to the quantizable producers of its inputs
+        targets = _quantizable_producers(node, producers, allowed)
+        for target in targets:
+            own[target] = own.get(target, 0.0) + added / max(1, len(targets))
+    return own
+
+
+def _quantizable_producers(node: onnx.NodeProto, producers: Mapping[str, onnx.NodeProto], allowed: set[str]) -> list[str]:
+    found: list[str] = []
+    seen: set[str] = set()
+    stack = [i for i in node.input]
+    while stack and len(seen) < 64:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        producer = producers.get(name)
+        if producer is None:
+            continue
+        if producer.name in allowed:
+            found.append(producer.name)
+        else:
+            stack.extend(producer.input)
+    return sorted(set(found))
+
+
+def rank_blocks(
+    errors: Mapping[str, float],
+    blocks: Sequence[Sequence[str]],
+    model: onnx.ModelProto | None = None,
+    minimum: float = 1e-4,
+) -> list[Block]:
+    """What to keep in fp32 together, largest error first. A node's block is the node and, with `model`,
+    the other quantizable nodes that read its outputs: a tensor stays float only when its producer and every
+    quantized consumer do (otherwise the consumers' QuantizeLinear/DequantizeLinear pair, which every
+    consumer reads, is still there). A block touching a decomposed LayerNorm takes it whole. Nodes adding
+    less than `minimum` relative error are not worth keeping in fp32 and are left out."""
+    quantizable = set(errors)
+    readers: dict[str, list[str]] = {}
+    if model is not None:
+        for node in model.graph.node:
+            if node.name in quantizable:
+                for name in node.input:
+                    readers.setdefault(name, []).append(node.name)
+    outputs = {} if model is None else {n.name: list(n.output) for n in model.graph.node}
+    norm_of = {name: tuple(block) for block in blocks for name in block}
+    ranked = []
+    for name, error in errors.items():
+        if error < minimum:
+            continue
+        members = [name] + [r for o in outputs.get(name, []) for r in readers.get(o, []) if r != name]
+        for member in list(members):
+            members += norm_of.get(member, ())
+        ranked.append(Block(tuple(dict.fromkeys(members)), error))
+    return sorted(ranked, key=lambda b: (-b.error, b.nodes))
+
+
+# ------------------------------------------------------------------------------------------- search
+
+
+@dataclass(frozen=True)
+class ExclusionTrial:
+    """One trial: the top `blocks` blocks kept in fp32, and how it did."""
+
+    blocks: int
+    nodes: int
+    check: BudgetCheck
+
+
+@dataclass(frozen=True)
+class ExclusionSearch:
+    """The outcome: the fewest top blocks that met the budget (None: no count tried met it)."""
+
+    blocks: int | None
+    trials: tuple[ExclusionTrial, ...]
+
+
+def search_exclusions(
+    ranked: Sequence[Block], evaluate: Callable[[Sequence[str]], BudgetCheck], max_trials: int
+) -> ExclusionSearch:
+    """Pure: keep the top 1, 2, 4 ... blocks in fp32 until `evaluate(nodes)` meets the budget (the last step
+    is every block), then bisect between the largest count that failed and the smallest that held, at most
+    `max_trials` evaluations in all."""
+    trials: list[ExclusionTrial] = []
+    tried: dict[int, BudgetCheck] = {}
+
+    def attempt(count: int) -> bool:
+        nodes = list(dict.fromkeys(n for block in ranked[:count] for n in block.nodes))
+        check = evaluate(nodes)
+        tried[count] = check
+        trials.append(ExclusionTrial(count, len(nodes), check))
+        return check.met
+
+    if not ranked or max_trials < 1:
+        return ExclusionSearch(None, ())
+    failed, held = 0, None
+    count = 1
+    while len(trials) < max_trials:
+        if attempt(count):
+            held = count
+            break
+        failed = count
+        if count == len(ranked):
+            break
+        count = min(2 * count, len(ranked))
+    while held is not None and held - failed > 1 and len(trials) < max_trials:
+        middle = (failed + held) // 2
+        if attempt(middle):
+            held = middle
+        else:
+            failed = middle
+    return ExclusionSearch(held, tuple(trials))
+
+
+def _channel_axis(rank: int) -> int:
+    """Axis 1 of an [N, C, H, W] map, the last axis of [N, C] and of [N, T, C] sequences."""
+    return 1 if rank == 4 else rank - 1
+
+
+def relative_errors(
+    reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], sums: dict[str, list[np.ndarray]]
+) -> None:
+    """Accumulate, per tensor and channel, sum((cand - ref)^2) and sum(ref^2) into `sums` (see `finish_errors`)."""
+    for name, ref in reference.items():
+        cand = candidate.get(name)
+        if cand is None or np.shape(cand) != np.shape(ref) or np.ndim(ref) < 2:
+            continue
+        axis = _channel_axis(np.ndim(ref))
+        ref64 = np.moveaxis(np.asarray(ref, np.float64), axis, 0).reshape(np.shape(ref)[axis], -1)
+        cand64 = np.moveaxis(np.asarray(cand, np.float64), axis, 0).reshape(np.shape(ref)[axis], -1)
+        noise, signal = np.sum((cand64 - ref64) ** 2, axis=1), np.sum(ref64 * ref64, axis=1)
+        entry = sums.get(name)
+        if entry is None or len(entry[0]) != len(noise):
+            sums[name] = [noise, signal]
+        else:
+            entry[0] += noise
+            entry[1] += signal
+
+
+def finish_errors(sums: Mapping[str, Sequence[np.ndarray]]) -> dict[str, float]:
+    """Per tensor, the mean over its channels of each channel's relative RMS error (capped at 1; channels
+    whose reference is all zero are skipped). Per channel, not over the whole tensor: a residual stream with
+    a few outlier features has a small whole-tensor error while int8 leaves its other features a few
+    levels -- what the LayerNorm after it then amplifies."""
+    errors = {}
+    for name, (noise, signal) in sums.items():
+        live = signal > 1e-12 * max(float(np.max(signal)), 0.0)
+        if not live.any():
+            errors[name] = 0.0
+            continue
+        errors[name] = float(np.mean(np.minimum(1.0, np.sqrt(noise[live] / signal[live]))))
+    return errors
