@@ -28,7 +28,7 @@ from onnxslim.activations import ChannelStats, Progress, channel_statistics
 from onnxslim.analysis.cost import ModelCost, compute_cost
 from onnxslim.analysis.groups import ChannelGroup, build_channel_groups
 from onnxslim.bench import session_options
-from onnxslim.calib import Dataset
+from onnxslim.calib import Batch, Dataset
 from onnxslim.errors import DataError, UsageError, ValidationError, first_line
 from onnxslim.io import (
     LoadedModel,
@@ -60,19 +60,24 @@ from onnxslim.prune.recover import (
     recover_model,
 )
 from onnxslim.prune.rewrite import apply_plan, kept_output_channels
+from onnxslim.prune.sensitivity import ALLOCATION_RATIOS, SensitivityCurves, allocate, measure_curves
 
 __all__ = [
+    "ALLOCATIONS",
     "BlockedGroup",
     "OutputFidelity",
     "PIPELINE",
     "PruneOptions",
     "PruneResult",
     "PruneState",
+    "new_state",
     "prune_model",
+    "run_pipeline",
 ]
 
 logger = logging.getLogger(__name__)
 
+ALLOCATIONS = ("global", "sensitivity")
 COLLAPSE_COSINE = 0.9  # below this on any output (or 10 points of accuracy lost), the result is called broken
 
 
@@ -107,6 +112,7 @@ class PruneOptions:
     ridge: float = 3e-2
     positions_per_weight: int = 8
     recover_memory: int = 1 << 30
+    allocate: str = "global"  # or "sensitivity": per-group cuts from measured damage (sensitivity.py)
 
     def __post_init__(self) -> None:
         budgets = [name for name in ("ratio", "target_macs", "plan_path") if getattr(self, name) is not None]
@@ -114,6 +120,10 @@ class PruneOptions:
             raise UsageError(f"choose one of --ratio, --target-macs and --plan, not {' and '.join(budgets)}")
         if not budgets and not self.lossless:
             raise UsageError("say how much to prune: --ratio, --target-macs, --plan or --lossless")
+        if self.allocate not in ALLOCATIONS:
+            raise UsageError(f"unknown allocation {self.allocate!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.allocate == "sensitivity" and self.target_macs is None:
+            raise UsageError("--allocate sensitivity spends a MAC budget: give --target-macs")
         if self.recover is not None and self.recover not in RECOVERY_METHODS:
             raise UsageError(f"unknown recovery {self.recover!r}; choose one of {', '.join(RECOVERY_METHODS)}")
 
@@ -178,6 +188,7 @@ class PruneResult:
     outcome: PruneOutcome = field(default_factory=PruneOutcome)  # lossless counts, groups left whole, warnings
     recovery: RecoveryReport | None = None
     evaluation: Evaluation | None = None
+    sensitivity: SensitivityCurves | None = None  # with --allocate sensitivity: the curves it allocated by
     step_seconds: Mapping[str, float] = field(default_factory=dict)
 
     @property
@@ -233,6 +244,7 @@ class PruneState:
     calib: Dataset | None = None
     eval_data: Dataset | None = None
     progress: Progress | None = None
+    max_samples: int | None = None  # of calibration (and evaluation) data used, None: all
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     infos: dict[str, TensorInfo] = field(default_factory=dict)
     graph: gs.Graph | None = None
@@ -251,6 +263,7 @@ class PruneState:
     unrecovered: onnx.ModelProto | None = None
     recovery: RecoveryReport | None = None
     evaluation: Evaluation | None = None
+    sensitivity: SensitivityCurves | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -259,7 +272,7 @@ class PruneState:
 
     def calibration_batches(self) -> Iterator[tuple[dict[str, np.ndarray], int]]:
         assert self.calib is not None
-        for batch in self.calib.batches():
+        for batch in _limited(self.calib, self.max_samples):
             yield batch.feeds, batch.size
 
 
@@ -304,7 +317,11 @@ def collect_statistics(state: PruneState) -> None:
         raise UsageError(f"--criterion {state.options.criterion} needs calibration data: give --calib DATA")
     assert state.graph is not None
     requests = statistics_requests(state.groups, state.graph)
-    state.statistics = channel_statistics(state.original, state.calib, requests, progress=state.progress)
+    calib = state.calib
+    state.statistics = channel_statistics(
+        state.original, calib, requests, batches=lambda: _limited(calib, state.max_samples),
+        progress=state.progress,
+    )
 
 
 def score(state: PruneState) -> None:
@@ -324,6 +341,17 @@ def plan(state: PruneState) -> None:
     options = state.options
     if options.plan_path is not None:
         state.plan = load_plan(options.plan_path, state.groups, state.digest)
+    elif options.target_macs is not None and options.allocate == "sensitivity":
+        if state.calib is None:
+            raise UsageError("--allocate sensitivity measures each group's damage on data: give --calib DATA")
+        assert state.cost_before is not None
+        state.sensitivity = measure_curves(state, ALLOCATION_RATIOS, state.eligible, progress=state.progress)
+        budget = allocate(
+            state.groups, state.scores, {layer.name: layer.macs for layer in state.cost_before.layers},
+            options.target_macs, state.sensitivity, options.round_to, min_keep=options.min_keep,
+            eligible=state.eligible, forced=state.forced,
+        )
+        state.plan, state.budget_met = budget.plan, budget.met
     elif options.target_macs is not None:
         assert state.cost_before is not None
         layer_macs = {layer.name: layer.macs for layer in state.cost_before.layers}
@@ -414,13 +442,40 @@ def validate_result(state: PruneState) -> None:
         validate(state.pruned, state.original, state.shapes, feeds=feeds)
 
 
+def select_rows(array: Any, rows: np.ndarray, fed: int) -> np.ndarray:
+    """The evaluated rows of one output of a batch of `fed` samples: only an output whose first axis is the
+    batch has rows to choose; a sequence-first output ([T, N, C]) is compared whole."""
+    array = np.asarray(array)
+    return array[rows] if array.ndim and array.shape[0] == fed and len(rows) < fed else array
+
+
+def held_out_batches(state: PruneState) -> tuple[str, Iterator[tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]]]:
+    """(description, batches of (feeds, labels or None, evaluated rows)): what `measure` compares on."""
+    return _held_out(state)
+
+
+def _limited(data: Dataset, samples: int | None) -> Iterator[Batch]:
+    """The batches of `data` up to `samples` samples: the last one cut (a fixed batch keeps its rows and
+    marks the rest as padding)."""
+    seen = 0
+    for batch in data.batches():
+        if samples is not None and seen >= samples:
+            return
+        if samples is not None and seen + batch.size > samples:
+            keep = samples - seen
+            feeds = batch.feeds if data.fixed_batch else {name: array[:keep] for name, array in batch.feeds.items()}
+            batch = Batch(feeds, None if batch.labels is None else batch.labels[:keep], keep)
+        seen += batch.size
+        yield batch
+
+
 def _held_out(state: PruneState) -> tuple[str, Iterator[tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]]]:
     """Evaluation batches: --eval data, else the calibration samples recovery held out (every fifth)."""
     if state.eval_data is not None:
         data = state.eval_data
 
         def batches() -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]]:
-            for batch in data.batches():
+            for batch in _limited(data, state.max_samples):
                 yield batch.feeds, batch.labels, np.arange(batch.size)  # padding rows of a fixed batch go
 
         return data.description, batches()
@@ -429,7 +484,7 @@ def _held_out(state: PruneState) -> tuple[str, Iterator[tuple[dict[str, np.ndarr
 
     def held() -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]]:
         first = 0
-        for batch in calib.batches():
+        for batch in _limited(calib, state.max_samples):
             rows = np.arange(batch.size)
             chosen = rows[(first + rows) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
             first += batch.size
@@ -468,10 +523,7 @@ def measure(state: PruneState) -> None:
         fed = len(next(iter(feeds.values())))
 
         def chosen(array: Any, rows: np.ndarray = rows, fed: int = fed) -> np.ndarray:
-            # only an output whose first axis is the batch has rows to choose; a sequence-first output
-            # ([T, N, C]) is compared whole
-            array = np.asarray(array)
-            return array[rows] if array.ndim and array.shape[0] == fed else array
+            return select_rows(array, rows, fed)
 
         for which in range(2):
             for index in range(len(names)):
@@ -537,6 +589,38 @@ def _as_normalized(
     return loaded.model, loaded.size_bytes, digest
 
 
+def run_pipeline(state: PruneState, *, until: str | None = None) -> PruneState:
+    """Run the steps of `PIPELINE` on `state`, all of them or up to and including `until`."""
+    for name, step in PIPELINE:
+        started = time.perf_counter()
+        step(state)
+        state.seconds[name] = time.perf_counter() - started
+        if name == until:
+            break
+    return state
+
+
+def new_state(
+    model: LoadedModel | onnx.ModelProto | str | os.PathLike[str],
+    options: PruneOptions,
+    *,
+    input_shapes: Mapping[str | None, Sequence[int]] | None = None,
+    calib: Dataset | None = None,
+    eval_data: Dataset | None = None,
+    progress: Progress | None = None,
+    max_samples: int | None = None,
+) -> PruneState:
+    """A `PruneState` for `model` (normalized, checked), ready for `run_pipeline`."""
+    if options.criterion in NEEDS_DATA and calib is None and options.plan_path is None:
+        raise UsageError(f"--criterion {options.criterion} needs calibration data: give --calib DATA")
+    normalized, size_before, digest = _as_normalized(model)
+    refuse_quantized(normalized)
+    check_exclusions(normalized, options.exclude)
+    return PruneState(
+        options, normalized, size_before, digest, input_shapes, calib, eval_data, progress, max_samples=max_samples
+    )
+
+
 def prune_model(
     model: LoadedModel | onnx.ModelProto | str | os.PathLike[str],
     options: PruneOptions | None = None,
@@ -557,16 +641,10 @@ def prune_model(
     the result fails validation (a bug in onnxslim).
     """
     options = replace(options, **fields) if options is not None else PruneOptions(**fields)
-    if options.criterion in NEEDS_DATA and calib is None and options.plan_path is None:
-        raise UsageError(f"--criterion {options.criterion} needs calibration data: give --calib DATA")
-    normalized, size_before, digest = _as_normalized(model)
-    refuse_quantized(normalized)
-    check_exclusions(normalized, options.exclude)
-    state = PruneState(options, normalized, size_before, digest, input_shapes, calib, eval_data, progress)
-    for name, step in PIPELINE:
-        started = time.perf_counter()
-        step(state)
-        state.seconds[name] = time.perf_counter() - started
+    state = new_state(
+        model, options, input_shapes=input_shapes, calib=calib, eval_data=eval_data, progress=progress
+    )
+    run_pipeline(state)
     assert state.pruned is not None and state.cost_before is not None
     pruned = state.pruned
     changed = pruned is not state.original
@@ -582,9 +660,9 @@ def prune_model(
         params_after=cost_after.params,
         macs_before=state.cost_before.macs,
         macs_after=cost_after.macs,
-        size_before=size_before,
+        size_before=state.size_before,
         size_after=pruned.ByteSize(),
-        model_sha256=digest,
+        model_sha256=state.digest,
         budget_met=state.budget_met,
         left_alone=state.left_alone,
         outcome=describe_outcome(
@@ -594,6 +672,7 @@ def prune_model(
         ),
         recovery=state.recovery,
         evaluation=state.evaluation,
+        sensitivity=state.sensitivity,
         step_seconds=dict(state.seconds),
     )
 
