@@ -6,7 +6,8 @@ For models/mnist_resnet.onnx and models/mnist_mobilenet.onnx: `onnxslim.prune_mo
 fraction (`--target-macs`, the command line's defaults: round-to 8, first and last layers protected), with
 l1 and no recovery (the old default), and with the activation criterion and each recovery method (bias,
 affine, lsq), calibrated on models/mnist_calib.npz (256 images); top-1 on models/mnist_eval.npz (1,000
-held-out images) and the recovery time. Then the YOLO-like detector of models/build.py (random weights)
+held-out images) and the recovery time; and activation + lsq with `--allocate sensitivity` (per-group cuts
+from each group's measured damage) with its MACs kept and the whole prune's time. Then the YOLO-like detector of models/build.py (random weights)
 at half its MACs, calibrated on 64 and measured on 16 uniform-noise images (its probe distribution):
 cosine of output0 and of its class-score rows against the original, with and without lsq, and the time.
 """
@@ -30,12 +31,14 @@ from onnxslim.io import load_model, normalize_model  # noqa: E402
 from onnxslim.prune import PruneOptions, prune_model  # noqa: E402
 
 METHODS = (("l1", "none"), ("activation", "bias"), ("activation", "affine"), ("activation", "lsq"))
+ALLOCATED = ("activation", "lsq", "sensitivity")  # the last column: --allocate sensitivity
 CLI_DEFAULTS = {"round_to": 8, "protect_first": True, "protect_last": True}
 
 
 def mnist(keeps: list[float]) -> list[str]:
     rows = [
-        f"{'model':<16} {'MACs kept':>9} " + " ".join(f"{c + '+' + r:>16}" for c, r in METHODS) + f" {'lsq time':>8}",
+        f"{'model':<16} {'MACs kept':>9} " + " ".join(f"{c + '+' + r:>16}" for c, r in METHODS)
+        + f" {'lsq time':>8} {'lsq+sensitivity':>16} {'MACs kept':>9} {'time':>6}",
     ]
     for name in ("mnist_resnet", "mnist_mobilenet"):
         loaded = load_model(ROOT / "models" / f"{name}.onnx")
@@ -53,7 +56,17 @@ def mnist(keeps: list[float]) -> list[str]:
                 kept = result.macs_after / result.macs_before
                 if recover == "lsq" and result.recovery is not None:
                     seconds = result.recovery.seconds
-            rows.append(f"{name:<16} {kept:>9.3f} " + " ".join(cells) + f" {seconds:>7.1f}s")
+            options = PruneOptions(target_macs=keep, criterion=ALLOCATED[0], recover=ALLOCATED[1],
+                                   allocate=ALLOCATED[2], **CLI_DEFAULTS)
+            start = time.perf_counter()
+            allocated = prune_model(loaded, options, calib=calib, eval_data=evaluation)
+            allocated_seconds = time.perf_counter() - start
+            assert allocated.evaluation is not None and allocated.evaluation.accuracy_after is not None
+            rows.append(
+                f"{name:<16} {kept:>9.3f} " + " ".join(cells) + f" {seconds:>7.1f}s"
+                f" {100 * allocated.evaluation.accuracy_after:>15.1f}% "
+                f"{allocated.macs_after / allocated.macs_before:>9.3f} {allocated_seconds:>5.1f}s"
+            )
             print(rows[-1], file=sys.stderr, flush=True)
         assert original is not None
         rows.append(f"{name:<16} {'1.000':>9} original top-1 {100 * original:.1f}%")

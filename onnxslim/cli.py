@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import shlex
 import sys
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +27,15 @@ from onnxslim.io import (
     fix_input_shapes,
     load_model,
     parse_input_shapes,
+    save_bytes,
     save_text,
     staged_outputs,
     write_validated,
 )
 from onnxslim.model_info import inspect_model
+from onnxslim.pipeline import OptimizeOptions, OptimizeResult
+from onnxslim.pipeline import optimize as run_optimize
+from onnxslim.pipeline import sweep as run_sweep
 from onnxslim.prune import CRITERIA, RECOVERY_METHODS, PruneOptions, prune_model, save_plan
 from onnxslim.prune.importance import NEEDS_DATA
 from onnxslim.prune.pruner import ALLOCATIONS
@@ -47,17 +53,23 @@ from onnxslim.quantize import (
 from onnxslim.report import (
     bench_json,
     inspect_json,
+    optimize_json,
     plan_record,
+    plot_optimize,
     plot_sensitivity,
+    plot_sweep,
     prune_json,
     quantize_json,
     render_bench,
     render_inspect,
+    render_optimize,
     render_prune,
     render_quantize,
     render_sensitivity,
+    render_sweep,
     require_plotting,
     sensitivity_json,
+    sweep_json,
     to_json,
 )
 
@@ -496,6 +508,152 @@ def prune(
             save_plan(plan_out, result.plan, result.groups, result.model_sha256, plan_record(result), stage)
     verbose = ctx.obj["verbose"]
     click.echo(to_json(prune_json(result, output, plan_out)) if as_json else render_prune(result, output, verbose=verbose))
+
+
+def _fractions(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, ...]:
+    try:
+        fractions = tuple(float(v) for v in value.split(","))
+    except ValueError as e:
+        raise click.BadParameter(f"expected comma-separated fractions, e.g. 1,0.75,0.5, not {value!r}") from e
+    if not fractions or any(not 0.0 < f <= 1.0 for f in fractions):
+        raise click.BadParameter(f"every fraction must be in (0, 1], not {value!r}")
+    return fractions
+
+
+def _budget_options(f: Any) -> Any:
+    f = click.option("--min-fidelity", type=click.FloatRange(-1, 1), default=None, metavar="C",
+                     help="Budget: cosine of the output (mean and worst channel) against the original, at least C. "
+                     "Default without labels: 0.99.")(f)
+    return click.option("--max-drop", type=click.FloatRange(0, 100), default=None, metavar="X",
+                        help="Budget: at most X points of top-1 lost against the original (needs labels). Default with "
+                        "labels: 0.5.")(f)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=True, path_type=str))
+@click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False, path_type=str),
+              metavar="OUTDIR", help="Folder for optimized.onnx, pruned.onnx, plan.json, report.md, report.json "
+              "(and report.png with matplotlib); created if missing, earlier files of these names are replaced.")
+@click.option("--calib", "calib", metavar="DATA", required=True,
+              help=DATA_HELP + " A few hundred samples: pruning scores and recovery, int8 calibration.")
+@click.option("--eval", "eval_data", metavar="DATA", default=None,
+              help="Held-out data the budget is checked on and the models are timed with (else the last 20% of "
+              "--calib's batches, which then do not calibrate int8).")
+@_budget_options
+@click.option("--target-macs", type=click.FloatRange(0, 1, min_open=True), default=None, metavar="F",
+              help="Prune to this fraction of the MACs (no search).")
+@click.option("--target-speedup", type=click.FloatRange(1, min_open=True), default=None, metavar="S",
+              help="Search the pruning level whose final model runs S times as fast as the original, measured here.")
+@click.option("--no-prune", is_flag=True, help="Only int8.")
+@click.option("--no-quantize", is_flag=True, help="Only pruning (and recovery).")
+@click.option("--max-trials", type=click.IntRange(min=1), default=6, show_default=True,
+              help="Pruning levels (and int8 attempts) the search may try.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help=f"Intra-op threads for timing [default: the physical cores available, {physical_cores()} here].")
+@input_shapes_option
+@data_options
+@json_option
+@click.pass_context
+def optimize(
+    ctx: click.Context, model: str, outdir: str, calib: str, eval_data: str | None, max_drop: float | None,
+    min_fidelity: float | None, target_macs: float | None, target_speedup: float | None, no_prune: bool,
+    no_quantize: bool, max_trials: int, threads: int | None, input_shapes: tuple[str, ...],
+    data_options: DataOptions, as_json: bool,
+) -> None:
+    """The fastest model that keeps MODEL's accuracy, and the proof: prune, recover, int8, measure.
+
+    With an accuracy budget (--max-drop, or --min-fidelity; default 0.5 point of top-1 with labels, cosine 0.99
+    without) and no target, the most aggressive pruning whose final (pruned + int8) model still meets the
+    budget on the evaluation data is searched by bisection, at most --max-trials levels. The original, pruned
+    and int8 models are then timed side by side; the fastest one that meets the budget and beats the original
+    is written as OUTDIR/optimized.onnx — or the original itself, with the reason, when none does.
+    """
+    options = OptimizeOptions(
+        max_drop=max_drop, min_fidelity=min_fidelity, target_macs=target_macs, target_speedup=target_speedup,
+        prune=not no_prune, quantize=not no_quantize, max_trials=max_trials, threads=threads, seed=ctx.obj["seed"],
+    )
+    folder = Path(outdir)
+    if folder.exists() and not folder.is_dir():
+        raise click.UsageError(f"{outdir} is a file; -o names a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    names = ["optimized.onnx", "report.md", "report.json", "report.png"] + ([] if no_prune else ["pruned.onnx", "plan.json"])
+    for name in names:
+        check_output_path(folder / name, sources=[model])
+    command = "onnxslim " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
+    with ExitStack() as stack:
+        result, models = run_optimize(
+            model, calib, options, eval_data=eval_data, data_options=data_options,
+            input_shapes=parse_input_shapes(input_shapes), progress=None if ctx.obj.get("quiet") else _progress_bars(stack),
+            command=command,
+        )
+    files = list(models)
+    with staged_outputs() as stage:
+        for name, proto in models.items():
+            write_validated(proto, folder / name, source=model, input_shapes=_shapes_of(result), stage=stage)
+        if result.prune is not None:
+            save_plan(folder / "plan.json", result.prune.plan, result.prune.groups, result.prune.model_sha256,
+                      plan_record(result.prune), stage)
+            files.append("plan.json")
+        files += ["report.md", "report.json"]
+        picture = plot_optimize(result)
+        if picture is not None:
+            files.append("report.png")
+        result = replace(result, files=tuple(files))
+        stage.add_text(render_optimize(result, markdown=True) + "\n", folder / "report.md", sources=[model])
+        stage.add_text(to_json(optimize_json(result, outdir)) + "\n", folder / "report.json", sources=[model])
+        if picture is not None:
+            stage.add_bytes(picture, folder / "report.png", sources=[model])
+    if result.chosen == "original":
+        logger.warning("%s", result.reason)
+    click.echo(to_json(optimize_json(result, outdir)) if as_json else render_optimize(result, outdir))
+
+
+def _shapes_of(result: OptimizeResult) -> dict[str, tuple[int, ...]]:
+    if result.prune is not None:
+        return dict(result.prune.analysis_shapes)
+    if result.quantize is not None:
+        return dict(result.quantize.timing_shapes)
+    return {}
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--calib", "calib", metavar="DATA", required=True, help=DATA_HELP)
+@click.option("--eval", "eval_data", metavar="DATA", default=None,
+              help="Held-out data to measure and time on (else the last 20% of --calib's batches).")
+@click.option("--target-macs", "targets", default="1,0.9,0.75,0.5,0.3", show_default=True, callback=_fractions,
+              help="The MAC fractions to prune to (1: the original, quantized with --quantize).")
+@click.option("--quantize", is_flag=True, help="Also int8 at every point (each with the accuracy and speed guards).")
+@_budget_options
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads for timing.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=str), default=None, metavar="FILE.png",
+              help="Also draw accuracy or fidelity against latency (needs matplotlib).")
+@input_shapes_option
+@data_options
+@json_option
+@click.pass_context
+def sweep(
+    ctx: click.Context, model: str, calib: str, eval_data: str | None, targets: tuple[float, ...], quantize: bool,
+    max_drop: float | None, min_fidelity: float | None, threads: int | None, plot_path: str | None,
+    input_shapes: tuple[str, ...], data_options: DataOptions, as_json: bool,
+) -> None:
+    """The trade-off before choosing: MODEL pruned (with recovery) at every --target-macs, measured side by side.
+
+    Per point: accuracy (with labels) or fidelity against the original, latency and speedup from one
+    interleaved run, params and size; and whether it meets the budget (--max-drop / --min-fidelity).
+    """
+    if plot_path is not None:
+        require_plotting()
+        check_output_path(plot_path, sources=[model])
+    options = OptimizeOptions(max_drop=max_drop, min_fidelity=min_fidelity, threads=threads, seed=ctx.obj["seed"])
+    with ExitStack() as stack:
+        result = run_sweep(
+            model, calib, targets, eval_data=eval_data, quantize=quantize, options=options, data_options=data_options,
+            input_shapes=parse_input_shapes(input_shapes), progress=None if ctx.obj.get("quiet") else _progress_bars(stack),
+        )
+    if plot_path is not None:
+        save_bytes(plot_sweep(result), plot_path, sources=[model])
+    click.echo(to_json(sweep_json(result)) if as_json else render_sweep(result))
 
 
 def _ratios(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, ...]:

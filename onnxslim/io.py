@@ -814,6 +814,17 @@ class OutputStage:
         self._moves.append((staged, path))
         return path
 
+    def add_bytes(self, data: bytes, path: str | os.PathLike[str], *, sources: Iterable[str | os.PathLike[str]] = ()) -> Path:
+        """Stage a binary file (a plot) for `path`."""
+        path = check_output_path(path, sources=sources)
+        staged = self._staging_dir(path) / path.name
+        try:
+            staged.write_bytes(data)
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
+        self._moves.append((staged, path))
+        return path
+
     def commit(self) -> None:
         """Rename every staged file into place (renames within a folder are atomic), then drop stale data."""
         for staged, target in self._moves:
@@ -878,6 +889,12 @@ def save_text(text: str, path: str | os.PathLike[str], *, sources: Iterable[str 
     """Write a report file atomically, with the same guards as models."""
     with staged_outputs() as stage:
         return stage.add_text(text, path, sources=sources)
+
+
+def save_bytes(data: bytes, path: str | os.PathLike[str], *, sources: Iterable[str | os.PathLike[str]] = ()) -> Path:
+    """Write a binary report file (a plot) atomically, with the same guards as models."""
+    with staged_outputs() as stage:
+        return stage.add_bytes(data, path, sources=sources)
 
 
 def _same_file(a: Path, b: Path) -> bool:

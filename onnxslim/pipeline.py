@@ -1,0 +1,539 @@
+"""`optimize`: from an exported model to the fastest model that keeps its accuracy, with the proof; `sweep`.
+
+    prune (activation criterion, lsq recovery) → int8 (CPU-aware, accuracy and speed guards) → measure
+
+**The search.** With an accuracy budget and no target (`--max-drop` points of top-1 with labels, else
+`--min-fidelity`; default: 0.5 point with labels, cosine 0.99 without — the first is what a user of a
+classifier notices, the second keeps every output and every output channel close), pruning levels are
+searched by bisection on the fraction of MACs kept, between 0.1 and 1, judging each *pruned fp32* model
+against the original on the evaluation data with half the budget (int8 needs the other half). Each level
+is one prune with recovery: `max_trials` − 1 of them at most. The most aggressive level that passed is then
+quantized, and the *final* model (pruned + int8) is checked against the full budget; if it misses, the next
+less aggressive level that passed is quantized instead, while trials remain. With `--target-macs` there is
+one level; with `--target-speedup` the levels are bisected on the final model's *measured* speedup over the
+original (each level pruned, quantized and timed), keeping the least pruned level that reaches it.
+
+**Never worse than the input.** The original, the pruned and the int8 models are timed side by side in one
+interleaved run (`bench.benchmark`) on the evaluation data. The final model is the fastest of them that
+meets the budget and is at least `min_speedup` faster than the original; if none is, `optimized.onnx` is
+the original (validated copy) and the report says why.
+
+Outputs (all written together, or none): `optimized.onnx`, `pruned.onnx` and `plan.json` (when pruning ran),
+`report.md`, `report.json`, and `report.png` when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from onnxslim.bench import BenchOptions, BenchResult, ModelBench, benchmark
+from onnxslim.calib import DataOptions, Dataset, open_dataset
+from onnxslim.cpu import CpuChoice, choose_for_cpu, detect_cpu
+from onnxslim.errors import UsageError
+from onnxslim.io import LoadedModel, load_model, save_model
+from onnxslim.metrics import Accuracy, Fidelity
+from onnxslim.prune import PruneOptions, PruneResult, prune_model
+from onnxslim.quant_guard import AccuracyBudget, BudgetCheck, check_budget
+from onnxslim.quantize import HOLDOUT_FRACTION, MIN_SPEEDUP, QuantizeOptions, QuantizeResult, quantize_model
+
+__all__ = [
+    "DEFAULT_TRIALS",
+    "OptimizeOptions",
+    "Trial",
+    "Candidate",
+    "OptimizeResult",
+    "SweepPoint",
+    "SweepResult",
+    "optimize",
+    "sweep",
+    "choose_final",
+    "default_budget",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRIALS = 6
+LOWEST_KEEP = 0.1  # the search never keeps fewer MACs than this
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class OptimizeOptions:
+    """What `optimize` may do and what it must keep. See the module docstring for the search."""
+
+    max_drop: float | None = None
+    min_fidelity: float | None = None
+    target_macs: float | None = None
+    target_speedup: float | None = None
+    prune: bool = True
+    quantize: bool = True
+    max_trials: int = DEFAULT_TRIALS
+    threads: int | None = None
+    criterion: str = "activation"
+    recover: str = "lsq"
+    allocate: str = "global"
+    round_to: int = 8
+    min_speedup: float = MIN_SPEEDUP
+    repeat: int = 50  # timed runs per model in the final interleaved measurement
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.target_macs is not None and self.target_speedup is not None:
+            raise UsageError("--target-macs and --target-speedup are exclusive: give one")
+        if not self.prune and not self.quantize:
+            raise UsageError("--no-prune and --no-quantize leave nothing to do")
+        if not self.prune and (self.target_macs is not None or self.target_speedup is not None):
+            raise UsageError("--target-macs and --target-speedup choose how much to prune; they need pruning on")
+        if self.target_macs is not None and not 0 < self.target_macs <= 1:
+            raise UsageError(f"--target-macs must be in (0, 1], not {self.target_macs}")
+        if self.target_speedup is not None and self.target_speedup <= 1:
+            raise UsageError(f"--target-speedup must be above 1, not {self.target_speedup}")
+        if self.max_trials < 1:
+            raise UsageError(f"--max-trials must be at least 1, not {self.max_trials}")
+        AccuracyBudget(self.max_drop, self.min_fidelity)  # validates the budget
+
+
+def default_budget(options: OptimizeOptions, labelled: bool) -> AccuracyBudget:
+    """The budget in force: the one given, else 0.5 point of top-1 with labels, else cosine 0.99."""
+    if options.max_drop is not None or options.min_fidelity is not None:
+        if options.max_drop is not None and not labelled:
+            raise UsageError("--max-drop needs labels in the evaluation data (or use --min-fidelity)")
+        return AccuracyBudget(options.max_drop, options.min_fidelity)
+    return AccuracyBudget(max_drop=0.5) if labelled else AccuracyBudget(min_fidelity=0.99)
+
+
+def _half(budget: AccuracyBudget) -> AccuracyBudget:
+    """What pruning alone may spend: half the drop, half the fidelity loss (int8 gets the rest)."""
+    return AccuracyBudget(
+        None if budget.max_drop is None else budget.max_drop / 2,
+        None if budget.min_fidelity is None else 1 - (1 - budget.min_fidelity) / 2,
+    )
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One pruning level tried: MACs asked and kept, the pruned fp32 model against the original, and — when
+    it was quantized — the final model's check and measured speedup."""
+
+    target_macs: float
+    macs_kept: float
+    pruned_score: float
+    pruned_drop: float | None
+    pruned_met: bool
+    quantized: bool | None = None
+    final_score: float | None = None
+    final_drop: float | None = None
+    final_met: bool | None = None
+    speedup: float | None = None
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A model of the final measurement: what it is, how it did, and whether it meets the budget."""
+
+    name: str  # original, pruned, int8
+    bench: ModelBench
+    check: BudgetCheck | None  # None for the original
+
+
+@dataclass(frozen=True)
+class OptimizeResult:
+    """What `optimize` chose and the proof: the side-by-side measurement, the trials, what each step did."""
+
+    chosen: str  # the candidate written as optimized.onnx
+    reason: str
+    budget: AccuracyBudget
+    budget_met: bool
+    candidates: tuple[Candidate, ...]
+    trials: tuple[Trial, ...]
+    prune: PruneResult | None
+    quantize: QuantizeResult | None
+    cpu: CpuChoice
+    data: str
+    threads: int
+    seconds: float
+    files: tuple[str, ...] = ()
+    command: str = ""
+    max_trials: int = DEFAULT_TRIALS
+    search: str = ""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def final(self) -> Candidate:
+        return next(c for c in self.candidates if c.name == self.chosen)
+
+    @property
+    def speedup(self) -> float:
+        return self.final.bench.speedup
+
+
+def choose_final(
+    candidates: Sequence[tuple[str, float, bool]], min_speedup: float
+) -> tuple[str, str]:
+    """Pure: (name, why) of the model to ship from (name, measured speedup, meets the budget) — the fastest
+    that meets the budget and is at least `min_speedup` faster than the original; else the original."""
+    eligible = [(speedup, name) for name, speedup, met in candidates if name != "original" and met]
+    fast = [(speedup, name) for speedup, name in eligible if speedup >= min_speedup]
+    if fast:
+        speedup, name = max(fast)
+        return name, f"{name} is {speedup:.2f}x as fast as the original and meets the budget"
+    if not eligible:
+        return "original", "no candidate met the accuracy budget; optimized.onnx is the original"
+    speedup, name = max(eligible)
+    return "original", (
+        f"the fastest candidate that meets the budget ({name}, {speedup:.2f}x) is not {min_speedup:.2f}x as fast "
+        "as the original; optimized.onnx is the original"
+    )
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+class _Judge:
+    """A candidate against the original on the evaluation data: fidelity (every element, worst channel) and
+    top-1 with labels, checked against a budget. Reuses the quantizer's evaluator (one pass per candidate)."""
+
+    def __init__(self, original: onnx.ModelProto, calib: Dataset, evaluation: Dataset | None, threads: int) -> None:
+        from onnxslim.metrics import select_output
+        from onnxslim.quantize import _Evaluator, _split
+
+        self.split = _split(calib, evaluation, HOLDOUT_FRACTION)
+        self._evaluate = _Evaluator(original, self.split, select_output(original), threads=threads, progress=None)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self._evaluate.want_accuracy)
+
+    def __call__(self, model: onnx.ModelProto, budget: AccuracyBudget) -> tuple[BudgetCheck, Fidelity, Accuracy | None]:
+        fidelity, original, candidate = self._evaluate(model)
+        return check_budget(budget, fidelity, original, candidate), fidelity, candidate
+
+
+def _prune(
+    loaded: LoadedModel, keep: float, options: OptimizeOptions, calib: Dataset, input_shapes: Any, progress: Progress | None
+) -> PruneResult:
+    prune_options = PruneOptions(
+        target_macs=keep, criterion=options.criterion, recover=options.recover, allocate=options.allocate,
+        round_to=options.round_to, protect_first=True, protect_last=True, seed=options.seed,
+    )
+    return prune_model(loaded, prune_options, input_shapes=input_shapes, calib=calib, progress=progress)
+
+
+def _quantize(
+    model: onnx.ModelProto, calib: Dataset, evaluation: Dataset | None, budget: AccuracyBudget,
+    options: OptimizeOptions, progress: Progress | None,
+) -> QuantizeResult:
+    quant_options = QuantizeOptions(budget=budget, threads=options.threads, min_speedup=options.min_speedup)
+    return quantize_model(model, calib, quant_options, eval_data=evaluation, progress=progress)
+
+
+# --------------------------------------------------------------------------------------------- optimize
+
+
+def optimize(
+    model: str | os.PathLike[str],
+    calib: str | os.PathLike[str],
+    options: OptimizeOptions | None = None,
+    *,
+    eval_data: str | os.PathLike[str] | None = None,
+    data_options: DataOptions | None = None,
+    input_shapes: Any = None,
+    progress: Progress | None = None,
+    command: str = "",
+) -> tuple[OptimizeResult, dict[str, Any]]:
+    """Search, measure and choose (module docstring). Returns the result and the files to write
+    (name → ModelProto, or text) — `write_outputs` writes them; the CLI and `optimize_to` do both."""
+    started = time.perf_counter()
+    options = options or OptimizeOptions()
+    data_options = data_options or DataOptions()
+    loaded = load_model(model)
+    calib_data = open_dataset(calib, loaded.model, data_options)
+    evaluation = open_dataset(eval_data, loaded.model, data_options) if eval_data is not None else None
+    threads = options.threads or _physical_cores()
+    judge = _Judge(loaded.model, calib_data, evaluation, threads)
+    budget = default_budget(options, judge.labelled)
+    cpu = choose_for_cpu(detect_cpu(), None)
+    trials: list[Trial] = []
+    notes: list[str] = []
+    pruned: PruneResult | None = None
+    quantized: QuantizeResult | None = None
+
+    # a searched level is judged with half the budget (int8 spends the rest); a given --target-macs with all
+    level_budget = budget if options.target_macs is not None else _half(budget)
+
+    def level(keep: float) -> tuple[PruneResult, Trial]:
+        begin = time.perf_counter()
+        result = _prune(loaded, keep, options, calib_data, input_shapes, progress)
+        check, _, _ = judge(result.model, level_budget)
+        trial = Trial(keep, result.macs_after / result.macs_before, check.score, check.drop, check.met,
+                      seconds=time.perf_counter() - begin)
+        logger.info("trial: keep %.3f of the MACs → %s", keep, "passes" if check.met else check.why)
+        return result, trial
+
+    def finish(result: PruneResult | None, trial: Trial | None) -> tuple[QuantizeResult | None, Trial | None]:
+        if not options.quantize:
+            return None, trial
+        begin = time.perf_counter()
+        source = result.model if result is not None else loaded.model
+        q = _quantize(source, calib_data, evaluation, budget, options, progress)
+        check, _, _ = judge(q.model, budget)
+        if trial is None:
+            return q, None
+        return q, Trial(
+            trial.target_macs, trial.macs_kept, trial.pruned_score, trial.pruned_drop, trial.pruned_met,
+            q.quantized, check.score, check.drop, check.met, None, trial.seconds + time.perf_counter() - begin,
+        )
+
+    if not options.prune:
+        search = "no pruning: int8 only"
+        quantized, _ = finish(None, None)
+    elif options.target_macs is not None:
+        search = f"one level: --target-macs {options.target_macs:g}"
+        pruned, trial = level(options.target_macs)
+        quantized, final_trial = finish(pruned, trial)
+        trials.append(final_trial or trial)
+    elif options.target_speedup is not None:
+        search = (f"bisection on the MACs kept for a measured speedup of {options.target_speedup:g}x "
+                  f"(at most {options.max_trials} levels, each pruned, quantized and timed)")
+        pruned, quantized, trials = _search_speed(loaded, options, level, finish)
+        if pruned is None:
+            notes.append(f"no level reached {options.target_speedup:g}x within {options.max_trials} trials")
+    else:
+        search = (f"bisection on the MACs kept ({LOWEST_KEEP:g} to 1), each level's pruned model judged with half "
+                  f"the budget, then int8 on the best; at most {options.max_trials} trials")
+        pruned, quantized, trials = _search_budget(options, level, finish, budget)
+    if pruned is None and options.prune and options.target_speedup is None:
+        notes.append("no pruning level met the budget" + ("; int8 was tried on the original" if options.quantize else ""))
+    result, files = _measure(
+        loaded, calib_data, eval_data if eval_data is not None else calib, data_options, options, budget, judge,
+        pruned, quantized, trials, cpu, threads, search, notes, started, command,
+    )
+    return result, files
+
+
+def _physical_cores() -> int:
+    from onnxslim.bench import physical_cores
+
+    return physical_cores()
+
+
+def _search_budget(
+    options: OptimizeOptions,
+    level: Callable[[float], tuple[PruneResult, Trial]],
+    finish: Callable[[PruneResult | None, Trial | None], tuple[QuantizeResult | None, Trial | None]],
+    budget: AccuracyBudget,
+) -> tuple[PruneResult | None, QuantizeResult | None, list[Trial]]:
+    trials: list[Trial] = []
+    passed: list[tuple[float, PruneResult, int]] = []  # (keep, result, index into trials)
+    low, high = LOWEST_KEEP, 1.0  # the answer lies in [low, high]: high passes (nothing pruned)
+    levels = max(options.max_trials - 1, 1) if options.quantize else options.max_trials
+    for _ in range(levels):
+        keep = round((low + high) / 2, 3)
+        result, trial = level(keep)
+        trials.append(trial)
+        if trial.pruned_met:
+            passed.append((keep, result, len(trials) - 1))
+            high = keep
+        else:
+            low = keep
+        if high - low < 0.04:
+            break
+    if not options.quantize:
+        best = min(passed, key=lambda p: p[0]) if passed else None
+        return (best[1] if best else None), None, trials
+    budget_trials = options.max_trials - len(trials)
+    quantized: QuantizeResult | None = None
+    for _keep, result, index in sorted(passed, key=lambda p: p[0]):
+        if budget_trials <= 0:
+            break
+        quantized, final = finish(result, trials[index])
+        budget_trials -= 1
+        assert final is not None
+        trials[index] = final
+        if final.final_met or not (quantized is not None and quantized.quantized):
+            return result, quantized, trials  # met with int8, or int8 was not kept: the pruned fp32 stands
+    if passed:
+        _, result, _ = max(passed, key=lambda p: p[0])  # the least pruned level, its int8 did not hold
+        return result, quantized, trials
+    quantized, _ = finish(None, None)
+    return None, quantized, trials
+
+
+def _search_speed(
+    loaded: LoadedModel,
+    options: OptimizeOptions,
+    level: Callable[[float], tuple[PruneResult, Trial]],
+    finish: Callable[[PruneResult | None, Trial | None], tuple[QuantizeResult | None, Trial | None]],
+) -> tuple[PruneResult | None, QuantizeResult | None, list[Trial]]:
+    """The least pruned level whose final model is measured `target_speedup` times as fast as the original."""
+    assert options.target_speedup is not None
+    trials: list[Trial] = []
+    best: tuple[float, PruneResult, QuantizeResult | None] | None = None
+    low, high = LOWEST_KEEP, 1.0  # high may be too slow, low is assumed fast enough
+    for _ in range(options.max_trials):
+        keep = round((low + high) / 2, 3)
+        result, trial = level(keep)
+        quantized, final = finish(result, trial)
+        final = final or trial
+        final_model = quantized.model if quantized is not None else result.model
+        speedup = _speedup(loaded.model, final_model, options)
+        trials.append(Trial(
+            final.target_macs, final.macs_kept, final.pruned_score, final.pruned_drop, final.pruned_met,
+            final.quantized, final.final_score, final.final_drop, final.final_met, speedup, final.seconds,
+        ))
+        if speedup >= options.target_speedup:
+            if best is None or keep > best[0]:
+                best = (keep, result, quantized)
+            low = keep
+        else:
+            high = keep
+        if high - low < 0.04:
+            break
+    if best is None:
+        return None, None, trials
+    return best[1], best[2], trials
+
+
+def _speedup(original: onnx.ModelProto, candidate: onnx.ModelProto, options: OptimizeOptions) -> float:
+    """Measured p50 speedup of `candidate` over `original` on random inputs (a short interleaved run)."""
+    with tempfile.TemporaryDirectory(prefix="onnxslim-speed-") as folder:
+        paths = [save_model(original, Path(folder) / "original.onnx"), save_model(candidate, Path(folder) / "candidate.onnx")]
+        bench = benchmark(paths, options=BenchOptions(threads=options.threads, warmup=3, repeat=20, memory=False))
+    return bench.models[1].speedup
+
+
+def _measure(
+    loaded: LoadedModel, calib: Dataset, data: str | os.PathLike[str], data_options: DataOptions,
+    options: OptimizeOptions, budget: AccuracyBudget, judge: _Judge, pruned: PruneResult | None,
+    quantized: QuantizeResult | None, trials: list[Trial], cpu: CpuChoice, threads: int, search: str,
+    notes: list[str], started: float, command: str,
+) -> tuple[OptimizeResult, dict[str, Any]]:
+    """The final interleaved measurement, the choice, and the files to write."""
+    models: dict[str, onnx.ModelProto] = {"original": loaded.model}
+    if pruned is not None:
+        models["pruned"] = pruned.model
+    if quantized is not None and quantized.quantized:  # int8 the quantizer did not keep is not a candidate
+        models["int8"] = quantized.model
+    checks: dict[str, BudgetCheck] = {name: judge(model, budget)[0] for name, model in models.items() if name != "original"}
+    with tempfile.TemporaryDirectory(prefix="onnxslim-optimize-") as folder:
+        paths = [save_model(model, Path(folder) / f"{name}.onnx") for name, model in models.items()]
+        bench: BenchResult = benchmark(
+            paths, data=data, data_options=data_options,
+            options=BenchOptions(threads=threads, warmup=5, repeat=options.repeat),
+        )
+    candidates = tuple(Candidate(name, row, checks.get(name)) for name, row in zip(models, bench.models, strict=True))
+    chosen, reason = choose_final(
+        [(c.name, c.bench.speedup, c.check.met if c.check is not None else True) for c in candidates], options.min_speedup
+    )
+    met = chosen == "original" or checks[chosen].met
+    result = OptimizeResult(
+        chosen=chosen, reason=reason, budget=budget, budget_met=met, candidates=candidates, trials=tuple(trials),
+        prune=pruned, quantize=quantized, cpu=cpu, data=judge.split.description, threads=threads,
+        seconds=time.perf_counter() - started, command=command, max_trials=options.max_trials, search=search,
+        notes=tuple(notes),
+    )
+    files: dict[str, Any] = {"optimized.onnx": models[chosen]}
+    if pruned is not None:
+        files["pruned.onnx"] = pruned.model
+    return result, files
+
+
+def machine() -> str:
+    """The CPU this ran on, for the report."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} logical cores"
+
+
+# ------------------------------------------------------------------------------------------------ sweep
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One MAC budget of a sweep: what was kept and how the model did in the shared measurement."""
+
+    target_macs: float
+    macs_kept: float
+    quantized: bool
+    bench: ModelBench
+    check: BudgetCheck | None
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    points: tuple[SweepPoint, ...]
+    original: ModelBench
+    budget: AccuracyBudget
+    data: str
+    threads: int
+    seconds: float
+
+
+def sweep(
+    model: str | os.PathLike[str],
+    calib: str | os.PathLike[str],
+    targets: Sequence[float],
+    *,
+    eval_data: str | os.PathLike[str] | None = None,
+    quantize: bool = False,
+    options: OptimizeOptions | None = None,
+    data_options: DataOptions | None = None,
+    input_shapes: Any = None,
+    progress: Progress | None = None,
+) -> SweepResult:
+    """The trade-off before choosing: the model pruned (and with `quantize`, int8) at every MAC fraction in
+    `targets`, all measured side by side with the original in one interleaved run."""
+    started = time.perf_counter()
+    options = options or OptimizeOptions()
+    data_options = data_options or DataOptions()
+    if not targets or any(not 0 < t <= 1 for t in targets):
+        raise UsageError(f"--target-macs fractions must be in (0, 1], not {list(targets)}")
+    loaded = load_model(model)
+    calib_data = open_dataset(calib, loaded.model, data_options)
+    evaluation = open_dataset(eval_data, loaded.model, data_options) if eval_data is not None else None
+    threads = options.threads or _physical_cores()
+    judge = _Judge(loaded.model, calib_data, evaluation, threads)
+    budget = default_budget(options, judge.labelled)
+    built: list[tuple[float, float, bool, onnx.ModelProto]] = []
+    for target in sorted(set(targets), reverse=True):
+        if target >= 1.0:
+            model_at, kept = loaded.model, 1.0
+        else:
+            result = _prune(loaded, target, options, calib_data, input_shapes, progress)
+            model_at, kept = result.model, result.macs_after / result.macs_before
+        is_int8 = False
+        if quantize:
+            q = _quantize(model_at, calib_data, evaluation, budget, options, progress)
+            model_at, is_int8 = q.model, q.quantized
+        built.append((target, kept, is_int8, model_at))
+    checks = [judge(m, budget)[0] for *_, m in built]
+    with tempfile.TemporaryDirectory(prefix="onnxslim-sweep-") as folder:
+        paths = [save_model(loaded.model, Path(folder) / "original.onnx")]
+        paths += [save_model(m, Path(folder) / f"macs_{t:g}.onnx") for t, _, _, m in built]
+        bench = benchmark(
+            paths, data=eval_data if eval_data is not None else calib, data_options=data_options,
+            options=BenchOptions(threads=threads, warmup=5, repeat=options.repeat, memory=False),
+        )
+    points = tuple(
+        SweepPoint(t, kept, q, row, check)
+        for (t, kept, q, _), row, check in zip(built, bench.models[1:], checks, strict=True)
+    )
+    return SweepResult(points, bench.models[0], budget, judge.split.description, threads, time.perf_counter() - started)
+

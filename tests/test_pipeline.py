@@ -1,0 +1,138 @@
+"""`onnxslim optimize` and `onnxslim sweep` (pipeline.py): the choice, the search bound, the files, the JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from builders import ModelBuilder
+from click.testing import CliRunner
+
+from onnxslim import pipeline
+from onnxslim.cli import cli
+from onnxslim.pipeline import OptimizeOptions, choose_final, default_budget
+from onnxslim.quant_guard import AccuracyBudget
+
+
+def test_the_fastest_candidate_that_meets_the_budget_wins() -> None:
+    name, why = choose_final([("original", 1.0, True), ("pruned", 1.4, True), ("int8", 2.1, True)], 1.05)
+    assert name == "int8" and "2.10x" in why
+    assert choose_final([("original", 1.0, True), ("pruned", 1.4, True), ("int8", 2.1, False)], 1.05)[0] == "pruned"
+
+
+def test_never_worse_than_the_input() -> None:
+    name, why = choose_final([("original", 1.0, True), ("pruned", 1.02, True), ("int8", 3.0, False)], 1.05)
+    assert name == "original" and "not 1.05x as fast" in why
+    name, why = choose_final([("original", 1.0, True), ("pruned", 1.8, False)], 1.05)
+    assert name == "original" and "no candidate met" in why
+
+
+def test_default_budget_is_half_a_point_with_labels_and_cosine_099_without() -> None:
+    assert default_budget(OptimizeOptions(), True) == AccuracyBudget(max_drop=0.5)
+    assert default_budget(OptimizeOptions(), False) == AccuracyBudget(min_fidelity=0.99)
+    assert default_budget(OptimizeOptions(min_fidelity=0.9), True) == AccuracyBudget(min_fidelity=0.9)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"target_macs": 0.5, "target_speedup": 2.0}, "exclusive"),
+        ({"prune": False, "quantize": False}, "nothing to do"),
+        ({"prune": False, "target_macs": 0.5}, "need pruning"),
+        ({"target_speedup": 0.8}, "above 1"),
+    ],
+)
+def test_contradictory_options_are_usage_errors(fields: dict, message: str) -> None:
+    from onnxslim.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        OptimizeOptions(**fields)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A small conv net whose channels are half redundant (so pruning with recovery keeps its outputs), with
+    calibration and evaluation data."""
+    b = ModelBuilder((3, 12, 12), seed=5)
+    y = b.relu(b.conv(b.input, 16, k=3))  # protected: the first layer
+    y = b.relu(b.conv(y, 32, k=3, bias=None))  # prunable, its 32 filters 16 distinct ones twice
+    y = b.relu(b.conv(y, 32, k=3))  # prunable
+    y = b.relu(b.conv(y, 16))  # protected: feeds the head
+    model = b.build(b.conv(y, 8))
+    second = model.graph.node[2]
+    index = next(i for i, t in enumerate(model.graph.initializer) if t.name == second.input[1])
+    weight = onnx.numpy_helper.to_array(model.graph.initializer[index])
+    duplicated = np.concatenate([weight[:16]] * 2)
+    model.graph.initializer[index].CopyFrom(onnx.numpy_helper.from_array(duplicated, second.input[1]))
+    folder = tmp_path_factory.mktemp("pipeline")
+    path = folder / "small.onnx"
+    onnx.save(model, path)
+    rng = np.random.default_rng(0)
+    calib, evaluation = folder / "calib.npz", folder / "eval.npz"
+    np.savez(calib, input=rng.standard_normal((64, 3, 12, 12)).astype(np.float32))
+    np.savez(evaluation, input=rng.standard_normal((32, 3, 12, 12)).astype(np.float32))
+    return path, calib, evaluation
+
+
+def test_optimize_writes_every_output_and_a_valid_model(small: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    model, calib, evaluation = small
+    out = tmp_path / "out"
+    args = ["optimize", str(model), "-o", str(out), "--calib", str(calib), "--eval", str(evaluation),
+            "--target-macs", "0.6", "--min-fidelity", "0.9", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {"optimized.onnx", "pruned.onnx", "plan.json", "report.md", "report.json"} <= set(report["files"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(report["files"])
+    assert json.loads((out / "report.json").read_text())["chosen"] == report["chosen"]
+    names = [m["name"] for m in report["models"]]
+    assert names[:2] == ["original", "pruned"] and report["chosen"] in names
+    assert report["budget"]["min_fidelity"] == 0.9 and len(report["trials"]) == 1
+    for key in ("p50_ms", "p90_ms", "speedup", "size", "params", "macs", "accuracy", "fidelity", "peak_memory"):
+        assert key in report["models"][0]
+    assert report["models"][1]["macs"] < report["models"][0]["macs"]
+    optimized = onnx.load(out / "optimized.onnx")
+    onnx.checker.check_model(optimized)
+    original = onnx.load(model)
+    assert [i.name for i in optimized.graph.input] == [i.name for i in original.graph.input]
+    assert [o.name for o in optimized.graph.output] == [o.name for o in original.graph.output]
+    markdown = (out / "report.md").read_text()
+    assert "| model |" in markdown and "## Trials" in markdown and "onnxslim optimize" in markdown
+
+
+def test_the_search_is_bounded_and_keeps_the_original_when_nothing_is_faster(
+    small: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An injected timer makes every candidate as slow as the original: optimized.onnx is the original."""
+    model, calib, evaluation = small
+    real = pipeline.benchmark
+
+    def slow(*args, **kwargs):  # type: ignore[no-untyped-def]
+        bench = real(*args, **kwargs)
+        return dataclasses.replace(bench, models=[dataclasses.replace(m, speedup=1.0) for m in bench.models])
+
+    monkeypatch.setattr(pipeline, "benchmark", slow)
+    options = OptimizeOptions(min_fidelity=0.8, quantize=False, max_trials=3)
+    result, files = pipeline.optimize(model, calib, options, eval_data=evaluation)
+    assert 1 <= len(result.trials) <= 3 and "at most 3 trials" in result.search
+    assert result.chosen == "original" and "not 1.05x as fast" in result.reason
+    assert files["optimized.onnx"] is not None
+    original = pipeline.load_model(model).model
+    assert files["optimized.onnx"].SerializeToString() == original.SerializeToString()
+
+
+def test_sweep_json(small: tuple[Path, Path, Path]) -> None:
+    model, calib, evaluation = small
+    args = ["sweep", str(model), "--calib", str(calib), "--eval", str(evaluation), "--target-macs", "1,0.5", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [p["target_macs"] for p in report["points"]] == [1.0, 0.5]
+    for point in report["points"]:
+        assert {"macs_kept", "quantized", "fidelity", "budget_met", "p50_ms", "speedup", "params", "size"} <= set(point)
+    assert report["points"][0]["fidelity"] == pytest.approx(1.0) and report["points"][1]["macs_kept"] < 0.6
+    assert report["points"][1]["params"] < report["original"]["params"]
