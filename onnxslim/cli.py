@@ -12,7 +12,6 @@ import logging
 import shlex
 import sys
 from contextlib import ExitStack
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from onnxslim.io import (
     write_validated,
 )
 from onnxslim.model_info import inspect_model
-from onnxslim.pipeline import OptimizeOptions, OptimizeResult
+from onnxslim.pipeline import OptimizeOptions
 from onnxslim.pipeline import optimize as run_optimize
 from onnxslim.pipeline import sweep as run_sweep
 from onnxslim.prune import CRITERIA, RECOVERY_METHODS, PruneOptions, prune_model, save_plan
@@ -55,7 +54,6 @@ from onnxslim.report import (
     inspect_json,
     optimize_json,
     plan_record,
-    plot_optimize,
     plot_sensitivity,
     plot_sweep,
     prune_json,
@@ -572,48 +570,16 @@ def optimize(
         max_drop=max_drop, min_fidelity=min_fidelity, target_macs=target_macs, target_speedup=target_speedup,
         prune=not no_prune, quantize=not no_quantize, max_trials=max_trials, threads=threads, seed=ctx.obj["seed"],
     )
-    folder = Path(outdir)
-    if folder.exists() and not folder.is_dir():
-        raise click.UsageError(f"{outdir} is a file; -o names a folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    names = ["optimized.onnx", "report.md", "report.json", "report.png"] + ([] if no_prune else ["pruned.onnx", "plan.json"])
-    for name in names:
-        check_output_path(folder / name, sources=[model])
     command = "onnxslim " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
     with ExitStack() as stack:
-        result, models = run_optimize(
-            model, calib, options, eval_data=eval_data, data_options=data_options,
+        result = run_optimize(
+            model, outdir, calib, options, eval_data=eval_data, data_options=data_options,
             input_shapes=parse_input_shapes(input_shapes), progress=None if ctx.obj.get("quiet") else _progress_bars(stack),
             command=command,
         )
-    files = list(models)
-    with staged_outputs() as stage:
-        for name, proto in models.items():
-            write_validated(proto, folder / name, source=model, input_shapes=_shapes_of(result), stage=stage)
-        if result.prune is not None:
-            save_plan(folder / "plan.json", result.prune.plan, result.prune.groups, result.prune.model_sha256,
-                      plan_record(result.prune), stage)
-            files.append("plan.json")
-        files += ["report.md", "report.json"]
-        picture = plot_optimize(result)
-        if picture is not None:
-            files.append("report.png")
-        result = replace(result, files=tuple(files))
-        stage.add_text(render_optimize(result, markdown=True) + "\n", folder / "report.md", sources=[model])
-        stage.add_text(to_json(optimize_json(result, outdir)) + "\n", folder / "report.json", sources=[model])
-        if picture is not None:
-            stage.add_bytes(picture, folder / "report.png", sources=[model])
     if result.chosen == "original":
         logger.warning("%s", result.reason)
     click.echo(to_json(optimize_json(result, outdir)) if as_json else render_optimize(result, outdir))
-
-
-def _shapes_of(result: OptimizeResult) -> dict[str, tuple[int, ...]]:
-    if result.prune is not None:
-        return dict(result.prune.analysis_shapes)
-    if result.quantize is not None:
-        return dict(result.quantize.timing_shapes)
-    return {}
 
 
 @cli.command()

@@ -30,7 +30,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,10 @@ from onnxslim.quantize import HOLDOUT_FRACTION, MIN_SPEEDUP, QuantizeOptions, Qu
 
 __all__ = [
     "DEFAULT_TRIALS",
+    "OUTPUT_FILES",
+    "check_outdir",
+    "search_and_measure",
+    "write_outputs",
     "OptimizeOptions",
     "Trial",
     "Candidate",
@@ -164,6 +168,7 @@ class OptimizeResult:
     threads: int
     seconds: float
     files: tuple[str, ...] = ()
+    outdir: str | None = None
     command: str = ""
     max_trials: int = DEFAULT_TRIALS
     search: str = ""
@@ -241,7 +246,86 @@ def _quantize(
 # --------------------------------------------------------------------------------------------- optimize
 
 
+OUTPUT_FILES = ("optimized.onnx", "pruned.onnx", "plan.json", "report.md", "report.json", "report.png")
+
+
 def optimize(
+    model: str | os.PathLike[str],
+    outdir: str | os.PathLike[str] | None,
+    calib: str | os.PathLike[str],
+    options: OptimizeOptions | None = None,
+    *,
+    eval_data: str | os.PathLike[str] | None = None,
+    data_options: DataOptions | None = None,
+    input_shapes: Any = None,
+    progress: Progress | None = None,
+    command: str = "",
+) -> OptimizeResult:
+    """`onnxslim optimize`: search, measure, choose (module docstring) and, with `outdir`, write every output
+    there together (or none). The result lists the files written."""
+    if outdir is not None:
+        check_outdir(outdir, model, prune=(options or OptimizeOptions()).prune)
+    result, models = search_and_measure(
+        model, calib, options, eval_data=eval_data, data_options=data_options, input_shapes=input_shapes,
+        progress=progress, command=command,
+    )
+    if outdir is not None:
+        result = write_outputs(result, models, outdir, source=model)
+    return result
+
+
+def check_outdir(outdir: str | os.PathLike[str], source: str | os.PathLike[str], *, prune: bool) -> Path:
+    """Make the output folder and check every file `optimize` may write there, before any work."""
+    from onnxslim.io import check_output_path
+
+    folder = Path(outdir)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder} is a file; the output of optimize is a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot make the output folder {folder}: {e.strerror or e}") from e
+    for name in OUTPUT_FILES:
+        if prune or name not in ("pruned.onnx", "plan.json"):
+            check_output_path(folder / name, sources=[source])
+    return folder
+
+
+def write_outputs(
+    result: OptimizeResult, models: dict[str, onnx.ModelProto], outdir: str | os.PathLike[str], *, source: str | os.PathLike[str]
+) -> OptimizeResult:
+    """Validate and write the models, the plan and the reports into `outdir`, all together or none."""
+    from onnxslim.io import staged_outputs, write_validated
+    from onnxslim.prune import save_plan
+    from onnxslim.report import optimize_json, plan_record, plot_optimize, render_optimize, to_json
+
+    folder = Path(outdir)
+    shapes: dict[str, tuple[int, ...]] = {}
+    if result.prune is not None:
+        shapes = dict(result.prune.analysis_shapes)
+    elif result.quantize is not None:
+        shapes = dict(result.quantize.timing_shapes)
+    files = list(models)
+    with staged_outputs() as stage:
+        for name, proto in models.items():
+            write_validated(proto, folder / name, source=source, input_shapes=shapes, stage=stage)
+        if result.prune is not None:
+            save_plan(folder / "plan.json", result.prune.plan, result.prune.groups, result.prune.model_sha256,
+                      plan_record(result.prune), stage)
+            files.append("plan.json")
+        files += ["report.md", "report.json"]
+        picture = plot_optimize(result)
+        if picture is not None:
+            files.append("report.png")
+        result = replace(result, files=tuple(files), outdir=str(folder))
+        stage.add_text(render_optimize(result, markdown=True) + "\n", folder / "report.md", sources=[source])
+        stage.add_text(to_json(optimize_json(result, str(folder))) + "\n", folder / "report.json", sources=[source])
+        if picture is not None:
+            stage.add_bytes(picture, folder / "report.png", sources=[source])
+    return result
+
+
+def search_and_measure(
     model: str | os.PathLike[str],
     calib: str | os.PathLike[str],
     options: OptimizeOptions | None = None,
@@ -251,9 +335,9 @@ def optimize(
     input_shapes: Any = None,
     progress: Progress | None = None,
     command: str = "",
-) -> tuple[OptimizeResult, dict[str, Any]]:
-    """Search, measure and choose (module docstring). Returns the result and the files to write
-    (name → ModelProto, or text) — `write_outputs` writes them; the CLI and `optimize_to` do both."""
+) -> tuple[OptimizeResult, dict[str, onnx.ModelProto]]:
+    """Search, measure and choose (module docstring), writing nothing: the result and the models to write
+    (file name → model)."""
     started = time.perf_counter()
     options = options or OptimizeOptions()
     data_options = data_options or DataOptions()

@@ -117,7 +117,7 @@ def test_the_search_is_bounded_and_keeps_the_original_when_nothing_is_faster(
 
     monkeypatch.setattr(pipeline, "benchmark", slow)
     options = OptimizeOptions(min_fidelity=0.8, quantize=False, max_trials=3)
-    result, files = pipeline.optimize(model, calib, options, eval_data=evaluation)
+    result, files = pipeline.search_and_measure(model, calib, options, eval_data=evaluation)
     assert 1 <= len(result.trials) <= 3 and "at most 3 trials" in result.search
     assert result.chosen == "original" and "not 1.05x as fast" in result.reason
     assert files["optimized.onnx"] is not None
