@@ -189,7 +189,10 @@ def inspect(model: str, input_shapes: tuple[str, ...], top: int, as_json: bool) 
 
 
 def _progress_bars(stack: ExitStack) -> Any:
-    """A `progress(stage, done, total)` callback drawing one click progress bar per stage on stderr."""
+    """A `progress(stage, done, total)` callback drawing one click progress bar per stage on stderr (None
+    when stderr is not a terminal: a log or a pipe would keep only each bar's label)."""
+    if not sys.stderr.isatty():
+        return None
     bars: dict[str, Any] = {}
 
     def advance(stage: str, done: int, total: int) -> None:
@@ -390,7 +393,10 @@ def bench(
               "in order, to reproduce the original's outputs from the pruned model's inputs; affine: match each "
               "output channel's mean and variance; bias: move the lost mean into the bias; none: the model as "
               "sliced (equal to the original with the channels zeroed). A layer whose refit does worse on held-out "
-              "samples than leaving it falls back to bias.")
+              "samples than leaving it falls back to bias (or stays as sliced, when that is better still).")
+@click.option("--recover-memory", type=click.IntRange(min=16), default=1024, show_default=True, metavar="MiB",
+              help="Activations recovery holds in memory while it passes them forward; the rest goes to temporary "
+              "files (memory then stays near this plus one layer's problem, whatever the number of samples).")
 @click.option("--allocate", type=click.Choice(ALLOCATIONS), default="global", show_default=True,
               help="How --target-macs is spread over the groups. global: one threshold on the normalized scores "
               "of every channel. sensitivity: prune each eligible group alone at 25/50/75% (with the same "
@@ -426,6 +432,7 @@ def prune(
     eval_data: str | None,
     recover: str | None,
     allocate: str,
+    recover_memory: int,
     ridge: float,
     positions_per_weight: int,
     input_shapes: tuple[str, ...],
@@ -489,7 +496,13 @@ def prune(
         ridge=ridge,
         positions_per_weight=positions_per_weight,
         allocate=allocate,
+        recover_memory=recover_memory << 20,
     )
+    if calib is None and plan_path is None and (ratio is not None or target_macs is not None):
+        logger.warning(
+            "pruning without --calib: channels are chosen by weight magnitude and nothing is recovered, which "
+            "usually costs most of a trained model's accuracy; give --calib DATA (a few hundred samples)"
+        )
     loaded = load_model(model)
     calib_data = open_dataset(calib, loaded.model, data_options) if calib is not None else None
     evaluation = open_dataset(eval_data, loaded.model, data_options) if eval_data is not None else None

@@ -378,8 +378,9 @@ def render_prune(result: PruneResult, output: str | None = None, *, verbose: boo
         ("size", format_bytes(result.size_before), format_bytes(result.size_after),
          _change(result.size_before, result.size_after)),
     ]
+    criterion = "from the plan" if result.options.plan_path is not None else result.criterion
     lines = [
-        f"criterion  {result.criterion}   {_budget(result)}   analysis shapes "
+        f"criterion  {criterion}   {_budget(result)}   analysis shapes "
         + ", ".join(f"{n}:{','.join(map(str, s))}" for n, s in result.analysis_shapes.items()),
         f"groups     {len(result.groups)} found, {result.prunable_groups} prunable, {result.pruned_groups} pruned, "
         f"{result.channels_removed} channels removed",
@@ -426,7 +427,7 @@ def _recovery_lines(result: PruneResult) -> list[str]:
     lines: list[str] = []
     recovery, evaluation = result.recovery, result.evaluation
     if recovery is not None and recovery.nodes:
-        nodes = sorted(recovery.nodes, key=lambda n: -n.error_before)
+        nodes = sorted(recovery.nodes, key=lambda n: (n.method == n.requested, -n.error_before))  # fallbacks first
         lines += [
             "",
             f"recovery   {recovery.method}: {len(recovery.nodes)} layers refit in {recovery.seconds:.1f} s on "
@@ -442,7 +443,11 @@ def _recovery_lines(result: PruneResult) -> list[str]:
             + (f"; {len(nodes) - 12} more layers in --json" if len(nodes) > 12 else "") + ")",
         ]
     if evaluation is not None:
-        rows = [(f"cosine {o.output}", f"{o.cosine_before:.4f}", f"{o.cosine_after:.4f}") for o in evaluation.outputs]
+        rows = []
+        for o in evaluation.outputs:
+            rows.append((f"cosine {o.output}", f"{o.cosine_before:.4f}", f"{o.cosine_after:.4f}"))
+            if o.agreement_after is not None:
+                rows.append((f"top-1 agreement {o.output}", _percent(o.agreement_before), _percent(o.agreement_after)))
         if evaluation.accuracy_after is not None:
             rows.insert(0, ("top-1 (original " + _percent(evaluation.accuracy_original) + ")",
                             _percent(evaluation.accuracy_before), _percent(evaluation.accuracy_after)))
@@ -451,9 +456,12 @@ def _recovery_lines(result: PruneResult) -> list[str]:
             f"against the original on {evaluation.samples} samples of {evaluation.data}",
             format_table(["", "pruned as sliced", f"after {result.recover}"], rows),
         ]
+        lines.append("(cosine: the lower of the mean cosine and the worst output channel's; top-1 agreement: share of "
+                     "positions, e.g. every time step, whose top class is the original's)")
         if evaluation.collapsed:
-            lines += ["WARNING: the pruned model no longer works (cosine < 0.9 or 10 points of top-1 lost): "
-                      "prune less, exclude sensitive layers, or give more calibration data"]
+            lines += ["WARNING: the pruned model no longer works (cosine or top-1 agreement under 0.9, or 10 points "
+                      "of top-1 lost): prune less (a higher --target-macs), exclude sensitive layers "
+                      "(onnxslim sensitivity shows which), or give more calibration data"]
     return lines
 
 
@@ -484,7 +492,8 @@ def _evaluation_json(result: PruneResult) -> dict[str, Any] | None:
         "data": evaluation.data,
         "samples": evaluation.samples,
         "collapsed": evaluation.collapsed,
-        "outputs": [{"output": o.output, "cosine_before": o.cosine_before, "cosine_after": o.cosine_after}
+        "outputs": [{"output": o.output, "cosine_before": o.cosine_before, "cosine_after": o.cosine_after,
+                     "agreement_before": o.agreement_before, "agreement_after": o.agreement_after}
                     for o in evaluation.outputs],
         "accuracy_original": evaluation.accuracy_original,
         "accuracy_before": evaluation.accuracy_before,

@@ -276,3 +276,45 @@ def test_prune_with_calibration_recovers_the_trained_mnist_resnet() -> None:
     assert result.macs_after <= 0.51 * result.macs_before
     feeds = random_inputs(loaded.model, result.analysis_shapes, seed=0)
     assert run_model(result.model, feeds)[0].shape == run_model(loaded.model, feeds)[0].shape
+
+
+def _sequence_model() -> onnx.ModelProto:
+    """A recognizer-shaped model: convs, a mean over the height, Transpose to [T, N, C], Softmax over C."""
+    rng = np.random.default_rng(3)
+    weights = {
+        "w1": rng.standard_normal((16, 3, 3, 3)).astype(np.float32) / 3,
+        "w2": rng.standard_normal((16, 16, 3, 3)).astype(np.float32) / 6,
+        "w3": rng.standard_normal((10, 16, 1, 1)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w3"], ["c3"], name="conv3"),
+        helper.make_node("ReduceMean", ["c3"], ["m"], name="mean", axes=[2], keepdims=0),
+        helper.make_node("Transpose", ["m"], ["t"], name="transpose", perm=[2, 0, 1]),
+        helper.make_node("Softmax", ["t"], ["probs"], name="softmax", axis=2),
+    ]
+    return _model(
+        nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 16])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [16, "N", 10])],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+
+
+def test_a_sequence_first_output_is_compared_at_every_time_step(tmp_path: Path) -> None:
+    """[T, N, C] outputs: the batch axis is found (not taken as 0) and top-1 agreement counts every step."""
+    model = _sequence_model()
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((40, 3, 4, 16)).astype(np.float32))
+    calib = open_dataset(data, normalize_model(model)[0])
+    result = prune_model(model, ratio=0.75, criterion="l1", calib=calib, recover="none")
+    assert result.evaluation is not None and result.evaluation.samples == 8
+    output = result.evaluation.outputs[0]
+    assert output.agreement_after is not None and output.agreement_after < 1.0
+    feeds = {"x": np.random.default_rng(0).standard_normal((40, 3, 4, 16)).astype(np.float32)}
+    want, got = run_model(normalize_model(model)[0], feeds)[0], run_model(result.model, feeds)[0]
+    held = np.arange(40) % 5 == 4  # the samples measure held out, on the batch axis (1)
+    expected = float(np.mean(want[:, held].argmax(-1) == got[:, held].argmax(-1)))
+    assert output.agreement_after == pytest.approx(expected)

@@ -39,7 +39,15 @@ from onnxslim.io import (
     resolve_input_shapes,
     validate,
 )
-from onnxslim.metrics import AccuracyMeter, FidelityMeter, is_classifier_output
+from onnxslim.metrics import (
+    AccuracyMeter,
+    Fidelity,
+    FidelityMeter,
+    OutputLayout,
+    find_batch_axis,
+    has_one_position,
+    output_layout,
+)
 from onnxslim.model_info import check_exclusions, refuse_quantized
 from onnxslim.prune.importance import NEEDS_DATA, ScoreContext, score_groups, statistics_requests
 from onnxslim.prune.lossless import LosslessChannels, find_lossless_channels, fold_constant_channels
@@ -136,11 +144,16 @@ class PruneOptions:
 
 @dataclass(frozen=True)
 class OutputFidelity:
-    """One output of the pruned model against the original's on held-out data, before and after recovery."""
+    """One output of the pruned model against the original's on held-out data, before and after recovery:
+    the cosine score (the lower of the mean cosine and the worst output channel's, `Fidelity.score`) and,
+    where the output has a class axis, the share of positions whose top-1 class agrees (every time step of
+    a `[T, N, C]` recognizer output, for instance)."""
 
     output: str
     cosine_before: float
     cosine_after: float
+    agreement_before: float | None = None
+    agreement_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -156,8 +169,11 @@ class Evaluation:
 
     @property
     def collapsed(self) -> bool:
-        """The recovered model is broken: an output's cosine under 0.9, or 10 points of accuracy lost."""
+        """The recovered model is broken: an output's cosine or top-1 agreement under 0.9, or 10 points of
+        accuracy lost."""
         if any(o.cosine_after < COLLAPSE_COSINE for o in self.outputs):
+            return True
+        if any(o.agreement_after is not None and o.agreement_after < COLLAPSE_COSINE for o in self.outputs):
             return True
         return (
             self.accuracy_original is not None
@@ -442,13 +458,6 @@ def validate_result(state: PruneState) -> None:
         validate(state.pruned, state.original, state.shapes, feeds=feeds)
 
 
-def select_rows(array: Any, rows: np.ndarray, fed: int) -> np.ndarray:
-    """The evaluated rows of one output of a batch of `fed` samples: only an output whose first axis is the
-    batch has rows to choose; a sequence-first output ([T, N, C]) is compared whole."""
-    array = np.asarray(array)
-    return array[rows] if array.ndim and array.shape[0] == fed and len(rows) < fed else array
-
-
 def held_out_batches(state: PruneState) -> tuple[str, Iterator[tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]]]:
     """(description, batches of (feeds, labels or None, evaluated rows)): what `measure` compares on."""
     return _held_out(state)
@@ -495,66 +504,127 @@ def _held_out(state: PruneState) -> tuple[str, Iterator[tuple[dict[str, np.ndarr
     return f"every {HOLDOUT_EVERY}th sample of {calib.description} (held out of recovery)", held()
 
 
+class HeldOut:
+    """The held-out batches (`held_out_batches`), the original's outputs on them with each output's layout
+    (batch axis found, not assumed; class and channel axes, `metrics.output_layout`), and a comparison of
+    candidates against them. The original's outputs are kept while they fit in `cache_bytes`."""
+
+    def __init__(self, state: PruneState, *, cache_bytes: int = 256 << 20) -> None:
+        self.original = state.original
+        self.description, batches = held_out_batches(state)
+        self.batches = list(batches)
+        self.names = [o.name for o in self.original.graph.output]
+        self.samples = sum(len(rows) for _, _, rows in self.batches)
+        self._session = _session(self.original)
+        self._cache: list[list[np.ndarray] | None] = []
+        self.layouts: list[OutputLayout] = []
+        left = cache_bytes
+        for feeds, _, rows in self.batches:
+            produced = self._run_original(feeds)
+            if not self.layouts:
+                self.layouts = [self._layout(name, feeds, out) for name, out in zip(self.names, produced, strict=True)]
+            chosen = self._select(produced, feeds, rows)
+            size = sum(a.nbytes for a in chosen)
+            self._cache.append(chosen if size <= left else None)
+            left -= size if size <= left else 0
+        self.labelled = bool(self.batches) and all(labels is not None for _, labels, _ in self.batches) and (
+            has_one_position(np.shape(self.reference(0)[0]), self.layouts[0]) if self.layouts else False
+        )
+        self.accuracy_original = self._accuracy([self.reference(i) for i in range(len(self.batches))])
+
+    def _run_original(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return [np.asarray(o) for o in self._session.run(self.names, dict(feeds))]
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise DataError(f"the model fails on the evaluation data: {first_line(e)}") from e
+
+    def _layout(self, name: str, feeds: Mapping[str, np.ndarray], produced: np.ndarray) -> OutputLayout:
+        fed = len(next(iter(feeds.values())))
+        symbolic = all(
+            v.type.tensor_type.shape.dim and not v.type.tensor_type.shape.dim[0].HasField("dim_value")
+            for v in self.original.graph.input if v.name in feeds
+        )
+
+        def probe(samples: int) -> Sequence[int]:
+            resized = {k: np.concatenate([a] * samples)[:samples] if fed == 1 else a[:samples] for k, a in feeds.items()}
+            return np.shape(self._session.run([name], resized)[0])
+
+        batch_axis = find_batch_axis(self.original, name, np.shape(produced), fed, probe if symbolic else None)
+        return output_layout(self.original, name, np.shape(produced), batch_axis)
+
+    def _select(self, outputs: Sequence[np.ndarray], feeds: Mapping[str, np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
+        """The evaluated rows of each output, on its own batch axis (a whole output when it has none)."""
+        fed = len(next(iter(feeds.values())))
+        chosen = []
+        for array, layout in zip(outputs, self.layouts, strict=True):
+            axis = layout.batch_axis
+            if axis is not None and array.ndim > axis and array.shape[axis] == fed and len(rows) < fed:
+                array = np.take(array, rows, axis=axis)
+            chosen.append(array)
+        return chosen
+
+    def reference(self, index: int) -> list[np.ndarray]:
+        cached = self._cache[index]
+        if cached is not None:
+            return cached
+        feeds, _, rows = self.batches[index]
+        return self._select(self._run_original(feeds), feeds, rows)
+
+    def _accuracy(self, outputs: Sequence[Sequence[np.ndarray]]) -> float | None:
+        if not self.labelled:
+            return None
+        meter = AccuracyMeter(self.layouts[0])
+        for (_, labels, _), produced in zip(self.batches, outputs, strict=True):
+            assert labels is not None
+            meter.update(produced[0], labels)
+        return meter.result().top1
+
+    def compare(self, model: onnx.ModelProto, progress: Progress | None = None) -> tuple[list[Fidelity], float | None]:
+        """Each output's fidelity against the original, and top-1 with labels (one pass of `model`)."""
+        session = _session(model)
+        meters = [FidelityMeter(layout) for layout in self.layouts]
+        produced_all = []
+        for index, (feeds, _, rows) in enumerate(self.batches):
+            try:
+                produced = self._select([np.asarray(o) for o in session.run(self.names, dict(feeds))], feeds, rows)
+            except Exception as e:  # noqa: BLE001
+                raise DataError(f"the pruned model fails on the evaluation data: {first_line(e)}") from e
+            for meter, want, got in zip(meters, self.reference(index), produced, strict=True):
+                meter.update(want, got)
+            produced_all.append(produced if self.labelled else [])
+            if progress is not None:
+                progress("evaluating", index + 1, len(self.batches))
+        return [meter.result() for meter in meters], self._accuracy(produced_all)
+
+
+def _session(model: onnx.ModelProto) -> Any:
+    import onnxruntime
+
+    try:
+        return onnxruntime.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise ValidationError(f"a model does not load in onnxruntime: {first_line(e)}") from e
+
+
 def measure(state: PruneState) -> None:
     """The whole pruned model against the original on held-out data, before and after recovery."""
     if state.calib is None or state.pruned is None or state.pruned is state.original:
         return
-    import onnxruntime
-
     assert state.unrecovered is not None
-    description, batches = _held_out(state)
-    models = [state.original, state.unrecovered, state.pruned]
-    try:
-        sessions = [
-            onnxruntime.InferenceSession(m.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
-            for m in models
-        ]
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise ValidationError(f"a pruned model does not load in onnxruntime: {first_line(e)}") from e
-    names = [o.name for o in state.original.graph.output]
-    meters = [[FidelityMeter() for _ in names] for _ in range(2)]
-    accuracy = [AccuracyMeter() for _ in models]
-    labelled, samples = True, 0
-    for feeds, labels, rows in batches:
-        try:
-            outputs = [session.run(names, feeds) for session in sessions]
-        except Exception as e:  # noqa: BLE001
-            raise DataError(f"the model fails on the evaluation data: {first_line(e)}") from e
-        fed = len(next(iter(feeds.values())))
-
-        def chosen(array: Any, rows: np.ndarray = rows, fed: int = fed) -> np.ndarray:
-            return select_rows(array, rows, fed)
-
-        for which in range(2):
-            for index in range(len(names)):
-                meters[which][index].update(chosen(outputs[0][index]), chosen(outputs[which + 1][index]))
-        first = chosen(outputs[0][0])
-        if labels is None or not is_classifier_output(first.shape) or len(first) != len(labels):
-            labelled = False
-        elif labelled:
-            for meter, out in zip(accuracy, outputs, strict=True):
-                meter.update(chosen(out[0]), labels)
-        samples += len(rows)
-    if not samples:
+    held = HeldOut(state)
+    if not held.samples:
         return
-    fidelities = tuple(
-        OutputFidelity(name, meters[0][i].result().cosine, meters[1][i].result().cosine) for i, name in enumerate(names)
+    before, accuracy_before = held.compare(state.unrecovered, state.progress)
+    after, accuracy_after = (
+        (before, accuracy_before) if state.pruned is state.unrecovered else held.compare(state.pruned, state.progress)
     )
-    tops = [meter.result().top1 for meter in accuracy] if labelled else [None, None, None]
-    state.evaluation = Evaluation(description, samples, fidelities, *tops)
-    if state.evaluation.collapsed:
-        logger.warning(
-            "the pruned model no longer works: %s on %s. Prune less (a higher --target-macs or lower --ratio), "
-            "exclude the sensitive layers, or give more calibration data",
-            _evaluation_text(state.evaluation), description,
-        )
-
-
-def _evaluation_text(evaluation: Evaluation) -> str:
-    parts = [f"{o.output} cosine {o.cosine_after:.3f}" for o in evaluation.outputs]
-    if evaluation.accuracy_after is not None and evaluation.accuracy_original is not None:
-        parts.append(f"top-1 {100 * evaluation.accuracy_original:.1f}% → {100 * evaluation.accuracy_after:.1f}%")
-    return ", ".join(parts)
+    fidelities = tuple(
+        OutputFidelity(name, b.score, a.score, b.top1_agreement, a.top1_agreement)
+        for name, b, a in zip(held.names, before, after, strict=True)
+    )
+    state.evaluation = Evaluation(
+        held.description, held.samples, fidelities, held.accuracy_original, accuracy_before, accuracy_after
+    )
 
 
 Step = Callable[[PruneState], None]

@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 RECOVERY_METHODS = ("none", "bias", "affine", "lsq")
 HOLDOUT_EVERY = 5  # sample i is held out of the fit when i % 5 == 4
+UNCHANGED = 1e-6  # a layer whose relative error before recovery is below this is left alone
 _CHUNK_ROWS = 4096  # sampled rows gathered across batches before they are added to the Gram matrices
 _REBATCH_ROWS = 32  # with a free batch dim, calibration samples run through the stages 32 at a time
 
@@ -654,6 +655,9 @@ def _refit(
     errors = {method: check.error(*values) / scale for method, values in candidates.items()}
     requested = options.method
     method, note = requested, ""
+    if errors["none"] < UNCHANGED:  # its output is still the original's: nothing to recover
+        node = layer.node
+        return NodeRecovery(node.name, node.op_type, "none", "none", errors["none"], errors["none"], "output unchanged")
     if requested not in candidates:
         method, note = "none", "no bias slot (a MatMul not followed by a constant Add)"
     elif requested != "none" and errors[requested] > errors["none"] * (1 + 1e-6) + 1e-12:

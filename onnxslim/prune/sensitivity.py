@@ -28,8 +28,7 @@ import numpy as np
 import onnx
 
 from onnxslim.analysis.groups import ChannelGroup
-from onnxslim.errors import DataError, UsageError, first_line
-from onnxslim.metrics import AccuracyMeter, FidelityMeter, is_classifier_output
+from onnxslim.errors import UsageError
 from onnxslim.prune.lossless import fold_constant_channels
 from onnxslim.prune.plan import (
     BUDGET_TOLERANCE,
@@ -117,59 +116,20 @@ class SensitivityCurves:
 
 
 class _HeldOut:
-    """The held-out feeds, the original's outputs on them, and a way to score a candidate against them."""
+    """The held-out comparison of the pruner (`pruner.HeldOut`), scored as sensitivity reads it."""
 
     def __init__(self, state: Any) -> None:
-        from onnxslim.prune.pruner import held_out_batches
+        from onnxslim.prune.pruner import HeldOut
 
-        self.description, batches = held_out_batches(state)
-        self.batches = list(batches)
-        self.names = [o.name for o in state.original.graph.output]
-        self.reference = [self._run(state.original, feeds) for feeds, _, _ in self.batches]
-        self.samples = sum(len(rows) for _, _, rows in self.batches)
-        self.accuracy_original = self._accuracy(self.reference)
-
-    def _run(self, model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        import onnxruntime
-
-        from onnxslim.bench import session_options
-
-        session = onnxruntime.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
-        try:
-            return [np.asarray(o) for o in session.run(self.names, dict(feeds))]
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise DataError(f"a model fails on the evaluation data: {first_line(e)}") from e
-
-    def _rows(self, array: np.ndarray, feeds: Mapping[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
-        from onnxslim.prune.pruner import select_rows
-
-        return select_rows(array, rows, len(next(iter(feeds.values()))))
-
-    def _accuracy(self, outputs: Sequence[Sequence[np.ndarray]]) -> float | None:
-        meter = AccuracyMeter()
-        for (feeds, labels, rows), produced in zip(self.batches, outputs, strict=True):
-            first = self._rows(produced[0], feeds, rows)
-            if labels is None or not is_classifier_output(first.shape) or len(first) != len(labels):
-                return None
-            meter.update(first, labels)
-        return meter.result().top1 if self.batches else None
+        self._held = HeldOut(state)
+        self.description = self._held.description
+        self.samples = self._held.samples
+        self.accuracy_original = self._held.accuracy_original
 
     def score(self, model: onnx.ModelProto) -> tuple[float, float | None]:
-        """The worst output's mean cosine against the original, and top-1 when there are labels."""
-        import onnxruntime
-
-        from onnxslim.bench import session_options
-
-        session = onnxruntime.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
-        meters = [FidelityMeter() for _ in self.names]
-        produced_all = []
-        for (feeds, _, rows), reference in zip(self.batches, self.reference, strict=True):
-            produced = [np.asarray(o) for o in session.run(self.names, dict(feeds))]
-            produced_all.append(produced)
-            for meter, want, got in zip(meters, reference, produced, strict=True):
-                meter.update(self._rows(want, feeds, rows), self._rows(got, feeds, rows))
-        cosine = min(meter.result().cosine for meter in meters)
-        return cosine, self._accuracy(produced_all)
+        """The worst output's cosine score against the original, and top-1 when there are labels."""
+        fidelities, accuracy = self._held.compare(model)
+        return min(f.score for f in fidelities), accuracy
 
 
 def _trial(state: Any, group: ChannelGroup, plan: PrunePlan, recover: str) -> onnx.ModelProto:
