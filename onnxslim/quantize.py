@@ -293,6 +293,7 @@ class CalibrationSummary:
     memory_bound_bytes: int  # chunk_batches * bytes_per_batch
     peak_held_batches: int  # the most batches the calibrator actually held (measured)
     random: bool = False
+    infinite_ranges: tuple[str, ...] = ()  # tensors whose range is infinite: kept fp32 with their readers
 
 
 @dataclass(frozen=True)
@@ -722,7 +723,7 @@ def calibrate(
             ranges = calibrator.compute_data()
         except Exception as e:  # noqa: BLE001 - onnxruntime raises anything from ValueError to AssertionError
             raise UnsupportedModelError(f"onnxruntime's {method} calibrator failed: {first_line(e)}") from e
-        _check_ranges(ranges, dataset.description)
+        infinite = _check_ranges(ranges, dataset.description)
         from onnxruntime.quantization.calibrate import save_tensors_data
 
         save_tensors_data(ranges, cache_path)
@@ -730,17 +731,48 @@ def calibrate(
         method=method, data=dataset.description, samples=samples, batches=total, batch_size=dataset.batch_size,
         tensors=len(ranges.data), chunk_batches=chunk, bytes_per_batch=per_batch,
         memory_bound_bytes=chunk * per_batch, peak_held_batches=peak, random=dataset.is_random,
+        infinite_ranges=infinite,
     )
 
 
-def _check_ranges(ranges: Any, description: str) -> None:
+def _check_ranges(ranges: Any, description: str) -> tuple[str, ...]:
+    """The tensors whose calibrated range is infinite, made finite in `ranges` (they stay fp32: see
+    `nonfinite_offenders`). A NaN range is refused: the data or the model is broken. Infinite ones are
+    normal in exports that add float32-min as an attention mask (Hugging Face BERT: scores + mask → Softmax)."""
+    infinite = []
     for name, data in ranges.items():
-        low, high = data.range_value
-        if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+        low, high = (np.asarray(v) for v in data.range_value)
+        if np.any(np.isnan(low)) or np.any(np.isnan(high)):
             raise DataError(
-                f"{description}: calibration gave tensor {name!r} a range of [{low}, {high}]: the data holds NaN or "
-                "infinite values, or the model overflows on it. Check the calibration data."
+                f"{description}: calibration gave tensor {name!r} a range of [{low}, {high}]: the data holds NaN "
+                "values, or the model produces them on it. Check the calibration data."
             )
+        if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+            infinite.append(name)
+            big = float(np.finfo(np.float32).max) / 4
+            data.lowest = np.nan_to_num(low, neginf=-big, posinf=big).astype(low.dtype)
+            data.highest = np.nan_to_num(high, neginf=-big, posinf=big).astype(high.dtype)
+    if infinite:
+        logger.info("calibrated ranges are infinite for %d tensor(s) (%s): they stay fp32", len(infinite), infinite[:3])
+    return tuple(infinite)
+
+
+def nonfinite_offenders(model: onnx.ModelProto, tensors: Sequence[str]) -> list[NodeError]:
+    """The nodes that make or read a tensor whose calibrated range is infinite: all of them stay fp32, so
+    no QuantizeLinear lands on it (excluding only the producer would still quantize it for its readers)."""
+    wanted = set(tensors)
+    offenders: dict[str, NodeError] = {}
+    for node in model.graph.node:
+        made = wanted.intersection(node.output)
+        read = wanted.intersection(node.input)
+        for tensor in sorted(made | read):
+            if node.name not in offenders:
+                offenders[node.name] = NodeError(
+                    node.name, node.op_type, None,
+                    f"{'makes' if tensor in made else 'reads'} {tensor!r}, whose calibrated range is infinite "
+                    "(e.g. an attention mask of float32-min)",
+                )
+    return list(offenders.values())
 
 
 # ---------------------------------------------------------------------------------------- quantization
@@ -1384,6 +1416,11 @@ def quantize_model(
         ranges = _load_ranges(calibrated(options.method)[0])
         rule_nodes = [] if options.range_ratio is None else [
             e for e in concat_range_offenders(prepared.model, ranges, options.range_ratio) if e.name not in user_excluded
+        ]
+        infinite = calibrated(options.method)[1].infinite_ranges
+        rule_nodes += [
+            e for e in nonfinite_offenders(prepared.model, infinite)
+            if e.name not in user_excluded and e.name not in {r.name for r in rule_nodes}
         ]
         base_excluded = sorted({*user_excluded, *(e.name for e in rule_nodes)})
         method = options.method

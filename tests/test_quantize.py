@@ -261,8 +261,41 @@ def test_bad_calibration_values_get_a_clear_error(tmp_path: Path, model_and_data
     x[3, 0, 0, 0] = np.nan
     np.savez(tmp_path / "nan.npz", input=x)
     loaded = load_model(path)
-    with pytest.raises(DataError, match="NaN or infinite"):
+    with pytest.raises(DataError, match="NaN"):
         quantize_model(loaded, dataset(tmp_path / "nan.npz", loaded.model), timer=FAST)
+
+
+def _masked_attention() -> onnx.ModelProto:
+    """scores = x·W, + a mask of -inf on the last two keys (as exports that add float32-min overflow to),
+    Softmax, · V: the Add's calibrated range is infinite."""
+    rng = np.random.default_rng(0)
+    h = onnx.helper
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array([[[0, 0, -np.inf, -np.inf]]], np.float32), "mask"),
+        numpy_helper.from_array(rng.standard_normal((4, 8)).astype(np.float32), "v"),
+    ]
+    nodes = [
+        h.make_node("MatMul", ["x", "w"], ["scores"], name="scores"),
+        h.make_node("Add", ["scores", "mask"], ["masked"], name="add_mask"),
+        h.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=-1),
+        h.make_node("MatMul", ["probs", "v"], ["y"], name="context"),
+    ]
+    graph = h.make_graph(nodes, "masked_attention", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 8])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 8])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+
+
+def test_an_infinite_calibrated_range_keeps_its_nodes_fp32_instead_of_refusing(tmp_path: Path) -> None:
+    model = _masked_attention()
+    onnx.save(model, tmp_path / "attention.onnx")
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(1).standard_normal((16, 4, 8)).astype(np.float32))
+    loaded = load_model(tmp_path / "attention.onnx")
+    result = quantize_model(loaded, dataset(tmp_path / "x.npz", loaded.model), QuantizeOptions(), timer=FAST)
+    kept = {n.name: n.reason for n in result.fp32_nodes}
+    assert "add_mask" in kept and "softmax" in kept and "infinite" in kept["add_mask"]
+    assert result.calibration.infinite_ranges == ("masked",)
+    assert result.fidelity is not None and result.fidelity.score > 0.99
 
 
 def _calibration_peak(prepared: onnx.ModelProto, path: Path, method: str, memory: int, tmp_path: Path):
