@@ -642,34 +642,50 @@ def recover_model(
 def _refit(
     layer: _Layer, fit: _Normal, check: _Normal, weights: np.ndarray, bias: np.ndarray, options: RecoverOptions
 ) -> NodeRecovery:
-    """Choose and write the node's new weights; the guard compares held-out errors (module docstring)."""
+    """Choose and write the node's new weights by held-out error (module docstring): the method asked for,
+    unless leaving the layer (or moving the mean into its bias) does better on the held-out samples. An lsq
+    refit that loses is tried again with 10× and 100× the ridge before it falls back (deep layers that see
+    few positions per sample overfit)."""
     intercept = layer.has_bias_slot
     candidates: dict[str, tuple[np.ndarray, np.ndarray]] = {"none": (weights, bias)}
     if intercept:
         candidates["bias"] = (weights, _solve_bias(fit, weights))
     if options.method == "affine" and intercept:
         candidates["affine"] = _solve_affine(fit, weights)
-    if options.method == "lsq":
-        candidates["lsq"] = _solve_lsq(fit, weights, options.ridge, intercept)
     scale = check.variance() or float(check.y_square.sum()) or 1.0
-    errors = {method: check.error(*values) / scale for method, values in candidates.items()}
+
+    def error(values: tuple[np.ndarray, np.ndarray]) -> float:
+        return check.error(*values) / scale
+
+    errors = {method: error(values) for method, values in candidates.items()}
+    node = layer.node
+    if errors["none"] < UNCHANGED:  # its output is still the original's: nothing to recover
+        return NodeRecovery(node.name, node.op_type, "none", "none", errors["none"], errors["none"], "output unchanged")
+    ridge = options.ridge
+    fallback = min((m for m in ("none", "bias") if m in errors), key=lambda m: errors[m])
+    if options.method == "lsq":
+        for factor in (1.0, 10.0, 100.0) if options.ridge > 0 else (1.0,):
+            trial = _solve_lsq(fit, weights, options.ridge * factor, intercept)
+            trial_error = error(trial)
+            if "lsq" not in errors or trial_error < errors["lsq"]:
+                candidates["lsq"], errors["lsq"], ridge = trial, trial_error, options.ridge * factor
+            if errors["lsq"] <= errors[fallback]:
+                break
     requested = options.method
     method, note = requested, ""
-    if errors["none"] < UNCHANGED:  # its output is still the original's: nothing to recover
-        node = layer.node
-        return NodeRecovery(node.name, node.op_type, "none", "none", errors["none"], errors["none"], "output unchanged")
     if requested not in candidates:
-        method, note = "none", "no bias slot (a MatMul not followed by a constant Add)"
-    elif requested != "none" and errors[requested] > errors["none"] * (1 + 1e-6) + 1e-12:
-        method = "bias" if "bias" in candidates and errors["bias"] <= errors["none"] else "none"
-        note = f"{requested} was worse on held-out samples ({errors[requested]:.3g} vs {errors['none']:.3g})"
+        method, note = fallback, "no bias slot (a MatMul not followed by a constant Add)"
+    elif requested != "none" and errors[requested] > errors[fallback] * (1 + 1e-6) + 1e-12:
+        method = fallback
+        note = f"{requested} was worse on held-out samples ({errors[requested]:.3g} vs {errors[fallback]:.3g})"
+    elif method == "lsq" and ridge != options.ridge:
+        note = f"ridge {ridge:g} (held-out samples preferred it to {options.ridge:g})"
     if method != "none":  # the guard has decided; the weights are fit on every sample, held-out ones too
         every = fit.merged(check) if check is not fit else fit
         final = {
             "bias": lambda: (weights, _solve_bias(every, weights)),
             "affine": lambda: _solve_affine(every, weights),
-            "lsq": lambda: _solve_lsq(every, weights, options.ridge, intercept),
+            "lsq": lambda: _solve_lsq(every, weights, ridge, intercept),
         }[method]()
         layer.set(*final)
-    node = layer.node
     return NodeRecovery(node.name, node.op_type, method, requested, errors["none"], errors[method], note)
