@@ -559,6 +559,9 @@ def _budget_options(f: Any) -> Any:
 @click.option("--no-quantize", is_flag=True, help="Only pruning (and recovery).")
 @click.option("--max-trials", type=click.IntRange(min=1), default=6, show_default=True,
               help="Pruning levels (and int8 attempts) the search may try.")
+@click.option("--allocate", type=click.Choice(ALLOCATIONS), default="global", show_default=True,
+              help="How each level's MAC budget is spread over the groups (as in prune). sensitivity measures every "
+              "eligible group's damage once, before the search, and reuses it at every level.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help=f"Intra-op threads for timing [default: the physical cores available, {physical_cores()} here].")
 @input_shapes_option
@@ -568,7 +571,7 @@ def _budget_options(f: Any) -> Any:
 def optimize(
     ctx: click.Context, model: str, outdir: str, calib: str, eval_data: str | None, max_drop: float | None,
     min_fidelity: float | None, target_macs: float | None, target_speedup: float | None, no_prune: bool,
-    no_quantize: bool, max_trials: int, threads: int | None, input_shapes: tuple[str, ...],
+    no_quantize: bool, max_trials: int, allocate: str, threads: int | None, input_shapes: tuple[str, ...],
     data_options: DataOptions, as_json: bool,
 ) -> None:
     """The fastest model that keeps MODEL's accuracy, and the proof: prune, recover, int8, measure.
@@ -582,6 +585,7 @@ def optimize(
     options = OptimizeOptions(
         max_drop=max_drop, min_fidelity=min_fidelity, target_macs=target_macs, target_speedup=target_speedup,
         prune=not no_prune, quantize=not no_quantize, max_trials=max_trials, threads=threads, seed=ctx.obj["seed"],
+        allocate=allocate,
     )
     command = "onnxslim " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
     with ExitStack() as stack:

@@ -104,6 +104,8 @@ class OptimizeOptions:
             raise UsageError(f"--target-speedup must be above 1, not {self.target_speedup}")
         if self.max_trials < 1:
             raise UsageError(f"--max-trials must be at least 1, not {self.max_trials}")
+        if self.allocate not in ("global", "sensitivity"):
+            raise UsageError(f"--allocate must be global or sensitivity, not {self.allocate!r}")
         AccuracyBudget(self.max_drop, self.min_fidelity)  # validates the budget
 
 
@@ -225,14 +227,33 @@ class _Judge:
         return check_budget(budget, fidelity, original, candidate), fidelity, candidate
 
 
-def _prune(
-    loaded: LoadedModel, keep: float, options: OptimizeOptions, calib: Dataset, input_shapes: Any, progress: Progress | None
-) -> PruneResult:
-    prune_options = PruneOptions(
+def _prune_options(keep: float, options: OptimizeOptions) -> PruneOptions:
+    return PruneOptions(
         target_macs=keep, criterion=options.criterion, recover=options.recover, allocate=options.allocate,
         round_to=options.round_to, protect_first=True, protect_last=True, seed=options.seed,
     )
-    return prune_model(loaded, prune_options, input_shapes=input_shapes, calib=calib, progress=progress)
+
+
+def _curves(loaded: LoadedModel, options: OptimizeOptions, calib: Dataset, input_shapes: Any, progress: Progress | None) -> Any:
+    """With `--allocate sensitivity`, the damage curves of the eligible groups, measured once for every level."""
+    if options.allocate != "sensitivity":
+        return None
+    from onnxslim.prune.pruner import new_state, run_pipeline
+    from onnxslim.prune.sensitivity import ALLOCATION_RATIOS, measure_curves
+
+    state = new_state(loaded, _prune_options(0.5, options), input_shapes=input_shapes, calib=calib, progress=progress)
+    run_pipeline(state, until="score")
+    return measure_curves(state, ALLOCATION_RATIOS, state.eligible, progress=progress)
+
+
+def _prune(
+    loaded: LoadedModel, keep: float, options: OptimizeOptions, calib: Dataset, input_shapes: Any,
+    progress: Progress | None, curves: Any = None,
+) -> PruneResult:
+    return prune_model(
+        loaded, _prune_options(keep, options), input_shapes=input_shapes, calib=calib, progress=progress,
+        sensitivity=curves,
+    )
 
 
 def _quantize(
@@ -356,9 +377,11 @@ def search_and_measure(
     # a searched level is judged with half the budget (int8 spends the rest); a given --target-macs with all
     level_budget = budget if options.target_macs is not None else _half(budget)
 
+    curves = _curves(loaded, options, calib_data, input_shapes, progress) if options.prune else None
+
     def level(keep: float) -> tuple[PruneResult, Trial]:
         begin = time.perf_counter()
-        result = _prune(loaded, keep, options, calib_data, input_shapes, progress)
+        result = _prune(loaded, keep, options, calib_data, input_shapes, progress, curves)
         check, _, _ = judge(result.model, level_budget)
         trial = Trial(keep, result.macs_after / result.macs_before, check.score, check.drop, check.met,
                       seconds=time.perf_counter() - begin)
@@ -596,11 +619,12 @@ def sweep(
     judge = _Judge(loaded.model, calib_data, evaluation, threads)
     budget = default_budget(options, judge.labelled)
     built: list[tuple[float, float, bool, onnx.ModelProto]] = []
+    curves = _curves(loaded, options, calib_data, input_shapes, progress)
     for target in sorted(set(targets), reverse=True):
         if target >= 1.0:
             model_at, kept = loaded.model, 1.0
         else:
-            result = _prune(loaded, target, options, calib_data, input_shapes, progress)
+            result = _prune(loaded, target, options, calib_data, input_shapes, progress, curves)
             model_at, kept = result.model, result.macs_after / result.macs_before
         is_int8 = False
         if quantize:

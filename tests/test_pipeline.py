@@ -136,3 +136,24 @@ def test_sweep_json(small: tuple[Path, Path, Path]) -> None:
         assert {"macs_kept", "quantized", "fidelity", "budget_met", "p50_ms", "speedup", "params", "size"} <= set(point)
     assert report["points"][0]["fidelity"] == pytest.approx(1.0) and report["points"][1]["macs_kept"] < 0.6
     assert report["points"][1]["params"] < report["original"]["params"]
+
+
+def test_sensitivity_curves_are_measured_once_for_the_whole_search(
+    small: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onnxslim.prune import sensitivity
+
+    calls = []
+    real = sensitivity.measure_curves
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sensitivity, "measure_curves", counted)
+    monkeypatch.setattr("onnxslim.prune.pruner.measure_curves", counted)
+    model, calib, evaluation = small
+    options = OptimizeOptions(min_fidelity=0.8, quantize=False, max_trials=3, allocate="sensitivity")
+    result, _ = pipeline.search_and_measure(model, calib, options, eval_data=evaluation)
+    assert len(result.trials) >= 2 and len(calls) == 1
+    assert result.prune is None or result.prune.options.allocate == "sensitivity"

@@ -361,7 +361,8 @@ def plan(state: PruneState) -> None:
         if state.calib is None:
             raise UsageError("--allocate sensitivity measures each group's damage on data: give --calib DATA")
         assert state.cost_before is not None
-        state.sensitivity = measure_curves(state, ALLOCATION_RATIOS, state.eligible, progress=state.progress)
+        if state.sensitivity is None:  # curves given to prune_model (measured once for several budgets) serve
+            state.sensitivity = measure_curves(state, ALLOCATION_RATIOS, state.eligible, progress=state.progress)
         budget = allocate(
             state.groups, state.scores, {layer.name: layer.macs for layer in state.cost_before.layers},
             options.target_macs, state.sensitivity, options.round_to, min_keep=options.min_keep,
@@ -699,6 +700,7 @@ def prune_model(
     calib: Dataset | None = None,
     eval_data: Dataset | None = None,
     progress: Progress | None = None,
+    sensitivity: SensitivityCurves | None = None,
     **fields: Any,
 ) -> PruneResult:
     """Prune `model` as `options` say (or as keyword `fields` of PruneOptions, e.g. `ratio=0.3, round_to=8`).
@@ -714,6 +716,7 @@ def prune_model(
     state = new_state(
         model, options, input_shapes=input_shapes, calib=calib, eval_data=eval_data, progress=progress
     )
+    state.sensitivity = sensitivity  # `--allocate sensitivity` with curves measured earlier: not measured again
     run_pipeline(state)
     assert state.pruned is not None and state.cost_before is not None
     pruned = state.pruned
