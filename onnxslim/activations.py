@@ -29,7 +29,7 @@ from onnxslim.bench import session_options
 from onnxslim.calib import Batch, Dataset
 from onnxslim.errors import DataError, first_line
 
-__all__ = ["ChannelStats", "channel_statistics", "StagedRunner", "Progress"]
+__all__ = ["ChannelStats", "channel_statistics", "StagedRunner", "Progress", "with_outputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class _Accumulator:
         return ChannelStats(self.total / n, self.square / n, self.absolute / n, self.count)
 
 
-def _with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
     """A copy of `model` that also outputs the tensors `names` (types left to onnxruntime)."""
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
@@ -108,7 +108,7 @@ def channel_statistics(
     if not requests:
         return {}
     names = sorted(requests)
-    probe = _with_outputs(model, names)
+    probe = with_outputs(model, names)
     try:
         session = onnxruntime.InferenceSession(_serialized(probe), session_options(opt_level="basic"), providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types

@@ -778,21 +778,9 @@ def quantize(
         budget=AccuracyBudget(max_drop=max_drop, min_fidelity=min_fidelity), max_trials=max_trials,
     )
     with ExitStack() as stack:
-        bars: dict[str, Any] = {}
-
-        def advance(stage: str, done: int, total: int) -> None:
-            bar = bars.get(stage)
-            if bar is None or done < bar.pos:
-                if bar is not None:
-                    bar.render_finish()
-                bar = stack.enter_context(click.progressbar(length=total, label=f"{stage:<11}", file=sys.stderr))
-                bars[stage] = bar
-            bar.length = max(total, done)
-            bar.update(done - bar.pos)
-
         result = quantize_model(
             loaded, calib_data, options, eval_data=evaluation,
-            progress=None if ctx.obj.get("quiet") else advance,
+            progress=None if ctx.obj.get("quiet") else _progress_bars(stack),
         )
     feeds = next(iter(calib_data.batches())).feeds  # validate on the user's data, not random inputs
     write_validated(result.model, output, source=model, input_shapes=calib_data.input_shapes, feeds=feeds)

@@ -805,17 +805,10 @@ class OutputStage:
 
     def add_text(self, text: str, path: str | os.PathLike[str], *, sources: Iterable[str | os.PathLike[str]] = ()) -> Path:
         """Stage a report or plan file for `path`."""
-        path = check_output_path(path, sources=sources)
-        staged = self._staging_dir(path) / path.name
-        try:
-            staged.write_text(text)
-        except OSError as e:
-            raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
-        self._moves.append((staged, path))
-        return path
+        return self.add_bytes(text.encode(), path, sources=sources)
 
     def add_bytes(self, data: bytes, path: str | os.PathLike[str], *, sources: Iterable[str | os.PathLike[str]] = ()) -> Path:
-        """Stage a binary file (a plot) for `path`."""
+        """Stage a file (a report, a plan, a plot) for `path`."""
         path = check_output_path(path, sources=sources)
         staged = self._staging_dir(path) / path.name
         try:

@@ -66,6 +66,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxslim.activations import with_outputs
 from onnxslim.bench import physical_cores, session_options, time_interleaved
 from onnxslim.calib import Batch, Dataset
 from onnxslim.cpu import CpuChoice, CpuFeatures, choose_for_cpu, detect_cpu
@@ -1294,14 +1295,6 @@ def _consumer_view(int8: onnx.ModelProto, tensors: Sequence[str]) -> dict[str, s
     return view
 
 
-def _with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    existing = {o.name for o in exposed.graph.output}
-    for name in names:
-        if name not in existing:
-            exposed.graph.output.append(onnx.ValueInfoProto(name=name))
-    return exposed
 
 
 def measure_tensor_errors(
@@ -1313,8 +1306,8 @@ def measure_tensor_errors(
     tensors = sorted(_calibrated_tensors(prepared) - {i.name for i in prepared.graph.input})
     view = _consumer_view(int8_qdq, tensors)
     tensors = [t for t in tensors if t in view]
-    reference = _session(_with_outputs(prepared, tensors), threads, level="basic")
-    candidate = _session(_with_outputs(int8_qdq, [view[t] for t in tensors]), threads, level="basic")
+    reference = _session(with_outputs(prepared, tensors), threads, level="basic")
+    candidate = _session(with_outputs(int8_qdq, [view[t] for t in tensors]), threads, level="basic")
     sums: dict[str, list[np.ndarray]] = {}
     for batch in batches:
         want = dict(zip(tensors, reference.run(tensors, batch.feeds), strict=True))
