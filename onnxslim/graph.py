@@ -1,14 +1,17 @@
-"""Small helpers over onnx-graphsurgeon: import/export that keep the model's metadata, constants, attributes."""
+"""Small helpers over onnx-graphsurgeon: import/export that keep the model's metadata, constants, attributes,
+and `GraphIndex`, the one index of a graph (node by name, topological position, tensor → producer and
+readers) that analysis, scoring, lossless search, planning and rewrite share instead of scanning the graph."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-__all__ = ["import_graph", "export_model", "constant_value", "attribute", "producer", "consumers", "opset_of"]
+__all__ = ["GraphIndex", "import_graph", "export_model", "constant_value", "attribute", "producer", "consumers", "opset_of"]
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -57,3 +60,45 @@ def consumers(tensor: gs.Tensor) -> list[gs.Node]:
 def opset_of(model: onnx.ModelProto) -> int:
     """The model's ai.onnx opset version."""
     return next(imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx"))
+
+
+class GraphIndex:
+    """Built once per graph in one pass: nodes by name, their topological positions, every tensor's producer
+    and readers, the graph outputs. Lookups are O(1); it reflects the graph as it was when built (a rewrite
+    that adds or removes nodes builds a new one)."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.graph = graph
+        self.nodes: dict[str, gs.Node] = {}
+        self.position: dict[str, int] = {}
+        self.producers: dict[str, gs.Node] = {}
+        self.readers: dict[str, list[gs.Node]] = {}
+        for position, node in enumerate(graph.nodes):
+            self.nodes[node.name] = node
+            self.position[node.name] = position
+            for tensor in node.outputs:
+                self.producers[tensor.name] = node
+            for tensor in node.inputs:
+                if tensor.name:
+                    self.readers.setdefault(tensor.name, []).append(node)
+        self.outputs = frozenset(t.name for t in graph.outputs)
+
+    def node(self, name: str) -> gs.Node:
+        """The node named `name` (KeyError naming it when there is none)."""
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise KeyError(f"no node named {name!r}") from None
+
+    def producer(self, tensor: str) -> gs.Node | None:
+        """The node that writes tensor `tensor` (None for graph inputs and constants)."""
+        return self.producers.get(tensor)
+
+    def consumers(self, tensor: str) -> list[gs.Node]:
+        """The nodes that read tensor `tensor`, in topological order."""
+        return self.readers.get(tensor, [])
+
+    def producers_in_order(self, tensors: Iterable[str]) -> list[gs.Node]:
+        """The distinct nodes writing any of `tensors`, in topological order."""
+        found = {node.name: node for name in tensors if (node := self.producers.get(name)) is not None}
+        return sorted(found.values(), key=lambda node: self.position[node.name])

@@ -23,7 +23,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ __all__ = [
     "save_model",
     "save_text",
     "validate",
+    "Validation",
     "original_fails_message",
     "write_validated",
 ]
@@ -861,14 +862,21 @@ def write_validated(
     input_shapes: Mapping[str, Sequence[int]],
     feeds: Mapping[str, np.ndarray] | None = None,
     stage: OutputStage | None = None,
+    validated: Validation | None = None,
 ) -> Path:
     """Validate `model` against the input *file* as given (so normalization is checked too), then save it
     (or stage it in `stage`, to be written with a command's other outputs).
 
     The one way commands write models: a failure is a ValidationError (exit 4) and nothing is written.
-    `feeds`: a batch of the user's data to validate on (else random inputs).
+    `feeds`: a batch of the user's data to validate on (else random inputs). `validated`: the record of a
+    validation the library already ran (`PruneResult.validation`); when it covers this very model at these
+    shapes and feeds, against a source whose I/O contract is the input file's, onnxruntime is not run again.
     """
-    validate(model, read_model(source), input_shapes, feeds=feeds)
+    original = read_model(source)
+    if validated is not None and validated.covers(model, original, input_shapes, feeds):
+        logger.debug("%s: validated by the library already (same model, contract, shapes and inputs)", path)
+    else:
+        validate(model, original, input_shapes, feeds=feeds)
     if stage is not None:
         return stage.add_model(model, path, source=source)
     return save_model(model, path, source=source)
@@ -899,18 +907,62 @@ def _contract(model: onnx.ModelProto) -> tuple[list[tuple[str, int]], list[tuple
     return inputs, outputs
 
 
+_Contract = tuple[list[tuple[str, int]], list[tuple[str, int, tuple]]]
+
+
+def _feeds_signature(feeds: Mapping[str, np.ndarray] | None) -> tuple[tuple[str, str, tuple[int, ...]], ...] | None:
+    if feeds is None:
+        return None
+    return tuple(sorted((name, str(np.asarray(a).dtype), tuple(np.shape(a))) for name, a in feeds.items()))
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What one `validate` call proved: this `model` object passed, against a source with this I/O
+    `contract`, at these input shapes, on given feeds of this signature (None: random inputs). A model
+    edited afterwards no longer matches (its serialized size is compared too); `write_validated` only skips
+    a run that would check exactly the same thing."""
+
+    model: onnx.ModelProto = field(repr=False, compare=False)
+    size: int
+    contract: _Contract
+    input_shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    feeds: tuple[tuple[str, str, tuple[int, ...]], ...] | None
+
+    def covers(
+        self,
+        model: onnx.ModelProto,
+        source: onnx.ModelProto,
+        input_shapes: Mapping[str, Sequence[int]],
+        feeds: Mapping[str, np.ndarray] | None = None,
+    ) -> bool:
+        """Whether validating `model` against `source` at these shapes and feeds would repeat this check."""
+        return (
+            self.model is model
+            and self.size == model.ByteSize()
+            and self.contract == _contract(source)
+            and self.input_shapes == _shapes_key(input_shapes)
+            and self.feeds == _feeds_signature(feeds)
+        )
+
+
+def _shapes_key(input_shapes: Mapping[str, Sequence[int]]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple(sorted((str(name), tuple(int(d) for d in dims)) for name, dims in input_shapes.items()))
+
+
 def validate(
     candidate: onnx.ModelProto,
     source: onnx.ModelProto,
     input_shapes: Mapping[str, Sequence[int]],
     *,
     feeds: Mapping[str, np.ndarray] | None = None,
-) -> None:
+) -> Validation:
     """Check a model onnxslim produced: onnx.checker, an onnxruntime run, and the source's I/O contract.
 
     The run uses `feeds` (a batch of the user's data) when given, else `random_inputs`. Raises
     ValidationError (exit 4, nothing written) when the candidate fails, but DataError (exit 1) when the
-    *source* does not run on those inputs either: then the inputs are at fault, not onnxslim.
+    *source* does not run on those inputs either: then the inputs are at fault, not onnxslim. Returns the
+    record of what passed (`write_validated` accepts it instead of validating the same model again).
     """
     import onnxruntime as ort
 
@@ -925,6 +977,7 @@ def validate(
     if want_outputs != got_outputs:
         raise ValidationError(f"outputs changed from {want_outputs} to {got_outputs}")
     given = feeds is not None
+    signature = _feeds_signature(feeds)
     feeds = dict(feeds) if feeds is not None else random_inputs(source, input_shapes)
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures are reported below, in one line, not as onnxruntime's log
@@ -941,6 +994,9 @@ def validate(
     for (name, _, _), a, b in zip(want_outputs, want, got, strict=True):
         if np.shape(a) != np.shape(b):
             raise ValidationError(f"output {name!r} has shape {np.shape(b)}, the original {np.shape(a)}")
+    return Validation(
+        candidate, candidate.ByteSize(), (want_inputs, want_outputs), _shapes_key(input_shapes), signature
+    )
 
 
 def original_fails_message(feeds: Mapping[str, np.ndarray], error: BaseException, *, given: bool) -> str:

@@ -26,11 +26,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim.analysis.groups import ChannelGroup, Member, Sink, Source
-from onnxslim.graph import export_model
+from onnxslim.graph import GraphIndex, export_model
 from onnxslim.prune.importance import output_channel_weights
 from onnxslim.prune.plan import PrunePlan
 
-__all__ = ["LosslessChannels", "find_lossless_channels", "fold_constant_channels"]
+__all__ = ["LosslessChannels", "find_lossless_channels", "fold_constant_channels", "fold_constant_channels_into"]
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ def _foldable(sink: Sink, node: gs.Node, outputs: set[str]) -> bool:
     return False
 
 
-def _source_constants(source: Source, node: gs.Node, graph: gs.Graph, channels: int) -> np.ndarray:
+def _source_constants(source: Source, node: gs.Node, graph: GraphIndex, channels: int) -> np.ndarray:
     """Channel c of the source is the constant bias[c] when its weights for c are all zero; else unknown."""
     weights = output_channel_weights(source, graph)[source.offset : source.offset + channels]
     zero = ~np.any(weights != 0, axis=1)
@@ -217,7 +217,7 @@ def _source_constants(source: Source, node: gs.Node, graph: gs.Graph, channels: 
 class _GroupValues:
     """Per member tensor of one group: the value of each of the group's channels (NaN: unknown)."""
 
-    def __init__(self, graph: gs.Graph, group: ChannelGroup) -> None:
+    def __init__(self, graph: GraphIndex, group: ChannelGroup) -> None:
         self.graph = graph
         self.group = group
         self.members: dict[str, list[Member]] = {}
@@ -225,6 +225,12 @@ class _GroupValues:
             self.members.setdefault(member.tensor, []).append(member)
         self.values: dict[str, np.ndarray] = {}
         self.followers = {f.node: f for f in group.followers}
+        self.sources = {s.node: s for s in group.sources}
+
+    def run(self) -> None:
+        """Visit the nodes writing the group's members, in topological order: the only ones with a value to set."""
+        for node in self.graph.producers_in_order(self.members):
+            self.visit(node)
 
     def unknown(self) -> np.ndarray:
         return np.full(self.group.channels, np.nan)
@@ -253,7 +259,7 @@ class _GroupValues:
         outputs = [t for t in node.outputs if t.name in self.members]
         if not outputs:
             return
-        sources = {s.node: s for s in self.group.sources}
+        sources = self.sources
         for tensor in outputs:
             if len(self.members[tensor.name]) != 1:
                 self.values[tensor.name] = self.unknown()
@@ -290,18 +296,19 @@ class _GroupValues:
         return self.values.get(node.inputs[sink.input_index].name, self.unknown())
 
 
-def find_lossless_channels(graph: gs.Graph, groups: Sequence[ChannelGroup]) -> LosslessChannels:
-    """The dead channels of every prunable group, and its nonzero constant channels that fold exactly."""
-    nodes = {node.name: node for node in graph.nodes}
-    outputs = {t.name for t in graph.outputs}
+def find_lossless_channels(graph: gs.Graph | GraphIndex, groups: Sequence[ChannelGroup]) -> LosslessChannels:
+    """The dead channels of every prunable group, and its nonzero constant channels that fold exactly.
+
+    Linear in the size of the groups: each group visits only the nodes that write its members."""
+    index = graph if isinstance(graph, GraphIndex) else GraphIndex(graph)
+    nodes, outputs = index.nodes, set(index.outputs)
     dead: dict[str, tuple[int, ...]] = {}
     constant: dict[str, dict[int, float]] = {}
     for group in groups:
         if not group.prunable or group.blocks > 1:  # grouped convs: removals must be balanced, not just dead
             continue
-        values = _GroupValues(graph, group)
-        for node in graph.nodes:
-            values.visit(node)
+        values = _GroupValues(index, group)
+        values.run()
         at_sinks = [values.at_sink(sink, nodes[sink.node]) for sink in group.sinks]
         if not at_sinks:
             continue
@@ -340,8 +347,17 @@ def fold_constant_channels(
 ) -> onnx.ModelProto:
     """`model` with the constant of every constant channel the plan removes added to its sinks' biases."""
     graph = gs.import_onnx(model)
-    nodes = {node.name: node for node in graph.nodes}
-    outputs = {t.name for t in graph.outputs}
+    if not fold_constant_channels_into(GraphIndex(graph), groups, plan, channels):
+        return model
+    return export_model(graph, model)
+
+
+def fold_constant_channels_into(
+    graph: GraphIndex, groups: Sequence[ChannelGroup], plan: PrunePlan, channels: LosslessChannels
+) -> int:
+    """Add the constant of every constant channel the plan removes to its sinks' biases, editing the indexed
+    graph in place; the number of biases changed."""
+    nodes, outputs = graph.nodes, set(graph.outputs)
     deltas: dict[tuple[str, int], np.ndarray] = {}  # (node, input index of the bias) → what to add to it
     for group in groups:
         constants = channels.constant.get(group.id, {})
@@ -359,8 +375,6 @@ def fold_constant_channels(
                 else:
                     delta = _fold_into_features(node, sink, group.channels, sink.offset + c, constants[c])
                 deltas[target] = deltas.get(target, 0.0) + delta
-    if not deltas:
-        return model
     for (name, index), delta in sorted(deltas.items()):
         node = nodes[name]
         reference = node.inputs[index] if index < len(node.inputs) and node.inputs[index].name else node.inputs[1]
@@ -375,4 +389,4 @@ def fold_constant_channels(
         while len(node.inputs) <= index:
             node.inputs.append(gs.Variable.empty())
         node.inputs[index] = folded
-    return export_model(graph, model)
+    return len(deltas)

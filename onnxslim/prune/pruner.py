@@ -30,9 +30,11 @@ from onnxslim.analysis.groups import ChannelGroup, build_channel_groups
 from onnxslim.bench import session_options
 from onnxslim.calib import Dataset
 from onnxslim.errors import DataError, UsageError, ValidationError, first_line
+from onnxslim.graph import GraphIndex
 from onnxslim.io import (
     LoadedModel,
     TensorInfo,
+    Validation,
     infer_tensor_infos,
     load_model,
     normalize_model,
@@ -42,7 +44,7 @@ from onnxslim.io import (
 from onnxslim.metrics import AccuracyMeter, FidelityMeter, is_classifier_output
 from onnxslim.model_info import check_exclusions, refuse_quantized
 from onnxslim.prune.importance import NEEDS_DATA, ScoreContext, score_groups, statistics_requests
-from onnxslim.prune.lossless import LosslessChannels, find_lossless_channels, fold_constant_channels
+from onnxslim.prune.lossless import LosslessChannels, find_lossless_channels, fold_constant_channels_into
 from onnxslim.prune.outcome import PruneOutcome, describe_outcome
 from onnxslim.prune.plan import (
     PrunePlan,
@@ -59,7 +61,7 @@ from onnxslim.prune.recover import (
     RecoveryReport,
     recover_model,
 )
-from onnxslim.prune.rewrite import apply_plan, kept_output_channels
+from onnxslim.prune.rewrite import apply_plan_to_graph, kept_output_channels
 
 __all__ = [
     "BlockedGroup",
@@ -179,6 +181,7 @@ class PruneResult:
     recovery: RecoveryReport | None = None
     evaluation: Evaluation | None = None
     step_seconds: Mapping[str, float] = field(default_factory=dict)
+    validation: Validation | None = field(default=None, repr=False)  # what `validate` proved, for write_validated
 
     @property
     def lossless_removed(self) -> int:
@@ -223,7 +226,11 @@ class PruneResult:
 
 @dataclass
 class PruneState:
-    """Everything the steps share. Filled step by step; a field is None until its step has run."""
+    """Everything the steps share. Filled step by step; a field is None until its step has run.
+
+    The model is imported once: `graph` (and `index`, its one GraphIndex) is the analysis graph that
+    lossless search, statistics and scoring read; `compensate` and `rewrite` then edit that same graph in
+    place, so after `rewrite` it is the pruned graph (`original` stays the untouched model)."""
 
     options: PruneOptions
     original: onnx.ModelProto  # normalized; never changed
@@ -236,6 +243,7 @@ class PruneState:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     infos: dict[str, TensorInfo] = field(default_factory=dict)
     graph: gs.Graph | None = None
+    index: GraphIndex | None = None
     groups: tuple[ChannelGroup, ...] = ()
     cost_before: ModelCost | None = None
     eligible: frozenset[str] = frozenset()
@@ -246,11 +254,12 @@ class PruneState:
     scores: dict[str, np.ndarray] = field(default_factory=dict)
     plan: PrunePlan = field(default_factory=PrunePlan)
     budget_met: bool = True
-    compensated: onnx.ModelProto | None = None
+    folded_biases: int = 0
     pruned: onnx.ModelProto | None = None
     unrecovered: onnx.ModelProto | None = None
     recovery: RecoveryReport | None = None
     evaluation: Evaluation | None = None
+    validation: Validation | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -272,6 +281,7 @@ def analyse(state: PruneState) -> None:
     state.shapes = resolve_input_shapes(state.original, state.input_shapes)
     state.infos = infer_tensor_infos(state.original, state.shapes)
     state.graph = gs.import_onnx(state.original)
+    state.index = GraphIndex(state.graph)
     state.groups = build_channel_groups(state.graph, {name: info.shape for name, info in state.infos.items()})
     state.cost_before = compute_cost(state.original, state.infos)
     outputs = {t.name for t in state.original.graph.output}
@@ -283,9 +293,9 @@ def analyse(state: PruneState) -> None:
 
 def find_lossless(state: PruneState) -> None:
     """Dead and constant channels; with --lossless they are forced out first."""
-    assert state.graph is not None
+    assert state.index is not None
     options = state.options
-    state.lossless = find_lossless_channels(state.graph, state.groups)
+    state.lossless = find_lossless_channels(state.index, state.groups)
     removable = state.lossless.removable()
     if options.lossless and options.ratio is None and options.target_macs is None and options.plan_path is None:
         for group in state.groups:
@@ -302,8 +312,8 @@ def collect_statistics(state: PruneState) -> None:
         return  # a plan file or lossless alone: nothing is scored by data
     if state.calib is None:
         raise UsageError(f"--criterion {state.options.criterion} needs calibration data: give --calib DATA")
-    assert state.graph is not None
-    requests = statistics_requests(state.groups, state.graph)
+    assert state.index is not None
+    requests = statistics_requests(state.groups, state.index)
     state.statistics = channel_statistics(state.original, state.calib, requests, progress=state.progress)
 
 
@@ -312,7 +322,7 @@ def score(state: PruneState) -> None:
     if state.options.plan_path is not None:
         return
     assert state.graph is not None
-    context = ScoreContext(state.graph, state.options.seed, state.statistics)
+    context = ScoreContext(state.graph, state.options.seed, state.statistics, state.index)
     budget = state.options.ratio is not None or state.options.target_macs is not None
     # lossless alone removes only forced channels: any criterion orders the rest, one without data will do
     criterion = state.options.criterion if budget or state.options.criterion not in NEEDS_DATA else "l1"
@@ -340,19 +350,20 @@ def plan(state: PruneState) -> None:
 
 
 def compensate(state: PruneState) -> None:
-    """Constant channels that go are folded into their sinks' biases, whatever chose them (exact)."""
-    assert state.lossless is not None
-    state.compensated = fold_constant_channels(state.original, state.groups, state.plan, state.lossless)
+    """Constant channels that go are folded into their sinks' biases, whatever chose them (exact; edits the
+    analysis graph in place, for the rewrite)."""
+    assert state.lossless is not None and state.index is not None
+    state.folded_biases = fold_constant_channels_into(state.index, state.groups, state.plan, state.lossless)
 
 
 def rewrite(state: PruneState) -> None:
     """The planned channels physically removed from every member of every group (not yet validated)."""
-    assert state.compensated is not None
+    assert state.graph is not None
     if not state.plan.kept:
         state.pruned = state.original
         return
     try:
-        state.pruned = apply_plan(state.compensated, state.groups, state.plan)
+        state.pruned = apply_plan_to_graph(state.graph, state.original, state.groups, state.plan)
     except ValidationError:
         raise
     except (ValueError, IndexError, KeyError) as e:
@@ -411,7 +422,7 @@ def validate_result(state: PruneState) -> None:
     assert state.pruned is not None
     if state.pruned is not state.original:
         feeds = next(iter(state.calib.batches())).feeds if state.calib is not None else None
-        validate(state.pruned, state.original, state.shapes, feeds=feeds)
+        state.validation = validate(state.pruned, state.original, state.shapes, feeds=feeds)
 
 
 def _held_out(state: PruneState) -> tuple[str, Iterator[tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]]]:
@@ -595,5 +606,6 @@ def prune_model(
         recovery=state.recovery,
         evaluation=state.evaluation,
         step_seconds=dict(state.seconds),
+        validation=state.validation,
     )
 

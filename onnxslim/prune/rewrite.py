@@ -38,6 +38,7 @@ __all__ = [
     "RewriteHandler",
     "REWRITE_HANDLERS",
     "apply_plan",
+    "apply_plan_to_graph",
     "kept_input_channels",
     "kept_output_channels",
     "rewrite_model",
@@ -367,7 +368,14 @@ def apply_plan(model: onnx.ModelProto, groups: Sequence[ChannelGroup], plan: Pru
 
     Stale value_info is dropped and shapes re-inferred with the model's own (symbolic) input dims.
     """
-    graph = gs.import_onnx(model)
+    return apply_plan_to_graph(gs.import_onnx(model), model, groups, plan)
+
+
+def apply_plan_to_graph(
+    graph: gs.Graph, template: onnx.ModelProto, groups: Sequence[ChannelGroup], plan: PrunePlan
+) -> onnx.ModelProto:
+    """`apply_plan` on a graph already imported from `template` (the pipeline's analysis graph, so the model
+    is imported once per prune). The graph is edited in place; the pruned model keeps `template`'s metadata."""
     nodes = {node.name: node for node in graph.nodes}
     slicer = _Slicer(int(graph.opset or onnx.defs.onnx_opset_version()))
     for (role, name, where), removal in _collect_removals(groups, plan).items():
@@ -386,7 +394,7 @@ def apply_plan(model: onnx.ModelProto, groups: Sequence[ChannelGroup], plan: Pru
         if isinstance(tensor, gs.Variable) and tensor.name not in keep:
             tensor.shape = None
     graph.cleanup().toposort()
-    pruned = export_model(graph, model)
+    pruned = export_model(graph, template)
     del pruned.graph.value_info[:]
     try:
         return onnx.shape_inference.infer_shapes(pruned, check_type=False, strict_mode=False)

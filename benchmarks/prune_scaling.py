@@ -1,0 +1,120 @@
+"""Time and peak memory of inspect and prune on synthetic graphs of 1k to 20k nodes (the growth should be linear).
+
+    python benchmarks/prune_scaling.py [--nodes 1000 --nodes 2000 ...] [--profile N]
+
+Builds a residual chain like an exported ResNet (tests/builders.py): blocks of Conv 3×3 → Relu → Conv 3×3 →
+Add(block input) → Relu on a [1, 16, 8, 8] input, a 1×1 Conv every 8 blocks starting a new residual group,
+so the number of channel groups grows with the number of nodes. The model is saved once per size; each
+operation then runs in a fresh process (`inspect_model`, `prune_model(ratio=0.3)`, `prune_model(lossless=True)`
+on the saved file, as the command line does, including the one validation) and reports its wall time and
+its peak resident memory (getrusage's ru_maxrss: the whole process, Python and onnxruntime included).
+`--profile N` instead runs `prune --ratio 0.3` at N nodes under cProfile and prints the top functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+NODES_PER_BLOCK = 5  # Conv, Relu, Conv, Add, Relu
+BLOCKS_PER_STAGE = 8
+OPERATIONS = ("inspect", "prune --ratio 0.3", "prune --lossless")
+
+
+def build_chain(nodes: int, channels: int = 16, size: int = 8):  # -> onnx.ModelProto
+    """A residual chain of about `nodes` nodes (see the module docstring)."""
+    from tests.builders import ModelBuilder
+
+    b = ModelBuilder((channels, size, size), seed=0)
+    x = b.relu(b.conv(b.input, channels, 3))
+    block = 0
+    while len(b.nodes) + NODES_PER_BLOCK < nodes:
+        if block and block % BLOCKS_PER_STAGE == 0:
+            x = b.relu(b.conv(x, channels, 1))  # a new residual group
+        y = b.conv(b.relu(b.conv(x, channels, 3)), channels, 3)
+        x = b.relu(b.op("Add", [y, x]))
+        block += 1
+    return b.build(b.conv(x, 4, 1))
+
+
+def run(operation: str, path: str) -> dict[str, float]:
+    """One operation on the model at `path`, in this process: seconds and peak resident MB."""
+    started = time.perf_counter()
+    if operation == "inspect":
+        from onnxslim import inspect_model
+
+        inspect_model(path)
+    else:
+        from onnxslim.io import load_model
+        from onnxslim.prune import prune_model
+
+        options = {"ratio": 0.3} if operation.endswith("0.3") else {"lossless": True}
+        prune_model(load_model(path), **options)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure(operation: str, path: str) -> dict[str, float]:
+    """`run` in a fresh Python process, so peaks do not carry over from one measurement to the next."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", operation, path], check=True, capture_output=True, text=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def profile(nodes: int) -> None:
+    import cProfile
+    import pstats
+
+    import onnx
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(Path(folder) / "chain.onnx")
+        onnx.save(build_chain(nodes), path)
+        cProfile.runctx("run('prune --ratio 0.3', path)", globals(), {"path": path, "run": run}, str(Path(folder) / "p"))
+        pstats.Stats(str(Path(folder) / "p")).sort_stats("cumulative").print_stats(40)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, action="append")
+    parser.add_argument("--profile", type=int, default=None)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run(*args.child)))
+        return
+    if args.profile:
+        profile(args.profile)
+        return
+    import onnx
+
+    sizes = args.nodes or [1000, 2000, 5000, 10000, 20000]
+    header = f"{'nodes':>6} {'convs':>6}  " + "  ".join(f"{op:>24}" for op in OPERATIONS)
+    print("time (s) / peak resident memory (MB), each in a fresh process")
+    print(header)
+    print("-" * len(header))
+    with tempfile.TemporaryDirectory() as folder:
+        for size in sizes:
+            model = build_chain(size)
+            path = str(Path(folder) / f"chain_{size}.onnx")
+            onnx.save(model, path)
+            convs = sum(node.op_type == "Conv" for node in model.graph.node)
+            cells = []
+            for operation in OPERATIONS:
+                result = measure(operation, path)
+                cells.append(f"{result['seconds']:>11.2f} s {result['peak_mb']:>7.0f} MB")
+            print(f"{len(model.graph.node):>6} {convs:>6}  " + "  ".join(f"{c:>24}" for c in cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
