@@ -577,7 +577,10 @@ def quantize(
             progress=None if ctx.obj.get("quiet") else advance,
         )
     feeds = next(iter(calib_data.batches())).feeds  # validate on the user's data, not random inputs
-    write_validated(result.model, output, source=model, input_shapes=calib_data.input_shapes, feeds=feeds)
+    write_validated(
+        result.model, output, source=model, input_shapes=calib_data.input_shapes, feeds=feeds,
+        validated=result.validation,
+    )
     if not result.quantized:
         logger.warning("%s; wrote the fp32 model to %s", result.reason, output)
     elif result.budget_check is not None and not result.budget_check.met:

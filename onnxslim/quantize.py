@@ -70,7 +70,7 @@ from onnxslim.bench import physical_cores, session_options, time_interleaved
 from onnxslim.calib import Batch, Dataset
 from onnxslim.cpu import CpuChoice, CpuFeatures, choose_for_cpu, detect_cpu
 from onnxslim.errors import DataError, ModelLoadError, UnsupportedModelError, UsageError, first_line
-from onnxslim.io import LoadedModel, infer_tensor_infos, normalize_model, validate
+from onnxslim.io import LoadedModel, Validation, infer_tensor_infos, normalize_model, validate
 from onnxslim.metrics import (
     Accuracy,
     AccuracyMeter,
@@ -348,6 +348,7 @@ class QuantizeResult:
     method_trials: tuple[MethodTrial, ...] = ()
     exclusion_trials: tuple[ExclusionTrial, ...] = ()
     max_trials: int = MAX_TRIALS
+    validation: Validation | None = field(default=None, repr=False)  # what `validate` proved, for write_validated
 
     @property
     def budget_met(self) -> bool | None:
@@ -1459,8 +1460,7 @@ def quantize_model(
         raise UnsupportedModelError(decision.reason)
     int8 = candidates.built[best.config]
     assert isinstance(int8, onnx.ModelProto)
-    if decision.chosen is not None:
-        validate(int8, source, shapes, feeds=feeds)
+    validation = validate(int8, source, shapes, feeds=feeds) if decision.chosen is not None else None
     fidelity, accuracy_fp32, accuracy_int8, budget_check = evaluated[(best.config, method, tuple(excluded))]
     if evaluator.note:
         notes.append(evaluator.note)
@@ -1505,4 +1505,5 @@ def quantize_model(
         method_trials=tuple(method_trials),
         exclusion_trials=exclusion_trials,
         max_trials=options.max_trials,
+        validation=validation,
     )

@@ -34,6 +34,7 @@ from onnxslim.io import (
     save_text,
     staged_outputs,
     validate,
+    write_validated,
 )
 
 
@@ -367,6 +368,37 @@ def test_validate_accepts_an_equivalent_model_and_rejects_broken_contracts() -> 
     broken.graph.node[0].input[1] = "missing_weight"
     with pytest.raises(ValidationError, match="onnx.checker|onnxruntime"):
         validate(broken, source, shapes)
+
+
+def test_write_validated_trusts_a_validation_record_only_for_the_very_model_it_proved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validate once: a record from `validate` of this model (same source contract, shapes and inputs) saves the
+    second onnxruntime run; other inputs, another model or a model edited since are validated again."""
+    source = save(conv_model(), tmp_path / "source.onnx")
+    shapes = {"x": (1, 4, 10, 10)}
+    candidate = conv_model()
+    record = validate(candidate, conv_model(), shapes)
+    runs: list[onnx.ModelProto] = []
+    real_validate = slim_io.validate
+
+    def counting(model: onnx.ModelProto, *args: object, **kwargs: object) -> object:
+        runs.append(model)
+        return real_validate(model, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(slim_io, "validate", counting)
+    write_validated(candidate, tmp_path / "a.onnx", source=source, input_shapes=shapes, validated=record)
+    assert runs == [] and (tmp_path / "a.onnx").exists()
+    feeds = {"x": np.ones((1, 4, 10, 10), np.float32)}
+    write_validated(candidate, tmp_path / "b.onnx", source=source, input_shapes=shapes, feeds=feeds, validated=record)
+    assert len(runs) == 1  # on the user's data, not the random inputs it was proved on: validated again
+    other = conv_model()
+    write_validated(other, tmp_path / "c.onnx", source=source, input_shapes=shapes, validated=record)
+    assert len(runs) == 2 and runs[-1] is other  # another model object: validated again
+    candidate.graph.node[0].input[1] = "missing_weight"  # edited after it was validated
+    with pytest.raises(ValidationError):
+        write_validated(candidate, tmp_path / "d.onnx", source=source, input_shapes=shapes, validated=record)
+    assert not (tmp_path / "d.onnx").exists()
 
 
 # ------------------------------------------------------------------------- validation inputs and outputs

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from onnxslim.analysis.cost import MAC_OPS
 from onnxslim.analysis.groups import BlockerKind, ChannelGroup, Follower, Source
 from onnxslim.errors import ModelLoadError, UsageError
 from onnxslim.io import OutputStage, model_files, save_text
@@ -178,7 +179,8 @@ class MacModel:
         outputs: list[tuple[int, int, float]] = []
         inputs: list[tuple[int, int, float]] = []
         for g, group in enumerate(groups):
-            outs: list[Source | Follower] = [*group.sources, *(f for f in group.followers if f.op_type == "Conv")]
+            # followers that count MACs of their own (a depthwise Conv) scale with the channels they keep
+            outs: list[Source | Follower] = [*group.sources, *(f for f in group.followers if f.op_type in MAC_OPS)]
             for member in outs:
                 if member.node in index:
                     outputs.append((index[member.node], g, 1.0 / float(member.extent or group.channels)))

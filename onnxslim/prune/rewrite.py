@@ -4,7 +4,7 @@ Per-op knowledge lives in one table, `REWRITE_HANDLERS`: op type → how to slic
 attributes when channels go from its output (a source), from one of its inputs (a sink), or pass through
 it (a follower: BatchNorm statistics, per-channel Mul/Add constants, depthwise Conv weights and `group`,
 Resize sizes, Split sizes, Slice starts/ends, Reshape shape constants). It is checked against
-`rules.RULES` once at import. A constant read by several nodes is copied for the node being sliced, never
+`rules.RULES` once at import, with every other per-op table (optables.py). A constant read by several nodes is copied for the node being sliced, never
 sliced in place under the others.
 
 A node may hold several groups in one tensor (a Conv reading a Concat, a Split cutting its producer into
@@ -28,7 +28,6 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim.analysis.groups import ChannelGroup
-from onnxslim.analysis.rules import RULES, Behaviour
 from onnxslim.errors import ValidationError
 from onnxslim.graph import export_model
 from onnxslim.io import validate
@@ -276,22 +275,6 @@ REWRITE_HANDLERS: Mapping[str, RewriteHandler] = {
         for op in ("Add", "Sub", "Mul", "Div", "Pow", "Sum", "Max", "Min", "Mean", "PRelu")
     },
 }
-
-
-def _check_handlers() -> list[str]:
-    problems = []
-    for op, rule in RULES.items():
-        handler = REWRITE_HANDLERS.get(op)
-        if rule.behaviour is Behaviour.SOURCE and (handler is None or not handler.prune_output or not handler.prune_input):
-            problems.append(f"source op {op} needs output and input handlers")
-        if rule.follower and (handler is None or handler.prune_follower is None):
-            problems.append(f"follower op {op} needs a follower handler")
-    return problems
-
-
-_PROBLEMS = _check_handlers()
-if _PROBLEMS:  # pragma: no cover - checked once at import
-    raise ImportError("onnxslim.prune.rewrite: " + "; ".join(_PROBLEMS))
 
 
 @dataclass
