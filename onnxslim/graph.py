@@ -4,14 +4,16 @@ readers) that analysis, scoring, lossless search, planning and rewrite share ins
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import gc
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-__all__ = ["GraphIndex", "import_graph", "export_model", "constant_value", "attribute", "producer", "consumers", "opset_of"]
+__all__ = ["GraphIndex", "collector_paused", "import_graph", "export_model", "constant_value", "attribute", "producer", "consumers", "opset_of"]
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -102,3 +104,21 @@ class GraphIndex:
         """The distinct nodes writing any of `tensors`, in topological order."""
         found = {node.name: node for name in tensors if (node := self.producers.get(name)) is not None}
         return sorted(found.values(), key=lambda node: self.position[node.name])
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause Python's cycle collector for a whole-graph computation, then restore it as it was.
+
+    Each full collection rescans every live object, and an imported graph is hundreds of thousands of them,
+    so collections triggered by the per-node work made analysing a graph of n nodes cost O(n²) (build_channel
+    _groups: 1.7 s at 10k nodes, 4.4 s at 20k; 0.7 s and 1.5 s paused). The garbage made meanwhile is
+    collected when the computation ends, by the next automatic collection.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

@@ -956,13 +956,17 @@ def validate(
     input_shapes: Mapping[str, Sequence[int]],
     *,
     feeds: Mapping[str, np.ndarray] | None = None,
+    expected_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> Validation:
     """Check a model onnxslim produced: onnx.checker, an onnxruntime run, and the source's I/O contract.
 
     The run uses `feeds` (a batch of the user's data) when given, else `random_inputs`. Raises
     ValidationError (exit 4, nothing written) when the candidate fails, but DataError (exit 1) when the
-    *source* does not run on those inputs either: then the inputs are at fault, not onnxslim. Returns the
-    record of what passed (`write_validated` accepts it instead of validating the same model again).
+    *source* does not run on those inputs either: then the inputs are at fault, not onnxslim.
+    `expected_shapes` (output name → shape): the source's output shapes on these inputs when the caller
+    already knows them (the pruner's shape analysis); the source is then run only when the candidate fails
+    or disagrees, to tell whose fault it is, which saves one onnxruntime session (the costliest part on big
+    graphs). Returns the record of what passed (`write_validated` accepts it instead of validating again).
     """
     import onnxruntime as ort
 
@@ -981,19 +985,31 @@ def validate(
     feeds = dict(feeds) if feeds is not None else random_inputs(source, input_shapes)
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures are reported below, in one line, not as onnxruntime's log
-    try:
-        with loadable(source) as loaded:
-            want = ort.InferenceSession(loaded, options, providers=["CPUExecutionProvider"]).run(None, feeds)
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise DataError(original_fails_message(feeds, e, given=given)) from e
+
+    def run_source() -> list[Any]:
+        try:
+            with loadable(source) as loaded:
+                return list(ort.InferenceSession(loaded, options, providers=["CPUExecutionProvider"]).run(None, feeds))
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise DataError(original_fails_message(feeds, e, given=given)) from e
+
+    names = [name for name, _, _ in want_outputs]
+    known = expected_shapes is not None and all(name in expected_shapes for name in names)
+    want_shapes = [tuple(expected_shapes[name]) for name in names] if expected_shapes is not None and known else None
+    if want_shapes is None:
+        want_shapes = [np.shape(a) for a in run_source()]
     try:
         with loadable(candidate) as loaded:
             got = ort.InferenceSession(loaded, options, providers=["CPUExecutionProvider"]).run(None, feeds)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        if known:
+            run_source()  # a DataError when the inputs are at fault, not the candidate
         raise ValidationError(f"the optimized model does not run in onnxruntime: {first_line(e)}") from e
-    for (name, _, _), a, b in zip(want_outputs, want, got, strict=True):
-        if np.shape(a) != np.shape(b):
-            raise ValidationError(f"output {name!r} has shape {np.shape(b)}, the original {np.shape(a)}")
+    if known and any(tuple(np.shape(b)) != tuple(a) for a, b in zip(want_shapes, got, strict=True)):
+        want_shapes = [np.shape(a) for a in run_source()]  # the analysis may be wrong: ask the source itself
+    for name, a, b in zip(names, want_shapes, got, strict=True):
+        if tuple(a) != tuple(np.shape(b)):
+            raise ValidationError(f"output {name!r} has shape {np.shape(b)}, the original {tuple(a)}")
     return Validation(
         candidate, candidate.ByteSize(), (want_inputs, want_outputs), _shapes_key(input_shapes), signature
     )

@@ -66,7 +66,6 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxslim.bench import physical_cores, session_options, time_interleaved
 from onnxslim.calib import Batch, Dataset
 from onnxslim.cpu import CpuChoice, CpuFeatures, choose_for_cpu, detect_cpu
 from onnxslim.errors import DataError, ModelLoadError, UnsupportedModelError, UsageError, first_line
@@ -98,6 +97,8 @@ from onnxslim.quant_guard import (
     relative_errors,
     search_exclusions,
 )
+from onnxslim.runtime import ort as _ort
+from onnxslim.runtime import physical_cores, session_options, time_interleaved
 
 __all__ = [
     "FORMATS",
@@ -420,12 +421,6 @@ def _refuse_quantized(model: onnx.ModelProto) -> None:
 
 def _default_opset(model: onnx.ModelProto) -> int:
     return next(imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx"))
-
-
-def _ort() -> Any:
-    import onnxruntime as ort
-
-    return ort
 
 
 def _session(

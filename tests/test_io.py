@@ -431,6 +431,35 @@ def test_original_failing_on_random_inputs_is_a_data_error_and_user_data_validat
         validate(broken, model, shapes, feeds=good)
 
 
+def test_known_output_shapes_spare_the_sources_session_but_never_the_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the source's output shapes known (the pruner's analysis), only the candidate is run; when the
+    candidate fails or disagrees, the source is run after all, so the verdict is the full check's."""
+    source, candidate = conv_model(), conv_model()
+    shapes = {"x": (1, 4, 10, 10)}
+    loaded: list[onnx.ModelProto] = []
+    real_loadable = slim_io.loadable
+
+    def counting(model: onnx.ModelProto) -> object:
+        loaded.append(model)
+        return real_loadable(model)
+
+    monkeypatch.setattr(slim_io, "loadable", counting)
+    validate(candidate, source, shapes, expected_shapes={"y": (1, 8, 10, 10)})
+    assert loaded == [candidate]
+    loaded.clear()
+    validate(candidate, source, shapes, expected_shapes={"y": (1, 8, 5, 5)})  # a wrong analysis: the source decides
+    assert loaded == [candidate, source]
+    fewer_channels = conv_model(c_out=6)
+    fewer_channels.graph.output[0].CopyFrom(source.graph.output[0])
+    with pytest.raises(ValidationError, match="has shape"):
+        validate(fewer_channels, source, shapes, expected_shapes={"y": (1, 8, 10, 10)})
+    # the source failing on random inputs stays a DataError (the inputs are at fault), not exit 4
+    model = token_model(hidden=True)
+    tokens = {"input_ids": (1, 16), "token_type_ids": (1, 16)}
+    with pytest.raises(DataError, match="the original model does not run on random inputs"):
+        validate(model, model, tokens, expected_shapes={o.name: (1, 16, 8) for o in model.graph.output})
+
+
 def test_unwritable_outputs_are_usage_errors_found_before_any_work(tmp_path: Path) -> None:
     a_file = tmp_path / "notes.txt"
     a_file.write_text("x")
