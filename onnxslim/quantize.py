@@ -97,8 +97,8 @@ from onnxslim.quant_guard import (
     relative_errors,
     search_exclusions,
 )
+from onnxslim.runtime import cpu_session, physical_cores, session_options, time_interleaved
 from onnxslim.runtime import ort as _ort
-from onnxslim.runtime import physical_cores, session_options, time_interleaved
 
 __all__ = [
     "FORMATS",
@@ -426,9 +426,7 @@ def _default_opset(model: onnx.ModelProto) -> int:
 def _session(
     model: onnx.ModelProto | str, threads: int | None = None, level: str = "all", *, spinning: bool = True
 ) -> Any:
-    source = model if isinstance(model, str) else model.SerializeToString()
-    options = session_options(threads=threads, opt_level=level, spinning=spinning)
-    return _ort().InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return cpu_session(model, session_options(threads=threads, opt_level=level, spinning=spinning))
 
 
 def _upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:

@@ -13,6 +13,7 @@ from io_models import constant_weights_model, conv_model, ir3_model, make, paddl
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim import io as slim_io
+from onnxslim import serialize, validation
 from onnxslim.errors import (
     DataError,
     ModelLoadError,
@@ -317,8 +318,8 @@ def test_large_models_are_saved_loaded_checked_and_run_through_files(
 ) -> None:
     """Past protobuf's 2 GiB limit nothing may be serialized in memory: simulate the limit at 1 KiB, both
     onnxslim's and onnx.checker's (which refuses in-memory models over it)."""
-    monkeypatch.setattr(slim_io, "_PROTOBUF_LIMIT", 1024)
-    monkeypatch.setattr(slim_io, "_EXTERNAL_DATA_MARGIN", 0)
+    monkeypatch.setattr(serialize, "_PROTOBUF_LIMIT", 1024)
+    monkeypatch.setattr(serialize, "_EXTERNAL_DATA_MARGIN", 0)
     monkeypatch.setattr(onnx.checker, "MAXIMUM_PROTOBUF", 1024)
     model = conv_model(c_in=16, c_out=16)
     out = save_model(model, tmp_path / "big.onnx")
@@ -437,13 +438,13 @@ def test_known_output_shapes_spare_the_sources_session_but_never_the_verdict(mon
     source, candidate = conv_model(), conv_model()
     shapes = {"x": (1, 4, 10, 10)}
     loaded: list[onnx.ModelProto] = []
-    real_loadable = slim_io.loadable
+    real_loadable = validation.loadable
 
     def counting(model: onnx.ModelProto) -> object:
         loaded.append(model)
         return real_loadable(model)
 
-    monkeypatch.setattr(slim_io, "loadable", counting)
+    monkeypatch.setattr(validation, "loadable", counting)
     validate(candidate, source, shapes, expected_shapes={"y": (1, 8, 10, 10)})
     assert loaded == [candidate]
     loaded.clear()

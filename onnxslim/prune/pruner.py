@@ -61,7 +61,7 @@ from onnxslim.prune.recover import (
     recover_model,
 )
 from onnxslim.prune.rewrite import apply_plan_to_graph, kept_output_channels
-from onnxslim.runtime import session_options
+from onnxslim.runtime import cpu_session
 
 __all__ = [
     "BlockedGroup",
@@ -459,16 +459,11 @@ def measure(state: PruneState) -> None:
     """The whole pruned model against the original on held-out data, before and after recovery."""
     if state.calib is None or state.pruned is None or state.pruned is state.original:
         return
-    import onnxruntime
-
     assert state.unrecovered is not None
     description, batches = _held_out(state)
     models = [state.original, state.unrecovered, state.pruned]
     try:
-        sessions = [
-            onnxruntime.InferenceSession(m.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
-            for m in models
-        ]
+        sessions = [cpu_session(m) for m in models]
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise ValidationError(f"a pruned model does not load in onnxruntime: {first_line(e)}") from e
     names = [o.name for o in state.original.graph.output]
