@@ -4,7 +4,8 @@
 
 Builds a residual chain like an exported ResNet (tests/builders.py): blocks of Conv 3×3 → Relu → Conv 3×3 →
 Add(block input) → Relu on a [1, 16, 8, 8] input, a 1×1 Conv every 8 blocks starting a new residual group,
-so the number of channel groups grows with the number of nodes. The model is saved once per size; each
+so the number of channel groups grows with the number of nodes; channel 0 of every block's first Conv is
+dead (zero filter and bias), so `--lossless` removes one channel per block. The model is saved once per size; each
 operation then runs in a fresh process (`inspect_model`, `prune_model(ratio=0.3)`, `prune_model(lossless=True)`
 on the saved file, as the command line does, including the one validation) and reports its wall time, the
 part of it spent validating (two onnxruntime sessions, the original's and the pruned model's, whose creation
@@ -24,28 +25,40 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from tests.builders import ModelBuilder  # noqa: E402
 
 NODES_PER_BLOCK = 5  # Conv, Relu, Conv, Add, Relu
 BLOCKS_PER_STAGE = 8
 OPERATIONS = ("inspect", "prune --ratio 0.3", "prune --lossless")
 
 
-def build_chain(nodes: int, channels: int = 16, size: int = 8):  # -> onnx.ModelProto
+def build_chain(nodes: int, channels: int = 16, size: int = 8) -> onnx.ModelProto:
     """A residual chain of about `nodes` nodes (see the module docstring)."""
-    from tests.builders import ModelBuilder
-
     b = ModelBuilder((channels, size, size), seed=0)
     x = b.relu(b.conv(b.input, channels, 3))
-    block = 0
+    block, dead = 0, set()
     while len(b.nodes) + NODES_PER_BLOCK < nodes:
         if block and block % BLOCKS_PER_STAGE == 0:
             x = b.relu(b.conv(x, channels, 1))  # a new residual group
-        y = b.conv(b.relu(b.conv(x, channels, 3)), channels, 3)
+        hidden = b.conv(x, channels, 3)
+        dead.update(b.nodes[-1].input[1:3])  # its channel 0 is made dead below: --lossless has work to do
+        y = b.conv(b.relu(hidden), channels, 3)
         x = b.relu(b.op("Add", [y, x]))
         block += 1
-    return b.build(b.conv(x, 4, 1))
+    model = b.build(b.conv(x, 4, 1))
+    for tensor in model.graph.initializer:
+        if tensor.name in dead:
+            values = numpy_helper.to_array(tensor).copy()
+            values[0] = 0.0  # a zero filter and a zero bias: channel 0 is 0 after the Relu
+            tensor.CopyFrom(numpy_helper.from_array(values.astype(np.float32), tensor.name))
+    return model
 
 
 def run(operation: str, path: str) -> dict[str, float]:
@@ -81,8 +94,6 @@ def profile(nodes: int) -> None:
     import cProfile
     import pstats
 
-    import onnx
-
     with tempfile.TemporaryDirectory() as folder:
         path = str(Path(folder) / "chain.onnx")
         onnx.save(build_chain(nodes), path)
@@ -102,8 +113,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         profile(args.profile)
         return
-    import onnx
-
     sizes = args.nodes or [1000, 2000, 5000, 10000, 20000]
     header = f"{'nodes':>6} {'convs':>6}  " + "  ".join(f"{op:>30}" for op in OPERATIONS)
     print("wall s (of which onnxruntime validation) / peak resident MB; each in a fresh process")

@@ -13,6 +13,7 @@ rewrite on the physically pruned model, before the one validation.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -230,7 +231,8 @@ class PruneState:
 
     The model is imported once: `graph` (and `index`, its one GraphIndex) is the analysis graph that
     lossless search, statistics and scoring read; `compensate` and `rewrite` then edit that same graph in
-    place, so after `rewrite` it is the pruned graph (`original` stays the untouched model)."""
+    place, and `rewrite` consumes it (both are None afterwards, so that its weights do not stay in memory
+    beside the pruned model's): later steps read `pruned`. `original` is never changed."""
 
     options: PruneOptions
     original: onnx.ModelProto  # normalized; never changed
@@ -362,12 +364,15 @@ def rewrite(state: PruneState) -> None:
     if not state.plan.kept:
         state.pruned = state.original
         return
+    graph, state.graph, state.index = state.graph, None, None  # consumed: the pruned model is state.pruned
     try:
-        state.pruned = apply_plan_to_graph(state.graph, state.original, state.groups, state.plan)
+        state.pruned = apply_plan_to_graph(graph, state.original, state.groups, state.plan)
     except ValidationError:
         raise
     except (ValueError, IndexError, KeyError) as e:
         raise ValidationError(f"removing the planned channels failed: {type(e).__name__}: {e}") from e
+    del graph
+    gc.collect()  # the graph's nodes and tensors refer to each other: free its weights now, not after the run
 
 
 def _refit_nodes(state: PruneState) -> list[str]:
