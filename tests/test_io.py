@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from builders import constant_weights_model, conv_model, ir3_model, make, paddle_dims_model, token_model
 from conftest import LIGHT_DIR, load_light
-from io_models import constant_weights_model, conv_model, ir3_model, make, paddle_dims_model, token_model
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim import io as slim_io

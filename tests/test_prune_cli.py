@@ -7,9 +7,8 @@ from pathlib import Path
 
 import onnx
 import pytest
-from builders import ModelBuilder
+from builders import ModelBuilder, conv_integer_model
 from click.testing import CliRunner
-from io_models import conv_integer_model
 
 from onnxslim import prune_model
 from onnxslim.cli import cli

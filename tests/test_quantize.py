@@ -18,11 +18,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from builders import ModelBuilder
+from builders import ModelBuilder, transformer_classifier, yolo_head
 from click.testing import CliRunner
 from conftest import MODELS_DIR, load_light
 from onnx import numpy_helper
-from quant_models import transformer_classifier, yolo_head
 
 import onnxslim.quantize as quantize_module
 from onnxslim.calib import DataOptions, open_dataset
@@ -674,7 +673,7 @@ def _random_npz(path: Path, model: onnx.ModelProto, samples: int, seed: int = 0)
 
 
 def test_guard_keeps_the_harmful_nodes_of_a_transformer_in_fp32(tmp_path: Path) -> None:
-    """Conv stem, decomposed LayerNorms, Softmax attention, classifier (tests/quant_models.py): plain int8
+    """Conv stem, decomposed LayerNorms, Softmax attention, classifier (tests/builders.py): plain int8
     misses the default budget; the guard meets it with far from every quantizable node in fp32."""
     source = transformer_classifier()
     data = dataset(_random_npz(tmp_path / "t.npz", source, 48), source, batch=8)
