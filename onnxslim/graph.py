@@ -1,24 +1,20 @@
-"""Small helpers over onnx-graphsurgeon: import/export that keep the model's metadata, constants, attributes,
-and `GraphIndex`, the one index of a graph (node by name, topological position, tensor → producer and
-readers) that analysis, scoring, lossless search, planning and rewrite share instead of scanning the graph."""
+"""Helpers over onnx-graphsurgeon: export that keeps the model's metadata, `collector_paused` for
+whole-graph work, and `GraphIndex`, the one index of a graph (node by name, topological position, tensor →
+producer and readers) that the prune pipeline builds once and hands to lossless search, statistics, scoring
+and constant folding, instead of each scanning the graph."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
 from collections.abc import Iterable, Iterator
-from typing import Any
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-__all__ = ["GraphIndex", "collector_paused", "import_graph", "export_model", "constant_value", "attribute", "producer", "consumers", "opset_of"]
+__all__ = ["GraphIndex", "collector_paused", "export_model"]
 
 
-def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """The model as an onnx-graphsurgeon graph (initializers become gs.Constant)."""
-    return gs.import_onnx(model)
 
 
 def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
@@ -37,31 +33,14 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:
-    """The value of a constant tensor, or None for a variable (normalized models hold constants as initializers)."""
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    return None
 
 
-def attribute(node: gs.Node, name: str, default: Any = None) -> Any:
-    """An attribute of `node`, or `default` when absent."""
-    return node.attrs.get(name, default)
 
 
-def producer(tensor: gs.Tensor) -> gs.Node | None:
-    """The node that produces `tensor` (None for graph inputs and constants)."""
-    return tensor.inputs[0] if tensor.inputs else None
 
 
-def consumers(tensor: gs.Tensor) -> list[gs.Node]:
-    """The nodes that read `tensor`."""
-    return list(tensor.outputs)
 
 
-def opset_of(model: onnx.ModelProto) -> int:
-    """The model's ai.onnx opset version."""
-    return next(imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx"))
 
 
 class GraphIndex:

@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from conftest import MODELS_DIR, load_light
 from onnx import numpy_helper
 
+import onnxslim.quant_prepare as quant_prepare
 import onnxslim.quantize as quantize_module
 from onnxslim.calib import DataOptions, open_dataset
 from onnxslim.cli import cli
@@ -195,7 +196,7 @@ def test_a_failed_opset_upgrade_falls_back_to_per_tensor_with_a_warning(
     def refuse(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
         raise RuntimeError("converter says no")
 
-    monkeypatch.setattr(quantize_module, "_upgrade_opset", refuse)
+    monkeypatch.setattr(quant_prepare, "_upgrade_opset", refuse)
     source = cnn(opset=11)
     loaded = load_model(save(source, tmp_path / "old.onnx"))
     with caplog.at_level(logging.WARNING, logger="onnxslim"):
