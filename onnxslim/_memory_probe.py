@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from onnxslim.bench import OPT_LEVELS, session_options
+from onnxslim.runtime import OPT_LEVELS, session_options
 
 
 def _status_bytes(field: str) -> int | None:

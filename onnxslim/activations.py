@@ -25,9 +25,9 @@ import numpy as np
 import onnx
 import onnxruntime
 
-from onnxslim.bench import session_options
 from onnxslim.calib import Batch, Dataset
 from onnxslim.errors import DataError, first_line
+from onnxslim.runtime import session_options
 
 __all__ = ["ChannelStats", "channel_statistics", "StagedRunner", "Progress", "with_outputs"]
 

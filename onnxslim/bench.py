@@ -31,7 +31,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +53,9 @@ from onnxslim.metrics import (
     output_layout,
     select_output,
 )
+from onnxslim.runtime import OPT_LEVELS, physical_cores, session_options, time_interleaved  # re-exported
+from onnxslim.runtime import ort as _ort
+from onnxslim.runtime import resolve_provider as _resolve_provider
 
 __all__ = [
     "OPT_LEVELS",
@@ -72,7 +74,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-OPT_LEVELS = ("basic", "extended", "all")
 SPEEDUP_STATISTIC = "p50"
 _MEMORY_TIMEOUT_S = 600
 
@@ -185,22 +186,6 @@ class BenchResult:
     speedup_statistic: str = SPEEDUP_STATISTIC
 
 
-def physical_cores() -> int:
-    """Physical cores among the CPUs this process may run on (hyper-threads counted once)."""
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-    cores = set()
-    for cpu in cpus:
-        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        try:
-            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
-        except OSError:
-            return max(1, len(cpus))
-    return max(1, len(cores))
-
-
 def _display_names(paths: Sequence[Path]) -> list[str]:
     names = [p.name for p in paths]
     return names if len(set(names)) == len(names) else [str(p) for p in paths]
@@ -230,80 +215,6 @@ def _check_shapes_fit(loaded: LoadedModel, shapes: dict[str, tuple[int, ...]]) -
                     f"{loaded.path}: input {spec.name!r} is {spec.describe()}, but the data is fed at "
                     f"{list(shape)} (shaped by the first model); the models' input shapes must agree"
                 )
-
-
-def _ort() -> Any:
-    import onnxruntime as ort
-
-    return ort
-
-
-def _resolve_provider(name: str) -> str:
-    ort = _ort()
-    available = ort.get_available_providers()
-    for candidate in (name, f"{name}ExecutionProvider", f"{name.upper()}ExecutionProvider"):
-        if candidate in available:
-            return candidate
-    raise UsageError(f"provider {name!r} is not available in this onnxruntime; available: {available}")
-
-
-_ORT_LEVELS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
-
-
-def session_options(*, threads: int | None = None, opt_level: str = "all", spinning: bool = False) -> Any:
-    """onnxruntime SessionOptions as onnxslim runs and times models.
-
-    Sequential execution with `threads` intra-op threads (onnxruntime's default when None), and thread
-    spinning off unless asked: in an interleaved timing loop, the idle workers of one session otherwise
-    spin on the cores the next session needs (two identical models timed interleaved came out up to 30%
-    apart with spinning, within 1.5% without, on a 2-core machine).
-    """
-    ort = _ort()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[opt_level])
-    return options
-
-
-def time_interleaved(
-    sessions: Sequence[Any],
-    feeds: Sequence[Mapping[str, np.ndarray]],
-    *,
-    warmup: int,
-    keep_going: Callable[[int, float], bool],
-    clock: Callable[[], float] = time.perf_counter,
-    on_round: Callable[[int, float], None] | None = None,
-) -> list[list[float]]:
-    """Wall time (s) of every timed run of each session, measured so machine noise hits them alike.
-
-    `warmup` untimed runs each first; then rounds in which every session runs once on the same feeds
-    (cycling through `feeds` round by round), in alternating order so none always runs first, for as long
-    as `keep_going(rounds_done, seconds_spent)`. `on_round(rounds_done, seconds_spent)` after each round.
-    """
-    for run in range(warmup):
-        for session in sessions:
-            session.run(None, dict(feeds[run % len(feeds)]))
-    times: list[list[float]] = [[] for _ in sessions]
-    order = list(range(len(sessions)))
-    rounds, spent = 0, 0.0
-    while keep_going(rounds, spent):
-        round_feeds = dict(feeds[rounds % len(feeds)])
-        for index in order if rounds % 2 == 0 else order[::-1]:
-            start = clock()
-            sessions[index].run(None, round_feeds)
-            elapsed = clock() - start
-            times[index].append(elapsed)
-            spent += elapsed
-        rounds += 1
-        if on_round is not None:
-            on_round(rounds, spent)
-    return times
 
 
 def _session(path: Path, options: BenchOptions, threads: int, provider: str, *, profile_prefix: str | None = None) -> Any:

@@ -514,7 +514,10 @@ def prune(
     pruned = fix_input_shapes(result.model, result.analysis_shapes) if fix_shapes else result.model
     with staged_outputs() as stage:  # the model and its plan are written together or not at all
         feeds = next(iter(calib_data.batches())).feeds if calib_data is not None and not fix_shapes else None
-        write_validated(pruned, output, source=model, input_shapes=result.analysis_shapes, stage=stage, feeds=feeds)
+        write_validated(
+            pruned, output, source=model, input_shapes=result.analysis_shapes, stage=stage, feeds=feeds,
+            validated=result.validation,
+        )
         if plan_out is not None:
             save_plan(plan_out, result.plan, result.groups, result.model_sha256, plan_record(result), stage)
     verbose = ctx.obj["verbose"]
@@ -783,7 +786,10 @@ def quantize(
             progress=None if ctx.obj.get("quiet") else _progress_bars(stack),
         )
     feeds = next(iter(calib_data.batches())).feeds  # validate on the user's data, not random inputs
-    write_validated(result.model, output, source=model, input_shapes=calib_data.input_shapes, feeds=feeds)
+    write_validated(
+        result.model, output, source=model, input_shapes=calib_data.input_shapes, feeds=feeds,
+        validated=result.validation,
+    )
     if not result.quantized:
         logger.warning("%s; wrote the fp32 model to %s", result.reason, output)
     elif result.budget_check is not None and not result.budget_check.met:

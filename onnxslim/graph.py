@@ -1,19 +1,20 @@
-"""Small helpers over onnx-graphsurgeon: import/export that keep the model's metadata, constants, attributes."""
+"""Helpers over onnx-graphsurgeon: export that keeps the model's metadata, `collector_paused` for
+whole-graph work, and `GraphIndex`, the one index of a graph (node by name, topological position, tensor →
+producer and readers) that the prune pipeline builds once and hands to lossless search, statistics, scoring
+and constant folding, instead of each scanning the graph."""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import gc
+from collections.abc import Iterable, Iterator
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-__all__ = ["import_graph", "export_model", "constant_value", "attribute", "producer", "consumers", "opset_of"]
+__all__ = ["GraphIndex", "collector_paused", "export_model"]
 
 
-def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    """The model as an onnx-graphsurgeon graph (initializers become gs.Constant)."""
-    return gs.import_onnx(model)
 
 
 def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
@@ -32,28 +33,71 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:
-    """The value of a constant tensor, or None for a variable (normalized models hold constants as initializers)."""
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    return None
 
 
-def attribute(node: gs.Node, name: str, default: Any = None) -> Any:
-    """An attribute of `node`, or `default` when absent."""
-    return node.attrs.get(name, default)
 
 
-def producer(tensor: gs.Tensor) -> gs.Node | None:
-    """The node that produces `tensor` (None for graph inputs and constants)."""
-    return tensor.inputs[0] if tensor.inputs else None
 
 
-def consumers(tensor: gs.Tensor) -> list[gs.Node]:
-    """The nodes that read `tensor`."""
-    return list(tensor.outputs)
 
 
-def opset_of(model: onnx.ModelProto) -> int:
-    """The model's ai.onnx opset version."""
-    return next(imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx"))
+
+
+class GraphIndex:
+    """Built once per graph in one pass: nodes by name, their topological positions, every tensor's producer
+    and readers, the graph outputs. Lookups are O(1); it reflects the graph as it was when built (a rewrite
+    that adds or removes nodes builds a new one)."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.graph = graph
+        self.nodes: dict[str, gs.Node] = {}
+        self.position: dict[str, int] = {}
+        self.producers: dict[str, gs.Node] = {}
+        self.readers: dict[str, list[gs.Node]] = {}
+        for position, node in enumerate(graph.nodes):
+            self.nodes[node.name] = node
+            self.position[node.name] = position
+            for tensor in node.outputs:
+                self.producers[tensor.name] = node
+            for tensor in node.inputs:
+                if tensor.name:
+                    self.readers.setdefault(tensor.name, []).append(node)
+        self.outputs = frozenset(t.name for t in graph.outputs)
+
+    def node(self, name: str) -> gs.Node:
+        """The node named `name` (KeyError naming it when there is none)."""
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise KeyError(f"no node named {name!r}") from None
+
+    def producer(self, tensor: str) -> gs.Node | None:
+        """The node that writes tensor `tensor` (None for graph inputs and constants)."""
+        return self.producers.get(tensor)
+
+    def consumers(self, tensor: str) -> list[gs.Node]:
+        """The nodes that read tensor `tensor`, in topological order."""
+        return self.readers.get(tensor, [])
+
+    def producers_in_order(self, tensors: Iterable[str]) -> list[gs.Node]:
+        """The distinct nodes writing any of `tensors`, in topological order."""
+        found = {node.name: node for name in tensors if (node := self.producers.get(name)) is not None}
+        return sorted(found.values(), key=lambda node: self.position[node.name])
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause Python's cycle collector for a whole-graph computation, then restore it as it was.
+
+    Each full collection rescans every live object, and an imported graph is hundreds of thousands of them,
+    so collections triggered by the per-node work made analysing a graph of n nodes cost O(n²) (build_channel
+    _groups: 1.7 s at 10k nodes, 4.4 s at 20k; 0.7 s and 1.5 s paused). The garbage made meanwhile is
+    collected when the computation ends, by the next automatic collection.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

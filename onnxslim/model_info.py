@@ -13,6 +13,7 @@ import onnx
 from onnxslim.analysis.cost import ModelCost, compute_cost
 from onnxslim.analysis.groups import ChannelGroup, find_channel_groups
 from onnxslim.errors import UnsupportedModelError, UsageError
+from onnxslim.graph import collector_paused
 from onnxslim.io import (
     LoadedModel,
     WeightStorage,
@@ -133,4 +134,5 @@ def summarize_model(loaded: LoadedModel, input_shapes: Mapping[str | None, Seque
 
 def inspect_model(path: str | os.PathLike[str], input_shapes: Mapping[str | None, Sequence[int]] | None = None) -> ModelInfo:
     """Load `path` and summarize it: I/O, opsets, ops, where weights live, params and MACs per layer."""
-    return summarize_model(load_model(path), input_shapes)
+    with collector_paused():  # linear time on big graphs (graph.py)
+        return summarize_model(load_model(path), input_shapes)

@@ -48,6 +48,7 @@ __all__ = [
     "ExclusionSearch",
     "check_budget",
     "concat_range_offenders",
+    "nonfinite_offenders",
     "layer_norm_blocks",
     "node_errors",
     "rank_blocks",
@@ -148,6 +149,24 @@ class Block:
 
     nodes: tuple[str, ...]
     error: float
+
+
+def nonfinite_offenders(model: onnx.ModelProto, tensors: Sequence[str]) -> list[NodeError]:
+    """The nodes that make or read a tensor whose calibrated range is infinite: all of them stay fp32, so
+    no QuantizeLinear lands on it (excluding only the producer would still quantize it for its readers)."""
+    wanted = set(tensors)
+    offenders: dict[str, NodeError] = {}
+    for node in model.graph.node:
+        made = wanted.intersection(node.output)
+        read = wanted.intersection(node.input)
+        for tensor in sorted(made | read):
+            if node.name not in offenders:
+                offenders[node.name] = NodeError(
+                    node.name, node.op_type, None,
+                    f"{'makes' if tensor in made else 'reads'} {tensor!r}, whose calibrated range is infinite "
+                    "(e.g. an attention mask of float32-min)",
+                )
+    return list(offenders.values())
 
 
 def concat_range_offenders(

@@ -45,33 +45,29 @@ The steps, and why each one is here:
   runs on that set of nodes: only candidates that meet the budget can be kept.
 
 The library never prints: progress goes through an optional callback, results are dataclasses that
-`report.py` renders.
+`report.py` renders. The steps live by concern — `quant_config.py` (constants, options, results),
+`quant_prepare.py`, `quant_calibrate.py`, `quant_speed.py` — and this module, which quantizes with the
+ranges, measures fidelity and runs the whole command, re-exports their public names.
 """
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import io
 import logging
-import math
 import os
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 
 from onnxslim.activations import with_outputs
-from onnxslim.bench import physical_cores, session_options, time_interleaved
 from onnxslim.calib import Batch, Dataset
-from onnxslim.cpu import CpuChoice, CpuFeatures, choose_for_cpu, detect_cpu
-from onnxslim.errors import DataError, ModelLoadError, UnsupportedModelError, UsageError, first_line
-from onnxslim.io import LoadedModel, infer_tensor_infos, normalize_model, validate
+from onnxslim.cpu import choose_for_cpu, detect_cpu
+from onnxslim.errors import DataError, UnsupportedModelError, UsageError, first_line
+from onnxslim.io import LoadedModel, normalize_model, validate
 from onnxslim.metrics import (
     Accuracy,
     AccuracyMeter,
@@ -83,10 +79,34 @@ from onnxslim.metrics import (
     output_layout,
     select_output,
 )
+from onnxslim.quant_calibrate import _calibrated_tensors, _limited, _quiet_onnxruntime, calibrate
+from onnxslim.quant_config import (
+    _FORMAT_NAMES,
+    _METHOD_NAMES,
+    _ORT_METADATA,
+    _QUANT_TYPE_NAMES,
+    CALIBRATION_MEMORY,
+    COMPUTE_OP_TYPES,
+    FORMATS,
+    HOLDOUT_FRACTION,
+    INT8_TYPES,
+    METHODS,
+    MIN_QUANT_OPSET,
+    MIN_SPEEDUP,
+    PER_CHANNEL_OPSET,
+    QUANTIZED_OP_TYPES,
+    CalibrationSummary,
+    CandidateTiming,
+    MethodTrial,
+    PreparedModel,
+    ProgressCallback,
+    QuantConfig,
+    QuantizeOptions,
+    QuantizeResult,
+    SpeedDecision,
+    Timer,
+)
 from onnxslim.quant_guard import (
-    MAX_TRIALS,
-    RANGE_RATIO,
-    AccuracyBudget,
     BudgetCheck,
     ExclusionTrial,
     NodeError,
@@ -95,12 +115,28 @@ from onnxslim.quant_guard import (
     finish_errors,
     layer_norm_blocks,
     node_errors,
+    nonfinite_offenders,
     rank_blocks,
     relative_errors,
     search_exclusions,
 )
+from onnxslim.quant_prepare import (
+    _declare_like,
+    _default_opset,
+    _refuse_quantized,
+    _session,
+    _strip_unused_domains,
+    find_quantized_nodes,
+    prepare_model,
+)
+from onnxslim.quant_speed import alternatives, decide, measure_latencies, search_fastest
+from onnxslim.runtime import physical_cores
 
 __all__ = [
+    "CALIBRATION_MEMORY",
+    "HOLDOUT_FRACTION",
+    "MIN_QUANT_OPSET",
+    "PER_CHANNEL_OPSET",
     "FORMATS",
     "METHODS",
     "INT8_TYPES",
@@ -130,650 +166,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-FORMATS = ("qdq", "qoperator")
-METHODS = ("minmax", "entropy", "percentile")
-INT8_TYPES = ("u8", "s8")
-MIN_SPEEDUP = 1.05  # int8 must be at least 5 % faster than fp32 to be kept (see the module docstring)
-HOLDOUT_FRACTION = 0.2
-CALIBRATION_MEMORY = 256 * 2**20
-PER_CHANNEL_OPSET = 13  # DequantizeLinear's `axis` (per-channel weights in QDQ) needs opset 13
-MIN_QUANT_OPSET = 10  # QuantizeLinear/DequantizeLinear exist from opset 10
-
-# Ops that mean a model is already quantized: refused, never quantized twice.
-QUANTIZED_OP_TYPES = frozenset(
-    {
-        "QuantizeLinear",
-        "DequantizeLinear",
-        "DynamicQuantizeLinear",
-        "ConvInteger",
-        "MatMulInteger",
-        "QGemm",
-        "QAttention",
-        "DynamicQuantizeMatMul",
-        "DynamicQuantizeLSTM",
-        "MatMulIntegerToFloat",
-        "MatMulNBits",
-    }
-)
-# The compute ops: the "compute ops only" alternative quantizes these and nothing else.
-COMPUTE_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-_QUANT_TYPE_NAMES = {"u8": "QUInt8", "s8": "QInt8"}
-_METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
-_FORMAT_NAMES = {"qdq": "QDQ", "qoperator": "QOperator"}
-_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-_ORT_METADATA = ("onnx.infer", "onnx.quant.pre_process")
-
-
-# --------------------------------------------------------------------------------------------- options
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """One way to quantize: format, activation and weight types, weight granularity, which op types.
-
-    op_types None means every op type onnxruntime's quantizer handles; otherwise only these.
-    """
-
-    format: str = "qdq"
-    activations: str = "u8"
-    weights: str = "s8"
-    per_channel: bool = True
-    reduce_range: bool | None = None  # None: chosen for the CPU (see cpu.py)
-    op_types: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise UsageError(f"quantization format must be one of {list(FORMATS)}, not {self.format!r}")
-        for what, value in (("activations", self.activations), ("weights", self.weights)):
-            if value not in INT8_TYPES:
-                raise UsageError(f"{what} type must be one of {list(INT8_TYPES)}, not {value!r}")
-        if self.activations == "s8" and self.weights == "u8":
-            raise UsageError("s8 activations with u8 weights is not supported by onnxruntime; use --weights s8")
-
-    @property
-    def label(self) -> str:
-        """'qdq u8/s8 per-channel', '+ compute ops only' when op types are restricted."""
-        text = f"{self.format} {self.activations}/{self.weights} {'per-channel' if self.per_channel else 'per-tensor'}"
-        if self.reduce_range:
-            text += " reduce-range"
-        if self.op_types is not None:
-            text += " compute-ops-only" if set(self.op_types) == set(COMPUTE_OP_TYPES) else f" ops={','.join(self.op_types)}"
-        return text
-
-
-@dataclass(frozen=True)
-class QuantizeOptions:
-    """Everything `quantize_model` needs besides the model and the data.
-
-    exclude: node-name globs or op types (an entry equal to an op type in the model excludes every node of
-        that type) left in fp32.
-    force: keep the fastest int8 model even when no candidate is `min_speedup` faster than fp32.
-    threads: intra-op threads for the timing sessions (None: the physical cores available).
-    calibration_memory: bytes of intermediate outputs the calibrator may hold at once (see module docstring).
-    """
-
-    config: QuantConfig = field(default_factory=QuantConfig)
-    method: str = "minmax"
-    exclude: tuple[str, ...] = ()
-    force: bool = False
-    min_speedup: float = MIN_SPEEDUP
-    threads: int | None = None
-    holdout_fraction: float = HOLDOUT_FRACTION
-    calibration_memory: int = CALIBRATION_MEMORY
-    output: str | None = None  # the output fidelity and accuracy read; default the first
-    budget: AccuracyBudget = field(default_factory=AccuracyBudget)
-    max_trials: int = MAX_TRIALS  # trial quantizations the accuracy guard may run (0: only check the budget)
-    cpu: CpuFeatures | None = None  # None: detected from /proc/cpuinfo
-    range_ratio: float | None = RANGE_RATIO  # Concats whose inputs' ranges differ more stay fp32 (None: never)
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise UsageError(f"calibration method must be one of {list(METHODS)}, not {self.method!r}")
-        if self.min_speedup <= 0:
-            raise UsageError(f"min_speedup must be positive, not {self.min_speedup}")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"threads must be at least 1, not {self.threads}")
-        if not 0 <= self.holdout_fraction < 1:
-            raise UsageError(f"holdout fraction must be in [0, 1), not {self.holdout_fraction}")
-        if self.calibration_memory < 1:
-            raise UsageError("calibration memory must be positive")
-        if self.max_trials < 0:
-            raise UsageError(f"max trials must be 0 or more, not {self.max_trials}")
-
-
-# --------------------------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class CandidateTiming:
-    """One int8 candidate as measured: median latency next to fp32's from the same interleaved run.
-
-    On failure (the quantizer or onnxruntime refused it) the numbers are None and `error` says why.
-    """
-
-    config: QuantConfig
-    latency_ms: float | None
-    fp32_latency_ms: float | None
-    size_bytes: int | None = None
-    nodes_quantized: int | None = None
-    error: str | None = None
-    budget_met: bool | None = None  # None: not checked (counts as met)
-    score: float | None = None  # fidelity score on the held-out data, when checked
-
-    @property
-    def speedup(self) -> float | None:
-        if self.latency_ms is None or self.fp32_latency_ms is None or self.latency_ms <= 0:
-            return None
-        return self.fp32_latency_ms / self.latency_ms
-
-
-@dataclass(frozen=True)
-class SpeedDecision:
-    """What the speed guard chose: `chosen` is the int8 candidate to keep (None: keep fp32); `best` is the
-    fastest int8 candidate that ran (None when none did)."""
-
-    chosen: CandidateTiming | None
-    best: CandidateTiming | None
-    reason: str
-
-
-@dataclass(frozen=True)
-class CalibrationSummary:
-    """How calibration ran: the data used and the memory bound it kept."""
-
-    method: str
-    data: str
-    samples: int
-    batches: int
-    batch_size: int
-    tensors: int  # tensors whose ranges were calibrated
-    chunk_batches: int  # batches per collection call: the most the calibrator holds at once
-    bytes_per_batch: int  # intermediate outputs of one batch, over the calibrated tensors
-    memory_bound_bytes: int  # chunk_batches * bytes_per_batch
-    peak_held_batches: int  # the most batches the calibrator actually held (measured)
-    random: bool = False
-    infinite_ranges: tuple[str, ...] = ()  # tensors whose range is infinite: kept fp32 with their readers
-
-
-@dataclass(frozen=True)
-class PreparedModel:
-    """The fp32 model as the quantizer sees it: opset-upgraded, basic-optimized, shape-inferred."""
-
-    model: onnx.ModelProto
-    source_opset: int
-    opset: int
-    per_channel: bool  # False when per-channel was asked for but the opset upgrade failed
-    notes: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class QuantizeResult:
-    """The model to write and everything the report shows.
-
-    `model` is the int8 model when `quantized`, else the (normalized) fp32 model. The int8 fields
-    (`config`, `latency_int8_ms`, `size_int8`, `fidelity`, ...) describe the fastest int8 candidate even when
-    it was not kept, so the report can say what int8 would have cost and gained.
-    """
-
-    model: onnx.ModelProto
-    quantized: bool
-    forced: bool
-    reason: str
-    int8_model: onnx.ModelProto  # the fastest int8 candidate (== model when quantized)
-    config: QuantConfig | None
-    method: str
-    latency_fp32_ms: float | None
-    latency_int8_ms: float | None
-    speedup: float | None
-    size_fp32: int
-    size_int8: int | None
-    nodes_quantized: int | None
-    nodes_fp32: int | None
-    fidelity: Fidelity | None
-    fidelity_data: str
-    accuracy_fp32: Accuracy | None
-    accuracy_int8: Accuracy | None
-    output: str
-    calibration: CalibrationSummary
-    candidates: tuple[CandidateTiming, ...]
-    threads: int
-    timing_shapes: dict[str, tuple[int, ...]]
-    min_speedup: float
-    opset: tuple[int, int]  # (source, quantized model)
-    notes: tuple[str, ...] = ()
-    cpu: CpuChoice | None = None
-    budget: AccuracyBudget = field(default_factory=AccuracyBudget)
-    budget_check: BudgetCheck | None = None  # the reported int8 model against the budget
-    fp32_nodes: tuple[NodeError, ...] = ()  # nodes the guard (and --exclude) kept in fp32, and why
-    method_trials: tuple[MethodTrial, ...] = ()
-    exclusion_trials: tuple[ExclusionTrial, ...] = ()
-    max_trials: int = MAX_TRIALS
-
-    @property
-    def budget_met(self) -> bool | None:
-        return None if self.budget_check is None else self.budget_check.met
-
-    @property
-    def accuracy_delta(self) -> float | None:
-        """int8 top-1 minus fp32 top-1 (points as a fraction), when labels were given."""
-        if self.accuracy_fp32 is None or self.accuracy_int8 is None:
-            return None
-        return self.accuracy_int8.top1 - self.accuracy_fp32.top1
-
-    @property
-    def format(self) -> str | None:
-        return None if self.config is None else self.config.format
-
-    @property
-    def activations(self) -> str | None:
-        return None if self.config is None else self.config.activations
-
-
-@dataclass(frozen=True)
-class MethodTrial:
-    """One calibration method tried by the accuracy guard, with every node of the first trial quantized."""
-
-    method: str
-    check: BudgetCheck
-
-
-# Progress: (stage, done, total), e.g. ("calibrating", 12, 205). Stages: calibrating, quantizing, timing,
-# evaluating. `done` counts up to `total` within a stage.
-ProgressCallback = Callable[[str, int, int], None]
-# Timer: the models to time (config None is the fp32 reference, always first) and the feeds; returns the
-# median latency in ms of each, measured in one run.
-Timer = Callable[[Sequence[tuple["QuantConfig | None", onnx.ModelProto]], Mapping[str, np.ndarray]], Sequence[float]]
-
-
-# ------------------------------------------------------------------------------------ already quantized
-
-
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _all_nodes(sub)
-
-
-def find_quantized_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """Nodes that show the model is already quantized (QDQ pairs, QLinear*, integer convolutions ...)."""
-    return [n for n in _all_nodes(model.graph) if n.op_type in QUANTIZED_OP_TYPES or n.op_type.startswith("QLinear")]
-
-
-def _refuse_quantized(model: onnx.ModelProto) -> None:
-    found = find_quantized_nodes(model)
-    if found:
-        kinds = sorted({n.op_type for n in found})
-        raise UnsupportedModelError(
-            f"the model is already quantized: {len(found)} quantization node(s) ({', '.join(kinds)}; e.g. "
-            f"{found[0].name or found[0].op_type!r}). Quantize the fp32 model it came from instead."
-        )
-
-
-# --------------------------------------------------------------------------------------- pre-processing
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next(imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx"))
-
-
-def _ort() -> Any:
-    import onnxruntime as ort
-
-    return ort
-
-
-def _session(
-    model: onnx.ModelProto | str, threads: int | None = None, level: str = "all", *, spinning: bool = True
-) -> Any:
-    source = model if isinstance(model, str) else model.SerializeToString()
-    options = session_options(threads=threads, opt_level=level, spinning=spinning)
-    return _ort().InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
-def _upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
-    """The model converted to opset `target` and checked; raises on any failure."""
-    converted = onnx.version_converter.convert_version(model, target)
-    onnx.checker.check_model(converted)
-    return converted
-
-
-def _strip_unused_domains(model: onnx.ModelProto) -> None:
-    """onnxruntime's optimizer imports every domain it knows; keep the default and those nodes use."""
-    used = {n.domain or "" for n in _all_nodes(model.graph)} | {""}
-    kept = [imp for imp in model.opset_import if (imp.domain or "") in used or imp.domain == "ai.onnx"]
-    if len(kept) != len(model.opset_import):
-        del model.opset_import[:]
-        model.opset_import.extend(kept)
-
-
-def _basic_optimize(model: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
-    """onnxruntime's basic-level graph optimizations, saved: plain ONNX ops only, symbolic dims kept."""
-    options = session_options(opt_level="basic")
-    options.optimized_model_filepath = str(scratch / "basic.onnx")
-    try:
-        _ort().InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise UnsupportedModelError(f"onnxruntime cannot load the model, so it cannot quantize it: {first_line(e)}") from e
-    optimized = onnx.load_model(options.optimized_model_filepath)
-    _strip_unused_domains(optimized)
-    _declare_like(optimized, model)
-    optimized, _ = normalize_model(optimized)  # names the nodes the optimizer created without a name
-    return optimized
-
-
-def _declare_like(model: onnx.ModelProto, source: onnx.ModelProto) -> None:
-    """Give `model`'s graph inputs and outputs the declarations (types, symbolic dims) they have in `source`:
-    they are the model's contract, and optimizers, shape inference (which can make a Resize output's dims
-    concrete) and the quantizer must not change them. Applied after the optimizer and to every int8 candidate;
-    the prepared model in between only calibrates, at concrete shapes."""
-    for target, declared in ((model.graph.input, source.graph.input), (model.graph.output, source.graph.output)):
-        by_name = {v.name: v for v in declared}
-        for value in target:
-            if value.name in by_name:
-                value.CopyFrom(by_name[value.name])
-
-
-def _infer_types(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
-    """Symbolic shape inference, so every tensor has a type for the quantizer while dims stay symbolic.
-
-    Tensors onnx cannot type (custom ops, shapes computed at run time) get their element type and rank
-    from `io.infer_tensor_infos` at the calibration shapes, with every dim left unknown.
-    """
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
-    except Exception as e:  # noqa: BLE001 - onnx raises several types
-        logger.debug("onnx shape inference failed on the prepared model: %s", first_line(e))
-        inferred = model
-    graph = inferred.graph
-    typed = {v.name for v in [*graph.input, *graph.output, *graph.value_info] if v.type.tensor_type.elem_type}
-    typed |= {t.name for t in graph.initializer}
-    missing = [o for n in graph.node for o in n.output if o and o not in typed]
-    if missing:
-        infos = infer_tensor_infos(model, input_shapes)
-        for name in missing:
-            if name in infos:
-                info = infos[name]
-                graph.value_info.append(onnx.helper.make_tensor_value_info(name, info.elem_type, [None] * len(info.shape)))
-    return inferred
-
-
-def prepare_model(
-    model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]], *, per_channel: bool
-) -> PreparedModel:
-    """Pre-process a normalized fp32 model for calibration and quantization (see the module docstring)."""
-    _refuse_quantized(model)
-    notes: list[str] = []
-    source_opset = _default_opset(model)
-    want_per_channel = per_channel
-    if source_opset < PER_CHANNEL_OPSET and (per_channel or source_opset < MIN_QUANT_OPSET):
-        try:
-            model = _upgrade_opset(model, PER_CHANNEL_OPSET)
-            notes.append(f"opset upgraded from {source_opset} to {PER_CHANNEL_OPSET} for quantization")
-        except Exception as e:  # noqa: BLE001 - the converter raises many types; any failure means "cannot upgrade"
-            if source_opset < MIN_QUANT_OPSET:
-                raise UnsupportedModelError(
-                    f"opset {source_opset} has no QuantizeLinear/DequantizeLinear and upgrading the model to opset "
-                    f"{PER_CHANNEL_OPSET} failed ({first_line(e)}); re-export it with opset {PER_CHANNEL_OPSET} or newer"
-                ) from e
-            want_per_channel = False
-            message = (
-                f"per-channel weights need opset {PER_CHANNEL_OPSET} and upgrading from opset {source_opset} failed "
-                f"({first_line(e)}); quantizing weights per tensor instead"
-            )
-            logger.warning(message)
-            notes.append(message)
-    with tempfile.TemporaryDirectory(prefix="onnxslim-quant-") as scratch:
-        optimized = _basic_optimize(model, Path(scratch))
-    prepared = _infer_types(optimized, input_shapes)
-    return PreparedModel(prepared, source_opset, _default_opset(prepared), want_per_channel, tuple(notes))
-
-
-# ------------------------------------------------------------------------------------------ calibration
-
-
-@contextlib.contextmanager
-def _quiet_onnxruntime() -> Iterator[None]:
-    """onnxruntime's quantizer prints (histogram progress) and logs warnings on the root logger (a bogus
-    "please pre-process": we did). Keep stdout clean for --json and pass its messages on at debug level."""
-
-    class _Filter(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            if "onnxruntime" in record.pathname.replace(os.sep, "/"):
-                logger.debug("onnxruntime: %s", record.getMessage())
-                return False
-            return True
-
-    root = logging.getLogger()
-    quiet = _Filter()
-    root.addFilter(quiet)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        root.removeFilter(quiet)
-
-
-def _calibrated_tensors(model: onnx.ModelProto) -> set[str]:
-    """The tensors onnxruntime's calibrator collects for `model`: float inputs and outputs of every node."""
-    graph = model.graph
-    values = {v.name: v for v in [*graph.value_info, *graph.output, *graph.input]}
-    initializers = {t.name for t in graph.initializer}
-    names = set()
-    for node in graph.node:
-        for name in [*node.input, *node.output]:
-            value = values.get(name)
-            if value is not None and name not in initializers and value.type.tensor_type.elem_type in _FLOAT_TYPES:
-                names.add(name)
-    return names
-
-
-def _bytes_per_batch(
-    model: onnx.ModelProto, tensors: set[str], input_shapes: Mapping[str, Sequence[int]], method: str
-) -> int:
-    """What onnxruntime's calibrator keeps per batch until its collection call ends: for minmax a min and a
-    max per tensor (it reduces in the graph), for the histogram methods every calibrated tensor whole."""
-    if method == "minmax":
-        return max(1, 2 * 4 * len(tensors))
-    infos = infer_tensor_infos(model, input_shapes)
-    total = 0
-    for name in tensors:
-        info = infos.get(name)
-        if info is not None:
-            total += int(np.prod(info.shape, dtype=np.int64)) * info.dtype.itemsize
-    return max(total, 1)
-
-
-class _ChunkReader:
-    """A CalibrationDataReader over one chunk: up to `limit` batches of one feed shape, then None.
-
-    The histogram calibrators stack the outputs of one collection call, so a chunk never mixes batch
-    shapes (the last batch of a symbolic-batch dataset is smaller). Counts what the calibrator holds.
-    """
-
-    def __init__(self, batches: _Peekable, limit: int, on_batch: Callable[[Batch], None]) -> None:
-        self._batches, self._limit, self._on_batch = batches, limit, on_batch
-        self._shapes: dict[str, tuple[int, ...]] | None = None
-        self.held = 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.held >= self._limit:
-            return None
-        batch = self._batches.peek()
-        if batch is None:
-            return None
-        shapes = {name: array.shape for name, array in batch.feeds.items()}
-        if self._shapes is not None and shapes != self._shapes:
-            return None
-        self._shapes = shapes
-        self._batches.advance()
-        self.held += 1
-        self._on_batch(batch)
-        return batch.feeds
-
-
-class _Peekable:
-    def __init__(self, iterator: Iterator[Batch]) -> None:
-        self._iterator = iterator
-        self._next: Batch | None = None
-        self._done = False
-
-    def peek(self) -> Batch | None:
-        if self._next is None and not self._done:
-            self._next = next(self._iterator, None)
-            self._done = self._next is None
-        return self._next
-
-    def advance(self) -> None:
-        self._next = None
-
-
-def _limited(batches: Iterator[Batch], count: int) -> Iterator[Batch]:
-    for index, batch in enumerate(batches):
-        if index >= count:
-            return
-        yield batch
-
-
-def _create_calibrator(model_path: Path, method: str, scratch: Path) -> Any:
-    """onnxruntime's calibrator for `method`, with the settings `quantize_static` would give it, and a
-    session of ours (quiet logging)."""
-    from onnxruntime.quantization import calibrate as ort_calibrate
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
-
-    op_types = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))  # what quantize_static calibrates by default
-    augmented = str(scratch / "augmented.onnx")
-    if method == "minmax":
-        calibrator = ort_calibrate.MinMaxCalibrater(model_path, op_types, augmented)
-    elif method == "entropy":
-        calibrator = ort_calibrate.EntropyCalibrater(model_path, op_types, augmented)
-    else:
-        calibrator = ort_calibrate.PercentileCalibrater(model_path, op_types, augmented, num_bins=2048, symmetric=True)
-    calibrator.augment_graph()
-    calibrator.infer_session = _session(augmented, level="none")
-    return calibrator
-
-
-def calibrate(
-    prepared: onnx.ModelProto,
-    dataset: Dataset,
-    method: str = "minmax",
-    *,
-    batches: int | None = None,
-    memory: int = CALIBRATION_MEMORY,
-    cache_path: str | os.PathLike[str],
-    progress: ProgressCallback | None = None,
-) -> CalibrationSummary:
-    """Calibrate `prepared` on the first `batches` batches of `dataset` (all when None) in bounded memory
-    and write the ranges to `cache_path` (onnxruntime's calibration cache, read by `quantize_with_ranges`).
-
-    Raises DataError when onnxruntime cannot run a batch or a range comes out NaN or infinite.
-    """
-    total = dataset.num_batches if batches is None else min(batches, dataset.num_batches)
-    if total < 1:
-        raise DataError(f"{dataset.description}: no batches to calibrate on")
-    tensors = _calibrated_tensors(prepared)
-    per_batch = _bytes_per_batch(prepared, tensors, dataset.input_shapes, method)
-    chunk = max(1, memory // per_batch)
-    done = 0
-    peak = 0
-    samples = min(dataset.num_samples, total * dataset.batch_size)
-
-    def on_batch(batch: Batch) -> None:
-        nonlocal done
-        done += 1
-        for name, array in batch.feeds.items():
-            if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
-                raise DataError(
-                    f"{dataset.description}: calibration batch {done} holds NaN or infinite values in input "
-                    f"{name!r}; calibration data must be finite"
-                )
-        if progress is not None:
-            progress("calibrating", done, total)
-
-    with tempfile.TemporaryDirectory(prefix="onnxslim-calib-") as scratch, _quiet_onnxruntime():
-        model_path = Path(scratch) / "prepared.onnx"
-        onnx.save_model(prepared, str(model_path))
-        try:
-            calibrator = _create_calibrator(model_path, method, Path(scratch))
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise UnsupportedModelError(f"onnxruntime cannot prepare the model for calibration: {first_line(e)}") from e
-        source = _Peekable(_limited(dataset.batches(), total))
-        while source.peek() is not None:
-            first = source.peek()
-            assert first is not None
-            reader = _ChunkReader(source, chunk, on_batch)
-            try:
-                calibrator.collect_data(reader)
-            except DataError:
-                raise
-            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-                shapes = {name: list(array.shape) for name, array in first.feeds.items()}
-                raise DataError(
-                    f"{dataset.description}: onnxruntime failed to run calibration batch {done} (inputs {shapes}): "
-                    f"{first_line(e)}"
-                ) from e
-            peak = max(peak, reader.held)
-        try:
-            ranges = calibrator.compute_data()
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises anything from ValueError to AssertionError
-            raise UnsupportedModelError(f"onnxruntime's {method} calibrator failed: {first_line(e)}") from e
-        infinite = _check_ranges(ranges, dataset.description)
-        from onnxruntime.quantization.calibrate import save_tensors_data
-
-        save_tensors_data(ranges, cache_path)
-    return CalibrationSummary(
-        method=method, data=dataset.description, samples=samples, batches=total, batch_size=dataset.batch_size,
-        tensors=len(ranges.data), chunk_batches=chunk, bytes_per_batch=per_batch,
-        memory_bound_bytes=chunk * per_batch, peak_held_batches=peak, random=dataset.is_random,
-        infinite_ranges=infinite,
-    )
-
-
-def _check_ranges(ranges: Any, description: str) -> tuple[str, ...]:
-    """The tensors whose calibrated range is infinite, made finite in `ranges` (they stay fp32: see
-    `nonfinite_offenders`). A NaN range is refused: the data or the model is broken. Infinite ones are
-    normal in exports that add float32-min as an attention mask (Hugging Face BERT: scores + mask → Softmax)."""
-    infinite = []
-    for name, data in ranges.items():
-        low, high = (np.asarray(v) for v in data.range_value)
-        if np.any(np.isnan(low)) or np.any(np.isnan(high)):
-            raise DataError(
-                f"{description}: calibration gave tensor {name!r} a range of [{low}, {high}]: the data holds NaN "
-                "values, or the model produces them on it. Check the calibration data."
-            )
-        if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
-            infinite.append(name)
-            big = float(np.finfo(np.float32).max) / 4
-            data.lowest = np.nan_to_num(low, neginf=-big, posinf=big).astype(low.dtype)
-            data.highest = np.nan_to_num(high, neginf=-big, posinf=big).astype(high.dtype)
-    if infinite:
-        logger.info("calibrated ranges are infinite for %d tensor(s) (%s): they stay fp32", len(infinite), infinite[:3])
-    return tuple(infinite)
-
-
-def nonfinite_offenders(model: onnx.ModelProto, tensors: Sequence[str]) -> list[NodeError]:
-    """The nodes that make or read a tensor whose calibrated range is infinite: all of them stay fp32, so
-    no QuantizeLinear lands on it (excluding only the producer would still quantize it for its readers)."""
-    wanted = set(tensors)
-    offenders: dict[str, NodeError] = {}
-    for node in model.graph.node:
-        made = wanted.intersection(node.output)
-        read = wanted.intersection(node.input)
-        for tensor in sorted(made | read):
-            if node.name not in offenders:
-                offenders[node.name] = NodeError(
-                    node.name, node.op_type, None,
-                    f"{'makes' if tensor in made else 'reads'} {tensor!r}, whose calibrated range is infinite "
-                    "(e.g. an attention mask of float32-min)",
-                )
-    return list(offenders.values())
 
 
 # ---------------------------------------------------------------------------------------- quantization
@@ -857,161 +249,6 @@ def count_quantized_nodes(
         elif any(i.endswith("_quantized") for i in twin.input):
             quantized += 1
     return quantized, len(fp32.graph.node) - quantized
-
-
-# ------------------------------------------------------------------------------------------ speed guard
-
-
-def alternatives(config: QuantConfig, *, per_channel_possible: bool = True) -> list[tuple[str, QuantConfig]]:
-    """The one-change alternatives to `config`, in the order the speed guard tries them.
-
-    1. the other activation type (s8 activations take s8 weights);
-    2. the other format;
-    3. per-tensor weights (when per-channel);
-    4. only the compute ops quantized (when every op type was).
-    """
-    steps: list[tuple[str, QuantConfig]] = []
-    flipped = "s8" if config.activations == "u8" else "u8"
-    steps.append(("activations", replace(config, activations=flipped, weights="s8" if flipped == "s8" else config.weights)))
-    steps.append(("format", replace(config, format="qoperator" if config.format == "qdq" else "qdq")))
-    if config.per_channel and per_channel_possible:
-        steps.append(("per-tensor", replace(config, per_channel=False)))
-    if config.op_types is None:
-        steps.append(("compute-ops-only", replace(config, op_types=COMPUTE_OP_TYPES)))
-    return steps
-
-
-def decide(
-    candidates: Sequence[CandidateTiming],
-    *,
-    min_speedup: float = MIN_SPEEDUP,
-    force: bool = False,
-    tried: int | None = None,
-) -> SpeedDecision:
-    """Pure: keep the fastest candidate that meets the accuracy budget if it is at least `min_speedup`
-    faster than fp32, or if `force`. Candidates whose `budget_met` is False are never kept unless `force`
-    and none meets it (then the most faithful one is).
-
-    `tried` is how many variants were tried in all, for the message (default: the candidates given).
-    """
-    ran = [c for c in candidates if c.speedup is not None]
-    if not ran:
-        failures = "; ".join(dict.fromkeys(c.error for c in candidates if c.error)) or "no candidate was measured"
-        return SpeedDecision(None, None, f"no int8 model could be built: {failures}")
-    meeting = [c for c in ran if c.budget_met is not False]
-    if not meeting:
-        closest = max(ran, key=lambda c: (c.score if c.score is not None else -math.inf, c.speedup or 0.0))
-        if force:
-            return SpeedDecision(
-                closest, closest,
-                f"--force: keeping int8 ({closest.config.label}) although no int8 variant meets the accuracy budget",
-            )
-        return SpeedDecision(
-            None, closest,
-            f"no int8 variant tried meets the accuracy budget (the closest, {closest.config.label}, has fidelity "
-            f"{closest.score if closest.score is not None else float('nan'):.4f}); keeping the fp32 model",
-        )
-    best = max(meeting, key=lambda c: c.speedup or 0.0)
-    speedup = best.speedup or 0.0
-    if speedup >= min_speedup:
-        return SpeedDecision(best, best, f"int8 ({best.config.label}) is {speedup:.2f}x as fast as fp32")
-    if force:
-        return SpeedDecision(
-            best, best,
-            f"--force: keeping int8 ({best.config.label}) although it is {speedup:.2f}x as fast as fp32 "
-            f"(needs {min_speedup:.2f}x)",
-        )
-    return SpeedDecision(
-        None, best,
-        f"int8 is not faster than fp32 on this machine: the fastest of {tried or len(ran)} int8 variant(s) tried "
-        f"({best.config.label}) is {speedup:.2f}x as fast (needs {min_speedup:.2f}x); keeping the fp32 model",
-    )
-
-
-def search_fastest(
-    requested: QuantConfig,
-    measure: Callable[[Sequence[QuantConfig]], Sequence[CandidateTiming]],
-    *,
-    per_channel_possible: bool = True,
-    min_speedup: float = MIN_SPEEDUP,
-    force: bool = False,
-) -> tuple[SpeedDecision, tuple[CandidateTiming, ...]]:
-    """The speed guard's search. `measure(configs)` builds the configs and times them with fp32 in one run.
-
-    The requested config is measured first and kept if `min_speedup` faster. Otherwise each kind of change
-    (see `alternatives`), applied to the best config so far, is measured beside it in one run and replaces
-    it when faster; the decision is then made on the best. Returns the decision and every candidate with
-    its latest timing, in the order first tried.
-    """
-    latest: dict[QuantConfig, CandidateTiming] = {}
-
-    def run(configs: Sequence[QuantConfig]) -> list[CandidateTiming]:
-        timings = list(measure(configs))
-        for timing in timings:
-            latest[timing.config] = timing
-        return timings
-
-    (first,) = run([requested])
-    if first.speedup is not None and first.speedup >= min_speedup and first.budget_met is not False:
-        return decide([first], min_speedup=min_speedup), tuple(latest.values())
-    best = first
-    tried = {requested}
-    for kind, _ in alternatives(requested, per_channel_possible=per_channel_possible):
-        # the same kind of change, applied to the best configuration so far
-        step = dict(alternatives(best.config, per_channel_possible=per_channel_possible)).get(kind)
-        if step is None or step in tried:
-            continue
-        tried.add(step)
-        pair = run([best.config, step] if best.speedup is not None else [step])
-        timed = {t.config: t for t in pair}
-        best = timed.get(best.config, best)
-        challenger = timed[step]
-        if challenger.budget_met is False:
-            continue  # never the base of further changes: it loses accuracy the budget does not allow
-        if challenger.speedup is not None and (
-            best.speedup is None or best.budget_met is False or challenger.speedup > best.speedup
-        ):
-            best = challenger
-    # The winner of the head-to-head comparisons (each made within one run), not the largest ratio seen
-    # across runs: ratios from different runs carry different noise.
-    finalists = [best] if best.speedup is not None else list(latest.values())
-    decision = decide(finalists, min_speedup=min_speedup, force=force, tried=len(latest))
-    return decision, tuple(latest.values())
-
-
-def measure_latencies(
-    models: Sequence[onnx.ModelProto],
-    feeds: Mapping[str, np.ndarray],
-    *,
-    threads: int,
-    warmup: int = 3,
-    min_rounds: int = 15,
-    max_rounds: int = 200,
-    budget_s: float = 4.0,
-    clock: Callable[[], float] = time.perf_counter,
-    progress: ProgressCallback | None = None,
-    spinning: bool = False,
-) -> list[float]:
-    """Median latency in ms of each model: one onnxruntime session each (same threads, all optimizations,
-    no thread spinning unless `spinning`), the same feeds, runs interleaved round by round (order
-    alternating), `min_rounds` to `max_rounds` rounds within about `budget_s` seconds of timed runs."""
-    sessions = []
-    for model in models:
-        try:
-            sessions.append(_session(model, threads, spinning=spinning))
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-            raise ModelLoadError(f"onnxruntime cannot load a model to time: {first_line(e)}") from e
-
-    def report(rounds: int, spent: float) -> None:
-        if progress is not None:
-            expected = math.ceil(budget_s / (spent / rounds)) if spent > 0 else max_rounds
-            progress("timing", rounds, max(rounds, min(max_rounds, max(min_rounds, expected))))
-
-    times = time_interleaved(
-        sessions, [feeds], warmup=warmup, clock=clock, on_round=report,
-        keep_going=lambda rounds, spent: rounds < max_rounds and (rounds < min_rounds or spent < budget_s),
-    )
-    return [float(np.median(t)) * 1e3 for t in times]
 
 
 # ------------------------------------------------------------------------------------------- fidelity
@@ -1295,8 +532,6 @@ def _consumer_view(int8: onnx.ModelProto, tensors: Sequence[str]) -> dict[str, s
     return view
 
 
-
-
 def measure_tensor_errors(
     prepared: onnx.ModelProto, int8_qdq: onnx.ModelProto, batches: Iterator[Batch], *, threads: int
 ) -> dict[str, float]:
@@ -1489,8 +724,7 @@ def quantize_model(
         raise UnsupportedModelError(decision.reason)
     int8 = candidates.built[best.config]
     assert isinstance(int8, onnx.ModelProto)
-    if decision.chosen is not None:
-        validate(int8, source, shapes, feeds=feeds)
+    validation = validate(int8, source, shapes, feeds=feeds) if decision.chosen is not None else None
     fidelity, accuracy_fp32, accuracy_int8, budget_check = evaluated[(best.config, method, tuple(excluded))]
     if evaluator.note:
         notes.append(evaluator.note)
@@ -1535,4 +769,5 @@ def quantize_model(
         method_trials=tuple(method_trials),
         exclusion_trials=exclusion_trials,
         max_trials=options.max_trials,
+        validation=validation,
     )

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from conftest import MODELS_DIR
-from data_models import (
+from builders import (
     CLASSES,
     classification_npz,
     int_input_model,
@@ -17,6 +15,8 @@ from data_models import (
     scaled_classifier,
     two_output_classifier,
 )
+from click.testing import CliRunner
+from conftest import MODELS_DIR
 
 from onnxslim.bench import BenchOptions, benchmark, parse_profile, physical_cores
 from onnxslim.calib import DataOptions
@@ -303,7 +303,7 @@ def test_markdown_into_a_missing_folder_is_refused_before_any_work(tmp_path: Pat
 
 
 def test_labels_on_a_non_classifier_are_ignored_with_a_note(tmp_path: Path) -> None:
-    from io_models import conv_model  # output [1, 8, 10, 10]: a feature map, not class scores
+    from builders import conv_model  # output [1, 8, 10, 10]: a feature map, not class scores
 
     path = save(conv_model(), tmp_path / "detector.onnx")
     rng = np.random.default_rng(0)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from builders import CLASSES, image_model, int_input_model, scaled_classifier, two_input_model
 from conftest import MODELS_DIR
-from data_models import CLASSES, image_model, int_input_model, scaled_classifier, two_input_model
 from PIL import Image
 
 import onnxslim.calib as calib

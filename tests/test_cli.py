@@ -7,9 +7,9 @@ from pathlib import Path
 
 import onnx
 import pytest
+from builders import constant_weights_model, conv_model
 from click.testing import CliRunner
 from conftest import LIGHT_DIR, MODELS_DIR
-from io_models import constant_weights_model, conv_model
 from test_prune_light import EXPECTED as LIGHT_GROUPS
 
 from models.build import BUILDERS, write_models
@@ -123,7 +123,7 @@ def test_symbolic_dims_without_shapes_name_the_input(tmp_path: Path) -> None:
 def test_no_user_or_environment_problem_reaches_exit_4(tmp_path: Path) -> None:
     """The bad-input corpus and the real-export cases of issue 15, through every command that can meet
     them: exit 1 (model or data) or 2 (usage, output path), with a one-line reason and nothing written."""
-    from io_models import conv_integer_model, paddle_dims_model, token_model
+    from builders import conv_integer_model, paddle_dims_model, token_model
 
     text, empty, model = tmp_path / "notes.txt", tmp_path / "empty.onnx", tmp_path / "m.onnx"
     text.write_text("not a model\n")

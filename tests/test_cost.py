@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import onnx
 import pytest
-from builders import ModelBuilder
-from conftest import load_light
-from io_models import (
+from builders import (
+    ModelBuilder,
     conv_integer_model,
     conv_model,
     conv_transpose_model,
@@ -14,6 +13,7 @@ from io_models import (
     gemm_model,
     matmul_model,
 )
+from conftest import load_light
 
 from onnxslim.analysis.cost import compute_cost
 from onnxslim.io import infer_tensor_infos, resolve_input_shapes

@@ -8,11 +8,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from builders import constant_weights_model, conv_model, ir3_model, make, paddle_dims_model, token_model
 from conftest import LIGHT_DIR, load_light
-from io_models import constant_weights_model, conv_model, ir3_model, make, paddle_dims_model, token_model
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim import io as slim_io
+from onnxslim import serialize, validation
 from onnxslim.errors import (
     DataError,
     ModelLoadError,
@@ -34,6 +35,7 @@ from onnxslim.io import (
     save_text,
     staged_outputs,
     validate,
+    write_validated,
 )
 
 
@@ -316,8 +318,8 @@ def test_large_models_are_saved_loaded_checked_and_run_through_files(
 ) -> None:
     """Past protobuf's 2 GiB limit nothing may be serialized in memory: simulate the limit at 1 KiB, both
     onnxslim's and onnx.checker's (which refuses in-memory models over it)."""
-    monkeypatch.setattr(slim_io, "_PROTOBUF_LIMIT", 1024)
-    monkeypatch.setattr(slim_io, "_EXTERNAL_DATA_MARGIN", 0)
+    monkeypatch.setattr(serialize, "_PROTOBUF_LIMIT", 1024)
+    monkeypatch.setattr(serialize, "_EXTERNAL_DATA_MARGIN", 0)
     monkeypatch.setattr(onnx.checker, "MAXIMUM_PROTOBUF", 1024)
     model = conv_model(c_in=16, c_out=16)
     out = save_model(model, tmp_path / "big.onnx")
@@ -369,6 +371,37 @@ def test_validate_accepts_an_equivalent_model_and_rejects_broken_contracts() -> 
         validate(broken, source, shapes)
 
 
+def test_write_validated_trusts_a_validation_record_only_for_the_very_model_it_proved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validate once: a record from `validate` of this model (same source contract, shapes and inputs) saves the
+    second onnxruntime run; other inputs, another model or a model edited since are validated again."""
+    source = save(conv_model(), tmp_path / "source.onnx")
+    shapes = {"x": (1, 4, 10, 10)}
+    candidate = conv_model()
+    record = validate(candidate, conv_model(), shapes)
+    runs: list[onnx.ModelProto] = []
+    real_validate = slim_io.validate
+
+    def counting(model: onnx.ModelProto, *args: object, **kwargs: object) -> object:
+        runs.append(model)
+        return real_validate(model, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(slim_io, "validate", counting)
+    write_validated(candidate, tmp_path / "a.onnx", source=source, input_shapes=shapes, validated=record)
+    assert runs == [] and (tmp_path / "a.onnx").exists()
+    feeds = {"x": np.ones((1, 4, 10, 10), np.float32)}
+    write_validated(candidate, tmp_path / "b.onnx", source=source, input_shapes=shapes, feeds=feeds, validated=record)
+    assert len(runs) == 1  # on the user's data, not the random inputs it was proved on: validated again
+    other = conv_model()
+    write_validated(other, tmp_path / "c.onnx", source=source, input_shapes=shapes, validated=record)
+    assert len(runs) == 2 and runs[-1] is other  # another model object: validated again
+    candidate.graph.node[0].input[1] = "missing_weight"  # edited after it was validated
+    with pytest.raises(ValidationError):
+        write_validated(candidate, tmp_path / "d.onnx", source=source, input_shapes=shapes, validated=record)
+    assert not (tmp_path / "d.onnx").exists()
+
+
 # ------------------------------------------------------------------------- validation inputs and outputs
 
 
@@ -397,6 +430,35 @@ def test_original_failing_on_random_inputs_is_a_data_error_and_user_data_validat
     broken.graph.node[-1].input[1] = "words"  # MatMul [1, 16, 8] x [30, 8]
     with pytest.raises(ValidationError):
         validate(broken, model, shapes, feeds=good)
+
+
+def test_known_output_shapes_spare_the_sources_session_but_never_the_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the source's output shapes known (the pruner's analysis), only the candidate is run; when the
+    candidate fails or disagrees, the source is run after all, so the verdict is the full check's."""
+    source, candidate = conv_model(), conv_model()
+    shapes = {"x": (1, 4, 10, 10)}
+    loaded: list[onnx.ModelProto] = []
+    real_loadable = validation.loadable
+
+    def counting(model: onnx.ModelProto) -> object:
+        loaded.append(model)
+        return real_loadable(model)
+
+    monkeypatch.setattr(validation, "loadable", counting)
+    validate(candidate, source, shapes, expected_shapes={"y": (1, 8, 10, 10)})
+    assert loaded == [candidate]
+    loaded.clear()
+    validate(candidate, source, shapes, expected_shapes={"y": (1, 8, 5, 5)})  # a wrong analysis: the source decides
+    assert loaded == [candidate, source]
+    fewer_channels = conv_model(c_out=6)
+    fewer_channels.graph.output[0].CopyFrom(source.graph.output[0])
+    with pytest.raises(ValidationError, match="has shape"):
+        validate(fewer_channels, source, shapes, expected_shapes={"y": (1, 8, 10, 10)})
+    # the source failing on random inputs stays a DataError (the inputs are at fault), not exit 4
+    model = token_model(hidden=True)
+    tokens = {"input_ids": (1, 16), "token_type_ids": (1, 16)}
+    with pytest.raises(DataError, match="the original model does not run on random inputs"):
+        validate(model, model, tokens, expected_shapes={o.name: (1, 16, 8) for o in model.graph.output})
 
 
 def test_unwritable_outputs_are_usage_errors_found_before_any_work(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from numpy import testing as npt
 from onnx import numpy_helper
 from oracle import run_model
 
+from onnxslim.analysis.groups import find_channel_groups
 from onnxslim.io import normalize_model, random_inputs
 from onnxslim.prune import PruneResult, prune_model
 from onnxslim.prune.lossless import find_lossless_channels
@@ -147,3 +148,30 @@ def test_groups_of_grouped_convs_are_left_alone_and_said_so() -> None:
     grouped = next(g for g in result.groups if g.blocks == 4 and any(s.blocks == 4 for s in g.sources))
     assert not result.plan.changes(grouped) and "grouped convs" in result.left_alone[grouped.id]
     assert result.lossless_removed == 0
+
+
+def test_the_search_visits_only_the_nodes_writing_each_groups_members(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linear time: every group looks at its own members' producers, never at the whole graph (the search
+    visited every node once per group, 35 s on a 10k-node chain), and it still finds the planted channel."""
+    from onnxslim.prune import lossless
+
+    b = ModelBuilder((4, 6, 6))
+    x = b.relu(b.conv(b.input, 4, 3))
+    for _ in range(12):
+        x = b.relu(b.conv(x, 4, 3))
+    model = normalize_model(plant(b.build(b.conv(x, 2)), conv=5, channels=[1]))[0]
+    graph = gs.import_onnx(model)
+    visits: list[str] = []
+    real_visit = lossless._GroupValues.visit
+
+    def counting(self: object, node: gs.Node) -> None:
+        visits.append(node.name)
+        real_visit(self, node)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lossless._GroupValues, "visit", counting)
+    groups = find_channel_groups(model, {"input": (1, 4, 6, 6)})
+    found = find_lossless_channels(graph, groups)
+    prunable = [g for g in groups if g.prunable]
+    members = sum(len({m.tensor for m in g.members}) for g in prunable)
+    assert len(prunable) == 13 and len(visits) <= members < len(graph.nodes) * len(prunable) / 4
+    assert list(found.dead.values()) == [(1,)]

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from data_models import two_output_classifier
+from builders import two_output_classifier
 
 from onnxslim.errors import DataError, UsageError
 from onnxslim.metrics import (
@@ -133,7 +133,7 @@ def test_select_output() -> None:
 def test_a_sequence_first_output_is_compared_on_every_timestep() -> None:
     """Issue 15: a CTC recognizer's [T, 1, C] output, declared [1, seqlen]: the batch axis is found by
     probing (axis 1), and top-1 agreement counts every timestep, not timestep 0 only."""
-    from quant_models import ctc_head
+    from builders import ctc_head
 
     model = ctc_head(steps=12, classes=7)
     output = model.graph.output[0].name
@@ -165,7 +165,7 @@ def test_a_collapsed_channel_fails_the_worst_channel_cosine() -> None:
 
 
 def test_layouts_of_heads_without_classes() -> None:
-    from quant_models import ctc_head, yolo_head
+    from builders import ctc_head, yolo_head
 
     model = yolo_head()
     output = model.graph.output[0].name

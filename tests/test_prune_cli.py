@@ -7,9 +7,8 @@ from pathlib import Path
 
 import onnx
 import pytest
-from builders import ModelBuilder
+from builders import ModelBuilder, conv_integer_model
 from click.testing import CliRunner
-from io_models import conv_integer_model
 
 from onnxslim import prune_model
 from onnxslim.cli import cli
@@ -317,3 +316,42 @@ def test_data_options_without_calibration_data_are_usage_errors(extra: list[str]
     out = tmp_path / "pruned.onnx"
     result = CliRunner().invoke(cli, ["prune", str(MODELS / "mnist_resnet.onnx"), "-o", str(out), "--ratio", "0.3", *extra])
     assert result.exit_code == 2 and "--calib" in result.output and not out.exists()
+
+
+def test_one_graph_import_and_one_validation_per_prune(
+    model_with_blocker: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model is imported into onnx-graphsurgeon once, and the written model is validated once: by the
+    library, whose record `write_validated` accepts, not again before writing."""
+    import onnx_graphsurgeon as gs
+
+    from onnxslim import io as slim_io
+    from onnxslim.prune import pruner
+
+    imports: list[object] = []
+    validations: list[object] = []
+    real_import, real_validate = gs.import_onnx, pruner.validate
+
+    def count_import(model: onnx.ModelProto) -> object:
+        imports.append(model)
+        return real_import(model)
+
+    def count_validate(*args: object, **kwargs: object) -> object:
+        validations.append(args[0])
+        return real_validate(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gs, "import_onnx", count_import)
+    monkeypatch.setattr(pruner, "validate", count_validate)
+    monkeypatch.setattr(slim_io, "validate", count_validate)
+    out = tmp_path / "pruned.onnx"
+    result = CliRunner().invoke(cli, ["prune", str(model_with_blocker), "-o", str(out), "--ratio", "0.5", *UNROUNDED])
+    assert result.exit_code == 0, result.output
+    assert len(imports) == 1 and len(validations) == 1
+    assert onnx.load(out).graph.node  # written
+    # a model the command changes after the library validated it (--fix-shapes) is validated again
+    validations.clear()
+    fixed = CliRunner().invoke(
+        cli, ["prune", str(model_with_blocker), "-o", str(out), "--ratio", "0.5", *UNROUNDED, "--fix-shapes"]
+    )
+    assert fixed.exit_code == 0, fixed.output
+    assert len(validations) == 2

@@ -12,7 +12,7 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
-from conftest import load_light
+from conftest import light_param, load_light
 from oracle import check_prune
 
 from onnxslim.prune import PruneResult
@@ -65,10 +65,10 @@ def _reasons(result: PruneResult) -> dict[str, int]:
     return dict(Counter(group.blocked_by.reason for group in result.groups if group.blocked_by is not None))
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", [light_param(f"light_{name}.onnx") for name in sorted(EXPECTED)], ids=sorted(EXPECTED))
 def test_light_model_prunes_at_0_3_with_the_oracle_holding(name: str) -> None:
-    groups, prunable, reasons = EXPECTED[name]
-    model = randomized_logits_model(load_light(f"light_{name}.onnx").model)
+    groups, prunable, reasons = EXPECTED[name.removeprefix("light_").removesuffix(".onnx")]
+    model = randomized_logits_model(load_light(name).model)
     result = check_prune(model, ratio=0.3, rel=1e-3, expect_pruned=prunable > 0)
     assert (len(result.groups), result.prunable_groups) == (groups, prunable)
     assert _reasons(result) == reasons

@@ -18,12 +18,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from builders import ModelBuilder
+from builders import ModelBuilder, transformer_classifier, yolo_head
 from click.testing import CliRunner
 from conftest import MODELS_DIR, load_light
 from onnx import numpy_helper
-from quant_models import transformer_classifier, yolo_head
 
+import onnxslim.quant_prepare as quant_prepare
 import onnxslim.quantize as quantize_module
 from onnxslim.calib import DataOptions, open_dataset
 from onnxslim.cli import cli
@@ -196,7 +196,7 @@ def test_a_failed_opset_upgrade_falls_back_to_per_tensor_with_a_warning(
     def refuse(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
         raise RuntimeError("converter says no")
 
-    monkeypatch.setattr(quantize_module, "_upgrade_opset", refuse)
+    monkeypatch.setattr(quant_prepare, "_upgrade_opset", refuse)
     source = cnn(opset=11)
     loaded = load_model(save(source, tmp_path / "old.onnx"))
     with caplog.at_level(logging.WARNING, logger="onnxslim"):
@@ -707,7 +707,7 @@ def _random_npz(path: Path, model: onnx.ModelProto, samples: int, seed: int = 0)
 
 
 def test_guard_keeps_the_harmful_nodes_of_a_transformer_in_fp32(tmp_path: Path) -> None:
-    """Conv stem, decomposed LayerNorms, Softmax attention, classifier (tests/quant_models.py): plain int8
+    """Conv stem, decomposed LayerNorms, Softmax attention, classifier (tests/builders.py): plain int8
     misses the default budget; the guard meets it with far from every quantizable node in fp32."""
     source = transformer_classifier()
     data = dataset(_random_npz(tmp_path / "t.npz", source, 48), source, batch=8)

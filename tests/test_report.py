@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from io_models import make
+from builders import make
 from onnx import TensorProto, helper
 
 from onnxslim.report import _float_label

@@ -9,6 +9,8 @@ import pytest
 
 from onnxslim.analysis import rules
 from onnxslim.analysis.rules import RULES, Behaviour, Block, Create, Flow, NodeView, OpRule, decide
+from onnxslim.prune.lossless import SOURCE_BIAS_INPUT
+from onnxslim.prune.optables import op_table_problems
 from onnxslim.prune.rewrite import REWRITE_HANDLERS
 
 
@@ -147,3 +149,30 @@ def test_gemm_and_matmul_sources() -> None:
     assert decide(matmul) == Create(2, 6, sink_axis=2)
     variable = view("MatMul", [x(), gs.Variable("k")], [(1, 3, 8), (1, 8, 3)], (1, 3, 3), [2, 1])
     assert isinstance(decide(variable), Block)
+
+
+def test_every_per_op_table_agrees_with_the_rules() -> None:
+    assert op_table_problems() == []
+
+
+def test_a_new_source_op_is_told_every_table_it_must_fill() -> None:
+    """A newcomer who adds a source op to RULES only learns at import which tables it needs: all of them,
+    MAC counting included, each with the file that holds it."""
+    with_new_ops = {
+        **RULES,
+        "Einsum": OpRule(Behaviour.SOURCE, rules._conv),
+        "LpNormalization": OpRule(Behaviour.PASS_THROUGH, rules._unary, follower=True),
+    }
+    problems = op_table_problems(with_new_ops)
+    (source,) = [p for p in problems if "Einsum" in p]
+    for table in ("analysis/cost.py MAC_OPS", "importance.py _OUT_WEIGHTS", "importance.py _IN_WEIGHTS",
+                  "rewrite.py REWRITE_HANDLERS (prune_output and prune_input)", "lossless.py SOURCE_BIAS_INPUT"):
+        assert table in source, table
+    (follower,) = [p for p in problems if "LpNormalization" in p]
+    assert follower.startswith("follower op") and "REWRITE_HANDLERS (prune_follower)" in follower
+    assert len(problems) == 2
+    # an entry for an op the rules do not know is stale
+    stale = op_table_problems(mac_ops={"Conv", "ConvTranspose", "Gemm", "MatMul"}, source_bias={*SOURCE_BIAS_INPUT, "Foo"})
+    assert stale == ["onnxslim/prune/lossless.py SOURCE_BIAS_INPUT has an entry for Foo, which RULES does not know"]
+    missing_macs = op_table_problems(mac_ops={"Conv", "Gemm", "MatMul"})
+    assert missing_macs == ["source op ConvTranspose has no entry in onnxslim/analysis/cost.py MAC_OPS"]

@@ -21,6 +21,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from enum import Enum
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -45,6 +46,7 @@ __all__ = [
     "Sink",
     "Follower",
     "Blocker",
+    "BlockerKind",
     "ChannelGroup",
     "build_channel_groups",
     "find_channel_groups",
@@ -107,12 +109,26 @@ class Follower:
     extent: int | None = None
 
 
+class BlockerKind(Enum):
+    """What kind of thing blocks a group; code decides on the kind, people read the reason."""
+
+    GRAPH_INPUT = "graph-input"  # the channels come from a graph input
+    GRAPH_OUTPUT = "graph-output"  # the channels reach a graph output (the model's contract)
+    OP = "op"  # an op the rules do not model, or model as mixing the channels
+    PARAMETER = "parameter"  # the channels are read as a parameter (a shape, an index, a weight)
+    BROADCAST = "broadcast"  # broadcast along the channel axis by a join
+    SUBGRAPH = "subgraph"  # read inside an If/Loop body
+    UNCONSUMED = "unconsumed"  # no layer consumes the channels
+    GROUPED = "grouped"  # grouped convs that cannot lose channels evenly
+
+
 @dataclass(frozen=True)
 class Blocker:
     """Why a group cannot be pruned: the first blocking node in topological order (None: a graph input)."""
 
     node: str | None
     reason: str
+    kind: BlockerKind = BlockerKind.OP
 
 
 @dataclass(frozen=True)
@@ -313,20 +329,22 @@ class _Walker:
         """Channels read inside a subgraph (If/Loop bodies) are not followed there: they block."""
         for name in _outer_references(node):
             state = self.states.get(name)
-            blocker = Blocker(node.name, f"its channels are read inside a subgraph of {node.op}")
+            blocker = Blocker(node.name, f"its channels are read inside a subgraph of {node.op}", BlockerKind.SUBGRAPH)
             for segment in state.segments if state is not None else ():
                 self.spaces.block(segment.space, order, blocker)
 
     def run(self) -> None:
         for tensor in self.graph.inputs:
-            self.opaque(tensor, -1, Blocker(None, f"its channels come from graph input {tensor.name!r}"))
+            self.opaque(tensor, -1, Blocker(None, f"its channels come from graph input {tensor.name!r}", BlockerKind.GRAPH_INPUT))
         for order, node in enumerate(self.graph.nodes):
             self.visit(order, node)
         producers = {out.name: (order, node) for order, node in enumerate(self.graph.nodes) for out in node.outputs}
         for tensor in self.graph.outputs:
             order, node = producers.get(tensor.name, (-1, None))
             self.block_input(
-                tensor, order, Blocker(node.name if node else None, f"its channels reach graph output {tensor.name!r}")
+                tensor, order, Blocker(
+                    node.name if node else None, f"its channels reach graph output {tensor.name!r}", BlockerKind.GRAPH_OUTPUT
+                ),
             )
 
     def view(self, node: gs.Node) -> NodeView:
@@ -372,7 +390,7 @@ class _Walker:
             return decision
         graph_outputs = {t.name for t in self.graph.outputs}
         if isinstance(decision, Unread) and any(t.name in graph_outputs for t in node.outputs):
-            return Block(f"{node.op} reads the channel count into a graph output")
+            return Block(f"{node.op} reads the channel count into a graph output", to_output=True)
         for index, tensor in enumerate(node.outputs[1:], start=1):
             if tensor.name and (tensor.outputs or tensor.name in graph_outputs):
                 return Block(f"output {index} of {node.op} is used")
@@ -388,7 +406,8 @@ class _Walker:
         elif isinstance(decision, Partition):
             decision = self.check_partition(node, decision)
         if isinstance(decision, Block):
-            blocker = Blocker(node.name, decision.reason)
+            kind = BlockerKind.GRAPH_OUTPUT if decision.to_output else BlockerKind.OP
+            blocker = Blocker(node.name, decision.reason, kind)
             logger.debug("blocker %s (%s): %s", node.name, node.op, decision.reason)
             for tensor in node.inputs:
                 self.block_input(tensor, order, blocker)
@@ -416,7 +435,7 @@ class _Walker:
             self.partition(order, node, view, decision)
         for index, tensor in enumerate(node.inputs):
             if index not in handled and not isinstance(tensor, gs.Constant):
-                self.block_input(tensor, order, Blocker(node.name, f"read as a parameter by {node.op}"))
+                self.block_input(tensor, order, Blocker(node.name, f"read as a parameter by {node.op}", BlockerKind.PARAMETER))
 
     def check_flattened(self, node: gs.Node, decision: Decision) -> Decision:
         """Channels flattened into features may only reach a sink, through elementwise ops of one input."""
@@ -479,7 +498,7 @@ class _Walker:
                     else "channels of several groups (a Concat, or a Split or Slice elsewhere cuts them)"
                 )
                 reason = f"grouped Conv (group={decision.blocks}) reads {what}"
-                self.block_input(node.inputs[decision.sink_input], order, Blocker(node.name, reason))
+                self.block_input(node.inputs[decision.sink_input], order, Blocker(node.name, reason, BlockerKind.GROUPED))
             else:
                 for segment in state.segments:
                     sink = Sink(
@@ -502,6 +521,7 @@ class _Walker:
                 node.name,
                 f"the output of a grouped Conv (group={decision.blocks}) is cut into parts (by a Split or Slice, or a "
                 "join with a concatenation)",
+                BlockerKind.GROUPED,
             )
             space = spaces.new(end - start, (order, blocker) if split else None)
             source = Source(node.name, node.op, decision.out_axis, start, decision.channels, decision.blocks)
@@ -519,7 +539,7 @@ class _Walker:
                 space = spaces.union(space, other.space)
             segments.append(_Segment(parts[0].offset, parts[0].length, space))
         for index in decision.broadcast:
-            self.block_input(node.inputs[index], order, Blocker(node.name, f"broadcast along the channel axis by {node.op}"))
+            self.block_input(node.inputs[index], order, Blocker(node.name, f"broadcast along the channel axis by {node.op}", BlockerKind.BROADCAST))
         if decision.follower:
             for segment in segments:
                 follower = Follower(node.name, node.op, decision.out_axis, view.out_rank(), segment.offset, states[0].extent)
@@ -557,7 +577,7 @@ class _Walker:
             sinks = tuple(s for _, s in sorted(data.sinks, key=lambda item: item[0]))
             blocker = data.blocker[1] if data.blocker is not None else None
             if blocker is None and not sinks:
-                blocker = Blocker(sources[0].node, "its channels reach no layer that consumes them")
+                blocker = Blocker(sources[0].node, "its channels reach no layer that consumes them", BlockerKind.UNCONSUMED)
             group = ChannelGroup(
                 id=sources[0].node,
                 channels=data.size,
@@ -572,7 +592,7 @@ class _Walker:
                     (s.node for s in sources if s.blocks > 1), next((s.node for s in sinks if s.blocks > 1), group.id)
                 )
                 reason = f"its grouped convs leave one channel in each of its {group.blocks} blocks"
-                group = replace(group, blocked_by=Blocker(grouped, reason))
+                group = replace(group, blocked_by=Blocker(grouped, reason, BlockerKind.GROUPED))
             found.append((min(order for order, _ in data.sources), group))
         found.sort(key=lambda item: item[0])
         return _unique_ids([group for _, group in found])

@@ -92,9 +92,11 @@ class Flow:
 
 @dataclass(frozen=True)
 class Block:
-    """The node mixes channels in a way the rules do not model."""
+    """The node mixes channels in a way the rules do not model (`to_output`: what it reads reaches a graph
+    output, so the group is the model's contract, as for --protect-last)."""
 
     reason: str
+    to_output: bool = False
 
 
 @dataclass(frozen=True)

@@ -24,3 +24,5 @@ __all__ = [
     "rewrite_model",
     "save_plan",
 ]
+
+from onnxslim.prune import optables  # noqa: E402,F401 - checks every per-op table against RULES once, at import

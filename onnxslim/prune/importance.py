@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -34,8 +34,8 @@ import onnx_graphsurgeon as gs
 
 from onnxslim.activations import ChannelStats
 from onnxslim.analysis.groups import ChannelGroup, Sink, Source
-from onnxslim.analysis.rules import RULES, Behaviour
 from onnxslim.errors import UsageError
+from onnxslim.graph import GraphIndex
 
 __all__ = [
     "Criterion",
@@ -58,21 +58,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ScoreContext:
-    """What a criterion may read: the graph (and its nodes by name), the seed, calibration statistics."""
+    """What a criterion may read: the graph and its index (`index`: nodes by name, tensor → producer and
+    readers; the pipeline's own, passed as `graph_index`, else built here), the seed, calibration statistics."""
 
     graph: gs.Graph
     seed: int = 0
     statistics: Mapping[str, ChannelStats] | None = None
+    graph_index: InitVar[GraphIndex | None] = None
+    index: GraphIndex = field(init=False)
     nodes: dict[str, gs.Node] = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.nodes = {node.name: node for node in self.graph.nodes}
+    def __post_init__(self, graph_index: GraphIndex | None) -> None:
+        self.index = graph_index if graph_index is not None else GraphIndex(self.graph)
+        self.nodes = self.index.nodes
 
     def node(self, name: str) -> gs.Node:
-        try:
-            return self.nodes[name]
-        except KeyError:
-            raise KeyError(f"no node named {name!r}") from None
+        return self.index.node(name)
 
 
 class Criterion(Protocol):
@@ -98,7 +99,7 @@ def _matmul_out_weights(node: gs.Node) -> np.ndarray:
     return np.asarray(node.inputs[1].values).T
 
 
-# op type → the source's weights with output channels first
+# op type → the source's weights with output channels first (every source op: checked in optables.py)
 _OUT_WEIGHTS: Mapping[str, Callable[[gs.Node], np.ndarray]] = {
     "Conv": _conv_out_weights,
     "ConvTranspose": _conv_transpose_out_weights,
@@ -106,14 +107,11 @@ _OUT_WEIGHTS: Mapping[str, Callable[[gs.Node], np.ndarray]] = {
     "MatMul": _matmul_out_weights,
 }
 
-_MISSING = sorted(op for op, rule in RULES.items() if rule.behaviour is Behaviour.SOURCE and op not in _OUT_WEIGHTS)
-if _MISSING:  # pragma: no cover - checked once at import
-    raise ImportError(f"onnxslim.prune.importance: no output-weight reader for source ops {_MISSING}")
 
-
-def output_channel_weights(source: Source, graph: gs.Graph | ScoreContext) -> np.ndarray:
-    """The weights of `source` as a [channels, everything else] matrix."""
-    node = graph.node(source.node) if isinstance(graph, ScoreContext) else _node_named(graph, source.node)
+def output_channel_weights(source: Source, graph: gs.Graph | GraphIndex | ScoreContext) -> np.ndarray:
+    """The weights of `source` as a [channels, everything else] matrix (give an index or a context when
+    calling it for many sources: with a bare graph each call scans it)."""
+    node = _node_named(graph, source.node) if isinstance(graph, gs.Graph) else graph.node(source.node)
     weights = _OUT_WEIGHTS[source.op_type](node)
     return weights.reshape(weights.shape[0], -1).astype(np.float64)
 
@@ -203,7 +201,7 @@ def _matmul_in_weights(node: gs.Node, channels: int) -> np.ndarray:
     return np.asarray(node.inputs[1].values)
 
 
-# op type → the sink's weights with input features first
+# op type → the sink's weights with input features first (every source op: checked in optables.py)
 _IN_WEIGHTS: Mapping[str, Callable[[gs.Node, int], np.ndarray]] = {
     "Conv": _conv_in_weights,
     "ConvTranspose": _conv_transpose_in_weights,
@@ -211,18 +209,14 @@ _IN_WEIGHTS: Mapping[str, Callable[[gs.Node, int], np.ndarray]] = {
     "MatMul": _matmul_in_weights,
 }
 
-_MISSING_IN = sorted(op for op, rule in RULES.items() if rule.behaviour is Behaviour.SOURCE and op not in _IN_WEIGHTS)
-if _MISSING_IN:  # pragma: no cover - checked once at import
-    raise ImportError(f"onnxslim.prune.importance: no input-weight reader for sink ops {_MISSING_IN}")
-
 
 def _sink_tensor(sink: Sink, context: ScoreContext) -> str:
     return str(context.node(sink.node).inputs[sink.input_index].name)
 
 
-def statistics_requests(groups: tuple[ChannelGroup, ...], graph: gs.Graph) -> dict[str, int]:
+def statistics_requests(groups: tuple[ChannelGroup, ...], graph: gs.Graph | GraphIndex) -> dict[str, int]:
     """Tensor → channel axis of every prunable group's sink inputs: what `activation` and `fluctuation` read."""
-    nodes = {node.name: node for node in graph.nodes}
+    nodes = (graph if isinstance(graph, GraphIndex) else GraphIndex(graph)).nodes
     return {
         str(nodes[sink.node].inputs[sink.input_index].name): sink.axis
         for group in groups if group.prunable for sink in group.sinks

@@ -26,11 +26,17 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim.analysis.groups import ChannelGroup, Member, Sink, Source
-from onnxslim.graph import export_model
+from onnxslim.graph import GraphIndex, export_model
 from onnxslim.prune.importance import output_channel_weights
 from onnxslim.prune.plan import PrunePlan
 
-__all__ = ["LosslessChannels", "find_lossless_channels", "fold_constant_channels"]
+__all__ = [
+    "SOURCE_BIAS_INPUT",
+    "LosslessChannels",
+    "find_lossless_channels",
+    "fold_constant_channels",
+    "fold_constant_channels_into",
+]
 
 
 @dataclass(frozen=True)
@@ -183,31 +189,91 @@ def _matmul_bias(matmul: gs.Node, outputs: set[str]) -> tuple[gs.Node, int] | No
     return add, index
 
 
+def _conv_foldable(conv: gs.Node, outputs: set[str]) -> bool:
+    return int(conv.attrs.get("group", 1)) == 1 and _unpadded(conv)
+
+
+def _gemm_foldable(gemm: gs.Node, outputs: set[str]) -> bool:
+    beta = float(gemm.attrs.get("beta", 1.0))
+    has_bias = len(gemm.inputs) > 2 and bool(gemm.inputs[2].name)
+    return not gemm.attrs.get("transA", 0) and (beta != 0 or not has_bias)
+
+
+def _matmul_foldable(matmul: gs.Node, outputs: set[str]) -> bool:
+    """No bias of its own: only into the Add that follows it."""
+    return np.asarray(matmul.inputs[1].values).ndim == 2 and _matmul_bias(matmul, outputs) is not None
+
+
+def _own_bias(node: gs.Node, outputs: set[str]) -> tuple[gs.Node, int]:
+    return node, 2
+
+
+def _matmul_bias_target(matmul: gs.Node, outputs: set[str]) -> tuple[gs.Node, int]:
+    found = _matmul_bias(matmul, outputs)
+    assert found is not None  # checked by find_lossless_channels
+    return found
+
+
+def _fold_into_conv(conv: gs.Node, sink: Sink, channels: int, position: int, value: float) -> np.ndarray:
+    """value · the conv's weights of input channel `position`, summed over the kernel: what its bias gains."""
+    weights = np.asarray(conv.inputs[1].values, np.float64)
+    return value * weights[:, position].reshape(weights.shape[0], -1).sum(axis=1)
+
+
+def _fold_into_features(node: gs.Node, sink: Sink, channels: int, position: int, value: float) -> np.ndarray:
+    """Gemm/MatMul: value · the weight rows of the input features that hold the channel (a block after Flatten)."""
+    weights = np.asarray(node.inputs[1].values, np.float64)
+    rows = weights.T if node.attrs.get("transB", 0) else weights  # [in features, out features]
+    extent = sink.extent or channels
+    features = [(o * extent + position) * sink.inner + j for o in range(sink.outer) for j in range(sink.inner)]
+    delta = value * float(node.attrs.get("alpha", 1.0)) * rows[features].sum(axis=0)
+    return delta / float(node.attrs.get("beta", 1.0))
+
+
+@dataclass(frozen=True)
+class _BiasFold:
+    """How a constant channel at a sink's input folds into a bias: whether it can (`foldable`, given the
+    weights are constant), which (node, input index) holds the bias, and what to add to it."""
+
+    foldable: Callable[[gs.Node, set[str]], bool]
+    target: Callable[[gs.Node, set[str]], tuple[gs.Node, int]]
+    delta: Callable[[gs.Node, Sink, int, int, float], np.ndarray]  # (node, sink, group channels, position, value)
+
+
+# sink op type → how constant channels fold into its bias. Sinks not listed never fold (their constant
+# channels are not lossless), which is always safe.
+_BIAS_FOLDS: Mapping[str, _BiasFold] = {
+    "Conv": _BiasFold(_conv_foldable, _own_bias, _fold_into_conv),
+    "Gemm": _BiasFold(_gemm_foldable, _own_bias, _fold_into_features),
+    "MatMul": _BiasFold(_matmul_foldable, _matmul_bias_target, _fold_into_features),
+}
+
+# source op type → the input holding its per-output-channel bias (None: it has none). Every source op must
+# be listed (checked in prune/optables.py): a zero filter is the constant bias[c], or 0 without one.
+SOURCE_BIAS_INPUT: Mapping[str, int | None] = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2, "MatMul": None}
+
+# ops whose per-channel constants hold the channels on axis 0 (BN statistics, depthwise Conv biases),
+# rather than broadcasting numpy-style from the right
+_CHANNELS_FIRST_CONSTANTS = frozenset({"BatchNormalization", "Conv"})
+
+
 def _foldable(sink: Sink, node: gs.Node, outputs: set[str]) -> bool:
     """Whether a constant channel at this sink's input can be folded into its bias exactly."""
-    if not isinstance(node.inputs[1], gs.Constant):
-        return False
-    if sink.op_type == "Conv":
-        return int(node.attrs.get("group", 1)) == 1 and _unpadded(node)
-    if sink.op_type == "Gemm":
-        beta = float(node.attrs.get("beta", 1.0))
-        has_bias = len(node.inputs) > 2 and bool(node.inputs[2].name)
-        return not node.attrs.get("transA", 0) and (beta != 0 or not has_bias)
-    if sink.op_type == "MatMul":  # no bias of its own: only into the Add that follows it
-        return np.asarray(node.inputs[1].values).ndim == 2 and _matmul_bias(node, outputs) is not None
-    return False
+    fold = _BIAS_FOLDS.get(sink.op_type)
+    return fold is not None and isinstance(node.inputs[1], gs.Constant) and fold.foldable(node, outputs)
 
 
-def _source_constants(source: Source, node: gs.Node, graph: gs.Graph, channels: int) -> np.ndarray:
+def _source_constants(source: Source, node: gs.Node, graph: GraphIndex, channels: int) -> np.ndarray:
     """Channel c of the source is the constant bias[c] when its weights for c are all zero; else unknown."""
     weights = output_channel_weights(source, graph)[source.offset : source.offset + channels]
     zero = ~np.any(weights != 0, axis=1)
     extent = source.extent or channels
     bias = np.zeros(extent)
-    if source.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.inputs) > 2 and node.inputs[2].name:
-        if not isinstance(node.inputs[2], gs.Constant):
+    at = SOURCE_BIAS_INPUT[source.op_type]
+    if at is not None and len(node.inputs) > at and node.inputs[at].name:
+        if not isinstance(node.inputs[at], gs.Constant):
             return np.full(channels, np.nan)
-        values = np.asarray(node.inputs[2].values, np.float64)
+        values = np.asarray(node.inputs[at].values, np.float64)
         if values.ndim > 1 and values.shape[0] != 1:
             return np.full(channels, np.nan)  # a Gemm bias that varies over rows
         bias = np.broadcast_to(values.reshape(-1), (extent,)) * float(node.attrs.get("beta", 1.0))
@@ -217,7 +283,7 @@ def _source_constants(source: Source, node: gs.Node, graph: gs.Graph, channels: 
 class _GroupValues:
     """Per member tensor of one group: the value of each of the group's channels (NaN: unknown)."""
 
-    def __init__(self, graph: gs.Graph, group: ChannelGroup) -> None:
+    def __init__(self, graph: GraphIndex, group: ChannelGroup) -> None:
         self.graph = graph
         self.group = group
         self.members: dict[str, list[Member]] = {}
@@ -225,6 +291,12 @@ class _GroupValues:
             self.members.setdefault(member.tensor, []).append(member)
         self.values: dict[str, np.ndarray] = {}
         self.followers = {f.node: f for f in group.followers}
+        self.sources = {s.node: s for s in group.sources}
+
+    def run(self) -> None:
+        """Visit the nodes writing the group's members, in topological order: the only ones with a value to set."""
+        for node in self.graph.producers_in_order(self.members):
+            self.visit(node)
 
     def unknown(self) -> np.ndarray:
         return np.full(self.group.channels, np.nan)
@@ -239,7 +311,7 @@ class _GroupValues:
             return self.unknown()
         # BN statistics and depthwise biases hold the channels on axis 0; elementwise operands (per-channel
         # Mul/Add, PRelu slopes) broadcast numpy-style, aligned from the right with the follower's rank
-        axis = 0 if node.op in ("BatchNormalization", "Conv") else follower.axis - (follower.rank - values.ndim)
+        axis = 0 if node.op in _CHANNELS_FIRST_CONSTANTS else follower.axis - (follower.rank - values.ndim)
         if axis < 0 or values.shape[axis] == 1:
             flat = values.reshape(1, -1)
         else:
@@ -253,7 +325,7 @@ class _GroupValues:
         outputs = [t for t in node.outputs if t.name in self.members]
         if not outputs:
             return
-        sources = {s.node: s for s in self.group.sources}
+        sources = self.sources
         for tensor in outputs:
             if len(self.members[tensor.name]) != 1:
                 self.values[tensor.name] = self.unknown()
@@ -290,18 +362,19 @@ class _GroupValues:
         return self.values.get(node.inputs[sink.input_index].name, self.unknown())
 
 
-def find_lossless_channels(graph: gs.Graph, groups: Sequence[ChannelGroup]) -> LosslessChannels:
-    """The dead channels of every prunable group, and its nonzero constant channels that fold exactly."""
-    nodes = {node.name: node for node in graph.nodes}
-    outputs = {t.name for t in graph.outputs}
+def find_lossless_channels(graph: gs.Graph | GraphIndex, groups: Sequence[ChannelGroup]) -> LosslessChannels:
+    """The dead channels of every prunable group, and its nonzero constant channels that fold exactly.
+
+    Linear in the size of the groups: each group visits only the nodes that write its members."""
+    index = graph if isinstance(graph, GraphIndex) else GraphIndex(graph)
+    nodes, outputs = index.nodes, set(index.outputs)
     dead: dict[str, tuple[int, ...]] = {}
     constant: dict[str, dict[int, float]] = {}
     for group in groups:
         if not group.prunable or group.blocks > 1:  # grouped convs: removals must be balanced, not just dead
             continue
-        values = _GroupValues(graph, group)
-        for node in graph.nodes:
-            values.visit(node)
+        values = _GroupValues(index, group)
+        values.run()
         at_sinks = [values.at_sink(sink, nodes[sink.node]) for sink in group.sinks]
         if not at_sinks:
             continue
@@ -320,47 +393,33 @@ def find_lossless_channels(graph: gs.Graph, groups: Sequence[ChannelGroup]) -> L
     return LosslessChannels(dead, constant)
 
 
-def _fold_into_conv(conv: gs.Node, position: int, value: float) -> np.ndarray:
-    weights = np.asarray(conv.inputs[1].values, np.float64)
-    return value * weights[:, position].reshape(weights.shape[0], -1).sum(axis=1)
-
-
-def _fold_into_features(node: gs.Node, sink: Sink, channels: int, position: int, value: float) -> np.ndarray:
-    """Gemm/MatMul: value · the weight rows of the input features that hold the channel (a block after Flatten)."""
-    weights = np.asarray(node.inputs[1].values, np.float64)
-    rows = weights.T if node.attrs.get("transB", 0) else weights  # [in features, out features]
-    extent = sink.extent or channels
-    features = [(o * extent + position) * sink.inner + j for o in range(sink.outer) for j in range(sink.inner)]
-    delta = value * float(node.attrs.get("alpha", 1.0)) * rows[features].sum(axis=0)
-    return delta / float(node.attrs.get("beta", 1.0))
-
-
 def fold_constant_channels(
     model: onnx.ModelProto, groups: Sequence[ChannelGroup], plan: PrunePlan, channels: LosslessChannels
 ) -> onnx.ModelProto:
     """`model` with the constant of every constant channel the plan removes added to its sinks' biases."""
     graph = gs.import_onnx(model)
-    nodes = {node.name: node for node in graph.nodes}
-    outputs = {t.name for t in graph.outputs}
+    if not fold_constant_channels_into(GraphIndex(graph), groups, plan, channels):
+        return model
+    return export_model(graph, model)
+
+
+def fold_constant_channels_into(
+    graph: GraphIndex, groups: Sequence[ChannelGroup], plan: PrunePlan, channels: LosslessChannels
+) -> int:
+    """Add the constant of every constant channel the plan removes to its sinks' biases, editing the indexed
+    graph in place; the number of biases changed."""
+    nodes, outputs = graph.nodes, set(graph.outputs)
     deltas: dict[tuple[str, int], np.ndarray] = {}  # (node, input index of the bias) → what to add to it
     for group in groups:
         constants = channels.constant.get(group.id, {})
         removed = [c for c in plan.removed(group) if c in constants]
         for sink in group.sinks if removed else ():
-            node = nodes[sink.node]
-            target = (sink.node, 2)
-            if sink.op_type == "MatMul":
-                add, index = _matmul_bias(node, outputs) or (None, 0)
-                assert add is not None  # checked by find_lossless_channels
-                target = (add.name, index)
+            node, fold = nodes[sink.node], _BIAS_FOLDS[sink.op_type]  # every sink folds: find_lossless_channels
+            holder, index = fold.target(node, outputs)
+            target = (holder.name, index)
             for c in removed:
-                if sink.op_type == "Conv":
-                    delta = _fold_into_conv(node, sink.offset + c, constants[c])
-                else:
-                    delta = _fold_into_features(node, sink, group.channels, sink.offset + c, constants[c])
+                delta = fold.delta(node, sink, group.channels, sink.offset + c, constants[c])
                 deltas[target] = deltas.get(target, 0.0) + delta
-    if not deltas:
-        return model
     for (name, index), delta in sorted(deltas.items()):
         node = nodes[name]
         reference = node.inputs[index] if index < len(node.inputs) and node.inputs[index].name else node.inputs[1]
@@ -375,4 +434,4 @@ def fold_constant_channels(
         while len(node.inputs) <= index:
             node.inputs.append(gs.Variable.empty())
         node.inputs[index] = folded
-    return export_model(graph, model)
+    return len(deltas)

@@ -37,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from onnxslim.analysis.groups import ChannelGroup, Follower, Source
+from onnxslim.analysis.cost import MAC_OPS
+from onnxslim.analysis.groups import BlockerKind, ChannelGroup, Follower, Source
 from onnxslim.errors import ModelLoadError, UsageError
 from onnxslim.io import OutputStage, model_files, save_text
 
@@ -173,22 +174,36 @@ class MacModel:
         index = {name: i for i, name in enumerate(nodes)}
         self.macs = np.array([layer_macs[name] for name in nodes], dtype=np.float64)
         self.total = float(sum(layer_macs.values()))
-        self.outputs = np.zeros((len(nodes), len(groups)))  # fraction of a node's output channels per channel
-        self.inputs = np.zeros((len(nodes), len(groups)))
+        # sparse (node, group, fraction of the node's output / input channels one channel of the group is):
+        # a node is touched by a few groups, so this grows with the graph, not with nodes × groups
+        outputs: list[tuple[int, int, float]] = []
+        inputs: list[tuple[int, int, float]] = []
         for g, group in enumerate(groups):
-            outs: list[Source | Follower] = [*group.sources, *(f for f in group.followers if f.op_type == "Conv")]
+            # followers that count MACs of their own (a depthwise Conv) scale with the channels they keep
+            outs: list[Source | Follower] = [*group.sources, *(f for f in group.followers if f.op_type in MAC_OPS)]
             for member in outs:
                 if member.node in index:
-                    self.outputs[index[member.node], g] += 1.0 / float(member.extent or group.channels)
+                    outputs.append((index[member.node], g, 1.0 / float(member.extent or group.channels)))
             for sink in group.sinks:
                 if sink.node in index:
-                    self.inputs[index[sink.node], g] += 1.0 / float(sink.extent or group.channels)
+                    inputs.append((index[sink.node], g, 1.0 / float(sink.extent or group.channels)))
+        self._outputs = self._entries(outputs)
+        self._inputs = self._entries(inputs)
+
+    @staticmethod
+    def _entries(entries: list[tuple[int, int, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        array = np.array(entries, dtype=np.float64).reshape(-1, 3)
+        return array[:, 0].astype(np.intp), array[:, 1].astype(np.intp), array[:, 2]
+
+    def _removed_fraction(self, entries: tuple[np.ndarray, np.ndarray, np.ndarray], counts: np.ndarray) -> np.ndarray:
+        nodes, groups, fractions = entries
+        return np.bincount(nodes, weights=fractions * counts[groups], minlength=len(self.macs))
 
     def macs_after(self, removed: Mapping[str, int]) -> float:
         """Total MACs when group id → that many channels are removed."""
         counts = np.array([removed.get(gid, 0) for gid in self.group_ids], dtype=np.float64)
-        out_kept = np.clip(1.0 - self.outputs @ counts, 0.0, 1.0)
-        in_kept = np.clip(1.0 - self.inputs @ counts, 0.0, 1.0)
+        out_kept = np.clip(1.0 - self._removed_fraction(self._outputs, counts), 0.0, 1.0)
+        in_kept = np.clip(1.0 - self._removed_fraction(self._inputs, counts), 0.0, 1.0)
         return self.total - float(self.macs.sum()) + float((self.macs * out_kept * in_kept).sum())
 
 
@@ -281,7 +296,7 @@ def plan_by_macs(
 def _reaches_output(group: ChannelGroup, outputs: Collection[str]) -> bool:
     if any(member.tensor in outputs for member in group.members):
         return True
-    return group.blocked_by is not None and "graph output" in group.blocked_by.reason
+    return group.blocked_by is not None and group.blocked_by.kind is BlockerKind.GRAPH_OUTPUT
 
 
 def eligible_groups(

@@ -13,6 +13,7 @@ rewrite on the physically pruned model, before the one validation.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -27,12 +28,13 @@ import onnx_graphsurgeon as gs
 from onnxslim.activations import ChannelStats, Progress, channel_statistics
 from onnxslim.analysis.cost import ModelCost, compute_cost
 from onnxslim.analysis.groups import ChannelGroup, build_channel_groups
-from onnxslim.bench import session_options
 from onnxslim.calib import Batch, Dataset
 from onnxslim.errors import DataError, UsageError, ValidationError, first_line
+from onnxslim.graph import GraphIndex, collector_paused
 from onnxslim.io import (
     LoadedModel,
     TensorInfo,
+    Validation,
     infer_tensor_infos,
     load_model,
     normalize_model,
@@ -50,7 +52,7 @@ from onnxslim.metrics import (
 )
 from onnxslim.model_info import check_exclusions, refuse_quantized
 from onnxslim.prune.importance import NEEDS_DATA, ScoreContext, score_groups, statistics_requests
-from onnxslim.prune.lossless import LosslessChannels, find_lossless_channels, fold_constant_channels
+from onnxslim.prune.lossless import LosslessChannels, find_lossless_channels, fold_constant_channels_into
 from onnxslim.prune.outcome import PruneOutcome, describe_outcome
 from onnxslim.prune.plan import (
     PrunePlan,
@@ -67,8 +69,9 @@ from onnxslim.prune.recover import (
     RecoveryReport,
     recover_model,
 )
-from onnxslim.prune.rewrite import apply_plan, kept_output_channels
+from onnxslim.prune.rewrite import apply_plan_to_graph, kept_output_channels
 from onnxslim.prune.sensitivity import ALLOCATION_RATIOS, SensitivityCurves, allocate, measure_curves
+from onnxslim.runtime import cpu_session
 
 __all__ = [
     "ALLOCATIONS",
@@ -206,6 +209,7 @@ class PruneResult:
     evaluation: Evaluation | None = None
     sensitivity: SensitivityCurves | None = None  # with --allocate sensitivity: the curves it allocated by
     step_seconds: Mapping[str, float] = field(default_factory=dict)
+    validation: Validation | None = field(default=None, repr=False)  # what `validate` proved, for write_validated
 
     @property
     def lossless_removed(self) -> int:
@@ -250,7 +254,12 @@ class PruneResult:
 
 @dataclass
 class PruneState:
-    """Everything the steps share. Filled step by step; a field is None until its step has run."""
+    """Everything the steps share. Filled step by step; a field is None until its step has run.
+
+    The model is imported once: `graph` (and `index`, its one GraphIndex) is the analysis graph that
+    lossless search, statistics and scoring read; `compensate` and `rewrite` then edit that same graph in
+    place, and `rewrite` consumes it (both are None afterwards, so that its weights do not stay in memory
+    beside the pruned model's): later steps read `pruned`. `original` is never changed."""
 
     options: PruneOptions
     original: onnx.ModelProto  # normalized; never changed
@@ -264,6 +273,7 @@ class PruneState:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     infos: dict[str, TensorInfo] = field(default_factory=dict)
     graph: gs.Graph | None = None
+    index: GraphIndex | None = None
     groups: tuple[ChannelGroup, ...] = ()
     cost_before: ModelCost | None = None
     eligible: frozenset[str] = frozenset()
@@ -274,12 +284,13 @@ class PruneState:
     scores: dict[str, np.ndarray] = field(default_factory=dict)
     plan: PrunePlan = field(default_factory=PrunePlan)
     budget_met: bool = True
-    compensated: onnx.ModelProto | None = None
+    folded_biases: int = 0
     pruned: onnx.ModelProto | None = None
     unrecovered: onnx.ModelProto | None = None
     recovery: RecoveryReport | None = None
     evaluation: Evaluation | None = None
     sensitivity: SensitivityCurves | None = None
+    validation: Validation | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -301,6 +312,7 @@ def analyse(state: PruneState) -> None:
     state.shapes = resolve_input_shapes(state.original, state.input_shapes)
     state.infos = infer_tensor_infos(state.original, state.shapes)
     state.graph = gs.import_onnx(state.original)
+    state.index = GraphIndex(state.graph)
     state.groups = build_channel_groups(state.graph, {name: info.shape for name, info in state.infos.items()})
     state.cost_before = compute_cost(state.original, state.infos)
     outputs = {t.name for t in state.original.graph.output}
@@ -312,9 +324,9 @@ def analyse(state: PruneState) -> None:
 
 def find_lossless(state: PruneState) -> None:
     """Dead and constant channels; with --lossless they are forced out first."""
-    assert state.graph is not None
+    assert state.index is not None
     options = state.options
-    state.lossless = find_lossless_channels(state.graph, state.groups)
+    state.lossless = find_lossless_channels(state.index, state.groups)
     removable = state.lossless.removable()
     if options.lossless and options.ratio is None and options.target_macs is None and options.plan_path is None:
         for group in state.groups:
@@ -331,8 +343,8 @@ def collect_statistics(state: PruneState) -> None:
         return  # a plan file or lossless alone: nothing is scored by data
     if state.calib is None:
         raise UsageError(f"--criterion {state.options.criterion} needs calibration data: give --calib DATA")
-    assert state.graph is not None
-    requests = statistics_requests(state.groups, state.graph)
+    assert state.index is not None
+    requests = statistics_requests(state.groups, state.index)
     calib = state.calib
     state.statistics = channel_statistics(
         state.original, calib, requests, batches=lambda: _limited(calib, state.max_samples),
@@ -345,7 +357,7 @@ def score(state: PruneState) -> None:
     if state.options.plan_path is not None:
         return
     assert state.graph is not None
-    context = ScoreContext(state.graph, state.options.seed, state.statistics)
+    context = ScoreContext(state.graph, state.options.seed, state.statistics, state.index)
     budget = state.options.ratio is not None or state.options.target_macs is not None
     # lossless alone removes only forced channels: any criterion orders the rest, one without data will do
     criterion = state.options.criterion if budget or state.options.criterion not in NEEDS_DATA else "l1"
@@ -385,23 +397,27 @@ def plan(state: PruneState) -> None:
 
 
 def compensate(state: PruneState) -> None:
-    """Constant channels that go are folded into their sinks' biases, whatever chose them (exact)."""
-    assert state.lossless is not None
-    state.compensated = fold_constant_channels(state.original, state.groups, state.plan, state.lossless)
+    """Constant channels that go are folded into their sinks' biases, whatever chose them (exact; edits the
+    analysis graph in place, for the rewrite)."""
+    assert state.lossless is not None and state.index is not None
+    state.folded_biases = fold_constant_channels_into(state.index, state.groups, state.plan, state.lossless)
 
 
 def rewrite(state: PruneState) -> None:
     """The planned channels physically removed from every member of every group (not yet validated)."""
-    assert state.compensated is not None
+    assert state.graph is not None
     if not state.plan.kept:
         state.pruned = state.original
         return
+    graph, state.graph, state.index = state.graph, None, None  # consumed: the pruned model is state.pruned
     try:
-        state.pruned = apply_plan(state.compensated, state.groups, state.plan)
+        state.pruned = apply_plan_to_graph(graph, state.original, state.groups, state.plan)
     except ValidationError:
         raise
     except (ValueError, IndexError, KeyError) as e:
         raise ValidationError(f"removing the planned channels failed: {type(e).__name__}: {e}") from e
+    del graph
+    gc.collect()  # the graph's nodes and tensors refer to each other: free its weights now, not after the run
 
 
 def _refit_nodes(state: PruneState) -> list[str]:
@@ -456,7 +472,11 @@ def validate_result(state: PruneState) -> None:
     assert state.pruned is not None
     if state.pruned is not state.original:
         feeds = next(iter(state.calib.batches())).feeds if state.calib is not None else None
-        validate(state.pruned, state.original, state.shapes, feeds=feeds)
+        # on random inputs at the analysis shapes, the original's output shapes are known from the analysis
+        outputs = {o.name: state.infos[o.name].shape for o in state.original.graph.output if o.name in state.infos}
+        state.validation = validate(
+            state.pruned, state.original, state.shapes, feeds=feeds, expected_shapes=outputs if feeds is None else None
+        )
 
 
 def held_out_batches(state: PruneState) -> tuple[str, Iterator[tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]]]:
@@ -599,10 +619,8 @@ class HeldOut:
 
 
 def _session(model: onnx.ModelProto) -> Any:
-    import onnxruntime
-
     try:
-        return onnxruntime.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+        return cpu_session(model)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise ValidationError(f"a model does not load in onnxruntime: {first_line(e)}") from e
 
@@ -662,12 +680,13 @@ def _as_normalized(
 
 def run_pipeline(state: PruneState, *, until: str | None = None) -> PruneState:
     """Run the steps of `PIPELINE` on `state`, all of them or up to and including `until`."""
-    for name, step in PIPELINE:
-        started = time.perf_counter()
-        step(state)
-        state.seconds[name] = time.perf_counter() - started
-        if name == until:
-            break
+    with collector_paused():  # linear time on big graphs (graph.py)
+        for name, step in PIPELINE:
+            started = time.perf_counter()
+            step(state)
+            state.seconds[name] = time.perf_counter() - started
+            if name == until:
+                break
     return state
 
 
@@ -717,11 +736,12 @@ def prune_model(
         model, options, input_shapes=input_shapes, calib=calib, eval_data=eval_data, progress=progress
     )
     state.sensitivity = sensitivity  # `--allocate sensitivity` with curves measured earlier: not measured again
-    run_pipeline(state)
-    assert state.pruned is not None and state.cost_before is not None
-    pruned = state.pruned
-    changed = pruned is not state.original
-    cost_after = compute_cost(pruned, infer_tensor_infos(pruned, state.shapes)) if changed else state.cost_before
+    with collector_paused():  # linear time on big graphs (graph.py)
+        run_pipeline(state)
+        assert state.pruned is not None and state.cost_before is not None
+        pruned = state.pruned
+        changed = pruned is not state.original
+        cost_after = compute_cost(pruned, infer_tensor_infos(pruned, state.shapes)) if changed else state.cost_before
     removable = state.lossless.removable() if state.lossless is not None else {}
     return PruneResult(
         model=pruned,
@@ -747,5 +767,6 @@ def prune_model(
         evaluation=state.evaluation,
         sensitivity=state.sensitivity,
         step_seconds=dict(state.seconds),
+        validation=state.validation,
     )
 

@@ -4,7 +4,7 @@ Per-op knowledge lives in one table, `REWRITE_HANDLERS`: op type → how to slic
 attributes when channels go from its output (a source), from one of its inputs (a sink), or pass through
 it (a follower: BatchNorm statistics, per-channel Mul/Add constants, depthwise Conv weights and `group`,
 Resize sizes, Split sizes, Slice starts/ends, Reshape shape constants). It is checked against
-`rules.RULES` once at import. A constant read by several nodes is copied for the node being sliced, never
+`rules.RULES` once at import, with every other per-op table (optables.py). A constant read by several nodes is copied for the node being sliced, never
 sliced in place under the others.
 
 A node may hold several groups in one tensor (a Conv reading a Concat, a Split cutting its producer into
@@ -28,7 +28,6 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim.analysis.groups import ChannelGroup
-from onnxslim.analysis.rules import RULES, Behaviour
 from onnxslim.errors import ValidationError
 from onnxslim.graph import export_model
 from onnxslim.io import validate
@@ -38,6 +37,7 @@ __all__ = [
     "RewriteHandler",
     "REWRITE_HANDLERS",
     "apply_plan",
+    "apply_plan_to_graph",
     "kept_input_channels",
     "kept_output_channels",
     "rewrite_model",
@@ -277,22 +277,6 @@ REWRITE_HANDLERS: Mapping[str, RewriteHandler] = {
 }
 
 
-def _check_handlers() -> list[str]:
-    problems = []
-    for op, rule in RULES.items():
-        handler = REWRITE_HANDLERS.get(op)
-        if rule.behaviour is Behaviour.SOURCE and (handler is None or not handler.prune_output or not handler.prune_input):
-            problems.append(f"source op {op} needs output and input handlers")
-        if rule.follower and (handler is None or handler.prune_follower is None):
-            problems.append(f"follower op {op} needs a follower handler")
-    return problems
-
-
-_PROBLEMS = _check_handlers()
-if _PROBLEMS:  # pragma: no cover - checked once at import
-    raise ImportError("onnxslim.prune.rewrite: " + "; ".join(_PROBLEMS))
-
-
 @dataclass
 class _Removal:
     """Channels removed from one role of one node (its output, an input, or as a follower), all groups."""
@@ -367,7 +351,14 @@ def apply_plan(model: onnx.ModelProto, groups: Sequence[ChannelGroup], plan: Pru
 
     Stale value_info is dropped and shapes re-inferred with the model's own (symbolic) input dims.
     """
-    graph = gs.import_onnx(model)
+    return apply_plan_to_graph(gs.import_onnx(model), model, groups, plan)
+
+
+def apply_plan_to_graph(
+    graph: gs.Graph, template: onnx.ModelProto, groups: Sequence[ChannelGroup], plan: PrunePlan
+) -> onnx.ModelProto:
+    """`apply_plan` on a graph already imported from `template` (the pipeline's analysis graph, so the model
+    is imported once per prune). The graph is edited in place; the pruned model keeps `template`'s metadata."""
     nodes = {node.name: node for node in graph.nodes}
     slicer = _Slicer(int(graph.opset or onnx.defs.onnx_opset_version()))
     for (role, name, where), removal in _collect_removals(groups, plan).items():
@@ -386,7 +377,7 @@ def apply_plan(model: onnx.ModelProto, groups: Sequence[ChannelGroup], plan: Pru
         if isinstance(tensor, gs.Variable) and tensor.name not in keep:
             tensor.shape = None
     graph.cleanup().toposort()
-    pruned = export_model(graph, model)
+    pruned = export_model(graph, template)
     del pruned.graph.value_info[:]
     try:
         return onnx.shape_inference.infer_shapes(pruned, check_type=False, strict_mode=False)

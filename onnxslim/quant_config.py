@@ -1,0 +1,282 @@
+"""int8 quantization: the constants, options (`QuantConfig`, `QuantizeOptions`) and result dataclasses
+that the steps in quant_prepare, quant_calibrate, quant_speed and quantize share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxslim.cpu import CpuChoice, CpuFeatures
+from onnxslim.errors import UsageError
+from onnxslim.io import Validation
+from onnxslim.metrics import (
+    Accuracy,
+    Fidelity,
+)
+from onnxslim.quant_guard import (
+    MAX_TRIALS,
+    RANGE_RATIO,
+    AccuracyBudget,
+    BudgetCheck,
+    ExclusionTrial,
+    NodeError,
+)
+
+FORMATS = ("qdq", "qoperator")
+METHODS = ("minmax", "entropy", "percentile")
+INT8_TYPES = ("u8", "s8")
+MIN_SPEEDUP = 1.05  # int8 must be at least 5 % faster than fp32 to be kept (see the module docstring)
+HOLDOUT_FRACTION = 0.2
+CALIBRATION_MEMORY = 256 * 2**20
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's `axis` (per-channel weights in QDQ) needs opset 13
+MIN_QUANT_OPSET = 10  # QuantizeLinear/DequantizeLinear exist from opset 10
+
+# Ops that mean a model is already quantized: refused, never quantized twice.
+QUANTIZED_OP_TYPES = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "ConvInteger",
+        "MatMulInteger",
+        "QGemm",
+        "QAttention",
+        "DynamicQuantizeMatMul",
+        "DynamicQuantizeLSTM",
+        "MatMulIntegerToFloat",
+        "MatMulNBits",
+    }
+)
+# The compute ops: the "compute ops only" alternative quantizes these and nothing else.
+COMPUTE_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+_QUANT_TYPE_NAMES = {"u8": "QUInt8", "s8": "QInt8"}
+_METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+_FORMAT_NAMES = {"qdq": "QDQ", "qoperator": "QOperator"}
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+_ORT_METADATA = ("onnx.infer", "onnx.quant.pre_process")
+
+
+# --------------------------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """One way to quantize: format, activation and weight types, weight granularity, which op types.
+
+    op_types None means every op type onnxruntime's quantizer handles; otherwise only these.
+    """
+
+    format: str = "qdq"
+    activations: str = "u8"
+    weights: str = "s8"
+    per_channel: bool = True
+    reduce_range: bool | None = None  # None: chosen for the CPU (see cpu.py)
+    op_types: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise UsageError(f"quantization format must be one of {list(FORMATS)}, not {self.format!r}")
+        for what, value in (("activations", self.activations), ("weights", self.weights)):
+            if value not in INT8_TYPES:
+                raise UsageError(f"{what} type must be one of {list(INT8_TYPES)}, not {value!r}")
+        if self.activations == "s8" and self.weights == "u8":
+            raise UsageError("s8 activations with u8 weights is not supported by onnxruntime; use --weights s8")
+
+    @property
+    def label(self) -> str:
+        """'qdq u8/s8 per-channel', '+ compute ops only' when op types are restricted."""
+        text = f"{self.format} {self.activations}/{self.weights} {'per-channel' if self.per_channel else 'per-tensor'}"
+        if self.reduce_range:
+            text += " reduce-range"
+        if self.op_types is not None:
+            text += " compute-ops-only" if set(self.op_types) == set(COMPUTE_OP_TYPES) else f" ops={','.join(self.op_types)}"
+        return text
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Everything `quantize_model` needs besides the model and the data.
+
+    exclude: node-name globs or op types (an entry equal to an op type in the model excludes every node of
+        that type) left in fp32.
+    force: keep the fastest int8 model even when no candidate is `min_speedup` faster than fp32.
+    threads: intra-op threads for the timing sessions (None: the physical cores available).
+    calibration_memory: bytes of intermediate outputs the calibrator may hold at once (see module docstring).
+    """
+
+    config: QuantConfig = field(default_factory=QuantConfig)
+    method: str = "minmax"
+    exclude: tuple[str, ...] = ()
+    force: bool = False
+    min_speedup: float = MIN_SPEEDUP
+    threads: int | None = None
+    holdout_fraction: float = HOLDOUT_FRACTION
+    calibration_memory: int = CALIBRATION_MEMORY
+    output: str | None = None  # the output fidelity and accuracy read; default the first
+    budget: AccuracyBudget = field(default_factory=AccuracyBudget)
+    max_trials: int = MAX_TRIALS  # trial quantizations the accuracy guard may run (0: only check the budget)
+    cpu: CpuFeatures | None = None  # None: detected from /proc/cpuinfo
+    range_ratio: float | None = RANGE_RATIO  # Concats whose inputs' ranges differ more stay fp32 (None: never)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UsageError(f"calibration method must be one of {list(METHODS)}, not {self.method!r}")
+        if self.min_speedup <= 0:
+            raise UsageError(f"min_speedup must be positive, not {self.min_speedup}")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"threads must be at least 1, not {self.threads}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise UsageError(f"holdout fraction must be in [0, 1), not {self.holdout_fraction}")
+        if self.calibration_memory < 1:
+            raise UsageError("calibration memory must be positive")
+        if self.max_trials < 0:
+            raise UsageError(f"max trials must be 0 or more, not {self.max_trials}")
+
+
+# --------------------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class CandidateTiming:
+    """One int8 candidate as measured: median latency next to fp32's from the same interleaved run.
+
+    On failure (the quantizer or onnxruntime refused it) the numbers are None and `error` says why.
+    """
+
+    config: QuantConfig
+    latency_ms: float | None
+    fp32_latency_ms: float | None
+    size_bytes: int | None = None
+    nodes_quantized: int | None = None
+    error: str | None = None
+    budget_met: bool | None = None  # None: not checked (counts as met)
+    score: float | None = None  # fidelity score on the held-out data, when checked
+
+    @property
+    def speedup(self) -> float | None:
+        if self.latency_ms is None or self.fp32_latency_ms is None or self.latency_ms <= 0:
+            return None
+        return self.fp32_latency_ms / self.latency_ms
+
+
+@dataclass(frozen=True)
+class SpeedDecision:
+    """What the speed guard chose: `chosen` is the int8 candidate to keep (None: keep fp32); `best` is the
+    fastest int8 candidate that ran (None when none did)."""
+
+    chosen: CandidateTiming | None
+    best: CandidateTiming | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class CalibrationSummary:
+    """How calibration ran: the data used and the memory bound it kept."""
+
+    method: str
+    data: str
+    samples: int
+    batches: int
+    batch_size: int
+    tensors: int  # tensors whose ranges were calibrated
+    chunk_batches: int  # batches per collection call: the most the calibrator holds at once
+    bytes_per_batch: int  # intermediate outputs of one batch, over the calibrated tensors
+    memory_bound_bytes: int  # chunk_batches * bytes_per_batch
+    peak_held_batches: int  # the most batches the calibrator actually held (measured)
+    random: bool = False
+    infinite_ranges: tuple[str, ...] = ()  # tensors whose range is infinite: kept fp32 with their readers
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """The fp32 model as the quantizer sees it: opset-upgraded, basic-optimized, shape-inferred."""
+
+    model: onnx.ModelProto
+    source_opset: int
+    opset: int
+    per_channel: bool  # False when per-channel was asked for but the opset upgrade failed
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """The model to write and everything the report shows.
+
+    `model` is the int8 model when `quantized`, else the (normalized) fp32 model. The int8 fields
+    (`config`, `latency_int8_ms`, `size_int8`, `fidelity`, ...) describe the fastest int8 candidate even when
+    it was not kept, so the report can say what int8 would have cost and gained.
+    """
+
+    model: onnx.ModelProto
+    quantized: bool
+    forced: bool
+    reason: str
+    int8_model: onnx.ModelProto  # the fastest int8 candidate (== model when quantized)
+    config: QuantConfig | None
+    method: str
+    latency_fp32_ms: float | None
+    latency_int8_ms: float | None
+    speedup: float | None
+    size_fp32: int
+    size_int8: int | None
+    nodes_quantized: int | None
+    nodes_fp32: int | None
+    fidelity: Fidelity | None
+    fidelity_data: str
+    accuracy_fp32: Accuracy | None
+    accuracy_int8: Accuracy | None
+    output: str
+    calibration: CalibrationSummary
+    candidates: tuple[CandidateTiming, ...]
+    threads: int
+    timing_shapes: dict[str, tuple[int, ...]]
+    min_speedup: float
+    opset: tuple[int, int]  # (source, quantized model)
+    notes: tuple[str, ...] = ()
+    cpu: CpuChoice | None = None
+    budget: AccuracyBudget = field(default_factory=AccuracyBudget)
+    budget_check: BudgetCheck | None = None  # the reported int8 model against the budget
+    fp32_nodes: tuple[NodeError, ...] = ()  # nodes the guard (and --exclude) kept in fp32, and why
+    method_trials: tuple[MethodTrial, ...] = ()
+    exclusion_trials: tuple[ExclusionTrial, ...] = ()
+    max_trials: int = MAX_TRIALS
+    validation: Validation | None = field(default=None, repr=False)  # what `validate` proved, for write_validated
+
+    @property
+    def budget_met(self) -> bool | None:
+        return None if self.budget_check is None else self.budget_check.met
+
+    @property
+    def accuracy_delta(self) -> float | None:
+        """int8 top-1 minus fp32 top-1 (points as a fraction), when labels were given."""
+        if self.accuracy_fp32 is None or self.accuracy_int8 is None:
+            return None
+        return self.accuracy_int8.top1 - self.accuracy_fp32.top1
+
+    @property
+    def format(self) -> str | None:
+        return None if self.config is None else self.config.format
+
+    @property
+    def activations(self) -> str | None:
+        return None if self.config is None else self.config.activations
+
+
+@dataclass(frozen=True)
+class MethodTrial:
+    """One calibration method tried by the accuracy guard, with every node of the first trial quantized."""
+
+    method: str
+    check: BudgetCheck
+
+
+# Progress: (stage, done, total), e.g. ("calibrating", 12, 205). Stages: calibrating, quantizing, timing,
+# evaluating. `done` counts up to `total` within a stage.
+ProgressCallback = Callable[[str, int, int], None]
+# Timer: the models to time (config None is the fp32 reference, always first) and the feeds; returns the
+# median latency in ms of each, measured in one run.
+Timer = Callable[[Sequence[tuple["QuantConfig | None", onnx.ModelProto]], Mapping[str, np.ndarray]], Sequence[float]]
