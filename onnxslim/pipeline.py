@@ -448,7 +448,10 @@ def _search_budget(
     for _ in range(levels):
         keep = round((low + high) / 2, 3)
         result, trial = level(keep)
+        repeat = any(abs(t.macs_kept - trial.macs_kept) < 1e-9 for t in trials)
         trials.append(trial)
+        if repeat:  # rounding to --round-to gives the same model as a level already tried: resolution reached
+            break
         if trial.pruned_met:
             passed.append((keep, result, len(trials) - 1))
             high = keep
