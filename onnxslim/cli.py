@@ -11,6 +11,7 @@ import functools
 import logging
 import shlex
 import sys
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -189,10 +190,19 @@ def inspect(model: str, input_shapes: tuple[str, ...], top: int, as_json: bool) 
 
 
 def _progress_bars(stack: ExitStack) -> Any:
-    """A `progress(stage, done, total)` callback drawing one click progress bar per stage on stderr (None
-    when stderr is not a terminal: a log or a pipe would keep only each bar's label)."""
+    """A `progress(stage, done, total)` callback drawing one click progress bar per stage on stderr; when
+    stderr is not a terminal (a log, a pipe), one line as each stage starts and as it ends instead."""
     if not sys.stderr.isatty():
-        return None
+        started: dict[str, float] = {}
+
+        def log(stage: str, done: int, total: int) -> None:
+            if stage not in started or done < 1:
+                started[stage] = time.perf_counter()
+                click.echo(f"{stage} …", err=True)
+            if done >= total:
+                click.echo(f"{stage} done ({total}, {time.perf_counter() - started.pop(stage):.1f} s)", err=True)
+
+        return log
     bars: dict[str, Any] = {}
 
     def advance(stage: str, done: int, total: int) -> None:
@@ -540,7 +550,7 @@ def _budget_options(f: Any) -> Any:
                      "Default without labels: 0.99.")(f)
     return click.option("--max-drop", type=click.FloatRange(0, 100), default=None, metavar="X",
                         help="Budget: at most X points of top-1 lost against the original (needs labels). Default with "
-                        "labels: 0.5.")(f)
+                        "labels: 0.5. Given with --min-fidelity, both must hold.")(f)
 
 
 @cli.command()

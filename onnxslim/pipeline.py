@@ -186,21 +186,24 @@ class OptimizeResult:
 
 
 def choose_final(
-    candidates: Sequence[tuple[str, float, bool]], min_speedup: float
+    candidates: Sequence[tuple[str, float, bool, float | None]], min_speedup: float
 ) -> tuple[str, str]:
-    """Pure: (name, why) of the model to ship from (name, measured speedup, meets the budget) — the fastest
-    that meets the budget and is at least `min_speedup` faster than the original; else the original."""
-    eligible = [(speedup, name) for name, speedup, met in candidates if name != "original" and met]
-    fast = [(speedup, name) for speedup, name in eligible if speedup >= min_speedup]
+    """Pure: (name, why) of the model to ship from (name, measured speedup, meets the budget, lowest speedup
+    over the blocks of the interleaved run or None) — the fastest that meets the budget, is at least
+    `min_speedup` faster than the original and faster in every block of the run (not within its noise);
+    else the original (as loaded: Constant nodes become initializers, the outputs are the same)."""
+    eligible = [(speedup, name, low) for name, speedup, met, low in candidates if name != "original" and met]
+    fast = [(speedup, name) for speedup, name, low in eligible if speedup >= min_speedup and (low is None or low > 1.0)]
     if fast:
         speedup, name = max(fast)
         return name, f"{name} is {speedup:.2f}x as fast as the original and meets the budget"
     if not eligible:
         return "original", "no candidate met the accuracy budget; optimized.onnx is the original"
-    speedup, name = max(eligible)
+    speedup, name, low = max(eligible)
+    noise = f", and as slow as it in part of the run ({low:.2f}x)" if low is not None and low <= 1.0 else ""
     return "original", (
-        f"the fastest candidate that meets the budget ({name}, {speedup:.2f}x) is not {min_speedup:.2f}x as fast "
-        "as the original; optimized.onnx is the original"
+        f"the fastest candidate that meets the budget ({name}, {speedup:.2f}x{noise}) is not reliably "
+        f"{min_speedup:.2f}x as fast as the original; optimized.onnx is the original"
     )
 
 
@@ -217,6 +220,15 @@ class _Judge:
 
         self.split = _split(calib, evaluation, HOLDOUT_FRACTION)
         self._evaluate = _Evaluator(original, self.split, select_output(original), threads=threads, progress=None)
+        # without --eval, the judged batches (the last ones of --calib) must not be seen by pruning either
+        self.calibration_samples = None if evaluation is not None else self.split.calibration_batches * calib.batch_size
+        self.note = None
+        if evaluation is None:
+            held = calib.num_samples - (self.calibration_samples or 0)
+            self.note = (
+                f"no --eval: the budget is checked on the last {held} samples of --calib, which neither pruning nor "
+                "int8 calibration saw" + ("; that few samples make a noisy measure: give --eval" if held < 200 else "")
+            )
 
     @property
     def labelled(self) -> bool:
@@ -234,25 +246,31 @@ def _prune_options(keep: float, options: OptimizeOptions) -> PruneOptions:
     )
 
 
-def _curves(loaded: LoadedModel, options: OptimizeOptions, calib: Dataset, input_shapes: Any, progress: Progress | None) -> Any:
+def _curves(
+    loaded: LoadedModel, options: OptimizeOptions, calib: Dataset, input_shapes: Any, progress: Progress | None,
+    samples: int | None,
+) -> Any:
     """With `--allocate sensitivity`, the damage curves of the eligible groups, measured once for every level."""
     if options.allocate != "sensitivity":
         return None
     from onnxslim.prune.pruner import new_state, run_pipeline
     from onnxslim.prune.sensitivity import ALLOCATION_RATIOS, measure_curves
 
-    state = new_state(loaded, _prune_options(0.5, options), input_shapes=input_shapes, calib=calib, progress=progress)
+    state = new_state(
+        loaded, _prune_options(0.5, options), input_shapes=input_shapes, calib=calib, progress=progress,
+        max_samples=samples,
+    )
     run_pipeline(state, until="score")
     return measure_curves(state, ALLOCATION_RATIOS, state.eligible, progress=progress)
 
 
 def _prune(
     loaded: LoadedModel, keep: float, options: OptimizeOptions, calib: Dataset, input_shapes: Any,
-    progress: Progress | None, curves: Any = None,
+    progress: Progress | None, curves: Any = None, samples: int | None = None,
 ) -> PruneResult:
     return prune_model(
         loaded, _prune_options(keep, options), input_shapes=input_shapes, calib=calib, progress=progress,
-        sensitivity=curves,
+        sensitivity=curves, max_samples=samples,
     )
 
 
@@ -302,10 +320,9 @@ def check_outdir(outdir: str | os.PathLike[str], source: str | os.PathLike[str],
     folder = Path(outdir)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{folder} is a file; the output of optimize is a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot make the output folder {folder}: {e.strerror or e}") from e
+    if not folder.exists():  # made when the outputs are written, so a failed run leaves nothing behind
+        check_output_path(folder, sources=[source])  # its parent exists and can be written to
+        return folder
     for name in OUTPUT_FILES:
         if prune or name not in ("pruned.onnx", "plan.json"):
             check_output_path(folder / name, sources=[source])
@@ -321,6 +338,10 @@ def write_outputs(
     from onnxslim.report import optimize_json, plan_record, plot_optimize, render_optimize, to_json
 
     folder = Path(outdir)
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot make the output folder {folder}: {e.strerror or e}") from e
     shapes: dict[str, tuple[int, ...]] = {}
     if result.prune is not None:
         shapes = dict(result.prune.analysis_shapes)
@@ -343,6 +364,8 @@ def write_outputs(
         stage.add_text(to_json(optimize_json(result, str(folder))) + "\n", folder / "report.json", sources=[source])
         if picture is not None:
             stage.add_bytes(picture, folder / "report.png", sources=[source])
+    for stale in set(OUTPUT_FILES) - set(files):  # an earlier run's outputs this one did not make
+        (folder / stale).unlink(missing_ok=True)
     return result
 
 
@@ -370,18 +393,18 @@ def search_and_measure(
     budget = default_budget(options, judge.labelled)
     cpu = choose_for_cpu(detect_cpu(), None)
     trials: list[Trial] = []
-    notes: list[str] = []
+    notes: list[str] = [judge.note] if judge.note else []
     pruned: PruneResult | None = None
     quantized: QuantizeResult | None = None
 
     # a searched level is judged with half the budget (int8 spends the rest); a given --target-macs with all
     level_budget = budget if options.target_macs is not None else _half(budget)
 
-    curves = _curves(loaded, options, calib_data, input_shapes, progress) if options.prune else None
+    curves = _curves(loaded, options, calib_data, input_shapes, progress, judge.calibration_samples) if options.prune else None
 
     def level(keep: float) -> tuple[PruneResult, Trial]:
         begin = time.perf_counter()
-        result = _prune(loaded, keep, options, calib_data, input_shapes, progress, curves)
+        result = _prune(loaded, keep, options, calib_data, input_shapes, progress, curves, judge.calibration_samples)
         check, _, _ = judge(result.model, level_budget)
         trial = Trial(keep, result.macs_after / result.macs_before, check.score, check.drop, check.met,
                       seconds=time.perf_counter() - begin)
@@ -544,7 +567,12 @@ def _measure(
         )
     candidates = tuple(Candidate(name, row, checks.get(name)) for name, row in zip(models, bench.models, strict=True))
     chosen, reason = choose_final(
-        [(c.name, c.bench.speedup, c.check.met if c.check is not None else True) for c in candidates], options.min_speedup
+        [
+            (c.name, c.bench.speedup, c.check.met if c.check is not None else True,
+             c.bench.speedup_range[0] if c.bench.speedup_range is not None else None)
+            for c in candidates
+        ],
+        options.min_speedup,
     )
     met = chosen == "original" or checks[chosen].met
     result = OptimizeResult(
@@ -622,12 +650,12 @@ def sweep(
     judge = _Judge(loaded.model, calib_data, evaluation, threads)
     budget = default_budget(options, judge.labelled)
     built: list[tuple[float, float, bool, onnx.ModelProto]] = []
-    curves = _curves(loaded, options, calib_data, input_shapes, progress)
+    curves = _curves(loaded, options, calib_data, input_shapes, progress, judge.calibration_samples)
     for target in sorted(set(targets), reverse=True):
         if target >= 1.0:
             model_at, kept = loaded.model, 1.0
         else:
-            result = _prune(loaded, target, options, calib_data, input_shapes, progress, curves)
+            result = _prune(loaded, target, options, calib_data, input_shapes, progress, curves, judge.calibration_samples)
             model_at, kept = result.model, result.macs_after / result.macs_before
         is_int8 = False
         if quantize:

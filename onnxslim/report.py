@@ -456,8 +456,10 @@ def _recovery_lines(result: PruneResult) -> list[str]:
             f"against the original on {evaluation.samples} samples of {evaluation.data}",
             format_table(["", "pruned as sliced", f"after {result.recover}"], rows),
         ]
-        lines.append("(cosine: the lower of the mean cosine and the worst output channel's; top-1 agreement: share of "
-                     "positions, e.g. every time step, whose top class is the original's)")
+        legend = "cosine: the lower of the mean cosine and the worst output channel's"
+        if any(o.agreement_after is not None for o in evaluation.outputs):
+            legend += "; top-1 agreement: share of positions, e.g. every time step, whose top class is the original's"
+        lines.append(f"({legend})")
         if evaluation.collapsed:
             lines += ["WARNING: the pruned model no longer works (cosine or top-1 agreement under 0.9, or 10 points "
                       "of top-1 lost): prune less (a higher --target-macs), exclude sensitive layers "
@@ -660,6 +662,7 @@ def plot_sensitivity(curves: SensitivityCurves, path: str | Path, *, top: int = 
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
+    axis.set_prop_cycle(color=[plt.get_cmap("tab20")(i) for i in range(20)])  # 12 curves, 12 colours
     for group in curves.groups[:top]:
         ratios = [0.0, *(p.ratio for p in group.points)]
         cosines = [1.0, *(p.cosine for p in group.points)]
@@ -899,8 +902,9 @@ def _optimize_rows(result: OptimizeResult) -> list[list[str]]:
         b = candidate.bench
         name = candidate.name + (" → optimized.onnx" if candidate.name == result.chosen else "")
         met = "-" if candidate.check is None else ("yes" if candidate.check.met else "no: " + candidate.check.why)
+        spread = f" ({b.speedup_range[0]:.2f}–{b.speedup_range[1]:.2f})" if b.speedup_range and candidate.name != "original" else ""
         rows.append([
-            name, f"{b.latency.p50_ms:.3f}", f"{b.latency.p90_ms:.3f}", f"{b.speedup:.2f}x", format_bytes(b.size_bytes),
+            name, f"{b.latency.p50_ms:.3f}", f"{b.latency.p90_ms:.3f}", f"{b.speedup:.2f}x{spread}", format_bytes(b.size_bytes),
             format_count(b.params), format_count(b.macs), _quality(b, candidate.check),
             format_bytes(b.peak_memory_bytes) if b.peak_memory_bytes is not None else "-", met,
         ])
@@ -947,7 +951,8 @@ def render_optimize(result: OptimizeResult, outdir: str | None = None, *, markdo
         format_table(_OPTIMIZE_HEADERS, _optimize_rows(result), markdown=markdown),
         "",
         f"latency of one run on a batch of the evaluation data, {result.threads} threads; speedup = p50 of the "
-        "original / p50 of the model.",
+        "original / p50 of the model (in brackets: its lowest and highest over five blocks of the run — a model "
+        "counts as faster only when it is faster in every block).",
     ]
     if result.trials:
         lines += ["", h(f"Trials ({len(result.trials)} of at most {result.max_trials})"), "",
@@ -964,7 +969,8 @@ def render_optimize(result: OptimizeResult, outdir: str | None = None, *, markdo
                   format_table(["group", "channels", "kept"], rows, markdown=markdown)]
     if result.quantize is not None:
         q = result.quantize
-        lines += ["", h("int8"), "", f"{'kept' if q.quantized else 'not kept'}: {q.reason}"]
+        lines += ["", h("int8"), "", f"{'kept' if q.quantized else 'not kept'} (the quantizer's own timing, against "
+                  f"the fp32 model it was given): {q.reason}"]
         if q.fp32_nodes:
             rows = [[n.name, n.op_type, "-" if n.error is None else f"{n.error:.4f}", n.reason] for n in q.fp32_nodes[:20]]
             lines += ["", "nodes kept in fp32:", "", format_table(["node", "op", "error", "why"], rows, markdown=markdown)]
@@ -1006,6 +1012,7 @@ def optimize_json(result: OptimizeResult, outdir: str | None = None) -> dict[str
         "models": [
             {
                 "name": c.name,
+                "speedup_range": list(c.bench.speedup_range) if c.bench.speedup_range else None,
                 "p50_ms": c.bench.latency.p50_ms,
                 "p90_ms": c.bench.latency.p90_ms,
                 "speedup": c.bench.speedup,

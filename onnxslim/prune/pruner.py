@@ -720,6 +720,7 @@ def prune_model(
     eval_data: Dataset | None = None,
     progress: Progress | None = None,
     sensitivity: SensitivityCurves | None = None,
+    max_samples: int | None = None,
     **fields: Any,
 ) -> PruneResult:
     """Prune `model` as `options` say (or as keyword `fields` of PruneOptions, e.g. `ratio=0.3, round_to=8`).
@@ -728,12 +729,14 @@ def prune_model(
     the pruned model keeps the original's symbolic dims. With `lossless`, dead channels go first and the
     budget applies to the rest. With `calib` (a `calib.open_dataset`), data-aware criteria can be used,
     the pruned layers are recovered (`recover`, default `lsq`), and the result is measured against the
-    original on `eval_data` (else on calibration samples held out of recovery). Raises ValidationError if
-    the result fails validation (a bug in onnxslim).
+    original on `eval_data` (else on calibration samples held out of recovery). `max_samples` limits the
+    calibration data to its first samples (a caller keeping the rest for its own measurement). Raises
+    ValidationError if the result fails validation (a bug in onnxslim).
     """
     options = replace(options, **fields) if options is not None else PruneOptions(**fields)
     state = new_state(
-        model, options, input_shapes=input_shapes, calib=calib, eval_data=eval_data, progress=progress
+        model, options, input_shapes=input_shapes, calib=calib, eval_data=eval_data, progress=progress,
+        max_samples=max_samples,
     )
     state.sensitivity = sensitivity  # `--allocate sensitivity` with curves measured earlier: not measured again
     with collector_paused():  # linear time on big graphs (graph.py)
