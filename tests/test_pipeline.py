@@ -176,3 +176,28 @@ def test_without_eval_data_pruning_never_sees_the_samples_the_budget_is_checked_
     assert result.prune is not None and result.prune.recovery is not None
     assert result.prune.recovery.samples == 64 - 12  # the last 12 of 64 batches are the judge's
     assert "last 12 samples of --calib" in result.data or any("last 12 samples" in note for note in result.notes)
+
+
+def test_target_speedup_keeps_the_least_pruned_level_that_reaches_it(
+    small: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An injected timer: a model is 1 / (MACs kept) as fast as the original."""
+    model, calib, evaluation = small
+    monkeypatch.setattr(pipeline, "_speedup", lambda original, candidate, options: 1.0 / _macs_fraction(original, candidate))
+    options = OptimizeOptions(target_speedup=1.6, quantize=False, max_trials=4, min_fidelity=0.0)
+    result, _ = pipeline.search_and_measure(model, calib, options, eval_data=evaluation)
+    assert 1 <= len(result.trials) <= 4
+    reached = [t for t in result.trials if t.speedup is not None and t.speedup >= 1.6]
+    assert reached and result.prune is not None
+    kept = result.prune.macs_after / result.prune.macs_before
+    assert kept == pytest.approx(max(t.macs_kept for t in reached))
+
+
+def _macs_fraction(original: onnx.ModelProto, candidate: onnx.ModelProto) -> float:
+    from onnxslim.analysis.cost import compute_cost
+    from onnxslim.io import infer_tensor_infos
+
+    shapes = {"input": (1, 3, 12, 12)}
+    return compute_cost(candidate, infer_tensor_infos(candidate, shapes)).macs / compute_cost(
+        original, infer_tensor_infos(original, shapes)
+    ).macs
