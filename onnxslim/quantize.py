@@ -601,12 +601,21 @@ def quantize_model(
     def default_timer(entries: Sequence[tuple[QuantConfig | None, onnx.ModelProto]], feeds: Mapping[str, np.ndarray]) -> list[float]:
         return measure_latencies([m for _, m in entries], feeds, threads=threads, progress=progress)
 
-    evaluator = _Evaluator(source, split, output, threads=threads, progress=progress)
+    # every output is judged (a sentence encoder's embedding is its second output): the budget reads the
+    # worst one; accuracy reads the first (or --output)
+    judged = [output] if options.output is not None else [o.name for o in source.graph.output]
+    evaluators = [_Evaluator(source, split, name, threads=threads, progress=progress) for name in judged]
+    evaluator = evaluators[judged.index(output)]
     evaluated: dict[tuple[QuantConfig, str, tuple[str, ...]], tuple[Fidelity, Accuracy | None, Accuracy | None, BudgetCheck]] = {}
+    worst_output: dict[tuple[QuantConfig, str, tuple[str, ...]], str] = {}
 
     def evaluate(int8: onnx.ModelProto, key: tuple[QuantConfig, str, tuple[str, ...]]) -> BudgetCheck:
         if key not in evaluated:
-            fidelity, accuracy_fp32, accuracy_int8 = evaluator(int8)
+            fidelities = [e(int8) for e in evaluators]
+            _, accuracy_fp32, accuracy_int8 = fidelities[judged.index(output)]
+            worst = min(range(len(judged)), key=lambda i: fidelities[i][0].score)
+            fidelity = fidelities[worst][0]
+            worst_output[key] = judged[worst]
             evaluated[key] = (fidelity, accuracy_fp32, accuracy_int8, check_budget(budget, fidelity, accuracy_fp32, accuracy_int8))
         return evaluated[key][3]
 
@@ -726,6 +735,9 @@ def quantize_model(
     assert isinstance(int8, onnx.ModelProto)
     validation = validate(int8, source, shapes, feeds=feeds) if decision.chosen is not None else None
     fidelity, accuracy_fp32, accuracy_int8, budget_check = evaluated[(best.config, method, tuple(excluded))]
+    judged_output = worst_output[(best.config, method, tuple(excluded))]
+    if len(judged) > 1:
+        notes.append(f"fidelity is the worst of the {len(judged)} outputs: {judged_output!r}")
     if evaluator.note:
         notes.append(evaluator.note)
     quantized_nodes, fp32_count = candidates.count(best.config, int8)
@@ -754,7 +766,7 @@ def quantize_model(
         fidelity_data=split.description,
         accuracy_fp32=accuracy_fp32,
         accuracy_int8=accuracy_int8,
-        output=output,
+        output=judged_output,
         calibration=calibration,
         candidates=tried,
         threads=threads,

@@ -44,6 +44,7 @@ from onnxslim.quantize import (
     CandidateTiming,
     QuantConfig,
     QuantizeOptions,
+    QuantizeResult,
     alternatives,
     calibrate,
     decide,
@@ -805,3 +806,38 @@ def test_rank_blocks_takes_a_layer_norm_whole_and_the_readers_of_a_tensor() -> N
     assert len(ranked) == 2
     assert ranked[0].nodes[0] == residual and len(ranked[0].nodes) > 1  # with the next residual Add reading it
     assert set(norms[0]) <= set(ranked[1].nodes)
+
+
+def test_every_output_is_judged_and_the_worst_is_reported(tmp_path: Path) -> None:
+    """Two outputs (a classifier's logits and an embedding): the budget reads the worse of the two, the one
+    that --output alone would not see when it names the other."""
+    rng = np.random.default_rng(2)
+    h = onnx.helper
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.concatenate([np.full(8, 1e3), np.full(8, 1e-3)]).astype(np.float32)[None], "scale"),
+    ]
+    nodes = [
+        h.make_node("MatMul", ["x", "w1"], ["hidden"], name="hidden"),
+        h.make_node("Relu", ["hidden"], ["act"], name="relu"),
+        h.make_node("MatMul", ["act", "w2"], ["logits"], name="classifier"),
+        h.make_node("Mul", ["act", "scale"], ["embedding"], name="embed"),
+    ]
+    graph = h.make_graph(nodes, "two_outputs", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8])],
+                         [h.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 4]),
+                          h.make_tensor_value_info("embedding", onnx.TensorProto.FLOAT, ["N", 16])], inits)
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 13)]), tmp_path / "two.onnx")
+    np.savez(tmp_path / "x.npz", x=rng.standard_normal((32, 8)).astype(np.float32))
+    loaded = load_model(tmp_path / "two.onnx")
+
+    def run(output: str | None) -> QuantizeResult:
+        options = QuantizeOptions(max_trials=0, output=output)
+        return quantize_model(loaded, dataset(tmp_path / "x.npz", loaded.model), options, timer=FAST)
+
+    both, logits, embedding = run(None), run("logits"), run("embedding")
+    scores = {"logits": logits.fidelity.score, "embedding": embedding.fidelity.score}  # type: ignore[union-attr]
+    worse = min(scores, key=lambda name: scores[name])
+    assert both.output == worse and both.fidelity is not None
+    assert both.fidelity.score == pytest.approx(scores[worse])
+    assert any("worst of the 2 outputs" in note for note in both.notes)
