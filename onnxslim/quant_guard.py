@@ -391,7 +391,11 @@ def relative_errors(
         axis = _channel_axis(np.ndim(ref))
         ref64 = np.moveaxis(np.asarray(ref, np.float64), axis, 0).reshape(np.shape(ref)[axis], -1)
         cand64 = np.moveaxis(np.asarray(cand, np.float64), axis, 0).reshape(np.shape(ref)[axis], -1)
-        noise, signal = np.sum((cand64 - ref64) ** 2, axis=1), np.sum(ref64 * ref64, axis=1)
+        finite = np.isfinite(ref64) & np.isfinite(cand64)  # an attention mask's -inf: no error to measure there
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = np.where(finite, cand64 - ref64, 0.0)
+            ref_finite = np.where(finite, ref64, 0.0)
+        noise, signal = np.sum(diff**2, axis=1), np.sum(ref_finite * ref_finite, axis=1)
         entry = sums.get(name)
         if entry is None or len(entry[0]) != len(noise):
             sums[name] = [noise, signal]

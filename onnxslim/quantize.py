@@ -647,6 +647,11 @@ def quantize_model(
                 int8 = build(config, method, nodes)
             except UnsupportedModelError as e:
                 return BudgetCheck(False, -1.0, None, str(e))
+            except DataError as e:
+                if method == options.method:
+                    raise  # the method asked for cannot calibrate on this data: the user must know
+                # another method tried by the guard: its calibrator failed (a histogram of infinite values)
+                return BudgetCheck(False, -1.0, None, f"{method} calibration failed: {first_line(e)}")
             return evaluate(int8, key)
 
         # Concats joining very different ranges: fp32 from the start (quant_guard module docstring).

@@ -841,3 +841,14 @@ def test_every_output_is_judged_and_the_worst_is_reported(tmp_path: Path) -> Non
     assert both.output == worse and both.fidelity is not None
     assert both.fidelity.score == pytest.approx(scores[worse])
     assert any("worst of the 2 outputs" in note for note in both.notes)
+
+
+def test_a_calibration_method_that_fails_on_infinite_values_is_a_failed_trial_not_a_crash(tmp_path: Path) -> None:
+    """The guard's other methods build histograms, which fail on -inf: recorded, and the search goes on."""
+    onnx.save(_masked_attention(), tmp_path / "attention.onnx")
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(1).standard_normal((16, 4, 8)).astype(np.float32))
+    loaded = load_model(tmp_path / "attention.onnx")
+    options = QuantizeOptions(budget=AccuracyBudget(min_fidelity=0.999999), max_trials=3)
+    result = quantize_model(loaded, dataset(tmp_path / "x.npz", loaded.model), options, timer=FAST)
+    failed = [t for t in result.method_trials if "calibration failed" in t.check.why]
+    assert failed and all(t.method != "minmax" for t in failed)
