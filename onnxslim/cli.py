@@ -754,7 +754,9 @@ def sensitivity(
               help="MiB of intermediate outputs calibration may hold at once. Memory stays within this (or one "
               "batch's intermediate outputs, if larger) whatever the number of samples, for every --method.")
 @click.option("--force", is_flag=True,
-              help=f"Write the fastest int8 model even when it is not at least {MIN_SPEEDUP:.2f}x as fast as fp32.")
+              help=f"Write an int8 model even when none is at least {MIN_SPEEDUP:.2f}x as fast as fp32 or none meets "
+              "the budget: the fastest of the variants that meet the budget, else the one closest to fp32 of those "
+              "whose fidelity was measured.")
 @json_option
 @quiet_option
 @click.pass_context
