@@ -318,3 +318,18 @@ def test_a_sequence_first_output_is_compared_at_every_time_step(tmp_path: Path) 
     held = np.arange(40) % 5 == 4  # the samples measure held out, on the batch axis (1)
     expected = float(np.mean(want[:, held].argmax(-1) == got[:, held].argmax(-1)))
     assert output.agreement_after == pytest.approx(expected)
+
+
+def test_huge_activations_do_not_break_the_refit() -> None:
+    """Inputs of 1e18 (as a real export's unnormalized activations reached): the Gram sums pass float32's
+    range, and the refit must still restore the layer, never write NaN."""
+    model = _redundant_chain()
+    normalized, groups, plan, pruned = _pruned(model, {"conv1": (0, 1, 2, 3)})
+    feeds = [{"x": f["x"] * np.float32(1e18)} for f in _feeds(normalized, 64)]
+    recovered, report = recover_model(
+        normalized, pruned, ["conv2"], kept_output_channels(groups, plan), feeds, RecoverOptions(ridge=0.0),
+    )
+    test = {"x": _feeds(normalized, 8, seed=9)[0]["x"] * np.float32(1e18)}
+    got, want = run_model(recovered, test)[0], run_model(normalized, test)[0]
+    assert np.all(np.isfinite(got)) and report.nodes[0].method == "lsq"
+    assert_outputs_close([got], [want], rel=1e-3)

@@ -174,7 +174,7 @@ class Evaluation:
     def collapsed(self) -> bool:
         """The recovered model is broken: an output's cosine or top-1 agreement under 0.9, or 10 points of
         accuracy lost."""
-        if any(o.cosine_after < COLLAPSE_COSINE for o in self.outputs):
+        if any(not o.cosine_after >= COLLAPSE_COSINE for o in self.outputs):  # NaN (a broken output) too
             return True
         if any(o.agreement_after is not None and o.agreement_after < COLLAPSE_COSINE for o in self.outputs):
             return True

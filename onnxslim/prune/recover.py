@@ -433,10 +433,10 @@ class _Normal:
     def add(self, features: np.ndarray, targets: np.ndarray) -> None:
         if not len(features):
             return
-        # products in float32 through BLAS, one group at a time (an einsum over groups does not reach BLAS),
-        # sums in float64: a chunk's float32 rounding is far below the refit's own error
-        a = np.concatenate([features, np.ones((*features.shape[:2], 1), features.dtype)], axis=2).astype(np.float32)
-        t = targets.astype(np.float32)
+        # products in float64 through BLAS, one group at a time (an einsum over groups does not reach BLAS);
+        # float32 overflowed on a real model's large activations
+        a = np.concatenate([features, np.ones((*features.shape[:2], 1), features.dtype)], axis=2).astype(np.float64)
+        t = targets.astype(np.float64)
         if a.shape[1] == 1:
             self.gram[0] += a[:, 0].T @ a[:, 0]
             self.cross[0] += a[:, 0].T @ t[:, 0]
@@ -655,7 +655,10 @@ def _refit(
     scale = check.variance() or float(check.y_square.sum()) or 1.0
 
     def error(values: tuple[np.ndarray, np.ndarray]) -> float:
-        return check.error(*values) / scale
+        if not (np.all(np.isfinite(values[0])) and np.all(np.isfinite(values[1]))):
+            return math.inf  # a solve that broke down is never chosen
+        value = check.error(*values) / scale
+        return value if math.isfinite(value) else math.inf
 
     errors = {method: error(values) for method, values in candidates.items()}
     node = layer.node
