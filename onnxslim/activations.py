@@ -23,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime
 
 from onnxslim.calib import Batch, Dataset
 from onnxslim.errors import DataError, first_line
-from onnxslim.runtime import session_options
+from onnxslim.runtime import cpu_session, session_options
 
 __all__ = ["ChannelStats", "channel_statistics", "StagedRunner", "Progress", "with_outputs"]
 
@@ -89,10 +88,6 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     return exposed
 
 
-def _serialized(model: onnx.ModelProto) -> bytes:
-    return model.SerializeToString()
-
-
 def channel_statistics(
     model: onnx.ModelProto,
     data: Dataset,
@@ -110,7 +105,7 @@ def channel_statistics(
     names = sorted(requests)
     probe = with_outputs(model, names)
     try:
-        session = onnxruntime.InferenceSession(_serialized(probe), session_options(opt_level="basic"), providers=["CPUExecutionProvider"])
+        session = cpu_session(probe, session_options(opt_level="basic"))
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise DataError(f"onnxruntime cannot run the model with its intermediate tensors exposed: {first_line(e)}") from e
     accumulators = {name: _Accumulator() for name in names}
@@ -222,6 +217,7 @@ class StagedRunner:
         """Use `model` for the ranges still to run (same node names; e.g. refit weights)."""
         self._model = model
         self._nodes = list(model.graph.node)
+        self._positions = {node.name: position for position, node in enumerate(self._nodes)}
         self._initializers = {t.name: t for t in model.graph.initializer}
         self._graph_outputs = {o.name for o in model.graph.output}
         self._last_reader: dict[str, int] = {}
@@ -230,10 +226,10 @@ class StagedRunner:
                 self._last_reader[name] = position
 
     def position_of(self, node_name: str) -> int:
-        for position, node in enumerate(self._nodes):
-            if node.name == node_name:
-                return position
-        raise KeyError(f"no node named {node_name!r}")
+        try:
+            return self._positions[node_name]
+        except KeyError:
+            raise KeyError(f"no node named {node_name!r}") from None
 
     @property
     def batches(self) -> int:
@@ -281,9 +277,7 @@ class StagedRunner:
             )
             stage = onnx.helper.make_model(graph, opset_imports=self._model.opset_import, ir_version=self._model.ir_version)
             try:
-                session = onnxruntime.InferenceSession(
-                    stage.SerializeToString(), session_options(opt_level="basic"), providers=["CPUExecutionProvider"]
-                )
+                session = cpu_session(stage, session_options(opt_level="basic"))
             except Exception as e:  # noqa: BLE001
                 raise DataError(f"staged run: onnxruntime cannot run nodes {nodes[0].name}…{nodes[-1].name}: {first_line(e)}") from e
             for batch in range(self._batches):

@@ -534,14 +534,21 @@ def prune(
     click.echo(to_json(prune_json(result, output, plan_out)) if as_json else render_prune(result, output, verbose=verbose))
 
 
-def _fractions(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, ...]:
-    try:
-        fractions = tuple(float(v) for v in value.split(","))
-    except ValueError as e:
-        raise click.BadParameter(f"expected comma-separated fractions, e.g. 1,0.75,0.5, not {value!r}") from e
-    if not fractions or any(not 0.0 < f <= 1.0 for f in fractions):
-        raise click.BadParameter(f"every fraction must be in (0, 1], not {value!r}")
-    return fractions
+def _fraction_list(*, one: bool, example: str) -> Any:
+    """A click callback for a comma-separated list of fractions in (0, 1], or (0, 1) when not `one`;
+    returned sorted and without repeats."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, ...]:
+        try:
+            fractions = tuple(float(v) for v in value.split(","))
+        except ValueError as e:
+            raise click.BadParameter(f"expected comma-separated fractions, e.g. {example}, not {value!r}") from e
+        if not fractions or any(not (0.0 < f <= 1.0 if one else 0.0 < f < 1.0) for f in fractions):
+            bounds = "in (0, 1]" if one else "between 0 and 1 (exclusive)"
+            raise click.BadParameter(f"every fraction must be {bounds}, not {value!r}")
+        return tuple(sorted(set(fractions)))
+
+    return parse
 
 
 def _budget_options(f: Any) -> Any:
@@ -617,7 +624,7 @@ def optimize(
 @click.option("--calib", "calib", metavar="DATA", required=True, help=DATA_HELP)
 @click.option("--eval", "eval_data", metavar="DATA", default=None,
               help="Held-out data to measure and time on (else the last 20% of --calib's batches).")
-@click.option("--target-macs", "targets", default="1,0.9,0.75,0.5,0.3", show_default=True, callback=_fractions,
+@click.option("--target-macs", "targets", default="1,0.9,0.75,0.5,0.3", show_default=True, callback=_fraction_list(one=True, example="1,0.75,0.5"),
               help="The MAC fractions to prune to (1: the original, quantized with --quantize).")
 @click.option("--quantize", is_flag=True, help="Also int8 at every point (each with the accuracy and speed guards).")
 @_budget_options
@@ -652,16 +659,6 @@ def sweep(
     click.echo(to_json(sweep_json(result)) if as_json else render_sweep(result))
 
 
-def _ratios(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, ...]:
-    try:
-        ratios = tuple(float(v) for v in value.split(","))
-    except ValueError as e:
-        raise click.BadParameter(f"expected comma-separated fractions, e.g. 0.1,0.3,0.5, not {value!r}") from e
-    if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
-        raise click.BadParameter(f"every ratio must be between 0 and 1 (exclusive), not {value!r}")
-    return tuple(sorted(set(ratios)))
-
-
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=True, path_type=str))
 @click.option("--calib", "calib", metavar="DATA", required=True,
@@ -669,7 +666,7 @@ def _ratios(ctx: click.Context, param: click.Parameter, value: str) -> tuple[flo
               "--eval is given) measures the damage.")
 @click.option("--eval", "eval_data", metavar="DATA", default=None,
               help="Data to measure the damage on (cosine of every output; top-1 with labels); at most 256 samples are used.")
-@click.option("--ratios", default=",".join(f"{r:g}" for r in DEFAULT_RATIOS), show_default=True, callback=_ratios,
+@click.option("--ratios", default=",".join(f"{r:g}" for r in DEFAULT_RATIOS), show_default=True, callback=_fraction_list(one=False, example="0.1,0.3,0.5"),
               help="Fractions of each group's channels to remove, each tried alone.")
 @click.option("--criterion", type=click.Choice(sorted(CRITERIA)), default="activation", show_default=True,
               help="Which channels go (as in prune).")

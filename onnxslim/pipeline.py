@@ -29,6 +29,7 @@ import os
 import platform
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,13 +37,14 @@ from typing import Any
 
 import onnx
 
-from onnxslim.bench import BenchOptions, BenchResult, ModelBench, benchmark
+from onnxslim.bench import BenchOptions, BenchResult, ModelBench, benchmark, physical_cores
 from onnxslim.calib import DataOptions, Dataset, open_dataset
 from onnxslim.cpu import CpuChoice, choose_for_cpu, detect_cpu
 from onnxslim.errors import UsageError
 from onnxslim.io import LoadedModel, load_model, save_model
 from onnxslim.metrics import Accuracy, Fidelity
 from onnxslim.prune import PruneOptions, PruneResult, prune_model
+from onnxslim.prune.pruner import ALLOCATIONS
 from onnxslim.quant_guard import AccuracyBudget, BudgetCheck, check_budget
 from onnxslim.quantize import HOLDOUT_FRACTION, MIN_SPEEDUP, QuantizeOptions, QuantizeResult, quantize_model
 
@@ -104,8 +106,8 @@ class OptimizeOptions:
             raise UsageError(f"--target-speedup must be above 1, not {self.target_speedup}")
         if self.max_trials < 1:
             raise UsageError(f"--max-trials must be at least 1, not {self.max_trials}")
-        if self.allocate not in ("global", "sensitivity"):
-            raise UsageError(f"--allocate must be global or sensitivity, not {self.allocate!r}")
+        if self.allocate not in ALLOCATIONS:
+            raise UsageError(f"--allocate must be one of {', '.join(ALLOCATIONS)}, not {self.allocate!r}")
         AccuracyBudget(self.max_drop, self.min_fidelity)  # validates the budget
 
 
@@ -214,12 +216,17 @@ class _Judge:
     """A candidate against the original on the evaluation data: fidelity (every element, worst channel) and
     top-1 with labels, checked against a budget. Reuses the quantizer's evaluator (one pass per candidate)."""
 
-    def __init__(self, original: onnx.ModelProto, calib: Dataset, evaluation: Dataset | None, threads: int) -> None:
+    def __init__(
+        self, original: onnx.ModelProto, calib: Dataset, evaluation: Dataset | None, threads: int, remember: int = 8
+    ) -> None:
         from onnxslim.metrics import select_output
         from onnxslim.quantize import _Evaluator, _split
 
+        self._seen: OrderedDict[int, tuple[onnx.ModelProto, list[Fidelity], Accuracy | None, Accuracy | None]] = OrderedDict()
+        self._remember = remember
+
         self.split = _split(calib, evaluation, HOLDOUT_FRACTION)
-        self._evaluate = _Evaluator(original, self.split, select_output(original), threads=threads, progress=None)
+        self._evaluate = _Evaluator(original, self.split, [select_output(original)], threads=threads, progress=None)
         # without --eval, the judged batches (the last ones of --calib) must not be seen by pruning either
         self.calibration_samples = None if evaluation is not None else self.split.calibration_batches * calib.batch_size
         self.note = None
@@ -235,8 +242,16 @@ class _Judge:
         return bool(self._evaluate.want_accuracy)
 
     def __call__(self, model: onnx.ModelProto, budget: AccuracyBudget) -> tuple[BudgetCheck, Fidelity, Accuracy | None]:
-        fidelity, original, candidate = self._evaluate(model)
-        return check_budget(budget, fidelity, original, candidate), fidelity, candidate
+        # a model judged during the search is judged again for the final table (with the whole budget): its
+        # evaluation is remembered, with the model itself so that its id cannot be reused meanwhile
+        remembered = self._seen.get(id(model))
+        if remembered is None:
+            remembered = (model, *self._evaluate(model))
+            self._seen[id(model)] = remembered
+            while len(self._seen) > self._remember:
+                self._seen.popitem(last=False)
+        _, fidelities, original, candidate = remembered
+        return check_budget(budget, fidelities[0], original, candidate), fidelities[0], candidate
 
 
 def _prune_options(keep: float, options: OptimizeOptions) -> PruneOptions:
@@ -388,8 +403,8 @@ def search_and_measure(
     loaded = load_model(model)
     calib_data = open_dataset(calib, loaded.model, data_options)
     evaluation = open_dataset(eval_data, loaded.model, data_options) if eval_data is not None else None
-    threads = options.threads or _physical_cores()
-    judge = _Judge(loaded.model, calib_data, evaluation, threads)
+    threads = options.threads or physical_cores()
+    judge = _Judge(loaded.model, calib_data, evaluation, threads, remember=options.max_trials + 2)
     budget = default_budget(options, judge.labelled)
     cpu = choose_for_cpu(detect_cpu(), None)
     trials: list[Trial] = []
@@ -450,12 +465,6 @@ def search_and_measure(
         pruned, quantized, trials, cpu, threads, search, notes, started, command,
     )
     return result, files
-
-
-def _physical_cores() -> int:
-    from onnxslim.bench import physical_cores
-
-    return physical_cores()
 
 
 def _search_budget(
@@ -646,7 +655,7 @@ def sweep(
     loaded = load_model(model)
     calib_data = open_dataset(calib, loaded.model, data_options)
     evaluation = open_dataset(eval_data, loaded.model, data_options) if eval_data is not None else None
-    threads = options.threads or _physical_cores()
+    threads = options.threads or physical_cores()
     judge = _Judge(loaded.model, calib_data, evaluation, threads)
     budget = default_budget(options, judge.labelled)
     built: list[tuple[float, float, bool, onnx.ModelProto]] = []

@@ -255,31 +255,33 @@ def count_quantized_nodes(
 
 
 class _Evaluator:
-    """Runs int8 candidates against fp32 on the fidelity data: fidelity over every element of the output
-    (its batch axis found once, `metrics.find_batch_axis`), accuracy with labels. The fp32 outputs are kept
-    (up to `cache_bytes`) so each candidate costs one pass of its own."""
+    """Runs int8 candidates against fp32 on the fidelity data, every output of `outputs` in one pass:
+    fidelity over every element of each (its batch axis found once, `metrics.find_batch_axis`), accuracy
+    with labels on the first. The fp32 outputs are kept (up to `cache_bytes`) so each candidate costs one
+    pass of its own."""
 
     def __init__(
         self,
         fp32: onnx.ModelProto,
         split: _Split,
-        output: str,
+        outputs: Sequence[str],
         *,
         threads: int,
         progress: ProgressCallback | None,
         cache_bytes: int = 256 * 2**20,
     ) -> None:
-        self._fp32, self._split, self._output, self._threads, self._progress = fp32, split, output, threads, progress
+        self._fp32, self._split, self._threads, self._progress = fp32, split, threads, progress
+        self.outputs = list(outputs)  # the first is the one accuracy reads
         self._reference = _session(fp32, threads)
-        self._cache: list[np.ndarray | None] = []
+        self._cache: list[list[np.ndarray] | None] = []
         self._cache_left = cache_bytes
-        self.layout: OutputLayout | None = None
+        self.layouts: list[OutputLayout] | None = None
         self.want_accuracy = split.fidelity_data.has_labels
         self.note: str | None = None
         self.fp32_accuracy: Accuracy | None = None
         self.runs = 0
 
-    def _layout_for(self, batch: Batch, want: np.ndarray) -> OutputLayout:
+    def _layout_for(self, batch: Batch, output: str, want: np.ndarray) -> OutputLayout:
         symbolic = all(
             v.type.tensor_type.shape.dim and not v.type.tensor_type.shape.dim[0].HasField("dim_value")
             for v in self._fp32.graph.input if v.name in batch.feeds
@@ -289,72 +291,77 @@ class _Evaluator:
         def probe(samples: int) -> Sequence[int]:
             feeds = {name: np.concatenate([array] * samples)[:samples] if rows == 1 else array[:samples]
                      for name, array in batch.feeds.items()}
-            return np.shape(self._reference.run([self._output], feeds)[0])
+            return np.shape(self._reference.run([output], feeds)[0])
 
-        batch_axis = find_batch_axis(self._fp32, self._output, np.shape(want), rows, probe if symbolic else None)
-        return output_layout(self._fp32, self._output, np.shape(want), batch_axis)
+        batch_axis = find_batch_axis(self._fp32, output, np.shape(want), rows, probe if symbolic else None)
+        return output_layout(self._fp32, output, np.shape(want), batch_axis)
 
-    def _rows(self, array: np.ndarray, batch: Batch) -> np.ndarray:
-        """The rows of a padded batch that hold real samples, on the output's batch axis."""
-        assert self.layout is not None
-        axis = self.layout.batch_axis
-        if axis is None:
-            return array
-        return np.take(array, np.arange(batch.size), axis=axis)
+    def _rows(self, arrays: Sequence[np.ndarray], batch: Batch) -> list[np.ndarray]:
+        """The rows of a padded batch that hold real samples, on each output's batch axis."""
+        assert self.layouts is not None
+        return [
+            array if layout.batch_axis is None else np.take(array, np.arange(batch.size), axis=layout.batch_axis)
+            for array, layout in zip(arrays, self.layouts, strict=True)
+        ]
 
-    def _reference_outputs(self, number: int, batch: Batch) -> np.ndarray:
+    def _reference_outputs(self, number: int, batch: Batch) -> list[np.ndarray]:
         if number - 1 < len(self._cache) and self._cache[number - 1] is not None:
             cached = self._cache[number - 1]
             assert cached is not None
             return cached
-        want = self._reference.run([self._output], batch.feeds)[0]
-        if self.layout is None:
-            self.layout = self._layout_for(batch, want)
-        want = self._rows(want, batch)
+        produced = [np.asarray(a) for a in self._reference.run(self.outputs, batch.feeds)]
+        if self.layouts is None:
+            self.layouts = [self._layout_for(batch, name, want) for name, want in zip(self.outputs, produced, strict=True)]
+        wants = self._rows(produced, batch)
         if number - 1 == len(self._cache):
-            keep = want.nbytes <= self._cache_left
-            self._cache.append(want if keep else None)
-            self._cache_left -= want.nbytes if keep else 0
-        return want
+            size = sum(want.nbytes for want in wants)
+            keep = size <= self._cache_left
+            self._cache.append(wants if keep else None)
+            self._cache_left -= size if keep else 0
+        return wants
 
-    def __call__(self, int8: onnx.ModelProto) -> tuple[Fidelity, Accuracy | None, Accuracy | None]:
-        """Fidelity of `int8` against fp32, and the accuracies of both (None without labels)."""
+    def __call__(self, int8: onnx.ModelProto) -> tuple[list[Fidelity], Accuracy | None, Accuracy | None]:
+        """Fidelity of `int8` against fp32 for each output, and the accuracies of both on the first (None
+        without labels)."""
         candidate = _session(int8, self._threads)
-        fidelity_meter: FidelityMeter | None = None
+        fidelity_meters: list[FidelityMeter] | None = None
         accuracy_meters: tuple[AccuracyMeter, AccuracyMeter] | None = None
         total = self._split.fidelity_batches
         for number, batch in enumerate(self._split.fidelity(), start=1):
             try:
-                want = self._reference_outputs(number, batch)
-                got = self._rows(candidate.run([self._output], batch.feeds)[0], batch)
+                wants = self._reference_outputs(number, batch)
+                gots = self._rows([np.asarray(a) for a in candidate.run(self.outputs, batch.feeds)], batch)
             except DataError:
                 raise
             except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
                 raise DataError(f"onnxruntime failed on evaluation batch {number}: {first_line(e)}") from e
-            assert self.layout is not None
-            if fidelity_meter is None:
-                fidelity_meter = FidelityMeter(self.layout)
+            assert self.layouts is not None
+            layout = self.layouts[0]
+            if fidelity_meters is None:
+                fidelity_meters = [FidelityMeter(each) for each in self.layouts]
                 if self.want_accuracy:
-                    if has_one_position(np.shape(want), self.layout):
-                        accuracy_meters = (AccuracyMeter(self.layout), AccuracyMeter(self.layout))
+                    if has_one_position(np.shape(wants[0]), layout):
+                        accuracy_meters = (AccuracyMeter(layout), AccuracyMeter(layout))
                     else:
                         self.want_accuracy = False
                         self.note = (
-                            f"labels ignored: output {self._output!r} of shape {list(np.shape(want))} is not a "
-                            "classifier's (one class score per sample)"
+                            f"labels ignored: output {self.outputs[0]!r} of shape {list(np.shape(wants[0]))} is not "
+                            "a classifier's (one class score per sample)"
                         )
-            fidelity_meter.update(want, got)
+            for meter, want, got in zip(fidelity_meters, wants, gots, strict=True):
+                meter.update(want, got)
             if accuracy_meters is not None and batch.labels is not None:
-                accuracy_meters[0].update(want, batch.labels)
-                accuracy_meters[1].update(got, batch.labels)
+                accuracy_meters[0].update(wants[0], batch.labels)
+                accuracy_meters[1].update(gots[0], batch.labels)
             if self._progress is not None:
                 self._progress("evaluating", number, total)
         self.runs += 1
-        if fidelity_meter is None:
+        if fidelity_meters is None:
             raise DataError("no evaluation batch to measure fidelity on")
+        fidelities = [meter.result() for meter in fidelity_meters]
         if accuracy_meters is None:
-            return fidelity_meter.result(), None, None
-        return fidelity_meter.result(), accuracy_meters[0].result(), accuracy_meters[1].result()
+            return fidelities, None, None
+        return fidelities, accuracy_meters[0].result(), accuracy_meters[1].result()
 
 
 # ---------------------------------------------------------------------------------------- the command
@@ -603,18 +610,16 @@ def quantize_model(
 
     # every output is judged (a sentence encoder's embedding is its second output): the budget reads the
     # worst one; accuracy reads the first (or --output)
-    judged = [output] if options.output is not None else [o.name for o in source.graph.output]
-    evaluators = [_Evaluator(source, split, name, threads=threads, progress=progress) for name in judged]
-    evaluator = evaluators[judged.index(output)]
+    judged = [output] + ([] if options.output is not None else [o.name for o in source.graph.output if o.name != output])
+    evaluator = _Evaluator(source, split, judged, threads=threads, progress=progress)
     evaluated: dict[tuple[QuantConfig, str, tuple[str, ...]], tuple[Fidelity, Accuracy | None, Accuracy | None, BudgetCheck]] = {}
     worst_output: dict[tuple[QuantConfig, str, tuple[str, ...]], str] = {}
 
     def evaluate(int8: onnx.ModelProto, key: tuple[QuantConfig, str, tuple[str, ...]]) -> BudgetCheck:
         if key not in evaluated:
-            fidelities = [e(int8) for e in evaluators]
-            _, accuracy_fp32, accuracy_int8 = fidelities[judged.index(output)]
-            worst = min(range(len(judged)), key=lambda i: fidelities[i][0].score)
-            fidelity = fidelities[worst][0]
+            fidelities, accuracy_fp32, accuracy_int8 = evaluator(int8)
+            worst = min(range(len(judged)), key=lambda i: fidelities[i].score)
+            fidelity = fidelities[worst]
             worst_output[key] = judged[worst]
             evaluated[key] = (fidelity, accuracy_fp32, accuracy_int8, check_budget(budget, fidelity, accuracy_fp32, accuracy_int8))
         return evaluated[key][3]

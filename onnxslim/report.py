@@ -16,7 +16,7 @@ import onnx
 from onnxslim.analysis.groups import ChannelGroup
 from onnxslim.bench import BenchResult, ModelBench, OpTime
 from onnxslim.model_info import ModelInfo
-from onnxslim.pipeline import OptimizeResult, SweepResult
+from onnxslim.pipeline import OptimizeResult, SweepResult, machine
 from onnxslim.prune.pruner import PruneResult
 from onnxslim.prune.sensitivity import SensitivityCurves
 from onnxslim.quantize import CandidateTiming, QuantizeResult
@@ -974,7 +974,7 @@ def render_optimize(result: OptimizeResult, outdir: str | None = None, *, markdo
         if q.fp32_nodes:
             rows = [[n.name, n.op_type, "-" if n.error is None else f"{n.error:.4f}", n.reason] for n in q.fp32_nodes[:20]]
             lines += ["", "nodes kept in fp32:", "", format_table(["node", "op", "error", "why"], rows, markdown=markdown)]
-    lines += ["", h("Machine"), "", f"CPU: {_machine()}; int8 defaults: {result.cpu.reason}"]
+    lines += ["", h("Machine"), "", f"CPU: {machine()}; int8 defaults: {result.cpu.reason}"]
     for note in result.notes:
         lines.append(f"note: {note}")
     if result.command:
@@ -982,12 +982,6 @@ def render_optimize(result: OptimizeResult, outdir: str | None = None, *, markdo
     if outdir and not markdown:
         lines += ["", f"wrote {', '.join(result.files)} in {outdir} ({result.seconds:.0f} s)"]
     return "\n".join(lines)
-
-
-def _machine() -> str:
-    from onnxslim.pipeline import machine
-
-    return machine()
 
 
 def _check_json(check: Any) -> dict[str, Any] | None:
@@ -1037,7 +1031,7 @@ def optimize_json(result: OptimizeResult, outdir: str | None = None) -> dict[str
             "fp32_nodes": [{"name": n.name, "op_type": n.op_type, "error": n.error, "reason": n.reason}
                            for n in result.quantize.fp32_nodes],
         },
-        "cpu": {"machine": _machine(), "reduce_range": result.cpu.reduce_range, "why": result.cpu.reason},
+        "cpu": {"machine": machine(), "reduce_range": result.cpu.reduce_range, "why": result.cpu.reason},
         "threads": result.threads,
         "seconds": result.seconds,
         "files": list(result.files),

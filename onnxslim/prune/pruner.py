@@ -479,11 +479,6 @@ def validate_result(state: PruneState) -> None:
         )
 
 
-def held_out_batches(state: PruneState) -> tuple[str, Iterator[tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]]]:
-    """(description, batches of (feeds, labels or None, evaluated rows)): what `measure` compares on."""
-    return _held_out(state)
-
-
 def _limited(data: Dataset, samples: int | None) -> Iterator[Batch]:
     """The batches of `data` up to `samples` samples: the last one cut (a fixed batch keeps its rows and
     marks the rest as padding)."""
@@ -499,8 +494,9 @@ def _limited(data: Dataset, samples: int | None) -> Iterator[Batch]:
         yield batch
 
 
-def _held_out(state: PruneState) -> tuple[str, Iterator[tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]]]:
-    """Evaluation batches: --eval data, else the calibration samples recovery held out (every fifth)."""
+def held_out_batches(state: PruneState) -> tuple[str, Iterator[tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray]]]:
+    """(description, batches of (feeds, labels or None, evaluated rows)) that `measure` compares on: --eval
+    data, else the calibration samples recovery held out (every fifth)."""
     if state.eval_data is not None:
         data = state.eval_data
 

@@ -168,14 +168,6 @@ def unfold_patches(
     return padded[tuple(index)]
 
 
-def conv_output_size(x_shape: Sequence[int], conv: onnx.NodeProto, kernel: Sequence[int]) -> list[int]:
-    begin, end, strides, dilations = _conv_geometry(conv, x_shape[2:], kernel)
-    return [
-        (x_shape[2 + i] + begin[i] + end[i] - ((kernel[i] - 1) * dilations[i] + 1)) // strides[i] + 1
-        for i in range(len(kernel))
-    ]
-
-
 # ----------------------------------------------------------------------------------- linear layers
 
 
@@ -216,6 +208,7 @@ class _ModelEditor:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
         self.initializers = {t.name: t for t in model.graph.initializer}
+        self._arrays: dict[str, np.ndarray | None] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in model.graph.node:
             for name in node.input:
@@ -224,8 +217,11 @@ class _ModelEditor:
         self.outputs = {o.name for o in model.graph.output}
 
     def constant(self, name: str) -> np.ndarray | None:
-        tensor = self.initializers.get(name)
-        return None if tensor is None else numpy_helper.to_array(tensor)
+        """The initializer `name` as an array (converted once: `set_input` never changes one, it adds new)."""
+        if name not in self._arrays:
+            tensor = self.initializers.get(name)
+            self._arrays[name] = None if tensor is None else numpy_helper.to_array(tensor)
+        return self._arrays[name]
 
     def set_input(self, node: onnx.NodeProto, index: int, values: np.ndarray) -> None:
         """Give `node` a new constant as input `index` (never changes a constant other nodes read)."""

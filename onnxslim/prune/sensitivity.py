@@ -26,10 +26,12 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from onnxslim.analysis.groups import ChannelGroup
 from onnxslim.errors import UsageError
-from onnxslim.prune.lossless import fold_constant_channels
+from onnxslim.graph import GraphIndex
+from onnxslim.prune.lossless import fold_constant_channels_into
 from onnxslim.prune.plan import (
     BUDGET_TOLERANCE,
     MacBudget,
@@ -41,7 +43,7 @@ from onnxslim.prune.plan import (
     plan_by_ratio,
 )
 from onnxslim.prune.recover import RecoverOptions, recover_model
-from onnxslim.prune.rewrite import apply_plan, kept_output_channels
+from onnxslim.prune.rewrite import apply_plan_to_graph, kept_output_channels
 
 __all__ = [
     "DEFAULT_RATIOS",
@@ -115,28 +117,12 @@ class SensitivityCurves:
 # ------------------------------------------------------------------------------------------ measuring
 
 
-class _HeldOut:
-    """The held-out comparison of the pruner (`pruner.HeldOut`), scored as sensitivity reads it."""
-
-    def __init__(self, state: Any) -> None:
-        from onnxslim.prune.pruner import HeldOut
-
-        self._held = HeldOut(state)
-        self.description = self._held.description
-        self.samples = self._held.samples
-        self.accuracy_original = self._held.accuracy_original
-
-    def score(self, model: onnx.ModelProto) -> tuple[float, float | None]:
-        """The worst output's cosine score against the original, and top-1 when there are labels."""
-        fidelities, accuracy = self._held.compare(model)
-        return min(f.score for f in fidelities), accuracy
-
-
 def _trial(state: Any, group: ChannelGroup, plan: PrunePlan, recover: str) -> onnx.ModelProto:
     """The model with only `group` cut as `plan` says, its own readers refit (module docstring)."""
     assert state.lossless is not None
-    folded = fold_constant_channels(state.original, state.groups, plan, state.lossless)
-    pruned = apply_plan(folded, state.groups, plan)
+    graph = gs.import_onnx(state.original)  # once per trial, as the pipeline's compensate and rewrite steps do
+    fold_constant_channels_into(GraphIndex(graph), state.groups, plan, state.lossless)
+    pruned = apply_plan_to_graph(graph, state.original, state.groups, plan)
     if recover == "none" or state.calib is None:
         return pruned
     readers = [s.node for s in group.sinks] + [f.node for f in group.followers if f.op_type == "Conv"]
@@ -173,7 +159,9 @@ def measure_curves(
     trial_state.max_samples = int(min(limit, TRIAL_SAMPLES))
     eval_state = copy.copy(state)
     eval_state.max_samples = int(min(limit, EVAL_SAMPLES)) if state.eval_data is not None else trial_state.max_samples
-    held = _HeldOut(eval_state)
+    from onnxslim.prune.pruner import HeldOut
+
+    held = HeldOut(eval_state)
     recover = state.recover_method
     assert state.cost_before is not None
     macs = MacModel(state.groups, {layer.name: layer.macs for layer in state.cost_before.layers})
@@ -188,7 +176,8 @@ def measure_curves(
             )
             removed = len(plan.removed(group))
             if removed:
-                cosine, accuracy = held.score(_trial(trial_state, group, plan, recover))
+                fidelities, accuracy = held.compare(_trial(trial_state, group, plan, recover))
+                cosine = min(f.score for f in fidelities)  # the worst output
                 trials += 1
             else:
                 cosine, accuracy = 1.0, held.accuracy_original
