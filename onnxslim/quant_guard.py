@@ -30,7 +30,6 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
 
 from onnxslim.errors import UsageError
@@ -50,8 +49,11 @@ __all__ = [
     "concat_range_offenders",
     "nonfinite_offenders",
     "layer_norm_blocks",
-    "node_errors",
-    "rank_blocks",
+    "Gate",
+    "rank_gates",
+    "predicted_deficits",
+    "first_count_within",
+    "target_deficit",
     "search_exclusions",
 ]
 
@@ -145,10 +147,11 @@ class NodeError:
 
 @dataclass(frozen=True)
 class Block:
-    """Nodes kept in fp32 together (a decomposed LayerNorm), ranked by the largest own error inside."""
+    """Nodes kept in fp32 together so that one gate (`rank_gates`) stays float, ranked by its deficit."""
 
     nodes: tuple[str, ...]
-    error: float
+    error: float  # the gate's deficit measured alone: 1 - fidelity with only it rounding
+    gate: str = ""
 
 
 def nonfinite_offenders(model: onnx.ModelProto, tensors: Sequence[str]) -> list[NodeError]:
@@ -242,81 +245,85 @@ def layer_norm_blocks(model: onnx.ModelProto) -> list[tuple[str, ...]]:
     return blocks
 
 
-def node_errors(
-    model: onnx.ModelProto,
-    tensor_errors: Mapping[str, float],
-    quantizable: Iterable[str],
-) -> dict[str, float]:
-    """Each quantizable node's own error: the largest error of its outputs minus the largest of its inputs'.
+@dataclass(frozen=True)
+class Gate:
+    """One place where int8 rounds: an activation tensor's QuantizeLinear/DequantizeLinear pair, or a node's
+    weights (with its bias). It stays float only when every node in `touchers` is kept in fp32: onnxruntime
+    puts the pair on a tensor when its producer or any of its readers is quantized, and every reader then
+    reads the rounded value."""
 
-    The error a node that int8 does not touch adds (amplification, cancellation) is passed back to the
-    quantizable nodes that produce its inputs, so it is charged to a node that can be kept in fp32."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    allowed = set(quantizable)
-    own: dict[str, float] = {}
-    for node in model.graph.node:
-        out = max((tensor_errors.get(o, 0.0) for o in node.output), default=0.0)
-        inputs = [tensor_errors[i] for i in node.input if i in tensor_errors]
-        added = max(0.0, out - max(inputs, default=0.0))
-        if node.name in allowed:
-            own[node.name] = own.get(node.name, 0.0) + added
-            continue
-        # not quantizable: charge its own error to the quantizable producers of its inputs
-        targets = _quantizable_producers(node, producers, allowed)
-        for target in targets:
-            own[target] = own.get(target, 0.0) + added / max(1, len(targets))
-    return own
+    name: str  # the float tensor (activation), or the node whose weights these are
+    kind: str  # "activation" or "weights"
+    touchers: tuple[str, ...]
+    input: str  # the gated model's input that switches it: 1 rounds, 0 keeps it float
 
 
-def _quantizable_producers(node: onnx.NodeProto, producers: Mapping[str, onnx.NodeProto], allowed: set[str]) -> list[str]:
-    found: list[str] = []
-    seen: set[str] = set()
-    stack = [i for i in node.input]
-    while stack and len(seen) < 64:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        producer = producers.get(name)
-        if producer is None:
-            continue
-        if producer.name in allowed:
-            found.append(producer.name)
-        else:
-            stack.extend(producer.input)
-    return sorted(set(found))
-
-
-def rank_blocks(
-    errors: Mapping[str, float],
-    blocks: Sequence[Sequence[str]],
-    model: onnx.ModelProto | None = None,
-    minimum: float = 1e-4,
+def rank_gates(
+    deficits: Mapping[str, float],
+    gates: Sequence[Gate],
+    norms: Sequence[Sequence[str]],
+    quantizable: Iterable[str] = (),
+    minimum: float = 1e-6,
 ) -> list[Block]:
-    """What to keep in fp32 together, largest error first. A node's block is the node and, with `model`,
-    the other quantizable nodes that read its outputs: a tensor stays float only when its producer and every
-    quantized consumer do (otherwise the consumers' QuantizeLinear/DequantizeLinear pair, which every
-    consumer reads, is still there). A block touching a decomposed LayerNorm takes it whole. Nodes adding
-    less than `minimum` relative error are not worth keeping in fp32 and are left out."""
-    quantizable = set(errors)
-    readers: dict[str, list[str]] = {}
-    if model is not None:
-        for node in model.graph.node:
-            if node.name in quantizable:
-                for name in node.input:
-                    readers.setdefault(name, []).append(node.name)
-    outputs = {} if model is None else {n.name: list(n.output) for n in model.graph.node}
-    norm_of = {name: tuple(block) for block in blocks for name in block}
+    """What to keep in fp32, most harmful first: for each gate (largest measured deficit first), the nodes
+    that must be fp32 for it to stay float, less those already taken; a block touching a decomposed
+    LayerNorm takes it whole. Gates that cost less than `minimum` (1 - fidelity, measured alone), or that no
+    node can switch off, are left out, and so is a block that would leave none of `quantizable` in int8
+    (that is the fp32 model, which the guard writes anyway when nothing meets the budget)."""
+    norm_of = {name: tuple(block) for block in norms for name in block}
+    every = set(quantizable)
+    taken: set[str] = set()
     ranked = []
-    for name, error in errors.items():
-        if error < minimum:
+    for gate in sorted(gates, key=lambda g: (-deficits.get(g.name, 0.0), g.name)):
+        deficit = deficits.get(gate.name, 0.0)
+        if deficit < minimum or not gate.touchers:
             continue
-        members = [name] + [r for o in outputs.get(name, []) for r in readers.get(o, []) if r != name]
+        members = list(gate.touchers)
         for member in list(members):
             members += norm_of.get(member, ())
-        ranked.append(Block(tuple(dict.fromkeys(members)), error))
-    return sorted(ranked, key=lambda b: (-b.error, b.nodes))
+        new = [m for m in dict.fromkeys(members) if m not in taken]
+        if not new or (every and every <= taken.union(new)):
+            continue
+        taken.update(new)
+        ranked.append(Block(tuple(new), deficit, gate.name))
+    return ranked
 
+
+def predicted_deficits(ranked: Sequence[Block], gates: Sequence[Gate], deficits: Mapping[str, float]) -> list[float]:
+    """Pure: the deficit (1 - fidelity) predicted with the top k blocks fp32, for k = 0 .. len(ranked): the
+    sum of the deficits measured alone of the gates still rounding (independent errors add as variances,
+    and 1 - cosine grows as the variance for small errors). Used to start the search near the answer; every
+    count it suggests is then measured."""
+    excluded: set[str] = set()
+    predictions = []
+    for count in range(len(ranked) + 1):
+        if count:
+            excluded.update(ranked[count - 1].nodes)
+        predictions.append(
+            sum(deficits.get(g.name, 0.0) for g in gates if not g.touchers or not set(g.touchers) <= excluded)
+        )
+    return predictions
+
+
+def first_count_within(predictions: Sequence[float], target: float) -> int:
+    """The fewest top blocks (at least 1) whose predicted deficit is within `target`; all of them if none is."""
+    for count, predicted in enumerate(predictions):
+        if count and predicted <= target:
+            return count
+    return max(1, len(predictions) - 1)
+
+
+def target_deficit(budget: AccuracyBudget, plain: BudgetCheck) -> float | None:
+    """The deficit (1 - fidelity) the search aims for: 1 - min_fidelity; for a top-1 budget, the plain int8
+    model's deficit scaled by how far its drop is over (the drop taken as growing with the deficit). None
+    when there is nothing to scale by."""
+    budget = budget.resolved
+    targets = []
+    if budget.min_fidelity is not None:
+        targets.append(1.0 - budget.min_fidelity)
+    if budget.max_drop is not None and plain.drop is not None and plain.drop > 0:
+        targets.append((1.0 - plain.score) * budget.max_drop / plain.drop)
+    return min(targets) if targets else None
 
 # ------------------------------------------------------------------------------------------- search
 
@@ -339,11 +346,11 @@ class ExclusionSearch:
 
 
 def search_exclusions(
-    ranked: Sequence[Block], evaluate: Callable[[Sequence[str]], BudgetCheck], max_trials: int
+    ranked: Sequence[Block], evaluate: Callable[[Sequence[str]], BudgetCheck], max_trials: int, start: int = 1
 ) -> ExclusionSearch:
-    """Pure: keep the top 1, 2, 4 ... blocks in fp32 until `evaluate(nodes)` meets the budget (the last step
-    is every block), then bisect between the largest count that failed and the smallest that held, at most
-    `max_trials` evaluations in all."""
+    """Pure: keep the top `start` blocks in fp32, then twice as many ... until `evaluate(nodes)` meets the
+    budget (the last step is every block), then bisect between the largest count that failed (0 at first:
+    the caller tried none) and the smallest that held, at most `max_trials` evaluations in all."""
     trials: list[ExclusionTrial] = []
     tried: dict[int, BudgetCheck] = {}
 
@@ -357,7 +364,7 @@ def search_exclusions(
     if not ranked or max_trials < 1:
         return ExclusionSearch(None, ())
     failed, held = 0, None
-    count = 1
+    count = min(max(1, start), len(ranked))
     while len(trials) < max_trials:
         if attempt(count):
             held = count
@@ -373,47 +380,3 @@ def search_exclusions(
         else:
             failed = middle
     return ExclusionSearch(held, tuple(trials))
-
-
-def _channel_axis(rank: int) -> int:
-    """Axis 1 of an [N, C, H, W] map, the last axis of [N, C] and of [N, T, C] sequences."""
-    return 1 if rank == 4 else rank - 1
-
-
-def relative_errors(
-    reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray], sums: dict[str, list[np.ndarray]]
-) -> None:
-    """Accumulate, per tensor and channel, sum((cand - ref)^2) and sum(ref^2) into `sums` (see `finish_errors`)."""
-    for name, ref in reference.items():
-        cand = candidate.get(name)
-        if cand is None or np.shape(cand) != np.shape(ref) or np.ndim(ref) < 2:
-            continue
-        axis = _channel_axis(np.ndim(ref))
-        ref64 = np.moveaxis(np.asarray(ref, np.float64), axis, 0).reshape(np.shape(ref)[axis], -1)
-        cand64 = np.moveaxis(np.asarray(cand, np.float64), axis, 0).reshape(np.shape(ref)[axis], -1)
-        finite = np.isfinite(ref64) & np.isfinite(cand64)  # an attention mask's -inf: no error to measure there
-        with np.errstate(invalid="ignore", over="ignore"):
-            diff = np.where(finite, cand64 - ref64, 0.0)
-            ref_finite = np.where(finite, ref64, 0.0)
-        noise, signal = np.sum(diff**2, axis=1), np.sum(ref_finite * ref_finite, axis=1)
-        entry = sums.get(name)
-        if entry is None or len(entry[0]) != len(noise):
-            sums[name] = [noise, signal]
-        else:
-            entry[0] += noise
-            entry[1] += signal
-
-
-def finish_errors(sums: Mapping[str, Sequence[np.ndarray]]) -> dict[str, float]:
-    """Per tensor, the mean over its channels of each channel's relative RMS error (capped at 1; channels
-    whose reference is all zero are skipped). Per channel, not over the whole tensor: a residual stream with
-    a few outlier features has a small whole-tensor error while int8 leaves its other features a few
-    levels -- what the LayerNorm after it then amplifies."""
-    errors = {}
-    for name, (noise, signal) in sums.items():
-        live = signal > 1e-12 * max(float(np.max(signal)), 0.0)
-        if not live.any():
-            errors[name] = 0.0
-            continue
-        errors[name] = float(np.mean(np.minimum(1.0, np.sqrt(noise[live] / signal[live]))))
-    return errors

@@ -63,7 +63,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxslim.activations import with_outputs
 from onnxslim.calib import Batch, Dataset
 from onnxslim.cpu import choose_for_cpu, detect_cpu
 from onnxslim.errors import DataError, UnsupportedModelError, UsageError, first_line
@@ -79,7 +78,7 @@ from onnxslim.metrics import (
     output_layout,
     select_output,
 )
-from onnxslim.quant_calibrate import _calibrated_tensors, _limited, _quiet_onnxruntime, calibrate
+from onnxslim.quant_calibrate import _quiet_onnxruntime, calibrate
 from onnxslim.quant_config import (
     _FORMAT_NAMES,
     _METHOD_NAMES,
@@ -112,13 +111,13 @@ from onnxslim.quant_guard import (
     NodeError,
     check_budget,
     concat_range_offenders,
-    finish_errors,
+    first_count_within,
     layer_norm_blocks,
-    node_errors,
     nonfinite_offenders,
-    rank_blocks,
-    relative_errors,
+    predicted_deficits,
+    rank_gates,
     search_exclusions,
+    target_deficit,
 )
 from onnxslim.quant_prepare import (
     _declare_like,
@@ -129,6 +128,7 @@ from onnxslim.quant_prepare import (
     find_quantized_nodes,
     prepare_model,
 )
+from onnxslim.quant_sensitivity import gated_model, measure_gate_deficits
 from onnxslim.quant_speed import alternatives, decide, measure_latencies, search_fastest
 from onnxslim.runtime import physical_cores
 
@@ -178,8 +178,10 @@ def quantize_with_ranges(
     method: str,
     *,
     exclude_nodes: Sequence[str] = (),
+    keep_activations: bool = False,
 ) -> onnx.ModelProto:
-    """Quantize the prepared model file with ranges from `calibrate`, as `config` says.
+    """Quantize the prepared model file with ranges from `calibrate`, as `config` says. `keep_activations`:
+    Relu/Clip stay explicit instead of being folded into their QuantizeLinear (QDQ; for `gated_model`).
 
     Raises UnsupportedModelError when onnxruntime's quantizer fails.
     """
@@ -201,6 +203,7 @@ def quantize_with_ranges(
                 nodes_to_exclude=list(exclude_nodes),
                 calibrate_method=getattr(CalibrationMethod, _METHOD_NAMES[method]),
                 calibration_cache_path=str(cache_path),
+                extra_options={"QDQKeepRemovableActivations": True} if keep_activations else None,
             )
         except Exception as e:  # noqa: BLE001 - the quantizer raises anything from ValueError to AssertionError
             raise UnsupportedModelError(f"onnxruntime's quantizer failed ({config.label}): {first_line(e)}") from e
@@ -295,6 +298,11 @@ class _Evaluator:
 
         batch_axis = find_batch_axis(self._fp32, output, np.shape(want), rows, probe if symbolic else None)
         return output_layout(self._fp32, output, np.shape(want), batch_axis)
+
+    def ensure_layouts(self) -> None:
+        """Find each output's layout (from the first fidelity batch) if no evaluation has yet."""
+        if self.layouts is None:
+            self._reference_outputs(1, next(iter(self._split.fidelity())))
 
     def _rows(self, arrays: Sequence[np.ndarray], batch: Batch) -> list[np.ndarray]:
         """The rows of a padded batch that hold real samples, on each output's batch axis."""
@@ -518,46 +526,6 @@ def _load_ranges(cache_path: Path) -> dict[str, tuple[float, float]]:
     return ranges
 
 
-def _consumer_view(int8: onnx.ModelProto, tensors: Sequence[str]) -> dict[str, str]:
-    """For each fp32 tensor, the int8 model's tensor its consumers read: the DequantizeLinear output of its
-    QuantizeLinear -> DequantizeLinear pair, or the tensor itself when it stays float."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in int8.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    produced = {o for n in int8.graph.node for o in n.output} | {i.name for i in int8.graph.input}
-    view = {}
-    for tensor in tensors:
-        quantize = next((n for n in consumers.get(tensor, []) if n.op_type == "QuantizeLinear"), None)
-        dequantize = None
-        if quantize is not None:
-            dequantize = next((n for n in consumers.get(quantize.output[0], []) if n.op_type == "DequantizeLinear"), None)
-        if dequantize is not None:
-            view[tensor] = dequantize.output[0]
-        elif tensor in produced:
-            view[tensor] = tensor
-    return view
-
-
-def measure_tensor_errors(
-    prepared: onnx.ModelProto, int8_qdq: onnx.ModelProto, batches: Iterator[Batch], *, threads: int
-) -> dict[str, float]:
-    """Relative error ||int8 - fp32|| / ||fp32|| of every float tensor of `prepared`, as the int8 (QDQ)
-    model's consumers read it, over `batches`. Both models run unfused (basic optimizations), every tensor
-    exposed."""
-    tensors = sorted(_calibrated_tensors(prepared) - {i.name for i in prepared.graph.input})
-    view = _consumer_view(int8_qdq, tensors)
-    tensors = [t for t in tensors if t in view]
-    reference = _session(with_outputs(prepared, tensors), threads, level="basic")
-    candidate = _session(with_outputs(int8_qdq, [view[t] for t in tensors]), threads, level="basic")
-    sums: dict[str, list[np.ndarray]] = {}
-    for batch in batches:
-        want = dict(zip(tensors, reference.run(tensors, batch.feeds), strict=True))
-        got = dict(zip(tensors, candidate.run([view[t] for t in tensors], batch.feeds), strict=True))
-        relative_errors(want, got, sums)
-    return finish_errors(sums)
-
-
 def quantize_model(
     model: LoadedModel | onnx.ModelProto,
     calib: Dataset,
@@ -676,6 +644,7 @@ def quantize_model(
         exclusion_trials: tuple[ExclusionTrial, ...] = ()
         guard_nodes: list[str] = []
         guard_reasons: dict[str, str] = {}
+        guard_note: str | None = None
         own_errors: dict[str, float] = {}
         if not method_trials[0].check.met and trials_left:
             for other in (m for m in ("percentile", "entropy", "minmax") if m != method):
@@ -686,36 +655,50 @@ def quantize_model(
             method = max(method_trials, key=lambda t: (t.check.met, t.check.score)).method
             if not any(t.check.met for t in method_trials) and trials_left:
                 try:
-                    qdq = build(replace(config, format="qdq"), method, base_excluded)
+                    qdq = quantize_with_ranges(
+                        prepared_path, calibrated(method)[0], replace(config, format="qdq"), method,
+                        exclude_nodes=base_excluded, keep_activations=True,
+                    )
                 except UnsupportedModelError as e:
                     notes.append(f"cannot measure which nodes int8 hurts: {e}")
                 else:
-                    sensitivity_batches = min(4, split.calibration_batches)
-                    tensor_errors = measure_tensor_errors(
-                        prepared.model, qdq, _limited(calib.batches(), sensitivity_batches), threads=threads
-                    )
                     types = _quantized_op_types(config)
                     quantizable = [n.name for n in prepared.model.graph.node if n.op_type in types and n.name not in base_excluded]
-                    own_errors = node_errors(prepared.model, tensor_errors, quantizable)
+                    gated, gates = gated_model(qdq, prepared.model, quantizable)
+                    evaluator.ensure_layouts()
+                    assert evaluator.layouts is not None
+                    deficits, samples = measure_gate_deficits(
+                        gated, gates, calib.batches(), evaluator.outputs, evaluator.layouts, evaluator._rows,
+                        threads=threads, progress=progress,
+                    )
                     norms = layer_norm_blocks(prepared.model)
                     norm_members = {name for block in norms for name in block}
-                    ranked = rank_blocks(own_errors, norms, prepared.model)
-                    search = search_exclusions(ranked, lambda nodes: trial(method, [*base_excluded, *nodes]), trials_left)
+                    ranked = rank_gates(deficits, gates, norms, quantizable)
+                    predictions = predicted_deficits(ranked, gates, deficits)
+                    plain = max(method_trials, key=lambda t: t.check.score).check
+                    target = target_deficit(budget, plain)
+                    start = 1 if target is None else first_count_within(predictions, target)
+                    guard_note = (
+                        f"{len(gates)} roundings measured alone on {samples} calibration sample(s); "
+                        f"search started at {start} of {len(ranked)} block(s)"
+                    )
+                    search = search_exclusions(
+                        ranked, lambda nodes: trial(method, [*base_excluded, *nodes]), trials_left, start=start
+                    )
                     exclusion_trials = search.trials
                     count = search.blocks
                     if count is None and search.trials:  # nothing met the budget: the most faithful set tried
                         count = max(search.trials, key=lambda t: t.check.score).blocks
+                    by_name = {g.name: g for g in gates}
                     for block in ranked[: count or 0]:
-                        head = block.nodes[0]
+                        gate = by_name[block.gate]
+                        what = f"the weights of {gate.name}" if gate.kind == "weights" else f"tensor {gate.name!r}"
                         for name in block.nodes:
-                            if name in guard_reasons:
-                                continue
-                            if name == head:
-                                guard_reasons[name] = "int8 adds the most error here (measured)"
-                            elif name in norm_members:
+                            own_errors[name] = block.error
+                            if name in norm_members and name not in gate.touchers:
                                 guard_reasons[name] = "part of a decomposed LayerNorm kept in fp32 whole"
                             else:
-                                guard_reasons[name] = f"reads {head}'s output, which stays float only if its readers do"
+                                guard_reasons[name] = f"int8 at {what} alone costs {block.error:.3g} of fidelity"
                     guard_nodes = list(guard_reasons)
         excluded = sorted({*base_excluded, *guard_nodes})
         cache_path, calibration = calibrated(method)
@@ -750,6 +733,8 @@ def quantize_model(
         notes.append(f"fidelity is the worst of the {len(judged)} outputs: {judged_output!r}")
     if evaluator.note:
         notes.append(evaluator.note)
+    if guard_note:
+        notes.append(guard_note)
     quantized_nodes, fp32_count = candidates.count(best.config, int8)
     kinds = {n.name: n.op_type for n in prepared.model.graph.node}
     fp32_nodes = [NodeError(n, kinds.get(n, "?"), None, "--exclude") for n in user_excluded]

@@ -34,11 +34,16 @@ from onnxslim.quant_guard import (
     AccuracyBudget,
     Block,
     BudgetCheck,
+    Gate,
     check_budget,
+    first_count_within,
     layer_norm_blocks,
-    rank_blocks,
+    predicted_deficits,
+    rank_gates,
     search_exclusions,
+    target_deficit,
 )
+from onnxslim.quant_sensitivity import gated_model
 from onnxslim.quantize import (
     COMPUTE_OP_TYPES,
     CandidateTiming,
@@ -795,17 +800,65 @@ def test_the_speed_guard_never_keeps_a_candidate_that_misses_the_budget() -> Non
     assert decide([fast_but_wrong, replace(slow_but_right, latency_ms=12.0)]).chosen is None  # right but slower
 
 
-def test_rank_blocks_takes_a_layer_norm_whole_and_the_readers_of_a_tensor() -> None:
+def test_rank_gates_takes_every_toucher_and_a_layer_norm_whole() -> None:
     source = load_model_proto(transformer_classifier())
     norms = layer_norm_blocks(source)
     assert len(norms) == 3 and all(len(block) == 9 for block in norms)
     assert all({"ReduceMean", "Sub", "Pow", "Sqrt", "Div"} <= {n.op_type for n in source.graph.node if n.name in block} for block in norms)
-    residual = next(n.name for n in source.graph.node if n.op_type == "Add" and any("offset" in i for i in n.input))
-    errors = {n.name: 0.0 for n in source.graph.node if n.op_type in ("Add", "MatMul")}  # quantizable, harmless
-    ranked = rank_blocks({**errors, residual: 0.5, norms[0][0]: 0.1}, norms, source)
-    assert len(ranked) == 2
-    assert ranked[0].nodes[0] == residual and len(ranked[0].nodes) > 1  # with the next residual Add reading it
-    assert set(norms[0]) <= set(ranked[1].nodes)
+    gates = [
+        Gate("residual", "activation", ("add_a", "add_b"), "g0"),  # made by add_a, read by add_b
+        Gate("norm_in", "activation", (norms[0][0], "add_b"), "g1"),  # read by the first LayerNorm
+        Gate("add_b", "weights", ("add_b",), "g2"),  # nothing new once the others are fp32
+        Gate("harmless", "activation", ("mm",), "g3"),
+        Gate("stuck", "activation", (), "g4"),  # no node can keep it float
+    ]
+    deficits = {"residual": 0.5, "norm_in": 0.1, "add_b": 0.05, "harmless": 0.0, "stuck": 0.9}
+    ranked = rank_gates(deficits, gates, norms)
+    assert [b.gate for b in ranked] == ["residual", "norm_in"]
+    assert ranked[0].nodes == ("add_a", "add_b") and ranked[0].error == 0.5
+    assert set(ranked[1].nodes) == set(norms[0])  # the whole LayerNorm, add_b already taken
+    # predicted: the sum of what still rounds; "stuck" rounds whatever is kept fp32
+    assert predicted_deficits(ranked, gates, deficits) == pytest.approx([1.55, 1.0, 0.9])
+    assert first_count_within([1.55, 1.0, 0.9], 0.95) == 2
+    assert first_count_within([1.55, 1.0, 0.9], 0.5) == 2  # none within: every block
+    assert first_count_within([1.55, 0.01, 0.0], 0.02) == 1
+
+
+def test_target_deficit_from_the_fidelity_and_the_top1_budgets() -> None:
+    plain = BudgetCheck(False, 0.9, 2.0, "low")
+    assert target_deficit(AccuracyBudget(), plain) == pytest.approx(0.01)  # default: cosine 0.99
+    assert target_deficit(AccuracyBudget(max_drop=0.5), plain) == pytest.approx(0.1 * 0.5 / 2.0)
+    assert target_deficit(AccuracyBudget(max_drop=0.5, min_fidelity=0.999), plain) == pytest.approx(0.001)
+    assert target_deficit(AccuracyBudget(max_drop=0.5), replace(plain, drop=None)) is None
+
+
+def test_the_gated_model_is_fp32_with_every_gate_off_and_rounds_one_place_per_gate(tmp_path: Path) -> None:
+    """The switches the guard measures with: all off is the fp32 model; all on is the int8 model; most
+    single switches change the outputs."""
+    source = transformer_classifier()
+    data = dataset(_random_npz(tmp_path / "t.npz", source, 16), source, batch=8)
+    prepared = prepare_model(source, dict(data.input_shapes), per_channel=True).model
+    prepared_path = save(prepared, tmp_path / "prepared.onnx")
+    cache = tmp_path / "ranges.json"
+    calibrate(prepared, data, "minmax", cache_path=cache)
+    qdq = quantize_module.quantize_with_ranges(prepared_path, cache, QuantConfig(), "minmax", keep_activations=True)
+    types = quantize_module._quantized_op_types(QuantConfig())
+    quantizable = [n.name for n in prepared.graph.node if n.op_type in types]
+    gated, gates = gated_model(qdq, prepared, quantizable)
+    onnx.checker.check_model(gated)
+    kinds = {g.kind for g in gates}
+    assert kinds == {"activation", "weights"} and len({g.input for g in gates}) == len(gates)
+    assert all(set(g.touchers) <= set(quantizable) for g in gates)
+    session = ort.InferenceSession(gated.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(4).standard_normal((8, *_sample_shape(source))).astype(np.float32)
+    off = {g.input: np.array(False) for g in gates}
+    fp32 = run(prepared, x)
+    np.testing.assert_allclose(session.run(None, {"input": x, **off})[0], fp32, rtol=1e-5, atol=1e-6)
+    everything = session.run(None, {"input": x, **{g.input: np.array(True) for g in gates}})[0]
+    np.testing.assert_allclose(everything, run(qdq, x), rtol=1e-5, atol=1e-5)  # all on: the int8 model
+    alone = [session.run(None, {"input": x, **off, g.input: np.array(True)})[0] for g in gates]
+    changed = [g for g, out in zip(gates, alone, strict=True) if not np.allclose(out, fp32, rtol=1e-4, atol=1e-5)]
+    assert len(changed) > len(gates) / 2
 
 
 def test_every_output_is_judged_and_the_worst_is_reported(tmp_path: Path) -> None:
