@@ -42,9 +42,11 @@ from onnxslim.quant_guard import (
 from onnxslim.quantize import (
     COMPUTE_OP_TYPES,
     CandidateTiming,
+    InterleavedTiming,
     QuantConfig,
     QuantizeOptions,
     QuantizeResult,
+    TimingBudget,
     alternatives,
     calibrate,
     decide,
@@ -95,12 +97,15 @@ def dataset(path: Path, model: onnx.ModelProto, batch: int = 4):
 
 
 def fixed_timer(int8_ms: float | Callable[[QuantConfig], float], fp32_ms: float = 10.0):
-    """A timer that reports `fp32_ms` for fp32 and `int8_ms` (or int8_ms(config)) for each int8 model."""
+    """A timer that reports `fp32_ms` for fp32 and `int8_ms` (or int8_ms(config)) for each int8 model, with
+    no blocks (the median alone decides)."""
     calls: list[list[QuantConfig | None]] = []
 
-    def timer(entries: Sequence[tuple[QuantConfig | None, onnx.ModelProto]], feeds) -> list[float]:
+    def timer(entries: Sequence[tuple[QuantConfig | None, onnx.ModelProto]], feeds, budget: TimingBudget) -> list[InterleavedTiming]:
         calls.append([config for config, _ in entries])
-        return [fp32_ms if c is None else (int8_ms(c) if callable(int8_ms) else int8_ms) for c, _ in entries]
+        return [
+            InterleavedTiming(fp32_ms if c is None else (int8_ms(c) if callable(int8_ms) else int8_ms)) for c, _ in entries
+        ]
 
     timer.calls = calls  # type: ignore[attr-defined]
     return timer
@@ -497,7 +502,7 @@ def test_alternatives_are_tried_in_the_stated_order() -> None:
 def _fake_measure(latencies: dict[QuantConfig, float | None]):
     calls: list[list[QuantConfig]] = []
 
-    def measure(configs: Sequence[QuantConfig]) -> list[CandidateTiming]:
+    def measure(configs: Sequence[QuantConfig], budget: TimingBudget) -> list[CandidateTiming]:
         calls.append(list(configs))
         return [timing(c, latencies.get(c, 30.0)) for c in configs]
 
@@ -557,10 +562,17 @@ def test_measure_latencies_interleaves_and_takes_medians(model_and_data) -> None
     source, _, _ = model_and_data
     ticks = iter(range(10**6))
     latencies = quantize_module.measure_latencies(
-        [source, source], {"input": np.zeros((1, 3, 16, 16), np.float32)}, threads=1, warmup=1, min_rounds=4,
-        max_rounds=4, clock=lambda: float(next(ticks)),
+        [source, source], {"input": np.zeros((1, 3, 16, 16), np.float32)}, threads=1, warmup=1,
+        budget=TimingBudget(seconds=0, min_rounds=10, max_rounds=10), clock=lambda: float(next(ticks)),
     )
-    assert latencies == [1000.0, 1000.0]  # each timed run spans one tick of the injected clock
+    # each timed run spans one tick of the injected clock; 10 rounds make 5 blocks of 2, each compared
+    # with the first model's
+    assert latencies == [InterleavedTiming(1000.0), InterleavedTiming(1000.0, (1.0,) * 5)]
+    few = quantize_module.measure_latencies(
+        [source, source], {"input": np.zeros((1, 3, 16, 16), np.float32)}, threads=1, warmup=1,
+        budget=TimingBudget(seconds=0, min_rounds=4, max_rounds=4), clock=lambda: float(next(ticks)),
+    )
+    assert few[1] == InterleavedTiming(1000.0)  # too few rounds to cut into blocks
 
 
 # ----------------------------------------------------------------------------------------- command line
@@ -577,8 +589,8 @@ def fake_latencies(monkeypatch: pytest.MonkeyPatch):
     """Makes the CLI's real timer report given latencies: `fake_latencies(fp32_ms, int8_ms)`."""
 
     def install(fp32_ms: float, int8_ms: float) -> None:
-        def measure(models, feeds, **kwargs) -> list[float]:
-            return [fp32_ms] + [int8_ms] * (len(models) - 1)
+        def measure(models, feeds, **kwargs) -> list[InterleavedTiming]:
+            return [InterleavedTiming(fp32_ms)] + [InterleavedTiming(int8_ms)] * (len(models) - 1)
 
         monkeypatch.setattr(quantize_module, "measure_latencies", measure)
 
