@@ -56,6 +56,7 @@ from onnxslim.metrics import (
 from onnxslim.runtime import OPT_LEVELS, physical_cores, session_options, time_interleaved  # re-exported
 from onnxslim.runtime import ort as _ort
 from onnxslim.runtime import resolve_provider as _resolve_provider
+from onnxslim.runtime import speedup_range as _speedup_range
 
 __all__ = [
     "OPT_LEVELS",
@@ -422,25 +423,6 @@ def benchmark(
         opt_level=options.opt_level,
         notes=tuple(notes),
     )
-
-
-_SPEEDUP_BLOCKS = 5  # the interleaved runs are cut into this many consecutive blocks to see the ratio's spread
-
-
-def _speedup_range(reference: Sequence[float], candidate: Sequence[float]) -> tuple[float, float] | None:
-    """Lowest and highest ratio of median latencies over consecutive blocks of the same interleaved runs."""
-    runs = min(len(reference), len(candidate))
-    if runs < 2 * _SPEEDUP_BLOCKS:
-        return None
-    ratios = [
-        float(np.median(ref) / np.median(cand))
-        for ref, cand in zip(
-            np.array_split(np.asarray(reference[:runs]), _SPEEDUP_BLOCKS),
-            np.array_split(np.asarray(candidate[:runs]), _SPEEDUP_BLOCKS),
-            strict=True,
-        )
-    ]
-    return min(ratios), max(ratios)
 
 
 def _output_layout(model: onnx.ModelProto, output: str, session: Any, batch: Batch, produced: np.ndarray) -> OutputLayout:

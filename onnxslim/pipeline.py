@@ -47,6 +47,7 @@ from onnxslim.prune import PruneOptions, PruneResult, prune_model
 from onnxslim.prune.pruner import ALLOCATIONS
 from onnxslim.quant_guard import AccuracyBudget, BudgetCheck, check_budget
 from onnxslim.quantize import HOLDOUT_FRACTION, MIN_SPEEDUP, QuantizeOptions, QuantizeResult, quantize_model
+from onnxslim.runtime import clearly_faster
 
 __all__ = [
     "DEFAULT_TRIALS",
@@ -192,10 +193,11 @@ def choose_final(
 ) -> tuple[str, str]:
     """Pure: (name, why) of the model to ship from (name, measured speedup, meets the budget, lowest speedup
     over the blocks of the interleaved run or None) — the fastest that meets the budget, is at least
-    `min_speedup` faster than the original and faster in every block of the run (not within its noise);
-    else the original (as loaded: Constant nodes become initializers, the outputs are the same)."""
+    `min_speedup` faster than the original and faster in every block of the run (not within its noise;
+    `runtime.clearly_faster`, the rule quantize's speed guard applies too); else the original (as loaded:
+    Constant nodes become initializers, the outputs are the same)."""
     eligible = [(speedup, name, low) for name, speedup, met, low in candidates if name != "original" and met]
-    fast = [(speedup, name) for speedup, name, low in eligible if speedup >= min_speedup and (low is None or low > 1.0)]
+    fast = [(speedup, name) for speedup, name, low in eligible if clearly_faster(speedup, low, min_speedup)]
     if fast:
         speedup, name = max(fast)
         return name, f"{name} is {speedup:.2f}x as fast as the original and meets the budget"

@@ -28,7 +28,8 @@ from onnxslim.quant_guard import (
 FORMATS = ("qdq", "qoperator")
 METHODS = ("minmax", "entropy", "percentile")
 INT8_TYPES = ("u8", "s8")
-MIN_SPEEDUP = 1.05  # int8 must be at least 5 % faster than fp32 to be kept (see the module docstring)
+MIN_SPEEDUP = 1.05  # int8 must be at least 5 % faster than fp32 to be kept (see quant_speed's docstring)
+RETIME_FACTOR = 3  # an uncertain speed verdict is re-timed once, this many times longer (quant_speed)
 HOLDOUT_FRACTION = 0.2
 CALIBRATION_MEMORY = 256 * 2**20
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's `axis` (per-channel weights in QDQ) needs opset 13
@@ -103,7 +104,7 @@ class QuantizeOptions:
 
     exclude: node-name globs or op types (an entry equal to an op type in the model excludes every node of
         that type) left in fp32.
-    force: keep the fastest int8 model even when no candidate is `min_speedup` faster than fp32.
+    force: keep the fastest int8 model even when no candidate is clearly `min_speedup` faster than fp32.
     threads: intra-op threads for the timing sessions (None: the physical cores available).
     calibration_memory: bytes of intermediate outputs the calibrator may hold at once (see module docstring).
     """
@@ -141,8 +142,39 @@ class QuantizeOptions:
 
 
 @dataclass(frozen=True)
+class TimingBudget:
+    """How long one interleaved timing run lasts: rounds (every model once) until about `seconds` of timed
+    runs, at least `min_rounds` and at most `max_rounds` of them."""
+
+    seconds: float = 4.0
+    min_rounds: int = 15
+    max_rounds: int = 200
+
+    def __post_init__(self) -> None:
+        if self.seconds < 0 or self.min_rounds < 1 or self.max_rounds < self.min_rounds:
+            raise UsageError(f"a timing budget needs seconds >= 0 and 1 <= min_rounds <= max_rounds, not {self}")
+
+    def longer(self, factor: int = RETIME_FACTOR) -> TimingBudget:
+        """This budget `factor` times over: seconds and rounds (a fast model stops at `max_rounds`, not
+        `seconds`)."""
+        return TimingBudget(self.seconds * factor, self.min_rounds * factor, self.max_rounds * factor)
+
+
+@dataclass(frozen=True)
+class InterleavedTiming:
+    """One model as timed in an interleaved run: its median latency and, per consecutive block of the run,
+    the ratio of the first model's median to its own (`runtime.block_speedups`; empty for the first model
+    or with too few rounds)."""
+
+    median_ms: float
+    block_speedups: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
 class CandidateTiming:
-    """One int8 candidate as measured: median latency next to fp32's from the same interleaved run.
+    """One int8 candidate as measured: median latency next to fp32's from the same interleaved run, and
+    fp32 / int8 on each consecutive block of that run (`block_speedups`; lowest and highest are
+    `speedup_low`, `speedup_high`). `retimed`: from the longer run of an uncertain verdict (quant_speed).
 
     On failure (the quantizer or onnxruntime refused it) the numbers are None and `error` says why.
     """
@@ -155,6 +187,8 @@ class CandidateTiming:
     error: str | None = None
     budget_met: bool | None = None  # None: not checked (counts as met)
     score: float | None = None  # fidelity score on the held-out data, when checked
+    block_speedups: tuple[float, ...] = ()  # empty: too few rounds (or an injected timer) to cut into blocks
+    retimed: bool = False
 
     @property
     def speedup(self) -> float | None:
@@ -162,15 +196,25 @@ class CandidateTiming:
             return None
         return self.fp32_latency_ms / self.latency_ms
 
+    @property
+    def speedup_low(self) -> float | None:
+        return min(self.block_speedups) if self.block_speedups else None
+
+    @property
+    def speedup_high(self) -> float | None:
+        return max(self.block_speedups) if self.block_speedups else None
+
 
 @dataclass(frozen=True)
 class SpeedDecision:
     """What the speed guard chose: `chosen` is the int8 candidate to keep (None: keep fp32); `best` is the
-    fastest int8 candidate that ran (None when none did)."""
+    fastest int8 candidate that ran (None when none did); `forced`: `chosen` is kept only because of `force`
+    (not clearly faster, or missing the accuracy budget)."""
 
     chosen: CandidateTiming | None
     best: CandidateTiming | None
     reason: str
+    forced: bool = False
 
 
 @dataclass(frozen=True)
@@ -245,6 +289,15 @@ class QuantizeResult:
     exclusion_trials: tuple[ExclusionTrial, ...] = ()
     max_trials: int = MAX_TRIALS
     validation: Validation | None = field(default=None, repr=False)  # what `validate` proved, for write_validated
+    timing: CandidateTiming | None = None  # the reported int8 candidate as timed: its block range, re-timed or not
+
+    @property
+    def speedup_low(self) -> float | None:
+        return None if self.timing is None else self.timing.speedup_low
+
+    @property
+    def speedup_high(self) -> float | None:
+        return None if self.timing is None else self.timing.speedup_high
 
     @property
     def budget_met(self) -> bool | None:
@@ -277,6 +330,9 @@ class MethodTrial:
 # Progress: (stage, done, total), e.g. ("calibrating", 12, 205). Stages: calibrating, quantizing, timing,
 # evaluating. `done` counts up to `total` within a stage.
 ProgressCallback = Callable[[str, int, int], None]
-# Timer: the models to time (config None is the fp32 reference, always first) and the feeds; returns the
-# median latency in ms of each, measured in one run.
-Timer = Callable[[Sequence[tuple["QuantConfig | None", onnx.ModelProto]], Mapping[str, np.ndarray]], Sequence[float]]
+# Timer: the models to time (config None is the fp32 reference, always first), the feeds and how long to
+# take; returns each model's median latency and block speedups against fp32, measured in one run.
+Timer = Callable[
+    [Sequence[tuple["QuantConfig | None", onnx.ModelProto]], Mapping[str, np.ndarray], TimingBudget],
+    Sequence[InterleavedTiming],
+]

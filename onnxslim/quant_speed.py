@@ -1,8 +1,35 @@
 """int8 quantization, the speed guard: the candidates tried one change at a time, the decision whether
-int8 is kept, and the interleaved latency measurement (see quantize.py)."""
+int8 is kept, and the interleaved latency measurement (see quantize.py).
+
+**Deciding outside the noise.** Every timing run interleaves fp32 with the candidates (`measure_latencies`)
+and gives, per candidate, the ratio of medians fp32 / int8 (`speedup`) and that ratio on each of 5
+consecutive blocks of the run (`block_speedups`; lowest and highest: the *range*). On a busy 2-core machine
+the ratio of one pair moves by several percent from run to run, so a verdict on the median alone flips
+between 1.04x and 1.06x. The rules:
+
+* **Keep int8** only when it is *clearly faster* (`runtime.clearly_faster`, the rule `optimize`'s final
+  choice applies too): speedup at least `min_speedup` and faster than fp32 in every block (lowest > 1).
+* **Uncertain** when it is not, but some block reached `min_speedup` (highest >= `min_speedup`: the range
+  straddles the bar, e.g. 0.99-1.07x). An uncertain verdict is re-timed once, in a run `RETIME_FACTOR` (3)
+  times longer (seconds and rounds), and decided on that run alone, with no further re-time. A range
+  wholly below the bar is a clear loss and is not re-timed.
+* **A challenger replaces the best so far** only when it is clearly faster *than the best*, judged in the
+  run that timed both: its median is faster and it is faster in every block. Both ratios share fp32's
+  block medians, so challenger / best per block is exactly the best's median over the challenger's in that
+  block — the head-to-head range, free of fp32's own noise. When the challenger is faster at the median but
+  not in every block (within the noise), the pair is re-timed once, longer, and judged on that run; a
+  challenger slower at the median is not re-timed (the median already says no, and equal variants, the
+  common case, would double the search's time).
+
+Re-times are bounded: at most one extra run per decision — the early stop on the requested config, each
+challenger, and the final verdict (none when the best already had a longer run: that run is its verdict
+against fp32) — so a search makes at most 5 timing runs and 6 longer ones. Without blocks (too few rounds,
+or an injected timer that gives none) the median alone decides and nothing is re-timed.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -15,13 +42,18 @@ from onnxslim.errors import ModelLoadError, first_line
 from onnxslim.quant_config import (
     COMPUTE_OP_TYPES,
     MIN_SPEEDUP,
+    RETIME_FACTOR,
     CandidateTiming,
+    InterleavedTiming,
     ProgressCallback,
     QuantConfig,
     SpeedDecision,
+    TimingBudget,
 )
 from onnxslim.quant_prepare import _session
-from onnxslim.runtime import time_interleaved
+from onnxslim.runtime import block_speedups, clearly_faster, time_interleaved
+
+logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------ speed guard
 
@@ -45,6 +77,43 @@ def alternatives(config: QuantConfig, *, per_channel_possible: bool = True) -> l
     return steps
 
 
+def _spread(candidate: CandidateTiming) -> str:
+    """'0.95-0.99x over 5 blocks' (', re-timed 3x longer'), or '' without blocks."""
+    if not candidate.block_speedups:
+        return ""
+    retimed = f", re-timed {RETIME_FACTOR}x longer" if candidate.retimed else ""
+    return (
+        f"{candidate.speedup_low:.2f}-{candidate.speedup_high:.2f}x over {len(candidate.block_speedups)} "
+        f"blocks{retimed}"
+    )
+
+
+def is_clearly_faster(candidate: CandidateTiming, min_speedup: float = MIN_SPEEDUP) -> bool:
+    """At least `min_speedup` faster than fp32 at the median and faster in every block (module docstring)."""
+    return candidate.speedup is not None and clearly_faster(candidate.speedup, candidate.speedup_low, min_speedup)
+
+
+def is_uncertain(candidate: CandidateTiming, min_speedup: float = MIN_SPEEDUP) -> bool:
+    """Not clearly faster, but some block of its run reached `min_speedup`: a longer run may decide."""
+    high = candidate.speedup_high
+    return not is_clearly_faster(candidate, min_speedup) and high is not None and high >= min_speedup
+
+
+def beats(challenger: CandidateTiming, best: CandidateTiming) -> bool | None:
+    """Whether `challenger` is clearly faster than `best`, both timed in the same run: faster at the median
+    and in every block (True); slower or equal at the median (False); faster at the median but not in
+    every block, within the noise (None: re-time to decide)."""
+    if challenger.speedup is None or best.speedup is None:
+        raise ValueError("beats compares two candidates that ran")
+    ratio = challenger.speedup / best.speedup  # == best's median latency / the challenger's
+    if ratio <= 1.0:
+        return False
+    if len(challenger.block_speedups) != len(best.block_speedups) or not best.block_speedups:
+        return True  # no blocks to judge: the median decides
+    low = min(c / b for c, b in zip(challenger.block_speedups, best.block_speedups, strict=True))
+    return True if clearly_faster(ratio, low, 1.0) else None
+
+
 def decide(
     candidates: Sequence[CandidateTiming],
     *,
@@ -52,9 +121,10 @@ def decide(
     force: bool = False,
     tried: int | None = None,
 ) -> SpeedDecision:
-    """Pure: keep the fastest candidate that meets the accuracy budget if it is at least `min_speedup`
-    faster than fp32, or if `force`. Candidates whose `budget_met` is False are never kept unless `force`
-    and none meets it (then the most faithful one is).
+    """Pure: keep the fastest candidate that meets the accuracy budget if it is clearly faster than fp32
+    (`is_clearly_faster`: at least `min_speedup` at the median and faster in every block), or if `force`.
+    Candidates whose `budget_met` is False are never kept unless `force` and none meets it (then the most
+    faithful one is). Re-timing is `search_fastest`'s; this decides on the timings given.
 
     `tried` is how many variants were tried in all, for the message (default: the candidates given).
     """
@@ -69,6 +139,7 @@ def decide(
             return SpeedDecision(
                 closest, closest,
                 f"--force: keeping int8 ({closest.config.label}) although no int8 variant meets the accuracy budget",
+                forced=True,
             )
         return SpeedDecision(
             None, closest,
@@ -77,46 +148,68 @@ def decide(
         )
     best = max(meeting, key=lambda c: c.speedup or 0.0)
     speedup = best.speedup or 0.0
-    if speedup >= min_speedup:
-        return SpeedDecision(best, best, f"int8 ({best.config.label}) is {speedup:.2f}x as fast as fp32")
+    spread = _spread(best)
+    if is_clearly_faster(best, min_speedup):
+        return SpeedDecision(
+            best, best, f"int8 ({best.config.label}) is {speedup:.2f}x as fast as fp32" + (f" ({spread})" if spread else "")
+        )
+    needs = f"needs {min_speedup:.2f}x" + (" and faster in every block" if spread else "")
+    detail = f"({spread}; {needs})" if spread else f"({needs})"
     if force:
         return SpeedDecision(
             best, best,
-            f"--force: keeping int8 ({best.config.label}) although it is {speedup:.2f}x as fast as fp32 "
-            f"(needs {min_speedup:.2f}x)",
+            f"--force: keeping int8 ({best.config.label}) although it is {speedup:.2f}x as fast as fp32 {detail}",
+            forced=True,
         )
+    verdict = "not faster" if speedup < min_speedup else "not reliably faster"
     return SpeedDecision(
         None, best,
-        f"int8 is not faster than fp32 on this machine: the fastest of {tried or len(ran)} int8 variant(s) tried "
-        f"({best.config.label}) is {speedup:.2f}x as fast (needs {min_speedup:.2f}x); keeping the fp32 model",
+        f"int8 is {verdict} than fp32 on this machine: the fastest of {tried or len(ran)} int8 variant(s) tried "
+        f"({best.config.label}) is {speedup:.2f}x as fast {detail}; keeping the fp32 model",
     )
 
 
 def search_fastest(
     requested: QuantConfig,
-    measure: Callable[[Sequence[QuantConfig]], Sequence[CandidateTiming]],
+    measure: Callable[[Sequence[QuantConfig], TimingBudget], Sequence[CandidateTiming]],
     *,
     per_channel_possible: bool = True,
     min_speedup: float = MIN_SPEEDUP,
     force: bool = False,
+    budget: TimingBudget | None = None,
 ) -> tuple[SpeedDecision, tuple[CandidateTiming, ...]]:
-    """The speed guard's search. `measure(configs)` builds the configs and times them with fp32 in one run.
+    """The speed guard's search. `measure(configs, budget)` builds the configs and times them with fp32 in
+    one run of about `budget` (default `TimingBudget()`).
 
-    The requested config is measured first and kept if `min_speedup` faster. Otherwise each kind of change
-    (see `alternatives`), applied to the best config so far, is measured beside it in one run and replaces
-    it when faster; the decision is then made on the best. Returns the decision and every candidate with
-    its latest timing, in the order first tried.
+    The requested config is measured first and kept if clearly faster (`is_clearly_faster`). Otherwise each
+    kind of change (see `alternatives`), applied to the best config so far, is measured beside it in one
+    run and replaces it when clearly faster than it (`beats`); the decision is then made on the best. An
+    uncertain verdict — the requested config's, a challenger's, the final one — is re-timed once in a run
+    `RETIME_FACTOR` times longer before it is made (module docstring): at most one extra run per decision.
+    Returns the decision and every candidate with its latest timing (its latest longer one, when it was
+    re-timed: the better measure against fp32), in the order first tried.
     """
+    budget = budget or TimingBudget()
     latest: dict[QuantConfig, CandidateTiming] = {}
 
-    def run(configs: Sequence[QuantConfig]) -> list[CandidateTiming]:
-        timings = list(measure(configs))
+    def run(configs: Sequence[QuantConfig], *, longer: bool = False) -> dict[QuantConfig, CandidateTiming]:
+        timings = list(measure(configs, budget.longer() if longer else budget))
+        if longer:
+            timings = [replace(t, retimed=True) for t in timings]
         for timing in timings:
-            latest[timing.config] = timing
-        return timings
+            if timing.retimed or timing.config not in latest or not latest[timing.config].retimed:
+                latest[timing.config] = timing
+        return {t.config: t for t in timings}
 
-    (first,) = run([requested])
-    if first.speedup is not None and first.speedup >= min_speedup and first.budget_met is not False:
+    def settled(candidate: CandidateTiming) -> CandidateTiming:
+        """`candidate`, re-timed once (longer) when its verdict against fp32 is uncertain."""
+        if candidate.budget_met is False or candidate.retimed or not is_uncertain(candidate, min_speedup):
+            return candidate
+        logger.info("%s: %s is uncertain; re-timing it longer", candidate.config.label, _spread(candidate))
+        return run([candidate.config], longer=True)[candidate.config]
+
+    first = settled(run([requested])[requested])
+    if first.budget_met is not False and is_clearly_faster(first, min_speedup):
         return decide([first], min_speedup=min_speedup), tuple(latest.values())
     best = first
     tried = {requested}
@@ -127,17 +220,26 @@ def search_fastest(
             continue
         tried.add(step)
         pair = run([best.config, step] if best.speedup is not None else [step])
-        timed = {t.config: t for t in pair}
-        best = timed.get(best.config, best)
-        challenger = timed[step]
-        if challenger.budget_met is False:
-            continue  # never the base of further changes: it loses accuracy the budget does not allow
-        if challenger.speedup is not None and (
-            best.speedup is None or best.budget_met is False or challenger.speedup > best.speedup
-        ):
+        best = pair.get(best.config, best)
+        challenger = pair[step]
+        if challenger.budget_met is False or challenger.speedup is None:
+            continue  # never the base of further changes: it failed, or loses accuracy the budget does not allow
+        if best.speedup is None or best.budget_met is False:
+            best = challenger
+            continue
+        verdict = beats(challenger, best)
+        if verdict is None:  # within the noise: once more, longer
+            logger.info("%s against %s is within the noise; re-timing both longer", step.label, best.config.label)
+            pair = run([best.config, step], longer=True)
+            best, challenger = pair[best.config], pair[step]
+            verdict = bool(beats(challenger, best))
+        if verdict:
             best = challenger
     # The winner of the head-to-head comparisons (each made within one run), not the largest ratio seen
-    # across runs: ratios from different runs carry different noise.
+    # across runs: ratios from different runs carry different noise. Against fp32 it is judged on its longer
+    # run when it had one, else re-timed if uncertain.
+    if best.speedup is not None:
+        best = settled(latest[best.config])
     finalists = [best] if best.speedup is not None else list(latest.values())
     decision = decide(finalists, min_speedup=min_speedup, force=force, tried=len(latest))
     return decision, tuple(latest.values())
@@ -148,17 +250,18 @@ def measure_latencies(
     feeds: Mapping[str, np.ndarray],
     *,
     threads: int,
+    budget: TimingBudget | None = None,
     warmup: int = 3,
-    min_rounds: int = 15,
-    max_rounds: int = 200,
-    budget_s: float = 4.0,
     clock: Callable[[], float] = time.perf_counter,
     progress: ProgressCallback | None = None,
     spinning: bool = False,
-) -> list[float]:
-    """Median latency in ms of each model: one onnxruntime session each (same threads, all optimizations,
+) -> list[InterleavedTiming]:
+    """Each model's median latency in ms and its block speedups against the first model
+    (`runtime.block_speedups`), from one run: one onnxruntime session each (same threads, all optimizations,
     no thread spinning unless `spinning`), the same feeds, runs interleaved round by round (order
-    alternating), `min_rounds` to `max_rounds` rounds within about `budget_s` seconds of timed runs."""
+    alternating), `budget.min_rounds` to `budget.max_rounds` rounds within about `budget.seconds` seconds of
+    timed runs (default `TimingBudget()`)."""
+    budget = budget or TimingBudget()
     sessions = []
     for model in models:
         try:
@@ -168,11 +271,14 @@ def measure_latencies(
 
     def report(rounds: int, spent: float) -> None:
         if progress is not None:
-            expected = math.ceil(budget_s / (spent / rounds)) if spent > 0 else max_rounds
-            progress("timing", rounds, max(rounds, min(max_rounds, max(min_rounds, expected))))
+            expected = math.ceil(budget.seconds / (spent / rounds)) if spent > 0 else budget.max_rounds
+            progress("timing", rounds, max(rounds, min(budget.max_rounds, max(budget.min_rounds, expected))))
 
     times = time_interleaved(
         sessions, [feeds], warmup=warmup, clock=clock, on_round=report,
-        keep_going=lambda rounds, spent: rounds < max_rounds and (rounds < min_rounds or spent < budget_s),
+        keep_going=lambda rounds, spent: rounds < budget.max_rounds and (rounds < budget.min_rounds or spent < budget.seconds),
     )
-    return [float(np.median(t)) * 1e3 for t in times]
+    return [
+        InterleavedTiming(float(np.median(t)) * 1e3, block_speedups(times[0], t) if index else ())
+        for index, t in enumerate(times)
+    ]

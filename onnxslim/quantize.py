@@ -19,13 +19,15 @@ The steps, and why each one is here:
   `calibration_memory` 256 MiB by default: memory stays within that bound (or one batch, if larger),
   whatever the number of samples. A chunk never mixes batch shapes (the histogram calibrators stack one
   call's outputs). Ranges are computed once and shared by every candidate below.
-* **Speed guard.** The requested configuration is timed against the fp32 model (same threads, same batch,
-  interleaved run by run, median). Unless it is at least `min_speedup` (5 %) faster, alternatives are tried
-  one change at a time, in this order, each kept only when faster than the best so far: the other
+* **Speed guard** (`quant_speed.py`, whose docstring has the rules). The requested configuration is timed
+  against the fp32 model (same threads, same batch, interleaved run by run, median, and the ratio on each
+  of 5 blocks of the run). Unless it is clearly at least `min_speedup` (5 %) faster — at the median and
+  faster in every block; an uncertain verdict is re-timed once, longer — alternatives are tried one change
+  at a time, in this order, each kept only when clearly faster than the best so far: the other
   activation type (u8 <-> s8; onnxruntime fuses only some variants into QLinearConv on a given CPU), the
   other format (QDQ <-> QOperator), per-tensor weights, and quantizing only the compute ops (Conv,
   ConvTranspose, Gemm, MatMul) so that element-wise ops stop paying Q/DQ overhead. When no candidate is
-  `min_speedup` faster, the result is the fp32 model (`quantized` False) unless `force`.
+  clearly `min_speedup` faster, the result is the fp32 model (`quantized` False) unless `force`.
   Timing sessions run with thread spinning off: an idle session's spinning workers otherwise steal the
   cores from the session timed next (two identical models measured 0.70x-1.30x apart that way; without
   spinning within 1.5 %, 8 runs each on a busy 2-core machine). 5 % is over three times that noise, and an
@@ -96,6 +98,7 @@ from onnxslim.quant_config import (
     QUANTIZED_OP_TYPES,
     CalibrationSummary,
     CandidateTiming,
+    InterleavedTiming,
     MethodTrial,
     PreparedModel,
     ProgressCallback,
@@ -104,6 +107,7 @@ from onnxslim.quant_config import (
     QuantizeResult,
     SpeedDecision,
     Timer,
+    TimingBudget,
 )
 from onnxslim.quant_guard import (
     BudgetCheck,
@@ -152,6 +156,8 @@ __all__ = [
     "QuantizeResult",
     "MethodTrial",
     "Timer",
+    "TimingBudget",
+    "InterleavedTiming",
     "ProgressCallback",
     "find_quantized_nodes",
     "prepare_model",
@@ -493,23 +499,24 @@ class _Candidates:
     def count(self, config: QuantConfig, model: onnx.ModelProto) -> tuple[int, int]:
         return count_quantized_nodes(self._prepared, model, config, self._exclude)
 
-    def measure(self, configs: Sequence[QuantConfig]) -> list[CandidateTiming]:
-        """Build `configs` and time those that built against fp32, in one run."""
+    def measure(self, configs: Sequence[QuantConfig], budget: TimingBudget) -> list[CandidateTiming]:
+        """Build `configs` and time those that built against fp32, in one run of about `budget`."""
         models = {config: self.build(config) for config in configs}
         good = [config for config in configs if isinstance(models[config], onnx.ModelProto)]
         entries: list[tuple[QuantConfig | None, onnx.ModelProto]] = [(None, self._source)]
         entries += [(config, models[config]) for config in good]  # type: ignore[misc]
-        latencies = list(self._timer(entries, self._feeds)) if good else []
+        latencies = list(self._timer(entries, self._feeds, budget)) if good else []
         timings = []
         for config in configs:
             model = models[config]
             if isinstance(model, UnsupportedModelError):
                 timings.append(CandidateTiming(config, None, None, error=str(model)))
                 continue
+            timed = latencies[1 + good.index(config)]
             timings.append(
                 CandidateTiming(
-                    config, float(latencies[1 + good.index(config)]), float(latencies[0]), _size(model),
-                    self.count(config, model)[0],
+                    config, timed.median_ms, latencies[0].median_ms, _size(model), self.count(config, model)[0],
+                    block_speedups=timed.block_speedups,
                 )
             )
         return timings
@@ -573,8 +580,10 @@ def quantize_model(
     threads = options.threads or physical_cores()
     feeds = next(iter(calib.batches())).feeds
 
-    def default_timer(entries: Sequence[tuple[QuantConfig | None, onnx.ModelProto]], feeds: Mapping[str, np.ndarray]) -> list[float]:
-        return measure_latencies([m for _, m in entries], feeds, threads=threads, progress=progress)
+    def default_timer(
+        entries: Sequence[tuple[QuantConfig | None, onnx.ModelProto]], feeds: Mapping[str, np.ndarray], budget: TimingBudget
+    ) -> list[InterleavedTiming]:
+        return measure_latencies([m for _, m in entries], feeds, threads=threads, budget=budget, progress=progress)
 
     # every output is judged (a sentence encoder's embedding is its second output): the budget reads the
     # worst one; accuracy reads the first (or --output)
@@ -707,9 +716,9 @@ def quantize_model(
             threads=threads, timer=timer or default_timer, feeds=feeds, progress=progress,
         )
 
-        def measure(configs: Sequence[QuantConfig]) -> list[CandidateTiming]:
+        def measure(configs: Sequence[QuantConfig], timing_budget: TimingBudget) -> list[CandidateTiming]:
             timings = []
-            for timing in candidates.measure(configs):
+            for timing in candidates.measure(configs, timing_budget):
                 built = candidates.built.get(timing.config)
                 if timing.error is None and isinstance(built, onnx.ModelProto):
                     check = evaluate(built, (timing.config, method, tuple(excluded)))
@@ -745,7 +754,7 @@ def quantize_model(
     return QuantizeResult(
         model=int8 if decision.chosen is not None else source,
         quantized=decision.chosen is not None,
-        forced=decision.chosen is not None and ((best.speedup or 0.0) < options.min_speedup or best.budget_met is False),
+        forced=decision.forced,
         reason=decision.reason,
         int8_model=int8,
         config=best.config,
@@ -777,4 +786,5 @@ def quantize_model(
         exclusion_trials=exclusion_trials,
         max_trials=options.max_trials,
         validation=validation,
+        timing=best,
     )

@@ -19,7 +19,9 @@ from onnxslim.model_info import ModelInfo
 from onnxslim.pipeline import OptimizeResult, SweepResult, machine
 from onnxslim.prune.pruner import PruneResult
 from onnxslim.prune.sensitivity import SensitivityCurves
+from onnxslim.quant_config import RETIME_FACTOR
 from onnxslim.quantize import CandidateTiming, QuantizeResult
+from onnxslim.runtime import SPEEDUP_BLOCKS
 
 __all__ = ["to_jsonable", "to_json", "format_count", "format_bytes", "format_table", "render_inspect", "inspect_json", "render_bench", "bench_json", "render_groups", "groups_json", "render_prune", "prune_json", "plan_record", "render_quantize", "quantize_json"]
 
@@ -702,11 +704,12 @@ def _candidate_row(candidate: CandidateTiming) -> list[str]:
     if candidate.error is not None:
         return [candidate.config.label, "-", "-", "failed", "-", "-"]
     assert candidate.latency_ms is not None and candidate.fp32_latency_ms is not None
+    spread = "" if candidate.speedup_low is None else f" ({candidate.speedup_low:.2f}-{candidate.speedup_high:.2f})"
     return [
         candidate.config.label,
         _ms(candidate.latency_ms),
         _ms(candidate.fp32_latency_ms),
-        f"{candidate.speedup:.2f}x",
+        f"{candidate.speedup:.2f}x{spread}" + (" re-timed" if candidate.retimed else ""),
         format_bytes(candidate.size_bytes or 0),
         str(candidate.nodes_quantized),
     ]
@@ -773,7 +776,9 @@ def render_quantize(result: QuantizeResult, output: str | None = None) -> str:
     lines += [
         "",
         f"candidates tried (median latency, interleaved with fp32 in the same run; {shapes}, {result.threads} threads; "
-        f"int8 is kept when at least {result.min_speedup:.2f}x as fast)",
+        f"int8 is kept when at least {result.min_speedup:.2f}x as fast and faster in every block)",
+        f"speedup range: lowest-highest over {SPEEDUP_BLOCKS} consecutive blocks of that run; a verdict the range "
+        f"leaves uncertain is re-timed once, {RETIME_FACTOR}x longer (re-timed)",
         format_table(["config", "int8 ms", "fp32 ms", "speedup", "size", "int8 nodes"],
                      [_candidate_row(c) for c in result.candidates]),
     ]
@@ -852,6 +857,9 @@ def quantize_json(result: QuantizeResult, output: str | None = None) -> dict[str
         "latency_fp32_ms": result.latency_fp32_ms,
         "latency_int8_ms": result.latency_int8_ms,
         "speedup": result.speedup,
+        "speedup_low": result.speedup_low,
+        "speedup_high": result.speedup_high,
+        "speedup_retimed": None if result.timing is None else result.timing.retimed,
         "min_speedup": result.min_speedup,
         "size_fp32": result.size_fp32,
         "size_int8": result.size_int8,
@@ -863,7 +871,9 @@ def quantize_json(result: QuantizeResult, output: str | None = None) -> dict[str
         "candidates": [
             {"config": c.config.label, **to_jsonable(c.config), "latency_ms": c.latency_ms,
              "fp32_latency_ms": c.fp32_latency_ms, "speedup": c.speedup, "size_bytes": c.size_bytes,
-             "nodes_quantized": c.nodes_quantized, "error": c.error, "budget_met": c.budget_met, "score": c.score}
+             "nodes_quantized": c.nodes_quantized, "error": c.error, "budget_met": c.budget_met, "score": c.score,
+             "speedup_low": c.speedup_low, "speedup_high": c.speedup_high, "block_speedups": list(c.block_speedups),
+             "retimed": c.retimed}
             for c in result.candidates
         ],
         "threads": result.threads,

@@ -1,7 +1,16 @@
 """onnxruntime as onnxslim runs and times models: the one place for session settings and timing loops.
 
 `bench`, `quantize`, `activations` and the prune pipeline all create their sessions with `session_options`
-and time with `time_interleaved`, so a measurement means the same thing wherever it is taken.
+and time with `time_interleaved`, so a measurement means the same thing wherever it is taken; and they judge
+a ratio of latencies with `block_speedups` / `speedup_range` and `clearly_faster`, so "faster" means the same
+thing wherever it is decided.
+
+**Faster, not within noise.** One interleaved run gives one ratio of medians (reference / candidate); on a
+busy 2-core machine that ratio moves by several percent from run to run. The run is therefore also cut into
+`SPEEDUP_BLOCKS` consecutive blocks, and the ratio of medians is taken on each: their lowest and highest are
+the run's *speedup range*. A candidate is *clearly faster* when its ratio of medians reaches the bar asked for
+(`min_speedup`) and it was faster in every block (lowest block ratio above 1) — a range containing 1 means
+the difference is within this run's noise.
 """
 
 from __future__ import annotations
@@ -19,15 +28,20 @@ from onnxslim.errors import UsageError
 
 __all__ = [
     "OPT_LEVELS",
+    "SPEEDUP_BLOCKS",
+    "block_speedups",
+    "clearly_faster",
     "cpu_session",
     "ort",
     "physical_cores",
     "resolve_provider",
     "session_options",
+    "speedup_range",
     "time_interleaved",
 ]
 
 OPT_LEVELS = ("basic", "extended", "all")
+SPEEDUP_BLOCKS = 5  # an interleaved run is cut into this many consecutive blocks to see its ratio's spread
 
 
 def physical_cores() -> int:
@@ -126,3 +140,36 @@ def time_interleaved(
         if on_round is not None:
             on_round(rounds, spent)
     return times
+
+
+def block_speedups(
+    reference: Sequence[float], candidate: Sequence[float], blocks: int = SPEEDUP_BLOCKS
+) -> tuple[float, ...]:
+    """Ratio of median latencies, reference / candidate, on each of `blocks` consecutive blocks of the same
+    interleaved runs (the i-th run of each in the same block); empty with fewer than 2 runs per block."""
+    runs = min(len(reference), len(candidate))
+    if runs < 2 * blocks:
+        return ()
+    return tuple(
+        float(np.median(ref) / np.median(cand))
+        for ref, cand in zip(
+            np.array_split(np.asarray(reference[:runs]), blocks),
+            np.array_split(np.asarray(candidate[:runs]), blocks),
+            strict=True,
+        )
+    )
+
+
+def speedup_range(
+    reference: Sequence[float], candidate: Sequence[float], blocks: int = SPEEDUP_BLOCKS
+) -> tuple[float, float] | None:
+    """Lowest and highest of `block_speedups` (None with too few runs to judge)."""
+    ratios = block_speedups(reference, candidate, blocks)
+    return (min(ratios), max(ratios)) if ratios else None
+
+
+def clearly_faster(speedup: float, low: float | None, min_speedup: float) -> bool:
+    """The one rule for "faster, not within noise" (module docstring): the ratio of medians `speedup` is at
+    least `min_speedup` and the lowest block ratio `low` is above 1 (None: no blocks to judge; the median
+    alone decides)."""
+    return speedup >= min_speedup and (low is None or low > 1.0)

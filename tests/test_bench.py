@@ -317,7 +317,7 @@ def test_labels_on_a_non_classifier_are_ignored_with_a_note(tmp_path: Path) -> N
 def test_speedup_spread_says_when_a_ratio_is_within_noise(models: dict[str, Path]) -> None:
     from dataclasses import replace
 
-    from onnxslim.bench import _speedup_range
+    from onnxslim.runtime import speedup_range as _speedup_range
 
     assert _speedup_range([1.0] * 20, [0.5] * 20) == (2.0, 2.0)  # twice as fast in every block
     steady, jumpy = [1.0] * 20, [0.8, 0.8, 0.8, 0.8, 1.3, 1.3, 1.3, 1.3, 1.0, 1.0] * 2  # same median, noisy blocks

@@ -44,12 +44,15 @@ from onnxslim.quant_guard import (
     target_deficit,
 )
 from onnxslim.quant_sensitivity import gated_model
+from onnxslim.quant_speed import beats
 from onnxslim.quantize import (
     COMPUTE_OP_TYPES,
     CandidateTiming,
+    InterleavedTiming,
     QuantConfig,
     QuantizeOptions,
     QuantizeResult,
+    TimingBudget,
     alternatives,
     calibrate,
     decide,
@@ -100,12 +103,15 @@ def dataset(path: Path, model: onnx.ModelProto, batch: int = 4):
 
 
 def fixed_timer(int8_ms: float | Callable[[QuantConfig], float], fp32_ms: float = 10.0):
-    """A timer that reports `fp32_ms` for fp32 and `int8_ms` (or int8_ms(config)) for each int8 model."""
+    """A timer that reports `fp32_ms` for fp32 and `int8_ms` (or int8_ms(config)) for each int8 model, with
+    no blocks (the median alone decides)."""
     calls: list[list[QuantConfig | None]] = []
 
-    def timer(entries: Sequence[tuple[QuantConfig | None, onnx.ModelProto]], feeds) -> list[float]:
+    def timer(entries: Sequence[tuple[QuantConfig | None, onnx.ModelProto]], feeds, budget: TimingBudget) -> list[InterleavedTiming]:
         calls.append([config for config, _ in entries])
-        return [fp32_ms if c is None else (int8_ms(c) if callable(int8_ms) else int8_ms) for c, _ in entries]
+        return [
+            InterleavedTiming(fp32_ms if c is None else (int8_ms(c) if callable(int8_ms) else int8_ms)) for c, _ in entries
+        ]
 
     timer.calls = calls  # type: ignore[attr-defined]
     return timer
@@ -459,10 +465,12 @@ def test_real_architectures_from_opset_9_quantize_per_channel(name: str) -> None
 # ------------------------------------------------------------------------------------------ speed guard
 
 
-def timing(config: QuantConfig, int8_ms: float | None, fp32_ms: float = 10.0) -> CandidateTiming:
+def timing(
+    config: QuantConfig, int8_ms: float | None, fp32_ms: float = 10.0, blocks: tuple[float, ...] = ()
+) -> CandidateTiming:
     if int8_ms is None:
         return CandidateTiming(config, None, None, error="quantizer failed")
-    return CandidateTiming(config, int8_ms, fp32_ms, size_bytes=100, nodes_quantized=3)
+    return CandidateTiming(config, int8_ms, fp32_ms, size_bytes=100, nodes_quantized=3, block_speedups=blocks)
 
 
 REQUESTED = QuantConfig()
@@ -502,7 +510,7 @@ def test_alternatives_are_tried_in_the_stated_order() -> None:
 def _fake_measure(latencies: dict[QuantConfig, float | None]):
     calls: list[list[QuantConfig]] = []
 
-    def measure(configs: Sequence[QuantConfig]) -> list[CandidateTiming]:
+    def measure(configs: Sequence[QuantConfig], budget: TimingBudget) -> list[CandidateTiming]:
         calls.append(list(configs))
         return [timing(c, latencies.get(c, 30.0)) for c in configs]
 
@@ -544,6 +552,115 @@ def test_search_keeps_fp32_when_nothing_is_faster_unless_forced() -> None:
     assert forced.chosen is not None and forced.chosen.config == QuantConfig(activations="s8")
 
 
+# Block speedups (fp32 / int8 on each of the 5 blocks of one run) for the noise-aware rules.
+CLEAR_WIN = (1.20, 1.22, 1.25, 1.27, 1.30)  # every block well above 1.05x
+STRADDLING = (0.99, 1.01, 1.04, 1.06, 1.08)  # the median (1.04x) misses the bar, two blocks reach it
+CLEAR_LOSS = (0.95, 0.96, 0.97, 0.98, 0.99)  # no block reaches 1.05x: fp32 without a second look
+SHORT, LONG = TimingBudget(), TimingBudget().longer()
+
+
+def test_decide_keeps_int8_only_when_faster_at_the_median_and_in_every_block() -> None:
+    win = decide([timing(REQUESTED, 10 / 1.25, blocks=CLEAR_WIN)])
+    assert win.chosen is not None and not win.forced and "1.25x as fast as fp32 (1.20-1.30x over 5 blocks)" in win.reason
+    loss = decide([timing(REQUESTED, 10 / 0.97, blocks=CLEAR_LOSS)])
+    assert loss.chosen is None and loss.best is not None
+    assert "not faster" in loss.reason and "0.97x as fast (0.95-0.99x over 5 blocks; needs 1.05x" in loss.reason
+    # 1.10x at the median, but no faster than fp32 in one block: within the run's noise, fp32 is kept
+    noisy = decide([timing(REQUESTED, 10 / 1.10, blocks=(1.00, 1.08, 1.10, 1.12, 1.20))])
+    assert noisy.chosen is None and "not reliably faster" in noisy.reason and "1.00-1.20x" in noisy.reason
+    forced = decide([timing(REQUESTED, 10 / 1.10, blocks=(1.00, 1.08, 1.10, 1.12, 1.20))], force=True)
+    assert forced.chosen is not None and forced.forced and "--force" in forced.reason
+
+
+def test_beats_needs_the_challenger_faster_at_the_median_and_in_every_block_of_their_run() -> None:
+    best = timing(REQUESTED, 10.0, blocks=(1.0, 1.0, 1.0, 1.0, 1.0))
+    other = QuantConfig(activations="s8")
+    assert beats(timing(other, 9.0, blocks=(1.1, 1.1, 1.12, 1.1, 1.1)), best) is True
+    assert beats(timing(other, 11.0, blocks=(0.9, 0.9, 0.9, 0.9, 1.02)), best) is False  # slower at the median
+    assert beats(timing(other, 9.8, blocks=(0.99, 1.01, 1.02, 1.03, 1.04)), best) is None  # within the noise: re-time
+    assert beats(timing(other, 9.8), timing(REQUESTED, 10.0)) is True  # no blocks: the median decides
+
+
+def _scripted_measure(script: Callable[[QuantConfig, TimingBudget], CandidateTiming]):
+    """A `measure` for search_fastest that times each config as `script(config, budget)` says, recording
+    every run's configs and budget."""
+    calls: list[tuple[list[QuantConfig], TimingBudget]] = []
+
+    def measure(configs: Sequence[QuantConfig], budget: TimingBudget) -> list[CandidateTiming]:
+        calls.append((list(configs), budget))
+        return [script(config, budget) for config in configs]
+
+    return measure, calls
+
+
+def test_a_straddling_verdict_is_retimed_once_longer_and_decided_on_that_run() -> None:
+    def script(config: QuantConfig, budget: TimingBudget) -> CandidateTiming:
+        if config != REQUESTED:
+            return timing(config, 30.0, blocks=(0.3,) * 5)
+        if budget == SHORT:
+            return timing(config, 10 / 1.04, blocks=STRADDLING)
+        return timing(config, 10 / 1.10, blocks=(1.06, 1.08, 1.10, 1.12, 1.14))  # the longer run settles it
+
+    measure, calls = _scripted_measure(script)
+    decision, tried = search_fastest(REQUESTED, measure)
+    assert calls == [([REQUESTED], SHORT), ([REQUESTED], LONG)]  # exactly one re-time, then no search
+    assert LONG.seconds == 3 * SHORT.seconds and LONG.max_rounds == 3 * SHORT.max_rounds
+    assert decision.chosen is not None and decision.chosen.retimed and tried == (decision.chosen,)
+    assert "1.10x as fast as fp32 (1.06-1.14x over 5 blocks, re-timed 3x longer)" in decision.reason
+
+
+def test_a_verdict_still_uncertain_after_its_retime_is_not_retimed_again() -> None:
+    def script(config: QuantConfig, budget: TimingBudget) -> CandidateTiming:
+        if config == REQUESTED:
+            return timing(config, 10 / 1.04, blocks=STRADDLING)
+        return timing(config, 30.0, blocks=(0.3,) * 5)  # every alternative clearly slower: no re-time
+
+    measure, calls = _scripted_measure(script)
+    decision, tried = search_fastest(REQUESTED, measure)
+    assert [budget for _, budget in calls].count(LONG) == 1 and calls[1] == ([REQUESTED], LONG)
+    assert len(calls) == 6  # the requested config, its re-time, and the four alternatives beside it
+    assert decision.chosen is None and decision.best is not None and decision.best.retimed
+    assert "1.04x as fast (0.99-1.08x over 5 blocks, re-timed 3x longer; needs 1.05x" in decision.reason
+    assert tried[0].retimed  # the candidates list reports the longer run
+
+
+def test_a_clear_win_and_a_clear_loss_are_never_retimed() -> None:
+    measure, calls = _scripted_measure(lambda config, budget: timing(config, 8.0, blocks=CLEAR_WIN))
+    decision, _ = search_fastest(REQUESTED, measure)
+    assert decision.chosen is not None and calls == [([REQUESTED], SHORT)]
+    measure, calls = _scripted_measure(lambda config, budget: timing(config, 10 / 0.97, blocks=CLEAR_LOSS))
+    decision, tried = search_fastest(REQUESTED, measure)
+    assert decision.chosen is None and len(tried) == 5
+    assert all(budget == SHORT for _, budget in calls) and not any(t.retimed for t in tried)
+
+
+def test_a_challenger_within_the_noise_does_not_replace_the_best() -> None:
+    s8 = QuantConfig(activations="s8")
+
+    def script(challenger_blocks: tuple[float, ...]):
+        def timed(config: QuantConfig, budget: TimingBudget) -> CandidateTiming:
+            if config == REQUESTED:
+                return timing(config, 12.0, blocks=(0.80, 0.82, 0.83, 0.84, 0.86))
+            if config == s8:  # 1.7 % faster than the requested config at the median
+                return timing(config, 11.8, blocks=challenger_blocks)
+            return timing(config, 30.0, blocks=(0.3,) * 5)
+
+        return timed
+
+    # head to head, per block: 1.06, 0.99, 1.02, 1.01, 1.01 — slower in one block, in both runs
+    measure, calls = _scripted_measure(script((0.85, 0.81, 0.85, 0.85, 0.87)))
+    decision, _ = search_fastest(REQUESTED, measure)
+    assert calls[1] == ([REQUESTED, s8], SHORT) and calls[2] == ([REQUESTED, s8], LONG)  # one re-time of the pair
+    assert calls[3][0] == [REQUESTED, QuantConfig(format="qoperator")]  # the next change applies to the best: still the requested
+    assert [budget for _, budget in calls].count(LONG) == 1
+    assert decision.best is not None and decision.best.config == REQUESTED and decision.chosen is None
+    # faster in every block of their run: it replaces the best, with no re-time
+    measure, calls = _scripted_measure(script((0.88, 0.86, 0.87, 0.88, 0.90)))
+    decision, _ = search_fastest(REQUESTED, measure)
+    assert calls[2][0] == [s8, QuantConfig(activations="s8", format="qoperator")]
+    assert all(budget == SHORT for _, budget in calls) and decision.best is not None and decision.best.config == s8
+
+
 def test_quantize_model_writes_fp32_when_int8_is_slower(model_and_data) -> None:
     source, path, calib = model_and_data
     loaded = load_model(path)
@@ -562,10 +679,17 @@ def test_measure_latencies_interleaves_and_takes_medians(model_and_data) -> None
     source, _, _ = model_and_data
     ticks = iter(range(10**6))
     latencies = quantize_module.measure_latencies(
-        [source, source], {"input": np.zeros((1, 3, 16, 16), np.float32)}, threads=1, warmup=1, min_rounds=4,
-        max_rounds=4, clock=lambda: float(next(ticks)),
+        [source, source], {"input": np.zeros((1, 3, 16, 16), np.float32)}, threads=1, warmup=1,
+        budget=TimingBudget(seconds=0, min_rounds=10, max_rounds=10), clock=lambda: float(next(ticks)),
     )
-    assert latencies == [1000.0, 1000.0]  # each timed run spans one tick of the injected clock
+    # each timed run spans one tick of the injected clock; 10 rounds make 5 blocks of 2, each compared
+    # with the first model's
+    assert latencies == [InterleavedTiming(1000.0), InterleavedTiming(1000.0, (1.0,) * 5)]
+    few = quantize_module.measure_latencies(
+        [source, source], {"input": np.zeros((1, 3, 16, 16), np.float32)}, threads=1, warmup=1,
+        budget=TimingBudget(seconds=0, min_rounds=4, max_rounds=4), clock=lambda: float(next(ticks)),
+    )
+    assert few[1] == InterleavedTiming(1000.0)  # too few rounds to cut into blocks
 
 
 # ----------------------------------------------------------------------------------------- command line
@@ -579,11 +703,11 @@ def invoke(*args: str) -> tuple[int, str, str]:
 
 @pytest.fixture
 def fake_latencies(monkeypatch: pytest.MonkeyPatch):
-    """Makes the CLI's real timer report given latencies: `fake_latencies(fp32_ms, int8_ms)`."""
+    """Makes the CLI's real timer report given latencies: `fake_latencies(fp32_ms, int8_ms, blocks)`."""
 
-    def install(fp32_ms: float, int8_ms: float) -> None:
-        def measure(models, feeds, **kwargs) -> list[float]:
-            return [fp32_ms] + [int8_ms] * (len(models) - 1)
+    def install(fp32_ms: float, int8_ms: float, blocks: tuple[float, ...] = ()) -> None:
+        def measure(models, feeds, **kwargs) -> list[InterleavedTiming]:
+            return [InterleavedTiming(fp32_ms)] + [InterleavedTiming(int8_ms, blocks)] * (len(models) - 1)
 
         monkeypatch.setattr(quantize_module, "measure_latencies", measure)
 
@@ -628,6 +752,22 @@ def test_cli_writes_fp32_when_int8_is_not_faster_and_force_overrides(tmp_path: P
     code, stdout, _ = invoke("quantize", str(path), "-o", str(out), "--calib", str(calib), "--force")
     assert code == 0 and "quantized    yes" in stdout and "--force" in stdout and "--profile" not in stdout
     assert find_quantized_nodes(onnx.load(str(out)))
+
+
+def test_cli_reports_the_speedup_range_the_verdict_was_made_on(tmp_path: Path, model_and_data, fake_latencies) -> None:
+    fake_latencies(10.0, 10 / 0.97, CLEAR_LOSS)
+    _, path, calib = model_and_data
+    out = tmp_path / "out.onnx"
+    code, stdout, _ = invoke("quantize", str(path), "-o", str(out), "--calib", str(calib), "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["quantized"] is False and "0.97x as fast (0.95-0.99x over 5 blocks" in report["reason"]
+    assert (report["speedup_low"], report["speedup_high"]) == pytest.approx((0.95, 0.99)) and report["speedup_retimed"] is False
+    for candidate in report["candidates"]:
+        assert candidate["block_speedups"] == list(CLEAR_LOSS) and candidate["retimed"] is False
+        assert (candidate["speedup_low"], candidate["speedup_high"]) == pytest.approx((0.95, 0.99))
+    code, stdout, _ = invoke("quantize", str(path), "-o", str(out), "--calib", str(calib))
+    assert code == 0 and "0.97x (0.95-0.99)" in stdout and "lowest-highest over 5 consecutive blocks" in stdout
 
 
 def test_cli_table_report(tmp_path: Path, model_and_data, fake_latencies) -> None:
