@@ -772,8 +772,8 @@ def quantize(
     wins, the fp32 model is written to --output and the report says so ("quantized": false), unless
     --force. It must also meet an accuracy budget (--max-drop, --min-fidelity; default: cosine 0.99 of
     every sample and of the worst output channel): when it does not, the other calibration methods are
-    tried, then the nodes whose quantization adds the most measured error are kept in fp32, fewest first,
-    within --max-trials. Fidelity and accuracy against fp32 are measured on data not used for calibration.
+    tried, then the roundings that hurt most (each measured alone on a few calibration samples) are kept
+    in fp32 with the nodes that touch them, fewest first, within --max-trials. Fidelity and accuracy against fp32 are measured on data not used for calibration.
     Weights are 7-bit on CPUs without VNNI (see --reduce-range).
     Models that are already quantized are refused. Symbolic input dims are kept.
     """

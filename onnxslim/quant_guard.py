@@ -8,19 +8,24 @@ fewest of them in fp32 until the budget holds.
 * **Ranges first.** A Concat whose inputs' calibrated ranges differ by more than `RANGE_RATIO` (100x) would
   share one int8 scale and round the small input to a few levels (a YOLO head's scores, 0-1 beside box
   pixels 0-320, all became 0): it is kept in fp32 before anything is measured.
-* **Which nodes hurt (measured).** The fp32 model and the int8 model (QDQ, so every tensor keeps its name)
-  run on a few calibration batches with every intermediate tensor exposed; for each tensor the relative
-  error ||int8 - fp32|| / ||fp32|| of what its consumers read (the DequantizeLinear output where there is
-  one). A node's *own* error is the error of its outputs minus the largest error of its inputs: what
-  quantizing it adds, not what it inherits. Error created by an op int8 does not touch (the Sub of a
-  decomposed LayerNorm amplifies the relative error of its input by cancellation) goes to the quantized
-  nodes that feed it. Decomposed LayerNorm/RMSNorm (ReduceMean ... Div [Mul Add]) is one block: kept
-  in fp32 whole or not at all.
-* **Search.** Blocks ranked by error are kept in fp32 greedily: the top 1, 2, 4, 8 ... until the budget
-  holds (or every block is fp32), then bisection between the last count that failed and the first that
-  held, all within `max_trials` trial quantizations (each a requantization from the shared ranges plus one
-  evaluation; no new calibration). Before that, when the requested calibration method misses the budget,
-  the other methods (percentile at 99.999 %, entropy) are tried, one trial each, and the best kept.
+* **Which roundings hurt (measured, `quant_sensitivity.py`).** Every place int8 rounds -- an activation's
+  QuantizeLinear/DequantizeLinear pair, a node's weights -- is a *gate*, switched on alone in a gated copy of
+  the int8 model on a few calibration samples: its deficit is 1 - the fidelity score the budget reads. What
+  keeping a gate float buys is then known, not inferred from where error shows up (a residual stream's
+  outlier features, a GELU output read by a MatMul, a Softmax's logits: the tensor carries the damage, the
+  node reading it does not make it).
+* **Blocks.** A gate stays float only when every quantizable node that makes or reads it is fp32
+  (onnxruntime rounds a tensor for all its readers when any of them is int8): that set is its block.
+  Decomposed LayerNorm/RMSNorm (ReduceMean ... Div [Mul Add]) is kept in fp32 whole or not at all. A block
+  that would leave nothing int8 is dropped (that is the fp32 model).
+* **Search.** Blocks ranked by deficit are kept in fp32 greedily. The deficits of the gates still rounding
+  add up (to first order) to the model's: the search starts at the fewest top blocks whose summed deficit is
+  within the budget's (1 - min_fidelity; for a top-1 budget, the plain int8 deficit scaled by how far the
+  drop is over), then doubles while the budget fails, then bisects between the largest count that failed
+  and the smallest that held -- every count measured, all within `max_trials` trial quantizations (a
+  requantization from the shared ranges plus one evaluation on the held-out data; no new calibration).
+  Before that, when the requested calibration method misses the budget, the other methods (percentile at
+  99.999 %, entropy) are tried, one trial each, and the best kept.
 """
 
 from __future__ import annotations
@@ -141,7 +146,7 @@ class NodeError:
 
     name: str
     op_type: str
-    error: float | None  # own relative error added by int8 (None for nodes kept by a rule)
+    error: float | None  # deficit (1 - fidelity) of the rounding it was kept for, measured alone (None: a rule)
     reason: str
 
 

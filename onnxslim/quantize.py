@@ -42,8 +42,9 @@ The steps, and why each one is here:
   that data has labels and the output is a classifier's.
 * **Accuracy guard** (`quant_guard.py`): the int8 model must meet an accuracy budget (default: cosine
   0.99, mean and worst channel). Concats joining very different ranges stay fp32 from the start; when
-  the budget is missed, the other calibration methods are tried, then the nodes whose quantization adds the
-  most measured error are kept in fp32, fewest first, within `max_trials` trials. The speed guard then
+  the budget is missed, the other calibration methods are tried, then the roundings that hurt most, each
+  measured alone (`quant_sensitivity.py`), are kept in fp32 with the nodes that touch them, fewest first,
+  within `max_trials` trials. The speed guard then
   runs on that set of nodes: only candidates that meet the budget can be kept.
 
 The library never prints: progress goes through an optional callback, results are dataclasses that

@@ -819,7 +819,7 @@ def _render_guard(result: QuantizeResult) -> list[str]:
             )
     if result.fp32_nodes:
         rows = [(n.name, n.op_type, "-" if n.error is None else f"{n.error:.3g}", n.reason) for n in result.fp32_nodes[:20]]
-        lines += ["", f"kept in fp32 ({len(result.fp32_nodes)} node(s); error: relative error int8 adds there)",
+        lines += ["", f"kept in fp32 ({len(result.fp32_nodes)} node(s); error: 1 - fidelity with int8 at that place alone)",
                   format_table(["node", "op", "error", "why"], rows)]
         if len(result.fp32_nodes) > 20:
             lines.append(f"  ... and {len(result.fp32_nodes) - 20} more (--json lists all)")
