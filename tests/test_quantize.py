@@ -867,6 +867,9 @@ def test_guard_keeps_the_harmful_nodes_of_a_transformer_in_fp32(tmp_path: Path) 
     assert 0 < trials <= 12
     measured = [n for n in guarded.fp32_nodes if n.error is not None]
     assert measured and all(n.error is not None and n.error >= 0 for n in measured)
+    assert any("alone costs" in n.reason for n in measured) and any("roundings measured alone" in note for note in guarded.notes)
+    # the summed deficits start the search at a count that holds or nearly: few trials after the methods
+    assert len(guarded.exclusion_trials) <= 5
     types = quantize_module._quantized_op_types(QuantConfig())
     quantizable = {n.name for n in load_model_proto(source).graph.node if n.op_type in types}
     kept_fp32 = {n.name for n in guarded.fp32_nodes} & quantizable
