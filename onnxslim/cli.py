@@ -737,7 +737,8 @@ def sensitivity(
               help="Accuracy budget: top-1 may drop at most PT points against fp32 (needs labels).")
 @click.option("--min-fidelity", type=click.FloatRange(-1, 1), default=None, metavar="COS",
               help="Accuracy budget: cosine against fp32 on held-out data, of every sample and of the worst output "
-              "channel, at least COS (no labels needed) [default when neither is given: 0.99].")
+              "channel (top-1 agreement instead when the channels are classes), at least COS (no labels needed) "
+              "[default when neither is given: 0.99].")
 @click.option("--max-trials", type=click.IntRange(min=0), default=12, show_default=True,
               help="Trial quantizations the accuracy guard may run when the budget is missed (other calibration "
               "methods, then the most harmful nodes kept in fp32); 0 only checks the budget.")

@@ -24,7 +24,10 @@ Fidelity (same inputs through both models, one output):
                   whole-output cosine can be fooled by scale: a YOLO head concatenating box coordinates
                   (0-320) with class scores (0-1) keeps cosine 0.998 when int8 rounds every score to 0;
                   the score channels' cosine is then 0. Channels whose reference is (almost) zero everywhere
-                  (energy below 1e-12 of the largest channel's) are not scored.
+                  (energy below 1e-12 of the largest channel's) are not scored, nor, when the channel axis
+                  is a class axis, the classes fp32 never picks on the data (a CTC head's thousands of
+                  unused characters have ~0 probabilities that int8 rounds to 0: cosine 0, no decision
+                  changed; the picked ones and the per-sample cosine still catch a broken head).
 Accuracy (one output, integer labels): top-1 and top-5 (None with 5 classes or fewer), for outputs with a
 class axis and one position per sample.
 """
@@ -77,9 +80,22 @@ class Fidelity:
     class_axis: int | None = None
 
     @property
+    def decides_classes(self) -> bool:
+        """The channels are classes (a Softmax's or a classifier's axis) and top-1 agreement was measured."""
+        return self.class_axis is not None and self.class_axis == self.channel_axis and self.top1_agreement is not None
+
+    @property
     def score(self) -> float:
-        """What a fidelity budget is checked against: the lower of the mean cosine and the worst channel's."""
-        values = [self.cosine] + ([self.worst_channel_cosine] if self.worst_channel_cosine is not None else [])
+        """What a fidelity budget is checked against: the lower of the mean cosine and the worst channel's
+        cosine -- or, when the channels are classes, the share of positions whose top class agrees: a
+        class's scores are mostly near 0 (probabilities), where int8's steps dominate its cosine without
+        changing a decision, while a class int8 stops picking shows in the agreement."""
+        values = [self.cosine]
+        if self.decides_classes:
+            assert self.top1_agreement is not None
+            values.append(self.top1_agreement)
+        elif self.worst_channel_cosine is not None:
+            values.append(self.worst_channel_cosine)
         return min(values)
 
 
@@ -161,6 +177,7 @@ class FidelityMeter:
         self._channel_ref: np.ndarray | None = None
         self._channel_cand: np.ndarray | None = None
         self._channel_noise: np.ndarray | None = None
+        self._decided: np.ndarray | None = None  # on a class axis: the classes fp32 picks somewhere
 
     def _layout_for(self, shape: Sequence[int]) -> OutputLayout:
         return self._layout if self._layout is not None else _legacy_layout(shape)
@@ -202,6 +219,9 @@ class FidelityMeter:
             got = np.argmax(full_cand, axis=class_axis)
             self._agree += int(np.sum(want == got))
             self._positions += want.size
+            if layout.channel_axis == layout.class_axis:
+                picked = np.bincount(want.ravel(), minlength=full_ref.shape[class_axis]) > 0
+                self._decided = picked if self._decided is None or len(self._decided) != len(picked) else self._decided | picked
         self._update_channels(full_ref, full_cand, _moved(layout.channel_axis, layout.batch_axis))
         self._samples += len(ref)
 
@@ -230,6 +250,10 @@ class FidelityMeter:
             return None, None, None
         assert self._channel_ref is not None and self._channel_cand is not None and self._channel_noise is not None
         scored = self._channel_ref > _NEGLIGIBLE_CHANNEL * max(float(np.max(self._channel_ref)), 0.0)
+        if self._decided is not None and len(self._decided) == len(scored):
+            # classes: only those fp32 picks somewhere. A CTC head's 6,625 characters are mostly ~0
+            # probabilities that int8 rounds to 0 (cosine 0) without changing any decision.
+            scored &= self._decided
         if not scored.any():
             return None, None, None
         with np.errstate(divide="ignore", invalid="ignore"):

@@ -3,7 +3,8 @@ fewest of them in fp32 until the budget holds.
 
 * **Budget.** `max_drop` (points of top-1 against labels) and/or `min_fidelity` (against fp32 on held-out
   data, no labels needed): the lower of the mean per-sample cosine and the *worst channel's* cosine (see
-  `metrics`), so a collapsed slice of an output (class scores concatenated with box coordinates) fails it.
+  `metrics`), so a collapsed slice of an output (class scores concatenated with box coordinates) fails it;
+  on an output whose channels are classes, top-1 agreement instead of the worst channel (`Fidelity.score`).
   Default: `min_fidelity` 0.99 -- see `DEFAULT_MIN_FIDELITY`.
 * **Ranges first.** A Concat whose inputs' calibrated ranges differ by more than `RANGE_RATIO` (100x) would
   share one int8 scale and round the small input to a few levels (a YOLO head's scores, 0-1 beside box
@@ -131,7 +132,9 @@ def check_budget(
     score = fidelity.score if math.isfinite(fidelity.score) else -1.0
     if budget.min_fidelity is not None and score < budget.min_fidelity:
         where = "mean cosine"
-        if fidelity.worst_channel_cosine is not None and fidelity.worst_channel_cosine < fidelity.cosine:
+        if fidelity.decides_classes and (fidelity.top1_agreement or 0.0) < fidelity.cosine:
+            where = f"top-1 agreement (axis {fidelity.class_axis})"
+        elif not fidelity.decides_classes and fidelity.worst_channel_cosine is not None and fidelity.worst_channel_cosine < fidelity.cosine:
             where = f"cosine of channel {fidelity.worst_channel} (axis {fidelity.channel_axis})"
         misses.append(f"{where} {score:.4f} (budget {budget.min_fidelity:g})")
     return BudgetCheck(not misses, score, drop, "; ".join(misses))

@@ -164,6 +164,27 @@ def test_a_collapsed_channel_fails_the_worst_channel_cosine() -> None:
     assert result.top1_agreement is None
 
 
+def test_on_a_class_axis_the_score_reads_top1_agreement_and_only_picked_classes_count_per_channel() -> None:
+    """A CTC head's probabilities over many characters: int8 rounding the unused ones' ~1e-6 to 0 changes no
+    decision and is not a collapsed channel; a picked class rounded away fails the score."""
+    steps, classes = 40, 300
+    logits = RNG.normal(0, 1, (2, steps, classes))
+    logits[:, :, :5] += 12  # five characters (and blank) take every step
+    reference = np.exp(logits) / np.exp(logits).sum(axis=2, keepdims=True)
+    rounded = np.round(reference * 255) / 255  # one int8 scale for [0, 1]
+    layout = OutputLayout(batch_axis=0, class_axis=2, channel_axis=2)
+    result = fidelity_with(layout, reference, rounded)
+    assert result.top1_agreement == 1.0 and result.worst_channel_cosine is not None
+    assert result.worst_channel_cosine > 0.99 and result.worst_channel < 5 and result.score > 0.99
+    broken = rounded.copy()
+    picked = int(np.argmax(reference[0, 0]))
+    broken[:, :, picked] = 0.0
+    failed = fidelity_with(layout, reference, broken)
+    assert failed.worst_channel_cosine == 0.0 and failed.score == failed.top1_agreement < 0.9
+    # without the class axis every channel counts, and the rounded-away ones fail
+    assert fidelity_with(OutputLayout(0, None, 2), reference, rounded).worst_channel_cosine == 0.0
+
+
 def test_layouts_of_heads_without_classes() -> None:
     from builders import ctc_head, yolo_head
 
