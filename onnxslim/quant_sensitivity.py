@@ -37,6 +37,7 @@ __all__ = [
     "GATE_PREFIX",
     "SENSITIVITY_SAMPLES",
     "CHANNEL_VALUES",
+    "MIN_SAMPLES",
     "SENSITIVITY_SECONDS",
     "gated_model",
     "measure_gate_deficits",
@@ -44,8 +45,9 @@ __all__ = [
 
 GATE_PREFIX = "onnxslim_gate/"
 SENSITIVITY_SAMPLES = 16  # calibration samples each gate is measured on, at most ...
-SENSITIVITY_SECONDS = 30.0  # ... as many as measuring every gate on them within about this allows ...
-CHANNEL_VALUES = 8  # ... but enough for each output channel's cosine to span this many values
+SENSITIVITY_SECONDS = 60.0  # ... as many as measuring every gate on them within about this allows ...
+MIN_SAMPLES = 4  # ... but never fewer (one sample ranked a recognizer's gates by 40 decisions) ...
+CHANNEL_VALUES = 8  # ... and enough for each output channel's cosine to span this many values
 
 
 def gated_model(
@@ -190,8 +192,8 @@ def measure_gate_deficits(
     """Each gate's deficit alone: 1 - the fidelity score (the worst of `outputs`, laid out as `layouts`, as
     the budget reads it) of the gated model with only that gate on, against all gates off (fp32), on the
     first calibration samples. How many: as many as measuring every gate within about `seconds` allows, at
-    most `SENSITIVITY_SAMPLES`, and at least enough for every output channel to hold `CHANNEL_VALUES`
-    values (one image's feature map is plenty; a [N, C] embedding needs that many samples). Batches are
+    most `SENSITIVITY_SAMPLES`, at least `MIN_SAMPLES`, and enough for every output channel to hold
+    `CHANNEL_VALUES` values (a [N, C] embedding needs that many samples). Batches are
     joined into one run when the inputs' batch dim is symbolic and shapes agree. `rows(arrays, batch)`
     keeps a batch's real samples. Returns the deficits (2 for a gate whose outputs are not finite) and the
     samples used."""
@@ -209,10 +211,10 @@ def measure_gate_deficits(
     needed = max(
         (math.ceil(CHANNEL_VALUES * first.size * array.shape[layout.channel_axis] / max(1, array.size))
          for array, layout in zip(produced, layouts, strict=True) if layout.channel_axis is not None and array.size),
-        default=1,
+        default=MIN_SAMPLES,
     )
     affordable = int(seconds / max(per_sample * len(gates), 1e-9))
-    wanted = max(needed, min(SENSITIVITY_SAMPLES, affordable))
+    wanted = max(MIN_SAMPLES, needed, min(SENSITIVITY_SAMPLES, affordable))
     chosen = [first]
     for batch in source:
         if sum(b.size for b in chosen) >= wanted:
