@@ -191,16 +191,22 @@ def inspect(model: str, input_shapes: tuple[str, ...], top: int, as_json: bool) 
 
 def _progress_bars(stack: ExitStack) -> Any:
     """A `progress(stage, done, total)` callback drawing one click progress bar per stage on stderr; when
-    stderr is not a terminal (a log, a pipe), one line as each stage starts and as it ends instead."""
+    stderr is not a terminal (a log, a pipe), one line as each stage starts and as it ends instead, and one
+    every 15 s in between."""
     if not sys.stderr.isatty():
         started: dict[str, float] = {}
+        shown: dict[str, float] = {}
 
         def log(stage: str, done: int, total: int) -> None:
+            now = time.perf_counter()
             if stage not in started or done < 1:
-                started[stage] = time.perf_counter()
+                started[stage] = shown[stage] = now
                 click.echo(f"{stage} …", err=True)
             if done >= total:
-                click.echo(f"{stage} done ({total}, {time.perf_counter() - started.pop(stage):.1f} s)", err=True)
+                click.echo(f"{stage} done ({total}, {now - started.pop(stage):.1f} s)", err=True)
+            elif now - shown[stage] >= 15:  # a long stage says where it is, every 15 s
+                shown[stage] = now
+                click.echo(f"{stage} {done}/{total} ({now - started[stage]:.0f} s)", err=True)
 
         return log
     bars: dict[str, Any] = {}
@@ -802,8 +808,6 @@ def quantize(
     )
     if not result.quantized:
         logger.warning("%s; wrote the fp32 model to %s", result.reason, output)
-    elif result.budget_check is not None and not result.budget_check.met:
-        logger.warning("the int8 model written misses the accuracy budget: %s", result.budget_check.why)
     click.echo(to_json(quantize_json(result, output)) if as_json else render_quantize(result, output))
 
 

@@ -240,7 +240,8 @@ def search_fastest(
     # run when it had one, else re-timed if uncertain.
     if best.speedup is not None:
         best = settled(latest[best.config])
-    finalists = [best] if best.speedup is not None else list(latest.values())
+    # When none meets the budget, every candidate measured is a finalist: --force keeps the closest to fp32.
+    finalists = [best] if best.speedup is not None and best.budget_met is not False else list(latest.values())
     decision = decide(finalists, min_speedup=min_speedup, force=force, tried=len(latest))
     return decision, tuple(latest.values())
 

@@ -750,8 +750,8 @@ def quantize_model(
     fp32_nodes = [NodeError(n, kinds.get(n, "?"), None, "--exclude") for n in user_excluded]
     fp32_nodes += rule_nodes
     fp32_nodes += [NodeError(n, kinds.get(n, "?"), own_errors.get(n), guard_reasons[n]) for n in guard_nodes]
-    if not budget_check.met:
-        logger.warning("the int8 model misses the accuracy budget (%s): %s", budget.label, budget_check.why)
+    if not budget_check.met and decision.chosen is not None:
+        logger.warning("the int8 model kept misses the accuracy budget (%s): %s", budget.label, budget_check.why)
     return QuantizeResult(
         model=int8 if decision.chosen is not None else source,
         quantized=decision.chosen is not None,

@@ -944,6 +944,21 @@ def test_the_speed_guard_never_keeps_a_candidate_that_misses_the_budget() -> Non
     assert decide([fast_but_wrong, replace(slow_but_right, latency_ms=12.0)]).chosen is None  # right but slower
 
 
+def test_forced_with_no_candidate_meeting_the_budget_keeps_the_closest_to_fp32() -> None:
+    """--force, nothing meets the budget: every measured variant is a finalist and the most faithful is
+    written (a user found the first variant written whatever the others scored)."""
+    scores = {REQUESTED: 0.5, QuantConfig(op_types=COMPUTE_OP_TYPES): 0.98}
+
+    def measure(configs: Sequence[QuantConfig], budget: TimingBudget) -> list[CandidateTiming]:
+        return [replace(timing(c, 5.0), budget_met=False, score=scores.get(c, 0.2)) for c in configs]
+
+    decision, tried = search_fastest(REQUESTED, measure, force=True)
+    assert len(tried) == 5 and decision.chosen is not None
+    assert decision.chosen.config == QuantConfig(op_types=COMPUTE_OP_TYPES) and "--force" in decision.reason
+    unforced, _ = search_fastest(REQUESTED, measure)
+    assert unforced.chosen is None and unforced.best is not None and unforced.best.score == 0.98
+
+
 def test_rank_gates_takes_every_toucher_and_a_layer_norm_whole() -> None:
     source = load_model_proto(transformer_classifier())
     norms = layer_norm_blocks(source)
