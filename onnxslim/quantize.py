@@ -59,7 +59,7 @@ import fnmatch
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -111,6 +111,7 @@ from onnxslim.quant_config import (
     TimingBudget,
 )
 from onnxslim.quant_guard import (
+    AccuracyBudget,
     BudgetCheck,
     ExclusionTrial,
     NodeError,
@@ -534,6 +535,67 @@ def _load_ranges(cache_path: Path) -> dict[str, tuple[float, float]]:
     return ranges
 
 
+@dataclass(frozen=True)
+class _Kept:
+    """What the measured search keeps in fp32: the nodes (with their measured deficit and why), its trials."""
+
+    nodes: dict[str, NodeError]
+    trials: tuple[ExclusionTrial, ...]
+    note: str
+
+
+def _keep_harmful_fp32(
+    prepared: onnx.ModelProto,
+    qdq: onnx.ModelProto,
+    excluded: Sequence[str],
+    config: QuantConfig,
+    budget: AccuracyBudget,
+    plain: BudgetCheck,
+    evaluator: _Evaluator,
+    calib: Dataset,
+    trial: Callable[[Sequence[str]], BudgetCheck],
+    trials_left: int,
+    *,
+    threads: int,
+    progress: ProgressCallback | None,
+) -> _Kept:
+    """The accuracy guard's search (quant_guard module docstring): every rounding of `qdq` (the int8 model,
+    `excluded` nodes already fp32) measured alone, blocks ranked by it, the search started where their
+    summed deficits meet the budget; `trial(nodes)` quantizes with `nodes` fp32 too and checks the budget."""
+    kinds = {n.name: n.op_type for n in prepared.graph.node}
+    types = _quantized_op_types(config)
+    quantizable = [n.name for n in prepared.graph.node if n.op_type in types and n.name not in excluded]
+    gated, gates = gated_model(qdq, prepared, quantizable)
+    evaluator.ensure_layouts()
+    assert evaluator.layouts is not None
+    deficits, samples = measure_gate_deficits(
+        gated, gates, calib.batches(), evaluator.outputs, evaluator.layouts, evaluator._rows,
+        threads=threads, progress=progress,
+    )
+    norms = layer_norm_blocks(prepared)
+    norm_members = {name for block in norms for name in block}
+    ranked = rank_gates(deficits, gates, norms, quantizable)
+    target = target_deficit(budget, plain)
+    start = 1 if target is None else first_count_within(predicted_deficits(ranked, gates, deficits), target)
+    search = search_exclusions(ranked, trial, trials_left, start=start)
+    count = search.blocks
+    if count is None and search.trials:  # nothing met the budget: the most faithful set tried
+        count = max(search.trials, key=lambda t: t.check.score).blocks
+    by_name = {g.name: g for g in gates}
+    kept: dict[str, NodeError] = {}
+    for block in ranked[: count or 0]:
+        gate = by_name[block.gate]
+        what = f"the weights of {gate.name}" if gate.kind == "weights" else f"tensor {gate.name!r}"
+        for name in block.nodes:
+            if name in norm_members and name not in gate.touchers:
+                why = "part of a decomposed LayerNorm kept in fp32 whole"
+            else:
+                why = f"int8 at {what} alone costs {block.error:.3g} of fidelity"
+            kept.setdefault(name, NodeError(name, kinds.get(name, "?"), block.error, why))
+    note = f"{len(gates)} roundings measured alone on {samples} calibration sample(s); search started at {start} of {len(ranked)} block(s)"
+    return _Kept(kept, search.trials, note)
+
+
 def quantize_model(
     model: LoadedModel | onnx.ModelProto,
     calib: Dataset,
@@ -652,10 +714,8 @@ def quantize_model(
         trials_left = options.max_trials
         method_trials = [MethodTrial(method, trial(method, base_excluded))]
         exclusion_trials: tuple[ExclusionTrial, ...] = ()
-        guard_nodes: list[str] = []
-        guard_reasons: dict[str, str] = {}
+        guarded: dict[str, NodeError] = {}  # nodes the measured search keeps fp32
         guard_note: str | None = None
-        own_errors: dict[str, float] = {}
         if not method_trials[0].check.met and trials_left:
             for other in (m for m in ("percentile", "entropy", "minmax") if m != method):
                 if not trials_left:
@@ -672,45 +732,14 @@ def quantize_model(
                 except UnsupportedModelError as e:
                     notes.append(f"cannot measure which nodes int8 hurts: {e}")
                 else:
-                    types = _quantized_op_types(config)
-                    quantizable = [n.name for n in prepared.model.graph.node if n.op_type in types and n.name not in base_excluded]
-                    gated, gates = gated_model(qdq, prepared.model, quantizable)
-                    evaluator.ensure_layouts()
-                    assert evaluator.layouts is not None
-                    deficits, samples = measure_gate_deficits(
-                        gated, gates, calib.batches(), evaluator.outputs, evaluator.layouts, evaluator._rows,
+                    plain = max(method_trials, key=lambda t: t.check.score).check
+                    outcome = _keep_harmful_fp32(
+                        prepared.model, qdq, base_excluded, config, budget, plain, evaluator, calib,
+                        lambda nodes: trial(method, [*base_excluded, *nodes]), trials_left,
                         threads=threads, progress=progress,
                     )
-                    norms = layer_norm_blocks(prepared.model)
-                    norm_members = {name for block in norms for name in block}
-                    ranked = rank_gates(deficits, gates, norms, quantizable)
-                    predictions = predicted_deficits(ranked, gates, deficits)
-                    plain = max(method_trials, key=lambda t: t.check.score).check
-                    target = target_deficit(budget, plain)
-                    start = 1 if target is None else first_count_within(predictions, target)
-                    guard_note = (
-                        f"{len(gates)} roundings measured alone on {samples} calibration sample(s); "
-                        f"search started at {start} of {len(ranked)} block(s)"
-                    )
-                    search = search_exclusions(
-                        ranked, lambda nodes: trial(method, [*base_excluded, *nodes]), trials_left, start=start
-                    )
-                    exclusion_trials = search.trials
-                    count = search.blocks
-                    if count is None and search.trials:  # nothing met the budget: the most faithful set tried
-                        count = max(search.trials, key=lambda t: t.check.score).blocks
-                    by_name = {g.name: g for g in gates}
-                    for block in ranked[: count or 0]:
-                        gate = by_name[block.gate]
-                        what = f"the weights of {gate.name}" if gate.kind == "weights" else f"tensor {gate.name!r}"
-                        for name in block.nodes:
-                            own_errors[name] = block.error
-                            if name in norm_members and name not in gate.touchers:
-                                guard_reasons[name] = "part of a decomposed LayerNorm kept in fp32 whole"
-                            else:
-                                guard_reasons[name] = f"int8 at {what} alone costs {block.error:.3g} of fidelity"
-                    guard_nodes = list(guard_reasons)
-        excluded = sorted({*base_excluded, *guard_nodes})
+                    exclusion_trials, guard_note, guarded = outcome.trials, outcome.note, outcome.nodes
+        excluded = sorted({*base_excluded, *guarded})
         cache_path, calibration = calibrated(method)
         candidates = _Candidates(
             source, prepared.model, prepared_path, cache_path, method=method, exclude_nodes=excluded,
@@ -749,7 +778,7 @@ def quantize_model(
     kinds = {n.name: n.op_type for n in prepared.model.graph.node}
     fp32_nodes = [NodeError(n, kinds.get(n, "?"), None, "--exclude") for n in user_excluded]
     fp32_nodes += rule_nodes
-    fp32_nodes += [NodeError(n, kinds.get(n, "?"), own_errors.get(n), guard_reasons[n]) for n in guard_nodes]
+    fp32_nodes += list(guarded.values())
     if not budget_check.met and decision.chosen is not None:
         logger.warning("the int8 model kept misses the accuracy budget (%s): %s", budget.label, budget_check.why)
     return QuantizeResult(
