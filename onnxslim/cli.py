@@ -760,7 +760,7 @@ def sensitivity(
 @click.option("--force", is_flag=True,
               help=f"Write an int8 model even when none is at least {MIN_SPEEDUP:.2f}x as fast as fp32 or none meets "
               "the budget: the fastest of the variants that meet the budget, else the one closest to fp32 of those "
-              "whose fidelity was measured.")
+              "clearly faster than fp32 (of all measured, when none is).")
 @json_option
 @quiet_option
 @click.pass_context

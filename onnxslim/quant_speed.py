@@ -124,7 +124,7 @@ def decide(
     """Pure: keep the fastest candidate that meets the accuracy budget if it is clearly faster than fp32
     (`is_clearly_faster`: at least `min_speedup` at the median and faster in every block), or if `force`.
     Candidates whose `budget_met` is False are never kept unless `force` and none meets it (then the most
-    faithful one is). Re-timing is `search_fastest`'s; this decides on the timings given.
+    faithful of those clearly faster than fp32, or of all when none is). Re-timing is `search_fastest`'s; this decides on the timings given.
 
     `tried` is how many variants were tried in all, for the message (default: the candidates given).
     """
@@ -134,7 +134,9 @@ def decide(
         return SpeedDecision(None, None, f"no int8 model could be built: {failures}")
     meeting = [c for c in ran if c.budget_met is not False]
     if not meeting:
-        closest = max(ran, key=lambda c: (c.score if c.score is not None else -math.inf, c.speedup or 0.0))
+        # the closest to fp32 among those faster than fp32, when any is: --force asks for a faster model
+        faster = [c for c in ran if is_clearly_faster(c, min_speedup)]
+        closest = max(faster or ran, key=lambda c: (c.score if c.score is not None else -math.inf, c.speedup or 0.0))
         if force:
             return SpeedDecision(
                 closest, closest,

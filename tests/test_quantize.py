@@ -957,6 +957,11 @@ def test_forced_with_no_candidate_meeting_the_budget_keeps_the_closest_to_fp32()
     assert decision.chosen.config == QuantConfig(op_types=COMPUTE_OP_TYPES) and "--force" in decision.reason
     unforced, _ = search_fastest(REQUESTED, measure)
     assert unforced.chosen is None and unforced.best is not None and unforced.best.score == 0.98
+    # ... but a closer variant slower than fp32 loses to a faster one: --force asks for a faster model
+    slow_but_close = replace(timing(QuantConfig(op_types=COMPUTE_OP_TYPES), 14.0), budget_met=False, score=0.99)
+    fast = replace(timing(REQUESTED, 5.0), budget_met=False, score=0.9)
+    assert decide([slow_but_close, fast], force=True).chosen is fast
+    assert decide([slow_but_close], force=True).chosen is slow_but_close  # none faster: the closest
 
 
 def test_rank_gates_takes_every_toucher_and_a_layer_norm_whole() -> None:
