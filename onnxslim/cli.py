@@ -120,10 +120,13 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
     logger.propagate = False
-    if quiet:  # onnxruntime logs its own warnings to stderr (C++ log; its quantizer via the root logger)
+    if not verbose:
+        # onnxruntime's C++ log warns on stderr about the user's own model (an output declared [1, -1] that
+        # runs as [24, 1, 8210]), in colour, several times a run: errors only, unless --verbose
         import onnxruntime
 
         onnxruntime.set_default_logger_severity(3)
+    if quiet:  # its quantizer warns through the root logger
         logging.getLogger().setLevel(logging.ERROR)
 
 
