@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
 from onnxslim.analysis.cost import compute_cost
 from onnxslim.calib import Batch, DataOptions, model_input_specs, open_dataset
@@ -49,8 +48,7 @@ from onnxslim.metrics import (
     Fidelity,
     FidelityMeter,
     OutputLayout,
-    find_batch_axis,
-    output_layout,
+    layout_of,
     select_output,
 )
 from onnxslim.runtime import OPT_LEVELS, physical_cores, session_options, time_interleaved  # re-exported
@@ -350,13 +348,14 @@ def benchmark(
     layout: OutputLayout | None = None
     notes: list[str] = []
     timing: list[Batch] = []
+    reference = sessions[0]
     for number, batch in enumerate(dataset.batches(), start=1):
         outputs = [
             _run(s, batch.feeds, p, f"batch {number} of {dataset.description}")[i]
             for s, p, i in zip(sessions, paths, output_index, strict=True)
         ]
         if layout is None:  # the output's batch axis is not always 0 (a recognizer's [T, batch, C])
-            layout = _output_layout(loaded[0].model, output, sessions[0], batch, outputs[0])
+            layout = layout_of(loaded[0].model, output, outputs[0], batch.feeds, lambda f: reference.run([output], dict(f))[0])
             fidelity_meters = [FidelityMeter(layout) for _ in paths[1:]]
             accuracy_meters = [AccuracyMeter(layout) for _ in paths] if dataset.has_labels else []
         if layout.batch_axis is not None:
@@ -423,22 +422,6 @@ def benchmark(
         opt_level=options.opt_level,
         notes=tuple(notes),
     )
-
-
-def _output_layout(model: onnx.ModelProto, output: str, session: Any, batch: Batch, produced: np.ndarray) -> OutputLayout:
-    """The output's batch, class and channel axes (`metrics.find_batch_axis`, `metrics.output_layout`)."""
-    rows = _rows(batch)
-    symbolic = all(
-        v.type.tensor_type.shape.dim and not v.type.tensor_type.shape.dim[0].HasField("dim_value")
-        for v in model.graph.input if v.name in batch.feeds
-    )
-
-    def probe(samples: int) -> Sequence[int]:
-        feeds = {name: np.concatenate([a] * samples)[:samples] if rows == 1 else a[:samples] for name, a in batch.feeds.items()}
-        return np.shape(session.run([output], feeds)[0])
-
-    batch_axis = find_batch_axis(model, output, np.shape(produced), rows, probe if symbolic else None)
-    return output_layout(model, output, np.shape(produced), batch_axis)
 
 
 def _rows(batch: Batch) -> int:

@@ -35,7 +35,7 @@ class axis and one position per sample.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +55,8 @@ __all__ = [
     "is_classifier_output",
     "find_batch_axis",
     "output_layout",
+    "batch_is_symbolic",
+    "layout_of",
 ]
 
 # Channels whose reference energy is below this share of the largest channel's are not scored.
@@ -442,6 +444,35 @@ def _axis_through(axis: int, path: Sequence[onnx.NodeProto]) -> int | None:
 
 def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
     return next((int(a.i) for a in node.attribute if a.name == name), default)
+
+
+def batch_is_symbolic(model: onnx.ModelProto, inputs: Iterable[str]) -> bool:
+    """Whether every one of `inputs` (model input names) declares a symbolic first dim: a batch of any size runs."""
+    wanted = set(inputs)
+    return all(
+        v.type.tensor_type.shape.dim and not v.type.tensor_type.shape.dim[0].HasField("dim_value")
+        for v in model.graph.input if v.name in wanted
+    )
+
+
+def layout_of(
+    model: onnx.ModelProto,
+    output: str,
+    produced: np.ndarray,
+    feeds: Mapping[str, np.ndarray],
+    run: Callable[[Mapping[str, np.ndarray]], np.ndarray],
+) -> OutputLayout:
+    """`output`'s batch, class and channel axes (`find_batch_axis`, `output_layout`), `produced` from `feeds`.
+    When the inputs' batch dim is symbolic, `run(other feeds)` (the output for them) probes other batch sizes."""
+    rows = len(next(iter(feeds.values())))
+
+    def probe(samples: int) -> Sequence[int]:
+        resized = {k: np.concatenate([a] * samples)[:samples] if rows == 1 else a[:samples] for k, a in feeds.items()}
+        return np.shape(run(resized))
+
+    symbolic = batch_is_symbolic(model, feeds)
+    batch_axis = find_batch_axis(model, output, np.shape(produced), rows, probe if symbolic else None)
+    return output_layout(model, output, np.shape(produced), batch_axis)
 
 
 def output_layout(model: onnx.ModelProto, output: str, shape: Sequence[int], batch_axis: int | None) -> OutputLayout:

@@ -333,6 +333,7 @@ def target_deficit(budget: AccuracyBudget, plain: BudgetCheck) -> float | None:
         targets.append((1.0 - plain.score) * budget.max_drop / plain.drop)
     return min(targets) if targets else None
 
+
 # ------------------------------------------------------------------------------------------- search
 
 

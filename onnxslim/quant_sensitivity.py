@@ -28,7 +28,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxslim.calib import Batch
-from onnxslim.metrics import FidelityMeter, OutputLayout
+from onnxslim.metrics import FidelityMeter, OutputLayout, batch_is_symbolic
 from onnxslim.quant_config import ProgressCallback
 from onnxslim.quant_guard import Gate
 from onnxslim.quant_prepare import _session
@@ -220,11 +220,7 @@ def measure_gate_deficits(
         if sum(b.size for b in chosen) >= wanted:
             break
         chosen.append(batch)
-    symbolic = all(
-        i.type.tensor_type.shape.dim and not i.type.tensor_type.shape.dim[0].HasField("dim_value")
-        for i in gated.graph.input if not i.name.startswith(GATE_PREFIX)
-    )
-    runs = _joined(chosen) if symbolic else chosen
+    runs = _joined(chosen) if batch_is_symbolic(gated, first.feeds) else chosen
     references = [rows(session.run(outputs, {**batch.feeds, **off}), batch) for batch in runs]
     deficits = {}
     for number, gate in enumerate(gates, start=1):

@@ -76,9 +76,8 @@ from onnxslim.metrics import (
     Fidelity,
     FidelityMeter,
     OutputLayout,
-    find_batch_axis,
     has_one_position,
-    output_layout,
+    layout_of,
     select_output,
 )
 from onnxslim.quant_calibrate import _quiet_onnxruntime, calibrate
@@ -293,19 +292,7 @@ class _Evaluator:
         self.runs = 0
 
     def _layout_for(self, batch: Batch, output: str, want: np.ndarray) -> OutputLayout:
-        symbolic = all(
-            v.type.tensor_type.shape.dim and not v.type.tensor_type.shape.dim[0].HasField("dim_value")
-            for v in self._fp32.graph.input if v.name in batch.feeds
-        )
-        rows = len(next(iter(batch.feeds.values())))
-
-        def probe(samples: int) -> Sequence[int]:
-            feeds = {name: np.concatenate([array] * samples)[:samples] if rows == 1 else array[:samples]
-                     for name, array in batch.feeds.items()}
-            return np.shape(self._reference.run([output], feeds)[0])
-
-        batch_axis = find_batch_axis(self._fp32, output, np.shape(want), rows, probe if symbolic else None)
-        return output_layout(self._fp32, output, np.shape(want), batch_axis)
+        return layout_of(self._fp32, output, want, batch.feeds, lambda feeds: self._reference.run([output], dict(feeds))[0])
 
     def ensure_layouts(self) -> None:
         """Find each output's layout (from the first fidelity batch) if no evaluation has yet."""

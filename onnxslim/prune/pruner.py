@@ -46,9 +46,8 @@ from onnxslim.metrics import (
     Fidelity,
     FidelityMeter,
     OutputLayout,
-    find_batch_axis,
     has_one_position,
-    output_layout,
+    layout_of,
 )
 from onnxslim.model_info import check_exclusions, refuse_quantized
 from onnxslim.prune.importance import NEEDS_DATA, ScoreContext, score_groups, statistics_requests
@@ -556,18 +555,7 @@ class HeldOut:
             raise DataError(f"the model fails on the evaluation data: {first_line(e)}") from e
 
     def _layout(self, name: str, feeds: Mapping[str, np.ndarray], produced: np.ndarray) -> OutputLayout:
-        fed = len(next(iter(feeds.values())))
-        symbolic = all(
-            v.type.tensor_type.shape.dim and not v.type.tensor_type.shape.dim[0].HasField("dim_value")
-            for v in self.original.graph.input if v.name in feeds
-        )
-
-        def probe(samples: int) -> Sequence[int]:
-            resized = {k: np.concatenate([a] * samples)[:samples] if fed == 1 else a[:samples] for k, a in feeds.items()}
-            return np.shape(self._session.run([name], resized)[0])
-
-        batch_axis = find_batch_axis(self.original, name, np.shape(produced), fed, probe if symbolic else None)
-        return output_layout(self.original, name, np.shape(produced), batch_axis)
+        return layout_of(self.original, name, produced, feeds, lambda resized: self._session.run([name], dict(resized))[0])
 
     def _select(self, outputs: Sequence[np.ndarray], feeds: Mapping[str, np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
         """The evaluated rows of each output, on its own batch axis (a whole output when it has none)."""
