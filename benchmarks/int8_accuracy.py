@@ -26,7 +26,7 @@ from pathlib import Path
 from onnxslim.calib import DataOptions, open_dataset
 from onnxslim.cpu import cpu_from_flags, detect_cpu
 from onnxslim.io import load_model
-from onnxslim.quantize import QuantConfig, QuantizeOptions, QuantizeResult, quantize_model
+from onnxslim.quant import QuantConfig, QuantizeOptions, QuantizeResult, quantize_model
 from onnxslim.report import format_bytes, format_table
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -53,9 +53,9 @@ import onnxruntime as ort
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from onnxslim.calib import DataOptions, open_dataset
+from onnxslim.evaluate import AccuracyBudget
 from onnxslim.io import load_model
-from onnxslim.quant_guard import AccuracyBudget
-from onnxslim.quantize import QuantizeOptions, QuantizeResult, quantize_model
+from onnxslim.quant import QuantizeOptions, QuantizeResult, quantize_model
 from onnxslim.report import format_bytes, format_table
 from onnxslim.runtime import physical_cores
 

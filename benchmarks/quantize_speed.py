@@ -29,7 +29,7 @@ import onnx
 
 from onnxslim.calib import DataOptions, open_dataset
 from onnxslim.io import load_model
-from onnxslim.quantize import QuantizeOptions, QuantizeResult, quantize_model
+from onnxslim.quant import QuantizeOptions, QuantizeResult, quantize_model
 from onnxslim.report import format_bytes, format_table
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from onnxslim.calib import DataOptions, open_dataset  # noqa: E402
 from onnxslim.io import load_model, random_inputs  # noqa: E402
 from onnxslim.prune import prune_model  # noqa: E402
-from onnxslim.quantize import quantize_model  # noqa: E402
+from onnxslim.quant import quantize_model  # noqa: E402
 from tests.oracle import masked_model, run_model  # noqa: E402
 
 CLI_DEFAULTS = {"round_to": 8, "protect_first": True, "protect_last": True}

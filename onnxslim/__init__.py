@@ -8,7 +8,7 @@ from onnxslim.model_info import inspect_model
 from onnxslim.pipeline import OptimizeOptions, optimize, sweep
 from onnxslim.prune import prune_model
 from onnxslim.prune.sensitivity import measure_sensitivity
-from onnxslim.quantize import quantize_model
+from onnxslim.quant import quantize_model
 
 __version__ = "0.1.0"
 

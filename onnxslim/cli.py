@@ -22,6 +22,7 @@ from onnxslim import __version__
 from onnxslim.bench import OPT_LEVELS, BenchOptions, benchmark, physical_cores
 from onnxslim.calib import DataOptions, ImageOptions, open_dataset
 from onnxslim.errors import OnnxSlimError, UsageError
+from onnxslim.evaluate import AccuracyBudget
 from onnxslim.io import (
     check_output_path,
     fix_input_shapes,
@@ -40,8 +41,7 @@ from onnxslim.prune import CRITERIA, RECOVERY_METHODS, PruneOptions, prune_model
 from onnxslim.prune.importance import NEEDS_DATA
 from onnxslim.prune.pruner import ALLOCATIONS
 from onnxslim.prune.sensitivity import DEFAULT_RATIOS, measure_sensitivity
-from onnxslim.quant_guard import AccuracyBudget
-from onnxslim.quantize import (
+from onnxslim.quant import (
     FORMATS,
     INT8_TYPES,
     METHODS,

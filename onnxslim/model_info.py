@@ -12,7 +12,8 @@ import onnx
 
 from onnxslim.analysis.cost import ModelCost, compute_cost
 from onnxslim.analysis.groups import ChannelGroup, find_channel_groups
-from onnxslim.errors import UnsupportedModelError, UsageError
+from onnxslim.analysis.quantized import quantized_ops
+from onnxslim.errors import UsageError
 from onnxslim.graph import collector_paused
 from onnxslim.io import (
     LoadedModel,
@@ -22,9 +23,8 @@ from onnxslim.io import (
     load_model,
     resolve_input_shapes,
 )
-from onnxslim.quantize import QUANTIZED_OP_TYPES
 
-__all__ = ["TensorSummary", "ModelInfo", "inspect_model", "summarize_model", "quantized_ops", "refuse_quantized", "check_exclusions"]
+__all__ = ["TensorSummary", "ModelInfo", "inspect_model", "summarize_model", "check_exclusions"]
 
 
 @dataclass(frozen=True)
@@ -71,28 +71,6 @@ def _summarize_value(value: onnx.ValueInfoProto) -> TensorSummary:
     if tensor_type.HasField("shape"):
         shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim)
     return TensorSummary(value.name, dtype, shape)
-
-
-def quantized_ops(model: onnx.ModelProto) -> dict[str, int]:
-    """Op type → count of the nodes that show `model` is already quantized (ConvInteger, QLinearConv, QDQ ...)."""
-    return dict(
-        Counter(
-            node.op_type for node in model.graph.node
-            if node.op_type in QUANTIZED_OP_TYPES or node.op_type.startswith("QLinear")
-        ).most_common()
-    )
-
-
-def refuse_quantized(model: onnx.ModelProto) -> None:
-    """Channel pruning reads float weights: an already quantized model is refused (UnsupportedModelError, exit 1),
-    naming the ops that stop it."""
-    found = quantized_ops(model)
-    if found:
-        ops = ", ".join(f"{op} x{count}" for op, count in found.items())
-        raise UnsupportedModelError(
-            f"the model is already quantized ({ops}): pruning needs float weights. Prune the fp32 model it came "
-            "from, then quantize the result"
-        )
 
 
 def check_exclusions(model: onnx.ModelProto, patterns: Sequence[str]) -> None:

@@ -41,12 +41,12 @@ from onnxslim.bench import BenchOptions, BenchResult, ModelBench, benchmark, phy
 from onnxslim.calib import DataOptions, Dataset, open_dataset
 from onnxslim.cpu import CpuChoice, choose_for_cpu, detect_cpu
 from onnxslim.errors import UsageError
+from onnxslim.evaluate import AccuracyBudget, BudgetCheck, check_budget
 from onnxslim.io import LoadedModel, load_model, save_model
 from onnxslim.metrics import Accuracy, Fidelity
 from onnxslim.prune import PruneOptions, PruneResult, prune_model
 from onnxslim.prune.pruner import ALLOCATIONS
-from onnxslim.quant_guard import AccuracyBudget, BudgetCheck, check_budget
-from onnxslim.quantize import HOLDOUT_FRACTION, MIN_SPEEDUP, QuantizeOptions, QuantizeResult, quantize_model
+from onnxslim.quant import HOLDOUT_FRACTION, MIN_SPEEDUP, QuantizeOptions, QuantizeResult, quantize_model
 from onnxslim.runtime import clearly_faster
 
 __all__ = [
@@ -222,7 +222,7 @@ class _Judge:
         self, original: onnx.ModelProto, calib: Dataset, evaluation: Dataset | None, threads: int, remember: int = 8
     ) -> None:
         from onnxslim.metrics import select_output
-        from onnxslim.quantize import _Evaluator, _split
+        from onnxslim.quant.quantizer import _Evaluator, _split
 
         self._seen: OrderedDict[int, tuple[onnx.ModelProto, list[Fidelity], Accuracy | None, Accuracy | None]] = OrderedDict()
         self._remember = remember

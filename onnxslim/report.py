@@ -19,8 +19,8 @@ from onnxslim.model_info import ModelInfo
 from onnxslim.pipeline import OptimizeResult, SweepResult, machine
 from onnxslim.prune.pruner import PruneResult
 from onnxslim.prune.sensitivity import SensitivityCurves
-from onnxslim.quant_config import RETIME_FACTOR
-from onnxslim.quantize import CandidateTiming, QuantizeResult
+from onnxslim.quant import CandidateTiming, QuantizeResult
+from onnxslim.quant.config import RETIME_FACTOR
 from onnxslim.runtime import SPEEDUP_BLOCKS
 
 __all__ = ["to_jsonable", "to_json", "format_count", "format_bytes", "format_table", "render_inspect", "inspect_json", "render_bench", "bench_json", "render_groups", "groups_json", "render_prune", "prune_json", "plan_record", "render_quantize", "quantize_json"]

@@ -32,6 +32,7 @@ __all__ = [
     "block_speedups",
     "clearly_faster",
     "cpu_session",
+    "open_session",
     "ort",
     "physical_cores",
     "resolve_provider",
@@ -105,6 +106,14 @@ def cpu_session(model: onnx.ModelProto | bytes | str, options: Any | None = None
     of `session_options`)."""
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     return ort().InferenceSession(source, options if options is not None else session_options(), providers=["CPUExecutionProvider"])
+
+
+def open_session(
+    model: onnx.ModelProto | bytes | str, threads: int | None = None, opt_level: str = "all", *, spinning: bool = True
+) -> Any:
+    """A CPU session of `model` for work that runs one session at a time (calibration, evaluation, the
+    quantizer's measures): `session_options` with spinning on unless asked, since no other session is timed."""
+    return cpu_session(model, session_options(threads=threads, opt_level=opt_level, spinning=spinning))
 
 
 def time_interleaved(

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 from onnxslim import pipeline
 from onnxslim.cli import cli
+from onnxslim.evaluate import AccuracyBudget
 from onnxslim.pipeline import OptimizeOptions, choose_final, default_budget
-from onnxslim.quant_guard import AccuracyBudget
 
 
 def test_the_fastest_candidate_that_meets_the_budget_wins() -> None:

@@ -23,19 +23,21 @@ from click.testing import CliRunner
 from conftest import MODELS_DIR, load_light
 from onnx import numpy_helper
 
-import onnxslim.quant_prepare as quant_prepare
-import onnxslim.quantize as quantize_module
+import onnxslim.quant.prepare as quant_prepare
+import onnxslim.quant.quantizer as quantize_module
+from onnxslim.analysis.quantized import find_quantized_nodes
 from onnxslim.calib import DataOptions, open_dataset
 from onnxslim.cli import cli
 from onnxslim.cpu import CpuFeatures, choose_for_cpu, cpu_from_flags, detect_cpu
 from onnxslim.errors import DataError, UnsupportedModelError, UsageError
+from onnxslim.evaluate import AccuracyBudget, BudgetCheck, check_budget
 from onnxslim.io import load_model
-from onnxslim.quant_guard import (
-    AccuracyBudget,
+from onnxslim.quant import CandidateTiming, QuantConfig, QuantizeOptions, QuantizeResult, quantize_model
+from onnxslim.quant.calibrate import calibrate
+from onnxslim.quant.config import COMPUTE_OP_TYPES, InterleavedTiming, TimingBudget
+from onnxslim.quant.guard import (
     Block,
-    BudgetCheck,
     Gate,
-    check_budget,
     first_count_within,
     layer_norm_blocks,
     predicted_deficits,
@@ -43,24 +45,9 @@ from onnxslim.quant_guard import (
     search_exclusions,
     target_deficit,
 )
-from onnxslim.quant_sensitivity import gated_model
-from onnxslim.quant_speed import beats
-from onnxslim.quantize import (
-    COMPUTE_OP_TYPES,
-    CandidateTiming,
-    InterleavedTiming,
-    QuantConfig,
-    QuantizeOptions,
-    QuantizeResult,
-    TimingBudget,
-    alternatives,
-    calibrate,
-    decide,
-    find_quantized_nodes,
-    prepare_model,
-    quantize_model,
-    search_fastest,
-)
+from onnxslim.quant.prepare import prepare_model
+from onnxslim.quant.sensitivity import gated_model
+from onnxslim.quant.speed import alternatives, beats, decide, search_fastest
 
 # ----------------------------------------------------------------------------------------------- helpers
 

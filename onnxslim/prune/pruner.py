@@ -28,6 +28,7 @@ import onnx_graphsurgeon as gs
 from onnxslim.activations import ChannelStats, Progress, channel_statistics
 from onnxslim.analysis.cost import ModelCost, compute_cost
 from onnxslim.analysis.groups import ChannelGroup, build_channel_groups
+from onnxslim.analysis.quantized import refuse_quantized
 from onnxslim.calib import Batch, Dataset
 from onnxslim.errors import DataError, UsageError, ValidationError, first_line
 from onnxslim.graph import GraphIndex, collector_paused
@@ -49,7 +50,7 @@ from onnxslim.metrics import (
     has_one_position,
     layout_of,
 )
-from onnxslim.model_info import check_exclusions, refuse_quantized
+from onnxslim.model_info import check_exclusions
 from onnxslim.prune.importance import NEEDS_DATA, ScoreContext, score_groups, statistics_requests
 from onnxslim.prune.lossless import LosslessChannels, find_lossless_channels, fold_constant_channels_into
 from onnxslim.prune.outcome import PruneOutcome, describe_outcome
@@ -688,7 +689,7 @@ def new_state(
     if options.criterion in NEEDS_DATA and calib is None and options.plan_path is None:
         raise UsageError(f"--criterion {options.criterion} needs calibration data: give --calib DATA")
     normalized, size_before, digest = _as_normalized(model)
-    refuse_quantized(normalized)
+    refuse_quantized(normalized, "pruning needs float weights. Prune the fp32 model it came from, then quantize the result")
     check_exclusions(normalized, options.exclude)
     return PruneState(
         options, normalized, size_before, digest, input_shapes, calib, eval_data, progress, max_samples=max_samples

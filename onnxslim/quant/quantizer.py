@@ -66,9 +66,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxslim.analysis.quantized import refuse_quantized
 from onnxslim.calib import Batch, Dataset
 from onnxslim.cpu import choose_for_cpu, detect_cpu
 from onnxslim.errors import DataError, UnsupportedModelError, UsageError, first_line
+from onnxslim.evaluate import AccuracyBudget, BudgetCheck, check_budget
 from onnxslim.io import LoadedModel, normalize_model, validate
 from onnxslim.metrics import (
     Accuracy,
@@ -80,41 +82,26 @@ from onnxslim.metrics import (
     layout_of,
     select_output,
 )
-from onnxslim.quant_calibrate import _quiet_onnxruntime, calibrate
-from onnxslim.quant_config import (
-    _FORMAT_NAMES,
-    _METHOD_NAMES,
-    _ORT_METADATA,
-    _QUANT_TYPE_NAMES,
-    CALIBRATION_MEMORY,
-    COMPUTE_OP_TYPES,
-    FORMATS,
-    HOLDOUT_FRACTION,
-    INT8_TYPES,
-    METHODS,
-    MIN_QUANT_OPSET,
-    MIN_SPEEDUP,
-    PER_CHANNEL_OPSET,
-    QUANTIZED_OP_TYPES,
+from onnxslim.quant.calibrate import calibrate, quiet_onnxruntime
+from onnxslim.quant.config import (
+    FORMAT_NAMES,
+    METHOD_NAMES,
+    ORT_METADATA,
+    QUANT_TYPE_NAMES,
     CalibrationSummary,
     CandidateTiming,
     InterleavedTiming,
     MethodTrial,
-    PreparedModel,
     ProgressCallback,
     QuantConfig,
     QuantizeOptions,
     QuantizeResult,
-    SpeedDecision,
     Timer,
     TimingBudget,
 )
-from onnxslim.quant_guard import (
-    AccuracyBudget,
-    BudgetCheck,
+from onnxslim.quant.guard import (
     ExclusionTrial,
     NodeError,
-    check_budget,
     concat_range_offenders,
     first_count_within,
     layer_norm_blocks,
@@ -124,53 +111,18 @@ from onnxslim.quant_guard import (
     search_exclusions,
     target_deficit,
 )
-from onnxslim.quant_prepare import (
-    _declare_like,
-    _default_opset,
-    _refuse_quantized,
-    _session,
-    _strip_unused_domains,
-    find_quantized_nodes,
+from onnxslim.quant.prepare import (
+    QUANTIZE_ADVICE,
+    declare_like,
+    default_opset,
     prepare_model,
+    strip_unused_domains,
 )
-from onnxslim.quant_sensitivity import gated_model, measure_gate_deficits
-from onnxslim.quant_speed import alternatives, decide, measure_latencies, search_fastest
-from onnxslim.runtime import physical_cores
+from onnxslim.quant.sensitivity import gated_model, measure_gate_deficits
+from onnxslim.quant.speed import measure_latencies, search_fastest
+from onnxslim.runtime import open_session, physical_cores
 
-__all__ = [
-    "CALIBRATION_MEMORY",
-    "HOLDOUT_FRACTION",
-    "MIN_QUANT_OPSET",
-    "PER_CHANNEL_OPSET",
-    "FORMATS",
-    "METHODS",
-    "INT8_TYPES",
-    "COMPUTE_OP_TYPES",
-    "QUANTIZED_OP_TYPES",
-    "MIN_SPEEDUP",
-    "QuantConfig",
-    "QuantizeOptions",
-    "CandidateTiming",
-    "SpeedDecision",
-    "CalibrationSummary",
-    "PreparedModel",
-    "QuantizeResult",
-    "MethodTrial",
-    "Timer",
-    "TimingBudget",
-    "InterleavedTiming",
-    "ProgressCallback",
-    "find_quantized_nodes",
-    "prepare_model",
-    "calibrate",
-    "quantize_with_ranges",
-    "count_quantized_nodes",
-    "alternatives",
-    "decide",
-    "search_fastest",
-    "measure_latencies",
-    "quantize_model",
-]
+__all__ = ["quantize_with_ranges", "count_quantized_nodes", "quantize_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -194,29 +146,29 @@ def quantize_with_ranges(
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    with tempfile.TemporaryDirectory(prefix="onnxslim-q-") as scratch, _quiet_onnxruntime():
+    with tempfile.TemporaryDirectory(prefix="onnxslim-q-") as scratch, quiet_onnxruntime():
         output = Path(scratch) / "int8.onnx"
         try:
             quantize_static(
                 str(prepared_path),
                 str(output),
                 calibration_data_reader=None,
-                quant_format=getattr(QuantFormat, _FORMAT_NAMES[config.format]),
+                quant_format=getattr(QuantFormat, FORMAT_NAMES[config.format]),
                 op_types_to_quantize=list(config.op_types) if config.op_types is not None else None,
                 per_channel=config.per_channel,
                 reduce_range=config.reduce_range,
-                activation_type=getattr(QuantType, _QUANT_TYPE_NAMES[config.activations]),
-                weight_type=getattr(QuantType, _QUANT_TYPE_NAMES[config.weights]),
+                activation_type=getattr(QuantType, QUANT_TYPE_NAMES[config.activations]),
+                weight_type=getattr(QuantType, QUANT_TYPE_NAMES[config.weights]),
                 nodes_to_exclude=list(exclude_nodes),
-                calibrate_method=getattr(CalibrationMethod, _METHOD_NAMES[method]),
+                calibrate_method=getattr(CalibrationMethod, METHOD_NAMES[method]),
                 calibration_cache_path=str(cache_path),
                 extra_options={"QDQKeepRemovableActivations": True} if keep_activations else None,
             )
         except Exception as e:  # noqa: BLE001 - the quantizer raises anything from ValueError to AssertionError
             raise UnsupportedModelError(f"onnxruntime's quantizer failed ({config.label}): {first_line(e)}") from e
         quantized = onnx.load_model(str(output))
-    _strip_unused_domains(quantized)
-    kept = [p for p in quantized.metadata_props if p.key not in _ORT_METADATA]
+    strip_unused_domains(quantized)
+    kept = [p for p in quantized.metadata_props if p.key not in ORT_METADATA]
     del quantized.metadata_props[:]
     quantized.metadata_props.extend(kept)
     return quantized
@@ -282,7 +234,7 @@ class _Evaluator:
     ) -> None:
         self._fp32, self._split, self._threads, self._progress = fp32, split, threads, progress
         self.outputs = list(outputs)  # the first is the one accuracy reads
-        self._reference = _session(fp32, threads)
+        self._reference = open_session(fp32, threads)
         self._cache: list[list[np.ndarray] | None] = []
         self._cache_left = cache_bytes
         self.layouts: list[OutputLayout] | None = None
@@ -326,7 +278,7 @@ class _Evaluator:
     def __call__(self, int8: onnx.ModelProto) -> tuple[list[Fidelity], Accuracy | None, Accuracy | None]:
         """Fidelity of `int8` against fp32 for each output, and the accuracies of both on the first (None
         without labels)."""
-        candidate = _session(int8, self._threads)
+        candidate = open_session(int8, self._threads)
         fidelity_meters: list[FidelityMeter] | None = None
         accuracy_meters: tuple[AccuracyMeter, AccuracyMeter] | None = None
         total = self._split.fidelity_batches
@@ -469,8 +421,8 @@ class _Candidates:
             result = quantize_with_ranges(
                 self._prepared_path, self._cache_path, config, self._method, exclude_nodes=self._exclude
             )
-            _declare_like(result, self._source)
-            _session(result, self._threads)  # a candidate onnxruntime cannot load is no candidate
+            declare_like(result, self._source)
+            open_session(result, self._threads)  # a candidate onnxruntime cannot load is no candidate
             if self.count(config, result)[0] == 0:
                 ops = sorted({n.op_type for n in self._prepared.graph.node})
                 result = UnsupportedModelError(
@@ -606,7 +558,7 @@ def quantize_model(
     else:
         source, _ = normalize_model(model)
         size_fp32 = _size(model)
-    _refuse_quantized(source)
+    refuse_quantized(source, QUANTIZE_ADVICE)
     notes: list[str] = []
     shapes = dict(calib.input_shapes)
     output = select_output(source, options.output)
@@ -668,7 +620,7 @@ def quantize_model(
 
         def build(build_config: QuantConfig, method: str, nodes: Sequence[str]) -> onnx.ModelProto:
             int8 = quantize_with_ranges(prepared_path, calibrated(method)[0], build_config, method, exclude_nodes=nodes)
-            _declare_like(int8, source)
+            declare_like(int8, source)
             return int8
 
         def trial(method: str, nodes: Sequence[str]) -> BudgetCheck:
@@ -793,7 +745,7 @@ def quantize_model(
         threads=threads,
         timing_shapes={name: tuple(array.shape) for name, array in feeds.items()},
         min_speedup=options.min_speedup,
-        opset=(prepared.source_opset, _default_opset(int8)),
+        opset=(prepared.source_opset, default_opset(int8)),
         notes=tuple(notes),
         cpu=cpu,
         budget=budget,

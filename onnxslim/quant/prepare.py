@@ -5,61 +5,28 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import onnx
 
+from onnxslim.analysis.quantized import all_nodes, refuse_quantized
 from onnxslim.errors import UnsupportedModelError, first_line
 from onnxslim.io import infer_tensor_infos, normalize_model
-from onnxslim.quant_config import MIN_QUANT_OPSET, PER_CHANNEL_OPSET, QUANTIZED_OP_TYPES, PreparedModel
-from onnxslim.runtime import cpu_session, session_options
+from onnxslim.quant.config import MIN_QUANT_OPSET, PER_CHANNEL_OPSET, PreparedModel
 from onnxslim.runtime import ort as _ort
+from onnxslim.runtime import session_options
 
 logger = logging.getLogger(__name__)
 
-
-# ------------------------------------------------------------------------------------ already quantized
-
-
-def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _all_nodes(sub)
-
-
-def find_quantized_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """Nodes that show the model is already quantized (QDQ pairs, QLinear*, integer convolutions ...)."""
-    return [n for n in _all_nodes(model.graph) if n.op_type in QUANTIZED_OP_TYPES or n.op_type.startswith("QLinear")]
-
-
-def _refuse_quantized(model: onnx.ModelProto) -> None:
-    found = find_quantized_nodes(model)
-    if found:
-        kinds = sorted({n.op_type for n in found})
-        raise UnsupportedModelError(
-            f"the model is already quantized: {len(found)} quantization node(s) ({', '.join(kinds)}; e.g. "
-            f"{found[0].name or found[0].op_type!r}). Quantize the fp32 model it came from instead."
-        )
+QUANTIZE_ADVICE = "quantize the fp32 model it came from instead"
 
 
 # --------------------------------------------------------------------------------------- pre-processing
 
 
-def _default_opset(model: onnx.ModelProto) -> int:
+def default_opset(model: onnx.ModelProto) -> int:
     return next(imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx"))
-
-
-def _session(
-    model: onnx.ModelProto | str, threads: int | None = None, level: str = "all", *, spinning: bool = True
-) -> Any:
-    return cpu_session(model, session_options(threads=threads, opt_level=level, spinning=spinning))
 
 
 def _upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
@@ -69,9 +36,9 @@ def _upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     return converted
 
 
-def _strip_unused_domains(model: onnx.ModelProto) -> None:
+def strip_unused_domains(model: onnx.ModelProto) -> None:
     """onnxruntime's optimizer imports every domain it knows; keep the default and those nodes use."""
-    used = {n.domain or "" for n in _all_nodes(model.graph)} | {""}
+    used = {n.domain or "" for n in all_nodes(model.graph)} | {""}
     kept = [imp for imp in model.opset_import if (imp.domain or "") in used or imp.domain == "ai.onnx"]
     if len(kept) != len(model.opset_import):
         del model.opset_import[:]
@@ -87,13 +54,13 @@ def _basic_optimize(model: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise UnsupportedModelError(f"onnxruntime cannot load the model, so it cannot quantize it: {first_line(e)}") from e
     optimized = onnx.load_model(options.optimized_model_filepath)
-    _strip_unused_domains(optimized)
-    _declare_like(optimized, model)
+    strip_unused_domains(optimized)
+    declare_like(optimized, model)
     optimized, _ = normalize_model(optimized)  # names the nodes the optimizer created without a name
     return optimized
 
 
-def _declare_like(model: onnx.ModelProto, source: onnx.ModelProto) -> None:
+def declare_like(model: onnx.ModelProto, source: onnx.ModelProto) -> None:
     """Give `model`'s graph inputs and outputs the declarations (types, symbolic dims) they have in `source`:
     they are the model's contract, and optimizers, shape inference (which can make a Resize output's dims
     concrete) and the quantizer must not change them. Applied after the optimizer and to every int8 candidate;
@@ -133,9 +100,9 @@ def prepare_model(
     model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]], *, per_channel: bool
 ) -> PreparedModel:
     """Pre-process a normalized fp32 model for calibration and quantization (see the module docstring)."""
-    _refuse_quantized(model)
+    refuse_quantized(model, QUANTIZE_ADVICE)
     notes: list[str] = []
-    source_opset = _default_opset(model)
+    source_opset = default_opset(model)
     want_per_channel = per_channel
     if source_opset < PER_CHANNEL_OPSET and (per_channel or source_opset < MIN_QUANT_OPSET):
         try:
@@ -157,4 +124,4 @@ def prepare_model(
     with tempfile.TemporaryDirectory(prefix="onnxslim-quant-") as scratch:
         optimized = _basic_optimize(model, Path(scratch))
     prepared = _infer_types(optimized, input_shapes)
-    return PreparedModel(prepared, source_opset, _default_opset(prepared), want_per_channel, tuple(notes))
+    return PreparedModel(prepared, source_opset, default_opset(prepared), want_per_channel, tuple(notes))

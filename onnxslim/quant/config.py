@@ -1,5 +1,5 @@
 """int8 quantization: the constants, options (`QuantConfig`, `QuantizeOptions`) and result dataclasses
-that the steps in quant_prepare, quant_calibrate, quant_speed and quantize share."""
+that the steps of the quantizer share."""
 
 from __future__ import annotations
 
@@ -11,19 +11,13 @@ import onnx
 
 from onnxslim.cpu import CpuChoice, CpuFeatures
 from onnxslim.errors import UsageError
+from onnxslim.evaluate import AccuracyBudget, BudgetCheck
 from onnxslim.io import Validation
 from onnxslim.metrics import (
     Accuracy,
     Fidelity,
 )
-from onnxslim.quant_guard import (
-    MAX_TRIALS,
-    RANGE_RATIO,
-    AccuracyBudget,
-    BudgetCheck,
-    ExclusionTrial,
-    NodeError,
-)
+from onnxslim.quant.guard import MAX_TRIALS, RANGE_RATIO, ExclusionTrial, NodeError
 
 FORMATS = ("qdq", "qoperator")
 METHODS = ("minmax", "entropy", "percentile")
@@ -35,30 +29,14 @@ CALIBRATION_MEMORY = 256 * 2**20
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's `axis` (per-channel weights in QDQ) needs opset 13
 MIN_QUANT_OPSET = 10  # QuantizeLinear/DequantizeLinear exist from opset 10
 
-# Ops that mean a model is already quantized: refused, never quantized twice.
-QUANTIZED_OP_TYPES = frozenset(
-    {
-        "QuantizeLinear",
-        "DequantizeLinear",
-        "DynamicQuantizeLinear",
-        "ConvInteger",
-        "MatMulInteger",
-        "QGemm",
-        "QAttention",
-        "DynamicQuantizeMatMul",
-        "DynamicQuantizeLSTM",
-        "MatMulIntegerToFloat",
-        "MatMulNBits",
-    }
-)
 # The compute ops: the "compute ops only" alternative quantizes these and nothing else.
 COMPUTE_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
-_QUANT_TYPE_NAMES = {"u8": "QUInt8", "s8": "QInt8"}
-_METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
-_FORMAT_NAMES = {"qdq": "QDQ", "qoperator": "QOperator"}
-_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-_ORT_METADATA = ("onnx.infer", "onnx.quant.pre_process")
+QUANT_TYPE_NAMES = {"u8": "QUInt8", "s8": "QInt8"}
+METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+FORMAT_NAMES = {"qdq": "QDQ", "qoperator": "QOperator"}
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+ORT_METADATA = ("onnx.infer", "onnx.quant.pre_process")
 
 
 # --------------------------------------------------------------------------------------------- options

@@ -29,9 +29,9 @@ from onnx import numpy_helper
 
 from onnxslim.calib import Batch
 from onnxslim.metrics import FidelityMeter, OutputLayout, batch_is_symbolic
-from onnxslim.quant_config import ProgressCallback
-from onnxslim.quant_guard import Gate
-from onnxslim.quant_prepare import _session
+from onnxslim.quant.config import ProgressCallback
+from onnxslim.quant.guard import Gate
+from onnxslim.runtime import open_session
 
 __all__ = [
     "GATE_PREFIX",
@@ -172,7 +172,7 @@ def _run_constants(model: onnx.ModelProto, dequantizes: Sequence[onnx.NodeProto]
         [initializers[name] for name in needed if name in initializers],
     )
     constants = onnx.helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    session = _session(constants, 1, level="basic")
+    session = open_session(constants, 1, opt_level="basic")
     names = [n.output[0] for n in dequantizes]
     return dict(zip(names, (np.asarray(a) for a in session.run(names, {})), strict=True))
 
@@ -197,7 +197,7 @@ def measure_gate_deficits(
     joined into one run when the inputs' batch dim is symbolic and shapes agree. `rows(arrays, batch)`
     keeps a batch's real samples. Returns the deficits (2 for a gate whose outputs are not finite) and the
     samples used."""
-    session = _session(gated, threads, level="all")
+    session = open_session(gated, threads, opt_level="all")
     off = {g.input: np.array(False) for g in gates}
     source = iter(batches)
     first = next(source, None)

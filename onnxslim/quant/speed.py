@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 
 from onnxslim.errors import ModelLoadError, first_line
-from onnxslim.quant_config import (
+from onnxslim.quant.config import (
     COMPUTE_OP_TYPES,
     MIN_SPEEDUP,
     RETIME_FACTOR,
@@ -50,8 +50,7 @@ from onnxslim.quant_config import (
     SpeedDecision,
     TimingBudget,
 )
-from onnxslim.quant_prepare import _session
-from onnxslim.runtime import block_speedups, clearly_faster, time_interleaved
+from onnxslim.runtime import block_speedups, clearly_faster, open_session, time_interleaved
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +267,7 @@ def measure_latencies(
     sessions = []
     for model in models:
         try:
-            sessions.append(_session(model, threads, spinning=spinning))
+            sessions.append(open_session(model, threads, spinning=spinning))
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise ModelLoadError(f"onnxruntime cannot load a model to time: {first_line(e)}") from e
 

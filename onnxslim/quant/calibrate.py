@@ -18,8 +18,8 @@ import onnx
 from onnxslim.calib import Batch, Dataset
 from onnxslim.errors import DataError, UnsupportedModelError, first_line
 from onnxslim.io import infer_tensor_infos
-from onnxslim.quant_config import _FLOAT_TYPES, CALIBRATION_MEMORY, CalibrationSummary, ProgressCallback
-from onnxslim.quant_prepare import _session
+from onnxslim.quant.config import CALIBRATION_MEMORY, FLOAT_TYPES, CalibrationSummary, ProgressCallback
+from onnxslim.runtime import open_session
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _quiet_onnxruntime() -> Iterator[None]:
+def quiet_onnxruntime() -> Iterator[None]:
     """onnxruntime's quantizer prints (histogram progress) and logs warnings on the root logger (a bogus
     "please pre-process": we did). Keep stdout clean for --json and pass its messages on at debug level."""
 
@@ -58,7 +58,7 @@ def _calibrated_tensors(model: onnx.ModelProto) -> set[str]:
     for node in graph.node:
         for name in [*node.input, *node.output]:
             value = values.get(name)
-            if value is not None and name not in initializers and value.type.tensor_type.elem_type in _FLOAT_TYPES:
+            if value is not None and name not in initializers and value.type.tensor_type.elem_type in FLOAT_TYPES:
                 names.add(name)
     return names
 
@@ -145,7 +145,7 @@ def _create_calibrator(model_path: Path, method: str, scratch: Path) -> Any:
     else:
         calibrator = ort_calibrate.PercentileCalibrater(model_path, op_types, augmented, num_bins=2048, symmetric=True)
     calibrator.augment_graph()
-    calibrator.infer_session = _session(augmented, level="none")
+    calibrator.infer_session = open_session(augmented, opt_level="none")
     return calibrator
 
 
@@ -186,7 +186,7 @@ def calibrate(
         if progress is not None:
             progress("calibrating", done, total)
 
-    with tempfile.TemporaryDirectory(prefix="onnxslim-calib-") as scratch, _quiet_onnxruntime():
+    with tempfile.TemporaryDirectory(prefix="onnxslim-calib-") as scratch, quiet_onnxruntime():
         model_path = Path(scratch) / "prepared.onnx"
         onnx.save_model(prepared, str(model_path))
         try:

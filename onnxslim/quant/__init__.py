@@ -1,0 +1,43 @@
+"""Static int8 quantization with onnxruntime, guarded for accuracy and speed (`quantize_model`).
+
+The quantizer is a pipeline of named steps over one state (`quantizer.PIPELINE`), as `prune/` is; each
+concern has one module:
+
+    config.py       constants, options (`QuantConfig`, `QuantizeOptions`) and results
+    prepare.py      opset upgrade, onnxruntime's basic optimizations, type inference
+    calibrate.py    calibration in bounded memory (ranges for each method)
+    guard.py        the accuracy guard: range rules, blocks, the ranking and the bounded search
+    sensitivity.py  the guard's measure: a gated int8 model, each rounding switched on alone
+    speed.py        the speed guard: candidates, interleaved timing, the decision outside the noise
+    quantizer.py    quantization with the ranges, the evaluator's use, the steps and `quantize_model`
+"""
+
+from onnxslim.quant.config import (
+    CALIBRATION_MEMORY,
+    COMPUTE_OP_TYPES,
+    FORMATS,
+    HOLDOUT_FRACTION,
+    INT8_TYPES,
+    METHODS,
+    MIN_SPEEDUP,
+    CandidateTiming,
+    QuantConfig,
+    QuantizeOptions,
+    QuantizeResult,
+)
+from onnxslim.quant.quantizer import quantize_model
+
+__all__ = [
+    "CALIBRATION_MEMORY",
+    "COMPUTE_OP_TYPES",
+    "FORMATS",
+    "HOLDOUT_FRACTION",
+    "INT8_TYPES",
+    "METHODS",
+    "MIN_SPEEDUP",
+    "CandidateTiming",
+    "QuantConfig",
+    "QuantizeOptions",
+    "QuantizeResult",
+    "quantize_model",
+]
