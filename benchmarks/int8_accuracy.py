@@ -27,7 +27,7 @@ from onnxslim.calib import DataOptions, open_dataset
 from onnxslim.cpu import cpu_from_flags, detect_cpu
 from onnxslim.io import load_model
 from onnxslim.quant import QuantConfig, QuantizeOptions, QuantizeResult, quantize_model
-from onnxslim.report import format_bytes, format_table
+from onnxslim.report.format import format_bytes, format_table
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"

@@ -56,7 +56,7 @@ from onnxslim.calib import DataOptions, open_dataset
 from onnxslim.evaluate import AccuracyBudget
 from onnxslim.io import load_model
 from onnxslim.quant import QuantizeOptions, QuantizeResult, quantize_model
-from onnxslim.report import format_bytes, format_table
+from onnxslim.report.format import format_bytes, format_table
 from onnxslim.runtime import physical_cores
 
 WHEEL = "rapidocr-onnxruntime==1.4.4"

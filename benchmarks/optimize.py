@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.build import BUILDERS  # noqa: E402
 from onnxslim.io import normalize_model, save_model  # noqa: E402
-from onnxslim.pipeline import OptimizeOptions, optimize  # noqa: E402
+from onnxslim.optimizer import OptimizeOptions, optimize  # noqa: E402
 
 MNIST = ("mnist_resnet", "mnist_mobilenet")
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                 np.savez(calib, **{input_name: rng.uniform(low, high, (64, *shape[1:])).astype(np.float32)})
                 np.savez(evaluation, **{input_name: rng.uniform(low, high, (16, *shape[1:])).astype(np.float32)})
             start = time.perf_counter()
-            result = optimize(model, None, calib, options, eval_data=evaluation)
+            result = optimize(model, calib, options, eval_data=evaluation)
             rows.append(_row(name, result, time.perf_counter() - start))
             print(rows[-1], file=sys.stderr, flush=True)
             print(f"  {result.reason}", file=sys.stderr, flush=True)

@@ -30,7 +30,7 @@ import onnx
 from onnxslim.calib import DataOptions, open_dataset
 from onnxslim.io import load_model
 from onnxslim.quant import QuantizeOptions, QuantizeResult, quantize_model
-from onnxslim.report import format_bytes, format_table
+from onnxslim.report.format import format_bytes, format_table
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"

@@ -26,13 +26,13 @@ import onnx
 
 from onnxslim.calib import Batch, Dataset
 from onnxslim.errors import DataError, first_line
+from onnxslim.progress import Progress
 from onnxslim.runtime import cpu_session, session_options
 
 __all__ = ["ChannelStats", "channel_statistics", "StagedRunner", "Progress", "with_outputs"]
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 @dataclass(frozen=True)

@@ -34,9 +34,9 @@ from onnxslim.io import (
     write_validated,
 )
 from onnxslim.model_info import inspect_model
-from onnxslim.pipeline import OptimizeOptions
-from onnxslim.pipeline import optimize as run_optimize
-from onnxslim.pipeline import sweep as run_sweep
+from onnxslim.optimizer import OptimizeOptions
+from onnxslim.optimizer import optimize as run_optimize
+from onnxslim.optimizer import sweep as run_sweep
 from onnxslim.prune import CRITERIA, RECOVERY_METHODS, PruneOptions, prune_model, save_plan
 from onnxslim.prune.importance import NEEDS_DATA
 from onnxslim.prune.pruner import ALLOCATIONS
@@ -50,27 +50,21 @@ from onnxslim.quant import (
     QuantizeOptions,
     quantize_model,
 )
-from onnxslim.report import (
-    bench_json,
-    inspect_json,
+from onnxslim.report.bench import bench_json, render_bench
+from onnxslim.report.format import require_plotting, to_json
+from onnxslim.report.inspect import inspect_json, render_inspect
+from onnxslim.report.optimize import (
+    check_outdir,
     optimize_json,
-    plan_record,
-    plot_sensitivity,
     plot_sweep,
-    prune_json,
-    quantize_json,
-    render_bench,
-    render_inspect,
     render_optimize,
-    render_prune,
-    render_quantize,
-    render_sensitivity,
     render_sweep,
-    require_plotting,
-    sensitivity_json,
     sweep_json,
-    to_json,
+    write_outputs,
 )
+from onnxslim.report.prune import plan_record, prune_json, render_prune
+from onnxslim.report.quantize import quantize_json, render_quantize
+from onnxslim.report.sensitivity import plot_sensitivity, render_sensitivity, sensitivity_json
 
 logger = logging.getLogger("onnxslim")
 
@@ -617,12 +611,14 @@ def optimize(
         allocate=allocate,
     )
     command = "onnxslim " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
+    check_outdir(outdir, model, prune=options.prune)  # before any work: a run that cannot write fails at once
     with ExitStack() as stack:
         result = run_optimize(
-            model, outdir, calib, options, eval_data=eval_data, data_options=data_options,
+            model, calib, options, eval_data=eval_data, data_options=data_options,
             input_shapes=parse_input_shapes(input_shapes), progress=None if ctx.obj.get("quiet") else _progress_bars(stack),
             command=command,
         )
+    result = write_outputs(result, outdir, source=model)
     if result.chosen == "original":
         logger.warning("%s", result.reason)
     click.echo(to_json(optimize_json(result, outdir)) if as_json else render_optimize(result, outdir))

@@ -22,7 +22,7 @@ from onnxslim.bench import BenchOptions, benchmark, parse_profile, physical_core
 from onnxslim.calib import DataOptions
 from onnxslim.cli import cli
 from onnxslim.errors import DataError, UsageError
-from onnxslim.report import bench_json, render_bench
+from onnxslim.report.bench import bench_json, render_bench
 
 FAST = BenchOptions(warmup=1, repeat=7, memory=False)
 

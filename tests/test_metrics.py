@@ -20,7 +20,7 @@ from onnxslim.metrics import (
     output_layout,
     select_output,
 )
-from onnxslim.report import to_jsonable
+from onnxslim.report.format import to_jsonable
 
 RNG = np.random.default_rng(0)
 

@@ -1,4 +1,4 @@
-"""`onnxslim optimize` and `onnxslim sweep` (pipeline.py): the choice, the search bound, the files, the JSON."""
+"""`onnxslim optimize` and `onnxslim sweep` (optimizer/): the choice, the search bound, the files, the JSON."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 from builders import ModelBuilder
 from click.testing import CliRunner
 
-from onnxslim import pipeline
 from onnxslim.cli import cli
 from onnxslim.evaluate import AccuracyBudget
-from onnxslim.pipeline import OptimizeOptions, choose_final, default_budget
+from onnxslim.optimizer import OptimizeOptions, choose_final, default_budget
+from onnxslim.optimizer import search as pipeline
 
 
 def test_the_fastest_candidate_that_meets_the_budget_wins() -> None:
@@ -127,12 +127,12 @@ def test_the_search_is_bounded_and_keeps_the_original_when_nothing_is_faster(
 
     monkeypatch.setattr(pipeline, "benchmark", slow)
     options = OptimizeOptions(min_fidelity=0.8, quantize=False, max_trials=3)
-    result, files = pipeline.search_and_measure(model, calib, options, eval_data=evaluation)
+    result = pipeline.optimize(model, calib, options, eval_data=evaluation)
     assert 1 <= len(result.trials) <= 3 and "at most 3 trials" in result.search
     assert result.chosen == "original" and "not reliably 1.05x" in result.reason
-    assert files["optimized.onnx"] is not None
+    assert result.model is not None
     original = pipeline.load_model(model).model
-    assert files["optimized.onnx"].SerializeToString() == original.SerializeToString()
+    assert result.model.SerializeToString() == original.SerializeToString()
 
 
 def test_sweep_json(small: tuple[Path, Path, Path]) -> None:
@@ -164,7 +164,7 @@ def test_sensitivity_curves_are_measured_once_for_the_whole_search(
     monkeypatch.setattr("onnxslim.prune.pruner.measure_curves", counted)
     model, calib, evaluation = small
     options = OptimizeOptions(min_fidelity=0.8, quantize=False, max_trials=3, allocate="sensitivity")
-    result, _ = pipeline.search_and_measure(model, calib, options, eval_data=evaluation)
+    result = pipeline.optimize(model, calib, options, eval_data=evaluation)
     assert len(result.trials) >= 2 and len(calls) == 1
     assert result.prune is None or result.prune.options.allocate == "sensitivity"
 
@@ -172,7 +172,7 @@ def test_sensitivity_curves_are_measured_once_for_the_whole_search(
 def test_without_eval_data_pruning_never_sees_the_samples_the_budget_is_checked_on(small: tuple[Path, Path, Path]) -> None:
     model, calib, _ = small
     options = OptimizeOptions(min_fidelity=0.5, quantize=False, target_macs=0.7)
-    result, _ = pipeline.search_and_measure(model, calib, options)
+    result = pipeline.optimize(model, calib, options)
     assert result.prune is not None and result.prune.recovery is not None
     assert result.prune.recovery.samples == 64 - 12  # the last 12 of 64 batches are the judge's
     assert "last 12 samples of --calib" in result.data or any("last 12 samples" in note for note in result.notes)
@@ -185,7 +185,7 @@ def test_target_speedup_keeps_the_least_pruned_level_that_reaches_it(
     model, calib, evaluation = small
     monkeypatch.setattr(pipeline, "_speedup", lambda original, candidate, options: 1.0 / _macs_fraction(original, candidate))
     options = OptimizeOptions(target_speedup=1.6, quantize=False, max_trials=4, min_fidelity=0.0)
-    result, _ = pipeline.search_and_measure(model, calib, options, eval_data=evaluation)
+    result = pipeline.optimize(model, calib, options, eval_data=evaluation)
     assert 1 <= len(result.trials) <= 4
     reached = [t for t in result.trials if t.speedup is not None and t.speedup >= 1.6]
     assert reached and result.prune is not None

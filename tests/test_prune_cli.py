@@ -282,7 +282,7 @@ def test_blocked_reasons_show_the_root_cause_and_the_chain_only_with_verbose(mod
 
     from onnxslim.analysis.groups import Blocker
     from onnxslim.model_info import inspect_model
-    from onnxslim.report import render_groups
+    from onnxslim.report.groups import render_groups
 
     groups = inspect_model(model_with_blocker).groups
     nested = "unsupported op LpNormalization"

@@ -1,4 +1,4 @@
-"""Rendering details of onnxslim/report.py not covered by the command tests."""
+"""Rendering details of onnxslim/report/ not covered by the command tests."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from builders import make
 from onnx import TensorProto, helper
 
-from onnxslim.report import _float_label
+from onnxslim.report.quantize import _float_label
 
 
 def test_the_float_column_is_labelled_with_the_models_float_type() -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxslim.activations import ChannelStats, Progress, channel_statistics
+from onnxslim.activations import ChannelStats, channel_statistics
 from onnxslim.analysis.cost import ModelCost, compute_cost
 from onnxslim.analysis.groups import ChannelGroup, build_channel_groups
 from onnxslim.analysis.quantized import refuse_quantized
@@ -51,6 +51,7 @@ from onnxslim.metrics import (
     layout_of,
 )
 from onnxslim.model_info import check_exclusions
+from onnxslim.progress import Progress
 from onnxslim.prune.importance import NEEDS_DATA, ScoreContext, score_groups, statistics_requests
 from onnxslim.prune.lossless import LosslessChannels, find_lossless_channels, fold_constant_channels_into
 from onnxslim.prune.outcome import PruneOutcome, describe_outcome

@@ -42,8 +42,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxslim.activations import Progress, StagedRunner
+from onnxslim.activations import StagedRunner
 from onnxslim.errors import UsageError
+from onnxslim.progress import Progress
 
 __all__ = [
     "RECOVERY_METHODS",

@@ -18,7 +18,8 @@ import onnx
 from onnxslim.calib import Batch, Dataset
 from onnxslim.errors import DataError, UnsupportedModelError, first_line
 from onnxslim.io import infer_tensor_infos
-from onnxslim.quant.config import CALIBRATION_MEMORY, FLOAT_TYPES, CalibrationSummary, ProgressCallback
+from onnxslim.progress import Progress
+from onnxslim.quant.config import CALIBRATION_MEMORY, FLOAT_TYPES, CalibrationSummary
 from onnxslim.runtime import open_session
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ def calibrate(
     batches: int | None = None,
     memory: int = CALIBRATION_MEMORY,
     cache_path: str | os.PathLike[str],
-    progress: ProgressCallback | None = None,
+    progress: Progress | None = None,
 ) -> CalibrationSummary:
     """Calibrate `prepared` on the first `batches` batches of `dataset` (all when None) in bounded memory
     and write the ranges to `cache_path` (onnxruntime's calibration cache, read by `quantize_with_ranges`).

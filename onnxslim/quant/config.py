@@ -307,7 +307,6 @@ class MethodTrial:
 
 # Progress: (stage, done, total), e.g. ("calibrating", 12, 205). Stages: calibrating, quantizing, timing,
 # evaluating. `done` counts up to `total` within a stage.
-ProgressCallback = Callable[[str, int, int], None]
 # Timer: the models to time (config None is the fp32 reference, always first), the feeds and how long to
 # take; returns each model's median latency and block speedups against fp32, measured in one run.
 Timer = Callable[

@@ -82,6 +82,7 @@ from onnxslim.metrics import (
     layout_of,
     select_output,
 )
+from onnxslim.progress import Progress
 from onnxslim.quant.calibrate import calibrate, quiet_onnxruntime
 from onnxslim.quant.config import (
     FORMAT_NAMES,
@@ -92,7 +93,6 @@ from onnxslim.quant.config import (
     CandidateTiming,
     InterleavedTiming,
     MethodTrial,
-    ProgressCallback,
     QuantConfig,
     QuantizeOptions,
     QuantizeResult,
@@ -229,7 +229,7 @@ class _Evaluator:
         outputs: Sequence[str],
         *,
         threads: int,
-        progress: ProgressCallback | None,
+        progress: Progress | None,
         cache_bytes: int = 256 * 2**20,
     ) -> None:
         self._fp32, self._split, self._threads, self._progress = fp32, split, threads, progress
@@ -403,7 +403,7 @@ class _Candidates:
         threads: int,
         timer: Timer,
         feeds: Mapping[str, np.ndarray],
-        progress: ProgressCallback | None,
+        progress: Progress | None,
     ) -> None:
         self._source, self._prepared, self._prepared_path, self._cache_path = source, prepared, prepared_path, cache_path
         self._method, self._exclude, self._threads = method, list(exclude_nodes), threads
@@ -496,7 +496,7 @@ def _keep_harmful_fp32(
     trials_left: int,
     *,
     threads: int,
-    progress: ProgressCallback | None,
+    progress: Progress | None,
 ) -> _Kept:
     """The accuracy guard's search (quant_guard module docstring): every rounding of `qdq` (the int8 model,
     `excluded` nodes already fp32) measured alone, blocks ranked by it, the search started where their
@@ -541,7 +541,7 @@ def quantize_model(
     options: QuantizeOptions | None = None,
     *,
     eval_data: Dataset | None = None,
-    progress: ProgressCallback | None = None,
+    progress: Progress | None = None,
     timer: Timer | None = None,
 ) -> QuantizeResult:
     """Quantize `model` to int8 with onnxruntime, calibrated on `calib`, guarded for accuracy and speed

@@ -29,7 +29,7 @@ from onnx import numpy_helper
 
 from onnxslim.calib import Batch
 from onnxslim.metrics import FidelityMeter, OutputLayout, batch_is_symbolic
-from onnxslim.quant.config import ProgressCallback
+from onnxslim.progress import Progress
 from onnxslim.quant.guard import Gate
 from onnxslim.runtime import open_session
 
@@ -186,7 +186,7 @@ def measure_gate_deficits(
     rows: Callable[[Sequence[np.ndarray], Batch], list[np.ndarray]],
     *,
     threads: int,
-    progress: ProgressCallback | None = None,
+    progress: Progress | None = None,
     seconds: float = SENSITIVITY_SECONDS,
 ) -> tuple[dict[str, float], int]:
     """Each gate's deficit alone: 1 - the fidelity score (the worst of `outputs`, laid out as `layouts`, as

@@ -39,13 +39,13 @@ import numpy as np
 import onnx
 
 from onnxslim.errors import ModelLoadError, first_line
+from onnxslim.progress import Progress
 from onnxslim.quant.config import (
     COMPUTE_OP_TYPES,
     MIN_SPEEDUP,
     RETIME_FACTOR,
     CandidateTiming,
     InterleavedTiming,
-    ProgressCallback,
     QuantConfig,
     SpeedDecision,
     TimingBudget,
@@ -255,7 +255,7 @@ def measure_latencies(
     budget: TimingBudget | None = None,
     warmup: int = 3,
     clock: Callable[[], float] = time.perf_counter,
-    progress: ProgressCallback | None = None,
+    progress: Progress | None = None,
     spinning: bool = False,
 ) -> list[InterleavedTiming]:
     """Each model's median latency in ms and its block speedups against the first model
