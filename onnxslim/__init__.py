@@ -18,7 +18,7 @@ _HOMES = {
     "benchmark": "onnxslim.bench",
     "inspect_model": "onnxslim.model_info",
     "load_model": "onnxslim.io",
-    "measure_sensitivity": "onnxslim.prune.sensitivity",
+    "measure_sensitivity": "onnxslim.prune",
     "open_dataset": "onnxslim.calib",
     "optimize": "onnxslim.optimizer",
     "prune_model": "onnxslim.prune",
@@ -52,8 +52,7 @@ if TYPE_CHECKING:
     from onnxslim.io import load_model, save_model, validate
     from onnxslim.model_info import inspect_model
     from onnxslim.optimizer import OptimizeOptions, optimize, sweep
-    from onnxslim.prune import prune_model
-    from onnxslim.prune.sensitivity import measure_sensitivity
+    from onnxslim.prune import measure_sensitivity, prune_model
     from onnxslim.quant import quantize_model
 
 

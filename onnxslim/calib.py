@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LABELS_KEY",
+    "first_samples",
     "IMAGE_EXTENSIONS",
     "ImageOptions",
     "DataOptions",
@@ -881,3 +882,18 @@ def _open_images(
         class_names=class_names,
     )
 
+
+
+def first_samples(data: Dataset, samples: int | None) -> Iterator[Batch]:
+    """The batches of `data` up to `samples` samples (all when None): the last one cut (a fixed batch keeps
+    its rows and marks the rest as padding)."""
+    seen = 0
+    for batch in data.batches():
+        if samples is not None and seen >= samples:
+            return
+        if samples is not None and seen + batch.size > samples:
+            keep = samples - seen
+            feeds = batch.feeds if data.fixed_batch else {name: array[:keep] for name, array in batch.feeds.items()}
+            batch = Batch(feeds, None if batch.labels is None else batch.labels[:keep], keep)
+        seen += batch.size
+        yield batch

@@ -37,10 +37,17 @@ from onnxslim.model_info import inspect_model
 from onnxslim.optimizer import OptimizeOptions
 from onnxslim.optimizer import optimize as run_optimize
 from onnxslim.optimizer import sweep as run_sweep
-from onnxslim.prune import CRITERIA, RECOVERY_METHODS, PruneOptions, prune_model, save_plan
+from onnxslim.prune import (
+    CRITERIA,
+    DEFAULT_RATIOS,
+    RECOVERY_METHODS,
+    PruneOptions,
+    measure_sensitivity,
+    prune_model,
+    save_plan,
+)
 from onnxslim.prune.importance import NEEDS_DATA
-from onnxslim.prune.pruner import ALLOCATIONS
-from onnxslim.prune.sensitivity import DEFAULT_RATIOS, measure_sensitivity
+from onnxslim.prune.state import ALLOCATIONS
 from onnxslim.quant import (
     FORMATS,
     INT8_TYPES,

@@ -1,18 +1,66 @@
-"""Judging a candidate model against the original on held-out data: the accuracy budget and its check.
+"""Judging a candidate model against the original on held-out data: which samples judge (the hold-out
+policies), the original's outputs on them (computed once, cached), each candidate's fidelity and top-1, and
+the accuracy budget with its check.
 
-Every command that keeps or refuses a model by its accuracy (`prune`'s held-out comparison, `quantize`'s
-guard, `optimize`'s trials) reads the same budget here.
+Every command that keeps or refuses a model by its accuracy reads this module: `prune`'s held-out comparison
+before and after recovery, `prune --allocate sensitivity`'s trials, `quantize`'s guards, `optimize`'s trials.
+
+**Hold-out policies.** Two, because they hold out for different readers:
+* `hold_out_tail`: the last `fraction` (20 %) of the calibration *batches*, or all of `--eval` when given.
+  What `quantize` and `optimize` judge on: whole batches, because onnxruntime's calibrators read whole
+  batches, and the tail so that the batches before it can calibrate (and, in optimize, prune) unseen by
+  the judge.
+* `hold_out_every`: every fifth calibration *sample* (`HOLDOUT_EVERY`), or `--eval` when given. What
+  `prune` compares on: recovery fits each layer on the other four fifths and keeps a refit only when it
+  is better on the held fifth, so the comparison of the whole model must use the same fifth; interleaved
+  rather than the tail so that data ordered by class or by source is held out evenly.
+
+**Outputs.** Every output is judged unless told which (a sentence encoder's embedding is its second
+output); an output's batch axis is found by probing, not assumed (`metrics.layout_of`), and only the real
+rows of a batch are compared (padding of fixed-batch models, rows held for the fit). Accuracy with labels
+reads the first output, when it is a classifier's (one class position per sample).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from onnxslim.errors import UsageError
-from onnxslim.metrics import Accuracy, Fidelity
+import numpy as np
+import onnx
 
-__all__ = ["DEFAULT_MIN_FIDELITY", "AccuracyBudget", "BudgetCheck", "check_budget"]
+from onnxslim.calib import Batch, Dataset, first_samples
+from onnxslim.errors import DataError, UsageError, ValidationError, first_line
+from onnxslim.metrics import (
+    Accuracy,
+    AccuracyMeter,
+    Fidelity,
+    FidelityMeter,
+    OutputLayout,
+    has_one_position,
+    layout_of,
+)
+from onnxslim.progress import Progress
+from onnxslim.runtime import open_session
+
+__all__ = [
+    "DEFAULT_MIN_FIDELITY",
+    "HOLDOUT_EVERY",
+    "HOLDOUT_FRACTION",
+    "AccuracyBudget",
+    "BudgetCheck",
+    "Comparison",
+    "EvalBatch",
+    "Evaluator",
+    "HeldOut",
+    "check_budget",
+    "hold_out_every",
+    "hold_out_tail",
+]
+
+HOLDOUT_FRACTION = 0.2  # hold_out_tail: the last fifth of the calibration batches
+HOLDOUT_EVERY = 5  # hold_out_every: sample i is held out when i % 5 == 4
 
 # Cosine 0.99 of the worst channel: on the reference models int8 that keeps accuracy within 0.3 pt stays
 # above 0.999 on average and above 0.99 on every channel (benchmarks/int8_accuracy.py); a collapsed channel
@@ -88,3 +136,243 @@ def check_budget(
 
 
 # --------------------------------------------------------------------------------- which nodes hurt
+
+
+# ------------------------------------------------------------------------------------ hold-out policies
+
+
+@dataclass(frozen=True)
+class EvalBatch:
+    """One batch as fed to the model and the rows of it that are judged (padding and rows kept for
+    fitting are not); `labels` are the judged rows' labels."""
+
+    feeds: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    rows: np.ndarray
+
+    @classmethod
+    def whole(cls, batch: Batch) -> EvalBatch:
+        return cls(batch.feeds, batch.labels, np.arange(batch.size))
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The samples that judge a model (a hold-out policy's choice) and what is left for calibration."""
+
+    data: Dataset
+    description: str
+    samples: int  # judged samples
+    calibration_batches: int  # leading batches of the calibration data left to calibrate on (hold_out_tail)
+    skip: int = 0  # leading batches of `data` that are not judged
+    every: int | None = None  # judge every n-th sample only
+    max_samples: int | None = None  # of `data` read at most
+    note: str | None = None
+
+    @property
+    def labelled(self) -> bool:
+        return self.data.has_labels
+
+    def batches(self) -> Iterator[EvalBatch]:
+        seen = 0
+        for index, batch in enumerate(first_samples(self.data, self.max_samples)):
+            if index < self.skip:
+                seen += batch.size
+                continue
+            rows = np.arange(batch.size)
+            if self.every is not None:
+                rows = rows[(seen + rows) % self.every == self.every - 1]
+            seen += batch.size
+            if len(rows):
+                yield EvalBatch(batch.feeds, None if batch.labels is None else batch.labels[rows], rows)
+
+
+def hold_out_tail(calib: Dataset, eval_data: Dataset | None, fraction: float = HOLDOUT_FRACTION) -> HeldOut:
+    """`eval_data` judges when given (every calibration batch calibrates); else the last `fraction` of the
+    calibration batches (module docstring)."""
+    if eval_data is not None:
+        return HeldOut(
+            eval_data, f"{eval_data.description} ({eval_data.num_samples} samples)", eval_data.num_samples,
+            calib.num_batches,
+        )
+    held = int(calib.num_batches * fraction)
+    if not held:
+        return HeldOut(
+            calib, f"{calib.description} (the calibration data itself: too few batches to hold any out)",
+            calib.num_samples, calib.num_batches,
+            note="fidelity is measured on the calibration data: give --eval or more data for a held-out measure",
+        )
+    kept = calib.num_batches - held
+    held_samples = calib.num_samples - kept * calib.batch_size
+    return HeldOut(
+        calib,
+        f"last {held} of {calib.num_batches} batches of {calib.description} ({held_samples} samples, not used "
+        "for calibration)",
+        held_samples, kept, skip=kept,
+    )
+
+
+def hold_out_every(
+    calib: Dataset, eval_data: Dataset | None, max_samples: int | None = None, every: int = HOLDOUT_EVERY
+) -> HeldOut:
+    """`eval_data` judges when given; else every `every`-th of the first `max_samples` calibration samples,
+    the ones recovery holds out of its fit (module docstring)."""
+    if eval_data is not None:
+        samples = min(eval_data.num_samples, max_samples or eval_data.num_samples)
+        return HeldOut(eval_data, eval_data.description, samples, calib.num_batches, max_samples=max_samples)
+    used = min(calib.num_samples, max_samples or calib.num_samples)
+    return HeldOut(
+        calib, f"every {every}th sample of {calib.description} (held out of recovery)", used // every,
+        calib.num_batches, every=every, max_samples=max_samples,
+    )
+
+
+# ------------------------------------------------------------------------------------------- evaluator
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A candidate against the original on the held-out data: each judged output's fidelity (in the order
+    of `Evaluator.outputs`) and, with labels on a classifier's output, both models' accuracy."""
+
+    fidelities: tuple[Fidelity, ...]
+    accuracy_original: Accuracy | None
+    accuracy: Accuracy | None
+
+    @property
+    def worst(self) -> int:
+        """The index of the output the budget reads: the lowest fidelity score."""
+        return min(range(len(self.fidelities)), key=lambda i: self.fidelities[i].score)
+
+
+class Evaluator:
+    """Compares candidates with `original` on `held` data, every output of `outputs` (default: all) in one
+    pass per candidate. The original's outputs are kept while they fit in `cache_bytes`, so each candidate
+    costs one pass of its own; each output's layout is found on the first batch."""
+
+    def __init__(
+        self,
+        original: onnx.ModelProto,
+        held: HeldOut,
+        outputs: Sequence[str] | None = None,
+        *,
+        threads: int | None = None,
+        progress: Progress | None = None,
+        cache_bytes: int = 256 << 20,
+    ) -> None:
+        self.original, self.held, self._threads, self._progress = original, held, threads, progress
+        self.outputs = list(outputs) if outputs is not None else [o.name for o in original.graph.output]
+        try:
+            self._reference = open_session(original, threads)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise ValidationError(f"a model does not load in onnxruntime: {first_line(e)}") from e
+        self._cache: list[list[np.ndarray] | None] = []
+        self._cache_left = cache_bytes
+        self.layouts: list[OutputLayout] | None = None
+        self.labelled = held.labelled
+        self.note: str | None = None
+        self.runs = 0
+
+    # the original's side
+
+    def ensure_layouts(self) -> list[OutputLayout]:
+        """Each output's layout (found on the first judged batch if no comparison has yet)."""
+        if self.layouts is None:
+            self._reference_outputs(0, next(iter(self.held.batches())))
+        assert self.layouts is not None
+        return self.layouts
+
+    def rows(self, arrays: Sequence[np.ndarray], batch: EvalBatch | Batch) -> list[np.ndarray]:
+        """The judged rows of each output, on its own batch axis (a whole output when it has none)."""
+        layouts = self.ensure_layouts()
+        rows = batch.rows if isinstance(batch, EvalBatch) else np.arange(batch.size)
+        fed = len(next(iter(batch.feeds.values())))
+        chosen = []
+        for array, layout in zip(arrays, layouts, strict=True):
+            axis = layout.batch_axis
+            if axis is not None and array.ndim > axis and array.shape[axis] == fed and len(rows) < fed:
+                array = np.take(array, rows, axis=axis)
+            chosen.append(array)
+        return chosen
+
+    def _run(self, session: object, batch: EvalBatch, number: int, what: str) -> list[np.ndarray]:
+        try:
+            return [np.asarray(a) for a in session.run(self.outputs, dict(batch.feeds))]  # type: ignore[attr-defined]
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise DataError(f"{what} fails on evaluation batch {number + 1}: {first_line(e)}") from e
+
+    def _probe(self, output: str) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+        """Runs the original for one output on other feeds (`layout_of` resizes the batch to find its axis)."""
+        return lambda feeds: self._reference.run([output], dict(feeds))[0]
+
+    def _reference_outputs(self, index: int, batch: EvalBatch) -> list[np.ndarray]:
+        if index < len(self._cache) and self._cache[index] is not None:
+            cached = self._cache[index]
+            assert cached is not None
+            return cached
+        produced = self._run(self._reference, batch, index, "the model")
+        if self.layouts is None:
+            self.layouts = [
+                layout_of(self.original, name, want, batch.feeds, self._probe(name))
+                for name, want in zip(self.outputs, produced, strict=True)
+            ]
+            if self.labelled and not has_one_position(np.shape(produced[0]), self.layouts[0]):
+                self.labelled = False
+                self.note = (
+                    f"labels ignored: output {self.outputs[0]!r} of shape {list(np.shape(produced[0]))} is not a "
+                    "classifier's (one class score per sample)"
+                )
+        wants = self.rows(produced, batch)
+        if index == len(self._cache):
+            size = sum(want.nbytes for want in wants)
+            keep = size <= self._cache_left
+            self._cache.append(wants if keep else None)
+            self._cache_left -= size if keep else 0
+        return wants
+
+    def accuracy_original(self) -> Accuracy | None:
+        """The original's top-1 on the held-out data (None without labels on a classifier's output)."""
+        self.ensure_layouts()
+        if not self.labelled:
+            return None
+        assert self.layouts is not None
+        meter = AccuracyMeter(self.layouts[0])
+        for index, batch in enumerate(self.held.batches()):
+            if batch.labels is not None:
+                meter.update(self._reference_outputs(index, batch)[0], batch.labels)
+        return meter.result()
+
+    # the candidate's side
+
+    def compare(self, model: onnx.ModelProto, what: str = "the candidate model") -> Comparison:
+        """`model` against the original: every judged output's fidelity, and top-1 of both with labels."""
+        try:
+            candidate = open_session(model, self._threads)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise ValidationError(f"{what} does not load in onnxruntime: {first_line(e)}") from e
+        fidelity_meters: list[FidelityMeter] | None = None
+        accuracy_meters: tuple[AccuracyMeter, AccuracyMeter] | None = None
+        total = max(self.held.samples, 1)
+        done = 0
+        for index, batch in enumerate(self.held.batches()):
+            wants = self._reference_outputs(index, batch)
+            gots = self.rows(self._run(candidate, batch, index, what), batch)
+            assert self.layouts is not None
+            if fidelity_meters is None:
+                fidelity_meters = [FidelityMeter(layout) for layout in self.layouts]
+                if self.labelled:
+                    accuracy_meters = (AccuracyMeter(self.layouts[0]), AccuracyMeter(self.layouts[0]))
+            for meter, want, got in zip(fidelity_meters, wants, gots, strict=True):
+                meter.update(want, got)
+            if accuracy_meters is not None and batch.labels is not None:
+                accuracy_meters[0].update(wants[0], batch.labels)
+                accuracy_meters[1].update(gots[0], batch.labels)
+            done += len(batch.rows)
+            if self._progress is not None:
+                self._progress("evaluating", min(done, total), total)
+        self.runs += 1
+        if fidelity_meters is None:
+            raise DataError("no evaluation batch to measure fidelity on")
+        fidelities = tuple(meter.result() for meter in fidelity_meters)
+        if accuracy_meters is None:
+            return Comparison(fidelities, None, None)
+        return Comparison(fidelities, accuracy_meters[0].result(), accuracy_meters[1].result())

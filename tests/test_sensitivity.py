@@ -14,9 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxslim.calib import open_dataset
 from onnxslim.cli import cli
 from onnxslim.io import normalize_model
-from onnxslim.prune import PruneOptions, prune_model
+from onnxslim.prune import PruneOptions, measure_sensitivity, prune_model
 from onnxslim.prune.plan import BUDGET_TOLERANCE
-from onnxslim.prune.sensitivity import measure_sensitivity
 
 
 def harmless_and_vital() -> onnx.ModelProto:

@@ -11,7 +11,7 @@ from onnxslim.cpu import CpuChoice
 from onnxslim.errors import UsageError
 from onnxslim.evaluate import AccuracyBudget, BudgetCheck
 from onnxslim.prune import PruneResult
-from onnxslim.prune.pruner import ALLOCATIONS
+from onnxslim.prune.state import ALLOCATIONS
 from onnxslim.quant import MIN_SPEEDUP, QuantizeResult
 
 __all__ = [

@@ -38,9 +38,17 @@ import onnx
 from onnxslim.bench import BenchOptions, BenchResult, benchmark, physical_cores
 from onnxslim.calib import DataOptions, Dataset, open_dataset
 from onnxslim.cpu import CpuChoice, choose_for_cpu, detect_cpu
-from onnxslim.evaluate import AccuracyBudget, BudgetCheck, check_budget
+from onnxslim.evaluate import (
+    HOLDOUT_FRACTION,
+    AccuracyBudget,
+    BudgetCheck,
+    Comparison,
+    Evaluator,
+    check_budget,
+    hold_out_tail,
+)
 from onnxslim.io import LoadedModel, load_model, save_model
-from onnxslim.metrics import Accuracy, Fidelity
+from onnxslim.metrics import Accuracy, Fidelity, select_output
 from onnxslim.optimizer.config import (
     LOWEST_KEEP,
     Candidate,
@@ -52,7 +60,7 @@ from onnxslim.optimizer.config import (
 )
 from onnxslim.progress import Progress
 from onnxslim.prune import PruneOptions, PruneResult, prune_model
-from onnxslim.quant import HOLDOUT_FRACTION, QuantizeOptions, QuantizeResult, quantize_model
+from onnxslim.quant import QuantizeOptions, QuantizeResult, quantize_model
 from onnxslim.runtime import clearly_faster
 
 __all__ = ["optimize", "choose_final", "Judge", "curves_for", "prune_at", "quantize_for"]
@@ -86,20 +94,18 @@ def choose_final(
 
 
 class Judge:
-    """A candidate against the original on the evaluation data: fidelity (every element, worst channel) and
-    top-1 with labels, checked against a budget. Reuses the quantizer's evaluator (one pass per candidate)."""
+    """A candidate against the original on the evaluation data (`evaluate.hold_out_tail`: --eval, else the
+    last batches of --calib): fidelity (every element, worst channel) and top-1 with labels of the first
+    output, checked against a budget; one pass per model, remembered for the final table."""
 
     def __init__(
         self, original: onnx.ModelProto, calib: Dataset, evaluation: Dataset | None, threads: int, remember: int = 8
     ) -> None:
-        from onnxslim.metrics import select_output
-        from onnxslim.quant.quantizer import _Evaluator, _split
-
-        self._seen: OrderedDict[int, tuple[onnx.ModelProto, list[Fidelity], Accuracy | None, Accuracy | None]] = OrderedDict()
+        self._seen: OrderedDict[int, tuple[onnx.ModelProto, Comparison]] = OrderedDict()
         self._remember = remember
 
-        self.split = _split(calib, evaluation, HOLDOUT_FRACTION)
-        self._evaluate = _Evaluator(original, self.split, [select_output(original)], threads=threads, progress=None)
+        self.split = hold_out_tail(calib, evaluation, HOLDOUT_FRACTION)
+        self._evaluate = Evaluator(original, self.split, [select_output(original)], threads=threads)
         # without --eval, the judged batches (the last ones of --calib) must not be seen by pruning either
         self.calibration_samples = None if evaluation is not None else self.split.calibration_batches * calib.batch_size
         self.note = None
@@ -112,19 +118,20 @@ class Judge:
 
     @property
     def labelled(self) -> bool:
-        return bool(self._evaluate.want_accuracy)
+        return self._evaluate.labelled
 
     def __call__(self, model: onnx.ModelProto, budget: AccuracyBudget) -> tuple[BudgetCheck, Fidelity, Accuracy | None]:
         # a model judged during the search is judged again for the final table (with the whole budget): its
         # evaluation is remembered, with the model itself so that its id cannot be reused meanwhile
         remembered = self._seen.get(id(model))
         if remembered is None:
-            remembered = (model, *self._evaluate(model))
+            remembered = (model, self._evaluate.compare(model))
             self._seen[id(model)] = remembered
             while len(self._seen) > self._remember:
                 self._seen.popitem(last=False)
-        _, fidelities, original, candidate = remembered
-        return check_budget(budget, fidelities[0], original, candidate), fidelities[0], candidate
+        comparison = remembered[1]
+        fidelity = comparison.fidelities[0]
+        return check_budget(budget, fidelity, comparison.accuracy_original, comparison.accuracy), fidelity, comparison.accuracy
 
 
 def _prune_options(keep: float, options: OptimizeOptions) -> PruneOptions:

@@ -44,6 +44,7 @@ from onnx import numpy_helper
 
 from onnxslim.activations import StagedRunner
 from onnxslim.errors import UsageError
+from onnxslim.evaluate import HOLDOUT_EVERY  # sample i is held out of the fit when i % 5 == 4
 from onnxslim.progress import Progress
 
 __all__ = [
@@ -58,7 +59,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RECOVERY_METHODS = ("none", "bias", "affine", "lsq")
-HOLDOUT_EVERY = 5  # sample i is held out of the fit when i % 5 == 4
+
 UNCHANGED = 1e-6  # a layer whose relative error before recovery is below this is left alone
 _CHUNK_ROWS = 4096  # sampled rows gathered across batches before they are added to the Gram matrices
 _REBATCH_ROWS = 32  # with a free batch dim, calibration samples run through the stages 32 at a time

@@ -21,7 +21,6 @@ import logging
 import math
 import time
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ import onnx_graphsurgeon as gs
 
 from onnxslim.analysis.groups import ChannelGroup
 from onnxslim.errors import UsageError
+from onnxslim.evaluate import Evaluator, hold_out_every
 from onnxslim.graph import GraphIndex
 from onnxslim.prune.lossless import fold_constant_channels_into
 from onnxslim.prune.plan import (
@@ -44,6 +44,7 @@ from onnxslim.prune.plan import (
 )
 from onnxslim.prune.recover import RecoverOptions, recover_model
 from onnxslim.prune.rewrite import apply_plan_to_graph, kept_output_channels
+from onnxslim.prune.state import GroupSensitivity, PruneState, SensitivityCurves, SensitivityPoint
 
 __all__ = [
     "DEFAULT_RATIOS",
@@ -52,7 +53,6 @@ __all__ = [
     "GroupSensitivity",
     "SensitivityCurves",
     "measure_curves",
-    "measure_sensitivity",
     "allocate",
 ]
 
@@ -64,60 +64,10 @@ TRIAL_SAMPLES = 128  # calibration samples a trial's refit uses
 EVAL_SAMPLES = 256  # --eval samples a trial is measured on
 
 
-@dataclass(frozen=True)
-class SensitivityPoint:
-    """One group pruned alone: the ratio asked, channels removed, worst output cosine, top-1 (with labels)."""
-
-    ratio: float
-    removed: int
-    cosine: float
-    accuracy: float | None
-
-    @property
-    def damage(self) -> float:
-        return max(0.0, 1.0 - self.cosine)
-
-
-@dataclass(frozen=True)
-class GroupSensitivity:
-    """A group's curve: its channels, the MACs of the layers that make or read it, and the points."""
-
-    group: str
-    channels: int
-    macs: float
-    points: tuple[SensitivityPoint, ...]
-
-    @property
-    def worst_damage(self) -> float:
-        return max((p.damage for p in self.points), default=0.0)
-
-    def damage_at(self, ratio: float) -> float:
-        """Damage interpolated linearly between (0, 0) and the measured points; past the last, the last."""
-        ratios = [0.0, *(p.ratio for p in self.points)]
-        damages = [0.0, *(p.damage for p in self.points)]
-        return float(np.interp(ratio, ratios, np.maximum.accumulate(damages)))
-
-
-@dataclass(frozen=True)
-class SensitivityCurves:
-    """Every measured group, most sensitive first, and what measuring cost."""
-
-    groups: tuple[GroupSensitivity, ...]
-    ratios: tuple[float, ...]
-    criterion: str
-    recover: str
-    data: str
-    samples: int
-    trials: int
-    forward_passes: int  # passes of the data through a model: statistics, each trial's recovery and evaluation
-    seconds: float
-    accuracy_original: float | None = None
-
-
 # ------------------------------------------------------------------------------------------ measuring
 
 
-def _trial(state: Any, group: ChannelGroup, plan: PrunePlan, recover: str) -> onnx.ModelProto:
+def _trial(state: PruneState, group: ChannelGroup, plan: PrunePlan, recover: str) -> onnx.ModelProto:
     """The model with only `group` cut as `plan` says, its own readers refit (module docstring)."""
     assert state.lossless is not None
     graph = gs.import_onnx(state.original)  # once per trial, as the pipeline's compensate and rewrite steps do
@@ -139,7 +89,7 @@ def _trial(state: Any, group: ChannelGroup, plan: PrunePlan, recover: str) -> on
 
 
 def measure_curves(
-    state: Any,
+    state: PruneState,
     ratios: Sequence[float],
     groups: Collection[str] | None = None,
     *,
@@ -157,11 +107,12 @@ def measure_curves(
     limit = state.max_samples or math.inf
     trial_state = copy.copy(state)
     trial_state.max_samples = int(min(limit, TRIAL_SAMPLES))
-    eval_state = copy.copy(state)
-    eval_state.max_samples = int(min(limit, EVAL_SAMPLES)) if state.eval_data is not None else trial_state.max_samples
-    from onnxslim.prune.pruner import HeldOut
-
-    held = HeldOut(eval_state)
+    eval_samples = int(min(limit, EVAL_SAMPLES)) if state.eval_data is not None else trial_state.max_samples
+    assert state.calib is not None
+    held = hold_out_every(state.calib, state.eval_data, eval_samples)
+    evaluator = Evaluator(state.original, held)
+    accuracy_original = evaluator.accuracy_original()
+    top1_original = None if accuracy_original is None else accuracy_original.top1
     recover = state.recover_method
     assert state.cost_before is not None
     macs = MacModel(state.groups, {layer.name: layer.macs for layer in state.cost_before.layers})
@@ -176,11 +127,12 @@ def measure_curves(
             )
             removed = len(plan.removed(group))
             if removed:
-                fidelities, accuracy = held.compare(_trial(trial_state, group, plan, recover))
-                cosine = min(f.score for f in fidelities)  # the worst output
+                comparison = evaluator.compare(_trial(trial_state, group, plan, recover), "a trial model")
+                cosine = comparison.fidelities[comparison.worst].score  # the worst output
+                accuracy = None if comparison.accuracy is None else comparison.accuracy.top1
                 trials += 1
             else:
-                cosine, accuracy = 1.0, held.accuracy_original
+                cosine, accuracy = 1.0, top1_original
             points.append(SensitivityPoint(ratio, removed, cosine, accuracy))
             done += 1
             if progress is not None:
@@ -194,7 +146,7 @@ def measure_curves(
         groups=tuple(results), ratios=tuple(sorted(ratios)), criterion=state.options.criterion, recover=recover,
         data=held.description, samples=held.samples, trials=trials,
         forward_passes=calib_passes + 1 + trials * per_trial, seconds=time.perf_counter() - started,
-        accuracy_original=held.accuracy_original,
+        accuracy_original=top1_original,
     )
 
 
@@ -270,26 +222,3 @@ def allocate(
 
 
 
-def measure_sensitivity(
-    model: Any,
-    options: Any,
-    *,
-    calib: Any,
-    eval_data: Any = None,
-    ratios: Sequence[float] = DEFAULT_RATIOS,
-    input_shapes: Mapping[str | None, Sequence[int]] | None = None,
-    max_samples: int | None = None,
-    progress: Any = None,
-) -> SensitivityCurves:
-    """`onnxslim sensitivity`: every prunable group's damage curve (see `measure_curves`) for `model`, with
-    the criterion and recovery of `options` (a `PruneOptions`; its budget fields are not used)."""
-    from onnxslim.prune.pruner import new_state, run_pipeline
-
-    if calib is None:
-        raise UsageError("sensitivity measures damage on data: give --calib DATA")
-    state = new_state(
-        model, options, input_shapes=input_shapes, calib=calib, eval_data=eval_data, progress=progress,
-        max_samples=max_samples,
-    )
-    run_pipeline(state, until="score")
-    return measure_curves(state, ratios, progress=progress)

@@ -12,11 +12,11 @@ concern has one module:
     quantizer.py    quantization with the ranges, the evaluator's use, the steps and `quantize_model`
 """
 
+from onnxslim.evaluate import HOLDOUT_FRACTION
 from onnxslim.quant.config import (
     CALIBRATION_MEMORY,
     COMPUTE_OP_TYPES,
     FORMATS,
-    HOLDOUT_FRACTION,
     INT8_TYPES,
     METHODS,
     MIN_SPEEDUP,
@@ -28,10 +28,10 @@ from onnxslim.quant.config import (
 from onnxslim.quant.quantizer import quantize_model
 
 __all__ = [
+    "HOLDOUT_FRACTION",
     "CALIBRATION_MEMORY",
     "COMPUTE_OP_TYPES",
     "FORMATS",
-    "HOLDOUT_FRACTION",
     "INT8_TYPES",
     "METHODS",
     "MIN_SPEEDUP",

@@ -11,7 +11,7 @@ import onnx
 
 from onnxslim.cpu import CpuChoice, CpuFeatures
 from onnxslim.errors import UsageError
-from onnxslim.evaluate import AccuracyBudget, BudgetCheck
+from onnxslim.evaluate import HOLDOUT_FRACTION, AccuracyBudget, BudgetCheck
 from onnxslim.io import Validation
 from onnxslim.metrics import (
     Accuracy,
@@ -24,7 +24,6 @@ METHODS = ("minmax", "entropy", "percentile")
 INT8_TYPES = ("u8", "s8")
 MIN_SPEEDUP = 1.05  # int8 must be at least 5 % faster than fp32 to be kept (see quant_speed's docstring)
 RETIME_FACTOR = 3  # an uncertain speed verdict is re-timed once, this many times longer (quant_speed)
-HOLDOUT_FRACTION = 0.2
 CALIBRATION_MEMORY = 256 * 2**20
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's `axis` (per-channel weights in QDQ) needs opset 13
 MIN_QUANT_OPSET = 10  # QuantizeLinear/DequantizeLinear exist from opset 10

@@ -59,7 +59,7 @@ import fnmatch
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -67,19 +67,14 @@ import numpy as np
 import onnx
 
 from onnxslim.analysis.quantized import refuse_quantized
-from onnxslim.calib import Batch, Dataset
+from onnxslim.calib import Dataset
 from onnxslim.cpu import choose_for_cpu, detect_cpu
 from onnxslim.errors import DataError, UnsupportedModelError, UsageError, first_line
-from onnxslim.evaluate import AccuracyBudget, BudgetCheck, check_budget
+from onnxslim.evaluate import AccuracyBudget, BudgetCheck, Evaluator, check_budget, hold_out_tail
 from onnxslim.io import LoadedModel, normalize_model, validate
 from onnxslim.metrics import (
     Accuracy,
-    AccuracyMeter,
     Fidelity,
-    FidelityMeter,
-    OutputLayout,
-    has_one_position,
-    layout_of,
     select_output,
 )
 from onnxslim.progress import Progress
@@ -216,109 +211,6 @@ def count_quantized_nodes(
 # ------------------------------------------------------------------------------------------- fidelity
 
 
-class _Evaluator:
-    """Runs int8 candidates against fp32 on the fidelity data, every output of `outputs` in one pass:
-    fidelity over every element of each (its batch axis found once, `metrics.find_batch_axis`), accuracy
-    with labels on the first. The fp32 outputs are kept (up to `cache_bytes`) so each candidate costs one
-    pass of its own."""
-
-    def __init__(
-        self,
-        fp32: onnx.ModelProto,
-        split: _Split,
-        outputs: Sequence[str],
-        *,
-        threads: int,
-        progress: Progress | None,
-        cache_bytes: int = 256 * 2**20,
-    ) -> None:
-        self._fp32, self._split, self._threads, self._progress = fp32, split, threads, progress
-        self.outputs = list(outputs)  # the first is the one accuracy reads
-        self._reference = open_session(fp32, threads)
-        self._cache: list[list[np.ndarray] | None] = []
-        self._cache_left = cache_bytes
-        self.layouts: list[OutputLayout] | None = None
-        self.want_accuracy = split.fidelity_data.has_labels
-        self.note: str | None = None
-        self.fp32_accuracy: Accuracy | None = None
-        self.runs = 0
-
-    def _layout_for(self, batch: Batch, output: str, want: np.ndarray) -> OutputLayout:
-        return layout_of(self._fp32, output, want, batch.feeds, lambda feeds: self._reference.run([output], dict(feeds))[0])
-
-    def ensure_layouts(self) -> None:
-        """Find each output's layout (from the first fidelity batch) if no evaluation has yet."""
-        if self.layouts is None:
-            self._reference_outputs(1, next(iter(self._split.fidelity())))
-
-    def _rows(self, arrays: Sequence[np.ndarray], batch: Batch) -> list[np.ndarray]:
-        """The rows of a padded batch that hold real samples, on each output's batch axis."""
-        assert self.layouts is not None
-        return [
-            array if layout.batch_axis is None else np.take(array, np.arange(batch.size), axis=layout.batch_axis)
-            for array, layout in zip(arrays, self.layouts, strict=True)
-        ]
-
-    def _reference_outputs(self, number: int, batch: Batch) -> list[np.ndarray]:
-        if number - 1 < len(self._cache) and self._cache[number - 1] is not None:
-            cached = self._cache[number - 1]
-            assert cached is not None
-            return cached
-        produced = [np.asarray(a) for a in self._reference.run(self.outputs, batch.feeds)]
-        if self.layouts is None:
-            self.layouts = [self._layout_for(batch, name, want) for name, want in zip(self.outputs, produced, strict=True)]
-        wants = self._rows(produced, batch)
-        if number - 1 == len(self._cache):
-            size = sum(want.nbytes for want in wants)
-            keep = size <= self._cache_left
-            self._cache.append(wants if keep else None)
-            self._cache_left -= size if keep else 0
-        return wants
-
-    def __call__(self, int8: onnx.ModelProto) -> tuple[list[Fidelity], Accuracy | None, Accuracy | None]:
-        """Fidelity of `int8` against fp32 for each output, and the accuracies of both on the first (None
-        without labels)."""
-        candidate = open_session(int8, self._threads)
-        fidelity_meters: list[FidelityMeter] | None = None
-        accuracy_meters: tuple[AccuracyMeter, AccuracyMeter] | None = None
-        total = self._split.fidelity_batches
-        for number, batch in enumerate(self._split.fidelity(), start=1):
-            try:
-                wants = self._reference_outputs(number, batch)
-                gots = self._rows([np.asarray(a) for a in candidate.run(self.outputs, batch.feeds)], batch)
-            except DataError:
-                raise
-            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-                raise DataError(f"onnxruntime failed on evaluation batch {number}: {first_line(e)}") from e
-            assert self.layouts is not None
-            layout = self.layouts[0]
-            if fidelity_meters is None:
-                fidelity_meters = [FidelityMeter(each) for each in self.layouts]
-                if self.want_accuracy:
-                    if has_one_position(np.shape(wants[0]), layout):
-                        accuracy_meters = (AccuracyMeter(layout), AccuracyMeter(layout))
-                    else:
-                        self.want_accuracy = False
-                        self.note = (
-                            f"labels ignored: output {self.outputs[0]!r} of shape {list(np.shape(wants[0]))} is not "
-                            "a classifier's (one class score per sample)"
-                        )
-            for meter, want, got in zip(fidelity_meters, wants, gots, strict=True):
-                meter.update(want, got)
-            if accuracy_meters is not None and batch.labels is not None:
-                accuracy_meters[0].update(wants[0], batch.labels)
-                accuracy_meters[1].update(gots[0], batch.labels)
-            if self._progress is not None:
-                self._progress("evaluating", number, total)
-        self.runs += 1
-        if fidelity_meters is None:
-            raise DataError("no evaluation batch to measure fidelity on")
-        fidelities = [meter.result() for meter in fidelity_meters]
-        if accuracy_meters is None:
-            return fidelities, None, None
-        return fidelities, accuracy_meters[0].result(), accuracy_meters[1].result()
-
-
 # ---------------------------------------------------------------------------------------- the command
 
 
@@ -338,50 +230,6 @@ def _resolve_exclusions(patterns: Sequence[str], models: Sequence[onnx.ModelProt
             )
         excluded += [n.name for n in prepared.graph.node if fnmatch.fnmatchcase(n.name, pattern)]
     return sorted(set(excluded))
-
-
-@dataclass(frozen=True)
-class _Split:
-    """Which batches calibrate and which measure fidelity."""
-
-    calibration_batches: int
-    fidelity_data: Dataset
-    fidelity_skip: int  # leading batches of `fidelity_data` that are not for fidelity
-    fidelity_batches: int
-    description: str
-    note: str | None = None
-
-    def fidelity(self) -> Iterator[Batch]:
-        return _skip(self.fidelity_data.batches(), self.fidelity_skip)
-
-
-def _split(calib: Dataset, eval_data: Dataset | None, fraction: float) -> _Split:
-    """`eval_data` measures fidelity when given; else the last `fraction` of the calibration batches."""
-    if eval_data is not None:
-        return _Split(
-            calib.num_batches, eval_data, 0, eval_data.num_batches,
-            f"{eval_data.description} ({eval_data.num_samples} samples)",
-        )
-    held = int(calib.num_batches * fraction)
-    if not held:
-        return _Split(
-            calib.num_batches, calib, 0, calib.num_batches,
-            f"{calib.description} (the calibration data itself: too few batches to hold any out)",
-            "fidelity is measured on the calibration data: give --eval or more data for a held-out measure",
-        )
-    kept = calib.num_batches - held
-    held_samples = calib.num_samples - kept * calib.batch_size
-    return _Split(
-        kept, calib, kept, held,
-        f"last {held} of {calib.num_batches} batches of {calib.description} ({held_samples} samples, not used "
-        "for calibration)",
-    )
-
-
-def _skip(batches: Iterator[Batch], count: int) -> Iterator[Batch]:
-    for index, batch in enumerate(batches):
-        if index >= count:
-            yield batch
 
 
 def _size(model: onnx.ModelProto) -> int:
@@ -490,7 +338,7 @@ def _keep_harmful_fp32(
     config: QuantConfig,
     budget: AccuracyBudget,
     plain: BudgetCheck,
-    evaluator: _Evaluator,
+    evaluator: Evaluator,
     calib: Dataset,
     trial: Callable[[Sequence[str]], BudgetCheck],
     trials_left: int,
@@ -505,10 +353,8 @@ def _keep_harmful_fp32(
     types = _quantized_op_types(config)
     quantizable = [n.name for n in prepared.graph.node if n.op_type in types and n.name not in excluded]
     gated, gates = gated_model(qdq, prepared, quantizable)
-    evaluator.ensure_layouts()
-    assert evaluator.layouts is not None
     deficits, samples = measure_gate_deficits(
-        gated, gates, calib.batches(), evaluator.outputs, evaluator.layouts, evaluator._rows,
+        gated, gates, calib.batches(), evaluator.outputs, evaluator.ensure_layouts(), evaluator.rows,
         threads=threads, progress=progress,
     )
     norms = layer_norm_blocks(prepared)
@@ -573,10 +419,10 @@ def quantize_model(
     if config.per_channel and not prepared.per_channel:
         config = replace(config, per_channel=False)
     user_excluded = _resolve_exclusions(options.exclude, [source, prepared.model], prepared.model)
-    split = _split(calib, eval_data, options.holdout_fraction)
+    split = hold_out_tail(calib, eval_data, options.holdout_fraction)
     if split.note:
         notes.append(split.note)
-    if budget.max_drop is not None and not split.fidelity_data.has_labels:
+    if budget.max_drop is not None and not split.labelled:
         raise UsageError("--max-drop needs labels in the evaluation data (--eval, or --calib with labels); "
                          "without labels use --min-fidelity")
     threads = options.threads or physical_cores()
@@ -590,16 +436,16 @@ def quantize_model(
     # every output is judged (a sentence encoder's embedding is its second output): the budget reads the
     # worst one; accuracy reads the first (or --output)
     judged = [output] + ([] if options.output is not None else [o.name for o in source.graph.output if o.name != output])
-    evaluator = _Evaluator(source, split, judged, threads=threads, progress=progress)
+    evaluator = Evaluator(source, split, judged, threads=threads, progress=progress)
     evaluated: dict[tuple[QuantConfig, str, tuple[str, ...]], tuple[Fidelity, Accuracy | None, Accuracy | None, BudgetCheck]] = {}
     worst_output: dict[tuple[QuantConfig, str, tuple[str, ...]], str] = {}
 
     def evaluate(int8: onnx.ModelProto, key: tuple[QuantConfig, str, tuple[str, ...]]) -> BudgetCheck:
         if key not in evaluated:
-            fidelities, accuracy_fp32, accuracy_int8 = evaluator(int8)
-            worst = min(range(len(judged)), key=lambda i: fidelities[i].score)
-            fidelity = fidelities[worst]
-            worst_output[key] = judged[worst]
+            comparison = evaluator.compare(int8, "the int8 model")
+            fidelity = comparison.fidelities[comparison.worst]
+            accuracy_fp32, accuracy_int8 = comparison.accuracy_original, comparison.accuracy
+            worst_output[key] = judged[comparison.worst]
             evaluated[key] = (fidelity, accuracy_fp32, accuracy_int8, check_budget(budget, fidelity, accuracy_fp32, accuracy_int8))
         return evaluated[key][3]
 

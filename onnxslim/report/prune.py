@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from onnxslim.prune.pruner import PruneResult
+from onnxslim.prune.state import PruneResult
 from onnxslim.report.format import (
     format_bytes,
     format_change,

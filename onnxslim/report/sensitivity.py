@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from onnxslim.prune.sensitivity import SensitivityCurves
+from onnxslim.prune.state import SensitivityCurves
 from onnxslim.report.format import format_count, format_percent, format_table, require_plotting
 
 __all__ = ["render_sensitivity", "sensitivity_json", "plot_sensitivity"]
