@@ -267,6 +267,7 @@ class QuantizeResult:
     max_trials: int = MAX_TRIALS
     validation: Validation | None = field(default=None, repr=False)  # what `validate` proved, for write_validated
     timing: CandidateTiming | None = None  # the reported int8 candidate as timed: its block range, re-timed or not
+    step_seconds: Mapping[str, float] = field(default_factory=dict)  # wall time of each step of the quantizer
 
     @property
     def speedup_low(self) -> float | None:

@@ -47,10 +47,20 @@ The steps, and why each one is here:
   within `max_trials` trials. The speed guard then
   runs on that set of nodes: only candidates that meet the budget can be kept.
 
+**The pipeline.** `quantize_model` runs `PIPELINE`, named steps over one `QuantState`, as `prune/pruner.py`
+does:
+
+    prepare → range rules → plain int8 → other methods → fp32 fallback → speed → validate
+
+Each step is a function `step(state) -> None` that reads what earlier steps left and adds its part; a step
+with nothing to do returns at once (the budget met by plain int8: `other methods` and `fp32 fallback` do
+nothing). The state owns the shared work: each calibration method's ranges are computed once
+(`QuantState.calibrated`), every trial requantizes from them (`QuantState.trial`), and every int8 model is
+judged once (`QuantState.judge`, through `evaluate.Evaluator`). To add a remedy, write its step, give the
+state the fields it fills, and put it in `PIPELINE` before `speed`. Each step's wall time is in the result.
+
 The library never prints: progress goes through an optional callback, results are dataclasses that
-`report.py` renders. The steps live by concern — `quant_config.py` (constants, options, results),
-`quant_prepare.py`, `quant_calibrate.py`, `quant_speed.py` — and this module, which quantizes with the
-ranges, measures fidelity and runs the whole command, re-exports their public names.
+`report/quantize.py` renders. The concerns live in their own modules of this package (its `__init__`).
 """
 
 from __future__ import annotations
@@ -59,8 +69,9 @@ import fnmatch
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,10 +79,10 @@ import onnx
 
 from onnxslim.analysis.quantized import refuse_quantized
 from onnxslim.calib import Dataset
-from onnxslim.cpu import choose_for_cpu, detect_cpu
+from onnxslim.cpu import CpuChoice, choose_for_cpu, detect_cpu
 from onnxslim.errors import DataError, UnsupportedModelError, UsageError, first_line
-from onnxslim.evaluate import AccuracyBudget, BudgetCheck, Evaluator, check_budget, hold_out_tail
-from onnxslim.io import LoadedModel, normalize_model, validate
+from onnxslim.evaluate import AccuracyBudget, BudgetCheck, Evaluator, HeldOut, check_budget, hold_out_tail
+from onnxslim.io import LoadedModel, Validation, normalize_model, validate
 from onnxslim.metrics import (
     Accuracy,
     Fidelity,
@@ -88,9 +99,11 @@ from onnxslim.quant.config import (
     CandidateTiming,
     InterleavedTiming,
     MethodTrial,
+    PreparedModel,
     QuantConfig,
     QuantizeOptions,
     QuantizeResult,
+    SpeedDecision,
     Timer,
     TimingBudget,
 )
@@ -381,6 +394,348 @@ def _keep_harmful_fp32(
     return _Kept(kept, search.trials, note)
 
 
+# ---------------------------------------------------------------------------------------- the pipeline
+
+_Key = tuple[QuantConfig, str, tuple[str, ...]]  # (configuration, calibration method, nodes kept fp32)
+
+
+@dataclass(frozen=True)
+class _Judged:
+    """One int8 model against fp32: the worst judged output, its fidelity, both accuracies, the check."""
+
+    output: str
+    fidelity: Fidelity
+    accuracy_fp32: Accuracy | None
+    accuracy_int8: Accuracy | None
+    check: BudgetCheck
+
+
+@dataclass
+class QuantState:
+    """Everything the quantizer's steps share (`PIPELINE`); a field is filled by the step that needs it.
+
+    The calibration ranges of each method are computed once (`calibrated`) and every trial requantizes from
+    them; every int8 model built is judged once (`judge`, remembered by configuration, method and the nodes
+    kept fp32)."""
+
+    options: QuantizeOptions
+    source: onnx.ModelProto  # normalized; never changed
+    size_fp32: int
+    calib: Dataset
+    eval_data: Dataset | None
+    scratch: Path  # prepared model and ranges files, for the run's length
+    progress: Progress | None = None
+    timer: Timer | None = None
+    notes: list[str] = field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    cpu: CpuChoice | None = None
+    config: QuantConfig = field(default_factory=QuantConfig)
+    prepared: PreparedModel | None = None
+    user_excluded: list[str] = field(default_factory=list)
+    split: HeldOut | None = None
+    threads: int = 1
+    feeds: dict[str, np.ndarray] = field(default_factory=dict)
+    judged_outputs: list[str] = field(default_factory=list)
+    evaluator: Evaluator | None = None
+    calibrations: dict[str, tuple[Path, CalibrationSummary]] = field(default_factory=dict)
+    judgements: dict[_Key, _Judged] = field(default_factory=dict)
+    rule_nodes: list[NodeError] = field(default_factory=list)  # kept fp32 by the range rules
+    base_excluded: list[str] = field(default_factory=list)  # --exclude and the range rules
+    method: str = "minmax"
+    trials_left: int = 0
+    method_trials: list[MethodTrial] = field(default_factory=list)
+    exclusion_trials: tuple[ExclusionTrial, ...] = ()
+    guarded: dict[str, NodeError] = field(default_factory=dict)  # kept fp32 by the measured search
+    guard_note: str | None = None
+    excluded: list[str] = field(default_factory=list)  # every node kept fp32 in the end
+    candidates: _Candidates | None = None
+    decision: SpeedDecision | None = None
+    tried: tuple[CandidateTiming, ...] = ()
+    validation: Validation | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def prepared_path(self) -> Path:
+        return self.scratch / "prepared.onnx"
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        assert self.prepared is not None
+        return self.prepared.model
+
+    def calibrated(self, method: str) -> tuple[Path, CalibrationSummary]:
+        """The ranges file and summary of `method`, calibrated once per run."""
+        if method not in self.calibrations:
+            assert self.split is not None
+            path = self.scratch / f"ranges-{method}.json"
+            summary = calibrate(
+                self.model, self.calib, method, batches=self.split.calibration_batches,
+                memory=self.options.calibration_memory, cache_path=path, progress=self.progress,
+            )
+            self.calibrations[method] = (path, summary)
+        return self.calibrations[method]
+
+    def build(self, method: str, nodes: Sequence[str]) -> onnx.ModelProto:
+        """The int8 model of the configuration in force with `method`'s ranges, `nodes` kept fp32."""
+        int8 = quantize_with_ranges(self.prepared_path, self.calibrated(method)[0], self.config, method, exclude_nodes=nodes)
+        declare_like(int8, self.source)
+        return int8
+
+    def judge(self, int8: onnx.ModelProto, key: _Key) -> _Judged:
+        """`int8` against fp32 on the held-out data: every output judged, the budget reads the worst."""
+        if key not in self.judgements:
+            assert self.evaluator is not None
+            comparison = self.evaluator.compare(int8, "the int8 model")
+            fidelity = comparison.fidelities[comparison.worst]
+            check = check_budget(self.options.budget, fidelity, comparison.accuracy_original, comparison.accuracy)
+            self.judgements[key] = _Judged(
+                self.judged_outputs[comparison.worst], fidelity, comparison.accuracy_original, comparison.accuracy, check
+            )
+        return self.judgements[key]
+
+    def trial(self, method: str, nodes: Sequence[str]) -> BudgetCheck:
+        """Requantize with `method`'s ranges and `nodes` fp32, and check the budget (no new calibration)."""
+        key = (self.config, method, tuple(sorted(nodes)))
+        if key in self.judgements:
+            return self.judgements[key].check
+        try:
+            int8 = self.build(method, nodes)
+        except UnsupportedModelError as e:
+            return BudgetCheck(False, -1.0, None, str(e))
+        except DataError as e:
+            if method == self.options.method:
+                raise  # the method asked for cannot calibrate on this data: the user must know
+            # another method tried by the guard: its calibrator failed (a histogram of infinite values)
+            return BudgetCheck(False, -1.0, None, f"{method} calibration failed: {first_line(e)}")
+        return self.judge(int8, key).check
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+
+def prepare(state: QuantState) -> None:
+    """Pre-process the model (prepare.py), resolve the configuration for this CPU, the exclusions, which
+    data calibrates and which judges, and the outputs judged."""
+    options, source, calib = state.options, state.source, state.calib
+    state.shapes = dict(calib.input_shapes)
+    output = select_output(source, options.output)
+    if calib.is_random:
+        state.notes.append("calibration data is random: the ranges, fidelity and accuracy mean nothing (smoke test only)")
+    state.cpu = choose_for_cpu(options.cpu or detect_cpu(), options.config.reduce_range)
+    state.prepared = prepare_model(source, state.shapes, per_channel=options.config.per_channel)
+    state.notes += state.prepared.notes
+    onnx.save_model(state.prepared.model, str(state.prepared_path))
+    state.config = replace(options.config, reduce_range=state.cpu.reduce_range)
+    if state.config.per_channel and not state.prepared.per_channel:
+        state.config = replace(state.config, per_channel=False)
+    state.user_excluded = _resolve_exclusions(options.exclude, [source, state.model], state.model)
+    state.split = hold_out_tail(calib, state.eval_data, options.holdout_fraction)
+    if state.split.note:
+        state.notes.append(state.split.note)
+    if options.budget.max_drop is not None and not state.split.labelled:
+        raise UsageError("--max-drop needs labels in the evaluation data (--eval, or --calib with labels); "
+                         "without labels use --min-fidelity")
+    state.threads = options.threads or physical_cores()
+    state.feeds = next(iter(calib.batches())).feeds
+    # every output is judged (a sentence encoder's embedding is its second output): the budget reads the
+    # worst one; accuracy reads the first (or --output)
+    others = [] if options.output is not None else [o.name for o in source.graph.output if o.name != output]
+    state.judged_outputs = [output, *others]
+    state.evaluator = Evaluator(source, state.split, state.judged_outputs, threads=state.threads, progress=state.progress)
+
+
+def apply_range_rules(state: QuantState) -> None:
+    """Calibrate with the method asked for; Concats joining very different ranges and tensors with infinite
+    ranges stay fp32 from the start (guard.py)."""
+    options = state.options
+    path, summary = state.calibrated(options.method)
+    if options.range_ratio is not None:
+        state.rule_nodes = [
+            e for e in concat_range_offenders(state.model, _load_ranges(path), options.range_ratio)
+            if e.name not in state.user_excluded
+        ]
+    ruled = {r.name for r in state.rule_nodes}
+    state.rule_nodes += [
+        e for e in nonfinite_offenders(state.model, summary.infinite_ranges)
+        if e.name not in state.user_excluded and e.name not in ruled
+    ]
+    state.base_excluded = sorted({*state.user_excluded, *(e.name for e in state.rule_nodes)})
+    state.method = options.method
+    state.trials_left = options.max_trials
+
+
+def try_plain(state: QuantState) -> None:
+    """int8 everywhere the rules allow, with the method asked for, checked against the budget."""
+    state.method_trials = [MethodTrial(state.method, state.trial(state.method, state.base_excluded))]
+
+
+def try_other_methods(state: QuantState) -> None:
+    """When the budget is missed: the other calibration methods, one trial each; the best is kept."""
+    if state.method_trials[0].check.met or not state.trials_left:
+        return
+    for other in (m for m in ("percentile", "entropy", "minmax") if m != state.method):
+        if not state.trials_left:
+            break
+        state.trials_left -= 1
+        state.method_trials.append(MethodTrial(other, state.trial(other, state.base_excluded)))
+    state.method = max(state.method_trials, key=lambda t: (t.check.met, t.check.score)).method
+
+
+def keep_harmful_fp32(state: QuantState) -> None:
+    """When no method meets the budget: the roundings that hurt most, measured alone, kept fp32 (guard.py)."""
+    if any(t.check.met for t in state.method_trials) or not state.trials_left:
+        return
+    try:
+        qdq = quantize_with_ranges(
+            state.prepared_path, state.calibrated(state.method)[0], replace(state.config, format="qdq"), state.method,
+            exclude_nodes=state.base_excluded, keep_activations=True,
+        )
+    except UnsupportedModelError as e:
+        state.notes.append(f"cannot measure which nodes int8 hurts: {e}")
+        return
+    plain = max(state.method_trials, key=lambda t: t.check.score).check
+    method, base = state.method, state.base_excluded
+    assert state.evaluator is not None
+    outcome = _keep_harmful_fp32(
+        state.model, qdq, base, state.config, state.options.budget, plain, state.evaluator, state.calib,
+        lambda nodes: state.trial(method, [*base, *nodes]), state.trials_left,
+        threads=state.threads, progress=state.progress,
+    )
+    state.exclusion_trials, state.guard_note, state.guarded = outcome.trials, outcome.note, outcome.nodes
+
+
+def choose_fastest(state: QuantState) -> None:
+    """The speed guard (speed.py) over the candidates built from the shared ranges, each judged too."""
+    options = state.options
+    state.excluded = sorted({*state.base_excluded, *state.guarded})
+    cache_path = state.calibrated(state.method)[0]
+    threads, progress = state.threads, state.progress
+
+    def default_timer(
+        entries: Sequence[tuple[QuantConfig | None, onnx.ModelProto]], feeds: Mapping[str, np.ndarray], budget: TimingBudget
+    ) -> list[InterleavedTiming]:
+        return measure_latencies([m for _, m in entries], feeds, threads=threads, budget=budget, progress=progress)
+
+    candidates = _Candidates(
+        state.source, state.model, state.prepared_path, cache_path, method=state.method, exclude_nodes=state.excluded,
+        threads=threads, timer=state.timer or default_timer, feeds=state.feeds, progress=progress,
+    )
+    state.candidates = candidates
+
+    def measure(configs: Sequence[QuantConfig], timing_budget: TimingBudget) -> list[CandidateTiming]:
+        timings = []
+        for timing in candidates.measure(configs, timing_budget):
+            built = candidates.built.get(timing.config)
+            if timing.error is None and isinstance(built, onnx.ModelProto):
+                check = state.judge(built, (timing.config, state.method, tuple(state.excluded))).check
+                timing = replace(timing, budget_met=check.met, score=check.score)
+            timings.append(timing)
+        return timings
+
+    assert state.prepared is not None
+    state.decision, state.tried = search_fastest(
+        state.config, measure, per_channel_possible=state.prepared.per_channel,
+        min_speedup=options.min_speedup, force=options.force,
+    )
+    if state.decision.best is None:
+        raise UnsupportedModelError(state.decision.reason)
+
+
+def validate_chosen(state: QuantState) -> None:
+    """The int8 model kept: onnx.checker, an onnxruntime run, the source's inputs and outputs."""
+    assert state.decision is not None and state.decision.best is not None and state.candidates is not None
+    if state.decision.chosen is None:
+        return
+    int8 = state.candidates.built[state.decision.best.config]
+    assert isinstance(int8, onnx.ModelProto)
+    state.validation = validate(int8, state.source, state.shapes, feeds=state.feeds)
+
+
+Step = Callable[[QuantState], None]
+
+PIPELINE: tuple[tuple[str, Step], ...] = (
+    ("prepare", prepare),
+    ("range rules", apply_range_rules),
+    ("plain int8", try_plain),
+    ("other methods", try_other_methods),
+    ("fp32 fallback", keep_harmful_fp32),
+    ("speed", choose_fastest),
+    ("validate", validate_chosen),
+)
+
+
+def run_pipeline(state: QuantState) -> QuantState:
+    """Run the steps of `PIPELINE` on `state`, timing each."""
+    for name, step in PIPELINE:
+        started = time.perf_counter()
+        step(state)
+        state.seconds[name] = time.perf_counter() - started
+    return state
+
+
+def _result(state: QuantState) -> QuantizeResult:
+    decision, candidates, prepared, cpu = state.decision, state.candidates, state.prepared, state.cpu
+    assert decision is not None and decision.best is not None and candidates is not None
+    assert prepared is not None and cpu is not None and state.split is not None and state.evaluator is not None
+    best = decision.best
+    int8 = candidates.built[best.config]
+    assert isinstance(int8, onnx.ModelProto)
+    judged = state.judgements[(best.config, state.method, tuple(state.excluded))]
+    notes = list(state.notes)
+    if len(state.judged_outputs) > 1:
+        notes.append(f"fidelity is the worst of the {len(state.judged_outputs)} outputs: {judged.output!r}")
+    if state.evaluator.note:
+        notes.append(state.evaluator.note)
+    if state.guard_note:
+        notes.append(state.guard_note)
+    quantized_nodes, fp32_count = candidates.count(best.config, int8)
+    kinds = {n.name: n.op_type for n in prepared.model.graph.node}
+    fp32_nodes = [NodeError(n, kinds.get(n, "?"), None, "--exclude") for n in state.user_excluded]
+    fp32_nodes += state.rule_nodes
+    fp32_nodes += list(state.guarded.values())
+    budget = state.options.budget
+    if not judged.check.met and decision.chosen is not None:
+        logger.warning("the int8 model kept misses the accuracy budget (%s): %s", budget.label, judged.check.why)
+    return QuantizeResult(
+        model=int8 if decision.chosen is not None else state.source,
+        quantized=decision.chosen is not None,
+        forced=decision.forced,
+        reason=decision.reason,
+        int8_model=int8,
+        config=best.config,
+        method=state.method,
+        latency_fp32_ms=best.fp32_latency_ms,
+        latency_int8_ms=best.latency_ms,
+        speedup=best.speedup,
+        size_fp32=state.size_fp32,
+        size_int8=best.size_bytes,
+        nodes_quantized=quantized_nodes,
+        nodes_fp32=fp32_count,
+        fidelity=judged.fidelity,
+        fidelity_data=state.split.description,
+        accuracy_fp32=judged.accuracy_fp32,
+        accuracy_int8=judged.accuracy_int8,
+        output=judged.output,
+        calibration=state.calibrated(state.method)[1],
+        candidates=state.tried,
+        threads=state.threads,
+        timing_shapes={name: tuple(array.shape) for name, array in state.feeds.items()},
+        min_speedup=state.options.min_speedup,
+        opset=(prepared.source_opset, default_opset(int8)),
+        notes=tuple(notes),
+        cpu=cpu,
+        budget=budget,
+        budget_check=judged.check,
+        fp32_nodes=tuple(fp32_nodes),
+        method_trials=tuple(state.method_trials),
+        exclusion_trials=state.exclusion_trials,
+        max_trials=state.options.max_trials,
+        validation=state.validation,
+        timing=best,
+        step_seconds=dict(state.seconds),
+    )
+
+
 def quantize_model(
     model: LoadedModel | onnx.ModelProto,
     calib: Dataset,
@@ -391,7 +746,7 @@ def quantize_model(
     timer: Timer | None = None,
 ) -> QuantizeResult:
     """Quantize `model` to int8 with onnxruntime, calibrated on `calib`, guarded for accuracy and speed
-    (module docstring).
+    (module docstring): the steps of `PIPELINE` over one `QuantState`.
 
     `timer` replaces the latency measurement (tests inject timings). A kept int8 model is validated
     (onnx.checker, an onnxruntime run, the source's inputs and outputs); a failure raises ValidationError.
@@ -405,201 +760,7 @@ def quantize_model(
         source, _ = normalize_model(model)
         size_fp32 = _size(model)
     refuse_quantized(source, QUANTIZE_ADVICE)
-    notes: list[str] = []
-    shapes = dict(calib.input_shapes)
-    output = select_output(source, options.output)
-    if calib.is_random:
-        notes.append("calibration data is random: the ranges, fidelity and accuracy mean nothing (smoke test only)")
-    cpu = choose_for_cpu(options.cpu or detect_cpu(), options.config.reduce_range)
-    budget = options.budget
-
-    prepared = prepare_model(source, shapes, per_channel=options.config.per_channel)
-    notes += prepared.notes
-    config = replace(options.config, reduce_range=cpu.reduce_range)
-    if config.per_channel and not prepared.per_channel:
-        config = replace(config, per_channel=False)
-    user_excluded = _resolve_exclusions(options.exclude, [source, prepared.model], prepared.model)
-    split = hold_out_tail(calib, eval_data, options.holdout_fraction)
-    if split.note:
-        notes.append(split.note)
-    if budget.max_drop is not None and not split.labelled:
-        raise UsageError("--max-drop needs labels in the evaluation data (--eval, or --calib with labels); "
-                         "without labels use --min-fidelity")
-    threads = options.threads or physical_cores()
-    feeds = next(iter(calib.batches())).feeds
-
-    def default_timer(
-        entries: Sequence[tuple[QuantConfig | None, onnx.ModelProto]], feeds: Mapping[str, np.ndarray], budget: TimingBudget
-    ) -> list[InterleavedTiming]:
-        return measure_latencies([m for _, m in entries], feeds, threads=threads, budget=budget, progress=progress)
-
-    # every output is judged (a sentence encoder's embedding is its second output): the budget reads the
-    # worst one; accuracy reads the first (or --output)
-    judged = [output] + ([] if options.output is not None else [o.name for o in source.graph.output if o.name != output])
-    evaluator = Evaluator(source, split, judged, threads=threads, progress=progress)
-    evaluated: dict[tuple[QuantConfig, str, tuple[str, ...]], tuple[Fidelity, Accuracy | None, Accuracy | None, BudgetCheck]] = {}
-    worst_output: dict[tuple[QuantConfig, str, tuple[str, ...]], str] = {}
-
-    def evaluate(int8: onnx.ModelProto, key: tuple[QuantConfig, str, tuple[str, ...]]) -> BudgetCheck:
-        if key not in evaluated:
-            comparison = evaluator.compare(int8, "the int8 model")
-            fidelity = comparison.fidelities[comparison.worst]
-            accuracy_fp32, accuracy_int8 = comparison.accuracy_original, comparison.accuracy
-            worst_output[key] = judged[comparison.worst]
-            evaluated[key] = (fidelity, accuracy_fp32, accuracy_int8, check_budget(budget, fidelity, accuracy_fp32, accuracy_int8))
-        return evaluated[key][3]
-
     with tempfile.TemporaryDirectory(prefix="onnxslim-quantize-") as scratch:
-        prepared_path = Path(scratch) / "prepared.onnx"
-        onnx.save_model(prepared.model, str(prepared_path))
-        calibrations: dict[str, tuple[Path, CalibrationSummary]] = {}
-
-        def calibrated(method: str) -> tuple[Path, CalibrationSummary]:
-            if method not in calibrations:
-                path = Path(scratch) / f"ranges-{method}.json"
-                summary = calibrate(
-                    prepared.model, calib, method, batches=split.calibration_batches,
-                    memory=options.calibration_memory, cache_path=path, progress=progress,
-                )
-                calibrations[method] = (path, summary)
-            return calibrations[method]
-
-        def build(build_config: QuantConfig, method: str, nodes: Sequence[str]) -> onnx.ModelProto:
-            int8 = quantize_with_ranges(prepared_path, calibrated(method)[0], build_config, method, exclude_nodes=nodes)
-            declare_like(int8, source)
-            return int8
-
-        def trial(method: str, nodes: Sequence[str]) -> BudgetCheck:
-            key = (config, method, tuple(sorted(nodes)))
-            if key in evaluated:
-                return evaluated[key][3]
-            try:
-                int8 = build(config, method, nodes)
-            except UnsupportedModelError as e:
-                return BudgetCheck(False, -1.0, None, str(e))
-            except DataError as e:
-                if method == options.method:
-                    raise  # the method asked for cannot calibrate on this data: the user must know
-                # another method tried by the guard: its calibrator failed (a histogram of infinite values)
-                return BudgetCheck(False, -1.0, None, f"{method} calibration failed: {first_line(e)}")
-            return evaluate(int8, key)
-
-        # Concats joining very different ranges: fp32 from the start (quant_guard module docstring).
-        ranges = _load_ranges(calibrated(options.method)[0])
-        rule_nodes = [] if options.range_ratio is None else [
-            e for e in concat_range_offenders(prepared.model, ranges, options.range_ratio) if e.name not in user_excluded
-        ]
-        infinite = calibrated(options.method)[1].infinite_ranges
-        rule_nodes += [
-            e for e in nonfinite_offenders(prepared.model, infinite)
-            if e.name not in user_excluded and e.name not in {r.name for r in rule_nodes}
-        ]
-        base_excluded = sorted({*user_excluded, *(e.name for e in rule_nodes)})
-        method = options.method
-        trials_left = options.max_trials
-        method_trials = [MethodTrial(method, trial(method, base_excluded))]
-        exclusion_trials: tuple[ExclusionTrial, ...] = ()
-        guarded: dict[str, NodeError] = {}  # nodes the measured search keeps fp32
-        guard_note: str | None = None
-        if not method_trials[0].check.met and trials_left:
-            for other in (m for m in ("percentile", "entropy", "minmax") if m != method):
-                if not trials_left:
-                    break
-                trials_left -= 1
-                method_trials.append(MethodTrial(other, trial(other, base_excluded)))
-            method = max(method_trials, key=lambda t: (t.check.met, t.check.score)).method
-            if not any(t.check.met for t in method_trials) and trials_left:
-                try:
-                    qdq = quantize_with_ranges(
-                        prepared_path, calibrated(method)[0], replace(config, format="qdq"), method,
-                        exclude_nodes=base_excluded, keep_activations=True,
-                    )
-                except UnsupportedModelError as e:
-                    notes.append(f"cannot measure which nodes int8 hurts: {e}")
-                else:
-                    plain = max(method_trials, key=lambda t: t.check.score).check
-                    outcome = _keep_harmful_fp32(
-                        prepared.model, qdq, base_excluded, config, budget, plain, evaluator, calib,
-                        lambda nodes: trial(method, [*base_excluded, *nodes]), trials_left,
-                        threads=threads, progress=progress,
-                    )
-                    exclusion_trials, guard_note, guarded = outcome.trials, outcome.note, outcome.nodes
-        excluded = sorted({*base_excluded, *guarded})
-        cache_path, calibration = calibrated(method)
-        candidates = _Candidates(
-            source, prepared.model, prepared_path, cache_path, method=method, exclude_nodes=excluded,
-            threads=threads, timer=timer or default_timer, feeds=feeds, progress=progress,
-        )
-
-        def measure(configs: Sequence[QuantConfig], timing_budget: TimingBudget) -> list[CandidateTiming]:
-            timings = []
-            for timing in candidates.measure(configs, timing_budget):
-                built = candidates.built.get(timing.config)
-                if timing.error is None and isinstance(built, onnx.ModelProto):
-                    check = evaluate(built, (timing.config, method, tuple(excluded)))
-                    timing = replace(timing, budget_met=check.met, score=check.score)
-                timings.append(timing)
-            return timings
-
-        decision, tried = search_fastest(
-            config, measure, per_channel_possible=prepared.per_channel,
-            min_speedup=options.min_speedup, force=options.force,
-        )
-    best = decision.best
-    if best is None:
-        raise UnsupportedModelError(decision.reason)
-    int8 = candidates.built[best.config]
-    assert isinstance(int8, onnx.ModelProto)
-    validation = validate(int8, source, shapes, feeds=feeds) if decision.chosen is not None else None
-    fidelity, accuracy_fp32, accuracy_int8, budget_check = evaluated[(best.config, method, tuple(excluded))]
-    judged_output = worst_output[(best.config, method, tuple(excluded))]
-    if len(judged) > 1:
-        notes.append(f"fidelity is the worst of the {len(judged)} outputs: {judged_output!r}")
-    if evaluator.note:
-        notes.append(evaluator.note)
-    if guard_note:
-        notes.append(guard_note)
-    quantized_nodes, fp32_count = candidates.count(best.config, int8)
-    kinds = {n.name: n.op_type for n in prepared.model.graph.node}
-    fp32_nodes = [NodeError(n, kinds.get(n, "?"), None, "--exclude") for n in user_excluded]
-    fp32_nodes += rule_nodes
-    fp32_nodes += list(guarded.values())
-    if not budget_check.met and decision.chosen is not None:
-        logger.warning("the int8 model kept misses the accuracy budget (%s): %s", budget.label, budget_check.why)
-    return QuantizeResult(
-        model=int8 if decision.chosen is not None else source,
-        quantized=decision.chosen is not None,
-        forced=decision.forced,
-        reason=decision.reason,
-        int8_model=int8,
-        config=best.config,
-        method=method,
-        latency_fp32_ms=best.fp32_latency_ms,
-        latency_int8_ms=best.latency_ms,
-        speedup=best.speedup,
-        size_fp32=size_fp32,
-        size_int8=best.size_bytes,
-        nodes_quantized=quantized_nodes,
-        nodes_fp32=fp32_count,
-        fidelity=fidelity,
-        fidelity_data=split.description,
-        accuracy_fp32=accuracy_fp32,
-        accuracy_int8=accuracy_int8,
-        output=judged_output,
-        calibration=calibration,
-        candidates=tried,
-        threads=threads,
-        timing_shapes={name: tuple(array.shape) for name, array in feeds.items()},
-        min_speedup=options.min_speedup,
-        opset=(prepared.source_opset, default_opset(int8)),
-        notes=tuple(notes),
-        cpu=cpu,
-        budget=budget,
-        budget_check=budget_check,
-        fp32_nodes=tuple(fp32_nodes),
-        method_trials=tuple(method_trials),
-        exclusion_trials=exclusion_trials,
-        max_trials=options.max_trials,
-        validation=validation,
-        timing=best,
-    )
+        state = QuantState(options, source, size_fp32, calib, eval_data, Path(scratch), progress=progress, timer=timer)
+        run_pipeline(state)
+        return _result(state)

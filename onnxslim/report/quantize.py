@@ -103,6 +103,10 @@ def render_quantize(result: QuantizeResult, output: str | None = None) -> str:
     ]
     failed = [c for c in result.candidates if c.error]
     lines += [f"  {c.config.label}: {c.error}" for c in failed]
+    if result.step_seconds:
+        total = sum(result.step_seconds.values())
+        steps = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.step_seconds.items() if seconds >= 0.05)
+        lines += ["", f"time         {total:.1f} s: {steps}"]
     if result.notes:
         lines += ["", *(f"note: {note}" for note in result.notes)]
     if output:
@@ -194,6 +198,7 @@ def quantize_json(result: QuantizeResult, output: str | None = None) -> dict[str
             for c in result.candidates
         ],
         "threads": result.threads,
+        "step_seconds": dict(result.step_seconds),
         "timing_shapes": to_jsonable(result.timing_shapes),
         "opset": {"source": result.opset[0], "output": result.opset[1]},
         "notes": list(result.notes),
