@@ -46,7 +46,6 @@ from onnxslim.prune import (
     prune_model,
     save_plan,
 )
-from onnxslim.prune.importance import NEEDS_DATA
 from onnxslim.prune.state import ALLOCATIONS
 from onnxslim.quant import (
     FORMATS,
@@ -468,12 +467,6 @@ def prune(
     The result is validated (checker, onnxruntime run, same inputs and outputs) before it is written to
     --output. Groups that cannot be pruned are listed with the node that blocks them.
     """
-    given = [name for name, value in (("--ratio", ratio), ("--target-macs", target_macs), ("--plan", plan_path))
-             if value is not None]
-    if len(given) > 1:
-        raise click.UsageError(f"{' and '.join(given)} are exclusive: give one")
-    if not given and not lossless:
-        raise click.UsageError("say how much to prune: --ratio, --target-macs, --plan or --lossless")
     if plan_path is not None:
         ignored = [
             f"--{name.replace('_', '-')}"
@@ -489,17 +482,6 @@ def prune(
         check_output_path(plan_out, sources=[model])
     if criterion is None:
         criterion = "activation" if calib is not None else "l1"
-    if calib is None:
-        if criterion in NEEDS_DATA:
-            raise click.UsageError(f"--criterion {criterion} needs calibration data: give --calib DATA")
-        if recover not in (None, "none"):
-            raise click.UsageError(f"--recover {recover} needs calibration data: give --calib DATA")
-        if eval_data is not None:
-            raise click.UsageError("--eval measures the pruned model against the original and needs --calib too")
-        if allocate == "sensitivity":
-            raise click.UsageError("--allocate sensitivity measures each group's damage on data: give --calib DATA")
-    if allocate == "sensitivity" and target_macs is None:
-        raise click.UsageError("--allocate sensitivity spends a MAC budget: give --target-macs")
     options = PruneOptions(
         ratio=ratio,
         target_macs=target_macs,
@@ -518,6 +500,7 @@ def prune(
         allocate=allocate,
         recover_memory=recover_memory << 20,
     )
+    options.check_data(calib is not None, eval_data is not None)  # before loading anything
     if calib is None and plan_path is None and (ratio is not None or target_macs is not None):
         logger.warning(
             "pruning without --calib: channels are chosen by weight magnitude and nothing is recovered, which "

@@ -355,3 +355,25 @@ def test_one_graph_import_and_one_validation_per_prune(
     )
     assert fixed.exit_code == 0, fixed.output
     assert len(validations) == 2
+
+
+def test_many_groups_left_alone_are_counted_by_reason_and_listed_with_verbose(tmp_path: Path) -> None:
+    """Fourteen 8-channel groups that --ratio 0.3 rounds back to 8: a count per reason, not fourteen rows."""
+    b = ModelBuilder((3, 8, 8))
+    y = b.input
+    for _ in range(15):
+        y = b.relu(b.conv(y, 8, 3))
+    path = tmp_path / "m.onnx"
+    onnx.save(b.build(b.conv(y, 4)), path)
+    args = ["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.3", *NO_PROTECT]
+    text = CliRunner().invoke(cli, args)
+    assert text.exit_code == 0, text.output
+    assert "left alone 15 groups (--verbose or --json lists them):" in text.stdout
+    assert "   15  --round-to 8 keeps all its channels (the cut rounds to zero)" in text.stdout
+    assert "Conv_" not in text.stdout.split("left alone")[1].split("\n\n")[0]  # no row per group
+    verbose = CliRunner().invoke(cli, ["-v", *args])
+    assert verbose.exit_code == 0, verbose.output
+    rows = [line for line in verbose.stdout.splitlines() if "keeps all its channels" in line]
+    assert len(rows) == 15
+    listed = json.loads(CliRunner().invoke(cli, [*args, "--json"]).stdout)["left_alone"]
+    assert len(listed) == 15

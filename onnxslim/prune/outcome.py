@@ -106,7 +106,7 @@ def describe_outcome(
         if not budget:
             return "no dead or constant channels to remove" if group.id not in lossless else "its lossless channels stay"
         if round_to > 1:
-            return f"--round-to {round_to} keeps all {group.channels} channels (the cut rounds to zero)"
+            return f"--round-to {round_to} keeps all its channels (the cut rounds to zero)"
         return "nothing to remove at this budget"
 
     left_whole = {group.id: whole(group) for group in groups if group.id in eligible and not plan.changes(group)}

@@ -115,9 +115,7 @@ def collect_statistics(state: PruneState) -> None:
     options = state.options
     if options.criterion not in NEEDS_DATA or (options.ratio is None and options.target_macs is None):
         return  # a plan file or lossless alone: nothing is scored by data
-    if state.calib is None:
-        raise UsageError(f"--criterion {state.options.criterion} needs calibration data: give --calib DATA")
-    assert state.index is not None
+    assert state.index is not None and state.calib is not None  # new_state checked the options against the data
     requests = statistics_requests(state.groups, state.index)
     calib = state.calib
     state.statistics = channel_statistics(
@@ -144,9 +142,7 @@ def plan(state: PruneState) -> None:
     if options.plan_path is not None:
         state.plan = load_plan(options.plan_path, state.groups, state.digest)
     elif options.target_macs is not None and options.allocate == "sensitivity":
-        if state.calib is None:
-            raise UsageError("--allocate sensitivity measures each group's damage on data: give --calib DATA")
-        assert state.cost_before is not None
+        assert state.cost_before is not None and state.calib is not None  # new_state checked
         if state.sensitivity is None:  # curves given to prune_model (measured once for several budgets) serve
             state.sensitivity = measure_curves(state, ALLOCATION_RATIOS, state.eligible, progress=state.progress)
         budget = allocate(
@@ -221,8 +217,6 @@ def _refit_nodes(state: PruneState) -> list[str]:
 def recover(state: PruneState) -> None:
     """Refit the layers that read pruned channels (recover.py), when calibration data is given."""
     method = state.recover_method
-    if method != "none" and state.calib is None:
-        raise UsageError(f"--recover {method} needs calibration data: give --calib DATA")
     state.unrecovered = state.pruned
     if method == "none" or state.calib is None or not state.plan.kept:
         return
@@ -333,8 +327,7 @@ def new_state(
     max_samples: int | None = None,
 ) -> PruneState:
     """A `PruneState` for `model` (normalized, checked), ready for `run_pipeline`."""
-    if options.criterion in NEEDS_DATA and calib is None and options.plan_path is None:
-        raise UsageError(f"--criterion {options.criterion} needs calibration data: give --calib DATA")
+    options.check_data(calib is not None, eval_data is not None)
     normalized, size_before, digest = _as_normalized(model)
     refuse_quantized(normalized, "pruning needs float weights. Prune the fp32 model it came from, then quantize the result")
     check_exclusions(normalized, options.exclude)

@@ -20,6 +20,7 @@ from onnxslim.errors import UsageError
 from onnxslim.graph import GraphIndex
 from onnxslim.io import TensorInfo, Validation
 from onnxslim.progress import Progress
+from onnxslim.prune.importance import NEEDS_DATA
 from onnxslim.prune.lossless import LosslessChannels
 from onnxslim.prune.outcome import PruneOutcome
 from onnxslim.prune.plan import PrunePlan
@@ -77,9 +78,10 @@ class PruneOptions:
     allocate: str = "global"  # or "sensitivity": per-group cuts from measured damage (sensitivity.py)
 
     def __post_init__(self) -> None:
-        budgets = [name for name in ("ratio", "target_macs", "plan_path") if getattr(self, name) is not None]
+        budgets = [flag for flag, value in (("--ratio", self.ratio), ("--target-macs", self.target_macs),
+                                            ("--plan", self.plan_path)) if value is not None]
         if len(budgets) > 1:
-            raise UsageError(f"choose one of --ratio, --target-macs and --plan, not {' and '.join(budgets)}")
+            raise UsageError(f"{' and '.join(budgets)} are exclusive: give one")
         if not budgets and not self.lossless:
             raise UsageError("say how much to prune: --ratio, --target-macs, --plan or --lossless")
         if self.allocate not in ALLOCATIONS:
@@ -88,6 +90,20 @@ class PruneOptions:
             raise UsageError("--allocate sensitivity spends a MAC budget: give --target-macs")
         if self.recover is not None and self.recover not in RECOVERY_METHODS:
             raise UsageError(f"unknown recovery {self.recover!r}; choose one of {', '.join(RECOVERY_METHODS)}")
+
+    def check_data(self, calibrated: bool, evaluated: bool = False) -> None:
+        """Refuse (UsageError) what cannot run without calibration data: the one place these rules live, for
+        the command line (before any work) and the library (`pruner.new_state`)."""
+        if calibrated:
+            return
+        if self.criterion in NEEDS_DATA and self.plan_path is None:
+            raise UsageError(f"--criterion {self.criterion} needs calibration data: give --calib DATA")
+        if self.recover not in (None, "none"):
+            raise UsageError(f"--recover {self.recover} needs calibration data: give --calib DATA")
+        if evaluated:
+            raise UsageError("--eval measures the pruned model against the original and needs --calib too")
+        if self.allocate == "sensitivity":
+            raise UsageError("--allocate sensitivity measures each group's damage on data: give --calib DATA")
 
     def recovery(self, calibrated: bool) -> str:
         """The recovery method in force: the one asked for, else `lsq` with calibration data, else `none`."""

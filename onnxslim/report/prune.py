@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from onnxslim.prune.state import PruneResult
@@ -17,6 +18,24 @@ from onnxslim.report.groups import root_cause
 from onnxslim.report.sensitivity import sensitivity_json
 
 __all__ = ["render_prune", "plan_record", "prune_json"]
+
+
+_LEFT_ALONE_ROWS = 10  # more groups left alone than this: their count per reason, the rows under --verbose
+
+
+def _left_alone_lines(left_alone: dict[str, str], *, verbose: bool) -> list[str]:
+    """The groups the budget left whole and why: every row when few or with --verbose, else a count per
+    reason (a 2,000-node graph can leave hundreds of groups whole for one reason)."""
+    if not left_alone:
+        return []
+    if verbose or len(left_alone) <= _LEFT_ALONE_ROWS:
+        return ["", format_table(["left alone", "why"], sorted(left_alone.items()))]
+    reasons = Counter(left_alone.values()).most_common()
+    return [
+        "",
+        f"left alone {len(left_alone)} groups (--verbose or --json lists them):",
+        *(f"  {count:>5}  {reason}" for reason, count in reasons),
+    ]
 
 
 def render_prune(result: PruneResult, output: str | None = None, *, verbose: bool = False) -> str:
@@ -38,9 +57,7 @@ def render_prune(result: PruneResult, output: str | None = None, *, verbose: boo
         "",
         format_table(["", "before", "after", "change"], rows),
     ]
-    left_alone = {**result.left_alone, **result.outcome.left_whole}
-    if left_alone:
-        lines += ["", format_table(["left alone", "why"], sorted(left_alone.items()))]
+    lines += _left_alone_lines({**result.left_alone, **result.outcome.left_whole}, verbose=verbose)
     if result.outcome.lossless_kept:
         lines += [
             "",
