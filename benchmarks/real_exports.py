@@ -6,7 +6,7 @@
 For every .onnx file in DIR (default models/torchvision): the channel groups found and how many are
 prunable, the reasons the others are blocked; `prune_model` with the command line's defaults (l1, `--ratio`,
 channels rounded to multiples of 8, first and last layers protected) and the pruned model's largest
-deviation from the masked-model oracle of DESIGN.md (tests/oracle.py) on random inputs, relative to the
+deviation from the masked-model oracle of docs/ARCHITECTURE.md (tests/oracle.py) on random inputs, relative to the
 oracle's largest output; with `--quantize`, `quantize_model` on random calibration data (its speed guard's
 decision and speedup; accuracy is meaningless on random data and not reported). Prints one table and the
 blocker reasons; `--json` writes everything.

@@ -1,6 +1,6 @@
 """One exception hierarchy for every user-facing failure.
 
-Each class carries the process exit code the CLI uses for it (DESIGN.md, "Exit codes"):
+Each class carries the process exit code the CLI uses for it (docs/ARCHITECTURE.md, "Exit codes and errors"):
 1 the model or data given is unreadable, invalid or unsupported; 2 a usage error;
 4 onnxslim produced something that failed its own validation (a bug in onnxslim).
 """

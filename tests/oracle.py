@@ -1,4 +1,4 @@
-"""The oracle of DESIGN.md: pruning channel c of a group equals multiplying it by 0 at every sink's input.
+"""The oracle of docs/ARCHITECTURE.md: pruning channel c of a group equals multiplying it by 0 at every sink's input.
 
 `masked_model` builds that masked model from the original and a plan; `check_prune` prunes a model and
 checks (1) the pruned outputs against the masked model in onnxruntime, (2) the new weight shapes of every

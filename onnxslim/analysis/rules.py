@@ -20,7 +20,7 @@ operands, the channel axis of each input) and decides what happens to the channe
 * `Block` — a **blocker**, with the reason reported by `inspect` and `prune`.
 
 Op types missing from the table are blockers ("unsupported op X"). Being conservative is never a bug;
-emitting a wrong graph always is (DESIGN.md). The table is checked once at import: every key is a real
+emitting a wrong graph always is (docs/ARCHITECTURE.md). The table is checked once at import: every key is a real
 ONNX op, every entry has exactly one behaviour and a decision function.
 """
 

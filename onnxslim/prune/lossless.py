@@ -1,4 +1,4 @@
-"""Dead and constant channels: channels that can go with no change to the outputs (DESIGN.md, "Lossless removal").
+"""Dead and constant channels: channels that can go with no change to the outputs (docs/ARCHITECTURE.md, "Lossless removal").
 
 For every prunable group, the value of each channel is followed from its sources to its sinks as a
 per-channel constant or *unknown* (NaN). A source makes channel c the constant `bias[c]` when its filter

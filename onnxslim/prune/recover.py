@@ -5,7 +5,7 @@ error from upstream too) and lies downstream of a change, plus the depthwise con
 group through, is a *refit node*. Refit nodes are visited in topological order. For each, its input is
 taken from the model *as pruned and refit so far* and its target is the *original* model's output at that
 node (the kept output channels of it): sequential refits, measured to beat refits from the original's
-inputs (DESIGN.md). Activations are passed forward range by range (`activations.StagedRunner`), so the
+inputs (docs/ARCHITECTURE.md, "Recovery"). Activations are passed forward range by range (`activations.StagedRunner`), so the
 whole model is run about once per model, not once per layer.
 
 The least-squares problem of a node is accumulated as Gram matrices over the calibration batches —
@@ -21,7 +21,7 @@ strides, dilations and groups; a grouped conv is one problem per group). Methods
   weights, a shift into its bias).
 - `lsq`: ridge least squares for the kept weights and bias. The ridge of each input feature is `ridge`
   times that feature's own energy (diag AᵀA: scale-invariant) and shrinks toward the *original* weights of
-  the kept inputs rather than toward zero (DESIGN.md: toward zero collapsed a real recognizer).
+  the kept inputs rather than toward zero (docs/ARCHITECTURE.md, "Recovery": toward zero collapsed a real recognizer).
 
 Guard: every fifth calibration sample (by index) is held out of the fit; a node whose refit is worse on
 the held-out samples than leaving it alone falls back to `bias` (or to `none` when that is worse too),
