@@ -108,6 +108,7 @@ class BudgetCheck:
     score: float  # fidelity score (higher is better)
     drop: float | None  # fp32 top-1 minus int8 top-1, in points, when labels were given
     why: str  # what missed, or "" when met
+    score_name: str = "cosine"  # what `score` is: "cosine", or "top-1 agreement" on an output whose channels are classes
 
 
 def check_budget(
@@ -132,7 +133,8 @@ def check_budget(
         elif not fidelity.decides_classes and fidelity.worst_channel_cosine is not None and fidelity.worst_channel_cosine < fidelity.cosine:
             where = f"cosine of channel {fidelity.worst_channel} (axis {fidelity.channel_axis})"
         misses.append(f"{where} {score:.4f} (budget {budget.min_fidelity:g})")
-    return BudgetCheck(not misses, score, drop, "; ".join(misses))
+    name = "top-1 agreement" if fidelity.decides_classes else "cosine"
+    return BudgetCheck(not misses, score, drop, "; ".join(misses), name)
 
 
 # --------------------------------------------------------------------------------- which nodes hurt

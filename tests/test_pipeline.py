@@ -162,6 +162,7 @@ def test_sensitivity_curves_are_measured_once_for_the_whole_search(
 
     monkeypatch.setattr(sensitivity, "measure_curves", counted)
     monkeypatch.setattr("onnxslim.prune.pruner.measure_curves", counted)
+    monkeypatch.setattr("onnxslim.optimizer.search.measure_curves", counted)
     model, calib, evaluation = small
     options = OptimizeOptions(min_fidelity=0.8, quantize=False, max_trials=3, allocate="sensitivity")
     result = pipeline.optimize(model, calib, options, eval_data=evaluation)

@@ -102,6 +102,8 @@ class Trial:
     final_met: bool | None = None
     speedup: float | None = None
     seconds: float = 0.0
+    score_name: str = "cosine"  # what the scores are (BudgetCheck.score_name)
+    same_as: int | None = None  # the earlier trial (1-based) whose plan this level gave again: not pruned twice
 
 
 @dataclass(frozen=True)

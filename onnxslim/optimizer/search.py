@@ -59,11 +59,13 @@ from onnxslim.optimizer.config import (
     half_budget,
 )
 from onnxslim.progress import Progress
-from onnxslim.prune import PruneOptions, PruneResult, prune_model
+from onnxslim.prune import PruneOptions, PruneResult
+from onnxslim.prune.pruner import branch, new_state, plan_key, result_of, run_pipeline
+from onnxslim.prune.sensitivity import ALLOCATION_RATIOS, measure_curves
 from onnxslim.quant import QuantizeOptions, QuantizeResult, quantize_model
 from onnxslim.runtime import clearly_faster
 
-__all__ = ["optimize", "choose_final", "Judge", "curves_for", "prune_at", "quantize_for"]
+__all__ = ["optimize", "choose_final", "Judge", "Levels", "quantize_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,32 +143,44 @@ def _prune_options(keep: float, options: OptimizeOptions) -> PruneOptions:
     )
 
 
-def curves_for(
-    loaded: LoadedModel, options: OptimizeOptions, calib: Dataset, input_shapes: Any, progress: Progress | None,
-    samples: int | None,
-) -> Any:
-    """With `--allocate sensitivity`, the damage curves of the eligible groups, measured once for every level."""
-    if options.allocate != "sensitivity":
-        return None
-    from onnxslim.prune.pruner import new_state, run_pipeline
-    from onnxslim.prune.sensitivity import ALLOCATION_RATIOS, measure_curves
+class Levels:
+    """The pruning levels of one search, sharing what does not depend on the budget: the analysis, lossless
+    search, calibration statistics and scores (and with --allocate sensitivity, the damage curves) are
+    computed once (`pruner.branch`); a level whose plan equals one already pruned is not pruned again (the
+    same result is returned with the number of the trial that pruned it). `samples`: the calibration
+    samples pruning may read (the judge keeps the rest)."""
 
-    state = new_state(
-        loaded, _prune_options(0.5, options), input_shapes=input_shapes, calib=calib, progress=progress,
-        max_samples=samples,
-    )
-    run_pipeline(state, until="score")
-    return measure_curves(state, ALLOCATION_RATIOS, state.eligible, progress=progress)
+    def __init__(
+        self, loaded: LoadedModel, options: OptimizeOptions, calib: Dataset, input_shapes: Any,
+        progress: Progress | None, samples: int | None,
+    ) -> None:
+        started = time.perf_counter()
+        self._options = options
+        self._base = new_state(
+            loaded, _prune_options(0.5, options), input_shapes=input_shapes, calib=calib, progress=progress,
+            max_samples=samples,
+        )
+        run_pipeline(self._base, until="score")
+        if options.allocate == "sensitivity":
+            self._base.sensitivity = measure_curves(
+                self._base, ALLOCATION_RATIOS, self._base.eligible, progress=progress
+            )
+        self._done: dict[tuple[tuple[str, tuple[int, ...]], ...], tuple[PruneResult, int]] = {}
+        self.seconds = time.perf_counter() - started  # the shared work
 
-
-def prune_at(
-    loaded: LoadedModel, keep: float, options: OptimizeOptions, calib: Dataset, input_shapes: Any,
-    progress: Progress | None, curves: Any = None, samples: int | None = None,
-) -> PruneResult:
-    return prune_model(
-        loaded, _prune_options(keep, options), input_shapes=input_shapes, calib=calib, progress=progress,
-        sensitivity=curves, max_samples=samples,
-    )
+    def prune(self, keep: float, number: int) -> tuple[PruneResult, int | None]:
+        """The model pruned to `keep` of the MACs, and the number of the earlier trial that had the same
+        plan, when there was one (`number` is this trial's)."""
+        state = branch(self._base, _prune_options(keep, self._options))
+        run_pipeline(state, start="plan", until="plan")
+        key = plan_key(state.plan)
+        if key in self._done:
+            result, first = self._done[key]
+            return result, first
+        run_pipeline(state, start="compensate")
+        result = result_of(state)
+        self._done[key] = (result, number)
+        return result, None
 
 
 def quantize_for(
@@ -211,14 +225,20 @@ def optimize(
     # a searched level is judged with half the budget (int8 spends the rest); a given --target-macs with all
     level_budget = budget if options.target_macs is not None else half_budget(budget)
 
-    curves = curves_for(loaded, options, calib_data, input_shapes, progress, judge.calibration_samples) if options.prune else None
+    levels = Levels(loaded, options, calib_data, input_shapes, progress, judge.calibration_samples) if options.prune else None
+    if levels is not None:
+        notes.append(f"analysis, calibration statistics and scores computed once for every level ({levels.seconds:.1f} s)")
+    tried = 0
 
     def level(keep: float) -> tuple[PruneResult, Trial]:
+        nonlocal tried
+        assert levels is not None
         begin = time.perf_counter()
-        result = prune_at(loaded, keep, options, calib_data, input_shapes, progress, curves, judge.calibration_samples)
-        check, _, _ = judge(result.model, level_budget)
+        tried += 1
+        result, same_as = levels.prune(keep, tried)
+        check, _, _ = judge(result.model, level_budget)  # remembered when the plan was tried before
         trial = Trial(keep, result.macs_after / result.macs_before, check.score, check.drop, check.met,
-                      seconds=time.perf_counter() - begin)
+                      seconds=time.perf_counter() - begin, score_name=check.score_name, same_as=same_as)
         logger.info("trial: keep %.3f of the MACs → %s", keep, "passes" if check.met else check.why)
         return result, trial
 
@@ -234,6 +254,7 @@ def optimize(
         return q, Trial(
             trial.target_macs, trial.macs_kept, trial.pruned_score, trial.pruned_drop, trial.pruned_met,
             q.quantized, check.score, check.drop, check.met, None, trial.seconds + time.perf_counter() - begin,
+            trial.score_name, trial.same_as,
         )
 
     if not options.prune:
@@ -275,9 +296,8 @@ def _search_budget(
     for _ in range(levels):
         keep = round((low + high) / 2, 3)
         result, trial = level(keep)
-        repeat = any(abs(t.macs_kept - trial.macs_kept) < 1e-9 for t in trials)
         trials.append(trial)
-        if repeat:  # rounding to --round-to gives the same model as a level already tried: resolution reached
+        if trial.same_as is not None:  # rounding gives the plan of a level already tried: resolution reached
             break
         if trial.pruned_met:
             passed.append((keep, result, len(trials) - 1))
@@ -321,6 +341,9 @@ def _search_speed(
     for _ in range(options.max_trials):
         keep = round((low + high) / 2, 3)
         result, trial = level(keep)
+        if trial.same_as is not None:  # the plan of a level already measured: resolution reached
+            trials.append(trial)
+            break
         quantized, final = finish(result, trial)
         final = final or trial
         final_model = quantized.model if quantized is not None else result.model
@@ -328,6 +351,7 @@ def _search_speed(
         trials.append(Trial(
             final.target_macs, final.macs_kept, final.pruned_score, final.pruned_drop, final.pruned_met,
             final.quantized, final.final_score, final.final_drop, final.final_met, speedup, final.seconds,
+            final.score_name,
         ))
         if speedup >= options.target_speedup:
             if best is None or keep > best[0]:

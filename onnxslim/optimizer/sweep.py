@@ -17,7 +17,7 @@ from onnxslim.calib import DataOptions, open_dataset
 from onnxslim.errors import UsageError
 from onnxslim.io import load_model, save_model
 from onnxslim.optimizer.config import OptimizeOptions, SweepPoint, SweepResult, default_budget
-from onnxslim.optimizer.search import Judge, curves_for, prune_at, quantize_for
+from onnxslim.optimizer.search import Judge, Levels, quantize_for
 from onnxslim.progress import Progress
 
 __all__ = ["sweep"]
@@ -49,12 +49,12 @@ def sweep(
     judge = Judge(loaded.model, calib_data, evaluation, threads)
     budget = default_budget(options, judge.labelled)
     built: list[tuple[float, float, bool, onnx.ModelProto]] = []
-    curves = curves_for(loaded, options, calib_data, input_shapes, progress, judge.calibration_samples)
-    for target in sorted(set(targets), reverse=True):
+    levels = Levels(loaded, options, calib_data, input_shapes, progress, judge.calibration_samples)
+    for number, target in enumerate(sorted(set(targets), reverse=True), start=1):
         if target >= 1.0:
             model_at, kept = loaded.model, 1.0
         else:
-            result = prune_at(loaded, target, options, calib_data, input_shapes, progress, curves, judge.calibration_samples)
+            result, _ = levels.prune(target, number)
             model_at, kept = result.model, result.macs_after / result.macs_before
         is_int8 = False
         if quantize:

@@ -46,7 +46,14 @@ from onnxslim.progress import Progress
 from onnxslim.prune.importance import NEEDS_DATA, ScoreContext, score_groups, statistics_requests
 from onnxslim.prune.lossless import find_lossless_channels, fold_constant_channels_into
 from onnxslim.prune.outcome import describe_outcome
-from onnxslim.prune.plan import eligible_groups, load_plan, model_sha256, plan_by_macs, plan_by_ratio
+from onnxslim.prune.plan import (
+    PrunePlan,
+    eligible_groups,
+    load_plan,
+    model_sha256,
+    plan_by_macs,
+    plan_by_ratio,
+)
 from onnxslim.prune.recover import RecoverOptions, recover_model
 from onnxslim.prune.rewrite import apply_plan_to_graph, kept_output_channels
 from onnxslim.prune.sensitivity import ALLOCATION_RATIOS, DEFAULT_RATIOS, allocate, measure_curves
@@ -72,6 +79,9 @@ __all__ = [
     "new_state",
     "prune_model",
     "run_pipeline",
+    "branch",
+    "plan_key",
+    "result_of",
     "measure_sensitivity",
 ]
 
@@ -304,16 +314,45 @@ def _as_normalized(
     return loaded.model, loaded.size_bytes, digest
 
 
-def run_pipeline(state: PruneState, *, until: str | None = None) -> PruneState:
-    """Run the steps of `PIPELINE` on `state`, all of them or up to and including `until`."""
+def run_pipeline(state: PruneState, *, start: str | None = None, until: str | None = None) -> PruneState:
+    """Run the steps of `PIPELINE` on `state`: from `start` (the first step when None) up to and including
+    `until` (the last when None)."""
+    names = [name for name, _ in PIPELINE]
+    first = 0 if start is None else names.index(start)
     with collector_paused():  # linear time on big graphs (graph.py)
-        for name, step in PIPELINE:
+        for name, step in PIPELINE[first:]:
             started = time.perf_counter()
             step(state)
             state.seconds[name] = time.perf_counter() - started
             if name == until:
                 break
     return state
+
+
+# what the steps up to `score` read of the options: a state that has run them serves any budget with these
+_SHARED_OPTIONS = ("criterion", "exclude", "protect_first", "protect_last", "seed", "lossless")
+
+
+def branch(state: PruneState, options: PruneOptions) -> PruneState:
+    """A state for another budget (`options`) from `state`, which has run up to `score`: the analysis,
+    lossless search, statistics and scores are shared (computed once for every level a search tries);
+    the analysis graph is imported afresh, since `compensate` and `rewrite` consume it."""
+    assert "score" in state.seconds, "branch a state that has run up to the score step"
+    differ = [name for name in _SHARED_OPTIONS if getattr(options, name) != getattr(state.options, name)]
+    if differ:
+        raise ValueError(f"a branch must keep the options the shared steps read; {', '.join(differ)} differ")
+    options.check_data(state.calib is not None, state.eval_data is not None)
+    graph = gs.import_onnx(state.original)
+    return replace(
+        state, options=options, graph=graph, index=GraphIndex(graph), left_alone=dict(state.left_alone),
+        plan=PrunePlan(), budget_met=True, folded_biases=0, pruned=None, unrecovered=None, recovery=None,
+        evaluation=None, validation=None, seconds={name: 0.0 for name in state.seconds},
+    )
+
+
+def plan_key(plan: PrunePlan) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """What a plan keeps, comparable: two budgets with the same key give the same model."""
+    return tuple(sorted((group, tuple(kept)) for group, kept in plan.kept.items()))
 
 
 def new_state(
@@ -364,10 +403,16 @@ def prune_model(
         max_samples=max_samples,
     )
     state.sensitivity = sensitivity  # `--allocate sensitivity` with curves measured earlier: not measured again
-    with collector_paused():  # linear time on big graphs (graph.py)
-        run_pipeline(state)
-        assert state.pruned is not None and state.cost_before is not None
-        pruned = state.pruned
+    run_pipeline(state)
+    return result_of(state)
+
+
+def result_of(state: PruneState) -> PruneResult:
+    """The `PruneResult` of a state that has run every step."""
+    options = state.options
+    assert state.pruned is not None and state.cost_before is not None
+    pruned = state.pruned
+    with collector_paused():
         changed = pruned is not state.original
         cost_after = compute_cost(pruned, infer_tensor_infos(pruned, state.shapes)) if changed else state.cost_before
     removable = state.lossless.removable() if state.lossless is not None else {}

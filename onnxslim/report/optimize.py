@@ -33,7 +33,7 @@ def _quality(bench: ModelBench, check: Any) -> str:
     if bench.accuracy is not None:
         return format_percent(bench.accuracy.top1)
     if check is not None:
-        return f"cos {check.score:.4f}"
+        return f"{check.score_name} {check.score:.4f}"
     return "reference"
 
 def _optimize_rows(result: OptimizeResult) -> list[list[str]]:
@@ -56,15 +56,17 @@ _OPTIMIZE_HEADERS = ["model", "p50 ms", "p90 ms", "speedup", "size", "params", "
 def _trial_rows(result: OptimizeResult) -> list[list[str]]:
     rows = []
     for number, trial in enumerate(result.trials, start=1):
-        drop = f", -{trial.pruned_drop:.2f} pt" if trial.pruned_drop is not None else ""
+        drop = f", top-1 -{trial.pruned_drop:.2f} pt" if trial.pruned_drop is not None else ""
         final = "-"
         if trial.final_met is not None:
-            final_drop = f", -{trial.final_drop:.2f} pt" if trial.final_drop is not None else ""
+            final_drop = f", top-1 -{trial.final_drop:.2f} pt" if trial.final_drop is not None else ""
             int8 = "int8" if trial.quantized else "fp32 kept"
-            final = f"{int8}: cos {trial.final_score:.4f}{final_drop} ({'meets' if trial.final_met else 'misses'})"
+            final = f"{int8}: {trial.score_name} {trial.final_score:.4f}{final_drop} ({'meets' if trial.final_met else 'misses'})"
+        pruned = f"{trial.score_name} {trial.pruned_score:.4f}{drop} ({'passes' if trial.pruned_met else 'fails'})"
+        if trial.same_as is not None:
+            pruned = f"the plan of trial {trial.same_as}: not pruned again"
         rows.append([
-            str(number), f"{trial.target_macs:.3f}", f"{trial.macs_kept:.3f}",
-            f"cos {trial.pruned_score:.4f}{drop} ({'passes' if trial.pruned_met else 'fails'})", final,
+            str(number), f"{trial.target_macs:.3f}", f"{trial.macs_kept:.3f}", pruned, final,
             "-" if trial.speedup is None else f"{trial.speedup:.2f}x", f"{trial.seconds:.1f} s",
         ])
     return rows
