@@ -377,3 +377,17 @@ def test_many_groups_left_alone_are_counted_by_reason_and_listed_with_verbose(tm
     assert len(rows) == 15
     listed = json.loads(CliRunner().invoke(cli, [*args, "--json"]).stdout)["left_alone"]
     assert len(listed) == 15
+
+
+def test_a_collapsed_prune_warns_on_stderr_in_json_mode_too(tmp_path: Path) -> None:
+    b = ModelBuilder((3, 12, 12))
+    y = b.relu(b.conv(b.input, 32, 3))
+    y = b.relu(b.conv(y, 32, 3))
+    path = tmp_path / "m.onnx"
+    onnx.save(b.build(b.conv(y, 8)), path)
+    args = ["prune", str(path), "-o", str(tmp_path / "p.onnx"), "--ratio", "0.9", "--round-to", "1", *NO_PROTECT,
+            "--recover", "none", "--calib", "random:40", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["evaluation"]["collapsed"] is True
+    assert "the pruned model no longer works" in result.stderr

@@ -197,5 +197,11 @@ def prune(
         )
         if plan_out is not None:
             save_plan(plan_out, result.plan, result.groups, result.model_sha256, plan_record(result), stage)
+    if result.evaluation is not None and result.evaluation.collapsed:  # on stderr, whatever stdout carries
+        logger.warning(
+            "the pruned model no longer works (cosine or top-1 agreement under 0.9, or 10 points of top-1 lost): "
+            "prune less (a higher --target-macs), exclude sensitive layers (onnxslim sensitivity shows which), or "
+            "give more calibration data"
+        )
     verbose = ctx.obj["verbose"]
     click.echo(to_json(prune_json(result, output, plan_out)) if as_json else render_prune(result, output, verbose=verbose))

@@ -123,10 +123,6 @@ def _recovery_lines(result: PruneResult) -> list[str]:
         if any(o.agreement_after is not None for o in evaluation.outputs):
             legend += "; top-1 agreement: share of positions, e.g. every time step, whose top class is the original's"
         lines.append(f"({legend})")
-        if evaluation.collapsed:
-            lines += ["WARNING: the pruned model no longer works (cosine or top-1 agreement under 0.9, or 10 points "
-                      "of top-1 lost): prune less (a higher --target-macs), exclude sensitive layers "
-                      "(onnxslim sensitivity shows which), or give more calibration data"]
     return lines
 
 def _recovery_json(result: PruneResult) -> dict[str, Any] | None:
