@@ -36,6 +36,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import TypeVar
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -67,6 +68,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 @dataclass(frozen=True)
 class Member:
@@ -317,7 +320,7 @@ class _Spaces:
             data.members, data.sources, data.sinks, data.followers = [], [], [], []
 
 
-def _merged(keep: list, gone: list) -> list:
+def _merged(keep: list[_T], gone: list[_T]) -> list[_T]:
     """Both lists in one, extending the longer (entries are sorted when the groups are made)."""
     if len(gone) > len(keep):
         keep, gone = gone, keep
@@ -653,7 +656,6 @@ class _Walker:
             for other in parts[1:]:
                 space = spaces.union(space, other.space)
             segments.append(_Segment(parts[0].offset, parts[0].length, space))
-        segments = [replace(segment, space=spaces.find(segment.space)) for segment in segments]
         for index in decision.broadcast:
             self.block_input(node.inputs[index], order, Blocker(node.name, f"broadcast along the channel axis by {node.op}", BlockerKind.BROADCAST))
         first = states[0]
