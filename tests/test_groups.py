@@ -274,3 +274,20 @@ def test_cuts_learnt_late_reach_every_block_of_a_long_concatenation_fed_residual
 
     result = check_prune(model, ratio=0.5)
     assert all(result.plan.changes(g) for g in result.groups if g.sources[0].node == stem)
+
+
+def test_a_grouped_conv_that_read_a_group_whole_blocks_it_when_a_later_split_cuts_it() -> None:
+    """The grouped conv comes first and reads x as one group; the Split after it cuts that group in two, so the
+    grouped conv reads channels of two groups: both block, naming it, and it is a sink of neither."""
+    b = ModelBuilder((3, 6, 6), opset=13)
+    x = b.relu(b.conv(b.input, 8, 1))
+    grouped = b.conv(x, 8, 3, group=2)
+    left, right = b.split(x, [3, 5])
+    model = b.build(b.conv(b.concat(grouped, b.relu(left)), 4), b.conv(right, 4))
+    first, grouped_conv = node_names(model, "Conv")[:2]
+    parts = [g for g in groups_of(model) if g.sources[0].node == first]
+    assert [(g.channels, g.sources[0].offset) for g in parts] == [(3, 0), (5, 3)]
+    for part in parts:
+        assert part.blocked_by is not None and part.blocked_by.node == grouped_conv
+        assert part.blocked_by.reason.startswith("grouped Conv (group=2) reads channels of several groups")
+        assert grouped_conv not in [s.node for s in part.sinks] and part.sinks
