@@ -239,6 +239,14 @@ class ModelBuilder:
         excited = self.conv(squeezed, self.channels[x])
         return self.op("Mul", [x, self.op(gate, [excited])])
 
+    def concat_residual(self, x: str, split: int, hidden: int = 4) -> str:
+        """Relu(x + Concat(Conv(x, split), Conv(Relu(Conv(x, hidden)), C - split))): a residual stream fed by a
+        concatenation, whose boundary at `split` cuts the whole stream (every earlier block's convs too)."""
+        channels = self.channels[x]
+        left = self.conv(x, split, 1)
+        right = self.conv(self.relu(self.conv(x, hidden, 1)), channels - split, 3)
+        return self.relu(self.op("Add", [x, self.concat(left, right)]))
+
     # ------------------------------------------------------------------------- concat and split
 
     def concat(self, *xs: str, axis: int = 1) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from builders import ModelBuilder
+from oracle import check_prune
 
 from onnxslim.analysis.groups import ChannelGroup, Member, find_channel_groups
 from onnxslim.io import normalize_model, resolve_input_shapes
@@ -247,3 +248,46 @@ def test_c2f_split_cuts_its_producer_into_two_groups() -> None:
     assert [(s.node, s.offset) for s in groups[1].sinks] == [(cv2, 4), (cv2, 8)]
     assert [(f.node, f.offset) for f in groups[1].followers if f.op_type == "Split"] == [(split, 4)]
 
+
+
+def concat_fed_residual_chain(blocks: int, channels: int = 24, step: int = 4) -> onnx.ModelProto:
+    """A residual stream of `channels` fed by a concatenation in every block, split at step, 2·step, … in
+    turn: each block's join needs the cuts of every block before it (one more walk each, when the analysis
+    re-walked the graph), and in the end the whole stream is cut into channels / step groups."""
+    b = ModelBuilder((3, 6, 6))
+    x = b.relu(b.conv(b.input, channels, 3))
+    for block in range(blocks):
+        x = b.concat_residual(x, step * (1 + block % (channels // step - 1)))
+    return b.build(b.conv(x, 4))
+
+
+def test_cuts_learnt_late_reach_every_block_of_a_long_concatenation_fed_residual_stream() -> None:
+    blocks = 20  # more than the 16 walks the analysis used to stop at (it then blocked the last blocks)
+    model = concat_fed_residual_chain(blocks)
+    groups = groups_of(model)
+    stem, head = node_names(model, "Conv")[0], node_names(model, "Conv")[-1]
+    stream = [g for g in groups if g.sources[0].node == stem]
+    assert [(g.channels, g.sources[0].offset) for g in stream] == [(4, offset) for offset in range(0, 24, 4)]
+    assert all(len(g.sources) == 1 + blocks and g.prunable for g in stream)  # the stem and one conv per block
+    assert len(groups) == len(stream) + blocks + 1  # and each block's hidden conv, and the head
+    assert [g.id for g in groups if not g.prunable] == [head]
+
+    result = check_prune(model, ratio=0.5)
+    assert all(result.plan.changes(g) for g in result.groups if g.sources[0].node == stem)
+
+
+def test_a_grouped_conv_that_read_a_group_whole_blocks_it_when_a_later_split_cuts_it() -> None:
+    """The grouped conv comes first and reads x as one group; the Split after it cuts that group in two, so the
+    grouped conv reads channels of two groups: both block, naming it, and it is a sink of neither."""
+    b = ModelBuilder((3, 6, 6), opset=13)
+    x = b.relu(b.conv(b.input, 8, 1))
+    grouped = b.conv(x, 8, 3, group=2)
+    left, right = b.split(x, [3, 5])
+    model = b.build(b.conv(b.concat(grouped, b.relu(left)), 4), b.conv(right, 4))
+    first, grouped_conv = node_names(model, "Conv")[:2]
+    parts = [g for g in groups_of(model) if g.sources[0].node == first]
+    assert [(g.channels, g.sources[0].offset) for g in parts] == [(3, 0), (5, 3)]
+    for part in parts:
+        assert part.blocked_by is not None and part.blocked_by.node == grouped_conv
+        assert part.blocked_by.reason.startswith("grouped Conv (group=2) reads channels of several groups")
+        assert grouped_conv not in [s.node for s in part.sinks] and part.sinks

@@ -48,11 +48,12 @@ EXPECTED: dict[str, tuple[int, int, dict[str, int]]] = {
     "inception_v1": (58, 55, {"LRN mixes neighbouring channels": 2, "its channels reach graph output 'r143'": 1}),
     "inception_v2": (70, 69, {"its channels reach graph output 'r507'": 1}),
     "resnet50": (38, 37, {"its channels reach graph output 'r174'": 1}),
-    "shufflenet": (28, 0, {
+    # each stage's grouped convs are cut like the concatenation-fed stream they join, and share its groups
+    # (blocked first by the grouped conv that reads the stream); the analysis that re-walked the graph stopped
+    # with a subset of them cut, depending on which of two cut fronts arrived first (28 groups, 6 and 1 more reasons)
+    "shufflenet": (21, 0, {
         "Reshape splits the channel axis": 16,  # the channel shuffle
         "grouped Conv (group=4) reads channels of several groups (a Concat, or a Split or Slice elsewhere cuts them)": 4,
-        "the output of a grouped Conv (group=4) is cut into parts (by a Split or Slice, or a join with a concatenation)": 6,
-        "its operands are concatenations of differently sized parts": 1,
         "its channels reach graph output 'r201'": 1,
     }),
     "squeezenet": (26, 25, {"its channels reach graph output 'r65'": 1}),

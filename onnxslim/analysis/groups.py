@@ -1,27 +1,42 @@
 """Channel groups: the sets of tensor dimensions that must lose the same channels together.
 
-`build_channel_groups` walks the graph once in topological order. Every variable tensor gets a *channel
-state*: the axis that carries its channels and the *channel space* (a union-find node) those channels
+`build_channel_groups` walks the graph once, in topological order. Every variable tensor gets a *channel
+state*: the axis that carries its channels and the *channel spaces* (union-find nodes) those channels
 belong to. Sources create spaces, pass-through ops copy their input's, joins unite several, blockers
-mark them unprunable (and give their outputs spaces that are blocked from the start). Each space also
-collects the group's members, sources, sinks and followers; a group is one union-find class with at
-least one source. Per-op knowledge lives in `rules.py`; this module only applies the decisions.
+mark them unprunable (and give their outputs spaces that are blocked from the start). Each class of spaces
+collects the group's members, sources, sinks and followers; a group is one final class with at least one
+source. Per-op knowledge lives in `rules.py`; this module only applies the decisions.
 
 A tensor's channel dim is a sequence of segments (offset, length), each in one space: Concat on the
 channel axis concatenates its operands' segment lists (SPPF, Inception, DenseNet, FPN necks); Split and
-Slice give each output the segments of its range. When a split boundary (or a join of differently
-segmented operands) falls inside a space, the sources of that space are *cut* there: the next walk
-creates their outputs as independent segments, each its own group (YOLO C2f: `Conv(2c) → Split(c, c)`
-makes two groups of c channels). Joins unite segment by segment.
+Slice give each output the segments of its range; joins unite segment by segment.
+
+Cuts. When a split boundary, or a join of differently segmented operands, falls inside a segment, that
+segment's class is *cut* there, on the spot: the class, an uncut union-find root, gets two new spaces as
+its `parts` (channels [0, c) and [c, size)), each a class of its own (YOLO C2f: `Conv(2c) → Split(c, c)`
+makes two groups of c channels). Nothing else is touched when a class is cut: every tensor that had a
+segment in it, however far back (a residual stream fed by a concatenation, the sources of the class), reads
+its segments through `_Walker.state`, which replaces a cut space by its parts, recursively, and since joins
+only ever unite uncut classes, a cut reaches everything joined with it. What a class collected before the
+cut stays on it until `_Spaces.settle`, after the walk, hands it down to the parts (oldest cut first, with
+offsets moved to each part). So every node is visited once and every entry is handed down once per cut of
+its class, however many concatenations feed residual streams; there is no fixpoint over walks.
+
+A class already blocked when a node would cut it is not cut (nothing to gain): the node blocks. What a cut
+does to grouped convs is kept on the class until it happens (`blocked_if_cut`): the parts of a grouped
+conv's output, and channels a grouped conv reads whole, cannot lose channels evenly once cut, so the cut
+blocks the class, and such a reader is no sink of the parts.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import TypeVar
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -54,8 +69,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_MAX_PASSES = 16  # walks with ever finer cuts; the last one is conservative whatever the count
-
+_T = TypeVar("_T")
 
 @dataclass(frozen=True)
 class Member:
@@ -186,22 +200,33 @@ class _ChannelState:
 
 @dataclass
 class _Space:
-    """One union-find class of channels while the graph is walked."""
+    """One channel space (a union-find node): while it is a root and has not been cut, it is a class of
+    channels and holds everything collected for it; once cut, its two `parts` are spaces of their own."""
 
     size: int
-    members: list[tuple[int, Member]] = field(default_factory=list)
-    sources: list[tuple[int, Source]] = field(default_factory=list)
-    sinks: list[tuple[int, Sink]] = field(default_factory=list)
-    followers: list[tuple[int, Follower]] = field(default_factory=list)
+    members: list[tuple[int, int, Member]] = field(default_factory=list)
+    sources: list[tuple[int, int, Source]] = field(default_factory=list)
+    sinks: list[tuple[int, int, Sink]] = field(default_factory=list)
+    followers: list[tuple[int, int, Follower]] = field(default_factory=list)
     blocker: tuple[int, Blocker] | None = None
+    sourced: bool = False  # some source creates these channels (else they come from a graph input or a blocker)
+    blocked_if_cut: tuple[int, Blocker] | None = None  # a grouped conv makes or reads them whole
+    parts: tuple[int, int] | None = None  # cut: the spaces of channels [0, c) and [c, size)
 
 
 class _Spaces:
-    """Union-find over channel spaces; the root holds everything collected for its class."""
+    """Union-find over channel spaces that can also be cut.
+
+    A join unites two uncut spaces; a cut turns an uncut root into two new spaces, its parts, and a tensor
+    whose segment names a cut space reads the parts instead (`leaves`). What was collected before a cut stays
+    on the cut space until `settle` hands it down to the parts, so a cut costs O(1) whatever the class holds.
+    """
 
     def __init__(self) -> None:
         self.parent: list[int] = []
         self.data: list[_Space] = []
+        self.cuts: list[int] = []  # spaces in the order they were cut: a space's parts are cut after it
+        self.sequence = itertools.count()  # ties entries of one node in the order they were collected
 
     def new(self, size: int, blocker: tuple[int, Blocker] | None = None) -> int:
         self.parent.append(len(self.parent))
@@ -217,6 +242,19 @@ class _Spaces:
     def get(self, space: int) -> _Space:
         return self.data[self.find(space)]
 
+    def leaves(self, space: int) -> list[int]:
+        """The uncut roots that `space`'s channels are now, in channel order."""
+        found: list[int] = []
+        stack = [space]
+        while stack:
+            root = self.find(stack.pop())
+            parts = self.data[root].parts
+            if parts is None:
+                found.append(root)
+            else:
+                stack += [parts[1], parts[0]]
+        return found
+
     def union(self, a: int, b: int) -> int:
         a, b = self.find(a), self.find(b)
         if a == b:
@@ -226,19 +264,75 @@ class _Spaces:
         keep, gone = self.data[a], self.data[b]
         if keep.size != gone.size:
             raise AssertionError(f"joined channel spaces of sizes {keep.size} and {gone.size}")
+        if keep.parts is not None or gone.parts is not None:
+            raise AssertionError("joined a channel space that was cut; join its parts")
         self.parent[b] = a
-        keep.members += gone.members
-        keep.sources += gone.sources
-        keep.sinks += gone.sinks
-        keep.followers += gone.followers
-        if gone.blocker is not None and (keep.blocker is None or gone.blocker[0] < keep.blocker[0]):
-            keep.blocker = gone.blocker
+        keep.members, gone.members = _merged(keep.members, gone.members), []
+        keep.sources, gone.sources = _merged(keep.sources, gone.sources), []
+        keep.sinks, gone.sinks = _merged(keep.sinks, gone.sinks), []
+        keep.followers, gone.followers = _merged(keep.followers, gone.followers), []
+        keep.blocker = _earliest(keep.blocker, gone.blocker)
+        keep.blocked_if_cut = _earliest(keep.blocked_if_cut, gone.blocked_if_cut)
+        keep.sourced = keep.sourced or gone.sourced
         return a
 
     def block(self, space: int, order: int, blocker: Blocker) -> None:
         data = self.get(space)
-        if data.blocker is None or order < data.blocker[0]:
-            data.blocker = (order, blocker)
+        data.blocker = _earliest(data.blocker, (order, blocker))
+
+    def block_if_cut(self, space: int, order: int, blocker: Blocker) -> None:
+        data = self.get(space)
+        data.blocked_if_cut = _earliest(data.blocked_if_cut, (order, blocker))
+
+    def cut(self, space: int, position: int) -> None:
+        """Cut the uncut class of `space` into channels [0, position) and [position, size)."""
+        root = self.find(space)
+        data = self.data[root]
+        if data.parts is not None or not 0 < position < data.size:
+            raise AssertionError(f"cut of a cut channel space, or at {position} outside 1..{data.size - 1}")
+        if data.blocked_if_cut is not None:
+            data.blocker = _earliest(data.blocker, data.blocked_if_cut)
+        parts = []
+        for size in (position, data.size - position):
+            part = self.new(size, data.blocker)
+            self.data[part].sourced = data.sourced
+            self.data[part].blocked_if_cut = data.blocked_if_cut
+            parts.append(part)
+        data.parts = (parts[0], parts[1])
+        self.cuts.append(root)
+
+    def settle(self) -> None:
+        """Hand what each cut space collected down to its parts (oldest cut first, so that it reaches the
+        parts' own parts), each entry with its offset moved to the part and its length the part's size."""
+        for space in self.cuts:
+            data = self.data[space]
+            assert data.parts is not None
+            start = 0
+            for part in data.parts:
+                size, target = self.data[part].size, self.get(part)
+                target.members += [(o, n, replace(m, offset=m.offset + start, length=size)) for o, n, m in data.members]
+                target.sources += [(o, n, replace(s, offset=s.offset + start)) for o, n, s in data.sources]
+                # a grouped Conv that read the class whole now reads channels of several groups: it blocked
+                # the class when it was cut (blocked_if_cut) and is no sink of the parts
+                target.sinks += [(o, n, replace(s, offset=s.offset + start)) for o, n, s in data.sinks if s.blocks == 1]
+                target.followers += [(o, n, replace(f, offset=f.offset + start)) for o, n, f in data.followers]
+                start += size
+            data.members, data.sources, data.sinks, data.followers = [], [], [], []
+
+
+def _merged(keep: list[_T], gone: list[_T]) -> list[_T]:
+    """Both lists in one, extending the longer (entries are sorted when the groups are made)."""
+    if len(gone) > len(keep):
+        keep, gone = gone, keep
+    keep += gone
+    return keep
+
+
+def _earliest(a: tuple[int, Blocker] | None, b: tuple[int, Blocker] | None) -> tuple[int, Blocker] | None:
+    """The blocker first in topological order (`a` on a tie)."""
+    if a is None or (b is not None and b[0] < a[0]):
+        return b
+    return a
 
 
 def _outer_references(node: gs.Node) -> list[str]:
@@ -271,19 +365,15 @@ def _static_shape(tensor: gs.Tensor, shapes: Mapping[str, Sequence[int]] | None)
 class _Walker:
     """One pass over the graph in topological order, applying each node's decision.
 
-    `cuts` names, per source node, the output-channel positions where its channels are split into
-    independent segments (each its own space). A Split/Slice boundary or a join of differently segmented
-    operands that falls inside a space asks for new cuts (`new_cuts`) and blocks for this pass; the
-    caller walks again with them until no new cut is needed.
+    A tensor's state names the spaces of its segments as they were when it was made; `state` reads them as
+    they are now, after the cuts made since. A Split/Slice boundary or a join of differently segmented
+    operands that falls inside a segment cuts that segment's class on the spot, unless it is blocked by then
+    (nothing to gain: the node blocks instead).
     """
 
-    def __init__(
-        self, graph: gs.Graph, shapes: Mapping[str, Sequence[int]] | None, cuts: Mapping[str, frozenset[int]]
-    ) -> None:
+    def __init__(self, graph: gs.Graph, shapes: Mapping[str, Sequence[int]] | None) -> None:
         self.graph = graph
         self.shapes = shapes
-        self.cuts = cuts
-        self.new_cuts: dict[str, set[int]] = {}
         self.spaces = _Spaces()
         self.states: dict[str, _ChannelState] = {}
         self.opset = int(graph.opset or onnx.defs.onnx_opset_version())
@@ -291,13 +381,38 @@ class _Walker:
     def shape(self, tensor: gs.Tensor) -> tuple[int, ...] | None:
         return _static_shape(tensor, self.shapes)
 
+    def state(self, name: str) -> _ChannelState | None:
+        """Where the channels of tensor `name` are now: its segments follow every cut made since it got them."""
+        state = self.states.get(name)
+        if state is None:
+            return None
+        spaces = self.spaces
+        if all(spaces.data[spaces.find(s.space)].parts is None for s in state.segments):
+            return state
+        segments, offset = [], 0
+        for segment in state.segments:
+            for leaf in spaces.leaves(segment.space):
+                length = spaces.data[leaf].size
+                segments.append(_Segment(offset, length, leaf))
+                offset += length
+        state = replace(state, segments=tuple(segments))
+        self.states[name] = state
+        return state
+
+    def segments(self, name: str) -> tuple[_Segment, ...]:
+        state = self.state(name)
+        return state.segments if state is not None else ()
+
+    def collect(self, order: int, what: list, entry: Member | Source | Sink | Follower) -> None:
+        what.append((order, next(self.spaces.sequence), entry))
+
     def set_state(
         self, tensor: gs.Tensor, order: int, axis: int, segments: Sequence[_Segment], outer: int = 1, inner: int = 1
     ) -> None:
         self.states[tensor.name] = _ChannelState(axis, tuple(segments), outer, inner)
         for segment in segments:
             member = Member(tensor.name, axis, segment.offset, segment.length)
-            self.spaces.get(segment.space).members.append((order, member))
+            self.collect(order, self.spaces.get(segment.space).members, member)
 
     def opaque(self, tensor: gs.Tensor, order: int, blocker: Blocker) -> None:
         """Give `tensor` a space that is blocked from the start (graph inputs, outputs of blockers).
@@ -312,25 +427,36 @@ class _Walker:
         self.set_state(tensor, order, axis, [_Segment(0, shape[axis], space)])
 
     def block_input(self, tensor: gs.Tensor, order: int, blocker: Blocker) -> None:
-        state = self.states.get(tensor.name)
-        if state is not None:
-            for segment in state.segments:
-                self.spaces.block(segment.space, order, blocker)
+        for segment in self.segments(tensor.name):
+            self.spaces.block(segment.space, order, blocker)
 
-    def request_cut(self, segment: _Segment, position: int) -> None:
-        """Ask for `segment`'s space to be cut at `position` (relative to the segment) in the next pass."""
-        data = self.spaces.get(segment.space)
-        if data.blocker is not None:
-            return  # blocked anyway: nothing to gain from cutting it
-        for _, source in data.sources:
-            self.new_cuts.setdefault(source.node, set()).add(source.offset + position)
+    def cut_at(self, wanted: Sequence[tuple[str, int]]) -> bool:
+        """Cut classes so that each (tensor, position) of `wanted` falls between two segments of the tensor;
+        whether anything was cut.
+
+        Which positions are cut is decided once, on the classes as they are before any of these cuts: none in
+        a blocked class (nothing to gain). So a cut that blocks a class (a grouped conv's channels) does not
+        stop the node's other cuts in it; a later node finds it blocked and blocks instead."""
+
+        def inside(name: str, position: int) -> _Segment | None:
+            return next((s for s in self.segments(name) if s.offset < position < s.offset + s.length), None)
+
+        allowed = [
+            (name, position)
+            for name, position in wanted
+            if (segment := inside(name, position)) is not None and self.spaces.get(segment.space).blocker is None
+        ]
+        for name, position in allowed:
+            segment = inside(name, position)
+            if segment is not None:  # else an earlier cut in the same class made it a boundary already
+                self.spaces.cut(segment.space, position - segment.offset)
+        return bool(allowed)
 
     def block_subgraph_reads(self, order: int, node: gs.Node) -> None:
         """Channels read inside a subgraph (If/Loop bodies) are not followed there: they block."""
         for name in _outer_references(node):
-            state = self.states.get(name)
             blocker = Blocker(node.name, f"its channels are read inside a subgraph of {node.op}", BlockerKind.SUBGRAPH)
-            for segment in state.segments if state is not None else ():
+            for segment in self.segments(name):
                 self.spaces.block(segment.space, order, blocker)
 
     def run(self) -> None:
@@ -346,24 +472,20 @@ class _Walker:
                     node.name if node else None, f"its channels reach graph output {tensor.name!r}", BlockerKind.GRAPH_OUTPUT
                 ),
             )
+        self.spaces.settle()
 
     def view(self, node: gs.Node) -> NodeView:
-        input_axes = tuple(
-            (state.axis if (state := self.states.get(t.name)) is not None and not isinstance(t, gs.Constant) else None)
-            for t in node.inputs
-        )
+        states = [self.state(t.name) if not isinstance(t, gs.Constant) else None for t in node.inputs]
         return NodeView(
             node=node,
             opset=self.opset,
             input_shapes=tuple(self.shape(t) for t in node.inputs),
             output_shapes=tuple(self.shape(t) for t in node.outputs),
-            input_axes=input_axes,
+            input_axes=tuple(state.axis if state is not None else None for state in states),
             opaque_inputs={
                 index: self.opaque_origin(state)
-                for index, t in enumerate(node.inputs)
-                if (state := self.states.get(t.name)) is not None
-                and not isinstance(t, gs.Constant)
-                and not any(self.spaces.get(segment.space).sources for segment in state.segments)
+                for index, state in enumerate(states)
+                if state is not None and not any(self.spaces.get(segment.space).sourced for segment in state.segments)
             },
         )
 
@@ -424,7 +546,7 @@ class _Walker:
             handled = set(decision.operands)
             segments, offset = [], 0
             for index in decision.operands:
-                for segment in self.states[node.inputs[index].name].segments:
+                for segment in self.segments(node.inputs[index].name):
                     segments.append(_Segment(offset, segment.length, segment.space))
                     offset += segment.length
             self.set_state(node.outputs[0], order, decision.out_axis, segments)
@@ -454,51 +576,39 @@ class _Walker:
         return decision
 
     def check_join(self, node: gs.Node, decision: Flow) -> Flow | Block:
-        """Joined operands must be segmented alike; otherwise ask for cuts so that they are next pass."""
-        states = [self.states[node.inputs[i].name] for i in decision.operands]
-        extents = {state.extent for state in states}
+        """Joined operands must be segmented alike: cut their classes until they are, or block."""
+        operands = [node.inputs[i] for i in decision.operands]
+        extents = {state.extent for t in operands if (state := self.state(t.name)) is not None}
         if len(extents) > 1:  # cannot happen for a valid model; never join spaces of different sizes
             return Block(f"its operands carry different channel counts {sorted(extents)}")
-        boundaries = {state.boundaries() for state in states}
-        if len(boundaries) == 1:
-            return decision
-        wanted = sorted(set().union(*boundaries))
-        for state in states:
-            self.cut_at(state, wanted)
-        return Block("its operands are concatenations of differently sized parts")
-
-    def cut_at(self, state: _ChannelState, positions: Sequence[int]) -> None:
-        for segment in state.segments:
-            for position in positions:
-                if segment.offset < position < segment.offset + segment.length:
-                    self.request_cut(segment, position - segment.offset)
+        while True:
+            boundaries = {state.boundaries() for t in operands if (state := self.state(t.name)) is not None}
+            if len(boundaries) == 1:
+                return decision
+            wanted = sorted(set().union(*boundaries))
+            # a cut may show up elsewhere in an operand (its class is there twice): look again until none is made
+            if not self.cut_at([(t.name, p) for t in operands for p in wanted]):
+                return Block("its operands are concatenations of differently sized parts")
 
     def check_partition(self, node: gs.Node, decision: Partition) -> Partition | Block:
-        """A split boundary inside a segment needs that segment's space cut there (next pass)."""
-        state = self.states[node.inputs[0].name]
+        """A split boundary inside a segment needs that segment's class cut there."""
+        tensor = node.inputs[0]
         positions = sorted({p for start, end in decision.ranges for p in (start, end)})
-        inside = [
-            p for p in positions for s in state.segments if s.offset < p < s.offset + s.length
-        ]
-        if not inside:
-            return decision
-        self.cut_at(state, inside)
-        return Block(f"{node.op} cuts a group of channels (modelled as separate groups where the source allows)")
+        self.cut_at([(tensor.name, p) for p in positions])
+        if any(s.offset < p < s.offset + s.length for p in positions for s in self.segments(tensor.name)):
+            return Block(f"{node.op} cuts a group of channels (modelled as separate groups where the source allows)")
+        return decision
 
     def create(self, order: int, node: gs.Node, decision: Create) -> None:
         spaces = self.spaces
-        state = self.states.get(node.inputs[decision.sink_input].name)
+        tensor = node.inputs[decision.sink_input]
+        state = self.state(tensor.name)
         if state is not None:
             if state.axis != decision.sink_axis:
                 reason = f"{node.op} mixes axis {decision.sink_axis}, but the channels are on axis {state.axis}"
-                self.block_input(node.inputs[decision.sink_input], order, Blocker(node.name, reason))
+                self.block_input(tensor, order, Blocker(node.name, reason))
             elif decision.blocks > 1 and (len(state.segments) > 1 or state.flattened):
-                what = (
-                    "channels flattened into features" if state.flattened
-                    else "channels of several groups (a Concat, or a Split or Slice elsewhere cuts them)"
-                )
-                reason = f"grouped Conv (group={decision.blocks}) reads {what}"
-                self.block_input(node.inputs[decision.sink_input], order, Blocker(node.name, reason, BlockerKind.GROUPED))
+                self.block_input(tensor, order, self.grouped_reads_parts(node, decision, state.flattened))
             else:
                 for segment in state.segments:
                     sink = Sink(
@@ -512,50 +622,61 @@ class _Walker:
                         state.inner,
                         decision.blocks,
                     )
-                    spaces.get(segment.space).sinks.append((order, sink))
-        bounds = [0, *sorted(c for c in self.cuts.get(node.name, ()) if 0 < c < decision.channels), decision.channels]
-        segments = []
-        split = len(bounds) > 2 and decision.blocks > 1
-        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+                    self.collect(order, spaces.get(segment.space).sinks, sink)
+                    if decision.blocks > 1:  # it reads the class whole: a later cut makes it read several
+                        spaces.block_if_cut(segment.space, order, self.grouped_reads_parts(node, decision, False))
+        space = spaces.new(decision.channels)
+        spaces.data[space].sourced = True
+        if decision.blocks > 1:
             blocker = Blocker(
                 node.name,
                 f"the output of a grouped Conv (group={decision.blocks}) is cut into parts (by a Split or Slice, or a "
                 "join with a concatenation)",
                 BlockerKind.GROUPED,
             )
-            space = spaces.new(end - start, (order, blocker) if split else None)
-            source = Source(node.name, node.op, decision.out_axis, start, decision.channels, decision.blocks)
-            spaces.get(space).sources.append((order, source))
-            segments.append(_Segment(start, end - start, space))
-        self.set_state(node.outputs[0], order, decision.out_axis, segments)
+            spaces.block_if_cut(space, order, blocker)
+        source = Source(node.name, node.op, decision.out_axis, 0, decision.channels, decision.blocks)
+        self.collect(order, spaces.data[space].sources, source)
+        self.set_state(node.outputs[0], order, decision.out_axis, [_Segment(0, decision.channels, space)])
+
+    @staticmethod
+    def grouped_reads_parts(node: gs.Node, decision: Create, flattened: bool) -> Blocker:
+        what = (
+            "channels flattened into features" if flattened
+            else "channels of several groups (a Concat, or a Split or Slice elsewhere cuts them)"
+        )
+        return Blocker(node.name, f"grouped Conv (group={decision.blocks}) reads {what}", BlockerKind.GROUPED)
 
     def flow(self, order: int, node: gs.Node, view: NodeView, decision: Flow) -> None:
         spaces = self.spaces
-        states = [self.states[node.inputs[i].name] for i in decision.operands]
+        states = [self.state(node.inputs[i].name) for i in decision.operands]
         segments = []
-        for parts in zip(*(state.segments for state in states), strict=True):
+        for parts in zip(*(state.segments for state in states if state is not None), strict=True):
             space = parts[0].space
             for other in parts[1:]:
                 space = spaces.union(space, other.space)
             segments.append(_Segment(parts[0].offset, parts[0].length, space))
         for index in decision.broadcast:
             self.block_input(node.inputs[index], order, Blocker(node.name, f"broadcast along the channel axis by {node.op}", BlockerKind.BROADCAST))
+        first = states[0]
+        assert first is not None
         if decision.follower:
             for segment in segments:
-                follower = Follower(node.name, node.op, decision.out_axis, view.out_rank(), segment.offset, states[0].extent)
-                spaces.get(segment.space).followers.append((order, follower))
+                follower = Follower(node.name, node.op, decision.out_axis, view.out_rank(), segment.offset, first.extent)
+                self.collect(order, spaces.get(segment.space).followers, follower)
         if decision.elementwise:
-            outer, inner = states[0].outer, states[0].inner
+            outer, inner = first.outer, first.inner
         else:
             outer, inner = decision.outer, decision.inner
         self.set_state(node.outputs[0], order, decision.out_axis, segments, outer, inner)
 
     def partition(self, order: int, node: gs.Node, view: NodeView, decision: Partition) -> None:
-        state = self.states[node.inputs[0].name]
+        state = self.state(node.inputs[0].name)
+        assert state is not None
         if decision.follower:
             for segment in state.segments:
                 follower = Follower(node.name, node.op, decision.out_axis, view.out_rank(), segment.offset, state.extent)
-                self.spaces.get(segment.space).followers.append((order, follower))
+                self.collect(order, self.spaces.get(segment.space).followers, follower)
         for tensor, (start, end) in zip(node.outputs, decision.ranges, strict=True):
             if not tensor.name:
                 continue
@@ -567,24 +688,24 @@ class _Walker:
             self.set_state(tensor, order, decision.out_axis, segments)
 
     def groups(self) -> tuple[ChannelGroup, ...]:
-        roots = sorted({self.spaces.find(s) for s in range(len(self.spaces.parent))})
+        """One group per class of channels that some source creates, in the order of its first source."""
         found = []
-        for root in roots:
-            data = self.spaces.data[root]
-            if not data.sources:
+        for root, data in enumerate(self.spaces.data):
+            if self.spaces.parent[root] != root or data.parts is not None or not data.sources:
                 continue
-            sources = [s for _, s in sorted(data.sources, key=lambda item: item[0])]
-            sinks = tuple(s for _, s in sorted(data.sinks, key=lambda item: item[0]))
+            first, *_ = sorted(data.sources, key=_entry_order)
+            sources = [s for _, _, s in sorted(data.sources, key=_entry_order)]
+            sinks = tuple(s for _, _, s in sorted(data.sinks, key=_entry_order))
             blocker = data.blocker[1] if data.blocker is not None else None
             if blocker is None and not sinks:
                 blocker = Blocker(sources[0].node, "its channels reach no layer that consumes them", BlockerKind.UNCONSUMED)
             group = ChannelGroup(
                 id=sources[0].node,
                 channels=data.size,
-                members=tuple(m for _, m in sorted(data.members, key=lambda item: item[0])),
+                members=tuple(m for _, _, m in sorted(data.members, key=_entry_order)),
                 sources=tuple(sources),
                 sinks=sinks,
-                followers=tuple(f for _, f in sorted(data.followers, key=lambda item: item[0])),
+                followers=tuple(f for _, _, f in sorted(data.followers, key=_entry_order)),
                 blocked_by=blocker,
             )
             if group.prunable and group.channels // group.blocks <= 1:
@@ -593,9 +714,16 @@ class _Walker:
                 )
                 reason = f"its grouped convs leave one channel in each of its {group.blocks} blocks"
                 group = replace(group, blocked_by=Blocker(grouped, reason, BlockerKind.GROUPED))
-            found.append((min(order for order, _ in data.sources), group))
+            found.append((_entry_order(first), group))
         found.sort(key=lambda item: item[0])
         return _unique_ids([group for _, group in found])
+
+
+def _entry_order(entry: tuple[int, int, Member | Source | Sink | Follower]) -> tuple[int, int, int]:
+    """Entries in the order their nodes were visited, one node's in the order it collected them, and the
+    parts of one entry (after cuts) in channel order."""
+    order, sequence, what = entry
+    return order, sequence, what.offset
 
 
 def _unique_ids(groups: list[ChannelGroup]) -> tuple[ChannelGroup, ...]:
@@ -618,14 +746,8 @@ def build_channel_groups(
     `shapes` gives the static shape of tensors by name (e.g. from `infer_tensor_infos`); tensors not in it
     use the graph's own static shapes. Groups come in the order of their first source.
     """
-    cuts: dict[str, frozenset[int]] = {}
-    for _ in range(_MAX_PASSES):
-        walker = _Walker(graph, shapes, cuts)
-        walker.run()
-        if not walker.new_cuts:
-            break
-        for node, positions in walker.new_cuts.items():
-            cuts[node] = cuts.get(node, frozenset()) | positions
+    walker = _Walker(graph, shapes)
+    walker.run()
     return walker.groups()
 
 
