@@ -2,7 +2,7 @@
 
     python -m models.build [--out DIR] [--only NAME] [--seed N]
 
-writes ``resnet18_like.onnx``, ``mobilenetv2_like.onnx`` and ``yolo_like.onnx`` (default folder
+writes ``resnet18_like.onnx``, ``mobilenetv2_like.onnx``, ``yolo_like.onnx`` and ``yolov8_like.onnx`` (default folder
 ``models/bench/``, which is not committed: the build takes seconds). Tests and benchmark scripts
 call ``build_resnet18_like()`` etc. in-process instead.
 
@@ -37,6 +37,7 @@ __all__ = [
     "build_mobilenetv2_like",
     "build_resnet18_like",
     "build_yolo_like",
+    "build_yolov8_like",
     "write_models",
 ]
 
@@ -70,10 +71,10 @@ class _GraphBuilder:
 
     # ------------------------------------------------------------------------------ plumbing
 
-    def input(self, name: str, shape: Sequence[int]) -> str:
-        """Declare a float32 graph input."""
+    def input(self, name: str, shape: Sequence[int | str]) -> str:
+        """Declare a float32 graph input (symbolic dims by name)."""
         self.inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape)))
-        self.channels[name] = shape[1]
+        self.channels[name] = int(shape[1])
         return name
 
     def initializer(self, name: str, array: np.ndarray) -> str:
@@ -105,7 +106,7 @@ class _GraphBuilder:
         return outputs
 
     def build(
-        self, name: str, outputs: dict[str, tuple[str, Sequence[int]]], probe: np.ndarray
+        self, name: str, outputs: dict[str, tuple[str, Sequence[int | str]]], probe: np.ndarray
     ) -> onnx.ModelProto:
         """Fold BatchNorm statistics measured on ``probe`` into the convs and return the checked model.
 
@@ -154,10 +155,14 @@ class _GraphBuilder:
         """
         values = {self.inputs[0].name: probe}
         remaining_uses = Counter(tensor for node in self.nodes for tensor in node.input)
+        unfolded = set(self._batchnorms)
         for node in self.nodes:
+            if not unfolded:  # the rest changes no weights (and a head may fix the batch at 1)
+                break
             outputs = self._run_node(node, values)
-            if node.op_type == "Conv":
+            if node.name in unfolded:
                 outputs = [self._fold_batchnorm(node, outputs[0])]
+                unfolded.discard(node.name)
             values.update(zip(node.output, outputs, strict=True))
             remaining_uses.subtract(node.input)
             for tensor in node.input:
@@ -186,7 +191,7 @@ class _GraphBuilder:
             helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape)
             for name, array in feeds.items()
         ]
-        outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in node.output]
+        outputs = [onnx.ValueInfoProto(name=name) for name in node.output]  # any type: Shape gives int64
         model = self._model([node], outputs, node.name, inputs)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -474,17 +479,9 @@ def _detect_branch(g: _GraphBuilder, x: str, hidden: int, out_channels: int, sco
     return g.conv(out, out_channels, _child(scope, 2))
 
 
-def build_yolo_like(seed: int = 0) -> onnx.ModelProto:
-    """A YOLOv8n-shaped detector on ``images`` [1, 3, 320, 320] -> ``output0`` [1, 144, 2100].
-
-    Backbone of Conv+SiLU and C2f blocks with SPPF; FPN/PAN neck with Resize + Concat up and stride-2
-    Conv + Concat down; a head per scale (box 64 + class 80 channels) Reshaped to [1, 144, -1],
-    Concatenated over the three scales, split into box and class rows, Sigmoid on the classes and
-    Concatenated again into the single output.
-    """
-    g = _GraphBuilder(seed)
-    x = g.input("images", [1, 3, 320, 320])
-
+def _yolov8n_features(g: _GraphBuilder, x: str) -> tuple[str, str, str]:
+    """YOLOv8n's backbone (Conv+SiLU, C2f, SPPF) and FPN/PAN neck: the P3, P4, P5 features (64, 128, 256
+    channels at strides 8, 16, 32)."""
     # backbone: strides 2, 4, 8 (P3), 16 (P4), 32 (P5)
     x = _conv_silu(g, x, 16, "model.0", kernel=3, stride=2)
     x = _conv_silu(g, x, 32, "model.1", kernel=3, stride=2)
@@ -506,6 +503,20 @@ def build_yolo_like(seed: int = 0) -> onnx.ModelProto:
     out4 = _c2f(g, x, 128, 1, False, "model.18")
     x = g.concat([_conv_silu(g, out4, 128, "model.19", kernel=3, stride=2), p5], "model.20")
     out5 = _c2f(g, x, 256, 1, False, "model.21")
+    return out3, out4, out5
+
+
+def build_yolo_like(seed: int = 0) -> onnx.ModelProto:
+    """A YOLOv8n-shaped detector on ``images`` [1, 3, 320, 320] -> ``output0`` [1, 144, 2100].
+
+    Backbone of Conv+SiLU and C2f blocks with SPPF; FPN/PAN neck with Resize + Concat up and stride-2
+    Conv + Concat down; a head per scale (box 64 + class 80 channels) Reshaped to [1, 144, -1],
+    Concatenated over the three scales, split into box and class rows, Sigmoid on the classes and
+    Concatenated again into the single output (no DFL or box decoding: see ``build_yolov8_like``).
+    """
+    g = _GraphBuilder(seed)
+    x = g.input("images", [1, 3, 320, 320])
+    out3, out4, out5 = _yolov8n_features(g, x)
 
     # head: per scale, box and class branches -> Concat -> Reshape [1, C, -1]; Concat over scales
     head_channels = _YOLO_BOX_CHANNELS + _YOLO_CLASSES
@@ -523,12 +534,163 @@ def build_yolo_like(seed: int = 0) -> onnx.ModelProto:
     return g.build("yolo_like", {"output0": (output, [1, head_channels, anchors])}, probe=probe)
 
 
+# ------------------------------------------------------------------------- YOLOv8 Detect head
+
+_DFL_BINS = 16  # ultralytics' reg_max: each box side is a distribution over 16 distances
+_YOLOV8_STRIDES = (8, 16, 32)
+
+
+class _HeadBuilder:
+    """The small tensors of the ultralytics v8 head: int64 shape constants, float scalars, shape arithmetic."""
+
+    def __init__(self, g: _GraphBuilder, scope: str = "model.22") -> None:
+        self.g = g
+        self.scope = scope
+        self._constants = 0
+
+    def constant(self, values: object, dtype: type = np.int64) -> str:
+        """An initializer as the exporter names folded constants (``/model.22/Constant_3_output_0``)."""
+        suffix = f"_{self._constants}" if self._constants else ""
+        self._constants += 1
+        return self.g.initializer(f"/{self.scope}/Constant{suffix}_output_0", np.array(values, dtype))
+
+    def op(self, op_type: str, inputs: Sequence[str], scope: str | None = None, channels: int | None = None,
+           **attributes: object) -> str:
+        return self.g.node(op_type, inputs, scope or self.scope, channels, **attributes)[0]
+
+    def dims(self, x: str, axes: Sequence[int], scope: str | None = None) -> list[str]:
+        """Shape(x) → Gather(axis) per axis: shape-[] int64 scalars computed at run time."""
+        shape = self.op("Shape", [x], scope)
+        return [self.op("Gather", [shape, self.constant(axis)], scope, axis=0) for axis in axes]
+
+    def as_1d(self, scalar: str, scope: str | None = None) -> str:
+        return self.op("Unsqueeze", [scalar, self.constant([0])], scope)
+
+
+def _computed_anchors(head: _HeadBuilder, height: str, width: str, stride: int) -> tuple[str, str]:
+    """ultralytics' ``make_anchors`` for one scale as torch 2.3 exports it, from the feature map's h and w
+    (shape-[] scalars): Range + 0.5 per axis, meshgrid (Reshape → Expand), stack (Unsqueeze → Concat) →
+    [h·w, 2] anchor points; ``torch.full((h·w, 1), stride)`` as ConstantOfShape(Concat(Unsqueeze(h·w), [1]))
+    + stride → [h·w, 1]."""
+    centres = []
+    for size in (width, height):  # sx, sy
+        count = head.op("Cast", [size], to=TensorProto.FLOAT)
+        steps = head.op("Range", [head.constant(0.0, np.float32), count, head.constant(1.0, np.float32)])
+        centres.append(head.op("Add", [steps, head.constant(0.5, np.float32)]))
+    sx, sy = centres
+    grid = head.op("Concat", [head.op("Shape", [sy]), head.op("Shape", [sx])], axis=0)
+    grid_y = head.op("Expand", [head.op("Reshape", [sy, head.constant([-1, 1])]), grid])
+    grid_x = head.op("Expand", [head.op("Reshape", [sx, head.constant([1, -1])]), grid])
+    last = head.constant([-1])
+    stacked = head.op("Concat", [head.op("Unsqueeze", [grid_x, last]), head.op("Unsqueeze", [grid_y, last])], axis=-1)
+    points = head.op("Reshape", [stacked, head.constant([-1, 2])])
+    positions = head.op("Mul", [height, width])  # a shape-[] scalar
+    filled = head.op("ConstantOfShape", [head.op("Concat", [head.as_1d(positions), head.constant([1])], axis=0)],
+                     value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    strides = head.op("Add", [filled, head.constant(float(stride), np.float32)])
+    return points, strides
+
+
+def _constant_anchors(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Anchor points [1, 2, A] (cell centres in grid units, x then y) and strides [1, A] of every scale."""
+    points, strides = [], []
+    for stride in _YOLOV8_STRIDES:
+        cells = size // stride
+        sy, sx = np.meshgrid(np.arange(cells) + 0.5, np.arange(cells) + 0.5, indexing="ij")
+        points.append(np.stack((sx, sy), -1).reshape(-1, 2))
+        strides.append(np.full(cells * cells, stride))
+    return (np.concatenate(points).T[None].astype(np.float32), np.concatenate(strides)[None].astype(np.float32))
+
+
+def build_yolov8_like(seed: int = 0, *, size: int = 320, classes: int = 80, dynamic: bool = False) -> onnx.ModelProto:
+    """YOLOv8n with the ultralytics v8 ``Detect`` head as exported: ``images`` [1, 3, size, size] ->
+    ``output0`` [1, 4 + classes, A] (A anchors over strides 8, 16, 32), boxes as centre x, y, w, h in pixels.
+
+    The backbone and neck are ``build_yolo_like``'s. Per scale, a box branch (cv2: 64 = 4 sides x 16 bins)
+    and a class branch (cv3), Concatenated and Reshaped to [1, 64 + classes, -1]; Concat over the scales;
+    Split into box and class rows. DFL: Reshape [1, 4, 16, A] -> Transpose -> Softmax over the bins -> a
+    fixed 1x1 Conv with weights 0…15 (the expected distance) -> Reshape [1, 4, A]. dist2bbox: Slice into
+    left-top and right-bottom, anchors - lt and anchors + rb (Sub, Add), centre = sum / 2 and size =
+    difference, Concat, Mul by the strides. Sigmoid on the classes; one Concat of boxes and scores.
+
+    ``dynamic``: as ``yolo export dynamic=True`` writes it (the nudenet 3.4.2 wheel's 320n.onnx, torch 2.3):
+    input [batch, 3, height, width], and the anchors, strides and Reshape shapes computed at run time from
+    Shape -> Gather (h·w as shape-[] scalars, Range, Expand, ConstantOfShape) — ``size`` is then only the
+    probe's. Otherwise they are constants, as an export with static shapes folds them.
+    """
+    g = _GraphBuilder(seed)
+    x = g.input("images", ["batch", 3, "height", "width"] if dynamic else [1, 3, size, size])
+    features = _yolov8n_features(g, x)
+    head = _HeadBuilder(g)
+    outputs = 4 * _DFL_BINS + classes
+    box_hidden = max(16, g.channels[features[0]] // 4, 4 * _DFL_BINS)
+    class_hidden = max(g.channels[features[0]], min(classes, 100))
+    flattened, points, strides = [], [], []
+    flat_shape = head.constant([1, outputs, -1])
+    for scale, feature in enumerate(features):
+        box = _detect_branch(g, feature, box_hidden, 4 * _DFL_BINS, f"model.22/cv2.{scale}")
+        cls = _detect_branch(g, feature, class_hidden, classes, f"model.22/cv3.{scale}")
+        per_scale = g.concat([box, cls], "model.22")
+        if dynamic:
+            if scale == 0:  # the batch of the first scale shapes every Reshape, as in the export
+                batch, height, width = head.dims(per_scale, (0, 2, 3))
+                flat_shape = head.op("Concat", [head.as_1d(batch), head.constant([outputs]), head.constant([-1])], axis=0)
+            else:
+                height, width = head.dims(per_scale, (2, 3))
+            scale_points, scale_strides = _computed_anchors(head, height, width, _YOLOV8_STRIDES[scale])
+            points.append(scale_points)
+            strides.append(scale_strides)
+        flattened.append(head.op("Reshape", [per_scale, flat_shape], channels=outputs))
+    anchors = sum((size // stride) ** 2 for stride in _YOLOV8_STRIDES)
+    predictions = head.op("Concat", flattened, channels=outputs, axis=2)
+    box, cls = g.node("Split", [predictions, head.constant([4 * _DFL_BINS, classes])], "model.22", None,
+                      num_outputs=2, axis=1)
+
+    # DFL
+    if dynamic:
+        batch, positions = (head.as_1d(d, "model.22/dfl") for d in head.dims(box, (0, 2), "model.22/dfl"))
+        bins_shape = head.op("Concat", [batch, head.constant([4]), head.constant([_DFL_BINS]), positions],
+                             "model.22/dfl", axis=0)
+        sides_shape = head.op("Concat", [batch, head.constant([4]), positions], "model.22/dfl", axis=0)
+    else:
+        bins_shape, sides_shape = head.constant([1, 4, _DFL_BINS, anchors]), head.constant([1, 4, anchors])
+    bins = head.op("Reshape", [box, bins_shape], "model.22/dfl")
+    bins = head.op("Transpose", [bins], "model.22/dfl", perm=[0, 2, 1, 3])
+    weights = head.op("Softmax", [bins], "model.22/dfl", axis=1)
+    expected = g.initializer("model.22.dfl.conv.weight", np.arange(_DFL_BINS, dtype=np.float32).reshape(1, -1, 1, 1))
+    distance = head.op("Conv", [weights, expected], "model.22/dfl/conv", 1, dilations=[1, 1], group=1,
+                       kernel_shape=[1, 1], pads=[0, 0, 0, 0], strides=[1, 1])
+    distance = head.op("Reshape", [distance, sides_shape], "model.22/dfl")
+
+    # dist2bbox, scaled by the strides
+    if dynamic:
+        anchor_points = head.op("Unsqueeze", [head.op("Transpose", [head.op("Concat", points, axis=0)], perm=[1, 0]),
+                                              head.constant([0])])
+        stride_row = head.op("Transpose", [head.op("Concat", strides, axis=0)], perm=[1, 0])
+    else:
+        constant_points, constant_strides = _constant_anchors(size)
+        anchor_points, stride_row = head.constant(constant_points, np.float32), head.constant(constant_strides, np.float32)
+    sides = head.constant([1])
+    left_top = head.op("Slice", [distance, head.constant([0]), head.constant([2]), sides])
+    right_bottom = head.op("Slice", [distance, head.constant([2]), head.constant([4]), sides])
+    top_left = head.op("Sub", [anchor_points, left_top])
+    bottom_right = head.op("Add", [anchor_points, right_bottom])
+    centre = head.op("Div", [head.op("Add", [top_left, bottom_right]), head.constant(2.0, np.float32)])
+    extent = head.op("Sub", [bottom_right, top_left])
+    boxes = head.op("Mul", [head.op("Concat", [centre, extent], axis=1), stride_row])
+    output = head.op("Concat", [boxes, head.op("Sigmoid", [cls])], axis=1)
+    probe = g.rng.uniform(0.0, 1.0, (PROBE_BATCH, 3, size, size)).astype(np.float32)  # pixels / 255
+    shape: list[int | str] = ["batch", 4 + classes, "anchors"] if dynamic else [1, 4 + classes, anchors]
+    return g.build("yolov8_like" + ("_dynamic" if dynamic else ""), {"output0": (output, shape)}, probe=probe)
+
+
 # ----------------------------------------------------------------------------------------- CLI
 
 BUILDERS: dict[str, Callable[[int], onnx.ModelProto]] = {
     "resnet18_like": build_resnet18_like,
     "mobilenetv2_like": build_mobilenetv2_like,
     "yolo_like": build_yolo_like,
+    "yolov8_like": build_yolov8_like,
 }
 
 
