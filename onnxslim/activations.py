@@ -11,10 +11,16 @@ forward instead of re-running the whole model once per refit layer: each range i
 own, built from the model *as it is now*, so weights changed between ranges are used downstream. What it
 keeps is held in memory up to `memory_budget` bytes and spilled to `.npy` files in a temporary folder
 (read back memory-mapped) past it, so its memory does not grow with the number of samples; its disk use does.
+It keeps tensors exactly as onnxruntime gave them (a shape-[] scalar stays shape []); a value that is no
+tensor (a sequence) or a range onnxruntime refuses on its own raises `StagedRunError`, which recovery meets by
+running the whole model. `check_staged_runner` is its proof: every range's outputs against one run of the
+whole model exposing them, bit for bit (the tests run it over many graphs, benchmarks/staged_runner_check.py
+over real exports).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,11 +31,21 @@ import numpy as np
 import onnx
 
 from onnxslim.calib import Batch, Dataset
-from onnxslim.errors import DataError, first_line
+from onnxslim.errors import DataError, StagedRunError, first_line
 from onnxslim.progress import Progress
 from onnxslim.runtime import cpu_session, session_options
 
-__all__ = ["ChannelStats", "channel_statistics", "StagedRunner", "Progress", "with_outputs"]
+__all__ = [
+    "ChannelStats",
+    "Progress",
+    "StageMismatch",
+    "StagedCheck",
+    "StagedRunner",
+    "channel_statistics",
+    "check_staged_runner",
+    "stage_ends",
+    "with_outputs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -136,10 +152,18 @@ class _Store:
         self._files = 0
         self.spilled = 0  # bytes written to disk, for the report
 
-    def put(self, batch: int, name: str, array: np.ndarray) -> None:
+    def put(self, batch: int, name: str, value: object) -> None:
+        """Keep `value` (a tensor: onnxruntime gives lists for sequences, None for empty optionals) as is."""
+        if not isinstance(value, np.ndarray):
+            raise StagedRunError(
+                f"{name!r} is a {type(value).__name__}, not a tensor: the staged runner keeps only tensors between ranges"
+            )
         self.drop(batch, name)
-        array = np.ascontiguousarray(array)
-        if self._in_memory + array.nbytes <= self._budget:
+        # np.asarray, never np.ascontiguousarray: that one turns a 0-d tensor into a 1-d one, and the shape-[]
+        # scalars of shapes computed at run time (Shape → Gather → Mul) then broke a Concat downstream on rank
+        array = np.asarray(value, order="C")
+        # strings (object arrays) stay in memory: .npy would have to pickle them
+        if array.dtype == object or self._in_memory + array.nbytes <= self._budget:
             self._arrays[(batch, name)] = array
             self._in_memory += array.nbytes
             return
@@ -171,15 +195,15 @@ class _Store:
 
 
 def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
-    """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing graph."""
+    """Names a node's subgraphs (If/Loop/Scan bodies, nested ones too) read from the enclosing graph."""
     names: set[str] = set()
     for attribute in node.attribute:
         graphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
         for graph in graphs:
             inner = {t.name for t in graph.input} | {t.name for t in graph.initializer}
+            inner |= {t.values.name for t in graph.sparse_initializer}
             for inner_node in graph.node:
-                names |= {n for n in inner_node.input if n and n not in inner}
-                names |= _subgraph_inputs(inner_node)
+                names |= _node_inputs(inner_node) - inner
                 inner |= set(inner_node.output)
     return names
 
@@ -188,11 +212,24 @@ def _node_inputs(node: onnx.NodeProto) -> set[str]:
     return {name for name in node.input if name} | _subgraph_inputs(node)
 
 
+def _stage_input(name: str, array: np.ndarray) -> onnx.ValueInfoProto:
+    """A stage's graph input for `array`: its element type, any shape (one stage serves every batch)."""
+    try:
+        elem_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)  # object arrays (strings): STRING
+    except (KeyError, TypeError, ValueError) as e:
+        raise StagedRunError(f"{name!r} has an element type ({array.dtype}) the staged runner cannot declare") from e
+    return onnx.helper.make_tensor_value_info(name, elem_type, None)
+
+
 class StagedRunner:
     """Runs `model`'s nodes in `order` over every batch of `feeds`, one range at a time (module docstring).
 
     `protect`: tensors kept until `release`d even when no later node reads them (outputs a caller reads).
     The model may be replaced (`update`) between ranges, with the same node names and tensors.
+    A range is a model of its own: its nodes, the constants they read (a fed graph input overrides its
+    initializer, as in the whole model), the model's opsets and local functions, and the kept tensors it
+    reads as inputs of any shape. What it cannot do raises StagedRunError (`check_staged_runner` checks
+    the rest: every range's outputs are those of the whole model, bit for bit).
     """
 
     def __init__(
@@ -219,6 +256,7 @@ class StagedRunner:
         self._nodes = list(model.graph.node)
         self._positions = {node.name: position for position, node in enumerate(self._nodes)}
         self._initializers = {t.name: t for t in model.graph.initializer}
+        self._sparse_initializers = {t.values.name: t for t in model.graph.sparse_initializer}
         self._graph_outputs = {o.name for o in model.graph.output}
         self._last_reader: dict[str, int] = {}
         for position, node in enumerate(self._nodes):
@@ -245,16 +283,24 @@ class StagedRunner:
             for batch in range(self._batches):
                 self._store.drop(batch, name)
 
-    def run_to(self, end: int) -> None:
-        """Run nodes [position, end) on every batch; afterwards only tensors still needed are kept."""
+    def _is_constant(self, name: str) -> bool:
+        """An initializer that is not fed (a graph input's feed overrides its initializer)."""
+        return (name in self._initializers or name in self._sparse_initializers) and not self._store.has(0, name)
+
+    def run_to(self, end: int) -> list[str]:
+        """Run nodes [position, end) on every batch; return the tensors computed and kept (those later nodes
+        read, graph outputs, protected ones). Afterwards only tensors still needed are kept.
+
+        StagedRunError when the range cannot run on its own; the runner then stays at its position.
+        """
         if end <= self.position:
-            return
+            return []
         nodes = self._nodes[self.position : end]
         produced: set[str] = set()
         needed: list[str] = []
         for node in nodes:
             for name in sorted(_node_inputs(node)):
-                if name not in produced and name not in self._initializers and name not in needed:
+                if name not in produced and name not in needed and not self._is_constant(name):
                     needed.append(name)
             produced |= {name for name in node.output if name}
         outputs = [
@@ -263,25 +309,34 @@ class StagedRunner:
         ]
         inputs = [name for name in needed if self._store.has(0, name)]
         missing = [name for name in needed if name not in inputs and name not in produced]
-        if missing:
-            raise DataError(f"staged run: tensors {missing[:3]} are needed but were not computed")
-        if outputs:
+        span = f"nodes {nodes[0].name or nodes[0].op_type}…{nodes[-1].name or nodes[-1].op_type}"
+        if missing and self._batches:
+            raise StagedRunError(f"staged run of {span}: tensors {missing[:3]} are needed but were not computed")
+        if outputs and self._batches:
+            constants = self._needed_constants(nodes)
             graph = onnx.helper.make_graph(
                 nodes,
                 "stage",
-                [onnx.helper.make_tensor_value_info(
-                    name, onnx.helper.np_dtype_to_tensor_dtype(self._store.get(0, name).dtype), None
-                ) for name in inputs],
+                [_stage_input(name, self._store.get(0, name)) for name in inputs],
                 [onnx.ValueInfoProto(name=name) for name in outputs],
-                initializer=[self._initializers[name] for name in sorted(self._needed_constants(nodes))],
+                initializer=[self._initializers[name] for name in sorted(constants & self._initializers.keys())],
+                sparse_initializer=[
+                    self._sparse_initializers[name] for name in sorted(constants & self._sparse_initializers.keys())
+                ],
             )
-            stage = onnx.helper.make_model(graph, opset_imports=self._model.opset_import, ir_version=self._model.ir_version)
+            stage = onnx.helper.make_model(
+                graph, opset_imports=self._model.opset_import, ir_version=self._model.ir_version,
+                functions=self._model.functions,
+            )
             try:
                 session = cpu_session(stage, session_options(opt_level="basic"))
-            except Exception as e:  # noqa: BLE001
-                raise DataError(f"staged run: onnxruntime cannot run nodes {nodes[0].name}…{nodes[-1].name}: {first_line(e)}") from e
+            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+                raise StagedRunError(f"onnxruntime cannot run {span} on their own: {first_line(e)}") from e
             for batch in range(self._batches):
-                values = session.run(outputs, {name: np.asarray(self._store.get(batch, name)) for name in inputs})
+                try:
+                    values = session.run(outputs, {name: np.asarray(self._store.get(batch, name)) for name in inputs})
+                except Exception as e:  # noqa: BLE001
+                    raise StagedRunError(f"onnxruntime fails on {span} run on their own: {first_line(e)}") from e
                 for name, value in zip(outputs, values, strict=True):
                     self._store.put(batch, name, value)
         self.position = end
@@ -289,9 +344,10 @@ class StagedRunner:
             if self._last_reader.get(name, -1) < end and name not in self._graph_outputs and name not in self._protected:
                 for batch in range(self._batches):
                     self._store.drop(batch, name)
+        return outputs
 
     def _needed_constants(self, nodes: Sequence[onnx.NodeProto]) -> set[str]:
-        return {name for node in nodes for name in _node_inputs(node) if name in self._initializers}
+        return {name for node in nodes for name in _node_inputs(node) if self._is_constant(name)}
 
     @property
     def spilled_bytes(self) -> int:
@@ -299,3 +355,92 @@ class StagedRunner:
 
     def close(self) -> None:
         self._store.close()
+
+
+# ------------------------------------------------------------------------------------------ self-check
+
+
+@dataclass(frozen=True)
+class StageMismatch:
+    """A tensor a range computed that differs from the whole model's (or that the whole model lacks)."""
+
+    stage: int
+    nodes: str  # first…last node of the range
+    tensor: str
+    batch: int
+    detail: str
+
+
+@dataclass(frozen=True)
+class StagedCheck:
+    """`check_staged_runner`'s result: ranges run, tensors compared (per batch) and the mismatches."""
+
+    stages: int
+    compared: int
+    mismatches: tuple[StageMismatch, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.mismatches
+
+
+def stage_ends(node_count: int, longest: int, seed: int = 0) -> list[int]:
+    """Ends of ranges of seeded random lengths 1…`longest` covering `node_count` nodes."""
+    rng = np.random.default_rng(seed)
+    ends, position = [], 0
+    while position < node_count:
+        position = min(node_count, position + int(rng.integers(1, longest + 1)))
+        ends.append(position)
+    return ends
+
+
+def _digest(array: np.ndarray) -> tuple[str, tuple[int, ...], str]:
+    """(dtype, shape, hash of the bytes): equal exactly when the tensors are identical bit for bit."""
+    array = np.asarray(array)
+    payload = repr(array.tolist()).encode() if array.dtype == object else np.ascontiguousarray(array).tobytes()
+    return array.dtype.str, array.shape, hashlib.sha1(payload).hexdigest()
+
+
+def check_staged_runner(
+    model: onnx.ModelProto,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    ends: Sequence[int],
+    *,
+    memory_budget: int = 1 << 30,
+) -> StagedCheck:
+    """Run `model` with `StagedRunner` in the ranges ending at `ends`, and compare every range's outputs with
+    one whole-model run (per batch) exposing all of them: they must be identical, bit for bit.
+
+    Why: recovery trusts the staged runner to give the whole model's activations; a range that is not a
+    faithful model of its own (a scalar that lost its rank, an initializer a feed should override) shows
+    here. Only digests of the staged tensors are kept, so memory does not grow with the model.
+    """
+    runner = StagedRunner(model, feeds, memory_budget=memory_budget)
+    staged: dict[str, tuple[int, str, list[tuple[str, tuple[int, ...], str]]]] = {}
+    mismatches: list[StageMismatch] = []
+    try:
+        for stage, end in enumerate(ends):
+            first = runner.position
+            span = f"{model.graph.node[first].name}…{model.graph.node[end - 1].name}" if end > first else ""
+            try:
+                kept = runner.run_to(end)
+            except StagedRunError as e:  # the range failed: what ran before it is still compared
+                mismatches.append(StageMismatch(stage, span, "", -1, str(e)))
+                break
+            for name in kept:
+                staged[name] = (stage, span, [_digest(runner.get(batch, name)) for batch in range(runner.batches)])
+    finally:
+        runner.close()
+    names = sorted(staged)
+    session = cpu_session(with_outputs(model, names), session_options(opt_level="basic"))
+    for batch, batch_feeds in enumerate(feeds):
+        values = session.run(names, dict(batch_feeds)) if names else []
+        for name, value in zip(names, values, strict=True):
+            stage, span, digests = staged[name]
+            want = _digest(value)
+            if digests[batch] != want:
+                got = digests[batch]
+                detail = (f"{got[0]}{list(got[1])} vs the whole model's {want[0]}{list(want[1])}"
+                          if got[:2] != want[:2] else "values differ")
+                mismatches.append(StageMismatch(stage, span, name, batch, detail))
+    return StagedCheck(len(ends), len(names) * len(feeds), tuple(mismatches))

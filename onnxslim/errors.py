@@ -15,6 +15,7 @@ __all__ = [
     "UsageError",
     "OutputError",
     "ValidationError",
+    "StagedRunError",
     "first_line",
 ]
 
@@ -50,6 +51,12 @@ class OutputError(UsageError):
 
     Checked before any work starts; a write that still fails (a full disk) raises it too, never exit 4.
     """
+
+
+class StagedRunError(UnsupportedModelError):
+    """The staged runner (activations.StagedRunner) cannot run a range of the model on its own, though the
+    whole model runs: a value it cannot hold between ranges, or an onnxruntime failure on the range alone.
+    Recovery catches it and runs the whole model instead."""
 
 
 class ValidationError(OnnxSlimError):
