@@ -193,6 +193,8 @@ def _infos_from_onnxruntime(
         return {}
     infos = {}
     for name, value in zip(names, outputs, strict=True):
+        if not isinstance(value, np.ndarray):  # a sequence (a list), a map or an empty optional: no tensor
+            continue
         array = np.asarray(value)
         if array.dtype == object:
             continue
