@@ -6,7 +6,10 @@ group through, is a *refit node*. Refit nodes are visited in topological order. 
 taken from the model *as pruned and refit so far* and its target is the *original* model's output at that
 node (the kept output channels of it): sequential refits, measured to beat refits from the original's
 inputs (docs/ARCHITECTURE.md, "Recovery"). Activations are passed forward range by range (`activations.StagedRunner`), so the
-whole model is run about once per model, not once per layer.
+whole model is run about once per model, not once per layer. Where the staged runner cannot go on (its
+limit: a sequence kept between ranges, a range onnxruntime refuses alone), each remaining layer's input and
+target come from runs of the whole model instead — slower, the same numbers — with a warning, and the
+layers' notes say so.
 
 The least-squares problem of a node is accumulated as Gram matrices over the calibration batches —
 [AᵀA, Aᵀy] with A the node's input features plus a column of ones (its bias) — so memory is the square of
@@ -31,6 +34,7 @@ without an intercept and cannot use `bias` or `affine`.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -42,10 +46,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxslim.activations import StagedRunner
-from onnxslim.errors import UsageError
+from onnxslim.activations import StagedRunner, with_outputs
+from onnxslim.errors import DataError, StagedRunError, UsageError, ValidationError, first_line
 from onnxslim.evaluate import HOLDOUT_EVERY  # sample i is held out of the fit when i % 5 == 4
 from onnxslim.progress import Progress
+from onnxslim.runtime import cpu_session, session_options
 
 __all__ = [
     "RECOVERY_METHODS",
@@ -543,6 +548,26 @@ def _rebatched(
         yield {name: np.concatenate([p[name] for p in pending]) for name in pending[0]}
 
 
+def _whole_model_values(
+    model: onnx.ModelProto, names: Sequence[str], feeds: Iterable[Mapping[str, np.ndarray]], which: str
+) -> Iterator[list[np.ndarray]]:
+    """The tensors `names` of `model` per batch of `feeds`, each batch one run of the whole model (what
+    recovery falls back to past the staged runner's limit). `which`: "original" or "pruned", for errors."""
+    failure: type[DataError] | type[ValidationError] = DataError if which == "original" else ValidationError
+    fed = {value.name for value in model.graph.input}
+    exposed = [name for name in names if name not in fed]  # a graph input is taken from the feeds
+    try:
+        session = cpu_session(with_outputs(model, exposed), session_options(opt_level="basic"))
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise failure(f"onnxruntime cannot run the {which} model with {names[0]!r} exposed: {first_line(e)}") from e
+    for batch in feeds:
+        try:
+            values = dict(zip(exposed, session.run(exposed, dict(batch)), strict=True)) if exposed else {}
+        except Exception as e:  # noqa: BLE001
+            raise failure(f"the {which} model fails on the calibration data: {first_line(e)}") from e
+        yield [batch[name] if name in fed else values[name] for name in names]
+
+
 def recover_model(
     original: onnx.ModelProto,
     pruned: onnx.ModelProto,
@@ -571,6 +596,7 @@ def recover_model(
     if not callable(batches):
         given = list(batches)
         batches = lambda: ((feeds, len(next(iter(feeds.values())))) for feeds in given)  # noqa: E731
+    stream = batches
     sizes: list[int] = []
     editor = _ModelEditor(recovered)
     nodes = {node.name: node for node in recovered.graph.node}
@@ -581,25 +607,53 @@ def recover_model(
     if not options.sequential:
         targets += [original_nodes[name].input[0] for name in order if name in original_nodes]
     rows = _REBATCH_ROWS
+
+    def feeds() -> Iterator[dict[str, np.ndarray]]:
+        return _rebatched(stream(), rows, fixed_batch, [])
+
     runner_original = StagedRunner(
         original, _rebatched(batches(), rows, fixed_batch, sizes), memory_budget=options.memory_budget // 2,
         protect=targets,
     )
-    runner_pruned = StagedRunner(
-        recovered, _rebatched(batches(), rows, fixed_batch, []), memory_budget=options.memory_budget // 2
-    )
+    runner_pruned = StagedRunner(recovered, feeds(), memory_budget=options.memory_budget // 2)
+    staged_limit = ""  # why the staged runner stopped, once it has: whole-model runs from then on
     samples = sum(sizes)
     held_out = sum(1 for i in range(samples) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1)
     train_samples = max(samples - held_out, 1)
     results: list[NodeRecovery] = []
+    spilled = 0
     try:
         for done, name in enumerate(order, start=1):
             node = nodes[name]
             layer = refit_layer(node, editor)
             if layer is None or name not in original_nodes:
                 continue
-            runner_pruned.run_to(runner_pruned.position_of(name))
-            runner_original.run_to(runner_original.position_of(name) + 1)
+            if not staged_limit:
+                try:
+                    runner_pruned.run_to(runner_pruned.position_of(name))
+                    runner_original.run_to(runner_original.position_of(name) + 1)
+                except StagedRunError as e:
+                    staged_limit = first_line(e)
+                    logger.warning(
+                        "recovery: the staged runner cannot go on at %s (%s); running the whole model for this and "
+                        "each later layer instead (slower, the same result)", name, staged_limit,
+                    )
+                    spilled = runner_original.spilled_bytes + runner_pruned.spilled_bytes
+                    runner_original.close()
+                    runner_pruned.close()
+            # x: the node's input, from the model as pruned and refit so far (or the original's, kept channels);
+            # y: the original's output there
+            x_name = node.input[0] if options.sequential else original_nodes[name].input[0]
+            y_name = original_nodes[name].output[0]
+            pairs: Iterable[tuple[np.ndarray, np.ndarray]]
+            if not staged_limit:
+                x_runner = runner_pruned if options.sequential else runner_original
+                pairs = ((x_runner.get(b, x_name), runner_original.get(b, y_name)) for b in range(len(sizes)))
+            elif options.sequential:
+                pairs = zip((v[0] for v in _whole_model_values(recovered, [x_name], feeds(), "pruned")),
+                            (v[0] for v in _whole_model_values(original, [y_name], feeds(), "original")), strict=True)
+            else:
+                pairs = ((v[0], v[1]) for v in _whole_model_values(original, [x_name, y_name], feeds(), "original"))
             weights, bias = layer.get()
             per_sample = max(4, math.ceil(options.positions_per_weight * (layer.features() + 1) / train_samples))
             fit = _Normal(layer.blocks, weights.shape[1], weights.shape[2])
@@ -607,14 +661,11 @@ def recover_model(
             first = 0
             kept = kept_outputs.get(name)
             pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-            for batch, size in enumerate(sizes):
-                if options.sequential:
-                    x = np.asarray(runner_pruned.get(batch, node.input[0]))[:size]
-                else:  # the original's input, its kept channels (the axis a Conv/Gemm reads, a MatMul's last)
-                    x = np.asarray(runner_original.get(batch, original_nodes[name].input[0]))[:size]
-                    if kept_inputs is not None and name in kept_inputs:
-                        x = np.take(x, kept_inputs[name], axis=-1 if node.op_type == "MatMul" else 1)
-                y = np.asarray(runner_original.get(batch, original_nodes[name].output[0]))[:size]
+            for batch, ((x, y), size) in enumerate(zip(pairs, sizes, strict=True)):
+                x, y = np.asarray(x)[:size], np.asarray(y)[:size]
+                if not options.sequential and kept_inputs is not None and name in kept_inputs:
+                    # the original's kept input channels (the axis a Conv/Gemm reads, a MatMul's last)
+                    x = np.take(x, kept_inputs[name], axis=-1 if node.op_type == "MatMul" else 1)
                 features, target, sample = layer.rows(x, y, kept, rng, per_sample)
                 pending.append((features, target, (first + sample) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1))
                 first += size
@@ -623,12 +674,18 @@ def recover_model(
                     fit.add(features[~held], target[~held])
                     check.add(features[held], target[held])
                     pending = []
-            runner_original.release(original_nodes[name].output[0])
-            results.append(_refit(layer, fit, check if check.rows else fit, weights, bias, options))
-            runner_pruned.update(recovered)
+            result = _refit(layer, fit, check if check.rows else fit, weights, bias, options)
+            if staged_limit:
+                note = f"input and target from whole-model runs (the staged runner's limit: {staged_limit})"
+                result = dataclasses.replace(result, note="; ".join(filter(None, [result.note, note])))
+            results.append(result)
+            if not staged_limit:
+                runner_original.release(y_name)
+                runner_pruned.update(recovered)
             if progress is not None:
                 progress("recovery", done, len(order))
-        spilled = runner_original.spilled_bytes + runner_pruned.spilled_bytes
+        if not staged_limit:
+            spilled = runner_original.spilled_bytes + runner_pruned.spilled_bytes
     finally:
         runner_original.close()
         runner_pruned.close()
