@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from onnxslim.calib import Batch, Dataset
 from onnxslim.errors import DataError, StagedRunError, first_line
@@ -212,6 +213,25 @@ def _node_inputs(node: onnx.NodeProto) -> set[str]:
     return {name for name in node.input if name} | _subgraph_inputs(node)
 
 
+# ops whose output differs from run to run even on constant inputs: never treated as constants
+_NONDETERMINISTIC = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                               "Bernoulli"})
+
+
+def _constant_derived(model: onnx.ModelProto) -> set[str]:
+    """Tensors computed from constants alone (Constant nodes, Reshape of a constant, …): the same in every
+    batch. onnxruntime folds them in the whole model; a range that reads one gets it as a constant too, or it
+    would fuse differently (a BatchNormalization whose scale came in as an input stayed unfused) and round
+    differently from the whole model."""
+    graph_inputs = {value.name for value in model.graph.input}
+    fixed = {t.name for t in model.graph.initializer} | {t.values.name for t in model.graph.sparse_initializer}
+    fixed -= graph_inputs  # a feed may override the initializer of a graph input
+    for node in model.graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type not in _NONDETERMINISTIC and _node_inputs(node) <= fixed:
+            fixed |= {name for name in node.output if name}
+    return fixed
+
+
 def _stage_input(name: str, array: np.ndarray) -> onnx.ValueInfoProto:
     """A stage's graph input for `array`: its element type, any shape (one stage serves every batch)."""
     try:
@@ -258,6 +278,7 @@ class StagedRunner:
         self._initializers = {t.name: t for t in model.graph.initializer}
         self._sparse_initializers = {t.values.name: t for t in model.graph.sparse_initializer}
         self._graph_outputs = {o.name for o in model.graph.output}
+        self._constants = _constant_derived(model)
         self._last_reader: dict[str, int] = {}
         for position, node in enumerate(self._nodes):
             for name in _node_inputs(node):
@@ -307,8 +328,10 @@ class StagedRunner:
             name for name in sorted(produced)
             if self._last_reader.get(name, -1) >= end or name in self._graph_outputs or name in self._protected
         ]
-        inputs = [name for name in needed if self._store.has(0, name)]
-        missing = [name for name in needed if name not in inputs and name not in produced]
+        kept = [name for name in needed if self._store.has(0, name)]
+        inputs = [name for name in kept if name not in self._constants]
+        computed_constants = [name for name in kept if name in self._constants]  # the same in every batch
+        missing = [name for name in needed if name not in kept and name not in produced]
         span = f"nodes {nodes[0].name or nodes[0].op_type}…{nodes[-1].name or nodes[-1].op_type}"
         if missing and self._batches:
             raise StagedRunError(f"staged run of {span}: tensors {missing[:3]} are needed but were not computed")
@@ -319,7 +342,10 @@ class StagedRunner:
                 "stage",
                 [_stage_input(name, self._store.get(0, name)) for name in inputs],
                 [onnx.ValueInfoProto(name=name) for name in outputs],
-                initializer=[self._initializers[name] for name in sorted(constants & self._initializers.keys())],
+                initializer=[
+                    *(self._initializers[name] for name in sorted(constants & self._initializers.keys())),
+                    *(numpy_helper.from_array(np.asarray(self._store.get(0, name)), name) for name in computed_constants),
+                ],
                 sparse_initializer=[
                     self._sparse_initializers[name] for name in sorted(constants & self._sparse_initializers.keys())
                 ],
@@ -340,7 +366,7 @@ class StagedRunner:
                 for name, value in zip(outputs, values, strict=True):
                     self._store.put(batch, name, value)
         self.position = end
-        for name in [*inputs, *outputs]:
+        for name in [*kept, *outputs]:
             if self._last_reader.get(name, -1) < end and name not in self._graph_outputs and name not in self._protected:
                 for batch in range(self._batches):
                     self._store.drop(batch, name)

@@ -128,6 +128,31 @@ def test_a_fed_input_overrides_its_initializer_in_every_range() -> None:
     _assert_staged_runs_are_exact(model, feeds, 1)
 
 
+def test_a_constant_made_in_an_earlier_range_is_a_constant_of_the_range_that_reads_it() -> None:
+    """paddle2onnx's BatchNormalization parameters come from Constant nodes: onnxruntime folds them and fuses
+    the BN into the Conv in the whole model, so a range must get them as constants too (as inputs, the BN
+    stayed unfused and rounded differently)."""
+    rng = np.random.default_rng(4)
+    channels = 16
+    parameters = {
+        "scale": rng.uniform(0.5, 1.5, channels), "shift": rng.standard_normal(channels),
+        "mean": rng.standard_normal(channels), "variance": rng.uniform(0.5, 2.0, channels),
+    }
+    nodes = [helper.make_node("Constant", [], [name], name=f"{name}_constant",
+                              value=numpy_helper.from_array(values.astype(np.float32), name))
+             for name, values in parameters.items()]
+    nodes += [
+        helper.make_node("Conv", ["x", "weights"], ["conv"], name="conv", kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("BatchNormalization", ["conv", *parameters], ["y"], name="bn", epsilon=1e-5),
+    ]
+    weights = numpy_helper.from_array((rng.standard_normal((channels, 8, 3, 3)) / 8).astype(np.float32), "weights")
+    model = _model(nodes, [_float("x", [1, 8, 16, 16])], [_float("y", [1, channels, 16, 16])], [weights])
+    feeds = _feeds(model)
+    result = check_staged_runner(model, feeds, [4, 6])  # the Constants, then the Conv and the BN together
+    assert result.passed, result.mismatches
+    assert result.compared == 5 * len(feeds)  # the four parameters and y
+
+
 def test_model_local_functions_run_in_a_range() -> None:
     """A node calling a function of the model (as the dynamo exporter writes modules) runs in its range."""
     body = [helper.make_node("Mul", ["a", "a"], ["square"]), helper.make_node("Add", ["square", "a"], ["out"])]
