@@ -247,8 +247,8 @@ class StagedRunner:
     `protect`: tensors kept until `release`d even when no later node reads them (outputs a caller reads).
     The model may be replaced (`update`) between ranges, with the same node names and tensors.
     A range is a model of its own: its nodes, the constants they read (a fed graph input overrides its
-    initializer, as in the whole model), the model's opsets and local functions, and the kept tensors it
-    reads as inputs of any shape. What it cannot do raises StagedRunError (`check_staged_runner` checks
+    initializer, as in the whole model) and the kept tensors computed from constants alone, the model's
+    opsets and local functions, and the other kept tensors it reads as inputs of any shape. What it cannot do raises StagedRunError (`check_staged_runner` checks
     the rest: every range's outputs are those of the whole model, bit for bit).
     """
 
@@ -278,7 +278,7 @@ class StagedRunner:
         self._initializers = {t.name: t for t in model.graph.initializer}
         self._sparse_initializers = {t.values.name: t for t in model.graph.sparse_initializer}
         self._graph_outputs = {o.name for o in model.graph.output}
-        self._constants = _constant_derived(model)
+        self._from_constants = _constant_derived(model)
         self._last_reader: dict[str, int] = {}
         for position, node in enumerate(self._nodes):
             for name in _node_inputs(node):
@@ -329,8 +329,8 @@ class StagedRunner:
             if self._last_reader.get(name, -1) >= end or name in self._graph_outputs or name in self._protected
         ]
         kept = [name for name in needed if self._store.has(0, name)]
-        inputs = [name for name in kept if name not in self._constants]
-        computed_constants = [name for name in kept if name in self._constants]  # the same in every batch
+        inputs = [name for name in kept if name not in self._from_constants]
+        computed_constants = [name for name in kept if name in self._from_constants]  # the same in every batch
         missing = [name for name in needed if name not in kept and name not in produced]
         span = f"nodes {nodes[0].name or nodes[0].op_type}…{nodes[-1].name or nodes[-1].op_type}"
         if missing and self._batches:
