@@ -38,7 +38,7 @@ import onnx
 
 from onnxslim.activations import StagedCheck, check_staged_runner, stage_ends
 from onnxslim.io import load_model
-from onnxslim.report import format_table
+from onnxslim.report.format import format_table
 from onnxslim.shapes import random_inputs
 
 DEFAULT_CACHE = Path.home() / ".cache" / "onnxslim-bench"
