@@ -114,6 +114,22 @@ def test_optimize_writes_every_output_and_a_valid_model(small: tuple[Path, Path,
     assert "| model |" in markdown and "## Trials" in markdown and "onnxslim optimize" in markdown
 
 
+def test_no_level_meeting_the_budget_without_int8_writes_the_original(small: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Nothing pruned nor quantized is a candidate: the original is written, validated at the data's shapes
+    (was exit 4: no shapes to validate it with)."""
+    model, calib, _ = small
+    out = tmp_path / "out"
+    args = ["optimize", str(model), "-o", str(out), "--calib", str(calib), "--no-quantize", "--max-trials", "1",
+            "--min-fidelity", "0.99999", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["chosen"] == "original" and "pruned.onnx" not in report["files"]
+    written = onnx.load(out / "optimized.onnx")
+    onnx.checker.check_model(written)
+    assert [o.name for o in written.graph.output] == [o.name for o in onnx.load(model).graph.output]
+
+
 def test_the_search_is_bounded_and_keeps_the_original_when_nothing_is_faster(
     small: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -138,6 +138,7 @@ class OptimizeResult:
     search: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
     model: onnx.ModelProto | None = field(default=None, repr=False)  # the chosen model (optimized.onnx)
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # of the data it was measured on
 
     @property
     def final(self) -> Candidate:

@@ -407,7 +407,7 @@ def _measure(
         chosen=chosen, reason=reason, budget=budget, budget_met=met, candidates=candidates, trials=tuple(trials),
         prune=pruned, quantize=quantized, cpu=cpu, data=judge.split.description, threads=threads,
         seconds=time.perf_counter() - started, command=command, max_trials=options.max_trials, search=search,
-        notes=tuple(notes), model=models[chosen],
+        notes=tuple(notes), model=models[chosen], input_shapes=dict(calib.input_shapes),
     )
 
 

@@ -315,11 +315,7 @@ def write_outputs(
         folder.mkdir(exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot make the output folder {folder}: {e.strerror or e}") from e
-    shapes: dict[str, tuple[int, ...]] = {}
-    if result.prune is not None:
-        shapes = dict(result.prune.analysis_shapes)
-    elif result.quantize is not None:
-        shapes = dict(result.quantize.timing_shapes)
+    shapes = dict(result.input_shapes)  # the data's: a model written as it came still validates at them
     files = list(models)
     with staged_outputs() as stage:
         for name, proto in models.items():
