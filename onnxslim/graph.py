@@ -1,24 +1,31 @@
-"""Helpers over onnx-graphsurgeon: export that keeps the model's metadata, `collector_paused` for
-whole-graph work, and `GraphIndex`, the one index of a graph (node by name, topological position, tensor →
-producer and readers) that the prune pipeline builds once and hands to lossless search, statistics, scoring
-and constant folding, instead of each scanning the graph."""
+"""The one index of a graph, at both levels the code works at: `GraphIndex` over an onnx-graphsurgeon graph
+(node by name, topological position, tensor → producer and readers), which the prune pipeline builds once
+and hands to lossless search, statistics, scoring and constant folding; and `ProtoIndex`, the same over an
+`onnx.GraphProto`, for the code that reads protos (recovery, the quantizer's guards, output layouts).
+Neither scans the graph per lookup. Also export that keeps the model's metadata, and `collector_paused`
+for whole-graph work. onnx-graphsurgeon is imported only where a graph is exported."""
 
 from __future__ import annotations
 
 import contextlib
 import gc
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import onnx
-import onnx_graphsurgeon as gs
 
-__all__ = ["GraphIndex", "collector_paused", "export_model"]
+if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
+
+__all__ = ["GraphIndex", "ProtoIndex", "collector_paused", "export_model"]
 
 
 
 
 def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Export `graph`, keeping the template's IR version, opsets, producer and metadata."""
+    import onnx_graphsurgeon as gs
+
     model = gs.export_onnx(graph, do_type_check=False)
     model.ir_version = template.ir_version
     del model.opset_import[:]
@@ -83,6 +90,40 @@ class GraphIndex:
         """The distinct nodes writing any of `tensors`, in topological order."""
         found = {node.name: node for name in tensors if (node := self.producers.get(name)) is not None}
         return sorted(found.values(), key=lambda node: self.position[node.name])
+
+
+class ProtoIndex:
+    """`GraphIndex` for an `onnx.GraphProto` (a model's main graph): built once in one pass, O(1) lookups;
+    it reflects the graph as it was when built."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.nodes: dict[str, onnx.NodeProto] = {}
+        self.position: dict[str, int] = {}
+        self.producers: dict[str, onnx.NodeProto] = {}
+        self.readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}  # tensor → (node, input index)
+        for position, node in enumerate(graph.node):
+            self.nodes[node.name] = node
+            self.position[node.name] = position
+            for name in node.output:
+                if name:
+                    self.producers[name] = node
+            for index, name in enumerate(node.input):
+                if name:
+                    self.readers.setdefault(name, []).append((node, index))
+        self.outputs = frozenset(o.name for o in graph.output)
+
+    def producer(self, tensor: str) -> onnx.NodeProto | None:
+        """The node that writes `tensor` (None for graph inputs and initializers)."""
+        return self.producers.get(tensor)
+
+    def consumers(self, tensor: str) -> list[onnx.NodeProto]:
+        """The nodes that read `tensor`, in topological order (once per node)."""
+        seen: list[onnx.NodeProto] = []
+        for node, _ in self.readers.get(tensor, ()):
+            if not seen or seen[-1] is not node:
+                seen.append(node)
+        return seen
 
 
 @contextlib.contextmanager

@@ -42,6 +42,7 @@ import numpy as np
 import onnx
 
 from onnxslim.errors import DataError, UsageError
+from onnxslim.graph import ProtoIndex
 
 __all__ = [
     "Fidelity",
@@ -418,7 +419,7 @@ _SOFTMAX = frozenset({"Softmax", "LogSoftmax"})
 
 def _head(model: onnx.ModelProto, output: str) -> tuple[onnx.NodeProto | None, list[onnx.NodeProto]]:
     """The node that computes `output`'s values, past shape-only ops, and the shape-only ops on the way."""
-    producers = {o: n for n in model.graph.node for o in n.output}
+    producers = ProtoIndex(model.graph).producers
     path: list[onnx.NodeProto] = []
     node = producers.get(output)
     while node is not None and node.op_type in _SHAPE_ONLY and node.input:

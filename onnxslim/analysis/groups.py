@@ -53,6 +53,7 @@ from onnxslim.analysis.rules import (
     decide,
     unsupported,
 )
+from onnxslim.graph import GraphIndex
 from onnxslim.io import TensorInfo, infer_tensor_infos
 
 __all__ = [
@@ -371,9 +372,10 @@ class _Walker:
     (nothing to gain: the node blocks instead).
     """
 
-    def __init__(self, graph: gs.Graph, shapes: Mapping[str, Sequence[int]] | None) -> None:
+    def __init__(self, graph: gs.Graph, shapes: Mapping[str, Sequence[int]] | None, index: GraphIndex) -> None:
         self.graph = graph
         self.shapes = shapes
+        self.index = index
         self.spaces = _Spaces()
         self.states: dict[str, _ChannelState] = {}
         self.opset = int(graph.opset or onnx.defs.onnx_opset_version())
@@ -464,9 +466,9 @@ class _Walker:
             self.opaque(tensor, -1, Blocker(None, f"its channels come from graph input {tensor.name!r}", BlockerKind.GRAPH_INPUT))
         for order, node in enumerate(self.graph.nodes):
             self.visit(order, node)
-        producers = {out.name: (order, node) for order, node in enumerate(self.graph.nodes) for out in node.outputs}
         for tensor in self.graph.outputs:
-            order, node = producers.get(tensor.name, (-1, None))
+            node = self.index.producer(tensor.name)
+            order = -1 if node is None else self.index.position[node.name]
             self.block_input(
                 tensor, order, Blocker(
                     node.name if node else None, f"its channels reach graph output {tensor.name!r}", BlockerKind.GRAPH_OUTPUT
@@ -739,14 +741,15 @@ def _unique_ids(groups: list[ChannelGroup]) -> tuple[ChannelGroup, ...]:
 
 
 def build_channel_groups(
-    graph: gs.Graph, shapes: Mapping[str, Sequence[int]] | None = None
+    graph: gs.Graph, shapes: Mapping[str, Sequence[int]] | None = None, index: GraphIndex | None = None
 ) -> tuple[ChannelGroup, ...]:
     """The channel groups of `graph` (normalized: constants as initializers, nodes uniquely named).
 
     `shapes` gives the static shape of tensors by name (e.g. from `infer_tensor_infos`); tensors not in it
-    use the graph's own static shapes. Groups come in the order of their first source.
+    use the graph's own static shapes. `index`: the graph's GraphIndex, when the caller has one. Groups come
+    in the order of their first source.
     """
-    walker = _Walker(graph, shapes)
+    walker = _Walker(graph, shapes, index if index is not None else GraphIndex(graph))
     walker.run()
     return walker.groups()
 

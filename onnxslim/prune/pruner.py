@@ -31,7 +31,7 @@ from onnxslim.analysis.quantized import refuse_quantized
 from onnxslim.calib import Dataset, first_samples
 from onnxslim.errors import UsageError, ValidationError
 from onnxslim.evaluate import Evaluator, hold_out_every
-from onnxslim.graph import GraphIndex, collector_paused
+from onnxslim.graph import GraphIndex, ProtoIndex, collector_paused
 from onnxslim.io import (
     LoadedModel,
     infer_tensor_infos,
@@ -97,7 +97,9 @@ def analyse(state: PruneState) -> None:
     state.infos = infer_tensor_infos(state.original, state.shapes)
     state.graph = gs.import_onnx(state.original)
     state.index = GraphIndex(state.graph)
-    state.groups = build_channel_groups(state.graph, {name: info.shape for name, info in state.infos.items()})
+    state.groups = build_channel_groups(
+        state.graph, {name: info.shape for name, info in state.infos.items()}, state.index
+    )
     state.cost_before = compute_cost(state.original, state.infos)
     outputs = {t.name for t in state.original.graph.output}
     state.eligible, state.left_alone = eligible_groups(
@@ -206,16 +208,12 @@ def _refit_nodes(state: PruneState) -> list[str]:
     seeds: set[str] = set()
     for group in changed:
         seeds |= {s.node for s in group.sources} | {s.node for s in group.sinks} | {f.node for f in group.followers}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in state.original.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    by_name = {node.name: node for node in state.original.graph.node}
+    index = ProtoIndex(state.original.graph)
     downstream, stack = set(seeds), list(seeds)
     while stack:
-        node = by_name.get(stack.pop())
+        node = index.nodes.get(stack.pop())
         for output in node.output if node is not None else ():
-            for reader in readers.get(output, ()):
+            for reader in index.consumers(output):
                 if reader.name not in downstream:
                     downstream.add(reader.name)
                     stack.append(reader.name)

@@ -49,6 +49,7 @@ from onnx import numpy_helper
 from onnxslim.activations import StagedRunner, with_outputs
 from onnxslim.errors import DataError, StagedRunError, UsageError, ValidationError, first_line
 from onnxslim.evaluate import HOLDOUT_EVERY  # sample i is held out of the fit when i % 5 == 4
+from onnxslim.graph import ProtoIndex
 from onnxslim.progress import Progress
 from onnxslim.runtime import cpu_session, session_options
 
@@ -216,10 +217,7 @@ class _ModelEditor:
         self.model = model
         self.initializers = {t.name: t for t in model.graph.initializer}
         self._arrays: dict[str, np.ndarray | None] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in model.graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
+        self.index = ProtoIndex(model.graph)  # the topology never changes: refits only add constants
         self._names = itertools.count()
         self.outputs = {o.name for o in model.graph.output}
 
@@ -348,7 +346,7 @@ class _MatMul(_Layer):
     def _bias_add(self) -> tuple[onnx.NodeProto | None, int]:
         """The Add after this MatMul whose other operand is a constant per output feature (its bias)."""
         output = self.node.output[0]
-        readers = self.model.consumers.get(output, [])
+        readers = self.model.index.consumers(output)
         if len(readers) != 1 or readers[0].op_type != "Add" or output in self.model.outputs:
             return None, 0
         add = readers[0]

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import onnx
 
 from onnxslim.evaluate import AccuracyBudget, BudgetCheck
+from onnxslim.graph import ProtoIndex
 
 __all__ = [
     "RANGE_RATIO",
@@ -128,11 +129,8 @@ def layer_norm_blocks(model: onnx.ModelProto) -> list[tuple[str, ...]]:
     """Decomposed LayerNorm / RMSNorm, each as a tuple of node names: a Div(x', sqrt(mean(x'^2) + eps)) --
     x' = x - mean(x) for LayerNorm, x for RMSNorm -- with the statistics behind the denominator, the Sub and
     ReduceMean that centre x, and the scale Mul / shift Add by constants right after."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    index = ProtoIndex(model.graph)
+    producers = index.producers
     constants = {t.name for t in model.graph.initializer}
     blocks = []
     for divide in model.graph.node:
@@ -163,7 +161,7 @@ def layer_norm_blocks(model: onnx.ModelProto) -> list[tuple[str, ...]]:
         members.append(divide.name)
         tail = divide
         for _ in range(2):
-            users = consumers.get(tail.output[0], [])
+            users = index.consumers(tail.output[0])
             if len(users) == 1 and users[0].op_type in ("Mul", "Add") and set(users[0].input) & constants:
                 tail = users[0]
                 members.append(tail.name)

@@ -82,6 +82,7 @@ from onnxslim.calib import Dataset
 from onnxslim.cpu import CpuChoice, choose_for_cpu, detect_cpu
 from onnxslim.errors import DataError, UnsupportedModelError, UsageError, first_line
 from onnxslim.evaluate import AccuracyBudget, BudgetCheck, Evaluator, HeldOut, check_budget, hold_out_tail
+from onnxslim.graph import ProtoIndex
 from onnxslim.io import LoadedModel, Validation, normalize_model, validate
 from onnxslim.metrics import (
     Accuracy,
@@ -200,8 +201,8 @@ def count_quantized_nodes(
     int8 data: in QDQ an op type the quantizer handles with an input from DequantizeLinear; in QOperator an
     input that is a quantized tensor.
     """
-    by_name = {n.name: n for n in int8.graph.node}
-    producers = {o: n for n in int8.graph.node for o in n.output}
+    index = ProtoIndex(int8.graph)
+    by_name, producers = index.nodes, index.producers
     op_types = _quantized_op_types(config)
     excluded = set(exclude_nodes)
     quantized = 0

@@ -28,6 +28,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxslim.calib import Batch
+from onnxslim.graph import ProtoIndex
 from onnxslim.metrics import FidelityMeter, OutputLayout, batch_is_symbolic
 from onnxslim.progress import Progress
 from onnxslim.quant.guard import Gate
@@ -71,11 +72,8 @@ def gated_model(
     initializers = {t.name: t for t in graph.initializer}
     float_weights = {t.name: t for t in prepared.graph.initializer}
     prepared_nodes = {n.name: n for n in prepared.graph.node}
-    producers = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in graph.node:
-        for index, name in enumerate(node.input):
-            readers.setdefault(name, []).append((node, index))
+    built = ProtoIndex(graph)  # of the graph as quantized, before the switches go in
+    producers, readers = built.producers, built.readers
     touched: dict[str, set[str]] = {}
     for node in prepared.graph.node:
         if node.name in allowed:
