@@ -48,8 +48,11 @@ __all__ = [
     "DEFAULT_MIN_FIDELITY",
     "HOLDOUT_EVERY",
     "HOLDOUT_FRACTION",
+    "DROP_CONFIDENCE",
     "AccuracyBudget",
     "BudgetCheck",
+    "Paired",
+    "budget_resolution_note",
     "Comparison",
     "EvalBatch",
     "Evaluator",
@@ -60,6 +63,11 @@ __all__ = [
 ]
 
 HOLDOUT_FRACTION = 0.2  # hold_out_tail: the last fifth of the calibration batches
+# A top-1 budget is met when the drop is within it at this one-sided confidence (z standard errors of the
+# paired difference): on 1,000 samples a 0.5 pt budget then admits about 2 net changed decisions, not 5.
+DROP_CONFIDENCE = 0.90
+DROP_Z = 1.2816
+RESOLVABLE_SAMPLES = 5  # a top-1 budget worth fewer samples of the evaluation set than this draws a warning
 HOLDOUT_EVERY = 5  # hold_out_every: sample i is held out when i % 5 == 4
 
 # Cosine 0.99 of the worst channel: on the reference models int8 that keeps accuracy within 0.3 pt stays
@@ -109,21 +117,76 @@ class BudgetCheck:
     drop: float | None  # fp32 top-1 minus int8 top-1, in points, when labels were given
     why: str  # what missed, or "" when met
     score_name: str = "cosine"  # what `score` is: "cosine", or "top-1 agreement" on an output whose channels are classes
+    samples: int | None = None  # the evaluation samples the verdict rests on
+    drop_bound: float | None = None  # with paired counts: the drop's one-sided upper bound (DROP_CONFIDENCE), points
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Top-1 of two models on the same labelled samples, sample by sample: the discordant pairs are what a
+    drop is made of (`worse`: the original right and the candidate wrong; `better`: the reverse)."""
+
+    samples: int
+    worse: int
+    better: int
+
+    @property
+    def drop(self) -> float:
+        """The measured drop, in points."""
+        return 100 * (self.worse - self.better) / self.samples if self.samples else math.nan
+
+    def drop_bound(self, z: float = DROP_Z) -> float:
+        """The drop's one-sided upper confidence bound, in points: the paired difference plus `z` standard
+        errors, the variance of a paired difference of proportions being about (worse + better) / n²."""
+        if not self.samples:
+            return math.nan
+        return 100 * (self.worse - self.better + z * math.sqrt(self.worse + self.better)) / self.samples
+
+
+def budget_resolution_note(budget: AccuracyBudget, samples: int) -> str | None:
+    """A warning when a top-1 budget is smaller than the evaluation set can resolve: under
+    `RESOLVABLE_SAMPLES` samples' worth of the set, one changed decision decides the verdict."""
+    budget = budget.resolved
+    if budget.max_drop is None or samples <= 0:
+        return None
+    worth = budget.max_drop / 100 * samples
+    if worth >= RESOLVABLE_SAMPLES:
+        return None
+    needed = math.ceil(RESOLVABLE_SAMPLES * 100 / budget.max_drop) if budget.max_drop > 0 else None
+    return (
+        f"a top-1 budget of {budget.max_drop:g} pt is {worth:.1f} of the {samples} evaluation samples: the verdict "
+        "turns on one or two decisions"
+        + (f"; give at least {needed} samples (--eval) for it to mean something" if needed else "")
+    )
 
 
 def check_budget(
-    budget: AccuracyBudget, fidelity: Fidelity, accuracy_fp32: Accuracy | None, accuracy_int8: Accuracy | None
+    budget: AccuracyBudget,
+    fidelity: Fidelity,
+    accuracy_fp32: Accuracy | None,
+    accuracy_int8: Accuracy | None,
+    paired: Paired | None = None,
 ) -> BudgetCheck:
-    """Pure: whether `fidelity` and the accuracies meet `budget`."""
+    """Pure: whether `fidelity` and the accuracies meet `budget`. With `paired` counts, a top-1 budget is met
+    only when the drop's upper confidence bound is within it (`Paired.drop_bound`): a drop measured on few
+    samples does not pass on luck."""
     budget = budget.resolved
     misses = []
-    drop = None
+    drop = bound = None
+    samples = paired.samples if paired is not None else (accuracy_int8.samples if accuracy_int8 is not None else None)
     if accuracy_fp32 is not None and accuracy_int8 is not None:
         drop = 100 * (accuracy_fp32.top1 - accuracy_int8.top1)
     if budget.max_drop is not None:
         if drop is None:
             raise UsageError("--max-drop needs labels in the evaluation data (or use --min-fidelity)")
-        if drop > budget.max_drop + 1e-9:
+        if paired is not None and paired.samples:
+            bound = paired.drop_bound()
+            if bound > budget.max_drop + 1e-9:
+                misses.append(
+                    f"top-1 drops {drop:.2f} pt, up to {bound:.2f} pt at {DROP_CONFIDENCE:.0%} confidence on "
+                    f"{paired.samples} samples ({paired.worse} worse, {paired.better} better; budget {budget.max_drop:g})"
+                )
+        elif drop > budget.max_drop + 1e-9:
             misses.append(f"top-1 drops {drop:.2f} pt (budget {budget.max_drop:g})")
     score = fidelity.score if math.isfinite(fidelity.score) else -1.0
     if budget.min_fidelity is not None and score < budget.min_fidelity:
@@ -134,7 +197,7 @@ def check_budget(
             where = f"cosine of channel {fidelity.worst_channel} (axis {fidelity.channel_axis})"
         misses.append(f"{where} {score:.4f} (budget {budget.min_fidelity:g})")
     name = "top-1 agreement" if fidelity.decides_classes else "cosine"
-    return BudgetCheck(not misses, score, drop, "; ".join(misses), name)
+    return BudgetCheck(not misses, score, drop, "; ".join(misses), name, samples, bound)
 
 
 # --------------------------------------------------------------------------------- which nodes hurt
@@ -239,6 +302,7 @@ class Comparison:
     fidelities: tuple[Fidelity, ...]
     accuracy_original: Accuracy | None
     accuracy: Accuracy | None
+    paired: Paired | None = None  # with labels: the samples each model got right that the other did not
 
     @property
     def worst(self) -> int:
@@ -354,7 +418,7 @@ class Evaluator:
         fidelity_meters: list[FidelityMeter] | None = None
         accuracy_meters: tuple[AccuracyMeter, AccuracyMeter] | None = None
         total = max(self.held.samples, 1)
-        done = 0
+        done = worse = better = 0
         for index, batch in enumerate(self.held.batches()):
             wants = self._reference_outputs(index, batch)
             gots = self.rows(self._run(candidate, batch, index, what), batch)
@@ -366,8 +430,10 @@ class Evaluator:
             for meter, want, got in zip(fidelity_meters, wants, gots, strict=True):
                 meter.update(want, got)
             if accuracy_meters is not None and batch.labels is not None:
-                accuracy_meters[0].update(wants[0], batch.labels)
-                accuracy_meters[1].update(gots[0], batch.labels)
+                right = accuracy_meters[0].update(wants[0], batch.labels)
+                got_right = accuracy_meters[1].update(gots[0], batch.labels)
+                worse += int(np.sum(right & ~got_right))
+                better += int(np.sum(~right & got_right))
             done += len(batch.rows)
             if self._progress is not None:
                 self._progress("evaluating", min(done, total), total)
@@ -377,4 +443,5 @@ class Evaluator:
         fidelities = tuple(meter.result() for meter in fidelity_meters)
         if accuracy_meters is None:
             return Comparison(fidelities, None, None)
-        return Comparison(fidelities, accuracy_meters[0].result(), accuracy_meters[1].result())
+        original, candidate = accuracy_meters[0].result(), accuracy_meters[1].result()
+        return Comparison(fidelities, original, candidate, Paired(candidate.samples, worse, better))

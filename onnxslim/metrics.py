@@ -308,8 +308,9 @@ class AccuracyMeter:
         self._top5 = 0
         self._classes: int | None = None
 
-    def update(self, logits: np.ndarray, labels: np.ndarray) -> None:
-        """Add one batch: scores [batch, classes] (or classifier-like, or as the layout says), labels [batch]."""
+    def update(self, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Add one batch: scores [batch, classes] (or classifier-like, or as the layout says), labels [batch].
+        Returns whether each sample's top-1 is its label (for paired comparisons)."""
         logits, labels = np.asarray(logits), np.asarray(labels)
         layout = self._layout if self._layout is not None else _legacy_layout(logits.shape)
         samples = _as_samples(logits, layout.batch_axis)
@@ -328,11 +329,13 @@ class AccuracyMeter:
         if bad.size:
             raise DataError(f"label {int(bad[0])} is outside the output's {classes} classes (0 to {classes - 1})")
         self._classes = classes
-        self._top1 += int(np.sum(np.argmax(scores, axis=1) == labels))
+        correct = np.argmax(scores, axis=1) == labels
+        self._top1 += int(np.sum(correct))
         if classes > 5:
             top5 = np.argpartition(-scores, 4, axis=1)[:, :5]
             self._top5 += int(np.sum(np.any(top5 == labels[:, None], axis=1)))
         self._samples += len(labels)
+        return correct
 
     def result(self) -> Accuracy:
         """Accuracy over everything added so far (NaN when nothing was added)."""

@@ -44,6 +44,7 @@ from onnxslim.evaluate import (
     BudgetCheck,
     Comparison,
     Evaluator,
+    budget_resolution_note,
     check_budget,
     hold_out_tail,
 )
@@ -133,7 +134,8 @@ class Judge:
                 self._seen.popitem(last=False)
         comparison = remembered[1]
         fidelity = comparison.fidelities[0]
-        return check_budget(budget, fidelity, comparison.accuracy_original, comparison.accuracy), fidelity, comparison.accuracy
+        check = check_budget(budget, fidelity, comparison.accuracy_original, comparison.accuracy, comparison.paired)
+        return check, fidelity, comparison.accuracy
 
 
 def _prune_options(keep: float, options: OptimizeOptions) -> PruneOptions:
@@ -219,6 +221,10 @@ def optimize(
     cpu = choose_for_cpu(detect_cpu(), None)
     trials: list[Trial] = []
     notes: list[str] = [judge.note] if judge.note else []
+    resolution = budget_resolution_note(budget, judge.split.samples)
+    if resolution:
+        logger.warning("%s", resolution)
+        notes.append(resolution)
     pruned: PruneResult | None = None
     quantized: QuantizeResult | None = None
 

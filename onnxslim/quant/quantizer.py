@@ -81,7 +81,15 @@ from onnxslim.analysis.quantized import refuse_quantized
 from onnxslim.calib import Dataset
 from onnxslim.cpu import CpuChoice, choose_for_cpu, detect_cpu
 from onnxslim.errors import DataError, UnsupportedModelError, UsageError, first_line
-from onnxslim.evaluate import AccuracyBudget, BudgetCheck, Evaluator, HeldOut, check_budget, hold_out_tail
+from onnxslim.evaluate import (
+    AccuracyBudget,
+    BudgetCheck,
+    Evaluator,
+    HeldOut,
+    budget_resolution_note,
+    check_budget,
+    hold_out_tail,
+)
 from onnxslim.graph import ProtoIndex
 from onnxslim.io import LoadedModel, Validation, normalize_model, validate
 from onnxslim.metrics import (
@@ -488,7 +496,9 @@ class QuantState:
             assert self.evaluator is not None
             comparison = self.evaluator.compare(int8, "the int8 model")
             fidelity = comparison.fidelities[comparison.worst]
-            check = check_budget(self.options.budget, fidelity, comparison.accuracy_original, comparison.accuracy)
+            check = check_budget(
+                self.options.budget, fidelity, comparison.accuracy_original, comparison.accuracy, comparison.paired
+            )
             self.judgements[key] = _Judged(
                 self.judged_outputs[comparison.worst], fidelity, comparison.accuracy_original, comparison.accuracy, check
             )
@@ -536,6 +546,10 @@ def prepare(state: QuantState) -> None:
     if options.budget.max_drop is not None and not state.split.labelled:
         raise UsageError("--max-drop needs labels in the evaluation data (--eval, or --calib with labels); "
                          "without labels use --min-fidelity")
+    resolution = budget_resolution_note(options.budget, state.split.samples)
+    if resolution:
+        logger.warning("%s", resolution)
+        state.notes.append(resolution)
     state.threads = options.threads or physical_cores()
     state.feeds = next(iter(calib.batches())).feeds
     # every output is judged (a sentence encoder's embedding is its second output): the budget reads the

@@ -11,6 +11,7 @@ from typing import Any
 
 from onnxslim.bench import ModelBench
 from onnxslim.errors import UsageError
+from onnxslim.evaluate import DROP_CONFIDENCE
 from onnxslim.io import check_output_path, staged_outputs, write_validated
 from onnxslim.optimizer.config import OptimizeResult, SweepResult
 from onnxslim.prune import save_plan
@@ -81,7 +82,9 @@ def render_optimize(result: OptimizeResult, outdir: str | None = None, *, markdo
         "",
         f"**{result.reason}.**" if markdown else result.reason + ".",
         "",
-        f"budget: {result.budget.label} on {result.data}; {'met' if result.budget_met else 'NOT met'}",
+        f"budget: {result.budget.label} on {result.data}; {'met' if result.budget_met else 'NOT met'}"
+        + (f" (a top-1 drop counts as met when its {DROP_CONFIDENCE:.0%} upper bound is within it)"
+           if result.budget.max_drop is not None else ""),
         f"search: {result.search}",
         "",
         h("Before and after (one interleaved run)"),
@@ -124,7 +127,8 @@ def render_optimize(result: OptimizeResult, outdir: str | None = None, *, markdo
 def _check_json(check: Any) -> dict[str, Any] | None:
     if check is None:
         return None
-    return {"met": check.met, "score": check.score, "drop": check.drop, "why": check.why or None}
+    return {"met": check.met, "score": check.score, "score_name": check.score_name, "drop": check.drop,
+            "drop_bound": check.drop_bound, "samples": check.samples, "why": check.why or None}
 
 def optimize_json(result: OptimizeResult, outdir: str | None = None) -> dict[str, Any]:
     """The `optimize --json` object (and report.json)."""

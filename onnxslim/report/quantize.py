@@ -129,7 +129,8 @@ def _render_guard(result: QuantizeResult) -> list[str]:
         )
     check = result.budget_check
     verdict = "-" if check is None else "met" if check.met else f"MISSED: {check.why}"
-    lines.append(f"budget       {result.budget.label}: {verdict}")
+    basis = "" if check is None or check.samples is None else f" (on {check.samples} samples)"
+    lines.append(f"budget       {result.budget.label}: {verdict}{basis}")
     trials = len(result.method_trials) - 1 + len(result.exclusion_trials)
     if trials:
         tried = ", ".join(f"{t.method} {t.check.score:.4f}" for t in result.method_trials)
