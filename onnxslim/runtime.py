@@ -15,9 +15,12 @@ the difference is within this run's noise.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,8 @@ import onnx
 
 from onnxslim.errors import UsageError
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "OPT_LEVELS",
     "SPEEDUP_BLOCKS",
@@ -33,6 +38,7 @@ __all__ = [
     "clearly_faster",
     "cpu_session",
     "open_session",
+    "quiet_onnxruntime",
     "ort",
     "physical_cores",
     "resolve_provider",
@@ -106,6 +112,35 @@ def cpu_session(model: onnx.ModelProto | bytes | str, options: Any | None = None
     of `session_options`)."""
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
     return ort().InferenceSession(source, options if options is not None else session_options(), providers=["CPUExecutionProvider"])
+
+
+@contextlib.contextmanager
+def quiet_onnxruntime() -> Iterator[None]:
+    """onnxruntime's Python tools print (the quantizer's histogram progress, the ORT-format converter) and log
+    on the root logger (the quantizer's bogus "please pre-process": we did) or loggers of their own. Keep
+    stdout clean for --json and pass their messages on at debug level."""
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if "onnxruntime" in record.pathname.replace(os.sep, "/"):
+                logger.debug("onnxruntime: %s", record.getMessage())
+                return False
+            return True
+
+    root = logging.getLogger()
+    quiet = _Filter()
+    root.addFilter(quiet)
+    own = [logging.getLogger(name) for name in ("ort_format_model", "ort_format_model.utils", "convert_onnx_models_to_ort")]
+    levels = [each.level for each in own]
+    for each in own:
+        each.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.removeFilter(quiet)
+        for each, level in zip(own, levels, strict=True):
+            each.setLevel(level)
 
 
 def open_session(

@@ -24,6 +24,7 @@ from onnxslim.io import check_output_path, parse_input_shapes, save_bytes
 from onnxslim.optimizer import OptimizeOptions
 from onnxslim.optimizer import optimize as run_optimize
 from onnxslim.optimizer import sweep as run_sweep
+from onnxslim.ortformat import to_ort_format
 from onnxslim.prune.state import ALLOCATIONS
 from onnxslim.report.format import require_plotting, to_json
 from onnxslim.report.optimize import (
@@ -62,7 +63,11 @@ logger = logging.getLogger("onnxslim")
               help="How each level's MAC budget is spread over the groups (as in prune). sensitivity measures every "
               "eligible group's damage once, before the search, and reuses it at every level.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help=f"Intra-op threads for timing [default: the physical cores available, {physical_cores()} here].")
+              help="Intra-op threads for every timing, int8's speed guard included: give the deployment's thread "
+              f"count (1 for many edge boards) [default: the physical cores available, {physical_cores()} here].")
+@click.option("--format", "output_format", type=click.Choice(["onnx", "ort"]), default="onnx", show_default=True,
+              help="ort: also write optimized.ort (onnxruntime's format, graph optimizations fixed offline for this "
+              "kind of CPU) and required_operators.config (for a reduced onnxruntime build with only its kernels).")
 @input_shapes_option
 @data_options
 @json_option
@@ -70,8 +75,8 @@ logger = logging.getLogger("onnxslim")
 def optimize(
     ctx: click.Context, model: str, outdir: str, calib: str, eval_data: str | None, max_drop: float | None,
     min_fidelity: float | None, target_macs: float | None, target_speedup: float | None, no_prune: bool,
-    no_quantize: bool, max_trials: int, allocate: str, threads: int | None, input_shapes: tuple[str, ...],
-    data_options: DataOptions, as_json: bool,
+    no_quantize: bool, max_trials: int, allocate: str, threads: int | None, output_format: str,
+    input_shapes: tuple[str, ...], data_options: DataOptions, as_json: bool,
 ) -> None:
     """The fastest model that keeps MODEL's accuracy, and the proof: prune, recover, int8, measure.
 
@@ -94,7 +99,8 @@ def optimize(
             input_shapes=parse_input_shapes(input_shapes), progress=None if ctx.obj.get("quiet") else progress_bars(stack),
             command=command,
         )
-    result = write_outputs(result, outdir, source=model)
+    ort = to_ort_format(result.model, "optimized") if output_format == "ort" and result.model is not None else None
+    result = write_outputs(result, outdir, source=model, ort=ort)
     if result.chosen == "original":
         logger.warning("%s", result.reason)
     click.echo(to_json(optimize_json(result, outdir)) if as_json else render_optimize(result, outdir))

@@ -3,8 +3,6 @@ memory stays within `calibration_memory` whatever the number of samples (see qua
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
 import tempfile
@@ -20,34 +18,12 @@ from onnxslim.errors import DataError, UnsupportedModelError, first_line
 from onnxslim.io import infer_tensor_infos
 from onnxslim.progress import Progress
 from onnxslim.quant.config import CALIBRATION_MEMORY, FLOAT_TYPES, CalibrationSummary
-from onnxslim.runtime import open_session
+from onnxslim.runtime import open_session, quiet_onnxruntime
 
 logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ calibration
-
-
-@contextlib.contextmanager
-def quiet_onnxruntime() -> Iterator[None]:
-    """onnxruntime's quantizer prints (histogram progress) and logs warnings on the root logger (a bogus
-    "please pre-process": we did). Keep stdout clean for --json and pass its messages on at debug level."""
-
-    class _Filter(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            if "onnxruntime" in record.pathname.replace(os.sep, "/"):
-                logger.debug("onnxruntime: %s", record.getMessage())
-                return False
-            return True
-
-    root = logging.getLogger()
-    quiet = _Filter()
-    root.addFilter(quiet)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        root.removeFilter(quiet)
 
 
 def _calibrated_tensors(model: onnx.ModelProto) -> set[str]:

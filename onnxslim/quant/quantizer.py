@@ -98,7 +98,7 @@ from onnxslim.metrics import (
     select_output,
 )
 from onnxslim.progress import Progress
-from onnxslim.quant.calibrate import calibrate, quiet_onnxruntime
+from onnxslim.quant.calibrate import calibrate
 from onnxslim.quant.config import (
     FORMAT_NAMES,
     METHOD_NAMES,
@@ -137,7 +137,7 @@ from onnxslim.quant.prepare import (
 )
 from onnxslim.quant.sensitivity import gated_model, measure_gate_deficits
 from onnxslim.quant.speed import measure_latencies, search_fastest
-from onnxslim.runtime import open_session, physical_cores
+from onnxslim.runtime import open_session, physical_cores, quiet_onnxruntime
 
 __all__ = ["quantize_with_ranges", "count_quantized_nodes", "quantize_model"]
 

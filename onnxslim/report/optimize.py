@@ -14,6 +14,7 @@ from onnxslim.errors import UsageError
 from onnxslim.evaluate import DROP_CONFIDENCE
 from onnxslim.io import check_output_path, staged_outputs, write_validated
 from onnxslim.optimizer.config import OptimizeResult, SweepResult
+from onnxslim.ortformat import OrtFormat
 from onnxslim.prune import save_plan
 from onnxslim.report.format import (
     format_bytes,
@@ -91,7 +92,8 @@ def render_optimize(result: OptimizeResult, outdir: str | None = None, *, markdo
         "",
         format_table(_OPTIMIZE_HEADERS, _optimize_rows(result), markdown=markdown),
         "",
-        f"latency of one run on a batch of the evaluation data, {result.threads} threads; speedup = p50 of the "
+        f"latency of one run on a batch of the evaluation data, {result.threads} thread{'s' if result.threads != 1 else ''} "
+        "(--threads: give the deployment's); speedup = p50 of the "
         "original / p50 of the model (in brackets: its lowest and highest over five blocks of the run — a model "
         "counts as faster only when it is faster in every block).",
     ]
@@ -288,7 +290,11 @@ def plot_sweep(result: SweepResult) -> bytes:
     return buffer.getvalue()
 
 
-OUTPUT_FILES = ("optimized.onnx", "pruned.onnx", "plan.json", "report.md", "report.json", "report.png")
+OUTPUT_FILES = (
+    "optimized.onnx", "pruned.onnx", "plan.json", "report.md", "report.json", "report.png",
+    "optimized.ort", "required_operators.config",
+)
+ORT_FILES = ("optimized.ort", "required_operators.config")  # with --format ort
 
 
 def check_outdir(outdir: str | os.PathLike[str], source: str | os.PathLike[str], *, prune: bool) -> Path:
@@ -306,10 +312,12 @@ def check_outdir(outdir: str | os.PathLike[str], source: str | os.PathLike[str],
 
 
 def write_outputs(
-    result: OptimizeResult, outdir: str | os.PathLike[str], *, source: str | os.PathLike[str]
+    result: OptimizeResult, outdir: str | os.PathLike[str], *, source: str | os.PathLike[str],
+    ort: OrtFormat | None = None,
 ) -> OptimizeResult:
     """Validate and write the models (optimized.onnx, pruned.onnx when pruning ran), the plan and the reports
-    into `outdir`, all together or none. Returns the result with the files written."""
+    into `outdir`, all together or none; with `ort` (`ortformat.to_ort_format` of the optimized model), also
+    optimized.ort and required_operators.config. Returns the result with the files written."""
     assert result.model is not None, "write_outputs needs the result of optimize (its chosen model)"
     models = {"optimized.onnx": result.model}
     if result.prune is not None:
@@ -328,6 +336,10 @@ def write_outputs(
             save_plan(folder / "plan.json", result.prune.plan, result.prune.groups, result.prune.model_sha256,
                       plan_record(result.prune), stage)
             files.append("plan.json")
+        if ort is not None:
+            stage.add_bytes(ort.model, folder / "optimized.ort", sources=[source])
+            stage.add_text(ort.required_operators, folder / "required_operators.config", sources=[source])
+            files += list(ORT_FILES)
         files += ["report.md", "report.json"]
         picture = plot_optimize(result)
         if picture is not None:
