@@ -33,12 +33,14 @@ from onnx import numpy_helper
 
 from onnxslim.calib import Batch, Dataset
 from onnxslim.errors import DataError, StagedRunError, first_line
+from onnxslim.io import infer_tensor_infos
 from onnxslim.progress import Progress
 from onnxslim.runtime import cpu_session, session_options
 
 __all__ = [
     "ChannelStats",
-    "Progress",
+    "TensorStats",
+    "tensor_statistics",
     "StageMismatch",
     "StagedCheck",
     "StagedRunner",
@@ -140,6 +142,93 @@ def channel_statistics(
         if progress is not None:
             progress("statistics", done, total)
     return {name: acc.result() for name, acc in accumulators.items() if acc.total is not None}
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """One tensor over the data: its range, moments, and what makes it hard to quantize.
+
+    `outlier_ratio` is max |x| over the standard deviation: int8 spends its 255 steps on the range, so a
+    tensor whose range is hundreds of standard deviations wide rounds most of its values to a few levels
+    (a transformer's residual stream, an unnormalized head). `zeros` is the share of exact zeros (after a
+    Relu, the dead share)."""
+
+    name: str
+    op_type: str  # of the node that writes it
+    shape: tuple[int, ...]  # of one batch, as run
+    minimum: float
+    maximum: float
+    mean: float
+    std: float
+    zeros: float
+    nonfinite: int  # NaN and infinite values seen
+    values: int
+
+    @property
+    def outlier_ratio(self) -> float:
+        peak = max(abs(self.minimum), abs(self.maximum))
+        return peak / self.std if self.std > 0 else (0.0 if peak == 0 else float("inf"))
+
+
+class _Moments:
+    def __init__(self) -> None:
+        self.low, self.high = np.inf, -np.inf
+        self.total = self.square = 0.0
+        self.zeros = self.nonfinite = self.count = 0
+        self.shape: tuple[int, ...] = ()
+
+    def add(self, array: np.ndarray) -> None:
+        values = np.asarray(array, dtype=np.float64)
+        self.shape = tuple(array.shape)
+        finite = np.isfinite(values)
+        self.nonfinite += int(values.size - np.count_nonzero(finite))
+        kept = values[finite] if self.nonfinite else values.ravel()
+        if kept.size:
+            self.low, self.high = min(self.low, float(kept.min())), max(self.high, float(kept.max()))
+            self.total += float(kept.sum())
+            self.square += float(np.square(kept).sum())
+            self.zeros += int(kept.size - np.count_nonzero(kept))
+            self.count += int(kept.size)
+
+    def result(self, name: str, op_type: str) -> TensorStats:
+        n = max(self.count, 1)
+        mean = self.total / n
+        std = float(np.sqrt(max(self.square / n - mean * mean, 0.0)))
+        low = self.low if self.count else float("nan")
+        high = self.high if self.count else float("nan")
+        return TensorStats(name, op_type, self.shape, low, high, mean, std, self.zeros / n, self.nonfinite, self.count)
+
+
+def tensor_statistics(
+    model: onnx.ModelProto, data: Dataset, *, progress: Progress | None = None
+) -> list[TensorStats]:
+    """Every float tensor a node writes, over all of `data` in one streaming pass (memory: a few numbers per
+    tensor, and one batch's activations at a time), in the order the nodes run."""
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    infos = infer_tensor_infos(model, data.input_shapes)
+    writers = {output: node.op_type for node in model.graph.node for output in node.output if output}
+    names = [name for name in writers if name in infos and infos[name].elem_type in floats]
+    if not names:
+        return []
+    try:
+        session = cpu_session(with_outputs(model, names), session_options(opt_level="basic"))
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise DataError(f"onnxruntime cannot run the model with its intermediate tensors exposed: {first_line(e)}") from e
+    moments = {name: _Moments() for name in names}
+    for done, batch in enumerate(data.batches(), start=1):
+        try:
+            values = session.run(names, batch.feeds)
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"the model fails on the data: {first_line(e)}") from e
+        fed = len(next(iter(batch.feeds.values())))
+        for name, value in zip(names, values, strict=True):
+            value = np.asarray(value)
+            if value.ndim and fed > batch.size and value.shape[0] == fed:
+                value = value[: batch.size]  # padding rows of a fixed batch
+            moments[name].add(value)
+        if progress is not None:
+            progress("statistics", done, data.num_batches)
+    return [moments[name].result(name, writers[name]) for name in names]
 
 
 class _Store:

@@ -6,13 +6,15 @@ import fnmatch
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx
 
+from onnxslim.activations import TensorStats, tensor_statistics
 from onnxslim.analysis.cost import ModelCost, compute_cost
 from onnxslim.analysis.groups import ChannelGroup, find_channel_groups
 from onnxslim.analysis.quantized import quantized_ops
+from onnxslim.calib import DataOptions, open_dataset
 from onnxslim.errors import UsageError
 from onnxslim.graph import collector_paused
 from onnxslim.io import (
@@ -23,6 +25,7 @@ from onnxslim.io import (
     load_model,
     resolve_input_shapes,
 )
+from onnxslim.progress import Progress
 
 __all__ = ["TensorSummary", "ModelInfo", "inspect_model", "summarize_model", "check_exclusions"]
 
@@ -54,6 +57,8 @@ class ModelInfo:
     cost: ModelCost
     groups: tuple[ChannelGroup, ...] = ()  # channel groups at the analysis shapes
     quantized_ops: dict[str, int] = field(default_factory=dict)  # op type → count, when already quantized
+    data: str | None = None  # with --data: what the tensor statistics were measured on
+    tensors: tuple[TensorStats, ...] = ()  # with --data: every float tensor a node writes, in run order
 
     @property
     def params(self) -> int:
@@ -110,7 +115,21 @@ def summarize_model(loaded: LoadedModel, input_shapes: Mapping[str | None, Seque
     )
 
 
-def inspect_model(path: str | os.PathLike[str], input_shapes: Mapping[str | None, Sequence[int]] | None = None) -> ModelInfo:
-    """Load `path` and summarize it: I/O, opsets, ops, where weights live, params and MACs per layer."""
+def inspect_model(
+    path: str | os.PathLike[str],
+    input_shapes: Mapping[str | None, Sequence[int]] | None = None,
+    *,
+    data: str | os.PathLike[str] | None = None,
+    data_options: DataOptions | None = None,
+    progress: Progress | None = None,
+) -> ModelInfo:
+    """Load `path` and summarize it: I/O, opsets, ops, where weights live, params and MACs per layer; with
+    `data` (a dataset spec, `calib.open_dataset`), every float tensor's statistics on it."""
+    loaded = load_model(path)
     with collector_paused():  # linear time on big graphs (graph.py)
-        return summarize_model(load_model(path), input_shapes)
+        info = summarize_model(loaded, input_shapes)
+    if data is None:
+        return info
+    dataset = open_dataset(data, loaded.model, data_options)
+    tensors = tensor_statistics(loaded.model, dataset, progress=progress)
+    return replace(info, data=f"{dataset.description} ({dataset.num_samples} samples)", tensors=tuple(tensors))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -316,3 +317,25 @@ def test_staged_runs_of_every_built_model_are_exact(name: str) -> None:
     _assert_staged_runs_are_exact(model, feeds, 7, memory_budget=1 << 20)
     normalized = normalize_model(model)[0]  # what recovery runs: constants folded, nodes named
     _assert_staged_runs_are_exact(normalized, feeds, 4)
+
+
+def test_tensor_statistics_match_numpy_over_every_batch(tmp_path: Path) -> None:
+    """Two batches streamed: the statistics equal numpy's over all samples at once; NaN counted, not averaged."""
+    from onnxslim.activations import tensor_statistics
+    from onnxslim.calib import DataOptions, open_dataset
+
+    b = ModelBuilder((2, 3, 3), seed=3)
+    relu = b.relu(b.input)
+    model = b.build(b.op("Mul", [relu, b.const(np.array(2.0, dtype=np.float32))]))
+    x = np.random.default_rng(0).standard_normal((6, 2, 3, 3)).astype(np.float32)
+    x[5, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "d.npz", input=x)
+    stats = {t.op_type: t for t in tensor_statistics(model, open_dataset(tmp_path / "d.npz", model, DataOptions(batch=4)))}
+    finite = np.maximum(x[np.isfinite(x)], 0).astype(np.float64)
+    relu_stats = stats["Relu"]
+    assert relu_stats.values == finite.size and relu_stats.nonfinite == 1
+    assert relu_stats.maximum == pytest.approx(finite.max()) and relu_stats.minimum == 0
+    assert relu_stats.mean == pytest.approx(finite.mean()) and relu_stats.std == pytest.approx(finite.std())
+    assert relu_stats.zeros == pytest.approx(np.mean(finite == 0))
+    assert stats["Mul"].maximum == pytest.approx(2 * finite.max())
+    assert relu_stats.outlier_ratio == pytest.approx(finite.max() / finite.std())

@@ -207,3 +207,19 @@ def test_help_does_not_load_onnx_or_onnxruntime() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out
+
+
+def test_inspect_with_data_reports_every_float_tensor(tmp_path: Path) -> None:
+    import numpy as np
+
+    from onnxslim.cli import cli as group
+
+    model = MODELS_DIR / "mnist_resnet.onnx"
+    out = CliRunner().invoke(group, ["inspect", str(model), "--data", str(MODELS_DIR / "mnist_eval.npz"), "--batch", "100", "--json"])
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.stdout)
+    assert report["data"].endswith("(1000 samples)") and len(report["tensors"]) > 20
+    logits = next(t for t in report["tensors"] if t["name"] == "logits")
+    assert logits["values"] == 1000 * 10 and logits["nonfinite"] == 0 and np.isfinite(logits["outlier_ratio"])
+    text = CliRunner().invoke(group, ["inspect", str(model), "--data", "random:4", "--top", "3"])
+    assert text.exit_code == 0 and "widest ranges for their spread" in text.stdout

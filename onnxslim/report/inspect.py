@@ -69,7 +69,36 @@ def render_inspect(info: ModelInfo, *, top: int = 10, verbose: bool = False) -> 
         lines += ["", render_groups(info.groups, verbose=verbose)]
     elif not info.quantized_ops:
         lines += ["", "channel groups  none found (no Conv, Gemm or MatMul with constant weights)"]
+    lines += _tensor_lines(info, top)
     return "\n".join(lines)
+
+
+def _tensor_lines(info: ModelInfo, top: int) -> list[str]:
+    """With --data: the tensors hardest to round to int8 (widest range for their spread) and any that are
+    not finite."""
+    if info.data is None:
+        return []
+    lines = ["", f"tensors    {len(info.tensors)} float tensors on {info.data}"]
+    broken = [t for t in info.tensors if t.nonfinite]
+    if broken:
+        lines.append(
+            f"NOT FINITE {len(broken)} tensors hold NaN or infinite values: "
+            + ", ".join(f"{t.name} ({t.nonfinite})" for t in broken[:5]) + (" ..." if len(broken) > 5 else "")
+        )
+    ranked = sorted(info.tensors, key=lambda t: -t.outlier_ratio if t.outlier_ratio == t.outlier_ratio else 0.0)
+    if ranked and top:
+        lines += [
+            f"widest ranges for their spread (max |x| / std: int8 spends its 255 steps on the range), top {min(top, len(ranked))}",
+            format_table(
+                ["tensor", "op", "min", "max", "mean", "std", "max|x|/std", "zeros"],
+                [
+                    (t.name, t.op_type, f"{t.minimum:.4g}", f"{t.maximum:.4g}", f"{t.mean:.4g}", f"{t.std:.4g}",
+                     f"{t.outlier_ratio:.1f}", f"{100 * t.zeros:.0f}%")
+                    for t in ranked[:top]
+                ],
+            ),
+        ]
+    return lines
 
 def inspect_json(info: ModelInfo) -> dict[str, Any]:
     """The `inspect --json` object."""
@@ -103,4 +132,6 @@ def inspect_json(info: ModelInfo) -> dict[str, Any]:
         ],
         "groups": groups_json(info.groups),
         "quantized_ops": info.quantized_ops,
+        "data": info.data,
+        "tensors": [{**to_jsonable(t), "outlier_ratio": t.outlier_ratio} for t in info.tensors],
     }
