@@ -3,6 +3,7 @@ optimize run leaves (`write_outputs`: the models validated, the plan and these r
 
 from __future__ import annotations
 
+import io
 import os
 import platform
 from dataclasses import replace
@@ -184,7 +185,6 @@ def optimize_json(result: OptimizeResult, outdir: str | None = None) -> dict[str
 def plot_optimize(result: OptimizeResult) -> bytes | None:
     """report.png: accuracy or fidelity against latency of every measured model (None without matplotlib)."""
     import importlib.util
-    import io
 
     if importlib.util.find_spec("matplotlib") is None:
         return None
@@ -206,12 +206,19 @@ def plot_optimize(result: OptimizeResult) -> bytes | None:
     axis.set_xlabel("p50 latency, ms")
     axis.set_ylabel("top-1 %" if labelled else "fidelity (cosine) vs original")
     axis.set_title(f"onnxslim optimize: {result.budget.label}", fontsize=9)
-    axis.grid(alpha=0.3)
+    return _png(figure)
+
+def _png(figure: Any) -> bytes:
+    """A finished latency/quality figure as PNG bytes (grid, tight layout), closed after."""
+    import matplotlib.pyplot as plt
+
+    figure.axes[0].grid(alpha=0.3)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     plt.close(figure)
     return buffer.getvalue()
+
 
 def render_sweep(result: SweepResult, *, markdown: bool = False) -> str:
     """The `sweep` table: per MAC budget, quality, latency, speedup, params, size."""
@@ -257,7 +264,6 @@ def sweep_json(result: SweepResult) -> dict[str, Any]:
 
 def plot_sweep(result: SweepResult) -> bytes:
     """Accuracy or fidelity against latency of every sweep point (needs matplotlib: `require_plotting`)."""
-    import io
 
     require_plotting()
     import matplotlib
@@ -282,12 +288,7 @@ def plot_sweep(result: SweepResult) -> bytes:
     axis.set_xlabel("p50 latency, ms")
     axis.set_ylabel("top-1 %" if labelled else "fidelity (cosine) vs original")
     axis.set_title("onnxslim sweep: MACs kept", fontsize=9)
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=120)
-    plt.close(figure)
-    return buffer.getvalue()
+    return _png(figure)
 
 
 OUTPUT_FILES = (
