@@ -209,6 +209,10 @@ class _Layer:
     def set(self, weights: np.ndarray, bias: np.ndarray) -> None:
         raise NotImplementedError
 
+    def target_node(self) -> onnx.NodeProto:
+        """The node whose output (in the original) the refit reproduces: the one that adds the bias."""
+        return self.node
+
 
 class _ModelEditor:
     """Reads and replaces constant inputs of nodes of a model being recovered."""
@@ -356,6 +360,9 @@ class _MatMul(_Layer):
         if constant is None or constant.size != columns or constant.shape[-1] != columns:
             return None, 0
         return add, other
+
+    def target_node(self) -> onnx.NodeProto:
+        return self.add if self.add is not None else self.node  # the bias is fit: aim past its Add
 
     def features_out(self) -> int:
         weight = self.model.constant(self.node.input[1])
@@ -601,7 +608,12 @@ def recover_model(
     original_nodes = {node.name: node for node in original.graph.node}
     order = [node.name for node in recovered.graph.node if node.name in set(refit_nodes)]
     rng = np.random.default_rng(options.seed)
-    targets = [original_nodes[name].output[0] for name in order if name in original_nodes]
+    layers = {
+        name: layer for name in order
+        if name in original_nodes and (layer := refit_layer(nodes[name], editor)) and layer.target_node().name in original_nodes
+    }
+    target_of = {name: original_nodes[layer.target_node().name].output[0] for name, layer in layers.items()}
+    targets = list(target_of.values())
     if not options.sequential:
         targets += [original_nodes[name].input[0] for name in order if name in original_nodes]
     rows = _REBATCH_ROWS
@@ -623,13 +635,13 @@ def recover_model(
     try:
         for done, name in enumerate(order, start=1):
             node = nodes[name]
-            layer = refit_layer(node, editor)
-            if layer is None or name not in original_nodes:
+            layer = layers.get(name)
+            if layer is None:
                 continue
             if not staged_limit:
                 try:
                     runner_pruned.run_to(runner_pruned.position_of(name))
-                    runner_original.run_to(runner_original.position_of(name) + 1)
+                    runner_original.run_to(runner_original.position_of(layer.target_node().name) + 1)
                 except StagedRunError as e:
                     staged_limit = first_line(e)
                     logger.warning(
@@ -642,7 +654,7 @@ def recover_model(
             # x: the node's input, from the model as pruned and refit so far (or the original's, kept channels);
             # y: the original's output there
             x_name = node.input[0] if options.sequential else original_nodes[name].input[0]
-            y_name = original_nodes[name].output[0]
+            y_name = target_of[name]
             pairs: Iterable[tuple[np.ndarray, np.ndarray]]
             if not staged_limit:
                 x_runner = runner_pruned if options.sequential else runner_original
