@@ -26,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 __all__ = [
     "CLASSES",
+    "RECURRENT_GATES",
     "ModelBuilder",
     "OUTLIERS",
     "STORAGES",
@@ -45,6 +46,7 @@ __all__ = [
     "make",
     "matmul_model",
     "paddle_dims_model",
+    "recurrent_model",
     "save",
     "scaled_classifier",
     "token_model",
@@ -529,6 +531,40 @@ def dynamic_lstm_model(*, hidden: int = 4, features: int = 3) -> onnx.ModelProto
     )
     opsets = [helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets)
+
+
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def recurrent_model(
+    op_type: str = "LSTM", *, direction: str = "forward", layout: int = 0, seq: int = 5, batch: int = 2,
+    features: int = 3, hidden: int = 4,
+) -> onnx.ModelProto:
+    """One ONNX LSTM, GRU or RNN op: X [seq, batch, features] (layout 0) or [batch, seq, features] (layout 1,
+    opset 14), W [dirs, gates·hidden, features], R [dirs, gates·hidden, hidden], B [dirs, 2·gates·hidden];
+    output Y."""
+    dirs = 2 if direction == "bidirectional" else 1
+    gates = RECURRENT_GATES[op_type] * hidden
+    tensors = {
+        "W": RNG.standard_normal((dirs, gates, features)).astype(np.float32),
+        "R": RNG.standard_normal((dirs, gates, hidden)).astype(np.float32),
+        "B": RNG.standard_normal((dirs, 2 * gates)).astype(np.float32),
+    }
+    attrs: dict[str, object] = {"hidden_size": hidden, "direction": direction}
+    if layout:
+        attrs["layout"] = layout
+    node = helper.make_node(op_type, ["x", "W", "R", "B"], ["y"], name=op_type.lower(), **attrs)
+    x_shape = [batch, seq, features] if layout else [seq, batch, features]
+    y_shape = [batch, seq, dirs, hidden] if layout else [seq, dirs, batch, hidden]
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        initializer=[numpy_helper.from_array(v, k) for k, v in tensors.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14 if layout else 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------
