@@ -36,6 +36,7 @@ __all__ = [
     "conv_integer_model",
     "conv_model",
     "conv_transpose_model",
+    "crnn_lstm_model",
     "crnn_model",
     "ctc_head",
     "dynamic_lstm_model",
@@ -839,3 +840,24 @@ def unrolled_rnn_model(*, steps: int = 8, channels: int = 16, hidden: int = 16, 
         h = b.op("Tanh", [z])
         hs.append(h)
     return _ctc_output(b, _stack_steps(b, hs, hidden), classes)
+
+
+def crnn_lstm_model(*, steps: int = 8, channels: int = 16, hidden: int = 12, classes: int = 11, seed: int = 17) -> onnx.ModelProto:
+    """A CRNN as torch exports nn.LSTM (ddddocr's recognizer): the CNN of `unrolled_rnn_model` → [T, N, C] →
+    one bidirectional ONNX LSTM op (W [2, 4H, C], R [2, 4H, H], B [2, 8H]) → Y [T, 2, N, H] → Transpose →
+    Reshape [T, N, 2H] → Linear (MatMul + Add) → LogSoftmax [T, N, classes]."""
+    b = ModelBuilder((1, 8, 4 * steps), opset=13, seed=seed)
+    sequence = _sequence_features(b, channels, dense=False)
+    gates = 4 * hidden
+    w = b.const((b.rng.standard_normal((2, gates, channels)) * 1.5 / np.sqrt(channels)).astype(np.float32))
+    r = b.const((b.rng.standard_normal((2, gates, hidden)) * 1.5 / np.sqrt(hidden)).astype(np.float32))
+    bias = b.const((0.2 * b.rng.standard_normal((2, 2 * gates))).astype(np.float32), prefix="b")
+    y = b.name("lstm_y")
+    b.nodes.append(helper.make_node(
+        "LSTM", [sequence, w, r, bias], [y], name=b.name("LSTM"), hidden_size=hidden, direction="bidirectional",
+    ))
+    b.channels[y] = 2
+    y = b.op("Transpose", [y], perm=[0, 2, 1, 3], channels=hidden)  # [T, N, 2, H]
+    y = b.op("Reshape", [y, b.const(np.array([0, 0, 2 * hidden], np.int64), prefix="shape")], channels=2 * hidden)
+    return _ctc_output(b, y, classes)
+

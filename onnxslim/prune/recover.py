@@ -216,6 +216,13 @@ class _Layer:
 
     samples_first: bool = False  # the input's and output's first axis is the batch (NCHW), no probe needed
 
+    def target_tensor(self, original: onnx.NodeProto) -> str:
+        """The tensor of the original that the refit reproduces, given the original's `target_node()`."""
+        return original.output[0]
+
+    def aim(self, original: _ModelEditor) -> None:
+        """Read what the targets need from the original model (a layer whose target is computed)."""
+
     def bias_name(self) -> str:
         """The constant holding the bias ("" when there is none)."""
         return self.node.input[2] if len(self.node.input) > 2 else ""
@@ -452,7 +459,67 @@ class _MatMul(_Layer):
             self.model.set_input(self.add, self.add_index, bias[0].reshape(shape).astype(np.float32))
 
 
-REFIT_OPS = frozenset({"Conv", "Gemm", "MatMul"})  # the ops `refit_layer` can see as linear maps
+class _Recurrent(_Layer):
+    """The input projection of an LSTM, GRU or RNN: each direction's gates get W x_t + Wb at every step,
+    a linear map refit with the time steps of every sample as rows. The target is the original's projection
+    of the original's input (W and Wb of the original); the recurrent weights R and Rb stay as they are."""
+
+    def __init__(self, node: onnx.NodeProto, model: _ModelEditor) -> None:
+        super().__init__(node, model)
+        weight = model.constant(node.input[1])
+        assert weight is not None
+        self.blocks = int(weight.shape[0])  # directions
+        self.reference: tuple[np.ndarray, np.ndarray] | None = None
+
+    def layout(self) -> tuple[object, ...]:
+        return (self.node.op_type, tuple(sorted((a.name, str(onnx.helper.get_attribute_value(a))) for a in self.node.attribute)))
+
+    def target_tensor(self, original: onnx.NodeProto) -> str:
+        return original.input[0]  # the gates' input projection is computed from the original's input
+
+    def aim(self, original: _ModelEditor) -> None:
+        aimed = refit_layer(original.index.nodes[self.node.name], original)
+        assert aimed is not None
+        self.reference = aimed.get()
+
+    def features(self) -> int:
+        weight = self.model.constant(self.node.input[1])
+        assert weight is not None
+        return int(weight.shape[2])
+
+    def bias_name(self) -> str:
+        return self.node.input[3] if len(self.node.input) > 3 else ""
+
+    def rows(self, x, y, kept_out, rng, per_sample):
+        assert self.reference is not None
+        features, inputs, samples = _feature_rows(x, y, None, rng, per_sample)  # y: the original's input
+        weights, bias = self.reference  # [dirs, I, gates], [dirs, gates]
+        targets = np.einsum("ri,gio->rgo", inputs[:, 0].astype(np.float64), weights) + bias[None]
+        return np.broadcast_to(features, (len(features), self.blocks, features.shape[2])), targets, samples
+
+    def get(self) -> tuple[np.ndarray, np.ndarray]:
+        weight = self.model.constant(self.node.input[1])
+        assert weight is not None
+        gates = weight.shape[1]
+        combined = self.model.constant(self.bias_name()) if self.bias_name() else None
+        bias = np.zeros((self.blocks, gates)) if combined is None else combined[:, :gates].astype(np.float64)
+        return weight.transpose(0, 2, 1).astype(np.float64), bias
+
+    def set(self, weights: np.ndarray, bias: np.ndarray) -> None:
+        gates = weights.shape[2]
+        combined = self.model.constant(self.bias_name()) if self.bias_name() else None
+        recurrent = np.zeros((self.blocks, gates), np.float32) if combined is None else combined[:, gates:]
+        self.model.set_input(self.node, 1, weights.transpose(0, 2, 1).astype(np.float32))
+        self.model.set_input(self.node, 3, np.concatenate([bias.astype(np.float32), recurrent], axis=1))
+
+    def share_from(self, other: _Layer) -> None:
+        while len(self.node.input) < len(other.node.input):
+            self.node.input.append("")
+        self.node.input[1], self.node.input[3] = other.node.input[1], other.node.input[3]
+
+
+_RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+REFIT_OPS = frozenset({"Conv", "Gemm", "MatMul", *_RECURRENT_OPS})  # the ops `refit_layer` can see as linear maps
 
 
 def refit_layer(node: onnx.NodeProto, model: _ModelEditor) -> _Layer | None:
@@ -478,6 +545,11 @@ def refit_layer(node: onnx.NodeProto, model: _ModelEditor) -> _Layer | None:
         if model.constant(node.input[1]).ndim != 2:  # type: ignore[union-attr]
             return None
         return _MatMul(node, model)
+    if node.op_type in _RECURRENT_OPS and node.domain in ("", "ai.onnx"):
+        constants = [model.constant(node.input[i]) if len(node.input) > i and node.input[i] else None for i in (1, 2, 3)]
+        if constants[0] is None or constants[1] is None or (len(node.input) > 3 and node.input[3] and constants[2] is None):
+            return None
+        return _Recurrent(node, model)
     return None
 
 
@@ -838,7 +910,10 @@ def recover_model(
         and layer.target_node().name in original_nodes
     }
     units = _refit_units(layers, ProtoIndex(original.graph), kept_outputs)
-    target_of = {name: original_nodes[layer.target_node().name].output[0] for name, layer in layers.items()}
+    target_of = {name: layer.target_tensor(original_nodes[layer.target_node().name]) for name, layer in layers.items()}
+    reference = _ModelEditor(original)
+    for layer in layers.values():
+        layer.aim(reference)
     # x: a node's input, from the model as pruned and refit so far (or the original's, kept channels);
     # y: the original's output there (past the bias Add of a MatMul)
     input_of = {name: nodes[name].input[0] if options.sequential else original_nodes[name].input[0] for name in layers}
