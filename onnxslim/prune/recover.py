@@ -1,15 +1,31 @@
 """Retraining-free recovery: refit the layers that read pruned channels so the pruned model works without them.
 
-Every Conv, Gemm and MatMul with constant weights that reads a channel group (pruned or not: it corrects
-error from upstream too) and lies downstream of a change, plus the depthwise convs that pass a pruned
-group through, is a *refit node*. Refit nodes are visited in topological order. For each, its input is
-taken from the model *as pruned and refit so far* and its target is the *original* model's output at that
-node (the kept output channels of it): sequential refits, measured to beat refits from the original's
-inputs (docs/ARCHITECTURE.md, "Recovery"). Activations are passed forward range by range (`activations.StagedRunner`), so the
-whole model is run about once per model, not once per layer. Where the staged runner cannot go on (its
-limit: a sequence kept between ranges, a range onnxruntime refuses alone), each remaining layer's input and
-target come from runs of the whole model instead — slower, the same numbers — with a warning, and the
-layers' notes say so.
+Every Conv, Gemm and MatMul with constant weights downstream of a change (reading a channel group, pruned
+or not, or past a blocker: it corrects error from upstream too), the depthwise convs that pass a pruned
+group through, and the input projection of an LSTM, GRU or RNN op (W and Wb; R and Rb stay) is a *refit
+node*. Refit nodes are visited in topological order. For each, its input is taken from the model *as
+pruned and refit so far* and its target is the *original* model's output at that node (the kept output
+channels of it; past the bias Add of a MatMul; for a recurrent op, the original's W x + Wb computed from
+the original's input): sequential refits, measured to beat refits from the original's inputs
+(docs/ARCHITECTURE.md, "Recovery"). Activations are passed forward range by range
+(`activations.StagedRunner`), so the whole model is run about once per model, not once per layer. Where the
+staged runner cannot go on (its limit: a sequence kept between ranges, a range onnxruntime refuses alone),
+each remaining layer's input and target come from runs of the whole model instead — slower, the same
+numbers — with a warning, and the layers' notes say so.
+
+**Shared weights.** A weight read by several nodes (an unrolled recurrence reads its weights at every time
+step) is refit once: its readers are one *unit*, one least-squares problem whose rows are every reader's
+samples, their inputs from one whole-model run of the model as refit so far (the staged runner stands at
+the first reader), the result written once and read by all of them. The rewrite gives every reader of a
+sliced shared weight a copy of its own: readers holding equal copies are one unit again (even when
+nothing is refit, they are tied to one tensor); readers sliced differently stay apart; when a reader of
+the weight is not refit at all, none is. A weight is never split into a copy per reader.
+
+**Where the samples are.** Conv reads NCHW: samples on axis 0. Gemm, MatMul and recurrent ops may read a
+time-major [T, N, C], a Reshape of it to [T·N, C], or with a batch of one a tensor without a batch axis;
+one probe per model (the first batch run as it is and with sample 0 replaced by another: the entries that
+change are sample 0's) finds each such tensor's sample axis, so every time step is a row and the held-out
+rows are held-out samples.
 
 The least-squares problem of a node is accumulated as Gram matrices over the calibration batches —
 [AᵀA, Aᵀy] with A the node's input features plus a column of ones (its bias) — so memory is the square of
@@ -70,6 +86,7 @@ RECOVERY_METHODS = ("none", "bias", "affine", "lsq")
 UNCHANGED = 1e-6  # a layer whose relative error before recovery is below this is left alone
 _CHUNK_ROWS = 4096  # sampled rows gathered across batches before they are added to the Gram matrices
 _REBATCH_ROWS = 32  # with a free batch dim, calibration samples run through the stages 32 at a time
+_PROBE_SAMPLES = 4  # with a free batch dim, where the samples lie is probed on the first 4
 
 
 @dataclass(frozen=True)
@@ -940,7 +957,12 @@ def recover_model(
         # where each batch's samples lie in the tensors of the layers that do not read NCHW ([T, N, C], …)
         probed = sorted({name for layer in layers.values() if not layer.samples_first
                          for name in (original_nodes[layer.node.name].input[0], target_of[layer.node.name])})
-        axes = _probe_sample_axes(original, probed, next(feeds()), sizes[0]) if probed and sizes else {}
+        axes: dict[str, _SampleAxis] = {}
+        if probed and sizes:
+            probe, size = next(feeds()), sizes[0]
+            if not fixed_batch:  # a free batch dim: a few samples show the layout as well as many
+                probe, size = {name: value[:_PROBE_SAMPLES] for name, value in probe.items()}, min(size, _PROBE_SAMPLES)
+            axes = _probe_sample_axes(original, probed, probe, size)
         for done, unit in enumerate(units, start=1):
             # a unit left alone reports its first reader's error (its readers may differ in shape)
             gathered = unit.layers[:1] if unit.alone else unit.layers
