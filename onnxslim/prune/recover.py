@@ -388,9 +388,10 @@ class _Gemm(_Layer):
 
     def share_from(self, other: _Layer) -> None:
         super().share_from(other)
-        for mine, theirs in zip(self.node.attribute, other.node.attribute, strict=False):
-            if mine.name == theirs.name == "beta":  # set() makes a beta of 0 into 1 with the new bias
-                mine.f = theirs.f
+        beta = next((a.f for a in other.node.attribute if a.name == "beta"), None)
+        for attribute in self.node.attribute:
+            if attribute.name == "beta" and beta is not None:  # set() makes a beta of 0 into 1 with the new bias
+                attribute.f = beta
 
     def get(self) -> tuple[np.ndarray, np.ndarray]:
         weight = self.model.constant(self.node.input[1])
