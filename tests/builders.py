@@ -26,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 __all__ = [
     "CLASSES",
+    "RECURRENT_GATES",
     "ModelBuilder",
     "OUTLIERS",
     "STORAGES",
@@ -35,6 +36,8 @@ __all__ = [
     "conv_integer_model",
     "conv_model",
     "conv_transpose_model",
+    "crnn_lstm_model",
+    "crnn_model",
     "ctc_head",
     "dynamic_lstm_model",
     "gemm_model",
@@ -44,12 +47,14 @@ __all__ = [
     "make",
     "matmul_model",
     "paddle_dims_model",
+    "recurrent_model",
     "save",
     "scaled_classifier",
     "token_model",
     "transformer_classifier",
     "two_input_model",
     "two_output_classifier",
+    "unrolled_rnn_model",
     "yolo_head",
 ]
 
@@ -529,6 +534,40 @@ def dynamic_lstm_model(*, hidden: int = 4, features: int = 3) -> onnx.ModelProto
     return helper.make_model(graph, opset_imports=opsets)
 
 
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def recurrent_model(
+    op_type: str = "LSTM", *, direction: str = "forward", layout: int = 0, seq: int = 5, batch: int = 2,
+    features: int = 3, hidden: int = 4,
+) -> onnx.ModelProto:
+    """One ONNX LSTM, GRU or RNN op: X [seq, batch, features] (layout 0) or [batch, seq, features] (layout 1,
+    opset 14), W [dirs, gates·hidden, features], R [dirs, gates·hidden, hidden], B [dirs, 2·gates·hidden];
+    output Y."""
+    dirs = 2 if direction == "bidirectional" else 1
+    gates = RECURRENT_GATES[op_type] * hidden
+    tensors = {
+        "W": RNG.standard_normal((dirs, gates, features)).astype(np.float32),
+        "R": RNG.standard_normal((dirs, gates, hidden)).astype(np.float32),
+        "B": RNG.standard_normal((dirs, 2 * gates)).astype(np.float32),
+    }
+    attrs: dict[str, object] = {"hidden_size": hidden, "direction": direction}
+    if layout:
+        attrs["layout"] = layout
+    node = helper.make_node(op_type, ["x", "W", "R", "B"], ["y"], name=op_type.lower(), **attrs)
+    x_shape = [batch, seq, features] if layout else [seq, batch, features]
+    y_shape = [batch, seq, dirs, hidden] if layout else [seq, dirs, batch, hidden]
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+        initializer=[numpy_helper.from_array(v, k) for k, v in tensors.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14 if layout else 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
 # ----------------------------------------------------------------------------------------------------
 # Classifiers and data files for the calibration, bench and metrics tests (were data_models.py)
 # Tiny models and data files for the data reader, metrics and bench tests.
@@ -699,3 +738,126 @@ def ctc_head(*, steps: int = 12, classes: int = 7, seed: int = 7) -> onnx.ModelP
     model = b.build(out)
     model.graph.output[0].CopyFrom(helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, "seqlen"]))
     return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Recurrent readers: sequence models with an unrolled recurrence, as torch traces a cell written by hand
+# (a Python loop over time steps): every step reads the same weight initializers.
+
+
+def _sequence_features(b: ModelBuilder, channels: int, *, dense: bool) -> str:
+    """A small CNN over a text line [N, 1, 8, 4·T] → [T, N, channels]: convs (a DenseNet-style block of
+    growing Concats when `dense`), pooling the height away, Squeeze and Transpose to time-major."""
+    y = b.relu(b.conv(b.input, 8, k=3))
+    y = b.op("MaxPool", [y], kernel_shape=[2, 2], strides=[2, 2])
+    if dense:
+        for _ in range(2):  # DenseNet: each layer's output joins its input
+            y = b.concat(y, b.relu(b.conv(b.relu(b.bn(y)), 6, k=3)))
+    y = b.relu(b.conv(y, channels, k=3))
+    y = b.op("MaxPool", [y], kernel_shape=[2, 2], strides=[2, 2])  # [N, C, 2, T]
+    y = b.op("ReduceMean", [y], axes=[2], keepdims=1)  # [N, C, 1, T]
+    y = b.op("Squeeze", [y, b.const(np.array([2], np.int64), prefix="axes")])  # [N, C, T]
+    return b.op("Transpose", [y], perm=[2, 0, 1])  # [T, N, C]
+
+
+def _time_step(b: ModelBuilder, sequence: str, t: int, channels: int) -> str:
+    """seq[t] as torch traces it: Gather(axis 0) with a scalar index → [N, C]."""
+    step = b.op("Gather", [sequence, b.const(np.array(t, np.int64), prefix="t")], axis=0)
+    b.channels[step] = channels
+    return step
+
+
+def _stack_steps(b: ModelBuilder, steps: Sequence[str], channels: int) -> str:
+    """torch.stack(outputs): Unsqueeze(0) each [N, C] and Concat on axis 0 → [T, N, C]."""
+    axes = b.const(np.array([0], np.int64), prefix="axes")
+    lifted = [b.op("Unsqueeze", [step, axes]) for step in steps]
+    return b.op("Concat", lifted, channels=channels, axis=0)
+
+
+def _ctc_output(b: ModelBuilder, sequence: str, classes: int) -> onnx.ModelProto:
+    """Linear over [T, N, 2H] as torch exports it (MatMul + Add), LogSoftmax over classes: [T, N, classes]."""
+    logits = b.matmul(sequence, classes)
+    return b.build(b.op("LogSoftmax", [logits], axis=2))
+
+
+def crnn_model(*, steps: int = 8, channels: int = 16, hidden: int = 12, classes: int = 11, seed: int = 11) -> onnx.ModelProto:
+    """A CRNN captcha reader: input [N, 1, 8, 4·steps] → CNN (DenseNet-style) → [T, N, C] → a bidirectional
+    LSTM unrolled as torch traces a hand-written cell (Gemm(x_t, W_ih) + Gemm(h, W_hh), Split into 4 gates,
+    Sigmoid/Tanh, c = f·c + i·g, h = o·tanh(c)), each direction's W_ih/b_ih and W_hh/b_hh one initializer read
+    by every step (h₀ = 0: the first step has no W_hh Gemm) → Concat(h_fwd, h_bwd) per step → stacked
+    [T, N, 2H] → a Linear classifier → LogSoftmax: CTC log-probabilities [T, N, classes]."""
+    b = ModelBuilder((1, 8, 4 * steps), opset=13, seed=seed)
+    sequence = _sequence_features(b, channels, dense=True)
+    gates = 4 * hidden
+
+    def weights(inputs: int) -> tuple[str, str]:
+        scale = 1.5 / np.sqrt(inputs)
+        return b.const((b.rng.standard_normal((gates, inputs)) * scale).astype(np.float32)), b.const(
+            (0.2 * b.rng.standard_normal(gates)).astype(np.float32), prefix="b"
+        )
+
+    inputs = [_time_step(b, sequence, t, channels) for t in range(steps)]
+    outputs: dict[str, list[str]] = {}
+    for direction, order in (("forward", range(steps)), ("backward", range(steps - 1, -1, -1))):
+        (w_ih, b_ih), (w_hh, b_hh) = weights(channels), weights(hidden)
+        h = c = None
+        hs: dict[int, str] = {}
+        for t in order:
+            x_part = b.op("Gemm", [inputs[t], w_ih, b_ih], channels=gates, transB=1)
+            if h is None:
+                z = x_part
+            else:
+                z = b.op("Add", [x_part, b.op("Gemm", [h, w_hh, b_hh], channels=gates, transB=1)])
+            i, f, g, o = b.split(z, [hidden] * 4)
+            i, f, o = (b.op("Sigmoid", [v]) for v in (i, f, o))
+            g = b.op("Tanh", [g])
+            c = b.op("Mul", [i, g]) if c is None else b.op("Add", [b.op("Mul", [f, c]), b.op("Mul", [i, g])])
+            h = b.op("Mul", [o, b.op("Tanh", [c])])
+            hs[t] = h
+        outputs[direction] = [hs[t] for t in range(steps)]
+    joined = [b.concat(f, r) for f, r in zip(outputs["forward"], outputs["backward"], strict=True)]
+    return _ctc_output(b, _stack_steps(b, joined, 2 * hidden), classes)
+
+
+def unrolled_rnn_model(*, steps: int = 8, channels: int = 16, hidden: int = 16, classes: int = 11, seed: int = 13) -> onnx.ModelProto:
+    """The smallest recurrent reader: the CNN of `crnn_model` (no dense block) → an Elman RNN unrolled over
+    `steps` (h_t = tanh(Gemm(x_t, W_x, b_x) + MatMul(h_{t-1}, W_h) + b_h)), W_x/b_x one Gemm weight and bias
+    read by every step, W_h one MatMul weight and b_h one Add constant read by every step but the first →
+    stacked [T, N, H] → Linear → LogSoftmax [T, N, classes]."""
+    b = ModelBuilder((1, 8, 4 * steps), opset=13, seed=seed)
+    sequence = _sequence_features(b, channels, dense=False)
+    w_x = b.const((b.rng.standard_normal((channels, hidden)) * 1.2 / np.sqrt(channels)).astype(np.float32))
+    b_x = b.const((0.2 * b.rng.standard_normal(hidden)).astype(np.float32), prefix="b")
+    w_h = b.const((b.rng.standard_normal((hidden, hidden)) * 0.9 / np.sqrt(hidden)).astype(np.float32))
+    b_h = b.const((0.2 * b.rng.standard_normal(hidden)).astype(np.float32), prefix="b")
+    h = None
+    hs = []
+    for t in range(steps):
+        z = b.op("Gemm", [_time_step(b, sequence, t, channels), w_x, b_x], channels=hidden)
+        if h is not None:
+            recurrent = b.op("Add", [b.op("MatMul", [h, w_h], channels=hidden), b_h])
+            z = b.op("Add", [z, recurrent])
+        h = b.op("Tanh", [z])
+        hs.append(h)
+    return _ctc_output(b, _stack_steps(b, hs, hidden), classes)
+
+
+def crnn_lstm_model(*, steps: int = 8, channels: int = 16, hidden: int = 12, classes: int = 11, seed: int = 17) -> onnx.ModelProto:
+    """A CRNN as torch exports nn.LSTM (ddddocr's recognizer): the CNN of `unrolled_rnn_model` → [T, N, C] →
+    one bidirectional ONNX LSTM op (W [2, 4H, C], R [2, 4H, H], B [2, 8H]) → Y [T, 2, N, H] → Transpose →
+    Reshape [T, N, 2H] → Linear (MatMul + Add) → LogSoftmax [T, N, classes]."""
+    b = ModelBuilder((1, 8, 4 * steps), opset=13, seed=seed)
+    sequence = _sequence_features(b, channels, dense=False)
+    gates = 4 * hidden
+    w = b.const((b.rng.standard_normal((2, gates, channels)) * 1.5 / np.sqrt(channels)).astype(np.float32))
+    r = b.const((b.rng.standard_normal((2, gates, hidden)) * 1.5 / np.sqrt(hidden)).astype(np.float32))
+    bias = b.const((0.2 * b.rng.standard_normal((2, 2 * gates))).astype(np.float32), prefix="b")
+    y = b.name("lstm_y")
+    b.nodes.append(helper.make_node(
+        "LSTM", [sequence, w, r, bias], [y], name=b.name("LSTM"), hidden_size=hidden, direction="bidirectional",
+    ))
+    b.channels[y] = 2
+    y = b.op("Transpose", [y], perm=[0, 2, 1, 3], channels=hidden)  # [T, N, 2, H]
+    y = b.op("Reshape", [y, b.const(np.array([0, 0, 2 * hidden], np.int64), prefix="shape")], channels=2 * hidden)
+    return _ctc_output(b, y, classes)
+

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 from builders import (
+    RECURRENT_GATES,
     ModelBuilder,
     conv_integer_model,
     conv_model,
@@ -12,6 +14,7 @@ from builders import (
     dynamic_lstm_model,
     gemm_model,
     matmul_model,
+    recurrent_model,
 )
 from conftest import load_light
 
@@ -115,3 +118,26 @@ def test_dynamically_quantized_weights_are_counted_without_their_scales() -> Non
     assert cost_of(dynamic_lstm_model()).params == 48 + 64 + 32
     conv = cost_of(conv_integer_model())
     assert conv.by_name()["conv_int"].params == 8 * 3 * 9 and conv.macs == 8 * 8 * 8 * 3 * 9
+
+
+@pytest.mark.parametrize("op_type", sorted(RECURRENT_GATES))
+@pytest.mark.parametrize(("direction", "layout"), [("forward", 0), ("bidirectional", 0), ("bidirectional", 1)])
+def test_recurrent_macs_by_hand(op_type: str, direction: str, layout: int) -> None:
+    """Every one of the 5 steps of the 2 sequences, in each direction, multiplies the 3 input features and
+    the 4 hidden units by the weights of each gate's 4 units (LSTM 4 gates, GRU 3, RNN 1); onnxruntime runs
+    the model at these shapes (the count is of the model it runs; it refuses layout 1, batch first)."""
+    model = recurrent_model(op_type, direction=direction, layout=layout, seq=5, batch=2, features=3, hidden=4)
+    dirs = 2 if direction == "bidirectional" else 1
+    gates = RECURRENT_GATES[op_type] * 4
+    cost = cost_of(model)
+    assert cost.macs == 5 * 2 * dirs * gates * (3 + 4)
+    assert cost.params == dirs * gates * (3 + 4 + 2) and cost.unknown == ()
+    if not layout:
+        from oracle import run_model
+
+        assert run_model(model, {"x": np.zeros((5, 2, 3), np.float32)})[0].shape == (5, dirs, 2, 4)
+
+
+def test_dynamically_quantized_lstm_macs_by_hand() -> None:
+    # x [5, 1, 3], W [1, 3, 16], R [1, 4, 16]: 5 steps × (3 + 4) inputs × 16 gate units
+    assert cost_of(dynamic_lstm_model()).macs == 5 * 1 * 16 * (3 + 4)

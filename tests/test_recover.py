@@ -333,3 +333,26 @@ def test_huge_activations_do_not_break_the_refit() -> None:
     got, want = run_model(recovered, test)[0], run_model(normalized, test)[0]
     assert np.all(np.isfinite(got)) and report.nodes[0].method == "lsq"
     assert_outputs_close([got], [want], rel=1e-3)
+
+
+def test_a_matmul_refit_aims_past_its_bias_add() -> None:
+    """A MatMul's bias lives in the Add after it: the refit fits weights and that bias together, so its target
+    is the Add's output. Aimed at the MatMul's own output, the fit wrote a bias of ≈ 0 into the Add (an
+    unchanged layer came back shifted by its whole bias)."""
+    b = ModelBuilder((6, 12), seed=1, input_name="x")
+    b.channels[b.input] = 12  # tokens [N, 6, 12]: the MatMul reads the last axis
+    model = normalize_model(b.build(b.matmul(b.relu(b.matmul(b.input, 16)), 10)))[0]
+    matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((8, 6, 12)).astype(np.float32)} for _ in range(8)]
+    # nothing changed: every layer is left as it is
+    recovered, report = recover_model(model, model, matmuls, {}, feeds, RecoverOptions())
+    assert [n.method for n in report.nodes] == ["none", "none"] and max(n.error_before for n in report.nodes) < 1e-6
+    # hidden features 0-3 dropped: the second MatMul and its bias are refit toward the Add's output
+    _, groups, plan, pruned = _pruned(model, {matmuls[0]: tuple(range(4, 16))})
+    recovered, report = recover_model(model, pruned, matmuls[1:], kept_output_channels(groups, plan), feeds, RecoverOptions())
+    onnx.checker.check_model(recovered)
+    test = {"x": np.random.default_rng(9).standard_normal((16, 6, 12)).astype(np.float32)}
+    want = run_model(model, test)[0]
+    sliced, refit = (float(np.mean((run_model(m, test)[0] - want) ** 2)) for m in (pruned, recovered))
+    assert report.nodes[0].method == "lsq" and refit < 0.5 * sliced

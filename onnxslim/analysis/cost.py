@@ -1,7 +1,8 @@
 """Parameters and multiply-accumulates per node at given input shapes.
 
 `macs` counts only the multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul (and their int8
-QOperator forms): the numbers channel pruning changes and the ones latency follows. Everything else is
+QOperator forms), and the gate matrix products of LSTM, GRU and RNN at every time step: the numbers channel
+pruning changes and the ones latency follows. Everything else is
 counted separately as `elementwise`: the number of elements each other node writes, a rough measure of
 memory-bound work. `params` counts the elements of floating-point initializers and of quantized weights
 (integer initializers a DequantizeLinear reads, or the weight and bias inputs of QOperator and dynamically
@@ -92,6 +93,19 @@ def _matmul_macs(node: onnx.NodeProto, infos: Mapping[str, TensorInfo]) -> int |
     return int(np.prod(out)) * int(inner)
 
 
+def _recurrent_macs(node: onnx.NodeProto, infos: Mapping[str, TensorInfo]) -> int | None:
+    """LSTM, GRU, RNN (and DynamicQuantizeLSTM): at every time step of every sequence of the batch, each
+    direction multiplies the step's input by W [dirs, gates·H, I] and the hidden state by R [dirs, gates·H, H]
+    (the int8 form stores them transposed: the same products). The element-wise gate arithmetic is not
+    counted, as a Conv's activation is not."""
+    x = _shape(infos, node.input[0])
+    weights = [_shape(infos, node.input[i]) if i < len(node.input) and node.input[i] else None for i in (1, 2)]
+    if x is None or len(x) < 2 or any(w is None for w in weights):
+        return None
+    steps = int(x[0]) * int(x[1])  # [seq, batch, I] (layout 0) or [batch, seq, I] (layout 1): both axes count
+    return steps * sum(int(np.prod(w)) for w in weights if w is not None)
+
+
 _MAC_DOMAINS = ("", "ai.onnx", "com.microsoft")
 
 # The inputs of int8 nodes that can be weights (when they are initializers): op type -> input indices. Their
@@ -125,6 +139,11 @@ MAC_OPS: Mapping[str, Callable[[onnx.NodeProto, Mapping[str, TensorInfo]], int |
     "QGemm": _gemm_macs,  # com.microsoft
     "MatMulInteger": _matmul_macs,
     "QLinearMatMul": _matmul_macs,
+    # recurrent layers: every time step multiplies by the input and recurrent weights
+    "LSTM": _recurrent_macs,
+    "GRU": _recurrent_macs,
+    "RNN": _recurrent_macs,
+    "DynamicQuantizeLSTM": _recurrent_macs,  # com.microsoft
 }
 
 

@@ -54,7 +54,7 @@ from onnxslim.prune.plan import (
     plan_by_macs,
     plan_by_ratio,
 )
-from onnxslim.prune.recover import RecoverOptions, recover_model
+from onnxslim.prune.recover import REFIT_OPS, RecoverOptions, recover_model
 from onnxslim.prune.rewrite import apply_plan_to_graph, kept_output_channels
 from onnxslim.prune.sensitivity import ALLOCATION_RATIOS, DEFAULT_RATIOS, allocate, measure_curves
 from onnxslim.prune.state import (
@@ -203,7 +203,9 @@ def rewrite(state: PruneState) -> None:
 
 
 def _refit_nodes(state: PruneState) -> list[str]:
-    """Linear nodes reading a channel group (sinks, depthwise followers) downstream of a change."""
+    """Linear nodes downstream of a change: those reading a channel group (sinks, depthwise followers) and
+    those past a blocker (the input projections after a Gather of time steps, a classifier after an LSTM),
+    which correct the error from upstream too."""
     changed = [g for g in state.groups if state.plan.changes(g)]
     seeds: set[str] = set()
     for group in changed:
@@ -219,6 +221,7 @@ def _refit_nodes(state: PruneState) -> list[str]:
                     stack.append(reader.name)
     candidates = {s.node for g in state.groups for s in g.sinks}
     candidates |= {f.node for g in state.groups for f in g.followers if f.op_type == "Conv"}
+    candidates |= {name for name in downstream if (node := index.nodes.get(name)) is not None and node.op_type in REFIT_OPS}
     return [node.name for node in state.original.graph.node if node.name in candidates & downstream]
 
 

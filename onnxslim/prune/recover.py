@@ -1,15 +1,31 @@
 """Retraining-free recovery: refit the layers that read pruned channels so the pruned model works without them.
 
-Every Conv, Gemm and MatMul with constant weights that reads a channel group (pruned or not: it corrects
-error from upstream too) and lies downstream of a change, plus the depthwise convs that pass a pruned
-group through, is a *refit node*. Refit nodes are visited in topological order. For each, its input is
-taken from the model *as pruned and refit so far* and its target is the *original* model's output at that
-node (the kept output channels of it): sequential refits, measured to beat refits from the original's
-inputs (docs/ARCHITECTURE.md, "Recovery"). Activations are passed forward range by range (`activations.StagedRunner`), so the
-whole model is run about once per model, not once per layer. Where the staged runner cannot go on (its
-limit: a sequence kept between ranges, a range onnxruntime refuses alone), each remaining layer's input and
-target come from runs of the whole model instead — slower, the same numbers — with a warning, and the
-layers' notes say so.
+Every Conv, Gemm and MatMul with constant weights downstream of a change (reading a channel group, pruned
+or not, or past a blocker: it corrects error from upstream too), the depthwise convs that pass a pruned
+group through, and the input projection of an LSTM, GRU or RNN op (W and Wb; R and Rb stay) is a *refit
+node*. Refit nodes are visited in topological order. For each, its input is taken from the model *as
+pruned and refit so far* and its target is the *original* model's output at that node (the kept output
+channels of it; past the bias Add of a MatMul; for a recurrent op, the original's W x + Wb computed from
+the original's input): sequential refits, measured to beat refits from the original's inputs
+(docs/ARCHITECTURE.md, "Recovery"). Activations are passed forward range by range
+(`activations.StagedRunner`), so the whole model is run about once per model, not once per layer. Where the
+staged runner cannot go on (its limit: a sequence kept between ranges, a range onnxruntime refuses alone),
+each remaining layer's input and target come from runs of the whole model instead — slower, the same
+numbers — with a warning, and the layers' notes say so.
+
+**Shared weights.** A weight read by several nodes (an unrolled recurrence reads its weights at every time
+step) is refit once: its readers are one *unit*, one least-squares problem whose rows are every reader's
+samples, their inputs from one whole-model run of the model as refit so far (the staged runner stands at
+the first reader), the result written once and read by all of them. The rewrite gives every reader of a
+sliced shared weight a copy of its own: readers holding equal copies are one unit again (even when
+nothing is refit, they are tied to one tensor); readers sliced differently stay apart; when a reader of
+the weight is not refit at all, none is. A weight is never split into a copy per reader.
+
+**Where the samples are.** Conv reads NCHW: samples on axis 0. Gemm, MatMul and recurrent ops may read a
+time-major [T, N, C], a Reshape of it to [T·N, C], or with a batch of one a tensor without a batch axis;
+one probe per model (the first batch run as it is and with sample 0 replaced by another: the entries that
+change are sample 0's) finds each such tensor's sample axis, so every time step is a row and the held-out
+rows are held-out samples.
 
 The least-squares problem of a node is accumulated as Gram matrices over the calibration batches —
 [AᵀA, Aᵀy] with A the node's input features plus a column of ones (its bias) — so memory is the square of
@@ -55,6 +71,7 @@ from onnxslim.runtime import cpu_session, session_options
 
 __all__ = [
     "RECOVERY_METHODS",
+    "REFIT_OPS",
     "RecoverOptions",
     "NodeRecovery",
     "RecoveryReport",
@@ -69,6 +86,7 @@ RECOVERY_METHODS = ("none", "bias", "affine", "lsq")
 UNCHANGED = 1e-6  # a layer whose relative error before recovery is below this is left alone
 _CHUNK_ROWS = 4096  # sampled rows gathered across batches before they are added to the Gram matrices
 _REBATCH_ROWS = 32  # with a free batch dim, calibration samples run through the stages 32 at a time
+_PROBE_SAMPLES = 4  # with a free batch dim, where the samples lie is probed on the first 4
 
 
 @dataclass(frozen=True)
@@ -209,6 +227,40 @@ class _Layer:
     def set(self, weights: np.ndarray, bias: np.ndarray) -> None:
         raise NotImplementedError
 
+    def target_node(self) -> onnx.NodeProto:
+        """The node whose output (in the original) the refit reproduces: the one that adds the bias."""
+        return self.node
+
+    samples_first: bool = False  # the input's and output's first axis is the batch (NCHW), no probe needed
+
+    def target_tensor(self, original: onnx.NodeProto) -> str:
+        """The tensor of the original that the refit reproduces, given the original's `target_node()`."""
+        return original.output[0]
+
+    def aim(self, original: _ModelEditor) -> None:
+        """Read what the targets need from the original model (a layer whose target is computed)."""
+
+    def bias_name(self) -> str:
+        """The constant holding the bias ("" when there is none)."""
+        return self.node.input[2] if len(self.node.input) > 2 else ""
+
+    def layout(self) -> tuple[object, ...]:
+        """What readers of one weight must agree on to be refit as one linear map."""
+        return (self.node.op_type,)
+
+    def same_constants(self, others: Sequence[_Layer]) -> bool:
+        """Whether `others` hold the same weight and bias values as this layer."""
+        weights, bias = self.get()
+        return all(
+            np.array_equal(weights, w) and np.array_equal(bias, b) for w, b in (other.get() for other in others)
+        )
+
+    def share_from(self, other: _Layer) -> None:
+        """Read the weight and bias constants that `other` (a reader of the same weight) was just given."""
+        while len(self.node.input) < len(other.node.input):
+            self.node.input.append("")
+        self.node.input[1:3] = other.node.input[1:3]
+
 
 class _ModelEditor:
     """Reads and replaces constant inputs of nodes of a model being recovered."""
@@ -257,6 +309,19 @@ def _sample_positions(
     return np.repeat(np.arange(samples), per_sample), positions.reshape(-1)
 
 
+def _feature_rows(
+    x: np.ndarray, y: np.ndarray, kept_out: np.ndarray | None, rng: np.random.Generator, per_sample: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of a layer that reads features on the last axis, from x [N, ..., K] and y [N, ..., O] (samples
+    first): `per_sample` sampled positions (time steps, tokens) of each sample."""
+    if kept_out is not None:
+        y = y[..., kept_out]
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+    y3 = y.reshape(y.shape[0], -1, y.shape[-1])
+    samples, positions = _sample_positions(rng, x3.shape[0], x3.shape[1], per_sample)
+    return x3[samples, positions][:, None, :], y3[samples, positions][:, None, :], samples
+
+
 class _Conv(_Layer):
     def __init__(self, node: onnx.NodeProto, model: _ModelEditor) -> None:
         super().__init__(node, model)
@@ -265,6 +330,11 @@ class _Conv(_Layer):
         self.weight_shape = weight.shape
         self.blocks = int(_attrs(node).get("group", 1))  # type: ignore[call-overload]
         self.kernel = list(weight.shape[2:])
+
+    samples_first = True
+
+    def layout(self) -> tuple[object, ...]:
+        return ("Conv", self.blocks)
 
     def features(self) -> int:
         return int(np.prod(self.weight_shape[1:]))
@@ -310,10 +380,18 @@ class _Gemm(_Layer):
         assert weight is not None
         return int(weight.shape[0 if not self.trans_b else 1])
 
+    def layout(self) -> tuple[object, ...]:
+        return ("Gemm", self.trans_b, self.alpha, self.beta)
+
     def rows(self, x, y, kept_out, rng, per_sample):
-        if kept_out is not None:
-            y = y[:, kept_out]
-        return x[:, None, :], y[:, None, :], np.arange(len(x))
+        return _feature_rows(x, y, kept_out, rng, per_sample)
+
+    def share_from(self, other: _Layer) -> None:
+        super().share_from(other)
+        beta = next((a.f for a in other.node.attribute if a.name == "beta"), None)
+        for attribute in self.node.attribute:
+            if attribute.name == "beta" and beta is not None:  # set() makes a beta of 0 into 1 with the new bias
+                attribute.f = beta
 
     def get(self) -> tuple[np.ndarray, np.ndarray]:
         weight = self.model.constant(self.node.input[1])
@@ -357,6 +435,9 @@ class _MatMul(_Layer):
             return None, 0
         return add, other
 
+    def target_node(self) -> onnx.NodeProto:
+        return self.add if self.add is not None else self.node  # the bias is fit: aim past its Add
+
     def features_out(self) -> int:
         weight = self.model.constant(self.node.input[1])
         assert weight is not None
@@ -368,12 +449,16 @@ class _MatMul(_Layer):
         return int(weight.shape[0])
 
     def rows(self, x, y, kept_out, rng, per_sample):
-        if kept_out is not None:
-            y = y[..., kept_out]
-        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-        y3 = y.reshape(y.shape[0], -1, y.shape[-1])
-        samples, positions = _sample_positions(rng, x3.shape[0], x3.shape[1], per_sample)
-        return x3[samples, positions][:, None, :], y3[samples, positions][:, None, :], samples
+        return _feature_rows(x, y, kept_out, rng, per_sample)
+
+    def bias_name(self) -> str:
+        return self.add.input[self.add_index] if self.add is not None else ""
+
+    def share_from(self, other: _Layer) -> None:
+        assert isinstance(other, _MatMul)
+        self.node.input[1] = other.node.input[1]
+        if self.add is not None and other.add is not None:
+            self.add.input[self.add_index] = other.add.input[other.add_index]
 
     def get(self) -> tuple[np.ndarray, np.ndarray]:
         weight = self.model.constant(self.node.input[1])
@@ -390,6 +475,69 @@ class _MatMul(_Layer):
         if self.add is not None:
             shape = self.model.constant(self.add.input[self.add_index]).shape  # type: ignore[union-attr]
             self.model.set_input(self.add, self.add_index, bias[0].reshape(shape).astype(np.float32))
+
+
+class _Recurrent(_Layer):
+    """The input projection of an LSTM, GRU or RNN: each direction's gates get W x_t + Wb at every step,
+    a linear map refit with the time steps of every sample as rows. The target is the original's projection
+    of the original's input (W and Wb of the original); the recurrent weights R and Rb stay as they are."""
+
+    def __init__(self, node: onnx.NodeProto, model: _ModelEditor) -> None:
+        super().__init__(node, model)
+        weight = model.constant(node.input[1])
+        assert weight is not None
+        self.blocks = int(weight.shape[0])  # directions
+        self.reference: tuple[np.ndarray, np.ndarray] | None = None
+
+    def layout(self) -> tuple[object, ...]:
+        return (self.node.op_type, tuple(sorted((a.name, str(onnx.helper.get_attribute_value(a))) for a in self.node.attribute)))
+
+    def target_tensor(self, original: onnx.NodeProto) -> str:
+        return original.input[0]  # the gates' input projection is computed from the original's input
+
+    def aim(self, original: _ModelEditor) -> None:
+        aimed = refit_layer(original.index.nodes[self.node.name], original)
+        assert aimed is not None
+        self.reference = aimed.get()
+
+    def features(self) -> int:
+        weight = self.model.constant(self.node.input[1])
+        assert weight is not None
+        return int(weight.shape[2])
+
+    def bias_name(self) -> str:
+        return self.node.input[3] if len(self.node.input) > 3 else ""
+
+    def rows(self, x, y, kept_out, rng, per_sample):
+        assert self.reference is not None
+        features, inputs, samples = _feature_rows(x, y, None, rng, per_sample)  # y: the original's input
+        weights, bias = self.reference  # [dirs, I, gates], [dirs, gates]
+        targets = np.einsum("ri,gio->rgo", inputs[:, 0].astype(np.float64), weights) + bias[None]
+        return np.broadcast_to(features, (len(features), self.blocks, features.shape[2])), targets, samples
+
+    def get(self) -> tuple[np.ndarray, np.ndarray]:
+        weight = self.model.constant(self.node.input[1])
+        assert weight is not None
+        gates = weight.shape[1]
+        combined = self.model.constant(self.bias_name()) if self.bias_name() else None
+        bias = np.zeros((self.blocks, gates)) if combined is None else combined[:, :gates].astype(np.float64)
+        return weight.transpose(0, 2, 1).astype(np.float64), bias
+
+    def set(self, weights: np.ndarray, bias: np.ndarray) -> None:
+        gates = weights.shape[2]
+        combined = self.model.constant(self.bias_name()) if self.bias_name() else None
+        recurrent = np.zeros((self.blocks, gates), np.float32) if combined is None else combined[:, gates:]
+        self.model.set_input(self.node, 1, weights.transpose(0, 2, 1).astype(np.float32))
+        self.model.set_input(self.node, 3, np.concatenate([bias.astype(np.float32), recurrent], axis=1))
+
+    def share_from(self, other: _Layer) -> None:
+        while len(self.node.input) < len(other.node.input):
+            self.node.input.append("")
+        self.node.input[1], self.node.input[3] = other.node.input[1], other.node.input[3]
+
+
+_RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+REFIT_OPS = frozenset({"Conv", "Gemm", "MatMul", *_RECURRENT_OPS})  # the ops `refit_layer` can see as linear maps
 
 
 def refit_layer(node: onnx.NodeProto, model: _ModelEditor) -> _Layer | None:
@@ -415,7 +563,173 @@ def refit_layer(node: onnx.NodeProto, model: _ModelEditor) -> _Layer | None:
         if model.constant(node.input[1]).ndim != 2:  # type: ignore[union-attr]
             return None
         return _MatMul(node, model)
+    if node.op_type in _RECURRENT_OPS and node.domain in ("", "ai.onnx"):
+        constants = [model.constant(node.input[i]) if len(node.input) > i and node.input[i] else None for i in (1, 2, 3)]
+        if constants[0] is None or constants[1] is None or (len(node.input) > 3 and node.input[3] and constants[2] is None):
+            return None
+        return _Recurrent(node, model)
     return None
+
+
+# ------------------------------------------------------------------------------------ shared weights
+
+
+@dataclass
+class _Unit:
+    """One weight refit once: its reader, or every node that reads it (an unrolled recurrence reads one weight
+    at every time step), in graph order, refit jointly as one least-squares problem whose rows are all the
+    readers' samples; or, when `alone` says why, left as it is. Never split into a copy per reader."""
+
+    layers: list[_Layer]
+    alone: str = ""
+
+    @property
+    def layer(self) -> _Layer:
+        return self.layers[0]
+
+    def set(self, weights: np.ndarray, bias: np.ndarray) -> None:
+        self.layers[0].set(weights, bias)
+        for other in self.layers[1:]:
+            other.share_from(self.layers[0])
+
+    def tie(self) -> None:
+        """Readers holding equal copies of one weight and bias read one of them (exact): what the unit does
+        when its weight stays as it is."""
+        for part in _equal_copies(self.layers, {}) if len(self.layers) > 1 else ():
+            for other in part[1:]:
+                other.share_from(part[0])
+
+    def describe(self) -> str:
+        if len(self.layers) == 1:
+            return ""
+        return f"one weight read by {len(self.layers)} nodes ({self.layers[0].node.name} … {self.layers[-1].node.name})"
+
+
+def _refit_units(
+    layers: Mapping[str, _Layer], original: ProtoIndex, kept_outputs: Mapping[str, np.ndarray]
+) -> list[_Unit]:
+    """The refit layers (`layers`: in the graph order of the model being refit) grouped by the weight they
+    read in the original, in the order of each unit's first reader.
+
+    The rewrite gives each reader of a sliced shared weight a copy of its own, sliced as the reader's
+    channel groups say (an unrolled recurrence whose first step leaves a gate unused keeps more of that
+    step's outputs). Readers holding equal copies form one unit, refit jointly; readers sliced differently
+    were parted by the rewrite and stay apart. When a reader of the weight is not refit at all, none is."""
+    units: list[_Unit] = []
+    claimed: set[str] = set()
+    for name, layer in layers.items():
+        if name in claimed:
+            continue
+        weight = original.nodes[name].input[1]
+        readers = original.consumers(weight)
+        if len(readers) <= 1:
+            units.append(_Unit([layer]))
+            continue
+        sharing = [layers[r.name] for r in readers if r.name in layers and r.input[1] == weight]
+        claimed |= {reader.node.name for reader in sharing}
+        others = [reader.name for reader in readers if reader.name not in {layer.node.name for layer in sharing}]
+        if others:
+            more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+            alone = f"left alone: its weight {weight} is also read by {others[0]}{more}, which recovery does not refit"
+            units.append(_Unit(sharing, alone))
+            continue
+        units.extend(_Unit(part) for part in _equal_copies(sharing, kept_outputs))
+    position = {name: index for index, name in enumerate(layers)}  # graph order of the model being refit
+    units.sort(key=lambda unit: position[unit.layer.node.name])
+    return units
+
+
+def _equal_copies(layers: Sequence[_Layer], kept_outputs: Mapping[str, np.ndarray]) -> list[list[_Layer]]:
+    """`layers` (readers of one weight) parted into those holding equal weights and biases, of one kind."""
+    def kept(layer: _Layer) -> tuple[int, ...] | None:
+        channels = kept_outputs.get(layer.node.name)
+        return None if channels is None else tuple(np.asarray(channels).tolist())
+
+    parts: list[list[_Layer]] = []
+    for layer in layers:
+        key = (layer.layout(), layer.has_bias_slot, kept(layer))
+        for part in parts:
+            if (part[0].layout(), part[0].has_bias_slot, kept(part[0])) == key and part[0].same_constants([layer]):
+                part.append(layer)
+                break
+        else:
+            parts.append([layer])
+    return parts
+
+
+# ------------------------------------------------------------------------------------------ samples
+
+
+@dataclass(frozen=True)
+class _SampleAxis:
+    """Where a batch's samples lie in one tensor (`_probe_sample_axes`): on `axis` ("axis": 0 for [N, C],
+    1 for a time-major [T, N, C]); on axis 0 in blocks of rows per sample ("major": [N·k, …]) or interleaved
+    ("minor": [k·N, …], step after step, as a Reshape of [T, N, C] to [T·N, C] gives); or "whole": a batch
+    of one sample and a tensor without a batch axis of 1 ([T, C])."""
+
+    kind: str = "axis"
+    axis: int = 0
+
+    def samples_first(self, x: np.ndarray, fed: int) -> np.ndarray:
+        """`x` with the batch's `fed` samples (padding included) on axis 0."""
+        if self.kind == "whole":
+            return x[None]
+        if self.kind == "major":
+            return x.reshape(fed, -1, *x.shape[1:])
+        if self.kind == "minor":
+            return np.moveaxis(x.reshape(-1, fed, *x.shape[1:]), 1, 0)
+        return np.moveaxis(x, self.axis, 0) if self.axis else x
+
+
+def _locate_samples(changed: np.ndarray, fed: int) -> _SampleAxis | None:
+    """The layout whose sample 0 covers exactly the `changed` entries (None: no change, or none fits)."""
+    if changed.ndim == 0 or not changed.any():
+        return None
+    for axis, length in enumerate(changed.shape):
+        if length == fed:
+            hit = np.flatnonzero(changed.any(axis=tuple(a for a in range(changed.ndim) if a != axis)))
+            if hit.tolist() == [0]:
+                return _SampleAxis("axis", axis)
+    if changed.shape[0] > fed and changed.shape[0] % fed == 0:
+        rows = np.flatnonzero(changed.reshape(changed.shape[0], -1).any(axis=1))
+        if np.all(rows % fed == 0):
+            return _SampleAxis("minor")
+        if np.all(rows < changed.shape[0] // fed):
+            return _SampleAxis("major")
+    return None
+
+
+def _probe_sample_axes(
+    model: onnx.ModelProto, names: Sequence[str], batch: Mapping[str, np.ndarray], size: int
+) -> dict[str, _SampleAxis]:
+    """Where the samples lie in each of the tensors `names` of `model`: run one batch (`size` real samples)
+    as it is and with sample 0 replaced by another sample; the entries that change are sample 0's. A
+    tensor left out was not located (recovery then takes its axis 0, as for NCHW)."""
+    fed = len(next(iter(batch.values())))
+    if fed == 1:  # one sample: its axis of size 1, or the whole tensor
+        shapes = next(_whole_model_values(model, names, [batch], "original"))
+        found = {}
+        for name, value in zip(names, shapes, strict=True):
+            ones = [axis for axis, length in enumerate(np.shape(value)) if length == 1]
+            found[name] = _SampleAxis("axis", ones[0]) if ones else _SampleAxis("whole")
+        return found
+    other = next((j for j in range(1, size) if any(not np.array_equal(v[0], v[j]) for v in batch.values())), None)
+    if other is None:
+        return {}
+    swapped = {name: np.array(value, copy=True) for name, value in batch.items()}
+    for value in swapped.values():
+        value[0] = value[other]
+    runs = _whole_model_values(model, names, [batch, swapped], "original")
+    base, changed = next(runs), next(runs)
+    found = {}
+    for name, a, b in zip(names, base, changed, strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        located = _locate_samples(a != b, fed) if a.shape == b.shape else None
+        if located is not None:
+            found[name] = located
+        else:
+            logger.debug("recovery: the samples of %s were not located; taking its axis 0", name)
+    return found
 
 
 # ------------------------------------------------------------------------------------------ solving
@@ -524,25 +838,31 @@ def _solve_affine(normal: _Normal, weights: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def _rebatched(
-    batches: Iterable[tuple[Mapping[str, np.ndarray], int]], rows: int, fixed: bool, sizes: list[int]
+    batches: Iterable[tuple[Mapping[str, np.ndarray], int]], rows: int, fixed: bool, sizes: list[int],
+    fed: list[int] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Batches as given (a fixed batch dim), or padding dropped and consecutive batches joined into about
-    `rows` samples (a free one); the real samples of each are appended to `sizes`. Streams."""
+    `rows` samples (a free one); the real samples of each are appended to `sizes`, the samples fed (padding
+    too) to `fed`. Streams."""
     pending: list[Mapping[str, np.ndarray]] = []
     count = 0
+    fed = [] if fed is None else fed
     for feeds, size in batches:
         if fixed:
             sizes.append(size)
+            fed.append(len(next(iter(feeds.values()))) if feeds else size)
             yield dict(feeds)
             continue
         pending.append({name: array[:size] for name, array in feeds.items()})
         count += size
         if count >= rows:
             sizes.append(count)
+            fed.append(count)
             yield {name: np.concatenate([p[name] for p in pending]) for name in pending[0]}
             pending, count = [], 0
     if pending:
         sizes.append(count)
+        fed.append(count)
         yield {name: np.concatenate([p[name] for p in pending]) for name in pending[0]}
 
 
@@ -553,7 +873,7 @@ def _whole_model_values(
     recovery falls back to past the staged runner's limit). `which`: "original" or "pruned", for errors."""
     failure: type[DataError] | type[ValidationError] = DataError if which == "original" else ValidationError
     fed = {value.name for value in model.graph.input}
-    exposed = [name for name in names if name not in fed]  # a graph input is taken from the feeds
+    exposed = list(dict.fromkeys(name for name in names if name not in fed))  # a graph input comes from the feeds
     try:
         session = cpu_session(with_outputs(model, exposed), session_options(opt_level="basic"))
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
@@ -596,22 +916,36 @@ def recover_model(
         batches = lambda: ((feeds, len(next(iter(feeds.values())))) for feeds in given)  # noqa: E731
     stream = batches
     sizes: list[int] = []
+    fed_sizes: list[int] = []
     editor = _ModelEditor(recovered)
     nodes = {node.name: node for node in recovered.graph.node}
     original_nodes = {node.name: node for node in original.graph.node}
-    order = [node.name for node in recovered.graph.node if node.name in set(refit_nodes)]
+    wanted = set(refit_nodes)
     rng = np.random.default_rng(options.seed)
-    targets = [original_nodes[name].output[0] for name in order if name in original_nodes]
+    layers = {
+        node.name: layer for node in recovered.graph.node
+        if node.name in wanted and node.name in original_nodes and (layer := refit_layer(node, editor)) is not None
+        and layer.target_node().name in original_nodes
+    }
+    units = _refit_units(layers, ProtoIndex(original.graph), kept_outputs)
+    target_of = {name: layer.target_tensor(original_nodes[layer.target_node().name]) for name, layer in layers.items()}
+    reference = _ModelEditor(original)
+    for layer in layers.values():
+        layer.aim(reference)
+    # x: a node's input, from the model as pruned and refit so far (or the original's, kept channels);
+    # y: the original's output there (past the bias Add of a MatMul)
+    input_of = {name: nodes[name].input[0] if options.sequential else original_nodes[name].input[0] for name in layers}
+    targets = list(target_of.values())
     if not options.sequential:
-        targets += [original_nodes[name].input[0] for name in order if name in original_nodes]
+        targets += list(input_of.values())
     rows = _REBATCH_ROWS
 
     def feeds() -> Iterator[dict[str, np.ndarray]]:
         return _rebatched(stream(), rows, fixed_batch, [])
 
     runner_original = StagedRunner(
-        original, _rebatched(batches(), rows, fixed_batch, sizes), memory_budget=options.memory_budget // 2,
-        protect=targets,
+        original, _rebatched(batches(), rows, fixed_batch, sizes, fed_sizes),
+        memory_budget=options.memory_budget // 2, protect=targets,
     )
     runner_pruned = StagedRunner(recovered, feeds(), memory_budget=options.memory_budget // 2)
     staged_limit = ""  # why the staged runner stopped, once it has: whole-model runs from then on
@@ -621,67 +955,84 @@ def recover_model(
     results: list[NodeRecovery] = []
     spilled = 0
     try:
-        for done, name in enumerate(order, start=1):
-            node = nodes[name]
-            layer = refit_layer(node, editor)
-            if layer is None or name not in original_nodes:
-                continue
+        # where each batch's samples lie in the tensors of the layers that do not read NCHW ([T, N, C], …)
+        probed = sorted({name for layer in layers.values() if not layer.samples_first
+                         for name in (original_nodes[layer.node.name].input[0], target_of[layer.node.name])})
+        axes: dict[str, _SampleAxis] = {}
+        if probed and sizes:
+            probe, size = next(feeds()), sizes[0]
+            if not fixed_batch:  # a free batch dim: a few samples show the layout as well as many
+                probe, size = {name: value[:_PROBE_SAMPLES] for name, value in probe.items()}, min(size, _PROBE_SAMPLES)
+            axes = _probe_sample_axes(original, probed, probe, size)
+        for done, unit in enumerate(units, start=1):
+            # a unit left alone reports its first reader's error (its readers may differ in shape)
+            gathered = unit.layers[:1] if unit.alone else unit.layers
+            names = [layer.node.name for layer in gathered]
             if not staged_limit:
                 try:
-                    runner_pruned.run_to(runner_pruned.position_of(name))
-                    runner_original.run_to(runner_original.position_of(name) + 1)
+                    runner_pruned.run_to(runner_pruned.position_of(names[0]))
+                    runner_original.run_to(max(runner_original.position_of(layer.target_node().name) for layer in gathered) + 1)
                 except StagedRunError as e:
                     staged_limit = first_line(e)
                     logger.warning(
                         "recovery: the staged runner cannot go on at %s (%s); running the whole model for this and "
-                        "each later layer instead (slower, the same result)", name, staged_limit,
+                        "each later layer instead (slower, the same result)", names[0], staged_limit,
                     )
                     spilled = runner_original.spilled_bytes + runner_pruned.spilled_bytes
                     runner_original.close()
                     runner_pruned.close()
-            # x: the node's input, from the model as pruned and refit so far (or the original's, kept channels);
-            # y: the original's output there
-            x_name = node.input[0] if options.sequential else original_nodes[name].input[0]
-            y_name = original_nodes[name].output[0]
-            pairs: Iterable[tuple[np.ndarray, np.ndarray]]
-            if not staged_limit:
+            x_names, y_names = [input_of[name] for name in names], [target_of[name] for name in names]
+            values: Iterable[list[tuple[np.ndarray, np.ndarray]]]
+            if not staged_limit and len(names) == 1:
                 x_runner = runner_pruned if options.sequential else runner_original
-                pairs = ((x_runner.get(b, x_name), runner_original.get(b, y_name)) for b in range(len(sizes)))
-            elif options.sequential:
-                pairs = zip((v[0] for v in _whole_model_values(recovered, [x_name], feeds(), "pruned")),
-                            (v[0] for v in _whole_model_values(original, [y_name], feeds(), "original")), strict=True)
+                values = ([(x_runner.get(b, x_names[0]), runner_original.get(b, y_names[0]))] for b in range(len(sizes)))
             else:
-                pairs = ((v[0], v[1]) for v in _whole_model_values(original, [x_name, y_name], feeds(), "original"))
-            weights, bias = layer.get()
-            per_sample = max(4, math.ceil(options.positions_per_weight * (layer.features() + 1) / train_samples))
-            fit = _Normal(layer.blocks, weights.shape[1], weights.shape[2])
-            check = _Normal(layer.blocks, weights.shape[1], weights.shape[2])
+                # a weight read by several nodes: every reader's input from one run of the model as refit so far
+                # (the staged runner is at the first reader; the others are further on)
+                x_model, which = (recovered, "pruned") if options.sequential else (original, "original")
+                xs = _whole_model_values(x_model, x_names, feeds(), which)
+                ys: Iterable[list[np.ndarray]] = (
+                    _whole_model_values(original, y_names, feeds(), "original") if staged_limit
+                    else ([runner_original.get(b, name) for name in y_names] for b in range(len(sizes)))
+                )
+                values = (list(zip(x, y, strict=True)) for x, y in zip(xs, ys, strict=True))
+            weights, bias = unit.layer.get()
+            per_sample = max(4, math.ceil(
+                options.positions_per_weight * (unit.layer.features() + 1) / (train_samples * len(names))
+            ))
+            fit = _Normal(unit.layer.blocks, weights.shape[1], weights.shape[2])
+            check = _Normal(unit.layer.blocks, weights.shape[1], weights.shape[2])
             first = 0
-            kept = kept_outputs.get(name)
             pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-            for batch, ((x, y), size) in enumerate(zip(pairs, sizes, strict=True)):
-                x, y = np.asarray(x)[:size], np.asarray(y)[:size]
-                if not options.sequential and kept_inputs is not None and name in kept_inputs:
-                    # the original's kept input channels (the axis a Conv/Gemm reads, a MatMul's last)
-                    x = np.take(x, kept_inputs[name], axis=-1 if node.op_type == "MatMul" else 1)
-                features, target, sample = layer.rows(x, y, kept, rng, per_sample)
-                pending.append((features, target, (first + sample) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1))
+            for batch, (pairs, size, fed) in enumerate(zip(values, sizes, fed_sizes, strict=True)):
+                for layer, (x, y) in zip(gathered, pairs, strict=True):
+                    name = layer.node.name
+                    if not layer.samples_first:  # samples on axis 0, as rows() expects
+                        x = axes.get(original_nodes[name].input[0], _SampleAxis()).samples_first(np.asarray(x), fed)
+                        y = axes.get(target_of[name], _SampleAxis()).samples_first(np.asarray(y), fed)
+                    x, y = np.asarray(x)[:size], np.asarray(y)[:size]
+                    if not options.sequential and kept_inputs is not None and name in kept_inputs:
+                        # the original's kept input channels (a Conv's axis 1, the last axis of the others)
+                        x = np.take(x, kept_inputs[name], axis=1 if layer.samples_first else -1)
+                    features, target, sample = layer.rows(x, y, kept_outputs.get(name), rng, per_sample)
+                    pending.append((features, target, (first + sample) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1))
                 first += size
                 if sum(len(p[0]) for p in pending) >= _CHUNK_ROWS or batch == len(sizes) - 1:
                     features, target, held = (np.concatenate(parts) for parts in zip(*pending, strict=True))
                     fit.add(features[~held], target[~held])
                     check.add(features[held], target[held])
                     pending = []
-            result = _refit(layer, fit, check if check.rows else fit, weights, bias, options)
+            result = _refit(unit, fit, check if check.rows else fit, weights, bias, options)
             if staged_limit:
                 note = f"input and target from whole-model runs (the staged runner's limit: {staged_limit})"
                 result = dataclasses.replace(result, note="; ".join(filter(None, [result.note, note])))
             results.append(result)
             if not staged_limit:
-                runner_original.release(y_name)
+                for name in y_names:
+                    runner_original.release(name)
                 runner_pruned.update(recovered)
             if progress is not None:
-                progress("recovery", done, len(order))
+                progress("recovery", done, len(units))
         if not staged_limit:
             spilled = runner_original.spilled_bytes + runner_pruned.spilled_bytes
     finally:
@@ -693,12 +1044,13 @@ def recover_model(
 
 
 def _refit(
-    layer: _Layer, fit: _Normal, check: _Normal, weights: np.ndarray, bias: np.ndarray, options: RecoverOptions
+    unit: _Unit, fit: _Normal, check: _Normal, weights: np.ndarray, bias: np.ndarray, options: RecoverOptions
 ) -> NodeRecovery:
     """Choose and write the node's new weights by held-out error (module docstring): the method asked for,
     unless leaving the layer (or moving the mean into its bias) does better on the held-out samples. An lsq
     refit that loses is tried again with 10× and 100× the ridge before it falls back (deep layers that see
     few positions per sample overfit)."""
+    layer = unit.layer
     intercept = layer.has_bias_slot
     candidates: dict[str, tuple[np.ndarray, np.ndarray]] = {"none": (weights, bias)}
     if intercept:
@@ -715,8 +1067,14 @@ def _refit(
 
     errors = {method: error(values) for method, values in candidates.items()}
     node = layer.node
+    if unit.alone:
+        unit.tie()
+        note = f"{unit.describe()}, {unit.alone}" if len(unit.layers) > 1 else unit.alone
+        return NodeRecovery(node.name, node.op_type, "none", "none", errors["none"], errors["none"], note)
     if errors["none"] < UNCHANGED:  # its output is still the original's: nothing to recover
-        return NodeRecovery(node.name, node.op_type, "none", "none", errors["none"], errors["none"], "output unchanged")
+        unit.tie()
+        note = "; ".join(filter(None, ["output unchanged", unit.describe()]))
+        return NodeRecovery(node.name, node.op_type, "none", "none", errors["none"], errors["none"], note)
     ridge = options.ridge
     fallback = min((m for m in ("none", "bias") if m in errors), key=lambda m: errors[m])
     if options.method == "lsq":
@@ -736,12 +1094,16 @@ def _refit(
         note = f"{requested} was worse on held-out samples ({errors[requested]:.3g} vs {errors[fallback]:.3g})"
     elif method == "lsq" and ridge != options.ridge:
         note = f"ridge {ridge:g} (held-out samples preferred it to {options.ridge:g})"
-    if method != "none":  # the guard has decided; the weights are fit on every sample, held-out ones too
+    if method == "none":
+        unit.tie()
+    else:  # the guard has decided; the weights are fit on every sample, held-out ones too
         every = fit.merged(check) if check is not fit else fit
         final = {
             "bias": lambda: (weights, _solve_bias(every, weights)),
             "affine": lambda: _solve_affine(every, weights),
             "lsq": lambda: _solve_lsq(every, weights, ridge, intercept),
         }[method]()
-        layer.set(*final)
+        unit.set(*final)
+    if len(unit.layers) > 1:
+        note = "; ".join(filter(None, [note, f"{unit.describe()}, refit jointly" if method != "none" else unit.describe()]))
     return NodeRecovery(node.name, node.op_type, method, requested, errors["none"], errors[method], note)
