@@ -27,7 +27,7 @@ def render_inspect(info: ModelInfo, *, top: int = 10, verbose: bool = False) -> 
         "",
         "analysis shapes  " + ", ".join(f"{n}:{','.join(map(str, s))}" for n, s in info.analysis_shapes.items()),
         f"params     {format_count(info.params)}",
-        f"MACs       {format_count(info.macs)}   (Conv/ConvTranspose/Gemm/MatMul at the analysis shapes)"
+        f"MACs       {format_count(info.macs)}   (Conv/ConvTranspose/Gemm/MatMul and LSTM/GRU/RNN at the analysis shapes)"
         + (f"; unknown for {len(info.cost.unknown)} layers whose shapes could not be inferred: "
            + ", ".join(info.cost.unknown[:5]) + (" ..." if len(info.cost.unknown) > 5 else "") if info.cost.unknown else ""),
         "weights    "
