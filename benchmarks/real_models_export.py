@@ -29,6 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def export_minilm(model_dir: Path, out: Path, sentences: Path, data_dir: Path, seq_len: int) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(ROOT))
+    from models.export_torchvision import _import_torchvision
+
+    _import_torchvision()  # transformers imports torchvision when present: the CUDA build's ops fail beside CPU torch
     import numpy as np
     import torch
     from tokenizers import Tokenizer
