@@ -388,20 +388,20 @@ def run_onnxslim(spec: RealModel, mode: str, model: Path, calib: Path, out: Path
     printable = " ".join(command)
     _log(f"  {printable}")
     candidate = Candidate(f"onnxslim {mode}", None, printable)
+    log = out / "stderr.log"  # onnxslim's progress and warnings, as they come
     start = time.perf_counter()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
+        with log.open("w") as stderr:
+            done = subprocess.run(command, stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
         candidate.seconds = time.perf_counter() - start
         candidate.error = f"stopped after {timeout:.0f} s (--timeout)"
-        (out / "stderr.log").write_text(e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or ""))
         return candidate, None
     candidate.seconds = time.perf_counter() - start
     candidate.exit_code = done.returncode
-    (out / "stderr.log").write_text(done.stderr)
     (out / "stdout.json").write_text(done.stdout)
     if done.returncode != 0:
-        candidate.error = f"exit {done.returncode}: {_tail(done.stderr, 6)}"
+        candidate.error = f"exit {done.returncode}: {_tail(log.read_text(errors='replace'), 6)}"
         return candidate, None
     try:
         report = json.loads(done.stdout)
