@@ -37,11 +37,13 @@ from dataclasses import dataclass
 
 import onnx
 
+from onnxslim.analysis.cost import LayerCost
 from onnxslim.evaluate import AccuracyBudget, BudgetCheck
 from onnxslim.graph import ProtoIndex
 
 __all__ = [
     "RANGE_RATIO",
+    "RESOLUTION",
     "MAX_TRIALS",
     "NodeError",
     "Block",
@@ -52,6 +54,7 @@ __all__ = [
     "layer_norm_blocks",
     "Gate",
     "rank_gates",
+    "node_costs",
     "predicted_deficits",
     "first_count_within",
     "target_deficit",
@@ -62,6 +65,8 @@ logger = logging.getLogger(__name__)
 
 RANGE_RATIO = 100.0
 MAX_TRIALS = 12
+RESOLUTION = 0.125  # the measure splits a group of roundings while it costs this much of the deficit allowed
+MIN_COST = 1.0  # a block's cost is at least this (one MAC), so a free block ranks by its deficit
 
 
 @dataclass(frozen=True)
@@ -76,11 +81,13 @@ class NodeError:
 
 @dataclass(frozen=True)
 class Block:
-    """Nodes kept in fp32 together so that one gate (`rank_gates`) stays float, ranked by its deficit."""
+    """Nodes kept in fp32 together so that one gate (`rank_gates`) stays float, ranked by its deficit per
+    cost."""
 
     nodes: tuple[str, ...]
     error: float  # the gate's deficit measured alone: 1 - fidelity with only it rounding
     gate: str = ""
+    cost: float = 0.0  # what its nodes cost in fp32: their MACs and elements written (`node_costs`)
 
 
 def nonfinite_offenders(model: onnx.ModelProto, tensors: Sequence[str]) -> list[NodeError]:
@@ -190,29 +197,51 @@ def rank_gates(
     norms: Sequence[Sequence[str]],
     quantizable: Iterable[str] = (),
     minimum: float = 1e-6,
+    costs: Mapping[str, float] | None = None,
 ) -> list[Block]:
-    """What to keep in fp32, most harmful first: for each gate (largest measured deficit first), the nodes
-    that must be fp32 for it to stay float, less those already taken; a block touching a decomposed
-    LayerNorm takes it whole. Gates that cost less than `minimum` (1 - fidelity, measured alone), or that no
-    node can switch off, are left out, and so is a block that would leave none of `quantizable` in int8
-    (that is the fp32 model, which the guard writes anyway when nothing meets the budget)."""
+    """What to keep in fp32, best buy first: for each gate, the nodes that must be fp32 for it to stay float,
+    less those already taken; a block touching a decomposed LayerNorm takes it whole. With `costs` (node ->
+    what it costs to run in fp32 rather than int8: `node_costs`), gates come by deficit per cost of their
+    nodes -- the fallback keeps the fewest MACs fp32, not the fewest blocks; without, by deficit. Gates that
+    cost less than `minimum` (1 - fidelity, measured alone), or that no node can switch off, are left out,
+    and so is a block that would leave none of `quantizable` in int8 (that is the fp32 model, which the
+    guard writes anyway when nothing meets the budget)."""
     norm_of = {name: tuple(block) for block in norms for name in block}
     every = set(quantizable)
+
+    def members(gate: Gate) -> list[str]:
+        found = list(gate.touchers)
+        for member in list(found):
+            found += norm_of.get(member, ())
+        return list(dict.fromkeys(found))
+
+    def cost(nodes: Iterable[str]) -> float:
+        return 0.0 if costs is None else float(sum(costs.get(n, 0.0) for n in nodes))
+
+    def priority(gate: Gate) -> tuple[float, str]:
+        deficit = deficits.get(gate.name, 0.0)
+        if costs is None:
+            return (-deficit, gate.name)
+        return (-deficit / max(cost(members(gate)), MIN_COST), gate.name)
+
     taken: set[str] = set()
     ranked = []
-    for gate in sorted(gates, key=lambda g: (-deficits.get(g.name, 0.0), g.name)):
+    for gate in sorted(gates, key=priority):
         deficit = deficits.get(gate.name, 0.0)
         if deficit < minimum or not gate.touchers:
             continue
-        members = list(gate.touchers)
-        for member in list(members):
-            members += norm_of.get(member, ())
-        new = [m for m in dict.fromkeys(members) if m not in taken]
+        new = [m for m in members(gate) if m not in taken]
         if not new or (every and every <= taken.union(new)):
             continue
         taken.update(new)
-        ranked.append(Block(tuple(new), deficit, gate.name))
+        ranked.append(Block(tuple(new), deficit, gate.name, cost(new)))
     return ranked
+
+
+def node_costs(layers: Iterable[LayerCost]) -> dict[str, float]:
+    """What each node costs to run: its MACs, or for a node without MACs the elements it writes (one MAC
+    each: a memory-bound op is cheap beside a convolution, but not free)."""
+    return {layer.name: float(layer.macs or layer.elementwise) for layer in layers}
 
 
 def predicted_deficits(ranked: Sequence[Block], gates: Sequence[Gate], deficits: Mapping[str, float]) -> list[float]:
@@ -257,11 +286,13 @@ def target_deficit(budget: AccuracyBudget, plain: BudgetCheck) -> float | None:
 
 @dataclass(frozen=True)
 class ExclusionTrial:
-    """One trial: the top `blocks` blocks kept in fp32, and how it did."""
+    """One trial: the top `blocks` blocks kept in fp32 (`nodes` nodes costing `cost`: `Block.cost`), and how
+    it did."""
 
     blocks: int
     nodes: int
     check: BudgetCheck
+    cost: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -285,7 +316,7 @@ def search_exclusions(
         nodes = list(dict.fromkeys(n for block in ranked[:count] for n in block.nodes))
         check = evaluate(nodes)
         tried[count] = check
-        trials.append(ExclusionTrial(count, len(nodes), check))
+        trials.append(ExclusionTrial(count, len(nodes), check, sum(block.cost for block in ranked[:count])))
         return check.met
 
     if not ranked or max_trials < 1:
