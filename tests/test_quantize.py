@@ -932,6 +932,13 @@ def test_exclusion_search_doubles_then_bisects_within_the_bound() -> None:
     assert bounded.blocks is None and len(bounded.trials) == 3
     never = search_exclusions(ranked, lambda nodes: _check(0.5), max_trials=12)
     assert never.blocks is None and [t.blocks for t in never.trials] == [1, 2, 4, 8, 16, 20]
+    # blocks that cost little: no trial to save less than `close_enough` between the failed 4 and the held 8
+    cheap = [replace(block, cost=10.0 if i < 4 else 1.0) for i, block in enumerate(ranked)]
+    calls.clear()
+    close = search_exclusions(cheap, evaluate, max_trials=12, close_enough=4.0)
+    assert calls == [1, 2, 4, 8] and close.blocks == 8 and close.trials[-1].cost == 44.0
+    calls.clear()
+    assert search_exclusions(cheap, evaluate, max_trials=12, close_enough=3.0).blocks == 6 and calls == [1, 2, 4, 8, 6]
 
 
 def test_budget_check_uses_the_worst_channel_and_the_drop() -> None:
@@ -1079,10 +1086,14 @@ def test_a_calibration_method_that_fails_on_infinite_values_is_a_failed_trial_no
     onnx.save(_masked_attention(), tmp_path / "attention.onnx")
     np.savez(tmp_path / "x.npz", x=np.random.default_rng(1).standard_normal((16, 4, 8)).astype(np.float32))
     loaded = load_model(tmp_path / "attention.onnx")
-    options = QuantizeOptions(budget=AccuracyBudget(min_fidelity=0.999999), max_trials=3)
+    # every node placed: the histogram methods then collect the masked scores (compute ops alone never read them)
+    options = QuantizeOptions(budget=AccuracyBudget(min_fidelity=0.999999), max_trials=3, placement="all")
     result = quantize_model(loaded, dataset(tmp_path / "x.npz", loaded.model), options, timer=FAST)
     failed = [t for t in result.method_trials if "calibration failed" in t.check.why]
     assert failed and all(t.method != "minmax" for t in failed)
+    # placed on compute ops, the other methods range only the MatMuls' tensors: both calibrate
+    placed = quantize_model(loaded, dataset(tmp_path / "x.npz", loaded.model), replace(options, placement="compute"), timer=FAST)
+    assert len(placed.method_trials) == 3 and not any("calibration failed" in t.check.why for t in placed.method_trials)
 
 
 # ------------------------------------------------------------------------------------------ placement

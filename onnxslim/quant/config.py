@@ -281,6 +281,7 @@ class QuantizeResult:
     validation: Validation | None = field(default=None, repr=False)  # what `validate` proved, for write_validated
     timing: CandidateTiming | None = None  # the reported int8 candidate as timed: its block range, re-timed or not
     step_seconds: Mapping[str, float] = field(default_factory=dict)  # wall time of each step of the quantizer
+    step_cpu_seconds: Mapping[str, float] = field(default_factory=dict)  # CPU time of this process in each step
     placement: PlacementChoice | None = None  # which nodes may be int8, and why (the `placement` step)
     measure: GateMeasure | None = None  # how the fallback measured the roundings (None: it did not run)
     fp32_macs: int | None = None  # MACs of the nodes kept fp32 by --exclude, the range rules and the fallback

@@ -1,5 +1,5 @@
 """The accuracy guard of `quantize`: a budget, which nodes int8 hurts most, and a bounded search that keeps the
-fewest of them in fp32 until the budget holds.
+cheapest of them in fp32 until the budget holds.
 
 * **Budget.** `max_drop` (points of top-1 against labels) and/or `min_fidelity` (against fp32 on held-out
   data, no labels needed): the lower of the mean per-sample cosine and the *worst channel's* cosine (see
@@ -9,9 +9,11 @@ fewest of them in fp32 until the budget holds.
 * **Ranges first.** A Concat whose inputs' calibrated ranges differ by more than `RANGE_RATIO` (100x) would
   share one int8 scale and round the small input to a few levels (a YOLO head's scores, 0-1 beside box
   pixels 0-320, all became 0): it is kept in fp32 before anything is measured.
-* **Which roundings hurt (measured, `quant_sensitivity.py`).** Every place int8 rounds -- an activation's
-  QuantizeLinear/DequantizeLinear pair, a node's weights -- is a *gate*, switched on alone in a gated copy of
-  the int8 model on a few calibration samples: its deficit is 1 - the fidelity score the budget reads. What
+* **Which roundings hurt (measured, `sensitivity.py`).** Every place int8 rounds -- an activation's
+  QuantizeLinear/DequantizeLinear pair, a node's weights -- is a *gate*, switched on in a gated copy of the
+  int8 model on a few calibration samples, by groups and then alone where a group matters (group testing,
+  down to `RESOLUTION` of the deficit the budget allows): its deficit is 1 - the fidelity score the budget
+  reads. What
   keeping a gate float buys is then known, not inferred from where error shows up (a residual stream's
   outlier features, a GELU output read by a MatMul, a Softmax's logits: the tensor carries the damage, the
   node reading it does not make it).
@@ -19,11 +21,14 @@ fewest of them in fp32 until the budget holds.
   (onnxruntime rounds a tensor for all its readers when any of them is int8): that set is its block.
   Decomposed LayerNorm/RMSNorm (ReduceMean ... Div [Mul Add]) is kept in fp32 whole or not at all. A block
   that would leave nothing int8 is dropped (that is the fp32 model).
-* **Search.** Blocks ranked by deficit are kept in fp32 greedily. The deficits of the gates still rounding
+* **Search.** Blocks ranked by deficit per cost -- the MACs of their nodes (`analysis/cost.py`), or the
+  elements a node without MACs writes -- are kept in fp32 greedily: the fallback spends the least int8
+  time for the fidelity it buys, not the fewest blocks. The deficits of the gates still rounding
   add up (to first order) to the model's: the search starts at the fewest top blocks whose summed deficit is
   within the budget's (1 - min_fidelity; for a top-1 budget, the plain int8 deficit scaled by how far the
   drop is over), then doubles while the budget fails, then bisects between the largest count that failed
-  and the smallest that held -- every count measured, all within `max_trials` trial quantizations (a
+  and the smallest that held, while the blocks between them cost more than `CLOSE_ENOUGH` (2 %) of the
+  model's MACs -- every count measured, all within `max_trials` trial quantizations (a
   requantization from the shared ranges plus one evaluation on the held-out data; no new calibration).
   Before that, when the requested calibration method misses the budget, the other methods (percentile at
   99.999 %, entropy) are tried, one trial each, and the best kept.
@@ -44,6 +49,7 @@ from onnxslim.graph import ProtoIndex
 __all__ = [
     "RANGE_RATIO",
     "RESOLUTION",
+    "CLOSE_ENOUGH",
     "MAX_TRIALS",
     "NodeError",
     "Block",
@@ -66,6 +72,7 @@ logger = logging.getLogger(__name__)
 RANGE_RATIO = 100.0
 MAX_TRIALS = 12
 RESOLUTION = 0.125  # the measure splits a group of roundings while it costs this much of the deficit allowed
+CLOSE_ENOUGH = 0.02  # the search stops bisecting when the blocks left between fail and hold cost this share of the MACs
 MIN_COST = 1.0  # a block's cost is at least this (one MAC), so a free block ranks by its deficit
 
 
@@ -304,11 +311,17 @@ class ExclusionSearch:
 
 
 def search_exclusions(
-    ranked: Sequence[Block], evaluate: Callable[[Sequence[str]], BudgetCheck], max_trials: int, start: int = 1
+    ranked: Sequence[Block],
+    evaluate: Callable[[Sequence[str]], BudgetCheck],
+    max_trials: int,
+    start: int = 1,
+    close_enough: float = 0.0,
 ) -> ExclusionSearch:
     """Pure: keep the top `start` blocks in fp32, then twice as many ... until `evaluate(nodes)` meets the
     budget (the last step is every block), then bisect between the largest count that failed (0 at first:
-    the caller tried none) and the smallest that held, at most `max_trials` evaluations in all."""
+    the caller tried none) and the smallest that held, at most `max_trials` evaluations in all, and only
+    while the blocks between them cost more than `close_enough` (`Block.cost`: a trial that could save
+    less time than that is not worth its evaluation)."""
     trials: list[ExclusionTrial] = []
     tried: dict[int, BudgetCheck] = {}
 
@@ -331,7 +344,11 @@ def search_exclusions(
         if count == len(ranked):
             break
         count = min(2 * count, len(ranked))
-    while held is not None and held - failed > 1 and len(trials) < max_trials:
+    def gap(low: int, high: int) -> float:
+        return sum(block.cost for block in ranked[low:high])
+
+    while (held is not None and held - failed > 1 and len(trials) < max_trials
+           and (close_enough <= 0 or gap(failed, held) > close_enough)):
         middle = (failed + held) // 2
         if attempt(middle):
             held = middle

@@ -19,14 +19,14 @@ The steps, and why each one is here:
   `calibration_memory` 256 MiB by default: memory stays within that bound (or one batch, if larger),
   whatever the number of samples. A chunk never mixes batch shapes (the histogram calibrators stack one
   call's outputs). Ranges are computed once and shared by every candidate below.
-* **Speed guard** (`quant_speed.py`, whose docstring has the rules). The requested configuration is timed
+* **Speed guard** (`speed.py`, whose docstring has the rules). The requested configuration is timed
   against the fp32 model (same threads, same batch, interleaved run by run, median, and the ratio on each
   of 5 blocks of the run). Unless it is clearly at least `min_speedup` (5 %) faster — at the median and
   faster in every block; an uncertain verdict is re-timed once, longer — alternatives are tried one change
   at a time, in this order, each kept only when clearly faster than the best so far: the other
   activation type (u8 <-> s8; onnxruntime fuses only some variants into QLinearConv on a given CPU), the
-  other format (QDQ <-> QOperator), per-tensor weights, and quantizing only the compute ops (Conv,
-  ConvTranspose, Gemm, MatMul) so that element-wise ops stop paying Q/DQ overhead. When no candidate is
+  other format (QDQ <-> QOperator), per-tensor weights, and the `compute` placement when another was in
+  force. When no candidate is
   clearly `min_speedup` faster, the result is the fp32 model (`quantized` False) unless `force`.
   Timing sessions run with thread spinning off: an idle session's spinning workers otherwise steal the
   cores from the session timed next (two identical models measured 0.70x-1.30x apart that way; without
@@ -40,21 +40,24 @@ The steps, and why each one is here:
   calibration batch calibrates). Every element of the output is compared, whatever axis holds the batch
   (`metrics.find_batch_axis`), with the worst channel's cosine besides the mean. Accuracy of both when
   that data has labels and the output is a classifier's.
-* **Accuracy guard** (`quant_guard.py`): the int8 model must meet an accuracy budget (default: cosine
+* **Placement** (`placement.py`): only the nodes int8 pays for may be int8 -- the compute ops onnxruntime
+  runs as int8 kernels on this machine (read from its optimized graph), with the activations folded into
+  them; every int8 kernel (element-wise ops too) only when timed clearly faster and within the budget.
+* **Accuracy guard** (`guard.py`): the int8 model must meet an accuracy budget (default: cosine
   0.99, mean and worst channel). Concats joining very different ranges stay fp32 from the start; when
-  the budget is missed, the other calibration methods are tried, then the roundings that hurt most, each
-  measured alone (`quant_sensitivity.py`), are kept in fp32 with the nodes that touch them, fewest first,
-  within `max_trials` trials. The speed guard then
-  runs on that set of nodes: only candidates that meet the budget can be kept.
+  the budget is missed, the other calibration methods are tried, then every rounding is measured by group
+  testing (`sensitivity.py`: whole blocks first, down to the roundings that matter) and those that cost
+  most fidelity per MAC are kept in fp32 with the nodes that touch them, within `max_trials` trials. The
+  speed guard then runs on that set of nodes: only candidates that meet the budget can be kept.
 
 **The pipeline.** `quantize_model` runs `PIPELINE`, named steps over one `QuantState`, as `prune/pruner.py`
 does:
 
-    prepare → range rules → plain int8 → other methods → fp32 fallback → speed → validate
+    prepare → range rules → placement → plain int8 → other methods → measure → fp32 fallback → speed → validate
 
 Each step is a function `step(state) -> None` that reads what earlier steps left and adds its part; a step
-with nothing to do returns at once (the budget met by plain int8: `other methods` and `fp32 fallback` do
-nothing). The state owns the shared work: each calibration method's ranges are computed once
+with nothing to do returns at once (the budget met by plain int8: `other methods`, `measure` and `fp32
+fallback` do nothing). The state owns the shared work: each calibration method's ranges are computed once
 (`QuantState.calibrated`), every trial requantizes from them (`QuantState.trial`), and every int8 model is
 judged once (`QuantState.judge`, through `evaluate.Evaluator`). To add a remedy, write its step, give the
 state the fields it fills, and put it in `PIPELINE` before `speed`. Each step's wall time is in the result.
@@ -111,6 +114,7 @@ from onnxslim.quant.config import (
     TimingBudget,
 )
 from onnxslim.quant.guard import (
+    CLOSE_ENOUGH,
     RESOLUTION,
     ExclusionTrial,
     Gate,
@@ -409,6 +413,7 @@ class QuantState:
     tried: tuple[CandidateTiming, ...] = ()
     validation: Validation | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
     _costs: ModelCost | None = None
 
     @property
@@ -447,14 +452,35 @@ class QuantState:
             return []
         return list(self.placements()[config.placement].float_nodes)
 
+    def quantizable(self) -> list[str]:
+        """The nodes of the prepared model that may be int8: handled by the quantizer, inside the placement,
+        not excluded by --exclude or the range rules."""
+        types = _quantized_op_types(self.config)
+        outside = {*self.base_excluded, *self.float_nodes(self.config)}
+        return [n.name for n in self.model.graph.node if n.op_type in types and n.name not in outside]
+
+    def gated(self) -> tuple[onnx.ModelProto, list[Gate]]:
+        """The int8 model in force (QDQ, with the method in force) with a switch on every rounding
+        (sensitivity.gated_model), and its gates in graph order (of their first toucher)."""
+        qdq = self.build(self.method, self.base_excluded, replace(self.config, format="qdq"), keep_activations=True)
+        gated, gates = gated_model(qdq, self.model, self.quantizable())
+        position = {n.name: i for i, n in enumerate(self.model.graph.node)}
+        return gated, sorted(gates, key=lambda g: min((position[t] for t in g.touchers if t in position), default=len(position)))
+
     def calibrated(self, method: str) -> tuple[Path, CalibrationSummary]:
-        """The ranges file and summary of `method`, calibrated once per run."""
+        """The ranges file and summary of `method`, calibrated once per run: the method asked for on every
+        tensor (the placements are read with it), another only on the op types the placement in force
+        quantizes (guessing which method suits the model is no reason to range tensors nobody rounds)."""
         if method not in self.calibrations:
             assert self.split is not None
             path = self.scratch / f"ranges-{method}.json"
+            op_types = None
+            if method != self.options.method and self.config.placement != "all" and self.placement_by_name is not None:
+                kinds = {n.name: n.op_type for n in self.model.graph.node}
+                op_types = {kinds[name] for name in self.placement_by_name[self.config.placement].int8}
             summary = calibrate(
                 self.model, self.calib, method, batches=self.split.calibration_batches,
-                memory=self.options.calibration_memory, cache_path=path, progress=self.progress,
+                memory=self.options.calibration_memory, cache_path=path, progress=self.progress, op_types=op_types,
             )
             self.calibrations[method] = (path, summary)
         return self.calibrations[method]
@@ -671,15 +697,11 @@ def measure_roundings(state: QuantState) -> None:
     if any(t.check.met for t in state.method_trials) or not state.trials_left:
         return
     try:
-        qdq = state.build(state.method, state.base_excluded, replace(state.config, format="qdq"), keep_activations=True)
+        gated, state.gates = state.gated()
     except UnsupportedModelError as e:
         state.notes.append(f"cannot measure which nodes int8 hurts: {e}")
         return
     assert state.evaluator is not None
-    quantizable = _quantizable(state)
-    gated, gates = gated_model(qdq, state.model, quantizable)
-    position = {n.name: i for i, n in enumerate(state.model.graph.node)}
-    state.gates = sorted(gates, key=lambda g: min((position[t] for t in g.touchers if t in position), default=len(position)))
     target = _target(state)
     plain = max(state.method_trials, key=lambda t: t.check.score).check
     resolution = RESOLUTION * (target if target is not None else max(1e-6, 1.0 - plain.score))
@@ -688,14 +710,6 @@ def measure_roundings(state: QuantState) -> None:
         state.evaluator.rows, resolution=resolution, threads=state.threads, progress=state.progress,
         limit=SENSITIVITY_SECONDS,
     )
-
-
-def _quantizable(state: QuantState) -> list[str]:
-    """The nodes of the prepared model that may be int8: handled by the quantizer, inside the placement, not
-    excluded by --exclude or the range rules."""
-    types = _quantized_op_types(state.config)
-    outside = {*state.base_excluded, *state.float_nodes(state.config)}
-    return [n.name for n in state.model.graph.node if n.op_type in types and n.name not in outside]
 
 
 def keep_harmful_fp32(state: QuantState) -> None:
@@ -708,11 +722,14 @@ def keep_harmful_fp32(state: QuantState) -> None:
     norms = layer_norm_blocks(state.model)
     norm_members = {name for block in norms for name in block}
     costs = node_costs(state.costs.layers)
-    ranked = rank_gates(measure.deficits, state.gates, norms, _quantizable(state), costs=costs)
+    ranked = rank_gates(measure.deficits, state.gates, norms, state.quantizable(), costs=costs)
     target = _target(state)
     start = 1 if target is None else first_count_within(predicted_deficits(ranked, state.gates, measure.deficits), target)
     method, base = state.method, state.base_excluded
-    search = search_exclusions(ranked, lambda nodes: state.trial(method, [*base, *nodes]), state.trials_left, start=start)
+    search = search_exclusions(
+        ranked, lambda nodes: state.trial(method, [*base, *nodes]), state.trials_left, start=start,
+        close_enough=CLOSE_ENOUGH * state.costs.macs,
+    )
     count = search.blocks
     if count is None and search.trials:  # nothing met the budget: the most faithful set tried
         count = max(search.trials, key=lambda t: t.check.score).blocks
@@ -798,11 +815,13 @@ PIPELINE: tuple[tuple[str, Step], ...] = (
 
 
 def run_pipeline(state: QuantState) -> QuantState:
-    """Run the steps of `PIPELINE` on `state`, timing each."""
+    """Run the steps of `PIPELINE` on `state`, timing each: wall time, and the CPU time of this process (every
+    thread: on a shared machine the wall time also counts what other jobs took)."""
     for name, step in PIPELINE:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         step(state)
         state.seconds[name] = time.perf_counter() - started
+        state.cpu_seconds[name] = time.process_time() - cpu
     return state
 
 
@@ -867,6 +886,7 @@ def _result(state: QuantState) -> QuantizeResult:
         validation=state.validation,
         timing=best,
         step_seconds=dict(state.seconds),
+        step_cpu_seconds=dict(state.cpu_seconds),
         placement=state.placement,
         measure=state.measure,
         fp32_macs=sum(macs.get(n.name, 0) for n in fp32_nodes),

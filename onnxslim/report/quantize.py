@@ -107,7 +107,8 @@ def render_quantize(result: QuantizeResult, output: str | None = None) -> str:
     if result.step_seconds:
         total = sum(result.step_seconds.values())
         steps = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.step_seconds.items() if seconds >= 0.05)
-        lines += ["", f"time         {total:.1f} s: {steps}"]
+        cpu = sum(result.step_cpu_seconds.values())
+        lines += ["", f"time         {total:.1f} s: {steps}" + (f" (CPU time {cpu:.1f} s, every thread)" if cpu else "")]
     if result.notes:
         lines += ["", *(f"note: {note}" for note in result.notes)]
     if output:
@@ -229,6 +230,7 @@ def quantize_json(result: QuantizeResult, output: str | None = None) -> dict[str
         ],
         "threads": result.threads,
         "step_seconds": dict(result.step_seconds),
+        "step_cpu_seconds": dict(result.step_cpu_seconds),
         "timing_shapes": to_jsonable(result.timing_shapes),
         "opset": {"source": result.opset[0], "output": result.opset[1]},
         "notes": list(result.notes),
