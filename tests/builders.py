@@ -46,6 +46,7 @@ __all__ = [
     "ir3_model",
     "make",
     "matmul_model",
+    "mobile_blocks",
     "paddle_dims_model",
     "recurrent_model",
     "save",
@@ -55,6 +56,7 @@ __all__ = [
     "two_input_model",
     "two_output_classifier",
     "unrolled_rnn_model",
+    "upsampling_head",
     "yolo_head",
 ]
 
@@ -725,6 +727,41 @@ def yolo_head(*, size: int = 16, classes: int = 6, seed: int = 5) -> onnx.ModelP
         channels=4 + classes, axis=1,
     )
     return b.build(joined)
+
+
+def mobile_blocks(*, size: int = 12, channels: int = 8, blocks: int = 3, spread: float = 1e3, seed: int = 11) -> onnx.ModelProto:
+    """input [batch, 3, size, size] -> [batch, channels, size, size]: PP-OCR's LCNet/MobileOne blocks as
+    paddle2onnx exports them. Each block: Conv, a learnable affine per channel (Mul, Add), HardSwish
+    decomposed (Add 3, Clip, Mul, Div 6), depthwise Conv, Relu, pointwise Conv, residual Add with a
+    Sigmoid gate; then a per-channel output scale spanning `spread` (a dense head's per-channel
+    calibration: some channels far smaller than others).
+
+    Quantized per tensor, the output scale's product rounds its small channels to zero: with the
+    element-wise ops in int8 (QLinearMul) the worst output channel breaks; with the convolutions alone it
+    stays float and exact."""
+    b = ModelBuilder((3, size, size), opset=13, seed=seed)
+    x = b.relu(b.conv(b.input, channels, k=3))
+    for _ in range(blocks):
+        y = b.conv(x, channels, k=1)
+        y = b.op("Mul", [b.const(b.random(1, channels, 1, 1, low=0.5, high=1.5), prefix="affine_w"), y], channels=channels)
+        y = b.op("Add", [y, b.const(0.1 * b.random(1, channels, 1, 1), prefix="affine_b")])
+        y = b.hardswish(y, form="clip")
+        y = b.relu(b.depthwise(y, 3))
+        y = b.conv(y, channels, k=1)
+        x = b.op("Add", [x, b.op("Mul", [y, b.op("Sigmoid", [y])])])
+    scales = np.geomspace(1.0, 1.0 / spread, channels).astype(np.float32)
+    b.rng.shuffle(scales)
+    return b.build(b.op("Mul", [x, b.const(scales.reshape(1, channels, 1, 1), prefix="scale")]))
+
+
+def upsampling_head(*, size: int = 8, seed: int = 2) -> onnx.ModelProto:
+    """input [batch, 4, size, size] -> [batch, 4, 2 size, 2 size]: Conv, Relu, InstanceNormalization,
+    ConvTranspose (stride 2), LeakyRelu: a segmentation decoder's ops, two of which (the normalization and
+    the transposed convolution) onnxruntime's quantizer handles but its CPU kernels do not run in int8."""
+    b = ModelBuilder((4, size, size), opset=13, seed=seed)
+    x = b.instance_norm(b.relu(b.conv(b.input, 8, k=3)))
+    x = b.op("ConvTranspose", [x, b.const(b.random(8, 4, 2, 2)), b.const(b.random(4), prefix="b")], channels=4, strides=[2, 2])
+    return b.build(b.op("LeakyRelu", [x], alpha=0.1))
 
 
 def ctc_head(*, steps: int = 12, classes: int = 7, seed: int = 7) -> onnx.ModelProto:

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from builders import ModelBuilder, transformer_classifier, yolo_head
+from builders import ModelBuilder, mobile_blocks, transformer_classifier, upsampling_head, yolo_head
 from click.testing import CliRunner
 from conftest import MODELS_DIR, load_light
 from onnx import numpy_helper
@@ -30,11 +30,18 @@ from onnxslim.calib import DataOptions, open_dataset
 from onnxslim.cli import cli
 from onnxslim.cpu import CpuFeatures, choose_for_cpu, cpu_from_flags, detect_cpu
 from onnxslim.errors import DataError, UnsupportedModelError, UsageError
-from onnxslim.evaluate import AccuracyBudget, BudgetCheck, check_budget
+from onnxslim.evaluate import AccuracyBudget, BudgetCheck, Evaluator, check_budget, hold_out_tail
 from onnxslim.io import load_model
-from onnxslim.quant import CandidateTiming, QuantConfig, QuantizeOptions, QuantizeResult, quantize_model
+from onnxslim.quant import (
+    PLACEMENTS,
+    CandidateTiming,
+    QuantConfig,
+    QuantizeOptions,
+    QuantizeResult,
+    quantize_model,
+)
 from onnxslim.quant.calibrate import calibrate
-from onnxslim.quant.config import COMPUTE_OP_TYPES, InterleavedTiming, TimingBudget
+from onnxslim.quant.config import InterleavedTiming, TimingBudget
 from onnxslim.quant.guard import (
     Block,
     Gate,
@@ -45,8 +52,14 @@ from onnxslim.quant.guard import (
     search_exclusions,
     target_deficit,
 )
+from onnxslim.quant.placement import Fate, build_placements, onnxruntime_fates
 from onnxslim.quant.prepare import prepare_model
-from onnxslim.quant.sensitivity import gated_model
+from onnxslim.quant.sensitivity import (
+    gated_model,
+    measure_gate_deficits,
+    measure_hierarchically,
+    split_groups,
+)
 from onnxslim.quant.speed import alternatives, beats, decide, search_fastest
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -374,7 +387,7 @@ def test_qdq_and_qoperator_outputs_load_and_run(model_and_data, quant_format: st
     config = QuantConfig(format=quant_format, activations=activations)
     result = quantize_model(loaded, dataset(calib, loaded.model), QuantizeOptions(config=config), timer=FAST)
     assert result.quantized and result.cpu is not None
-    assert result.config == replace(config, reduce_range=result.cpu.reduce_range)
+    assert result.config == replace(config, reduce_range=result.cpu.reduce_range, placement="compute")
     assert expected_op in {n.op_type for n in result.model.graph.node}
     onnx.checker.check_model(result.model)
     x = np.random.default_rng(3).standard_normal((3, 3, 16, 16)).astype(np.float32)
@@ -382,7 +395,8 @@ def test_qdq_and_qoperator_outputs_load_and_run(model_and_data, quant_format: st
     assert got.shape == want.shape == (3, 10)
     cosine = np.sum(want * got) / (np.linalg.norm(want) * np.linalg.norm(got))
     assert cosine > 0.99
-    assert result.nodes_quantized == 7 and result.nodes_fp32 == 0
+    # Conv, Relu, Conv, Relu, Gemm in int8; GlobalAveragePool and Flatten outside the compute placement
+    assert result.nodes_quantized == 5 and result.nodes_fp32 == 2
 
 
 def test_exclusions_by_op_type_and_name_glob(model_and_data) -> None:
@@ -396,7 +410,8 @@ def test_exclusions_by_op_type_and_name_glob(model_and_data) -> None:
         node = next(n for n in result.model.graph.node if n.name == gemm)
         producers = {o: n.op_type for n in result.model.graph.node for o in n.output}
         assert producers.get(node.input[1]) != "DequantizeLinear"  # the Gemm's weight stayed fp32
-        assert result.nodes_fp32 == 1
+        assert result.nodes_fp32 == 3  # the Gemm, and GlobalAveragePool and Flatten outside the placement
+        assert [n.name for n in result.fp32_nodes] == [gemm] and result.fp32_macs == 320  # 32 x 10
     with pytest.raises(UsageError, match="matches no node name and no op type"):
         quantize_model(loaded, data, QuantizeOptions(exclude=("no_such_node*",)), timer=FAST)
 
@@ -489,10 +504,12 @@ def test_alternatives_are_tried_in_the_stated_order() -> None:
     assert kinds == ["activations", "format", "per-tensor", "compute-ops-only"]
     steps = dict(alternatives(QuantConfig(activations="u8", weights="u8")))
     assert steps["activations"] == QuantConfig(activations="s8", weights="s8")  # s8 x u8 does not exist
-    assert steps["compute-ops-only"].op_types == COMPUTE_OP_TYPES
+    assert steps["compute-ops-only"].placement == "compute" and steps["compute-ops-only"].op_types is None
     assert [k for k, _ in alternatives(REQUESTED, per_channel_possible=False)] == [
         "activations", "format", "compute-ops-only"
     ]
+    # already the placement the guard starts from: nothing narrower to try
+    assert "compute-ops-only" not in dict(alternatives(QuantConfig(placement="compute")))
 
 
 def _fake_measure(latencies: dict[QuantConfig, float | None]):
@@ -518,7 +535,7 @@ def test_search_tries_each_change_on_the_best_so_far_and_keeps_the_fastest() -> 
     s8_qop_tensor = QuantConfig(activations="s8", format="qoperator", per_channel=False)
     measure, calls = _fake_measure({REQUESTED: 15.0, s8: 9.0, s8_qop: 7.0, s8_qop_tensor: None})
     decision, tried = search_fastest(REQUESTED, measure)
-    compute_only = QuantConfig(activations="s8", format="qoperator", op_types=COMPUTE_OP_TYPES)
+    compute_only = QuantConfig(activations="s8", format="qoperator", placement="compute")
     assert calls == [
         [REQUESTED],
         [REQUESTED, s8],
@@ -656,7 +673,11 @@ def test_quantize_model_writes_fp32_when_int8_is_slower(model_and_data) -> None:
     result = quantize_model(loaded, dataset(calib, loaded.model), timer=timer)
     assert not result.quantized and not find_quantized_nodes(result.model)
     assert [n.op_type for n in result.model.graph.node] == [n.op_type for n in loaded.model.graph.node]
-    assert len(result.candidates) == 5 and len(timer.calls) == 5
+    # the placement's run (fp32, compute ops, every int8 kernel) is the speed guard's first verdict; then
+    # the other activation type, the other format and per-tensor weights, on compute ops alone
+    assert [c.placement if c else None for c in timer.calls[0]] == [None, "compute", "kernels"]
+    assert len(result.candidates) == 4 and len(timer.calls) == 4
+    assert all(c.config.placement == "compute" for c in result.candidates)
     assert all(call[0] is None for call in timer.calls)  # fp32 is timed in every run
     assert result.speedup == pytest.approx(10 / 12) and result.size_int8 is not None
     forced = quantize_model(loaded, dataset(calib, loaded.model), QuantizeOptions(force=True), timer=fixed_timer(12.0))
@@ -733,7 +754,8 @@ def test_cli_writes_fp32_when_int8_is_not_faster_and_force_overrides(tmp_path: P
     code, stdout, stderr = invoke("quantize", str(path), "-o", str(out), "--calib", str(calib), "--json")
     assert code == 0 and "fp32" in stderr
     report = json.loads(stdout)
-    assert report["quantized"] is False and len(report["candidates"]) == 5
+    assert report["quantized"] is False and len(report["candidates"]) == 4  # compute ops from the start
+    assert report["placement"]["chosen"] == "compute" and len(report["placement"]["timings"]) == 2
     assert not find_quantized_nodes(onnx.load(str(out)))
     code, stdout, _ = invoke("quantize", str(path), "-o", str(out), "--calib", str(calib))
     assert code == 0 and "NO, the fp32 model is kept" in stdout and "bench MODEL INT8_MODEL --profile" in stdout
@@ -854,7 +876,8 @@ def test_guard_keeps_the_harmful_nodes_of_a_transformer_in_fp32(tmp_path: Path) 
     assert 0 < trials <= 12
     measured = [n for n in guarded.fp32_nodes if n.error is not None]
     assert measured and all(n.error is not None and n.error >= 0 for n in measured)
-    assert any("alone costs" in n.reason for n in measured) and any("roundings measured alone" in note for note in guarded.notes)
+    assert any("costs" in n.reason for n in measured) and any("roundings measured" in note for note in guarded.notes)
+    assert guarded.measure is not None and guarded.measure.runs <= guarded.measure.gates
     # the summed deficits start the search at a count that holds or nearly: few trials after the methods
     assert len(guarded.exclusion_trials) <= 5
     types = quantize_module._quantized_op_types(QuantConfig())
@@ -866,12 +889,16 @@ def test_guard_keeps_the_harmful_nodes_of_a_transformer_in_fp32(tmp_path: Path) 
 
 def test_a_yolo_head_whose_scores_collapse_is_caught_and_its_concat_kept_fp32(tmp_path: Path) -> None:
     """Boxes 0-320 concatenated with scores 0-0.2: the whole-output cosine stays high while the score
-    channels break; the worst channel fails the budget, and the calibrated ranges keep the Concat fp32."""
+    channels break; the worst channel fails the budget, and the calibrated ranges keep the Concat fp32. With
+    compute ops alone (the default placement) the Concat is never quantized in the first place."""
     source = yolo_head()
     data = dataset(_random_npz(tmp_path / "y.npz", source, 24), source, batch=8)
-    unguarded = quantize_model(source, data, QuantizeOptions(max_trials=0, range_ratio=None, cpu=VNNI), timer=FAST)
+    options = QuantizeOptions(max_trials=0, range_ratio=None, cpu=VNNI, placement="all")
+    unguarded = quantize_model(source, data, options, timer=FAST)
     check = unguarded.method_trials[0].check
     assert not check.met and "channel" in check.why
+    placed = quantize_model(source, data, replace(options, placement="compute"), timer=FAST)
+    assert placed.method_trials[0].check.met and not placed.fp32_nodes
     guarded = quantize_model(source, data, QuantizeOptions(cpu=VNNI), timer=FAST)
     concat = [n for n in guarded.fp32_nodes if n.op_type == "Concat"]
     assert len(concat) == 1 and "ranges differ" in concat[0].reason
@@ -905,6 +932,13 @@ def test_exclusion_search_doubles_then_bisects_within_the_bound() -> None:
     assert bounded.blocks is None and len(bounded.trials) == 3
     never = search_exclusions(ranked, lambda nodes: _check(0.5), max_trials=12)
     assert never.blocks is None and [t.blocks for t in never.trials] == [1, 2, 4, 8, 16, 20]
+    # blocks that cost little: no trial to save less than `close_enough` between the failed 4 and the held 8
+    cheap = [replace(block, cost=10.0 if i < 4 else 1.0) for i, block in enumerate(ranked)]
+    calls.clear()
+    close = search_exclusions(cheap, evaluate, max_trials=12, close_enough=4.0)
+    assert calls == [1, 2, 4, 8] and close.blocks == 8 and close.trials[-1].cost == 44.0
+    calls.clear()
+    assert search_exclusions(cheap, evaluate, max_trials=12, close_enough=3.0).blocks == 6 and calls == [1, 2, 4, 8, 6]
 
 
 def test_budget_check_uses_the_worst_channel_and_the_drop() -> None:
@@ -923,7 +957,7 @@ def test_budget_check_uses_the_worst_channel_and_the_drop() -> None:
 
 def test_the_speed_guard_never_keeps_a_candidate_that_misses_the_budget() -> None:
     fast_but_wrong = replace(timing(REQUESTED, 4.0), budget_met=False, score=0.5)
-    slow_but_right = replace(timing(QuantConfig(op_types=COMPUTE_OP_TYPES), 9.0), budget_met=True, score=0.999)
+    slow_but_right = replace(timing(QuantConfig(placement="compute"), 9.0), budget_met=True, score=0.999)
     decision = decide([fast_but_wrong, slow_but_right])
     assert decision.chosen is slow_but_right
     none_meet = decide([fast_but_wrong])
@@ -934,18 +968,18 @@ def test_the_speed_guard_never_keeps_a_candidate_that_misses_the_budget() -> Non
 def test_forced_with_no_candidate_meeting_the_budget_keeps_the_closest_to_fp32() -> None:
     """--force, nothing meets the budget: every measured variant is a finalist and the most faithful is
     written (a user found the first variant written whatever the others scored)."""
-    scores = {REQUESTED: 0.5, QuantConfig(op_types=COMPUTE_OP_TYPES): 0.98}
+    scores = {REQUESTED: 0.5, QuantConfig(placement="compute"): 0.98}
 
     def measure(configs: Sequence[QuantConfig], budget: TimingBudget) -> list[CandidateTiming]:
         return [replace(timing(c, 5.0), budget_met=False, score=scores.get(c, 0.2)) for c in configs]
 
     decision, tried = search_fastest(REQUESTED, measure, force=True)
     assert len(tried) == 5 and decision.chosen is not None
-    assert decision.chosen.config == QuantConfig(op_types=COMPUTE_OP_TYPES) and "--force" in decision.reason
+    assert decision.chosen.config == QuantConfig(placement="compute") and "--force" in decision.reason
     unforced, _ = search_fastest(REQUESTED, measure)
     assert unforced.chosen is None and unforced.best is not None and unforced.best.score == 0.98
     # ... but a closer variant slower than fp32 loses to a faster one: --force asks for a faster model
-    slow_but_close = replace(timing(QuantConfig(op_types=COMPUTE_OP_TYPES), 14.0), budget_met=False, score=0.99)
+    slow_but_close = replace(timing(QuantConfig(placement="compute"), 14.0), budget_met=False, score=0.99)
     fast = replace(timing(REQUESTED, 5.0), budget_met=False, score=0.9)
     assert decide([slow_but_close, fast], force=True).chosen is fast
     assert decide([slow_but_close], force=True).chosen is slow_but_close  # none faster: the closest
@@ -1052,7 +1086,205 @@ def test_a_calibration_method_that_fails_on_infinite_values_is_a_failed_trial_no
     onnx.save(_masked_attention(), tmp_path / "attention.onnx")
     np.savez(tmp_path / "x.npz", x=np.random.default_rng(1).standard_normal((16, 4, 8)).astype(np.float32))
     loaded = load_model(tmp_path / "attention.onnx")
-    options = QuantizeOptions(budget=AccuracyBudget(min_fidelity=0.999999), max_trials=3)
+    # every node placed: the histogram methods then collect the masked scores (compute ops alone never read them)
+    options = QuantizeOptions(budget=AccuracyBudget(min_fidelity=0.999999), max_trials=3, placement="all")
     result = quantize_model(loaded, dataset(tmp_path / "x.npz", loaded.model), options, timer=FAST)
     failed = [t for t in result.method_trials if "calibration failed" in t.check.why]
     assert failed and all(t.method != "minmax" for t in failed)
+    # placed on compute ops, the other methods range only the MatMuls' tensors: both calibrate
+    placed = quantize_model(loaded, dataset(tmp_path / "x.npz", loaded.model), replace(options, placement="compute"), timer=FAST)
+    assert len(placed.method_trials) == 3 and not any("calibration failed" in t.check.why for t in placed.method_trials)
+
+
+# ------------------------------------------------------------------------------------------ placement
+
+
+def _placements(source: onnx.ModelProto, data, tmp_path: Path, **config: object):
+    """The prepared model, onnxruntime's fates of its nodes quantized everywhere, and the placements."""
+    prepared = prepare_model(source, dict(data.input_shapes), per_channel=True).model
+    prepared_path = save(prepared, tmp_path / "prepared.onnx")
+    cache = tmp_path / "ranges.json"
+    calibrate(prepared, data, "minmax", cache_path=cache)
+    qdq = quantize_module.quantize_with_ranges(prepared_path, cache, QuantConfig(**config), "minmax")  # type: ignore[arg-type]
+    handled = quantize_module._quantized_op_types(QuantConfig())
+    fates = onnxruntime_fates(prepared, qdq, handled)
+    return prepared, fates, build_placements(prepared, fates)
+
+
+def test_onnxruntime_fates_and_the_placements_built_on_them(tmp_path: Path) -> None:
+    """PP-OCR-like blocks: onnxruntime fuses the convolutions and, quantized everywhere, the affine Mul/Add
+    and the Sigmoid gate; the quantizer folds the Relu and Clip. `compute` takes the Conv and the Relu right
+    after one, not the Clip of a HardSwish (it follows an Add); `kernels` takes every int8 node."""
+    source = mobile_blocks()
+    data = dataset(_random_npz(tmp_path / "m.npz", source, 16), source, batch=8)
+    prepared, fates, placements = _placements(source, data, tmp_path)
+    by_type: dict[str, set[Fate]] = {}
+    for fate in fates.values():
+        by_type.setdefault(fate.op_type, set()).add(fate.fate)
+    assert by_type["Conv"] == {Fate.INT8} and by_type["Mul"] == {Fate.INT8} and by_type["Sigmoid"] == {Fate.INT8}
+    assert by_type["Relu"] == {Fate.FOLDED} and by_type["Clip"] == {Fate.FOLDED}
+    assert "Div" not in by_type  # the quantizer does not handle it: no fate, never in a placement
+    kinds = {n.name: n.op_type for n in prepared.graph.node}
+    compute, kernels = placements["compute"], placements["kernels"]
+    compute_types = {kinds[n] for n in compute.int8}
+    assert compute_types == {"Conv", "Relu"}
+    relus = [n for n in prepared.graph.node if n.op_type == "Relu"]
+    producers = {o: n for n in prepared.graph.node for o in n.output}
+    assert all(producers[r.input[0]].op_type == "Conv" for r in relus) and {r.name for r in relus} <= set(compute.int8)
+    assert set(compute.int8) < set(kernels.int8) and not kernels.float_nodes
+    assert set(compute.float_nodes) == set(kernels.int8) - set(compute.int8)
+    assert all("no compute op" in why for why in compute.float_nodes.values())
+    assert set(placements["all"].int8) == set(fates) and not placements["all"].float_nodes
+
+
+def test_a_node_onnxruntime_leaves_float_between_qdq_is_in_no_placement(tmp_path: Path) -> None:
+    """Quantized, the ConvTranspose and the InstanceNormalization stay float ops between DequantizeLinear
+    and QuantizeLinear on the CPU: their pairs are pure overhead, so neither placement takes them (not even
+    `compute` the ConvTranspose, a compute op), and both say why; the fused LeakyRelu is in `kernels`."""
+    source = upsampling_head()
+    data = dataset(_random_npz(tmp_path / "u.npz", source, 16), source, batch=8)
+    prepared, fates, placements = _placements(source, data, tmp_path)
+    by_type = {f.op_type: f for f in fates.values()}
+    assert by_type["ConvTranspose"].fate is Fate.FLOAT and by_type["InstanceNormalization"].fate is Fate.FLOAT
+    assert by_type["LeakyRelu"].fate is Fate.INT8 and by_type["LeakyRelu"].became == "QLinearLeakyRelu"
+    for name in ("compute", "kernels"):
+        for op in ("ConvTranspose", "InstanceNormalization"):
+            node = by_type[op].name
+            assert node not in placements[name].int8
+            assert "float between Q/DQ" in placements[name].float_nodes[node]
+    assert by_type["LeakyRelu"].name in placements["kernels"].int8
+    kinds = {n.name: n.op_type for n in prepared.graph.node}
+    assert {kinds[n] for n in placements["compute"].int8} == {"Conv", "Relu"}
+
+
+def _optimized_op_types(model: onnx.ModelProto, tmp_path: Path) -> set[str]:
+    """The op types of `model` as onnxruntime's CPU session optimizes it (its int8 kernels)."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+
+
+def _placement_timer(speedups: dict[str, float]):
+    """Injected timings: fp32 10 ms, int8 10 / speedups[placement] ms, no blocks."""
+    return fixed_timer(lambda config: 10.0 / speedups[config.placement])
+
+
+@pytest.mark.parametrize(
+    ("spread", "kernels_speedup", "chosen", "why"),
+    [
+        (1.0, 1.5, "compute", "not clearly faster"),  # the same speed: the narrower placement
+        (1.0, 2.5, "kernels", "clearly faster than compute ops alone (2.50x against 1.50x of fp32) and meets"),
+        (1e3, 2.5, "compute", "misses the budget"),  # faster, but its int8 Mul zeroes small channels
+    ],
+)
+def test_placement_starts_from_compute_ops_and_widens_only_when_measured_to_pay(
+    tmp_path: Path, spread: float, kernels_speedup: float, chosen: str, why: str
+) -> None:
+    source = mobile_blocks(spread=spread)
+    data = dataset(_random_npz(tmp_path / "m.npz", source, 48), source, batch=8)
+    timer = _placement_timer({"compute": 1.5, "kernels": kernels_speedup, "all": 1.0})
+    result = quantize_model(source, data, QuantizeOptions(cpu=VNNI), timer=timer)
+    placement = result.placement
+    assert placement is not None and placement.chosen == chosen and why in placement.reason, placement
+    assert [t.config.placement for t in placement.timings] == ["compute", "kernels"]
+    assert result.quantized and result.config is not None and result.config.placement == chosen
+    assert result.budget_met and result.fidelity is not None and result.fidelity.score >= 0.99
+    onnx.checker.check_model(result.model)
+    assert [i.name for i in result.model.graph.input] == [i.name for i in source.graph.input]
+    assert [o.name for o in result.model.graph.output] == [o.name for o in source.graph.output]
+    # what the placement keeps float stays float: onnxruntime runs no int8 element-wise op in a `compute` model
+    kernels = _optimized_op_types(result.model, tmp_path)
+    assert "QLinearConv" in kernels and ("QLinearMul" in kernels) == (chosen == "kernels")
+    assert result.nodes_quantized is not None and result.nodes_quantized <= placement.int8_nodes
+    assert len(timer.calls) == 1  # the placement's run was the speed guard's verdict too
+
+
+def test_placement_can_be_fixed_and_all_is_the_quantizers_own_choice(tmp_path: Path) -> None:
+    source = mobile_blocks(spread=1.0)
+    data = dataset(_random_npz(tmp_path / "m.npz", source, 32), source, batch=8)
+    counts = {}
+    for placement in PLACEMENTS:
+        timer = _placement_timer({"compute": 1.5, "kernels": 1.5, "all": 1.5})
+        result = quantize_model(source, data, QuantizeOptions(cpu=VNNI, placement=placement, max_trials=0), timer=timer)
+        assert result.placement is not None and result.placement.chosen == placement and not result.placement.timings
+        assert result.config is not None and result.config.placement == placement
+        counts[placement] = result.nodes_quantized
+    assert counts["compute"] < counts["kernels"] <= counts["all"]
+    with pytest.raises(UsageError, match="placement"):
+        QuantizeOptions(placement="everything")
+
+
+# ------------------------------------------------------------------------------- the guard's measure
+
+
+def _fake_gates(count: int) -> list[Gate]:
+    return [Gate(f"g{i}", "activation", (f"n{i}",), f"in{i}") for i in range(count)]
+
+
+def test_group_testing_finds_every_gate_that_matters_in_few_runs() -> None:
+    """256 gates, three that matter, the rest small: every gate at or above the resolution is measured
+    alone with its exact deficit, the rest get shares below it, in about 2k log2(256) runs, not 256."""
+    gates = _fake_gates(256)
+    rng = np.random.default_rng(0)
+    truth = {g.name: float(rng.uniform(0, 1e-5)) for g in gates}
+    truth.update({"g3": 0.05, "g100": 0.02, "g201": 0.004})
+    runs: list[int] = []
+
+    def deficit(group: Sequence[Gate]) -> float:  # additive, as independent roundings are to first order
+        runs.append(len(group))
+        return sum(truth[g.name] for g in group)
+
+    split = split_groups(gates, deficit, resolution=1e-3)
+    assert split.complete and split.whole == pytest.approx(sum(truth.values()))
+    assert {"g3", "g100", "g201"} <= split.alone
+    for name in ("g3", "g100", "g201"):
+        assert split.deficits[name] == pytest.approx(truth[name])
+    assert all(split.deficits[g.name] < 1e-3 for g in gates if g.name not in {"g3", "g100", "g201"})
+    assert len(runs) <= 1 + 2 * 3 * 8 and len(runs) < len(gates) / 4
+    assert set(split.deficits) == {g.name for g in gates}
+    ranked = sorted(split.deficits, key=lambda name: -split.deficits[name])
+    assert ranked[:3] == ["g3", "g100", "g201"]
+
+
+def test_group_testing_stops_at_its_time_limit_with_every_gate_valued() -> None:
+    gates = _fake_gates(64)
+    ticks = iter(range(1000))
+    split = split_groups(gates, lambda group: 0.01 * len(group), resolution=1e-6, limit=3.5, clock=lambda: next(ticks))
+    assert not split.complete and set(split.deficits) == {g.name for g in gates}
+    assert sum(split.deficits.values()) == pytest.approx(0.64)  # shares add up to what was measured
+
+
+@pytest.mark.parametrize("build", [transformer_classifier, mobile_blocks, yolo_head], ids=["transformer", "mobile", "yolo"])
+def test_the_group_measure_ranks_the_roundings_as_the_one_at_a_time_measure(tmp_path: Path, build) -> None:
+    """Every rounding of the int8 model (every node quantized) measured both ways on the same samples: the
+    gates the group measure isolates have their one-at-a-time deficits exactly; every gate whose deficit
+    alone is at least the resolution is among them; the fallback's blocks come in the same order as far
+    as the resolution reaches; and it took fewer runs than one per gate."""
+    source = build()
+    data = dataset(_random_npz(tmp_path / "x.npz", source, 16), source, batch=8)
+    prepared = prepare_model(source, dict(data.input_shapes), per_channel=True).model
+    prepared_path = save(prepared, tmp_path / "prepared.onnx")
+    cache = tmp_path / "ranges.json"
+    calibrate(prepared, data, "minmax", cache_path=cache)
+    qdq = quantize_module.quantize_with_ranges(prepared_path, cache, QuantConfig(), "minmax", keep_activations=True)
+    types = quantize_module._quantized_op_types(QuantConfig())
+    quantizable = [n.name for n in prepared.graph.node if n.op_type in types]
+    gated, gates = gated_model(qdq, prepared, quantizable)
+    position = {n.name: i for i, n in enumerate(prepared.graph.node)}
+    gates = sorted(gates, key=lambda g: min((position[t] for t in g.touchers), default=len(position)))
+    evaluator = Evaluator(source, hold_out_tail(data, None, 0.2), [source.graph.output[0].name], threads=1)
+    common = dict(outputs=evaluator.outputs, layouts=evaluator.ensure_layouts(), rows=evaluator.rows, threads=1, seconds=0.0)
+    one_at_a_time = measure_gate_deficits(gated, gates, data.batches(), **common)  # type: ignore[arg-type]
+    resolution = max(one_at_a_time.deficits.values()) / 8  # the guard's: an eighth of the deficit allowed
+    grouped = measure_hierarchically(gated, gates, data.batches(), resolution=resolution, **common)  # type: ignore[arg-type]
+    assert grouped.samples == one_at_a_time.samples and grouped.gates == len(gates) > 8
+    exact = one_at_a_time.deficits
+    assert grouped.alone and all(grouped.deficits[g] == pytest.approx(exact[g], abs=1e-9) for g in grouped.alone)
+    mattering = {name for name, value in exact.items() if value >= resolution}
+    assert mattering and mattering <= grouped.alone, sorted(mattering - grouped.alone)
+    assert grouped.runs < len(gates)
+    norms = layer_norm_blocks(prepared)
+    top_exact = [b.gate for b in rank_gates(exact, gates, norms, quantizable, minimum=resolution)]
+    top_grouped = [b.gate for b in rank_gates(grouped.deficits, gates, norms, quantizable, minimum=resolution)]
+    assert top_grouped == top_exact

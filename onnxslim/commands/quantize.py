@@ -26,6 +26,7 @@ from onnxslim.quant import (
     INT8_TYPES,
     METHODS,
     MIN_SPEEDUP,
+    PLACEMENT_CHOICES,
     QuantConfig,
     QuantizeOptions,
     quantize_model,
@@ -67,6 +68,11 @@ logger = logging.getLogger("onnxslim")
 @click.option("--max-trials", type=click.IntRange(min=0), default=12, show_default=True,
               help="Trial quantizations the accuracy guard may run when the budget is missed (other calibration "
               "methods, then the most harmful nodes kept in fp32); 0 only checks the budget.")
+@click.option("--placement", type=click.Choice(PLACEMENT_CHOICES), default="auto", show_default=True,
+              help="Which nodes may be int8: compute (Conv, Gemm, MatMul that onnxruntime runs as int8 kernels "
+              "on this machine, with the Relu/Clip folded into them), kernels (every node onnxruntime runs in "
+              "int8 here), all (every node onnxruntime's quantizer handles); auto: compute, or kernels when "
+              "measured clearly faster and within the budget.")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
               help="Keep nodes in fp32: a node-name glob ('head.*') or an op type (Softmax). Repeat for several.")
 @input_shapes_option
@@ -86,20 +92,22 @@ logger = logging.getLogger("onnxslim")
 def quantize(
     ctx: click.Context, model: str, output: str, calib: str, eval_data: str | None, quant_format: str, method: str,
     per_channel: bool, activations: str, weights: str, reduce_range: bool | None, max_drop: float | None,
-    min_fidelity: float | None, max_trials: int, exclude: tuple[str, ...],
+    min_fidelity: float | None, max_trials: int, placement: str, exclude: tuple[str, ...],
     input_shapes: tuple[str, ...], data_options: DataOptions, threads: int | None, calib_memory_mb: int,
     force: bool, as_json: bool,
 ) -> None:
     """Quantize MODEL to int8 (onnxruntime static quantization), calibrated on --calib, and keep it only if faster.
 
-    The int8 model is timed against the fp32 one on this machine (same threads, same batch, interleaved).
+    Only the nodes int8 pays for are quantized (--placement): the compute ops onnxruntime runs as int8
+    kernels on this machine, every int8 kernel only when measured clearly faster. The int8 model is timed
+    against the fp32 one on this machine (same threads, same batch, interleaved).
     If it is not at least 5% faster, other variants are tried in order (the other activation type, the
-    other format, per-tensor weights, only Conv/Gemm/MatMul quantized) and the fastest is kept; if none
+    other format, per-tensor weights, only compute ops quantized) and the fastest is kept; if none
     wins, the fp32 model is written to --output and the report says so ("quantized": false), unless
     --force. It must also meet an accuracy budget (--max-drop, --min-fidelity; default: cosine 0.99 of
     every sample and of the worst output channel): when it does not, the other calibration methods are
-    tried, then the roundings that hurt most (each measured alone on a few calibration samples) are kept
-    in fp32 with the nodes that touch them, fewest first, within --max-trials. Fidelity and accuracy against fp32 are measured on data not used for calibration.
+    tried, then the roundings that hurt most per MAC (measured on a few calibration samples, whole blocks
+    first) are kept in fp32 with the nodes that touch them, within --max-trials. Fidelity and accuracy against fp32 are measured on data not used for calibration.
     Weights are 7-bit on CPUs without VNNI (see --reduce-range).
     Models that are already quantized are refused. Symbolic input dims are kept.
     """
@@ -114,6 +122,7 @@ def quantize(
                            reduce_range=reduce_range),
         method=method, exclude=exclude, force=force, threads=threads, calibration_memory=calib_memory_mb * 2**20,
         budget=AccuracyBudget(max_drop=max_drop, min_fidelity=min_fidelity), max_trials=max_trials,
+        placement=placement,
     )
     with ExitStack() as stack:
         result = quantize_model(

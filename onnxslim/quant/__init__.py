@@ -6,8 +6,9 @@ concern has one module:
     config.py       constants, options (`QuantConfig`, `QuantizeOptions`) and results
     prepare.py      opset upgrade, onnxruntime's basic optimizations, type inference
     calibrate.py    calibration in bounded memory (ranges for each method)
-    guard.py        the accuracy guard: range rules, blocks, the ranking and the bounded search
-    sensitivity.py  the guard's measure: a gated int8 model, each rounding switched on alone
+    placement.py    which nodes may be int8: what onnxruntime runs as int8 kernels here, the placements
+    guard.py        the accuracy guard: range rules, blocks, the ranking by fidelity per MAC, the bounded search
+    sensitivity.py  the guard's measure: a gated int8 model, roundings switched on by groups, then alone
     speed.py        the speed guard: candidates, interleaved timing, the decision outside the noise
     quantizer.py    quantization with the ranges, the evaluator's use, the steps and `quantize_model`
 """
@@ -20,6 +21,8 @@ from onnxslim.quant.config import (
     INT8_TYPES,
     METHODS,
     MIN_SPEEDUP,
+    PLACEMENT_CHOICES,
+    PLACEMENTS,
     CandidateTiming,
     QuantConfig,
     QuantizeOptions,
@@ -35,6 +38,8 @@ __all__ = [
     "INT8_TYPES",
     "METHODS",
     "MIN_SPEEDUP",
+    "PLACEMENT_CHOICES",
+    "PLACEMENTS",
     "CandidateTiming",
     "QuantConfig",
     "QuantizeOptions",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,16 @@ logger = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------ calibration
 
 
-def _calibrated_tensors(model: onnx.ModelProto) -> set[str]:
-    """The tensors onnxruntime's calibrator collects for `model`: float inputs and outputs of every node."""
+def _calibrated_tensors(model: onnx.ModelProto, op_types: Collection[str] | None = None) -> set[str]:
+    """The tensors onnxruntime's calibrator collects for `model`: float inputs and outputs of every node (of
+    `op_types`, when given)."""
     graph = model.graph
     values = {v.name: v for v in [*graph.value_info, *graph.output, *graph.input]}
     initializers = {t.name for t in graph.initializer}
     names = set()
     for node in graph.node:
+        if op_types is not None and node.op_type not in op_types:
+            continue
         for name in [*node.input, *node.output]:
             value = values.get(name)
             if value is not None and name not in initializers and value.type.tensor_type.elem_type in FLOAT_TYPES:
@@ -107,13 +110,15 @@ def _limited(batches: Iterator[Batch], count: int) -> Iterator[Batch]:
         yield batch
 
 
-def _create_calibrator(model_path: Path, method: str, scratch: Path) -> Any:
-    """onnxruntime's calibrator for `method`, with the settings `quantize_static` would give it, and a
-    session of ours (quiet logging)."""
+def _create_calibrator(model_path: Path, method: str, scratch: Path, only: Collection[str] | None = None) -> Any:
+    """onnxruntime's calibrator for `method`, with the settings `quantize_static` would give it (the tensors
+    of every op type it quantizes, or of those `only`), and a session of ours (quiet logging)."""
     from onnxruntime.quantization import calibrate as ort_calibrate
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
     op_types = sorted(set(QLinearOpsRegistry) | set(QDQRegistry))  # what quantize_static calibrates by default
+    if only is not None:
+        op_types = [op for op in op_types if op in only]
     augmented = str(scratch / "augmented.onnx")
     if method == "minmax":
         calibrator = ort_calibrate.MinMaxCalibrater(model_path, op_types, augmented)
@@ -135,16 +140,19 @@ def calibrate(
     memory: int = CALIBRATION_MEMORY,
     cache_path: str | os.PathLike[str],
     progress: Progress | None = None,
+    op_types: Collection[str] | None = None,
 ) -> CalibrationSummary:
     """Calibrate `prepared` on the first `batches` batches of `dataset` (all when None) in bounded memory
     and write the ranges to `cache_path` (onnxruntime's calibration cache, read by `quantize_with_ranges`).
+    `op_types`: only the tensors of nodes of these types (a placement's: every other range would go unread;
+    the histogram methods spend most of their time on the tensors they collect).
 
     Raises DataError when onnxruntime cannot run a batch or a range comes out NaN or infinite.
     """
     total = dataset.num_batches if batches is None else min(batches, dataset.num_batches)
     if total < 1:
         raise DataError(f"{dataset.description}: no batches to calibrate on")
-    tensors = _calibrated_tensors(prepared)
+    tensors = _calibrated_tensors(prepared, op_types)
     per_batch = _bytes_per_batch(prepared, tensors, dataset.input_shapes, method)
     chunk = max(1, memory // per_batch)
     done = 0
@@ -167,7 +175,7 @@ def calibrate(
         model_path = Path(scratch) / "prepared.onnx"
         onnx.save_model(prepared, str(model_path))
         try:
-            calibrator = _create_calibrator(model_path, method, Path(scratch))
+            calibrator = _create_calibrator(model_path, method, Path(scratch), op_types)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise UnsupportedModelError(f"onnxruntime cannot prepare the model for calibration: {first_line(e)}") from e
         source = _Peekable(_limited(dataset.batches(), total))

@@ -18,6 +18,7 @@ from onnxslim.metrics import (
     Fidelity,
 )
 from onnxslim.quant.guard import MAX_TRIALS, RANGE_RATIO, ExclusionTrial, NodeError
+from onnxslim.quant.sensitivity import GateMeasure
 
 FORMATS = ("qdq", "qoperator")
 METHODS = ("minmax", "entropy", "percentile")
@@ -28,8 +29,12 @@ CALIBRATION_MEMORY = 256 * 2**20
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's `axis` (per-channel weights in QDQ) needs opset 13
 MIN_QUANT_OPSET = 10  # QuantizeLinear/DequantizeLinear exist from opset 10
 
-# The compute ops: the "compute ops only" alternative quantizes these and nothing else.
+# The compute ops: `op_types=COMPUTE_OP_TYPES` quantizes these and nothing else (the `compute` placement,
+# placement.py, is the measured version: what onnxruntime fuses of them, with the activations folded in).
 COMPUTE_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+PLACEMENTS = ("compute", "kernels", "all")  # placement.py: from the narrowest
+PLACEMENT_CHOICES = ("auto", *PLACEMENTS)
+PLACEMENT_LABELS = {"compute": " compute-ops", "kernels": " int8-kernels", "all": ""}
 
 QUANT_TYPE_NAMES = {"u8": "QUInt8", "s8": "QInt8"}
 METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -43,9 +48,11 @@ ORT_METADATA = ("onnx.infer", "onnx.quant.pre_process")
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """One way to quantize: format, activation and weight types, weight granularity, which op types.
+    """One way to quantize: format, activation and weight types, weight granularity, which nodes.
 
-    op_types None means every op type onnxruntime's quantizer handles; otherwise only these.
+    op_types None means every op type onnxruntime's quantizer handles; otherwise only these. `placement`
+    (placement.py) narrows that to the nodes onnxruntime runs as int8 kernels on this machine (`kernels`),
+    or to its compute ops among them (`compute`); `all` leaves the choice to onnxruntime's quantizer.
     """
 
     format: str = "qdq"
@@ -54,8 +61,11 @@ class QuantConfig:
     per_channel: bool = True
     reduce_range: bool | None = None  # None: chosen for the CPU (see cpu.py)
     op_types: tuple[str, ...] | None = None
+    placement: str = "all"
 
     def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise UsageError(f"placement must be one of {list(PLACEMENTS)}, not {self.placement!r}")
         if self.format not in FORMATS:
             raise UsageError(f"quantization format must be one of {list(FORMATS)}, not {self.format!r}")
         for what, value in (("activations", self.activations), ("weights", self.weights)):
@@ -72,7 +82,7 @@ class QuantConfig:
             text += " reduce-range"
         if self.op_types is not None:
             text += " compute-ops-only" if set(self.op_types) == set(COMPUTE_OP_TYPES) else f" ops={','.join(self.op_types)}"
-        return text
+        return text + PLACEMENT_LABELS[self.placement]
 
 
 @dataclass(frozen=True)
@@ -99,8 +109,11 @@ class QuantizeOptions:
     max_trials: int = MAX_TRIALS  # trial quantizations the accuracy guard may run (0: only check the budget)
     cpu: CpuFeatures | None = None  # None: detected from /proc/cpuinfo
     range_ratio: float | None = RANGE_RATIO  # Concats whose inputs' ranges differ more stay fp32 (None: never)
+    placement: str = "auto"  # auto: `compute`, or `kernels` when measured clearly faster (placement.py)
 
     def __post_init__(self) -> None:
+        if self.placement not in PLACEMENT_CHOICES:
+            raise UsageError(f"placement must be one of {list(PLACEMENT_CHOICES)}, not {self.placement!r}")
         if self.method not in METHODS:
             raise UsageError(f"calibration method must be one of {list(METHODS)}, not {self.method!r}")
         if self.min_speedup <= 0:
@@ -268,6 +281,11 @@ class QuantizeResult:
     validation: Validation | None = field(default=None, repr=False)  # what `validate` proved, for write_validated
     timing: CandidateTiming | None = None  # the reported int8 candidate as timed: its block range, re-timed or not
     step_seconds: Mapping[str, float] = field(default_factory=dict)  # wall time of each step of the quantizer
+    step_cpu_seconds: Mapping[str, float] = field(default_factory=dict)  # CPU time of this process in each step
+    placement: PlacementChoice | None = None  # which nodes may be int8, and why (the `placement` step)
+    measure: GateMeasure | None = None  # how the fallback measured the roundings (None: it did not run)
+    fp32_macs: int | None = None  # MACs of the nodes kept fp32 by --exclude, the range rules and the fallback
+    model_macs: int | None = None  # MACs of the whole model at the calibration shapes
 
     @property
     def speedup_low(self) -> float | None:
@@ -295,6 +313,20 @@ class QuantizeResult:
     @property
     def activations(self) -> str | None:
         return None if self.config is None else self.config.activations
+
+
+@dataclass(frozen=True)
+class PlacementChoice:
+    """What the `placement` step chose (placement.py): the placement, why, the nodes it keeps float and
+    why, what onnxruntime made of each op type quantized everywhere (`fates`: fate -> op type -> nodes),
+    and the placements as timed against fp32 in one interleaved run (empty when none was timed)."""
+
+    chosen: str
+    reason: str
+    int8_nodes: int
+    float_nodes: tuple[NodeError, ...] = ()
+    fates: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    timings: tuple[CandidateTiming, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The accuracy guard of `quantize`: a budget, which nodes int8 hurts most, and a bounded search that keeps the
-fewest of them in fp32 until the budget holds.
+cheapest of them in fp32 until the budget holds.
 
 * **Budget.** `max_drop` (points of top-1 against labels) and/or `min_fidelity` (against fp32 on held-out
   data, no labels needed): the lower of the mean per-sample cosine and the *worst channel's* cosine (see
@@ -9,9 +9,11 @@ fewest of them in fp32 until the budget holds.
 * **Ranges first.** A Concat whose inputs' calibrated ranges differ by more than `RANGE_RATIO` (100x) would
   share one int8 scale and round the small input to a few levels (a YOLO head's scores, 0-1 beside box
   pixels 0-320, all became 0): it is kept in fp32 before anything is measured.
-* **Which roundings hurt (measured, `quant_sensitivity.py`).** Every place int8 rounds -- an activation's
-  QuantizeLinear/DequantizeLinear pair, a node's weights -- is a *gate*, switched on alone in a gated copy of
-  the int8 model on a few calibration samples: its deficit is 1 - the fidelity score the budget reads. What
+* **Which roundings hurt (measured, `sensitivity.py`).** Every place int8 rounds -- an activation's
+  QuantizeLinear/DequantizeLinear pair, a node's weights -- is a *gate*, switched on in a gated copy of the
+  int8 model on a few calibration samples, by groups and then alone where a group matters (group testing,
+  down to `RESOLUTION` of the deficit the budget allows): its deficit is 1 - the fidelity score the budget
+  reads. What
   keeping a gate float buys is then known, not inferred from where error shows up (a residual stream's
   outlier features, a GELU output read by a MatMul, a Softmax's logits: the tensor carries the damage, the
   node reading it does not make it).
@@ -19,11 +21,14 @@ fewest of them in fp32 until the budget holds.
   (onnxruntime rounds a tensor for all its readers when any of them is int8): that set is its block.
   Decomposed LayerNorm/RMSNorm (ReduceMean ... Div [Mul Add]) is kept in fp32 whole or not at all. A block
   that would leave nothing int8 is dropped (that is the fp32 model).
-* **Search.** Blocks ranked by deficit are kept in fp32 greedily. The deficits of the gates still rounding
+* **Search.** Blocks ranked by deficit per cost -- the MACs of their nodes (`analysis/cost.py`), or the
+  elements a node without MACs writes -- are kept in fp32 greedily: the fallback spends the least int8
+  time for the fidelity it buys, not the fewest blocks. The deficits of the gates still rounding
   add up (to first order) to the model's: the search starts at the fewest top blocks whose summed deficit is
   within the budget's (1 - min_fidelity; for a top-1 budget, the plain int8 deficit scaled by how far the
   drop is over), then doubles while the budget fails, then bisects between the largest count that failed
-  and the smallest that held -- every count measured, all within `max_trials` trial quantizations (a
+  and the smallest that held, while the blocks between them cost more than `CLOSE_ENOUGH` (2 %) of the
+  model's MACs -- every count measured, all within `max_trials` trial quantizations (a
   requantization from the shared ranges plus one evaluation on the held-out data; no new calibration).
   Before that, when the requested calibration method misses the budget, the other methods (percentile at
   99.999 %, entropy) are tried, one trial each, and the best kept.
@@ -37,11 +42,14 @@ from dataclasses import dataclass
 
 import onnx
 
+from onnxslim.analysis.cost import LayerCost
 from onnxslim.evaluate import AccuracyBudget, BudgetCheck
 from onnxslim.graph import ProtoIndex
 
 __all__ = [
     "RANGE_RATIO",
+    "RESOLUTION",
+    "CLOSE_ENOUGH",
     "MAX_TRIALS",
     "NodeError",
     "Block",
@@ -52,6 +60,7 @@ __all__ = [
     "layer_norm_blocks",
     "Gate",
     "rank_gates",
+    "node_costs",
     "predicted_deficits",
     "first_count_within",
     "target_deficit",
@@ -62,6 +71,9 @@ logger = logging.getLogger(__name__)
 
 RANGE_RATIO = 100.0
 MAX_TRIALS = 12
+RESOLUTION = 0.125  # the measure splits a group of roundings while it costs this much of the deficit allowed
+CLOSE_ENOUGH = 0.02  # the search stops bisecting when the blocks left between fail and hold cost this share of the MACs
+MIN_COST = 1.0  # a block's cost is at least this (one MAC), so a free block ranks by its deficit
 
 
 @dataclass(frozen=True)
@@ -76,11 +88,13 @@ class NodeError:
 
 @dataclass(frozen=True)
 class Block:
-    """Nodes kept in fp32 together so that one gate (`rank_gates`) stays float, ranked by its deficit."""
+    """Nodes kept in fp32 together so that one gate (`rank_gates`) stays float, ranked by its deficit per
+    cost."""
 
     nodes: tuple[str, ...]
     error: float  # the gate's deficit measured alone: 1 - fidelity with only it rounding
     gate: str = ""
+    cost: float = 0.0  # what its nodes cost in fp32: their MACs and elements written (`node_costs`)
 
 
 def nonfinite_offenders(model: onnx.ModelProto, tensors: Sequence[str]) -> list[NodeError]:
@@ -190,29 +204,51 @@ def rank_gates(
     norms: Sequence[Sequence[str]],
     quantizable: Iterable[str] = (),
     minimum: float = 1e-6,
+    costs: Mapping[str, float] | None = None,
 ) -> list[Block]:
-    """What to keep in fp32, most harmful first: for each gate (largest measured deficit first), the nodes
-    that must be fp32 for it to stay float, less those already taken; a block touching a decomposed
-    LayerNorm takes it whole. Gates that cost less than `minimum` (1 - fidelity, measured alone), or that no
-    node can switch off, are left out, and so is a block that would leave none of `quantizable` in int8
-    (that is the fp32 model, which the guard writes anyway when nothing meets the budget)."""
+    """What to keep in fp32, best buy first: for each gate, the nodes that must be fp32 for it to stay float,
+    less those already taken; a block touching a decomposed LayerNorm takes it whole. With `costs` (node ->
+    what it costs to run in fp32 rather than int8: `node_costs`), gates come by deficit per cost of their
+    nodes -- the fallback keeps the fewest MACs fp32, not the fewest blocks; without, by deficit. Gates that
+    cost less than `minimum` (1 - fidelity, measured alone), or that no node can switch off, are left out,
+    and so is a block that would leave none of `quantizable` in int8 (that is the fp32 model, which the
+    guard writes anyway when nothing meets the budget)."""
     norm_of = {name: tuple(block) for block in norms for name in block}
     every = set(quantizable)
+
+    def members(gate: Gate) -> list[str]:
+        found = list(gate.touchers)
+        for member in list(found):
+            found += norm_of.get(member, ())
+        return list(dict.fromkeys(found))
+
+    def cost(nodes: Iterable[str]) -> float:
+        return 0.0 if costs is None else float(sum(costs.get(n, 0.0) for n in nodes))
+
+    def priority(gate: Gate) -> tuple[float, str]:
+        deficit = deficits.get(gate.name, 0.0)
+        if costs is None:
+            return (-deficit, gate.name)
+        return (-deficit / max(cost(members(gate)), MIN_COST), gate.name)
+
     taken: set[str] = set()
     ranked = []
-    for gate in sorted(gates, key=lambda g: (-deficits.get(g.name, 0.0), g.name)):
+    for gate in sorted(gates, key=priority):
         deficit = deficits.get(gate.name, 0.0)
         if deficit < minimum or not gate.touchers:
             continue
-        members = list(gate.touchers)
-        for member in list(members):
-            members += norm_of.get(member, ())
-        new = [m for m in dict.fromkeys(members) if m not in taken]
+        new = [m for m in members(gate) if m not in taken]
         if not new or (every and every <= taken.union(new)):
             continue
         taken.update(new)
-        ranked.append(Block(tuple(new), deficit, gate.name))
+        ranked.append(Block(tuple(new), deficit, gate.name, cost(new)))
     return ranked
+
+
+def node_costs(layers: Iterable[LayerCost]) -> dict[str, float]:
+    """What each node costs to run: its MACs, or for a node without MACs the elements it writes (one MAC
+    each: a memory-bound op is cheap beside a convolution, but not free)."""
+    return {layer.name: float(layer.macs or layer.elementwise) for layer in layers}
 
 
 def predicted_deficits(ranked: Sequence[Block], gates: Sequence[Gate], deficits: Mapping[str, float]) -> list[float]:
@@ -257,11 +293,13 @@ def target_deficit(budget: AccuracyBudget, plain: BudgetCheck) -> float | None:
 
 @dataclass(frozen=True)
 class ExclusionTrial:
-    """One trial: the top `blocks` blocks kept in fp32, and how it did."""
+    """One trial: the top `blocks` blocks kept in fp32 (`nodes` nodes costing `cost`: `Block.cost`), and how
+    it did."""
 
     blocks: int
     nodes: int
     check: BudgetCheck
+    cost: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -273,11 +311,17 @@ class ExclusionSearch:
 
 
 def search_exclusions(
-    ranked: Sequence[Block], evaluate: Callable[[Sequence[str]], BudgetCheck], max_trials: int, start: int = 1
+    ranked: Sequence[Block],
+    evaluate: Callable[[Sequence[str]], BudgetCheck],
+    max_trials: int,
+    start: int = 1,
+    close_enough: float = 0.0,
 ) -> ExclusionSearch:
     """Pure: keep the top `start` blocks in fp32, then twice as many ... until `evaluate(nodes)` meets the
     budget (the last step is every block), then bisect between the largest count that failed (0 at first:
-    the caller tried none) and the smallest that held, at most `max_trials` evaluations in all."""
+    the caller tried none) and the smallest that held, at most `max_trials` evaluations in all, and only
+    while the blocks between them cost more than `close_enough` (`Block.cost`: a trial that could save
+    less time than that is not worth its evaluation)."""
     trials: list[ExclusionTrial] = []
     tried: dict[int, BudgetCheck] = {}
 
@@ -285,7 +329,7 @@ def search_exclusions(
         nodes = list(dict.fromkeys(n for block in ranked[:count] for n in block.nodes))
         check = evaluate(nodes)
         tried[count] = check
-        trials.append(ExclusionTrial(count, len(nodes), check))
+        trials.append(ExclusionTrial(count, len(nodes), check, sum(block.cost for block in ranked[:count])))
         return check.met
 
     if not ranked or max_trials < 1:
@@ -300,7 +344,11 @@ def search_exclusions(
         if count == len(ranked):
             break
         count = min(2 * count, len(ranked))
-    while held is not None and held - failed > 1 and len(trials) < max_trials:
+    def gap(low: int, high: int) -> float:
+        return sum(block.cost for block in ranked[low:high])
+
+    while (held is not None and held - failed > 1 and len(trials) < max_trials
+           and (close_enough <= 0 or gap(failed, held) > close_enough)):
         middle = (failed + held) // 2
         if attempt(middle):
             held = middle

@@ -19,14 +19,14 @@ The steps, and why each one is here:
   `calibration_memory` 256 MiB by default: memory stays within that bound (or one batch, if larger),
   whatever the number of samples. A chunk never mixes batch shapes (the histogram calibrators stack one
   call's outputs). Ranges are computed once and shared by every candidate below.
-* **Speed guard** (`quant_speed.py`, whose docstring has the rules). The requested configuration is timed
+* **Speed guard** (`speed.py`, whose docstring has the rules). The requested configuration is timed
   against the fp32 model (same threads, same batch, interleaved run by run, median, and the ratio on each
   of 5 blocks of the run). Unless it is clearly at least `min_speedup` (5 %) faster — at the median and
   faster in every block; an uncertain verdict is re-timed once, longer — alternatives are tried one change
   at a time, in this order, each kept only when clearly faster than the best so far: the other
   activation type (u8 <-> s8; onnxruntime fuses only some variants into QLinearConv on a given CPU), the
-  other format (QDQ <-> QOperator), per-tensor weights, and quantizing only the compute ops (Conv,
-  ConvTranspose, Gemm, MatMul) so that element-wise ops stop paying Q/DQ overhead. When no candidate is
+  other format (QDQ <-> QOperator), per-tensor weights, and the `compute` placement when another was in
+  force. When no candidate is
   clearly `min_speedup` faster, the result is the fp32 model (`quantized` False) unless `force`.
   Timing sessions run with thread spinning off: an idle session's spinning workers otherwise steal the
   cores from the session timed next (two identical models measured 0.70x-1.30x apart that way; without
@@ -40,21 +40,24 @@ The steps, and why each one is here:
   calibration batch calibrates). Every element of the output is compared, whatever axis holds the batch
   (`metrics.find_batch_axis`), with the worst channel's cosine besides the mean. Accuracy of both when
   that data has labels and the output is a classifier's.
-* **Accuracy guard** (`quant_guard.py`): the int8 model must meet an accuracy budget (default: cosine
+* **Placement** (`placement.py`): only the nodes int8 pays for may be int8 -- the compute ops onnxruntime
+  runs as int8 kernels on this machine (read from its optimized graph), with the activations folded into
+  them; every int8 kernel (element-wise ops too) only when timed clearly faster and within the budget.
+* **Accuracy guard** (`guard.py`): the int8 model must meet an accuracy budget (default: cosine
   0.99, mean and worst channel). Concats joining very different ranges stay fp32 from the start; when
-  the budget is missed, the other calibration methods are tried, then the roundings that hurt most, each
-  measured alone (`quant_sensitivity.py`), are kept in fp32 with the nodes that touch them, fewest first,
-  within `max_trials` trials. The speed guard then
-  runs on that set of nodes: only candidates that meet the budget can be kept.
+  the budget is missed, the other calibration methods are tried, then every rounding is measured by group
+  testing (`sensitivity.py`: whole blocks first, down to the roundings that matter) and those that cost
+  most fidelity per MAC are kept in fp32 with the nodes that touch them, within `max_trials` trials. The
+  speed guard then runs on that set of nodes: only candidates that meet the budget can be kept.
 
 **The pipeline.** `quantize_model` runs `PIPELINE`, named steps over one `QuantState`, as `prune/pruner.py`
 does:
 
-    prepare → range rules → plain int8 → other methods → fp32 fallback → speed → validate
+    prepare → range rules → placement → plain int8 → other methods → measure → fp32 fallback → speed → validate
 
 Each step is a function `step(state) -> None` that reads what earlier steps left and adds its part; a step
-with nothing to do returns at once (the budget met by plain int8: `other methods` and `fp32 fallback` do
-nothing). The state owns the shared work: each calibration method's ranges are computed once
+with nothing to do returns at once (the budget met by plain int8: `other methods`, `measure` and `fp32
+fallback` do nothing). The state owns the shared work: each calibration method's ranges are computed once
 (`QuantState.calibrated`), every trial requantizes from them (`QuantState.trial`), and every int8 model is
 judged once (`QuantState.judge`, through `evaluate.Evaluator`). To add a remedy, write its step, give the
 state the fields it fills, and put it in `PIPELINE` before `speed`. Each step's wall time is in the result.
@@ -77,12 +80,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxslim.analysis.cost import ModelCost, compute_cost
 from onnxslim.analysis.quantized import refuse_quantized
 from onnxslim.calib import Dataset
 from onnxslim.cpu import CpuChoice, choose_for_cpu, detect_cpu
 from onnxslim.errors import DataError, UnsupportedModelError, UsageError, first_line
 from onnxslim.evaluate import (
-    AccuracyBudget,
     BudgetCheck,
     Evaluator,
     HeldOut,
@@ -108,6 +111,7 @@ from onnxslim.quant.config import (
     CandidateTiming,
     InterleavedTiming,
     MethodTrial,
+    PlacementChoice,
     PreparedModel,
     QuantConfig,
     QuantizeOptions,
@@ -117,17 +121,22 @@ from onnxslim.quant.config import (
     TimingBudget,
 )
 from onnxslim.quant.guard import (
+    CLOSE_ENOUGH,
+    RESOLUTION,
     ExclusionTrial,
+    Gate,
     NodeError,
     concat_range_offenders,
     first_count_within,
     layer_norm_blocks,
+    node_costs,
     nonfinite_offenders,
     predicted_deficits,
     rank_gates,
     search_exclusions,
     target_deficit,
 )
+from onnxslim.quant.placement import NodeFate, Placement, build_placements, fate_counts, onnxruntime_fates
 from onnxslim.quant.prepare import (
     QUANTIZE_ADVICE,
     declare_like,
@@ -135,9 +144,10 @@ from onnxslim.quant.prepare import (
     prepare_model,
     strip_unused_domains,
 )
-from onnxslim.quant.sensitivity import gated_model, measure_gate_deficits
-from onnxslim.quant.speed import measure_latencies, search_fastest
+from onnxslim.quant.sensitivity import SENSITIVITY_SECONDS, GateMeasure, gated_model, measure_hierarchically
+from onnxslim.quant.speed import beats, measure_latencies, search_fastest
 from onnxslim.runtime import open_session, physical_cores, quiet_onnxruntime
+from onnxslim.shapes import infer_tensor_infos
 
 __all__ = ["quantize_with_ranges", "count_quantized_nodes", "quantize_model"]
 
@@ -269,14 +279,14 @@ class _Candidates:
         cache_path: Path,
         *,
         method: str,
-        exclude_nodes: Sequence[str],
+        exclusions: Callable[[QuantConfig], list[str]],
         threads: int,
         timer: Timer,
         feeds: Mapping[str, np.ndarray],
         progress: Progress | None,
     ) -> None:
         self._source, self._prepared, self._prepared_path, self._cache_path = source, prepared, prepared_path, cache_path
-        self._method, self._exclude, self._threads = method, list(exclude_nodes), threads
+        self._method, self._exclusions, self._threads = method, exclusions, threads
         self._timer, self._feeds, self._progress = timer, feeds, progress
         self.built: dict[QuantConfig, onnx.ModelProto | UnsupportedModelError] = {}
 
@@ -289,7 +299,7 @@ class _Candidates:
         result: onnx.ModelProto | UnsupportedModelError
         try:
             result = quantize_with_ranges(
-                self._prepared_path, self._cache_path, config, self._method, exclude_nodes=self._exclude
+                self._prepared_path, self._cache_path, config, self._method, exclude_nodes=self._exclusions(config)
             )
             declare_like(result, self._source)
             open_session(result, self._threads)  # a candidate onnxruntime cannot load is no candidate
@@ -308,7 +318,7 @@ class _Candidates:
         return result
 
     def count(self, config: QuantConfig, model: onnx.ModelProto) -> tuple[int, int]:
-        return count_quantized_nodes(self._prepared, model, config, self._exclude)
+        return count_quantized_nodes(self._prepared, model, config, self._exclusions(config))
 
     def measure(self, configs: Sequence[QuantConfig], budget: TimingBudget) -> list[CandidateTiming]:
         """Build `configs` and time those that built against fp32, in one run of about `budget`."""
@@ -344,65 +354,6 @@ def _load_ranges(cache_path: Path) -> dict[str, tuple[float, float]]:
     return ranges
 
 
-@dataclass(frozen=True)
-class _Kept:
-    """What the measured search keeps in fp32: the nodes (with their measured deficit and why), its trials."""
-
-    nodes: dict[str, NodeError]
-    trials: tuple[ExclusionTrial, ...]
-    note: str
-
-
-def _keep_harmful_fp32(
-    prepared: onnx.ModelProto,
-    qdq: onnx.ModelProto,
-    excluded: Sequence[str],
-    config: QuantConfig,
-    budget: AccuracyBudget,
-    plain: BudgetCheck,
-    evaluator: Evaluator,
-    calib: Dataset,
-    trial: Callable[[Sequence[str]], BudgetCheck],
-    trials_left: int,
-    *,
-    threads: int,
-    progress: Progress | None,
-) -> _Kept:
-    """The accuracy guard's search (quant_guard module docstring): every rounding of `qdq` (the int8 model,
-    `excluded` nodes already fp32) measured alone, blocks ranked by it, the search started where their
-    summed deficits meet the budget; `trial(nodes)` quantizes with `nodes` fp32 too and checks the budget."""
-    kinds = {n.name: n.op_type for n in prepared.graph.node}
-    types = _quantized_op_types(config)
-    quantizable = [n.name for n in prepared.graph.node if n.op_type in types and n.name not in excluded]
-    gated, gates = gated_model(qdq, prepared, quantizable)
-    deficits, samples = measure_gate_deficits(
-        gated, gates, calib.batches(), evaluator.outputs, evaluator.ensure_layouts(), evaluator.rows,
-        threads=threads, progress=progress,
-    )
-    norms = layer_norm_blocks(prepared)
-    norm_members = {name for block in norms for name in block}
-    ranked = rank_gates(deficits, gates, norms, quantizable)
-    target = target_deficit(budget, plain)
-    start = 1 if target is None else first_count_within(predicted_deficits(ranked, gates, deficits), target)
-    search = search_exclusions(ranked, trial, trials_left, start=start)
-    count = search.blocks
-    if count is None and search.trials:  # nothing met the budget: the most faithful set tried
-        count = max(search.trials, key=lambda t: t.check.score).blocks
-    by_name = {g.name: g for g in gates}
-    kept: dict[str, NodeError] = {}
-    for block in ranked[: count or 0]:
-        gate = by_name[block.gate]
-        what = f"the weights of {gate.name}" if gate.kind == "weights" else f"tensor {gate.name!r}"
-        for name in block.nodes:
-            if name in norm_members and name not in gate.touchers:
-                why = "part of a decomposed LayerNorm kept in fp32 whole"
-            else:
-                why = f"int8 at {what} alone costs {block.error:.3g} of fidelity"
-            kept.setdefault(name, NodeError(name, kinds.get(name, "?"), block.error, why))
-    note = f"{len(gates)} roundings measured alone on {samples} calibration sample(s); search started at {start} of {len(ranked)} block(s)"
-    return _Kept(kept, search.trials, note)
-
-
 # ---------------------------------------------------------------------------------------- the pipeline
 
 _Key = tuple[QuantConfig, str, tuple[str, ...]]  # (configuration, calibration method, nodes kept fp32)
@@ -425,7 +376,7 @@ class QuantState:
 
     The calibration ranges of each method are computed once (`calibrated`) and every trial requantizes from
     them; every int8 model built is judged once (`judge`, remembered by configuration, method and the nodes
-    kept fp32)."""
+    kept fp32); what onnxruntime makes of each node is read once (`placements`)."""
 
     options: QuantizeOptions
     source: onnx.ModelProto  # normalized; never changed
@@ -450,9 +401,16 @@ class QuantState:
     judgements: dict[_Key, _Judged] = field(default_factory=dict)
     rule_nodes: list[NodeError] = field(default_factory=list)  # kept fp32 by the range rules
     base_excluded: list[str] = field(default_factory=list)  # --exclude and the range rules
+    fates: dict[str, NodeFate] | None = None  # what onnxruntime makes of each node (`placements`)
+    placement_by_name: dict[str, Placement] | None = None
+    placement: PlacementChoice | None = None
+    placement_timings: dict[QuantConfig, CandidateTiming] = field(default_factory=dict)
+    placement_built: dict[QuantConfig, onnx.ModelProto | UnsupportedModelError] = field(default_factory=dict)
     method: str = "minmax"
     trials_left: int = 0
     method_trials: list[MethodTrial] = field(default_factory=list)
+    gates: list[Gate] = field(default_factory=list)  # the roundings of the int8 model, in graph order
+    measure: GateMeasure | None = None
     exclusion_trials: tuple[ExclusionTrial, ...] = ()
     guarded: dict[str, NodeError] = field(default_factory=dict)  # kept fp32 by the measured search
     guard_note: str | None = None
@@ -462,6 +420,8 @@ class QuantState:
     tried: tuple[CandidateTiming, ...] = ()
     validation: Validation | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    _costs: ModelCost | None = None
 
     @property
     def prepared_path(self) -> Path:
@@ -472,21 +432,76 @@ class QuantState:
         assert self.prepared is not None
         return self.prepared.model
 
+    @property
+    def costs(self) -> ModelCost:
+        """MACs and elements written of every node of the prepared model, at the calibration shapes."""
+        if self._costs is None:
+            self._costs = compute_cost(self.model, infer_tensor_infos(self.model, self.shapes))
+        return self._costs
+
+    def placements(self) -> dict[str, Placement]:
+        """The placements (placement.py) from what onnxruntime makes of the model with every node the
+        quantizer handles in int8, read once (with the method asked for, --exclude and the range rules)."""
+        if self.placement_by_name is None:
+            handled = _quantized_op_types(replace(self.config, placement="all"))
+            qdq = quantize_with_ranges(
+                self.prepared_path, self.calibrated(self.options.method)[0],
+                replace(self.config, format="qdq", placement="all"), self.options.method,
+                exclude_nodes=self.base_excluded,
+            )
+            self.fates = onnxruntime_fates(self.model, qdq, handled, self.base_excluded)
+            self.placement_by_name = build_placements(self.model, self.fates)
+        return self.placement_by_name
+
+    def float_nodes(self, config: QuantConfig) -> list[str]:
+        """The nodes `config`'s placement keeps float (none for `all`)."""
+        if config.placement == "all":
+            return []
+        return list(self.placements()[config.placement].float_nodes)
+
+    def quantizable(self) -> list[str]:
+        """The nodes of the prepared model that may be int8: handled by the quantizer, inside the placement,
+        not excluded by --exclude or the range rules."""
+        types = _quantized_op_types(self.config)
+        outside = {*self.base_excluded, *self.float_nodes(self.config)}
+        return [n.name for n in self.model.graph.node if n.op_type in types and n.name not in outside]
+
+    def gated(self) -> tuple[onnx.ModelProto, list[Gate]]:
+        """The int8 model in force (QDQ, with the method in force) with a switch on every rounding
+        (sensitivity.gated_model), and its gates in graph order (of their first toucher)."""
+        qdq = self.build(self.method, self.base_excluded, replace(self.config, format="qdq"), keep_activations=True)
+        gated, gates = gated_model(qdq, self.model, self.quantizable())
+        position = {n.name: i for i, n in enumerate(self.model.graph.node)}
+        return gated, sorted(gates, key=lambda g: min((position[t] for t in g.touchers if t in position), default=len(position)))
+
     def calibrated(self, method: str) -> tuple[Path, CalibrationSummary]:
-        """The ranges file and summary of `method`, calibrated once per run."""
+        """The ranges file and summary of `method`, calibrated once per run: the method asked for on every
+        tensor (the placements are read with it), another only on the op types the placement in force
+        quantizes (guessing which method suits the model is no reason to range tensors nobody rounds)."""
         if method not in self.calibrations:
             assert self.split is not None
             path = self.scratch / f"ranges-{method}.json"
+            op_types = None
+            if method != self.options.method and self.config.placement != "all" and self.placement_by_name is not None:
+                kinds = {n.name: n.op_type for n in self.model.graph.node}
+                op_types = {kinds[name] for name in self.placement_by_name[self.config.placement].int8}
             summary = calibrate(
                 self.model, self.calib, method, batches=self.split.calibration_batches,
-                memory=self.options.calibration_memory, cache_path=path, progress=self.progress,
+                memory=self.options.calibration_memory, cache_path=path, progress=self.progress, op_types=op_types,
             )
             self.calibrations[method] = (path, summary)
         return self.calibrations[method]
 
-    def build(self, method: str, nodes: Sequence[str]) -> onnx.ModelProto:
-        """The int8 model of the configuration in force with `method`'s ranges, `nodes` kept fp32."""
-        int8 = quantize_with_ranges(self.prepared_path, self.calibrated(method)[0], self.config, method, exclude_nodes=nodes)
+    def build(
+        self, method: str, nodes: Sequence[str], config: QuantConfig | None = None, *, keep_activations: bool = False
+    ) -> onnx.ModelProto:
+        """The int8 model of `config` (default: the configuration in force) with `method`'s ranges, `nodes`
+        and those outside its placement kept fp32."""
+        config = config or self.config
+        int8 = quantize_with_ranges(
+            self.prepared_path, self.calibrated(method)[0], config, method,
+            exclude_nodes=sorted({*self.float_nodes(config), *nodes}), keep_activations=keep_activations,
+        )
         declare_like(int8, self.source)
         return int8
 
@@ -504,13 +519,14 @@ class QuantState:
             )
         return self.judgements[key]
 
-    def trial(self, method: str, nodes: Sequence[str]) -> BudgetCheck:
+    def trial(self, method: str, nodes: Sequence[str], config: QuantConfig | None = None) -> BudgetCheck:
         """Requantize with `method`'s ranges and `nodes` fp32, and check the budget (no new calibration)."""
-        key = (self.config, method, tuple(sorted(nodes)))
+        config = config or self.config
+        key = (config, method, tuple(sorted(nodes)))
         if key in self.judgements:
             return self.judgements[key].check
         try:
-            int8 = self.build(method, nodes)
+            int8 = self.build(method, nodes, config)
         except UnsupportedModelError as e:
             return BudgetCheck(False, -1.0, None, str(e))
         except DataError as e:
@@ -519,6 +535,22 @@ class QuantState:
             # another method tried by the guard: its calibrator failed (a histogram of infinite values)
             return BudgetCheck(False, -1.0, None, f"{method} calibration failed: {first_line(e)}")
         return self.judge(int8, key).check
+
+    def candidates_for(self, method: str, excluded: Sequence[str]) -> _Candidates:
+        """Builds and times int8 candidates with `method`'s ranges, `excluded` and each one's placement."""
+        threads, progress = self.threads, self.progress
+
+        def default_timer(
+            entries: Sequence[tuple[QuantConfig | None, onnx.ModelProto]], feeds: Mapping[str, np.ndarray],
+            budget: TimingBudget,
+        ) -> list[InterleavedTiming]:
+            return measure_latencies([m for _, m in entries], feeds, threads=threads, budget=budget, progress=progress)
+
+        return _Candidates(
+            self.source, self.model, self.prepared_path, self.calibrated(method)[0], method=method,
+            exclusions=lambda config: sorted({*excluded, *self.float_nodes(config)}),
+            threads=threads, timer=self.timer or default_timer, feeds=self.feeds, progress=progress,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ steps
@@ -579,8 +611,79 @@ def apply_range_rules(state: QuantState) -> None:
     state.trials_left = options.max_trials
 
 
+def _placement_choice(state: QuantState, chosen: str, reason: str, timings: Sequence[CandidateTiming] = ()) -> None:
+    state.config = replace(state.config, placement=chosen)
+    placement = state.placements()[chosen] if state.placement_by_name is not None else None
+    kinds = {n.name: n.op_type for n in state.model.graph.node}
+    float_nodes = () if placement is None else tuple(
+        NodeError(name, kinds.get(name, "?"), None, why) for name, why in placement.float_nodes.items()
+        if name not in state.base_excluded
+    )
+    state.placement = PlacementChoice(
+        chosen, reason, len(placement.int8) if placement is not None else 0, float_nodes,
+        fate_counts(state.fates or {}), tuple(timings),
+    )
+
+
+def place_ops(state: QuantState) -> None:
+    """Which nodes may be int8 (placement.py): the `compute` placement, or `kernels` when it is measured
+    clearly faster than `compute` (fp32, both, one interleaved run; within the noise, re-timed once longer)
+    and meets the budget; `--placement` fixes it. Every later step quantizes within it."""
+    asked = state.options.placement
+    if asked == "all":
+        _placement_choice(state, "all", "--placement all: every node onnxruntime's quantizer handles")
+        return
+    try:
+        placements = state.placements()
+    except UnsupportedModelError as e:
+        state.notes.append(f"cannot read what onnxruntime makes of the int8 model ({e}): every node placed")
+        _placement_choice(state, "all", "onnxruntime's optimized graph could not be read")
+        return
+    compute, kernels = placements["compute"], placements["kernels"]
+    if asked != "auto":
+        _placement_choice(state, asked, f"--placement {asked}")
+        return
+    if not compute.int8:
+        _placement_choice(state, "kernels", "no compute op of this model runs in int8 on this machine")
+        return
+    if set(kernels.int8) == set(compute.int8):
+        _placement_choice(state, "compute", "every node onnxruntime runs in int8 here is a compute op")
+        return
+    configs = {name: replace(state.config, placement=name) for name in ("compute", "kernels")}
+    candidates = state.candidates_for(state.method, state.base_excluded)
+    timed = {t.config: t for t in candidates.measure(list(configs.values()), TimingBudget())}
+    narrow, wide = timed[configs["compute"]], timed[configs["kernels"]]
+    verdict = None if narrow.speedup is None or wide.speedup is None else beats(wide, narrow)
+    if verdict is None and narrow.speedup is not None and wide.speedup is not None:
+        timed = {t.config: replace(t, retimed=True)
+                 for t in candidates.measure(list(configs.values()), TimingBudget().longer())}
+        narrow, wide = timed[configs["compute"]], timed[configs["kernels"]]
+        verdict = bool(beats(wide, narrow))
+    state.placement_timings, state.placement_built = dict(timed), dict(candidates.built)
+    if wide.speedup is None or not verdict:
+        why = wide.error or f"every int8 kernel is not clearly faster than compute ops alone ({_ratio(wide, narrow)})"
+        _placement_choice(state, "compute", why, [narrow, wide])
+        return
+    check = state.trial(state.method, state.base_excluded, configs["kernels"])
+    if not check.met:
+        _placement_choice(
+            state, "compute",
+            f"every int8 kernel is faster ({_ratio(wide, narrow)}) but misses the budget ({check.why})", [narrow, wide],
+        )
+        return
+    _placement_choice(state, "kernels", f"every int8 kernel is clearly faster than compute ops alone "
+                      f"({_ratio(wide, narrow)}) and meets the budget", [narrow, wide])
+
+
+def _ratio(challenger: CandidateTiming, best: CandidateTiming) -> str:
+    if challenger.speedup is None or best.speedup is None:
+        return "not measured"
+    return f"{challenger.speedup:.2f}x against {best.speedup:.2f}x of fp32"
+
+
 def try_plain(state: QuantState) -> None:
-    """int8 everywhere the rules allow, with the method asked for, checked against the budget."""
+    """int8 everywhere the placement and the rules allow, with the method asked for, checked against the
+    budget."""
     state.method_trials = [MethodTrial(state.method, state.trial(state.method, state.base_excluded))]
 
 
@@ -596,50 +699,93 @@ def try_other_methods(state: QuantState) -> None:
     state.method = max(state.method_trials, key=lambda t: (t.check.met, t.check.score)).method
 
 
-def keep_harmful_fp32(state: QuantState) -> None:
-    """When no method meets the budget: the roundings that hurt most, measured alone, kept fp32 (guard.py)."""
+def _target(state: QuantState) -> float | None:
+    plain = max(state.method_trials, key=lambda t: t.check.score).check
+    return target_deficit(state.options.budget, plain)
+
+
+def measure_roundings(state: QuantState) -> None:
+    """When no method meets the budget: every rounding of the int8 model measured, by group testing on a
+    gated copy (sensitivity.py), split down to the gates that matter beside the budget."""
     if any(t.check.met for t in state.method_trials) or not state.trials_left:
         return
     try:
-        qdq = quantize_with_ranges(
-            state.prepared_path, state.calibrated(state.method)[0], replace(state.config, format="qdq"), state.method,
-            exclude_nodes=state.base_excluded, keep_activations=True,
-        )
+        gated, state.gates = state.gated()
     except UnsupportedModelError as e:
         state.notes.append(f"cannot measure which nodes int8 hurts: {e}")
         return
-    plain = max(state.method_trials, key=lambda t: t.check.score).check
-    method, base = state.method, state.base_excluded
     assert state.evaluator is not None
-    outcome = _keep_harmful_fp32(
-        state.model, qdq, base, state.config, state.options.budget, plain, state.evaluator, state.calib,
-        lambda nodes: state.trial(method, [*base, *nodes]), state.trials_left,
-        threads=state.threads, progress=state.progress,
+    target = _target(state)
+    plain = max(state.method_trials, key=lambda t: t.check.score).check
+    resolution = RESOLUTION * (target if target is not None else max(1e-6, 1.0 - plain.score))
+    state.measure = measure_hierarchically(
+        gated, state.gates, state.calib.batches(), state.evaluator.outputs, state.evaluator.ensure_layouts(),
+        state.evaluator.rows, resolution=resolution, threads=state.threads, progress=state.progress,
+        limit=SENSITIVITY_SECONDS,
     )
-    state.exclusion_trials, state.guard_note, state.guarded = outcome.trials, outcome.note, outcome.nodes
+
+
+def keep_harmful_fp32(state: QuantState) -> None:
+    """The roundings that cost most fidelity per MAC kept fp32 with the nodes that touch them, the fewest
+    blocks that meet the budget (guard.py)."""
+    measure = state.measure
+    if measure is None or not measure.deficits:
+        return
+    kinds = {n.name: n.op_type for n in state.model.graph.node}
+    norms = layer_norm_blocks(state.model)
+    norm_members = {name for block in norms for name in block}
+    costs = node_costs(state.costs.layers)
+    ranked = rank_gates(measure.deficits, state.gates, norms, state.quantizable(), costs=costs)
+    target = _target(state)
+    start = 1 if target is None else first_count_within(predicted_deficits(ranked, state.gates, measure.deficits), target)
+    method, base = state.method, state.base_excluded
+    search = search_exclusions(
+        ranked, lambda nodes: state.trial(method, [*base, *nodes]), state.trials_left, start=start,
+        close_enough=CLOSE_ENOUGH * state.costs.macs,
+    )
+    count = search.blocks
+    if count is None and search.trials:  # nothing met the budget: the most faithful set tried
+        count = max(search.trials, key=lambda t: t.check.score).blocks
+    by_name = {g.name: g for g in state.gates}
+    kept: dict[str, NodeError] = {}
+    for block in ranked[: count or 0]:
+        gate = by_name[block.gate]
+        what = f"the weights of {gate.name}" if gate.kind == "weights" else f"tensor {gate.name!r}"
+        alone = "alone" if gate.name in measure.alone else "(its share of a group)"
+        for name in block.nodes:
+            if name in norm_members and name not in gate.touchers:
+                why = "part of a decomposed LayerNorm kept in fp32 whole"
+            else:
+                why = f"int8 at {what} {alone} costs {block.error:.3g} of fidelity"
+            kept.setdefault(name, NodeError(name, kinds.get(name, "?"), block.error, why))
+    state.exclusion_trials, state.guarded = search.trials, kept
+    how = (f"{len(measure.alone)} alone, the rest in groups below {measure.resolution:.2g}" if measure.hierarchical
+           else "each alone")
+    state.guard_note = (
+        f"{measure.gates} roundings measured ({how}) in {measure.runs} runs on {measure.samples} calibration "
+        f"sample(s); blocks ranked by fidelity per MAC; search started at {start} of {len(ranked)} block(s)"
+    )
 
 
 def choose_fastest(state: QuantState) -> None:
-    """The speed guard (speed.py) over the candidates built from the shared ranges, each judged too."""
+    """The speed guard (speed.py) over the candidates built from the shared ranges, each judged too. The
+    placement's run already timed the configuration in force when nothing since changed it."""
     options = state.options
     state.excluded = sorted({*state.base_excluded, *state.guarded})
-    cache_path = state.calibrated(state.method)[0]
-    threads, progress = state.threads, state.progress
-
-    def default_timer(
-        entries: Sequence[tuple[QuantConfig | None, onnx.ModelProto]], feeds: Mapping[str, np.ndarray], budget: TimingBudget
-    ) -> list[InterleavedTiming]:
-        return measure_latencies([m for _, m in entries], feeds, threads=threads, budget=budget, progress=progress)
-
-    candidates = _Candidates(
-        state.source, state.model, state.prepared_path, cache_path, method=state.method, exclude_nodes=state.excluded,
-        threads=threads, timer=state.timer or default_timer, feeds=state.feeds, progress=progress,
-    )
+    candidates = state.candidates_for(state.method, state.excluded)
     state.candidates = candidates
+    reusable: dict[QuantConfig, CandidateTiming] = {}
+    if state.excluded == state.base_excluded and state.method == options.method:  # the same models as timed
+        reusable = dict(state.placement_timings)
+        candidates.built.update(state.placement_built)
 
     def measure(configs: Sequence[QuantConfig], timing_budget: TimingBudget) -> list[CandidateTiming]:
+        if len(configs) == 1 and configs[0] in reusable and timing_budget == TimingBudget():
+            reused = [reusable.pop(configs[0])]
+        else:
+            reused = list(candidates.measure(configs, timing_budget))
         timings = []
-        for timing in candidates.measure(configs, timing_budget):
+        for timing in reused:
             built = candidates.built.get(timing.config)
             if timing.error is None and isinstance(built, onnx.ModelProto):
                 check = state.judge(built, (timing.config, state.method, tuple(state.excluded))).check
@@ -671,8 +817,10 @@ Step = Callable[[QuantState], None]
 PIPELINE: tuple[tuple[str, Step], ...] = (
     ("prepare", prepare),
     ("range rules", apply_range_rules),
+    ("placement", place_ops),
     ("plain int8", try_plain),
     ("other methods", try_other_methods),
+    ("measure", measure_roundings),
     ("fp32 fallback", keep_harmful_fp32),
     ("speed", choose_fastest),
     ("validate", validate_chosen),
@@ -680,11 +828,13 @@ PIPELINE: tuple[tuple[str, Step], ...] = (
 
 
 def run_pipeline(state: QuantState) -> QuantState:
-    """Run the steps of `PIPELINE` on `state`, timing each."""
+    """Run the steps of `PIPELINE` on `state`, timing each: wall time, and the CPU time of this process (every
+    thread: on a shared machine the wall time also counts what other jobs took)."""
     for name, step in PIPELINE:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         step(state)
         state.seconds[name] = time.perf_counter() - started
+        state.cpu_seconds[name] = time.process_time() - cpu
     return state
 
 
@@ -708,6 +858,7 @@ def _result(state: QuantState) -> QuantizeResult:
     fp32_nodes = [NodeError(n, kinds.get(n, "?"), None, "--exclude") for n in state.user_excluded]
     fp32_nodes += state.rule_nodes
     fp32_nodes += list(state.guarded.values())
+    macs = {layer.name: layer.macs for layer in state.costs.layers}
     budget = state.options.budget
     if not judged.check.met and decision.chosen is not None:
         logger.warning("the int8 model kept misses the accuracy budget (%s): %s", budget.label, judged.check.why)
@@ -748,6 +899,11 @@ def _result(state: QuantState) -> QuantizeResult:
         validation=state.validation,
         timing=best,
         step_seconds=dict(state.seconds),
+        step_cpu_seconds=dict(state.cpu_seconds),
+        placement=state.placement,
+        measure=state.measure,
+        fp32_macs=sum(macs.get(n.name, 0) for n in fp32_nodes),
+        model_macs=state.costs.macs,
     )
 
 

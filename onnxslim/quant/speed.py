@@ -41,7 +41,6 @@ import onnx
 from onnxslim.errors import ModelLoadError, first_line
 from onnxslim.progress import Progress
 from onnxslim.quant.config import (
-    COMPUTE_OP_TYPES,
     MIN_SPEEDUP,
     RETIME_FACTOR,
     CandidateTiming,
@@ -63,7 +62,7 @@ def alternatives(config: QuantConfig, *, per_channel_possible: bool = True) -> l
     1. the other activation type (s8 activations take s8 weights);
     2. the other format;
     3. per-tensor weights (when per-channel);
-    4. only the compute ops quantized (when every op type was).
+    4. only the compute ops quantized (the `compute` placement, placement.py; when another was in force).
     """
     steps: list[tuple[str, QuantConfig]] = []
     flipped = "s8" if config.activations == "u8" else "u8"
@@ -71,8 +70,8 @@ def alternatives(config: QuantConfig, *, per_channel_possible: bool = True) -> l
     steps.append(("format", replace(config, format="qoperator" if config.format == "qdq" else "qdq")))
     if config.per_channel and per_channel_possible:
         steps.append(("per-tensor", replace(config, per_channel=False)))
-    if config.op_types is None:
-        steps.append(("compute-ops-only", replace(config, op_types=COMPUTE_OP_TYPES)))
+    if config.op_types is None and config.placement != "compute":
+        steps.append(("compute-ops-only", replace(config, placement="compute")))
     return steps
 
 

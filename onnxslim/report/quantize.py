@@ -12,6 +12,7 @@ from onnxslim.report.format import (
     format_bytes,
     format_fraction,
     format_ms,
+    format_percent,
     format_points,
     format_ratio,
     format_table,
@@ -106,7 +107,8 @@ def render_quantize(result: QuantizeResult, output: str | None = None) -> str:
     if result.step_seconds:
         total = sum(result.step_seconds.values())
         steps = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.step_seconds.items() if seconds >= 0.05)
-        lines += ["", f"time         {total:.1f} s: {steps}"]
+        cpu = sum(result.step_cpu_seconds.values())
+        lines += ["", f"time         {total:.1f} s: {steps}" + (f" (CPU time {cpu:.1f} s, every thread)" if cpu else "")]
     if result.notes:
         lines += ["", *(f"note: {note}" for note in result.notes)]
     if output:
@@ -131,22 +133,51 @@ def _render_guard(result: QuantizeResult) -> list[str]:
     verdict = "-" if check is None else "met" if check.met else f"MISSED: {check.why}"
     basis = "" if check is None or check.samples is None else f" (on {check.samples} samples)"
     lines.append(f"budget       {result.budget.label}: {verdict}{basis}")
+    lines += _render_placement(result)
+    measure = result.measure
+    if measure is not None:
+        how = (f"{len(measure.alone)} alone, the rest in groups below {measure.resolution:.2g} (group testing)"
+               if measure.hierarchical else "every one alone")
+        stopped = "" if measure.complete else "; stopped by its time limit"
+        lines.append(
+            f"measure      {measure.gates} roundings: {how}; {measure.runs} runs of the gated model on "
+            f"{measure.samples} calibration sample(s), {measure.seconds:.1f} s{stopped}"
+        )
     trials = len(result.method_trials) - 1 + len(result.exclusion_trials)
     if trials:
         tried = ", ".join(f"{t.method} {t.check.score:.4f}" for t in result.method_trials)
         lines.append(f"guard        {trials} of at most {result.max_trials} trials; calibration methods (fidelity): {tried}")
         for trial in result.exclusion_trials:
+            share = f" ({format_percent(trial.cost / result.model_macs)} of the MACs)" if result.model_macs else ""
             lines.append(
-                f"             top {trial.blocks} block(s), {trial.nodes} node(s) fp32: fidelity {trial.check.score:.4f}"
-                f"{' (meets)' if trial.check.met else ''}"
+                f"             top {trial.blocks} block(s), {trial.nodes} node(s) fp32{share}: fidelity "
+                f"{trial.check.score:.4f}{' (meets)' if trial.check.met else ''}"
             )
     if result.fp32_nodes:
         rows = [(n.name, n.op_type, "-" if n.error is None else f"{n.error:.3g}", n.reason) for n in result.fp32_nodes[:20]]
-        lines += ["", f"kept in fp32 ({len(result.fp32_nodes)} node(s); error: 1 - fidelity with int8 at that place alone)",
+        share = f", {format_percent(result.fp32_macs / result.model_macs)} of the MACs" if result.model_macs and result.fp32_macs is not None else ""
+        lines += ["", f"kept in fp32 ({len(result.fp32_nodes)} node(s){share}; error: 1 - fidelity with int8 at that place alone)",
                   format_table(["node", "op", "error", "why"], rows)]
         if len(result.fp32_nodes) > 20:
             lines.append(f"  ... and {len(result.fp32_nodes) - 20} more (--json lists all)")
     return lines
+
+def _render_placement(result: QuantizeResult) -> list[str]:
+    """The placement chosen and why, what onnxruntime runs in int8 here, the placements as timed."""
+    placement = result.placement
+    if placement is None:
+        return []
+    lines = [f"placement    {placement.chosen} ({placement.int8_nodes} node(s) may be int8): {placement.reason}"]
+    for fate, counts in placement.fates.items():
+        ops = ", ".join(f"{op} {count}" for op, count in counts.items())
+        lines.append(f"             onnxruntime here, every node quantized: {fate}: {ops}")
+    for timing in placement.timings:
+        if timing.speedup is not None:
+            spread = "" if timing.speedup_low is None else f" ({timing.speedup_low:.2f}-{timing.speedup_high:.2f})"
+            retimed = " re-timed" if timing.retimed else ""
+            lines.append(f"             timed {timing.config.label}: {timing.speedup:.2f}x{spread}{retimed}")
+    return lines
+
 
 def quantize_json(result: QuantizeResult, output: str | None = None) -> dict[str, Any]:
     """The `quantize --json` object."""
@@ -200,6 +231,7 @@ def quantize_json(result: QuantizeResult, output: str | None = None) -> dict[str
         ],
         "threads": result.threads,
         "step_seconds": dict(result.step_seconds),
+        "step_cpu_seconds": dict(result.step_cpu_seconds),
         "timing_shapes": to_jsonable(result.timing_shapes),
         "opset": {"source": result.opset[0], "output": result.opset[1]},
         "notes": list(result.notes),
@@ -214,4 +246,18 @@ def quantize_json(result: QuantizeResult, output: str | None = None) -> dict[str
         "max_trials": result.max_trials,
         "method_trials": to_jsonable(result.method_trials),
         "exclusion_trials": to_jsonable(result.exclusion_trials),
+        "placement": None if result.placement is None else {
+            **to_jsonable(result.placement),
+            "timings": [{"config": t.config.label, "speedup": t.speedup, "speedup_low": t.speedup_low,
+                         "speedup_high": t.speedup_high, "retimed": t.retimed, "error": t.error}
+                        for t in result.placement.timings],
+        },
+        "measure": None if result.measure is None else {
+            "gates": result.measure.gates, "alone": len(result.measure.alone), "runs": result.measure.runs,
+            "samples": result.measure.samples, "seconds": result.measure.seconds, "whole": result.measure.whole,
+            "resolution": result.measure.resolution, "complete": result.measure.complete,
+            "hierarchical": result.measure.hierarchical,
+        },
+        "fp32_macs": result.fp32_macs,
+        "model_macs": result.model_macs,
     }
