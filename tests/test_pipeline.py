@@ -218,3 +218,19 @@ def _macs_fraction(original: onnx.ModelProto, candidate: onnx.ModelProto) -> flo
     return compute_cost(candidate, infer_tensor_infos(candidate, shapes)).macs / compute_cost(
         original, infer_tensor_infos(original, shapes)
     ).macs
+
+
+def test_labels_on_an_output_that_is_no_classifier_give_a_fidelity_budget(
+    small: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """Labels beside a non-classifier output are ignored; the default budget is then cosine 0.99, not a top-1
+    drop it cannot measure (was exit 2, '--max-drop needs labels', with no --max-drop given). -q works too."""
+    model, calib, _ = small
+    labelled = tmp_path / "labelled.npz"
+    data = dict(np.load(calib))
+    np.savez(labelled, **data, labels=np.zeros(len(data["input"]), dtype=np.int64))
+    args = ["optimize", str(model), "-o", str(tmp_path / "out"), "--calib", str(labelled), "--max-trials", "1",
+            "--no-quantize", "--json", "-q"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["budget"]["min_fidelity"] == 0.99

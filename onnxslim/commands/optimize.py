@@ -19,6 +19,7 @@ from onnxslim.commands.options import (
     input_shapes_option,
     json_option,
     progress_bars,
+    quiet_option,
 )
 from onnxslim.io import check_output_path, parse_input_shapes, save_bytes
 from onnxslim.optimizer import OptimizeOptions
@@ -71,6 +72,7 @@ logger = logging.getLogger("onnxslim")
 @input_shapes_option
 @data_options
 @json_option
+@quiet_option
 @click.pass_context
 def optimize(
     ctx: click.Context, model: str, outdir: str, calib: str, eval_data: str | None, max_drop: float | None,
@@ -120,6 +122,7 @@ def optimize(
 @input_shapes_option
 @data_options
 @json_option
+@quiet_option
 @click.pass_context
 def sweep(
     ctx: click.Context, model: str, calib: str, eval_data: str | None, targets: tuple[float, ...], quantize: bool,

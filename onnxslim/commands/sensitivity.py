@@ -14,6 +14,7 @@ from onnxslim.commands.options import (
     input_shapes_option,
     json_option,
     progress_bars,
+    quiet_option,
 )
 from onnxslim.io import check_output_path, load_model, parse_input_shapes
 from onnxslim.prune import CRITERIA, DEFAULT_RATIOS, RECOVERY_METHODS, PruneOptions, measure_sensitivity
@@ -42,6 +43,7 @@ from onnxslim.report.sensitivity import plot_sensitivity, render_sensitivity, se
 @input_shapes_option
 @data_options
 @json_option
+@quiet_option
 @click.pass_context
 def sensitivity(
     ctx: click.Context, model: str, calib: str, eval_data: str | None, ratios: tuple[float, ...], criterion: str,

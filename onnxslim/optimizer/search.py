@@ -121,6 +121,9 @@ class Judge:
 
     @property
     def labelled(self) -> bool:
+        """Labels given *and* the output a classifier's (its layout found first: labels on an output that is not
+        one are ignored, and the default budget must then be a fidelity one)."""
+        self._evaluate.ensure_layouts()
         return self._evaluate.labelled
 
     def __call__(self, model: onnx.ModelProto, budget: AccuracyBudget) -> tuple[BudgetCheck, Fidelity, Accuracy | None]:
