@@ -221,6 +221,29 @@ def test_a_failed_opset_upgrade_falls_back_to_per_tensor_with_a_warning(
     assert run(result.model, np.zeros((2, 3, 16, 16), np.float32)).shape == (2, 10)
 
 
+def test_a_quantizer_failing_on_per_channel_weights_falls_back_to_per_tensor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # onnxruntime 1.32's int32-bias adjustment fails on per-channel weights beside a [1, N] Gemm bias (magika's
+    # tf2onnx export): placement, the guard and the speed search then work with weights per tensor
+    real = quantize_module.quantize_with_ranges
+
+    def per_channel_fails(prepared_path, cache_path, config, method, **kwargs):
+        if config.per_channel:
+            raise UnsupportedModelError(f"onnxruntime's quantizer failed ({config.label}): The truth value ...")
+        return real(prepared_path, cache_path, config, method, **kwargs)
+
+    monkeypatch.setattr(quantize_module, "quantize_with_ranges", per_channel_fails)
+    source = cnn()
+    loaded = load_model(save(source, tmp_path / "m.onnx"))
+    result = quantize_model(loaded, dataset(data_npz(tmp_path / "c.npz", source, 20), loaded.model), timer=FAST)
+    assert result.quantized and result.config is not None and not result.config.per_channel
+    assert any("weights quantized per tensor" in note and "truth value" in note for note in result.notes)
+    assert result.placement is not None and result.placement.chosen != "all"  # the placement could be read
+    onnx.checker.check_model(result.model)
+    assert run(result.model, np.zeros((2, 3, 16, 16), np.float32)).shape == (2, 10)
+
+
 def test_prepare_keeps_symbolic_dims_and_types_every_tensor() -> None:
     model = load_model_proto(cnn())
     prepared = prepare_model(model, {"input": (2, 3, 16, 16)}, per_channel=True)

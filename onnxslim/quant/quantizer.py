@@ -422,6 +422,7 @@ class QuantState:
     seconds: dict[str, float] = field(default_factory=dict)
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     _costs: ModelCost | None = None
+    _everywhere: dict[QuantConfig, onnx.ModelProto | UnsupportedModelError] = field(default_factory=dict)
 
     @property
     def prepared_path(self) -> Path:
@@ -444,14 +445,27 @@ class QuantState:
         quantizer handles in int8, read once (with the method asked for, --exclude and the range rules)."""
         if self.placement_by_name is None:
             handled = _quantized_op_types(replace(self.config, placement="all"))
-            qdq = quantize_with_ranges(
-                self.prepared_path, self.calibrated(self.options.method)[0],
-                replace(self.config, format="qdq", placement="all"), self.options.method,
-                exclude_nodes=self.base_excluded,
-            )
+            qdq = self.qdq_everywhere()
             self.fates = onnxruntime_fates(self.model, qdq, handled, self.base_excluded)
             self.placement_by_name = build_placements(self.model, self.fates)
         return self.placement_by_name
+
+    def qdq_everywhere(self, config: QuantConfig | None = None) -> onnx.ModelProto:
+        """The QDQ model with every node the quantizer handles in int8 (the method asked for, --exclude and the
+        range rules), built once for the configuration in force. Raises UnsupportedModelError."""
+        config = replace(config or self.config, format="qdq", placement="all")
+        if config not in self._everywhere:
+            try:
+                self._everywhere[config] = quantize_with_ranges(
+                    self.prepared_path, self.calibrated(self.options.method)[0], config, self.options.method,
+                    exclude_nodes=self.base_excluded,
+                )
+            except UnsupportedModelError as e:
+                self._everywhere[config] = e
+        built = self._everywhere[config]
+        if isinstance(built, UnsupportedModelError):
+            raise built
+        return built
 
     def float_nodes(self, config: QuantConfig) -> list[str]:
         """The nodes `config`'s placement keeps float (none for `all`)."""
@@ -623,6 +637,28 @@ def _placement_choice(state: QuantState, chosen: str, reason: str, timings: Sequ
         chosen, reason, len(placement.int8) if placement is not None else 0, float_nodes,
         fate_counts(state.fates or {}), tuple(timings),
     )
+
+
+def settle_weights(state: QuantState) -> None:
+    """Weights per tensor when onnxruntime's quantizer fails on this model with per-channel weights and works
+    per tensor (on magika's tf2onnx export its int32-bias adjustment indexes a [1, N] Gemm bias as 1-D: "The
+    truth value of an array ... is ambiguous"), so that placement, the guard and the fallback have an int8
+    model to work on; said in the notes. Otherwise nothing changes (the probe is the model `placements`
+    reads, built once)."""
+    if not state.config.per_channel:
+        return
+    try:
+        state.qdq_everywhere()
+        return
+    except UnsupportedModelError as e:
+        failure = e
+    per_tensor = replace(state.config, per_channel=False)
+    try:
+        state.qdq_everywhere(per_tensor)
+    except UnsupportedModelError:
+        return  # per tensor fails too: the steps below report the failure
+    state.config = per_tensor
+    state.notes.append(f"weights quantized per tensor: with per-channel weights {failure}")
 
 
 def place_ops(state: QuantState) -> None:
@@ -798,6 +834,16 @@ def choose_fastest(state: QuantState) -> None:
         state.config, measure, per_channel_possible=state.prepared.per_channel,
         min_speedup=options.min_speedup, force=options.force,
     )
+    if state.decision.best is None and state.guarded:
+        # the fallback kept fp32 every node onnxruntime would quantize: no int8 model is left to build. The
+        # speed guard judges plain int8 instead (it misses the budget: fp32 is written unless --force).
+        state.notes.append(
+            f"the fp32 fallback kept {len(state.guarded)} node(s) fp32, which leaves no node in int8: int8 meets the "
+            "budget nowhere on this model (the candidates below are int8 without the fallback)"
+        )
+        state.guarded, state.exclusion_trials = {}, ()
+        choose_fastest(state)
+        return
     if state.decision.best is None:
         raise UnsupportedModelError(state.decision.reason)
 
@@ -817,6 +863,7 @@ Step = Callable[[QuantState], None]
 PIPELINE: tuple[tuple[str, Step], ...] = (
     ("prepare", prepare),
     ("range rules", apply_range_rules),
+    ("weights", settle_weights),
     ("placement", place_ops),
     ("plain int8", try_plain),
     ("other methods", try_other_methods),
