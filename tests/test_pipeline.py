@@ -234,3 +234,26 @@ def test_labels_on_an_output_that_is_no_classifier_give_a_fidelity_budget(
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["budget"]["min_fidelity"] == 0.99
+
+
+def test_a_model_with_nothing_to_prune_gets_no_pruned_model_or_plan(tmp_path: Path) -> None:
+    """A Conv whose channels are the model's output cannot be cut: the prune removes nothing, and optimize
+    writes neither pruned.onnx nor plan.json (it did, for magika's export)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["output"], name="conv", pads=[1, 1, 1, 1])], "one_conv",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4, 8, 8])], [weight],
+    )
+    path, calib, out = tmp_path / "one.onnx", tmp_path / "calib.npz", tmp_path / "out"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    np.savez(calib, input=rng.standard_normal((32, 3, 8, 8)).astype(np.float32))
+    result = CliRunner().invoke(cli, ["optimize", str(path), "-o", str(out), "--calib", str(calib), "--no-quantize",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert "pruned.onnx" not in report["files"] and "plan.json" not in report["files"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(report["files"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from contextlib import ExitStack
-from pathlib import Path
 
 import click
 
@@ -18,7 +17,6 @@ from onnxslim.commands.options import (
     progress_bars,
     quiet_option,
 )
-from onnxslim.errors import UsageError
 from onnxslim.evaluate import AccuracyBudget
 from onnxslim.io import check_output_path, load_model, write_validated
 from onnxslim.quant import (
@@ -111,8 +109,6 @@ def quantize(
     Weights are 7-bit on CPUs without VNNI (see --reduce-range).
     Models that are already quantized are refused. Symbolic input dims are kept.
     """
-    if Path(output).resolve() == Path(model).resolve():
-        raise UsageError(f"refusing to overwrite the input model {model}; choose another output path")
     check_output_path(output, sources=[model])
     loaded = load_model(model)
     calib_data = open_dataset(calib, loaded.model, data_options)

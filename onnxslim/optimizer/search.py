@@ -86,7 +86,7 @@ def choose_final(
     if not eligible:
         return "original", "no candidate met the accuracy budget; optimized.onnx is the original"
     speedup, name, low = max(eligible)
-    noise = f", and as slow as it in part of the run ({low:.2f}x)" if low is not None and low <= 1.0 else ""
+    noise = f"; {low:.2f}x in the slowest block of the run" if low is not None and low <= 1.0 else ""
     return "original", (
         f"the fastest candidate that meets the budget ({name}, {speedup:.2f}x{noise}) is not reliably "
         f"{min_speedup:.2f}x as fast as the original; optimized.onnx is the original"

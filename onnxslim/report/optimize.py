@@ -316,13 +316,15 @@ def write_outputs(
     result: OptimizeResult, outdir: str | os.PathLike[str], *, source: str | os.PathLike[str],
     ort: OrtFormat | None = None,
 ) -> OptimizeResult:
-    """Validate and write the models (optimized.onnx, pruned.onnx when pruning ran), the plan and the reports
+    """Validate and write the models (optimized.onnx, pruned.onnx when pruning removed something), the plan and the reports
     into `outdir`, all together or none; with `ort` (`ortformat.to_ort_format` of the optimized model), also
     optimized.ort and required_operators.config. Returns the result with the files written."""
     assert result.model is not None, "write_outputs needs the result of optimize (its chosen model)"
     models = {"optimized.onnx": result.model}
-    if result.prune is not None:
-        models["pruned.onnx"] = result.prune.model
+    # a prune that removed nothing (no group could be cut) leaves no pruned model or plan worth a file
+    pruned = result.prune if result.prune is not None and result.prune.macs_after < result.prune.macs_before else None
+    if pruned is not None:
+        models["pruned.onnx"] = pruned.model
     folder = Path(outdir)
     try:
         folder.mkdir(exist_ok=True)
@@ -333,9 +335,8 @@ def write_outputs(
     with staged_outputs() as stage:
         for name, proto in models.items():
             write_validated(proto, folder / name, source=source, input_shapes=shapes, stage=stage)
-        if result.prune is not None:
-            save_plan(folder / "plan.json", result.prune.plan, result.prune.groups, result.prune.model_sha256,
-                      plan_record(result.prune), stage)
+        if pruned is not None:
+            save_plan(folder / "plan.json", pruned.plan, pruned.groups, pruned.model_sha256, plan_record(pruned), stage)
             files.append("plan.json")
         if ort is not None:
             stage.add_bytes(ort.model, folder / "optimized.ort", sources=[source])
