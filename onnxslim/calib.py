@@ -79,7 +79,11 @@ class ImageOptions:
     """How images become input arrays. The image size is the model input's (static dims or --input-shapes).
 
     resize: "crop" resizes (bilinear) so the image covers size / crop_fraction (224 -> shorter side 256),
-        then center-crops to the size; "stretch" resizes straight to the size, ignoring aspect ratio.
+        then center-crops to the size; "stretch" resizes straight to the size, ignoring aspect ratio; "pad"
+        (text lines of different widths for a recognizer such as PP-OCR's [N, 3, 48, W]) resizes to the
+        input's height keeping the aspect ratio (no wider than the input: then squeezed to its width), puts
+        the image at the left and fills the rest of the width with 0 after normalization, as PaddleOCR's own
+        preprocessing does.
     color: "rgb" or "bgr" channel order for 3-channel inputs; 1-channel inputs get grayscale.
     scale, mean, std: value = (pixel * scale - mean) / std, per channel, mean/std in the channel order fed
         to the model. None means the default: for float inputs scale 1/255 and, with 3 channels, the
@@ -98,8 +102,8 @@ class ImageOptions:
     layout: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.resize not in ("crop", "stretch"):
-            raise UsageError(f"image resize must be 'crop' or 'stretch', not {self.resize!r}")
+        if self.resize not in ("crop", "stretch", "pad"):
+            raise UsageError(f"image resize must be 'crop', 'stretch' or 'pad', not {self.resize!r}")
         if not 0 < self.crop_fraction <= 1:
             raise UsageError(f"crop fraction must be in (0, 1], not {self.crop_fraction}")
         if self.color not in ("rgb", "bgr"):
@@ -655,7 +659,8 @@ def _open_array_files(
             if sample_shapes.setdefault(name, shape) != shape:
                 raise DataError(
                     f"{data_file.path}: array for input {name!r} has samples of shape {list(shape)}, but earlier "
-                    f"files have {list(sample_shapes[name])}; samples must have one shape to be batched"
+                    f"files have {list(sample_shapes[name])}; samples must have one shape to be batched (text lines of "
+                    "different widths: pad them to one width, or give the images with --resize pad)"
                 )
     num_samples = sum(f.samples for f in files)
     if num_samples == 0:
@@ -801,6 +806,8 @@ def _load_image(path: Path, plan: _ImagePlan) -> np.ndarray:
     if plan.bgr:
         pixels = pixels[..., ::-1]
     values = (pixels * plan.scale - plan.mean) / plan.std
+    if values.shape[1] < plan.width:  # resize "pad": the rest of the width is 0 after normalization
+        values = np.pad(values, ((0, 0), (0, plan.width - values.shape[1]), (0, 0)))
     if plan.nchw:
         values = values.transpose(2, 0, 1)
     if plan.dtype.kind in "iu":
@@ -815,6 +822,9 @@ def _resize(image: PILImage, plan: _ImagePlan) -> PILImage:
     if plan.resize == "stretch":
         return image.resize((plan.width, plan.height), Image.Resampling.BILINEAR)
     width, height = image.size
+    if plan.resize == "pad":  # the input's height, the aspect ratio kept, never wider than the input
+        new_width = max(1, min(plan.width, math.ceil(width * plan.height / height)))
+        return image.resize((new_width, plan.height), Image.Resampling.BILINEAR)
     factor = max(plan.height / plan.crop_fraction / height, plan.width / plan.crop_fraction / width)
     new_width = max(plan.width, round(width * factor))
     new_height = max(plan.height, round(height * factor))

@@ -354,6 +354,26 @@ def test_image_resize_crop_keeps_the_center_and_stretch_keeps_everything(tmp_pat
     assert values[0, 0, :, 0].max() < 0.9 and values[0, 0, :, 1:3].min() > 0.9
 
 
+def test_image_resize_pad_keeps_the_aspect_ratio_of_text_lines_of_any_width(tmp_path: Path) -> None:
+    """Text lines of different widths for a [N, 3, 48, W] recognizer: each at the input's height, its aspect
+    ratio kept, at the left; the rest of the width 0 after normalization; a line wider than the input is
+    squeezed to its width; every batch has the input's shape (NCHW and NHWC)."""
+    Image.new("RGB", (20, 10), (255, 255, 255)).save(tmp_path / "a_short.png")  # 2:1 -> 8 of 16 columns at height 4
+    Image.new("RGB", (100, 10), (255, 255, 255)).save(tmp_path / "b_long.png")  # 10:1 -> squeezed to 16
+    plain = {"scale": 1 / 255, "mean": (0.5,), "std": (0.5,)}  # PaddleOCR's: white 1.0, padding 0
+    for shape, width_axis in (([1, 3, 4, 16], 3), ([1, 4, 16, 3], 2)):
+        folder = tmp_path / f"{width_axis}"
+        folder.mkdir()
+        for image in ("a_short.png", "b_long.png"):
+            (folder / image).write_bytes((tmp_path / image).read_bytes())
+        dataset = open_dataset(folder, image_model(shape), DataOptions(image=ImageOptions(resize="pad", **plain)))
+        short, long = (np.moveaxis(b.feeds["images"][0], width_axis - 1, 0) for b in dataset.batches())
+        assert short.shape == long.shape == (16, *(s for i, s in enumerate(shape[1:]) if i != width_axis - 1))
+        np.testing.assert_allclose(short[:8], 1.0, atol=1e-5)
+        np.testing.assert_allclose(short[8:], 0.0)
+        np.testing.assert_allclose(long, 1.0, atol=1e-5)
+
+
 def test_image_size_comes_from_input_shapes_or_fails_clearly(tmp_path: Path) -> None:
     make_image(tmp_path / "x.png", (0, 0, 0))
     model = image_model(["N", 3, "H", "W"])

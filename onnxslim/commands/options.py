@@ -132,9 +132,11 @@ _DATA_OPTIONS = (
         "(its last batch is padded; padded rows are ignored).",
     ),
     click.option(
-        "--resize", type=click.Choice(["crop", "stretch"]), default="crop", show_default=True,
+        "--resize", type=click.Choice(["crop", "stretch", "pad"]), default="crop", show_default=True,
         help="Images: 'crop' resizes (bilinear) to cover size/crop-fraction, then center-crops to the input's "
-        "size (from its static dims or --input-shapes); 'stretch' resizes straight to it.",
+        "size (from its static dims or --input-shapes); 'stretch' resizes straight to it; 'pad' (text lines of "
+        "any width, for a recognizer) resizes to the input's height keeping the aspect ratio and fills the "
+        "rest of the width with 0 after normalization.",
     ),
     click.option("--crop-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.875, show_default=True,
                  help="Images: with --resize crop, the share of the resized image kept (224 -> resize to 256)."),
