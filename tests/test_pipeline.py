@@ -102,6 +102,10 @@ def test_optimize_writes_every_output_and_a_valid_model(small: tuple[Path, Path,
     names = [m["name"] for m in report["models"]]
     assert names[:2] == ["original", "pruned"] and report["chosen"] in names
     assert report["budget"]["min_fidelity"] == 0.9 and len(report["trials"]) == 1
+    stages = report["stage_seconds"]  # where the time went: every stage that ran, adding up to the whole
+    assert {"load", "analysis", "prune levels", "judging levels", "int8", "final measurement"} <= set(stages)
+    assert all(seconds >= 0 for seconds in stages.values())
+    assert sum(stages.values()) <= report["seconds"] + 1e-6 and sum(stages.values()) >= 0.8 * report["seconds"]
     for key in ("p50_ms", "p90_ms", "speedup", "size", "params", "macs", "accuracy", "fidelity", "peak_memory"):
         assert key in report["models"][0]
     assert report["models"][1]["macs"] < report["models"][0]["macs"]

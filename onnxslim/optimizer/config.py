@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import onnx
@@ -138,6 +139,9 @@ class OptimizeResult:
     search: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
     model: onnx.ModelProto | None = field(default=None, repr=False)  # the chosen model (optimized.onnx)
+    # wall time of each stage: load, analysis (shared by every level), prune levels, judging levels, int8,
+    # judging int8, final measurement (the interleaved timing and the choice); they add up to about `seconds`
+    stage_seconds: Mapping[str, float] = field(default_factory=dict)
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # of the data it was measured on
 
     @property

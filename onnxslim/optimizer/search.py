@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -234,10 +235,17 @@ def optimize(
     # a searched level is judged with half the budget (int8 spends the rest); a given --target-macs with all
     level_budget = budget if options.target_macs is not None else half_budget(budget)
 
+    stages: dict[str, float] = {"load": time.perf_counter() - started}
     levels = Levels(loaded, options, calib_data, input_shapes, progress, judge.calibration_samples) if options.prune else None
     if levels is not None:
+        stages["analysis"] = levels.seconds
         notes.append(f"analysis, calibration statistics and scores computed once for every level ({levels.seconds:.1f} s)")
     tried = 0
+
+    def spent(stage: str, begin: float) -> float:
+        seconds = time.perf_counter() - begin
+        stages[stage] = stages.get(stage, 0.0) + seconds
+        return seconds
 
     def level(keep: float) -> tuple[PruneResult, Trial]:
         nonlocal tried
@@ -245,9 +253,11 @@ def optimize(
         begin = time.perf_counter()
         tried += 1
         result, same_as = levels.prune(keep, tried)
+        pruning = spent("prune levels", begin)
         check, _, _ = judge(result.model, level_budget)  # remembered when the plan was tried before
         trial = Trial(keep, result.macs_after / result.macs_before, check.score, check.drop, check.met,
-                      seconds=time.perf_counter() - begin, score_name=check.score_name, same_as=same_as)
+                      seconds=pruning + spent("judging levels", begin + pruning), score_name=check.score_name,
+                      same_as=same_as)
         logger.info("trial: keep %.3f of the MACs → %s", keep, "passes" if check.met else check.why)
         return result, trial
 
@@ -257,7 +267,9 @@ def optimize(
         begin = time.perf_counter()
         source = result.model if result is not None else loaded.model
         q = quantize_for(source, calib_data, evaluation, budget, options, progress)
+        quantizing = spent("int8", begin)
         check, _, _ = judge(q.model, budget)
+        spent("judging int8", begin + quantizing)
         if trial is None:
             return q, None
         return q, Trial(
@@ -286,10 +298,13 @@ def optimize(
         pruned, quantized, trials = _search_budget(options, level, finish, budget)
     if pruned is None and options.prune and options.target_speedup is None:
         notes.append("no pruning level met the budget" + ("; int8 was tried on the original" if options.quantize else ""))
-    return _measure(
+    begin = time.perf_counter()
+    result = _measure(
         loaded, calib_data, eval_data if eval_data is not None else calib, data_options, options, budget, judge,
         pruned, quantized, trials, cpu, threads, search, notes, started, command,
     )
+    spent("final measurement", begin)
+    return replace(result, stage_seconds=stages, seconds=time.perf_counter() - started)
 
 
 def _search_budget(

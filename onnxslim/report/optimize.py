@@ -123,6 +123,9 @@ def render_optimize(result: OptimizeResult, outdir: str | None = None, *, markdo
         lines.append(f"note: {note}")
     if result.command:
         lines += ["", h("Reproduce"), "", f"```sh\n{result.command}\n```" if markdown else result.command]
+    if result.stage_seconds:
+        stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in result.stage_seconds.items())
+        lines += ["", f"time: {result.seconds:.1f} s in all: {stages}"]
     if outdir and not markdown:
         lines += ["", f"wrote {', '.join(result.files)} in {outdir} ({result.seconds:.0f} s)"]
     return "\n".join(lines)
@@ -177,6 +180,7 @@ def optimize_json(result: OptimizeResult, outdir: str | None = None) -> dict[str
         "cpu": {"machine": machine(), "reduce_range": result.cpu.reduce_range, "why": result.cpu.reason},
         "threads": result.threads,
         "seconds": result.seconds,
+        "stage_seconds": dict(result.stage_seconds),
         "files": list(result.files),
         "command": result.command,
         "notes": list(result.notes),
