@@ -261,3 +261,43 @@ def test_a_model_with_nothing_to_prune_gets_no_pruned_model_or_plan(tmp_path: Pa
     report = json.loads(result.stdout)
     assert "pruned.onnx" not in report["files"] and "plan.json" not in report["files"]
     assert sorted(p.name for p in out.iterdir()) == sorted(report["files"])
+
+
+def test_when_int8_does_not_pay_pruning_gets_the_whole_budget() -> None:
+    """Levels judged with half the budget; int8 not kept: the failed levels are judged again with the whole
+    budget (no new run), then the bisection goes deeper with the trials left, and the deepest passing wins."""
+    from types import SimpleNamespace
+
+    from onnxslim.evaluate import BudgetCheck
+    from onnxslim.optimizer.config import Trial
+
+    def fidelity(keep: float) -> float:  # a smooth loss: 0.995 at keep 0.5, 0.99 at keep 0.33
+        return 1 - 0.0025 / keep
+
+    def made(keep: float) -> SimpleNamespace:
+        return SimpleNamespace(model=SimpleNamespace(keep=keep), macs_after=keep, macs_before=1.0)
+
+    def check(model) -> BudgetCheck:  # the whole budget: cosine 0.99
+        score = fidelity(model.keep)
+        return BudgetCheck(score >= 0.99, score, None, "" if score >= 0.99 else "misses")
+
+    asked: list[float] = []
+
+    def level(keep: float):
+        asked.append(keep)
+        return made(keep), Trial(keep, keep, fidelity(keep), None, fidelity(keep) >= 0.995)
+
+    # the half-budget search (cosine 0.995) passed 0.75 and failed 0.375 and 0.5625 -- as _search_budget would
+    trials = [Trial(0.75, 0.75, fidelity(0.75), None, True), Trial(0.375, 0.375, fidelity(0.375), None, False),
+              Trial(0.5625, 0.5625, fidelity(0.5625), None, True)]
+    passed = [(0.75, made(0.75), 0), (0.5625, made(0.5625), 2)]
+    failed = [(0.375, made(0.375), 1)]
+    best, note = pipeline._deeper_without_int8(passed, failed, trials, 3, level, check)
+    assert trials[1].pruned_met and trials[1].whole_budget  # 0.375 passes the whole budget (0.9933): re-judged
+    assert asked and all(keep < 0.375 for keep in asked)  # new levels only below the deepest passing one
+    assert best is not None and best.macs_after < 0.375 and fidelity(best.macs_after) >= 0.99
+    assert all(t.whole_budget for t in trials[3:]) and len(trials) == 3 + len(asked) <= 6
+    assert "whole budget" in note and "1 level(s) already pruned passed" in note
+    # nothing deeper passes: None, and the search keeps its own answer
+    none, _ = pipeline._deeper_without_int8(passed, [], list(trials[:1]), 0, level, lambda m: BudgetCheck(False, 0.5, None, "x"))
+    assert none is None

@@ -295,7 +295,14 @@ def optimize(
     else:
         search = (f"bisection on the MACs kept ({LOWEST_KEEP:g} to 1), each level's pruned model judged with half "
                   f"the budget, then int8 on the best; at most {options.max_trials} trials")
-        pruned, quantized, trials = _search_budget(options, level, finish, budget)
+        def deeper(passed: list[tuple[float, PruneResult, int]], failed: list[tuple[float, PruneResult, int]],
+                   tried_levels: list[Trial], left: int) -> PruneResult | None:
+            found, message = _deeper_without_int8(passed, failed, tried_levels, left, level,
+                                                  lambda model: judge(model, budget)[0])
+            notes.append(message)
+            return found
+
+        pruned, quantized, trials = _search_budget(options, level, finish, budget, deeper)
     if pruned is None and options.prune and options.target_speedup is None:
         notes.append("no pruning level met the budget" + ("; int8 was tried on the original" if options.quantize else ""))
     begin = time.perf_counter()
@@ -312,15 +319,25 @@ def _search_budget(
     level: Callable[[float], tuple[PruneResult, Trial]],
     finish: Callable[[PruneResult | None, Trial | None], tuple[QuantizeResult | None, Trial | None]],
     budget: AccuracyBudget,
+    full_budget: Callable[[list[tuple[float, PruneResult, int]], list[tuple[float, PruneResult, int]], list[Trial], int],
+                          PruneResult | None] | None = None,
 ) -> tuple[PruneResult | None, QuantizeResult | None, list[Trial]]:
+    """Bisect the MACs kept, each level judged with half the budget; then int8 on the deepest level that
+    passed. When int8 is not kept there (not faster on this machine: a HardSwish-gated net), the pruned fp32
+    model is the answer, and `full_budget(passed, failed, trials, trials_left)` may go deeper with the whole
+    budget (`_deeper_without_int8`)."""
+    full_budget = full_budget or (lambda *_: None)
     trials: list[Trial] = []
     passed: list[tuple[float, PruneResult, int]] = []  # (keep, result, index into trials)
+    failed: list[tuple[float, PruneResult, int]] = []
     low, high = LOWEST_KEEP, 1.0  # the answer lies in [low, high]: high passes (nothing pruned)
     levels = max(options.max_trials - 1, 1) if options.quantize else options.max_trials
     for _ in range(levels):
         keep = round((low + high) / 2, 3)
         result, trial = level(keep)
         trials.append(trial)
+        if not trial.pruned_met:
+            failed.append((keep, result, len(trials) - 1))
         if trial.same_as is not None:  # rounding gives the plan of a level already tried: resolution reached
             break
         if trial.pruned_met:
@@ -342,13 +359,65 @@ def _search_budget(
         budget_trials -= 1
         assert final is not None
         trials[index] = final
-        if final.final_met or not (quantized is not None and quantized.quantized):
-            return result, quantized, trials  # met with int8, or int8 was not kept: the pruned fp32 stands
+        if final.final_met:
+            return result, quantized, trials
+        if not (quantized is not None and quantized.quantized):  # int8 does not pay: the pruned fp32 stands
+            deeper = full_budget(passed, failed, trials, budget_trials)
+            return (deeper or result), quantized, trials
     if passed:
         _, result, _ = max(passed, key=lambda p: p[0])  # the least pruned level, its int8 did not hold
         return result, quantized, trials
     quantized, _ = finish(None, None)
     return None, quantized, trials
+
+
+def _deeper_without_int8(
+    passed: list[tuple[float, PruneResult, int]],
+    failed: list[tuple[float, PruneResult, int]],
+    trials: list[Trial],
+    left: int,
+    level: Callable[[float], tuple[PruneResult, Trial]],
+    check: Callable[[onnx.ModelProto], BudgetCheck],
+) -> tuple[PruneResult | None, str]:
+    """int8 was not kept, so pruning may spend the whole budget: the levels already pruned are judged again
+    with it (their evaluations are remembered: no new run), then the bisection goes on between the deepest
+    level that passes and the shallowest that fails, with the trials `left`. Marks the trials re-judged
+    (`pruned_met` against the whole budget) and appends new ones. Returns the deepest passing level (None:
+    none deeper than the levels that passed with half the budget) and a note for the report."""
+    verdicts: dict[float, tuple[PruneResult, bool]] = {keep: (result, True) for keep, result, _ in passed}
+    for keep, result, index in failed:
+        full = check(result.model)
+        verdicts[keep] = (result, full.met)
+        if full.met:
+            trials[index] = replace(trials[index], pruned_score=full.score, pruned_drop=full.drop, pruned_met=True,
+                                    whole_budget=True)
+    rejudged = sum(1 for keep, _, _ in failed if verdicts[keep][1])
+    added = 0
+    for _ in range(max(left, 0)):
+        passing = [keep for keep, (_, met) in verdicts.items() if met]
+        failing = [keep for keep, (_, met) in verdicts.items() if not met]
+        high = min(passing, default=1.0)
+        low = max((k for k in failing if k < high), default=LOWEST_KEEP)
+        if high - low < 0.04:
+            break
+        keep = round((low + high) / 2, 3)
+        result, trial = level(keep)
+        full = check(result.model)
+        trials.append(replace(trial, pruned_score=full.score, pruned_drop=full.drop, pruned_met=full.met, whole_budget=True))
+        added += 1
+        verdicts[keep] = (result, full.met)
+        if trial.same_as is not None:
+            break
+    deepest = min(((keep, result) for keep, (result, met) in verdicts.items() if met), key=lambda p: p[0], default=None)
+    first_passed = min((keep for keep, _, _ in passed), default=1.0)
+    best = deepest if deepest is not None and deepest[0] < first_passed else None
+    message = (
+        f"int8 is not kept on this model (not faster on this machine), so pruning was judged with the whole budget: "
+        f"{rejudged} level(s) already pruned passed with it, {added} more tried"
+        + (f"; the deepest passing keeps {best[1].macs_after / best[1].macs_before:.2f} of the MACs" if best else
+           "; none went deeper")
+    )
+    return (best[1] if best else None), message
 
 
 def _search_speed(

@@ -65,7 +65,8 @@ def _trial_rows(result: OptimizeResult) -> list[list[str]]:
             final_drop = f", top-1 -{trial.final_drop:.2f} pt" if trial.final_drop is not None else ""
             int8 = "int8" if trial.quantized else "fp32 kept"
             final = f"{int8}: {trial.score_name} {trial.final_score:.4f}{final_drop} ({'meets' if trial.final_met else 'misses'})"
-        pruned = f"{trial.score_name} {trial.pruned_score:.4f}{drop} ({'passes' if trial.pruned_met else 'fails'})"
+        verdict = "passes" if trial.pruned_met else "fails"
+        pruned = f"{trial.score_name} {trial.pruned_score:.4f}{drop} ({verdict}{' the whole budget' if trial.whole_budget else ''})"
         if trial.same_as is not None:
             pruned = f"the plan of trial {trial.same_as}: not pruned again"
         rows.append([
