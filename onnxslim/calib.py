@@ -299,7 +299,9 @@ def open_dataset(
     for input_spec in specs:
         if input_spec.dims is not None and len(input_spec.dims) == 0:
             raise DataError(
-                f"input {input_spec.name!r} is a scalar; the data reader needs a batch axis first on every input"
+                f"input {input_spec.name!r} is a scalar; the data reader needs a batch axis first on every input. "
+                "Inputs that are not batched samples (a sample rate, a recurrent state with the batch on axis 1, as "
+                "in silero-vad) cannot be fed yet: export the model with them fixed as constants (README, 'Data')"
             )
     batch_size, fixed = _resolve_batch(specs, options)
     text = os.fspath(spec)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import heapq
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,7 @@ import onnx
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
 
-__all__ = ["GraphIndex", "ProtoIndex", "collector_paused", "export_model"]
+__all__ = ["GraphIndex", "ProtoIndex", "collector_paused", "export_model", "subgraph_references", "sort_nodes"]
 
 
 
@@ -48,6 +49,60 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
 
 
 
+
+
+def subgraph_references(graph: onnx.GraphProto) -> set[str]:
+    """Names that nodes inside subgraphs of `graph` (If, Loop, Scan bodies, nested) read, possibly from the
+    outer scope: a value or initializer only a branch reads is still in use."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                for inner in sub.node:
+                    names.update(inner.input)
+                names.update(o.name for o in sub.output)
+                names |= subgraph_references(sub)
+    return names
+
+
+def sort_nodes(graph: onnx.GraphProto) -> bool:
+    """Put the top-level nodes of `graph` in an order where each comes after the producers of what it reads,
+    its subgraphs' outer-scope reads included (onnxruntime's quantizer re-sorts nodes by their explicit inputs
+    alone, and can put an If whose branch reads another If's output before that If: silero-vad). Stable: a
+    node moves only when it must. Returns whether the order changed; a cycle leaves the graph as it was."""
+    nodes = list(graph.node)
+    producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
+    needs: list[set[int]] = []
+    for i, node in enumerate(nodes):
+        reads = set(node.input)
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                reads |= {name for inner in sub.node for name in inner.input} | subgraph_references(sub)
+        needs.append({producer[name] for name in reads if name in producer and producer[name] != i})
+    if all(all(j < i for j in deps) for i, deps in enumerate(needs)):
+        return False
+    users: list[list[int]] = [[] for _ in nodes]
+    waiting = [len(deps) for deps in needs]
+    for i, deps in enumerate(needs):
+        for j in deps:
+            users[j].append(i)
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for user in users[i]:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, user)
+    if len(order) != len(nodes):
+        return False
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
+    return True
 
 
 class GraphIndex:

@@ -18,6 +18,7 @@ from onnxslim.errors import (
     UnsupportedModelError,
     first_line,
 )
+from onnxslim.graph import subgraph_references
 from onnxslim.serialize import _copy
 
 # Ops that are never evaluated at load time even when all their inputs are constant: random ops (their
@@ -99,20 +100,6 @@ def _name_nodes(graph: onnx.GraphProto) -> int:
     return renamed
 
 
-def _subgraph_references(graph: onnx.GraphProto) -> set[str]:
-    """Names that nodes inside subgraphs of `graph` read (possibly from the outer scope)."""
-    names: set[str] = set()
-    for node in graph.node:
-        for attr in node.attribute:
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for sub in subs:
-                for inner in sub.node:
-                    names.update(inner.input)
-                names.update(o.name for o in sub.output)
-                names |= _subgraph_references(sub)
-    return names
-
-
 def _has_subgraph(node: onnx.NodeProto) -> bool:
     return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
@@ -147,7 +134,7 @@ def _fold_constants(model: onnx.ModelProto) -> int:
     folded_ids = {id(n) for n in foldable}
     produced = {o for n in foldable for o in n.output if o}
     read_elsewhere = {i for n in graph.node if id(n) not in folded_ids for i in n.input}
-    read_elsewhere |= _subgraph_references(graph)
+    read_elsewhere |= subgraph_references(graph)
     needed = [name for name in dict.fromkeys(o for n in foldable for o in n.output) if name in read_elsewhere]
     values = _evaluate(model, foldable, needed) if needed else {}
     kept = [n for n in graph.node if id(n) not in folded_ids]
@@ -201,7 +188,7 @@ def _first_failing_node(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> 
 
 
 def _remove_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output} | _subgraph_references(graph)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output} | subgraph_references(graph)
     kept = [t for t in graph.initializer if t.name in used]
     if len(kept) != len(graph.initializer):
         del graph.initializer[:]
@@ -212,7 +199,7 @@ def _constant_origins(graph: onnx.GraphProto) -> dict[str, str]:
     """For each constant tensor a variable node reads: 'initializer', 'constant_node' or 'computed'."""
     foldable = _constant_subgraph(graph)
     folded_ids = {id(n) for n in foldable}
-    read = {i for n in graph.node if id(n) not in folded_ids for i in n.input if i} | _subgraph_references(graph)
+    read = {i for n in graph.node if id(n) not in folded_ids for i in n.input if i} | subgraph_references(graph)
     origins = {t.name: "initializer" for t in graph.initializer if t.name in read}
     for node in foldable:
         kind = "constant_node" if node.op_type == "Constant" else "computed"

@@ -93,7 +93,7 @@ from onnxslim.evaluate import (
     check_budget,
     hold_out_tail,
 )
-from onnxslim.graph import ProtoIndex
+from onnxslim.graph import ProtoIndex, sort_nodes
 from onnxslim.io import LoadedModel, Validation, normalize_model, validate
 from onnxslim.metrics import (
     Accuracy,
@@ -194,6 +194,13 @@ def quantize_with_ranges(
         except Exception as e:  # noqa: BLE001 - the quantizer raises anything from ValueError to AssertionError
             raise UnsupportedModelError(f"onnxruntime's quantizer failed ({config.label}): {first_line(e)}") from e
         quantized = onnx.load_model(str(output))
+    sort_nodes(quantized.graph)  # its order ignores what If branches read from the outer graph (silero-vad)
+    try:
+        onnx.checker.check_model(quantized)
+    except onnx.checker.ValidationError as e:
+        raise UnsupportedModelError(
+            f"onnxruntime's quantizer made a model that fails onnx.checker ({config.label}): {first_line(e)}"
+        ) from e
     strip_unused_domains(quantized)
     kept = [p for p in quantized.metadata_props if p.key not in ORT_METADATA]
     del quantized.metadata_props[:]
@@ -754,11 +761,14 @@ def measure_roundings(state: QuantState) -> None:
     target = _target(state)
     plain = max(state.method_trials, key=lambda t: t.check.score).check
     resolution = RESOLUTION * (target if target is not None else max(1e-6, 1.0 - plain.score))
-    state.measure = measure_hierarchically(
-        gated, state.gates, state.calib.batches(), state.evaluator.outputs, state.evaluator.ensure_layouts(),
-        state.evaluator.rows, resolution=resolution, threads=state.threads, progress=state.progress,
-        limit=SENSITIVITY_SECONDS,
-    )
+    try:
+        state.measure = measure_hierarchically(
+            gated, state.gates, state.calib.batches(), state.evaluator.outputs, state.evaluator.ensure_layouts(),
+            state.evaluator.rows, resolution=resolution, threads=state.threads, progress=state.progress,
+            limit=SENSITIVITY_SECONDS,
+        )
+    except UnsupportedModelError as e:
+        state.notes.append(f"cannot measure which nodes int8 hurts: {e}")
 
 
 def keep_harmful_fp32(state: QuantState) -> None:

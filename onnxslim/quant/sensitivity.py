@@ -43,7 +43,8 @@ import onnx
 from onnx import numpy_helper
 
 from onnxslim.calib import Batch
-from onnxslim.graph import ProtoIndex
+from onnxslim.errors import UnsupportedModelError, first_line
+from onnxslim.graph import ProtoIndex, subgraph_references
 from onnxslim.metrics import FidelityMeter, OutputLayout, batch_is_symbolic
 from onnxslim.progress import Progress
 from onnxslim.quant.guard import Gate
@@ -167,7 +168,7 @@ def gated_model(
     del graph.node[:]
     graph.node.extend(nodes)
     graph.input.extend(onnx.helper.make_tensor_value_info(g.input, onnx.TensorProto.BOOL, []) for g in gates.values())
-    used = {name for node in graph.node for name in node.input}
+    used = {name for node in graph.node for name in node.input} | subgraph_references(graph)  # If branches too
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
@@ -240,7 +241,11 @@ class _GateRunner:
         seconds: float,
         expected_runs: int,
     ) -> None:
-        self.session = open_session(gated, threads, opt_level="all")
+        try:
+            self.session = open_session(gated, threads, opt_level="all")
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types (InvalidGraph, Fail)
+            # seen on silero-vad, whose If branches read weights from the outer graph
+            raise UnsupportedModelError(f"onnxruntime cannot load the gated int8 model ({first_line(e)})") from e
         self.outputs, self.layouts, self.rows = outputs, layouts, rows
         self.off = {g.input: np.array(False) for g in gates}
         self.runs: list[Batch] = []
