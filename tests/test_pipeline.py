@@ -261,6 +261,10 @@ def test_a_model_with_nothing_to_prune_gets_no_pruned_model_or_plan(tmp_path: Pa
     report = json.loads(result.stdout)
     assert "pruned.onnx" not in report["files"] and "plan.json" not in report["files"]
     assert sorted(p.name for p in out.iterdir()) == sorted(report["files"])
+    # no level is tried, nor timed as a "pruned" candidate, and the report says why
+    assert report["trials"] == [] and [m["name"] for m in report["models"]] == ["original"]
+    assert any(note.startswith("nothing to prune: none of its 1 channel group(s)") and "graph output" in note
+               for note in report["notes"]), report["notes"]
 
 
 def test_when_int8_does_not_pay_pruning_gets_the_whole_budget() -> None:

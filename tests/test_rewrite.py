@@ -130,6 +130,20 @@ def test_per_channel_constant_shared_with_another_group_is_copied() -> None:
     assert _initializer_shape(result.model, "Mul", 1, 0) == _initializer_shape(result.model, "Mul", 1, 1) == (1, 4, 1, 1)
 
 
+def test_a_constant_read_twice_in_one_group_stays_one_tensor() -> None:
+    """Read by two nodes of the same group (an unrolled LSTM's recurrent weight is read by every step), a
+    constant is sliced once: both readers share the one sliced copy (it was one copy per reader)."""
+    b = ModelBuilder((3, 8, 8))
+    scale = b.const(b.random(1, 8, 1, 1, low=0.5, high=1.5), prefix="shared")
+    y = b.relu(b.op("Mul", [b.conv(b.input, 8, 3), scale]))
+    y = b.relu(b.op("Mul", [y, scale]))
+    result = check_prune(b.build(b.conv(y, 4)), ratio=0.5)
+    muls = [n for n in result.model.graph.node if n.op_type == "Mul"]
+    assert len(muls) == 2 and muls[0].input[1] == muls[1].input[1]
+    assert _initializer_shape(result.model, "Mul", 1, 0) == (1, 4, 1, 1)
+    assert sum(1 for t in result.model.graph.initializer if list(t.dims) == [1, 4, 1, 1]) == 1
+
+
 def test_scalar_arithmetic_passes_through() -> None:
     b = ModelBuilder((3, 8, 8))
     y = b.conv(b.input, 8, 3)

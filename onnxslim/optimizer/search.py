@@ -28,7 +28,7 @@ import logging
 import os
 import tempfile
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -174,6 +174,18 @@ class Levels:
         self._done: dict[tuple[tuple[str, tuple[int, ...]], ...], tuple[PruneResult, int]] = {}
         self.seconds = time.perf_counter() - started  # the shared work
 
+    def nothing_to_prune(self) -> str | None:
+        """Why no level can remove anything (no group the budget may cut), for the report; None when some can."""
+        if self._base.eligible:
+            return None
+        groups = self._base.groups
+        if not groups:
+            return "no channel group found (no Conv, Gemm or MatMul whose output channels another layer reads)"
+        reasons = Counter(g.blocked_by.reason if g.blocked_by is not None else "left whole by the options"
+                          for g in groups)
+        listed = "; ".join(f"{reason} ({count})" for reason, count in reasons.most_common(4))
+        return f"none of its {len(groups)} channel group(s) can be pruned: {listed} (`onnxslim inspect` lists them)"
+
     def prune(self, keep: float, number: int) -> tuple[PruneResult, int | None]:
         """The model pruned to `keep` of the MACs, and the number of the earlier trial that had the same
         plan, when there was one (`number` is this trial's)."""
@@ -239,7 +251,12 @@ def optimize(
     levels = Levels(loaded, options, calib_data, input_shapes, progress, judge.calibration_samples) if options.prune else None
     if levels is not None:
         stages["analysis"] = levels.seconds
-        notes.append(f"analysis, calibration statistics and scores computed once for every level ({levels.seconds:.1f} s)")
+        resists = levels.nothing_to_prune()
+        if resists is not None:
+            notes.append(f"nothing to prune: {resists}")
+            levels = None
+        else:
+            notes.append(f"analysis, calibration statistics and scores computed once for every level ({levels.seconds:.1f} s)")
     tried = 0
 
     def spent(stage: str, begin: float) -> float:
@@ -278,8 +295,8 @@ def optimize(
             trial.score_name, trial.same_as,
         )
 
-    if not options.prune:
-        search = "no pruning: int8 only"
+    if levels is None:
+        search = "no pruning: int8 only" if options.prune is False else "nothing to prune: int8 only"
         quantized, _ = finish(None, None)
     elif options.target_macs is not None:
         search = f"one level: --target-macs {options.target_macs:g}"
@@ -303,7 +320,7 @@ def optimize(
             return found
 
         pruned, quantized, trials = _search_budget(options, level, finish, budget, deeper)
-    if pruned is None and options.prune and options.target_speedup is None:
+    if pruned is None and levels is not None and options.target_speedup is None:
         notes.append("no pruning level met the budget" + ("; int8 was tried on the original" if options.quantize else ""))
     begin = time.perf_counter()
     result = _measure(
@@ -475,7 +492,7 @@ def _measure(
 ) -> OptimizeResult:
     """The final interleaved measurement and the choice."""
     models: dict[str, onnx.ModelProto] = {"original": loaded.model}
-    if pruned is not None:
+    if pruned is not None and pruned.macs_after < pruned.macs_before:  # a level that removed nothing is the original
         models["pruned"] = pruned.model
     if quantized is not None and quantized.quantized:  # int8 the quantizer did not keep is not a candidate
         models["int8"] = quantized.model
@@ -495,6 +512,12 @@ def _measure(
         ],
         options.min_speedup,
     )
+    if chosen == "original" and len(models) == 1:  # nothing to choose from: say why each way was closed
+        causes = [note for note in notes if note.startswith(("nothing to prune", "no pruning level"))]
+        if quantized is not None and not quantized.quantized:
+            causes.append(f"int8 not kept: {quantized.reason}")
+        if causes:
+            reason = "optimized.onnx is the original: " + "; ".join(causes)
     met = chosen == "original" or checks[chosen].met
     return OptimizeResult(
         chosen=chosen, reason=reason, budget=budget, budget_met=met, candidates=candidates, trials=tuple(trials),

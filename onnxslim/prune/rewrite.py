@@ -49,11 +49,15 @@ Kept = np.ndarray  # sorted int64 indices of the channels kept
 
 
 class _Slicer:
-    """Slices constant inputs of nodes; copies a constant when other nodes read it too."""
+    """Slices constant inputs of nodes; copies a constant when other nodes read it too (one copy per way it is
+    sliced, shared by the readers that slice it alike)."""
 
     def __init__(self, opset: int) -> None:
         self.opset = opset
         self._names = itertools.count()
+        # a constant several nodes read, sliced the same way for each (an unrolled LSTM's recurrent weight read
+        # by every step): one sliced copy they all share, not one per reader
+        self._sliced: dict[tuple[str, int, bytes], gs.Constant] = {}
 
     def set_constant(self, node: gs.Node, index: int, values: np.ndarray) -> None:
         """Replace constant input `index` of `node` (copied if other nodes read it too)."""
@@ -76,11 +80,13 @@ class _Slicer:
                 f"{node.op} {node.name!r}: input {index} has {values.shape[axis]} entries on axis {axis}, "
                 f"expected {channels}"
             )
-        sliced = np.take(values, kept, axis=axis)
-        if len(tensor.outputs) == 1:
-            tensor.values = sliced
-        else:
-            node.inputs[index] = gs.Constant(f"{tensor.name}_pruned_{next(self._names)}", sliced)
+        key = (tensor.name, axis, np.asarray(kept, np.int64).tobytes())
+        if key not in self._sliced and len(tensor.outputs) == 1:
+            tensor.values = np.take(values, kept, axis=axis)
+            return
+        if key not in self._sliced:
+            self._sliced[key] = gs.Constant(f"{tensor.name}_pruned_{next(self._names)}", np.take(values, kept, axis=axis))
+        node.inputs[index] = self._sliced[key]
 
     def slice_aligned(self, node: gs.Node, index: int, out_axis: int, out_rank: int, kept: Kept, channels: int) -> None:
         """Slice a broadcast operand along the dim aligned (numpy-style, from the right) with `out_axis`."""
