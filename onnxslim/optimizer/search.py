@@ -247,7 +247,8 @@ def optimize(
         result, same_as = levels.prune(keep, tried)
         check, _, _ = judge(result.model, level_budget)  # remembered when the plan was tried before
         trial = Trial(keep, result.macs_after / result.macs_before, check.score, check.drop, check.met,
-                      seconds=time.perf_counter() - begin, score_name=check.score_name, same_as=same_as)
+                      seconds=time.perf_counter() - begin, score_name=check.score_name, same_as=same_as,
+                      samples=check.samples)
         logger.info("trial: keep %.3f of the MACs → %s", keep, "passes" if check.met else check.why)
         return result, trial
 
@@ -263,7 +264,7 @@ def optimize(
         return q, Trial(
             trial.target_macs, trial.macs_kept, trial.pruned_score, trial.pruned_drop, trial.pruned_met,
             q.quantized, check.score, check.drop, check.met, None, trial.seconds + time.perf_counter() - begin,
-            trial.score_name, trial.same_as,
+            trial.score_name, trial.same_as, trial.samples,
         )
 
     if not options.prune:

@@ -56,11 +56,13 @@ def _optimize_rows(result: OptimizeResult) -> list[list[str]]:
 _OPTIMIZE_HEADERS = ["model", "p50 ms", "p90 ms", "speedup", "size", "params", "MACs", "accuracy / fidelity",
                      "peak mem", "meets budget"]
 
-def _score(name: str, score: float | None) -> str:
-    """A trial's score: shares of strings to 3 places (they are counts of samples), cosines to 4."""
+def _score(name: str, score: float | None, samples: int | None) -> str:
+    """A trial's score: shares of strings to 3 places with the samples they count, cosines to 4."""
     if score is None:
         return name
-    return f"{name} {score:.3f}" if name == "strings unchanged" else f"{name} {score:.4f}"
+    if name == "strings unchanged":
+        return f"{name} {score:.3f}" + ("" if samples is None else f" (n={samples})")
+    return f"{name} {score:.4f}"
 
 def _trial_rows(result: OptimizeResult) -> list[list[str]]:
     rows = []
@@ -70,8 +72,8 @@ def _trial_rows(result: OptimizeResult) -> list[list[str]]:
         if trial.final_met is not None:
             final_drop = f", top-1 -{trial.final_drop:.2f} pt" if trial.final_drop is not None else ""
             int8 = "int8" if trial.quantized else "fp32 kept"
-            final = f"{int8}: {_score(trial.score_name, trial.final_score)}{final_drop} ({'meets' if trial.final_met else 'misses'})"
-        pruned = f"{_score(trial.score_name, trial.pruned_score)}{drop} ({'passes' if trial.pruned_met else 'fails'})"
+            final = f"{int8}: {_score(trial.score_name, trial.final_score, trial.samples)}{final_drop} ({'meets' if trial.final_met else 'misses'})"
+        pruned = f"{_score(trial.score_name, trial.pruned_score, trial.samples)}{drop} ({'passes' if trial.pruned_met else 'fails'})"
         if trial.same_as is not None:
             pruned = f"the plan of trial {trial.same_as}: not pruned again"
         rows.append([
