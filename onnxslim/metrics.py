@@ -104,17 +104,14 @@ class Fidelity:
         return self.class_axis is not None and self.class_axis == self.channel_axis and self.top1_agreement is not None
 
     @property
-    def score(self) -> float:
-        """What a fidelity budget is checked against: the lower of the mean cosine and the worst channel's
-        cosine -- or, when the channels are classes, the share of positions whose top class agrees: a
-        class's scores are mostly near 0 (probabilities), where int8's steps dominate its cosine without
-        changing a decision, while a class int8 stops picking shows in the agreement -- or, on a sequence
-        of classes, the share of samples whose decoded string is unchanged, alone: what a reader of the
-        output sees. Per-frame agreement let through a recognizer that read 80% of lines at 95% of frames;
-        cosine let through int8 that changed 9% of a captcha reader's strings and refused every pruning of
-        it, strings unchanged, for a character the decoder never emits."""
-        if self.strings_unchanged is not None:
-            return self.strings_unchanged
+    def closeness(self) -> float:
+        """How close the values are, whatever the output: the lower of the mean cosine and the worst
+        channel's cosine -- or, when the channels are classes, the share of positions whose top class
+        agrees: a class's scores are mostly near 0 (probabilities), where int8's steps dominate its cosine
+        without changing a decision, while a class int8 stops picking shows in the agreement. What `score`
+        is on every output but a sequence's; what the int8 guard ranks roundings by and `prune` reports on
+        every output (`quant/sensitivity.py`, `prune/sensitivity.py`): on the few samples they measure,
+        strings change by whole samples and most changes would measure 0."""
         values = [self.cosine]
         if self.decides_classes:
             assert self.top1_agreement is not None
@@ -124,14 +121,15 @@ class Fidelity:
         return min(values)
 
     @property
-    def ranking_score(self) -> float:
-        """What the int8 guard ranks roundings by (`quant/sensitivity.py`): `score`, except on a sequence
-        output the per-frame top-1 agreement. The measure runs on a few calibration samples (4 to 16), where
-        strings change by whole samples and most roundings would measure 0; a frame a rounding flips is
-        how it changes a string. Budgets are still checked on `score` (the strings)."""
-        if self.reads_strings and self.top1_agreement is not None:
-            return self.top1_agreement
-        return self.score
+    def score(self) -> float:
+        """What a fidelity budget is checked against: `closeness` -- or, on a sequence of classes, the share
+        of samples whose decoded string is unchanged, alone: what a reader of the output sees. Per-frame
+        agreement let through a recognizer that read 80% of lines at 95% of frames; cosine let through int8
+        that changed 9% of a captcha reader's strings and refused every pruning of it, strings unchanged,
+        for a character the decoder never emits."""
+        if self.strings_unchanged is not None:
+            return self.strings_unchanged
+        return self.closeness
 
     @property
     def score_name(self) -> str:
