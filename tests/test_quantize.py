@@ -747,6 +747,23 @@ def test_cli_quantizes_and_reports_json(tmp_path: Path, model_and_data, fake_lat
     assert find_quantized_nodes(onnx.load(str(out)))
 
 
+def test_a_fallback_that_leaves_nothing_int8_keeps_the_fp32_model_instead_of_failing(tmp_path: Path) -> None:
+    """The Softmax reader of the test above: the string budget holds only with every node onnxruntime runs
+    in int8 kept fp32, so no int8 variant can be built with that fallback. Was exit 1, "no int8 model could
+    be built"; now the fp32 model is kept, the closest int8 variant shown, and a note says why."""
+    from builders import ctc_reader
+
+    source = ctc_reader(depth=3, features=16, seed=3, softmax=True)
+    data = dataset(_random_npz(tmp_path / "lines.npz", source, 100), source, batch=10)
+    result = quantize_model(source, data, QuantizeOptions(cpu=VNNI), timer=FAST)
+    met = [t for t in result.exclusion_trials if t.check.met]
+    assert met and max(t.nodes for t in met) >= len({n.name for n in source.graph.node if n.op_type in ("Conv", "MatMul")})
+    assert not result.quantized and not find_quantized_nodes(result.model)
+    assert all(n.error is None for n in result.fp32_nodes)  # no measured fallback kept: it left nothing int8
+    assert any("leaves nothing to run in int8" in note for note in result.notes)
+    assert result.budget_check is not None and not result.budget_check.met  # the closest int8 variant misses it
+
+
 def test_cli_names_the_strings_figure_of_a_ctc_reader_in_text_and_json(tmp_path: Path, fake_latencies) -> None:
     from builders import ctc_reader
 
@@ -940,7 +957,7 @@ def _decoded(model: onnx.ModelProto, x: np.ndarray, time_major: bool) -> list[tu
     return strings
 
 
-@pytest.mark.parametrize(("softmax", "time_major"), [(False, True), (True, False)], ids=["logits-TNC", "softmax-NTC"])
+@pytest.mark.parametrize(("softmax", "time_major"), [(False, True), (False, False)], ids=["logits-TNC", "logits-NTC"])
 def test_a_ctc_readers_int8_is_judged_by_its_strings(tmp_path: Path, softmax: bool, time_major: bool) -> None:
     """Issue 23: plain int8 of a CTC reader keeps cosine and per-frame top-1 above 0.99 while changing
     strings; the default budget (99% of strings unchanged) refuses it, and the guard keeps the roundings
