@@ -80,7 +80,11 @@ DEFAULT_MIN_FIDELITY = 0.99
 @dataclass(frozen=True)
 class AccuracyBudget:
     """How close int8 must stay to fp32. `max_drop` in points of top-1 (0.3 = 0.3 pt, needs labels);
-    `min_fidelity` on `Fidelity.score`. With neither, `min_fidelity` is `DEFAULT_MIN_FIDELITY`."""
+    `min_fidelity` on `Fidelity.score`. With neither, `min_fidelity` is `DEFAULT_MIN_FIDELITY`.
+
+    On a sequence of classes (a CTC recognizer's output: `Fidelity.reads_strings`) `min_fidelity` is the
+    share of samples whose greedy-decoded string must stay unchanged (default: 99% of the strings), read
+    with the confidence its sample count allows, as a top-1 budget is (`check_budget`)."""
 
     max_drop: float | None = None
     min_fidelity: float | None = None
@@ -104,7 +108,9 @@ class AccuracyBudget:
         if budget.max_drop is not None:
             parts.append(f"top-1 drop <= {budget.max_drop:g} pt")
         if budget.min_fidelity is not None:
-            parts.append(f"cosine (mean and worst channel) >= {budget.min_fidelity:g}")
+            parts.append(
+                f"cosine (mean and worst channel) >= {budget.min_fidelity:g}, or strings unchanged on sequence outputs"
+            )
         return " and ".join(parts) + (" (default)" if self.max_drop is None and self.min_fidelity is None else "")
 
 
@@ -119,6 +125,16 @@ class BudgetCheck:
     score_name: str = "cosine"  # what `score` is: "cosine", or "top-1 agreement" on an output whose channels are classes
     samples: int | None = None  # the evaluation samples the verdict rests on
     drop_bound: float | None = None  # with paired counts: the drop's one-sided upper bound (DROP_CONFIDENCE), points
+    # on a sequence output: the share of unchanged strings' one-sided lower bound (DROP_CONFIDENCE), what the
+    # budget is checked against (`score` is the share measured)
+    score_bound: float | None = None
+
+    @property
+    def score_label(self) -> str:
+        """The score as reports print it: "cosine 0.9987", "strings unchanged 0.990 (n=60)"."""
+        if self.score_name == "strings unchanged":
+            return f"{self.score_name} {self.score:.3f} (n={self.samples})"
+        return f"{self.score_name} {self.score:.4f}"
 
 
 @dataclass(frozen=True)
@@ -169,7 +185,10 @@ def check_budget(
 ) -> BudgetCheck:
     """Pure: whether `fidelity` and the accuracies meet `budget`. With `paired` counts, a top-1 budget is met
     only when the drop's upper confidence bound is within it (`Paired.drop_bound`): a drop measured on few
-    samples does not pass on luck."""
+    samples does not pass on luck. On a sequence output the fidelity budget reads the strings the same way:
+    the changed strings are the discordant pairs (none can get better: the reference is the truth), and the
+    share unchanged must hold at its lower confidence bound -- on 100 samples a 99% budget admits no
+    changed string, on 1,000 about 6."""
     budget = budget.resolved
     misses = []
     drop = bound = None
@@ -189,15 +208,26 @@ def check_budget(
         elif drop > budget.max_drop + 1e-9:
             misses.append(f"top-1 drops {drop:.2f} pt (budget {budget.max_drop:g})")
     score = fidelity.score if math.isfinite(fidelity.score) else -1.0
-    if budget.min_fidelity is not None and score < budget.min_fidelity:
+    score_bound = None
+    if fidelity.reads_strings:
+        assert fidelity.strings_changed is not None
+        strings = Paired(fidelity.samples, fidelity.strings_changed, 0)
+        score_bound = 1.0 - strings.drop_bound() / 100
+        samples = fidelity.samples if samples is None else samples
+    if budget.min_fidelity is not None and score_bound is not None:
+        if score_bound < budget.min_fidelity - 1e-9:
+            misses.append(
+                f"strings unchanged {score:.3f} ({fidelity.strings_changed} of {fidelity.samples} changed), at least "
+                f"{score_bound:.3f} at {DROP_CONFIDENCE:.0%} confidence (budget {budget.min_fidelity:g})"
+            )
+    elif budget.min_fidelity is not None and score < budget.min_fidelity:
         where = "mean cosine"
         if fidelity.decides_classes and (fidelity.top1_agreement or 0.0) < fidelity.cosine:
             where = f"top-1 agreement (axis {fidelity.class_axis})"
         elif not fidelity.decides_classes and fidelity.worst_channel_cosine is not None and fidelity.worst_channel_cosine < fidelity.cosine:
             where = f"cosine of channel {fidelity.worst_channel} (axis {fidelity.channel_axis})"
         misses.append(f"{where} {score:.4f} (budget {budget.min_fidelity:g})")
-    name = "top-1 agreement" if fidelity.decides_classes else "cosine"
-    return BudgetCheck(not misses, score, drop, "; ".join(misses), name, samples, bound)
+    return BudgetCheck(not misses, score, drop, "; ".join(misses), fidelity.score_name, samples, bound, score_bound)
 
 
 # --------------------------------------------------------------------------------- which nodes hurt

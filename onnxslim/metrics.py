@@ -5,9 +5,10 @@ holds no outputs in memory. Pure numpy (the output's layout is read from the mod
 
 Outputs are not assumed to be `[batch, ...]`: an `OutputLayout` says which axis is the batch (a CTC
 recognizer's `[T, batch, C]`), which is the class axis (top-1 over every position of it; None where no
-class axis is meaningful: embeddings, boxes, feature maps) and which is the channel axis (the per-channel
-measure below). `find_batch_axis` finds the batch axis from the symbolic dims an output shares with the
-inputs, or by probing two batch sizes; `output_layout` finds the class and channel axes.
+class axis is meaningful: embeddings, boxes, feature maps), which is the channel axis (the per-channel
+measure below) and, for a sequence of classes (a CTC recognizer's `[T, N, C]` or `[N, T, C]`), which is
+the time axis and which class is the CTC blank. `find_batch_axis` finds the batch axis from the symbolic
+dims an output shares with the inputs, or by probing two batch sizes; `output_layout` finds the others.
 
 Fidelity (same inputs through both models, one output):
   cosine          mean over samples of the cosine similarity of each sample's elements (every element of
@@ -18,6 +19,12 @@ Fidelity (same inputs through both models, one output):
                   inf when identical;
   top1_agreement  share of positions (sample x every other non-class axis) whose argmax over the class axis
                   agrees; None without a class axis;
+  strings_unchanged / strings_changed
+                  on a sequence output (a layout with a time axis): each sample's scores decoded greedily
+                  as CTC is (argmax per frame, repeats collapsed, the blank dropped), the share of samples
+                  whose decoded string is the reference's, and how many are not. A frame that changes
+                  without changing the string (a repeat, a blank beside a blank) changes nothing read;
+                  one changed character in a line changes the line. None without a time axis;
   worst_channel_cosine / worst_channel_rel_error
                   per channel (each index of the channel axis, over every sample and position), the
                   cosine and the relative error ||ref - cand|| / ||ref||, worst channel reported. A
@@ -53,6 +60,7 @@ __all__ = [
     "fidelity",
     "accuracy",
     "select_output",
+    "ctc_greedy_decode",
     "is_classifier_output",
     "find_batch_axis",
     "output_layout",
@@ -81,6 +89,14 @@ class Fidelity:
     channels: int | None = None
     batch_axis: int | None = 0  # None: each run's whole output is one sample
     class_axis: int | None = None
+    strings_unchanged: float | None = None  # sequence outputs: share of samples whose decoded string is unchanged
+    strings_changed: int | None = None  # ... and how many samples' strings changed
+    time_axis: int | None = None
+
+    @property
+    def reads_strings(self) -> bool:
+        """The output is a sequence of classes and its decoded strings were compared."""
+        return self.strings_unchanged is not None
 
     @property
     def decides_classes(self) -> bool:
@@ -88,11 +104,14 @@ class Fidelity:
         return self.class_axis is not None and self.class_axis == self.channel_axis and self.top1_agreement is not None
 
     @property
-    def score(self) -> float:
-        """What a fidelity budget is checked against: the lower of the mean cosine and the worst channel's
-        cosine -- or, when the channels are classes, the share of positions whose top class agrees: a
-        class's scores are mostly near 0 (probabilities), where int8's steps dominate its cosine without
-        changing a decision, while a class int8 stops picking shows in the agreement."""
+    def closeness(self) -> float:
+        """How close the values are, whatever the output: the lower of the mean cosine and the worst
+        channel's cosine -- or, when the channels are classes, the share of positions whose top class
+        agrees: a class's scores are mostly near 0 (probabilities), where int8's steps dominate its cosine
+        without changing a decision, while a class int8 stops picking shows in the agreement. What `score`
+        is on every output but a sequence's; what the int8 guard ranks roundings by and `prune` reports on
+        every output (`quant/sensitivity.py`, `prune/sensitivity.py`): on the few samples they measure,
+        strings change by whole samples and most changes would measure 0."""
         values = [self.cosine]
         if self.decides_classes:
             assert self.top1_agreement is not None
@@ -100,6 +119,24 @@ class Fidelity:
         elif self.worst_channel_cosine is not None:
             values.append(self.worst_channel_cosine)
         return min(values)
+
+    @property
+    def score(self) -> float:
+        """What a fidelity budget is checked against: `closeness` -- or, on a sequence of classes, the share
+        of samples whose decoded string is unchanged, alone: what a reader of the output sees. Per-frame
+        agreement let through a recognizer that read 80% of lines at 95% of frames; cosine let through int8
+        that changed 9% of a captcha reader's strings and refused every pruning of it, strings unchanged,
+        for a character the decoder never emits."""
+        if self.strings_unchanged is not None:
+            return self.strings_unchanged
+        return self.closeness
+
+    @property
+    def score_name(self) -> str:
+        """What `score` is, as reports name it."""
+        if self.reads_strings:
+            return "strings unchanged"
+        return "top-1 agreement" if self.decides_classes else "cosine"
 
 
 @dataclass(frozen=True)
@@ -114,11 +151,18 @@ class Accuracy:
 @dataclass(frozen=True)
 class OutputLayout:
     """Which axis of an output is the batch (None: one sample per run), the class axis (top-1), the channel
-    axis (per-channel fidelity). Axes index the output as the model produces it."""
+    axis (per-channel fidelity). Axes index the output as the model produces it.
+
+    `time_axis`: on a sequence of classes (a CTC recognizer's `[T, N, C]` or `[N, T, C]`), the one other
+    axis longer than 1: each sample's frames, decoded greedily into a string (`ctc_greedy_decode`).
+    `blank`: the class index of the CTC blank that decoding drops; 0 in the PaddleOCR and ddddocr exports
+    (and torch's `CTCLoss` default). `output_layout` sets the time axis and leaves the blank at 0."""
 
     batch_axis: int | None = 0
     class_axis: int | None = None
     channel_axis: int | None = None
+    time_axis: int | None = None
+    blank: int = 0
 
 
 def is_classifier_output(shape: Sequence[int], batch_axis: int | None = 0) -> bool:
@@ -158,6 +202,24 @@ def _moved(axis: int | None, batch_axis: int | None) -> int | None:
     return axis + 1 if axis < batch_axis else axis
 
 
+def ctc_greedy_decode(frames: np.ndarray, blank: int = 0) -> list[tuple[int, ...]]:
+    """Greedy CTC decoding of class ids `[samples, T]` (argmax per frame, taken by the caller): repeats
+    collapsed, then `blank` dropped, one tuple of class ids per sample."""
+    frames = np.asarray(frames)
+    if frames.ndim != 2:
+        raise DataError(f"CTC decoding needs class ids [samples, frames], not shape {list(frames.shape)}")
+    changed = np.ones(frames.shape, dtype=bool)
+    changed[:, 1:] = frames[:, 1:] != frames[:, :-1]
+    kept = changed & (frames != blank)
+    return [tuple(int(c) for c in row[keep]) for row, keep in zip(frames, kept, strict=True)]
+
+
+def _frames(classes: np.ndarray, time_axis: int) -> np.ndarray:
+    """Per-frame class ids of a batch (batch axis first, class axis reduced away) as `[samples, T]`; any
+    other axis (of length 1 by the layout's rule) joins the frames."""
+    return np.moveaxis(classes, time_axis, -1).reshape(len(classes), -1)
+
+
 class FidelityMeter:
     """Accumulates `Fidelity` over batches: call `update(reference, candidate)` per batch, then `result()`.
 
@@ -181,6 +243,8 @@ class FidelityMeter:
         self._channel_cand: np.ndarray | None = None
         self._channel_noise: np.ndarray | None = None
         self._decided: np.ndarray | None = None  # on a class axis: the classes fp32 picks somewhere
+        self._strings_changed = 0
+        self._strings: bool | None = None  # whether every batch had a time axis to decode along
 
     def _layout_for(self, shape: Sequence[int]) -> OutputLayout:
         return self._layout if self._layout is not None else _legacy_layout(shape)
@@ -225,8 +289,24 @@ class FidelityMeter:
             if layout.channel_axis == layout.class_axis:
                 picked = np.bincount(want.ravel(), minlength=full_ref.shape[class_axis]) > 0
                 self._decided = picked if self._decided is None or len(self._decided) != len(picked) else self._decided | picked
+            self._update_strings(want, got, layout, class_axis)
+        else:
+            self._strings = False
         self._update_channels(full_ref, full_cand, _moved(layout.channel_axis, layout.batch_axis))
         self._samples += len(ref)
+
+    def _update_strings(self, want: np.ndarray, got: np.ndarray, layout: OutputLayout, class_axis: int) -> None:
+        """Decode both batches' per-frame classes (`want`, `got`: the argmax, batch first) and count the
+        samples whose strings differ."""
+        time_axis = _moved(layout.time_axis, layout.batch_axis)
+        if time_axis is None or time_axis == 0 or time_axis == class_axis:
+            self._strings = False
+            return
+        time_axis -= 1 if time_axis > class_axis else 0  # the class axis was reduced away
+        wanted = ctc_greedy_decode(_frames(want, time_axis), layout.blank)
+        read = ctc_greedy_decode(_frames(got, time_axis), layout.blank)
+        self._strings_changed += sum(a != b for a, b in zip(wanted, read, strict=True))
+        self._strings = self._strings is not False
 
     def _update_channels(self, ref: np.ndarray, cand: np.ndarray, axis: int | None) -> None:
         if axis is None or axis == 0 or axis >= ref.ndim:
@@ -281,6 +361,7 @@ class FidelityMeter:
         else:
             snr = 10 * math.log10(self._signal / self._noise)
         worst_cosine, worst_error, worst = self._channels()
+        strings = bool(self._strings)
         return Fidelity(
             cosine=self._cosine_sum / self._samples,
             max_abs=self._max_abs,
@@ -295,6 +376,9 @@ class FidelityMeter:
             channels=None if self._channel_dot is None else len(self._channel_dot),
             batch_axis=layout.batch_axis,
             class_axis=layout.class_axis,
+            strings_unchanged=1.0 - self._strings_changed / self._samples if strings else None,
+            strings_changed=self._strings_changed if strings else None,
+            time_axis=layout.time_axis if strings else None,
         )
 
 
@@ -418,6 +502,11 @@ _NO_CLASSES = frozenset(
      "GlobalMaxPool", "Sqrt", "Div"}
 )  # boxes joined to scores, pooled or normalized embeddings: an argmax over them means nothing
 _SOFTMAX = frozenset({"Softmax", "LogSoftmax"})
+# Raw sequence logits (no Softmax) are told by their shape and their head: [T, N, C] or [N, T, C] from a
+# linear layer with at least this many output features. A CTC charset is at least the ten digits and the blank;
+# ddddocr's has 8,210 classes, PaddleOCR's 97 (English) to 18,385.
+MIN_SEQUENCE_CLASSES = 10
+_LINEAR = frozenset({"MatMul", "Gemm"})
 
 
 def _head(model: onnx.ModelProto, output: str) -> tuple[onnx.NodeProto | None, list[onnx.NodeProto]]:
@@ -429,6 +518,55 @@ def _head(model: onnx.ModelProto, output: str) -> tuple[onnx.NodeProto | None, l
         path.append(node)
         node = producers.get(node.input[0])
     return node, path
+
+
+def _constant_shape(model: onnx.ModelProto, name: str) -> list[int] | None:
+    """The shape of `name` when it is an initializer or a Constant node's output, else None."""
+    for tensor in model.graph.initializer:
+        if tensor.name == name:
+            return list(tensor.dims)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output and node.output[0] == name:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            return None if value is None else list(value.dims)
+    return None
+
+
+def _linear_features(model: onnx.ModelProto, head: onnx.NodeProto | None) -> int | None:
+    """The output features of a linear layer computing `head` -- MatMul or Gemm by a constant weight,
+    optionally then Add of a constant bias -- else None."""
+    if head is not None and head.op_type == "Add" and len(head.input) == 2:
+        producers = ProtoIndex(model.graph).producers
+        variable = [name for name in head.input if _constant_shape(model, name) is None]
+        head = producers.get(variable[0]) if len(variable) == 1 else None
+    if head is None or head.op_type not in _LINEAR or len(head.input) < 2:
+        return None
+    weight = _constant_shape(model, head.input[1])
+    if not weight or (head.op_type == "Gemm" and len(weight) != 2):
+        return None
+    if head.op_type == "Gemm" and _attribute(head, "transB", 0):
+        return weight[0]
+    return weight[-1]
+
+
+def _sequence_logits_axis(model: onnx.ModelProto, head: onnx.NodeProto | None, shape: Sequence[int],
+                          batch_axis: int | None) -> int | None:
+    """The class axis of raw sequence logits: a 3-d output whose last axis is a linear layer's
+    `MIN_SEQUENCE_CLASSES` or more features and that has exactly one other non-batch axis longer than 1
+    (and, with no batch axis, a leading axis of 1: `[T, 1, C]` or `[1, T, C]`). None otherwise."""
+    if len(shape) != 3 or shape[-1] < MIN_SEQUENCE_CLASSES or batch_axis == 2:
+        return None
+    if batch_axis is None and 1 not in shape[:2]:
+        return None
+    if _linear_features(model, head) != shape[-1]:
+        return None
+    return 2 if _time_axis(shape, batch_axis, 2) is not None else None
+
+
+def _time_axis(shape: Sequence[int], batch_axis: int | None, class_axis: int) -> int | None:
+    """The one axis besides the batch and the classes longer than 1 (the frames), else None."""
+    others = [axis for axis, d in enumerate(shape) if axis not in (batch_axis, class_axis) and d > 1]
+    return others[0] if len(others) == 1 else None
 
 
 def _axis_through(axis: int, path: Sequence[onnx.NodeProto]) -> int | None:
@@ -480,12 +618,17 @@ def layout_of(
 
 
 def output_layout(model: onnx.ModelProto, output: str, shape: Sequence[int], batch_axis: int | None) -> OutputLayout:
-    """The class and channel axes of `output` (at its real `shape`), given its batch axis.
+    """The class, channel and time axes of `output` (at its real `shape`), given its batch axis.
 
     Class axis: a Softmax/LogSoftmax's axis followed through Transposes (top-1 at every position: a CTC
     recognizer's `[T, 1, C]`); else, for an output with one axis longer than 1 besides the batch (a
     classifier), that axis -- unless the values come from a Concat, a pooling or a normalization
-    (boxes, embeddings). Channel axis: the class axis; else a Concat's axis (a head joining boxes and
+    (boxes, embeddings); else the last axis of raw sequence logits: `[T, N, C]` or `[N, T, C]` computed
+    by a linear layer (MatMul/Gemm by a constant, then maybe a bias Add, then shape-only ops) with
+    `MIN_SEQUENCE_CLASSES` or more features (ddddocr's recognizer: Gemm, Reshape, `[T, 1, 8210]`).
+    Time axis: with a class axis, the one other non-batch axis longer than 1, when there is exactly one
+    (a sequence of classes, judged by its decoded strings; a segmentation map's two spatial axes are
+    not a sequence). Channel axis: the class axis; else a Concat's axis (a head joining boxes and
     scores); else axis 1 of a 4-d `[N, C, H, W]` map, the last axis otherwise.
     """
     rank = len(shape)
@@ -501,6 +644,9 @@ def output_layout(model: onnx.ModelProto, output: str, shape: Sequence[int], bat
             class_axis = None
     elif op_type not in _NO_CLASSES and is_classifier_output(shape, batch_axis):
         class_axis = next(axis for axis, d in enumerate(shape) if axis != batch_axis and d > 1)
+    else:
+        class_axis = _sequence_logits_axis(model, head, shape, batch_axis)
+    time_axis = _time_axis(shape, batch_axis, class_axis) if class_axis is not None else None
     channel_axis = class_axis
     if channel_axis is None and head is not None and op_type == "Concat":
         axis = _attribute(head, "axis", 0)
@@ -511,7 +657,7 @@ def output_layout(model: onnx.ModelProto, output: str, shape: Sequence[int], bat
             channel_axis = 1 if rank == 4 and batch_axis == 0 else others[-1]
     if channel_axis is not None and (channel_axis == batch_axis or channel_axis >= rank):
         channel_axis = None
-    return OutputLayout(batch_axis, class_axis, channel_axis)
+    return OutputLayout(batch_axis, class_axis, channel_axis, time_axis)
 
 
 def _default_opset(model: onnx.ModelProto) -> int:

@@ -39,6 +39,7 @@ __all__ = [
     "crnn_lstm_model",
     "crnn_model",
     "ctc_head",
+    "ctc_reader",
     "dynamic_lstm_model",
     "gemm_model",
     "image_model",
@@ -775,6 +776,28 @@ def ctc_head(*, steps: int = 12, classes: int = 7, seed: int = 7) -> onnx.ModelP
     model = b.build(out)
     model.graph.output[0].CopyFrom(helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, "seqlen"]))
     return model
+
+
+def ctc_reader(
+    *, steps: int = 16, classes: int = 12, features: int = 8, depth: int = 1, softmax: bool = False,
+    time_major: bool = True, seed: int = 19,
+) -> onnx.ModelProto:
+    """A CTC line reader as convolutional recognizers export it: input [batch, 1, 4, steps] → Conv 3×3 → Relu →
+    (Conv 1×1 → Relu) × `depth` → ReduceMean over the height → [N, F, T] → Transpose to [T, N, F] (`time_major`) or
+    [N, T, F] → Linear (MatMul + Add) → [T, N, classes] or [N, T, classes] logits, raw (ddddocr's head) or
+    through Softmax over the classes (PaddleOCR's). Plain int8 of it changes few frames and many strings."""
+    b = ModelBuilder((1, 4, steps), opset=13, seed=seed)
+    y = b.relu(b.conv(b.input, features, k=3))
+    for _ in range(depth):
+        y = b.relu(b.conv(y, features, k=1))
+    y = b.op("ReduceMean", [y], axes=[2], keepdims=0)  # [N, F, T]
+    y = b.op("Transpose", [y], perm=[2, 0, 1] if time_major else [0, 2, 1])
+    b.channels[y] = features
+    weight = (b.rng.standard_normal((features, classes)) * 3 / np.sqrt(features)).astype(np.float32)
+    bias = np.zeros(classes, np.float32)
+    bias[0] = 1.5  # the blank wins the quiet frames, as in a trained reader
+    logits = b.op("Add", [b.op("MatMul", [y, b.const(weight)], channels=classes), b.const(bias, prefix="b")])
+    return b.build(b.op("Softmax", [logits], axis=2) if softmax else logits)
 
 
 # ----------------------------------------------------------------------------------------------------

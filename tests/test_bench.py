@@ -147,6 +147,7 @@ LATENCY_KEYS = {"p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "ru
 FIDELITY_KEYS = {
     "cosine", "max_abs", "mean_abs", "snr_db", "top1_agreement", "samples", "worst_channel_cosine",
     "worst_channel_rel_error", "worst_channel", "channel_axis", "channels", "batch_axis", "class_axis",
+    "strings_unchanged", "strings_changed", "time_axis",
 }
 
 
@@ -331,3 +332,30 @@ def test_speedup_spread_says_when_a_ratio_is_within_noise(models: dict[str, Path
     clear = replace(result, models=(result.models[0], replace(result.models[1], speedup_range=(1.5, 1.7))))
     assert "not a significant difference" not in render_bench(clear) and "(1.50-1.70)" in render_bench(clear)
     assert json.loads(json.dumps(bench_json(within)))["models"][1]["speedup_range"] == [0.8, 1.2]
+
+
+def test_a_ctc_readers_bench_shows_the_strings_unchanged(tmp_path: Path) -> None:
+    """A sequence output: the table adds the share of decoded strings unchanged (with its sample count);
+    logits doubled keep every string, the classifier's weights negated change them."""
+    import onnx
+    from builders import ctc_reader
+
+    source = ctc_reader(steps=16, classes=12)
+    doubled, negated = onnx.ModelProto(), onnx.ModelProto()
+    doubled.CopyFrom(source)
+    negated.CopyFrom(source)
+    for model, factor in ((doubled, 2.0), (negated, -1.0)):
+        matmul = next(n for n in model.graph.node if n.op_type == "MatMul")
+        for tensor in model.graph.initializer:
+            if tensor.name in (matmul.input[1], *(n.input[1] for n in model.graph.node if n.op_type == "Add")):
+                tensor.CopyFrom(onnx.numpy_helper.from_array(factor * onnx.numpy_helper.to_array(tensor), tensor.name))
+    paths = [save(m, tmp_path / f"{name}.onnx") for name, m in (("reader", source), ("doubled", doubled), ("negated", negated))]
+    np.savez(tmp_path / "lines.npz", input=np.random.default_rng(0).standard_normal((8, 1, 4, 16)).astype(np.float32))
+    result = benchmark(paths, data=tmp_path / "lines.npz", data_options=DataOptions(batch=4), options=FAST)
+    _, same, flipped = result.models
+    assert same.fidelity is not None and same.fidelity.strings_unchanged == 1.0 and same.fidelity.samples == 8
+    assert flipped.fidelity is not None and flipped.fidelity.strings_changed is not None and flipped.fidelity.strings_changed > 0
+    text = render_bench(result)
+    assert "strings unchanged" in text and "1.000 (n=8)" in text
+    assert f"{flipped.fidelity.strings_unchanged:.3f} (n=8)" in text
+    assert "strings unchanged" not in render_bench(benchmark(paths[:1], data=tmp_path / "lines.npz", options=FAST))

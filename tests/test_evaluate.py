@@ -91,3 +91,31 @@ def test_a_budget_smaller_than_the_evaluation_set_resolves_is_said() -> None:
     assert note is not None and "1.0 of the 200 evaluation samples" in note and "1000 samples" in note
     assert budget_resolution_note(AccuracyBudget(max_drop=0.5), 1000) is None
     assert budget_resolution_note(AccuracyBudget(min_fidelity=0.99), 10) is None
+
+
+def _strings(changed: int, samples: int, *, top1: float = 0.9, cosine: float = 0.5) -> Fidelity:
+    """A sequence output's fidelity: `changed` of `samples` strings changed; frames and cosine as given."""
+    return Fidelity(
+        cosine, 1.0, 0.1, 20.0, top1, samples, worst_channel_cosine=0.3, worst_channel=5, channel_axis=2,
+        class_axis=2, strings_unchanged=1 - changed / samples, strings_changed=changed, time_axis=0,
+    )
+
+
+def test_a_sequence_budget_reads_the_strings_with_the_confidence_their_count_allows() -> None:
+    """The default budget on a CTC output: 99% of strings unchanged, at the lower confidence bound -- the
+    cosine and per-frame figures (low here) do not decide."""
+    default = AccuracyBudget()
+    unchanged = check_budget(default, _strings(0, 60), None, None)
+    assert unchanged.met and unchanged.score == 1.0 and unchanged.score_name == "strings unchanged"
+    assert unchanged.samples == 60 and unchanged.score_label == "strings unchanged 1.000 (n=60)"
+    one = check_budget(default, _strings(1, 60, top1=0.999, cosine=0.9999), None, None)
+    assert not one.met and one.score == pytest.approx(59 / 60) and "1 of 60 changed" in one.why
+    # 1 in 100 is 99% measured, but not at 90% confidence: on 1,000 samples 6 changed strings pass, 7 do not
+    assert not check_budget(default, _strings(1, 100), None, None).met
+    six, seven = check_budget(default, _strings(6, 1000), None, None), check_budget(default, _strings(7, 1000), None, None)
+    assert six.met and not seven.met
+    assert six.score_bound == pytest.approx(1 - (6 + 1.2816 * np.sqrt(6)) / 1000)
+    assert seven.score_bound is not None and seven.score_bound < 0.99 < seven.score
+    # a looser budget the user asked for, and optimize's half budget for its pruning levels
+    assert check_budget(AccuracyBudget(min_fidelity=0.9), _strings(2, 60), None, None).met
+    assert not check_budget(AccuracyBudget(min_fidelity=0.995), _strings(4, 1000), None, None).met

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
+import onnx
 import pytest
-from builders import two_output_classifier
+from builders import ModelBuilder, two_output_classifier
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim.errors import DataError, UsageError
 from onnxslim.metrics import (
@@ -14,6 +17,7 @@ from onnxslim.metrics import (
     FidelityMeter,
     OutputLayout,
     accuracy,
+    ctc_greedy_decode,
     fidelity,
     find_batch_axis,
     is_classifier_output,
@@ -141,7 +145,7 @@ def test_a_sequence_first_output_is_compared_on_every_timestep() -> None:
     batch_axis = find_batch_axis(model, output, shape, 2, probe=lambda n: (12, n, 7))
     assert batch_axis == 1
     layout = output_layout(model, output, shape, batch_axis)
-    assert layout == OutputLayout(batch_axis=1, class_axis=2, channel_axis=2)
+    assert layout == OutputLayout(batch_axis=1, class_axis=2, channel_axis=2, time_axis=0)
     reference = RNG.random(shape)
     candidate = reference.copy()
     candidate[5:, 0, :] = candidate[5:, 0, ::-1]  # sample 0 wrong from timestep 5 on
@@ -204,3 +208,131 @@ def fidelity_with(layout: OutputLayout, reference: np.ndarray, candidate: np.nda
     meter = FidelityMeter(layout)
     meter.update(reference, candidate)
     return meter.result()
+
+
+# ------------------------------------------------------------------------------- sequences (CTC outputs)
+
+
+def test_ctc_greedy_decoding_collapses_repeats_then_drops_the_blank() -> None:
+    frames = np.array([[0, 3, 3, 0, 3, 5, 5, 0], [2, 2, 2, 2, 0, 0, 0, 0], [0] * 8])
+    assert ctc_greedy_decode(frames) == [(3, 3, 5), (2,), ()]
+    # a blank index of 2 (a charset with the blank elsewhere): 0 is a character, 2 is dropped
+    assert ctc_greedy_decode(frames, blank=2) == [(0, 3, 0, 3, 5, 0), (0,), (0,)]
+    with pytest.raises(DataError, match="samples, frames"):
+        ctc_greedy_decode(np.zeros(4, np.int64))
+
+
+@pytest.mark.parametrize("softmax", [False, True], ids=["logits", "softmax"])
+@pytest.mark.parametrize("time_major", [True, False], ids=["TNC", "NTC"])
+def test_a_ctc_reader_output_is_a_sequence_of_classes(softmax: bool, time_major: bool) -> None:
+    """Conv features -> [T, N, C] or [N, T, C] scores, raw logits of a linear layer or a Softmax: the class
+    axis is the last, the time axis the other non-batch one, the blank 0."""
+    from builders import ctc_reader
+
+    model = ctc_reader(steps=16, classes=12, softmax=softmax, time_major=time_major)
+    output = model.graph.output[0].name
+    shape = (16, 3, 12) if time_major else (3, 16, 12)
+    batch_axis = find_batch_axis(model, output, shape, 3)
+    assert batch_axis == (1 if time_major else 0)
+    layout = output_layout(model, output, shape, batch_axis)
+    assert layout == OutputLayout(batch_axis, class_axis=2, channel_axis=2, time_axis=0 if time_major else 1, blank=0)
+    # one sample per run ([T, 1, C] with no batch axis found): still a sequence along T
+    single = (16, 1, 12) if time_major else (1, 16, 12)
+    assert output_layout(model, output, single, None).time_axis == (0 if time_major else 1)
+
+
+def _gemm_reshape_reader(classes: int, steps: int = 10, features: int = 6) -> onnx.ModelProto:
+    """ddddocr's head as exported: features [1, F, T] -> Transpose -> Reshape [T, F] -> Gemm (transB) ->
+    Reshape [T, 1, C], raw logits, the batch fixed at 1."""
+    rng = np.random.default_rng(2)
+    weight = numpy_helper.from_array(rng.standard_normal((classes, features)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(np.zeros(classes, np.float32), "b")
+    flat = numpy_helper.from_array(np.array([steps, features], np.int64), "flat")
+    lines = numpy_helper.from_array(np.array([steps, 1, classes], np.int64), "lines")
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[2, 0, 1], name="transpose"),
+        helper.make_node("Reshape", ["t", "flat"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w", "b"], ["g"], transB=1, name="classifier"),
+        helper.make_node("Reshape", ["g", "lines"], ["logits"], name="to_lines"),
+    ]
+    graph = helper.make_graph(
+        nodes, "reader", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, features, steps])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seqlen"])], [weight, bias, flat, lines],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_raw_logits_of_a_gemm_reshaped_to_lines_are_a_sequence_and_other_3d_outputs_are_not() -> None:
+    reader = _gemm_reshape_reader(classes=40)
+    assert find_batch_axis(reader, "logits", (10, 1, 40), 1) is None
+    assert output_layout(reader, "logits", (10, 1, 40), None) == OutputLayout(None, 2, 2, time_axis=0)
+    # too few classes for a charset: features, not classes
+    assert output_layout(_gemm_reshape_reader(classes=4), "logits", (10, 1, 4), None).class_axis is None
+    # a transformer's hidden states [N, T, D] out of a LayerNorm after a linear layer: no classes, no sequence
+    b = ModelBuilder((10, 16), opset=17)
+    b.channels[b.input] = 16
+    y = b.matmul(b.input, 16)
+    hidden = b.build(b.op("LayerNormalization", [y, b.const(np.ones(16, np.float32)), b.const(np.zeros(16, np.float32))]))
+    name = hidden.graph.output[0].name
+    assert output_layout(hidden, name, (2, 10, 16), 0) == OutputLayout(0, None, 2)
+    linear = ModelBuilder((10, 16), opset=17)
+    linear.channels[linear.input] = 16
+    logits = linear.build(linear.matmul(linear.input, 16))  # the same linear layer's output *is* read as classes
+    assert output_layout(logits, logits.graph.output[0].name, (2, 10, 16), 0).time_axis == 1
+    # a segmentation map's Softmax over channels [N, C, H, W]: two spatial axes, not a sequence
+    b = ModelBuilder((3, 8, 8))
+    segmenter = b.build(b.op("Softmax", [b.conv(b.input, 5, k=3)], axis=1))
+    layout = output_layout(segmenter, segmenter.graph.output[0].name, (2, 5, 8, 8), 0)
+    assert layout.class_axis == 1 and layout.time_axis is None
+
+
+def _frames_to_scores(frames: np.ndarray, classes: int = 12) -> np.ndarray:
+    """[N, T] class ids -> [T, N, classes] scores whose argmax is those ids, with a margin."""
+    scores = RNG.normal(0, 0.1, (*frames.shape, classes))
+    np.put_along_axis(scores, frames[..., None], 5.0, axis=-1)
+    return np.moveaxis(scores, 1, 0)
+
+
+TNC = OutputLayout(batch_axis=1, class_axis=2, channel_axis=2, time_axis=0)
+
+
+def test_a_changed_frame_that_keeps_the_string_changes_no_string_and_one_that_does_changes_one() -> None:
+    frames = np.array([[0, 4, 4, 0, 7, 0, 0, 3], [5, 5, 0, 2, 2, 0, 9, 0]])
+    reference = _frames_to_scores(frames)
+    kept = frames.copy()
+    kept[0, 2] = 0  # "4 4 0" -> "4 0 0": still one 4
+    kept[1, 5] = 2  # "2 2 0" -> "2 2 2": still one 2
+    harmless = fidelity_with(TNC, reference, _frames_to_scores(kept))
+    assert harmless.top1_agreement == pytest.approx(14 / 16) and harmless.strings_changed == 0
+    assert harmless.strings_unchanged == 1.0 and harmless.score == 1.0 and harmless.reads_strings
+    assert harmless.score_name == "strings unchanged" and harmless.time_axis == 0
+    changed = frames.copy()
+    changed[1, 2] = 5  # "5 5 0 2" -> "5 5 5 2": still 5 2; and ...
+    changed[1, 4] = 0  # "2 2" -> "2 0": still 2 -- both harmless; now one that reads differently:
+    changed[0, 5] = 7  # "7 0 0" -> "7 7 0": harmless; then
+    changed[0, 3] = 4  # "4 4 0 7" -> "4 4 4 7": harmless ... and the one that matters:
+    changed[0, 7] = 0  # the final 3 dropped: "4 7 3" -> "4 7"
+    broken = fidelity_with(TNC, reference, _frames_to_scores(changed))
+    assert broken.strings_changed == 1 and broken.strings_unchanged == 0.5 and broken.score == 0.5
+    assert broken.top1_agreement == pytest.approx(11 / 16)
+
+
+def test_strings_are_compared_per_sample_across_batches_and_with_the_layouts_blank() -> None:
+    frames = np.array([[1, 1, 2, 2], [0, 4, 1, 1]])
+    other = np.array([[1, 2, 2, 2], [4, 4, 1, 1]])  # "1 2" and "4 1" both, the blank being 0
+    meter = FidelityMeter(TNC)
+    meter.update(_frames_to_scores(frames[:1]), _frames_to_scores(other[:1]))
+    meter.update(_frames_to_scores(frames[1:]), _frames_to_scores(other[1:]))
+    result = meter.result()
+    assert (result.samples, result.strings_changed, result.strings_unchanged) == (2, 0, 1.0)
+    # with the blank at 2, class 0 is a character: "0 4 1" is not "4 1" (and "1 2" -> "1" both)
+    with_blank_2 = fidelity_with(dataclasses.replace(TNC, blank=2), _frames_to_scores(frames), _frames_to_scores(other))
+    assert with_blank_2.strings_changed == 1
+    broken = other.copy()
+    broken[1] = [4, 4, 4, 4]  # "4 1" -> "4"
+    assert fidelity_with(TNC, _frames_to_scores(frames), _frames_to_scores(broken)).strings_changed == 1
+    # without a time axis nothing is decoded: the class-axis score as before
+    plain = fidelity_with(dataclasses.replace(TNC, time_axis=None), _frames_to_scores(frames), _frames_to_scores(broken))
+    assert plain.strings_unchanged is None and not plain.reads_strings and plain.score_name == "top-1 agreement"

@@ -305,3 +305,40 @@ def test_when_int8_does_not_pay_pruning_gets_the_whole_budget() -> None:
     # nothing deeper passes: None, and the search keeps its own answer
     none, _ = pipeline._deeper_without_int8(passed, [], list(trials[:1]), 0, level, lambda m: BudgetCheck(False, 0.5, None, "x"))
     assert none is None
+
+
+def test_optimize_judges_a_ctc_readers_pruning_levels_and_int8_by_their_strings(tmp_path: Path) -> None:
+    """Issue 23: on a sequence output the pruning trials and the final models are checked on the share of
+    greedy-decoded strings unchanged (what a reader sees), counted on the held-out samples."""
+    from builders import ctc_reader
+
+    source = ctc_reader(depth=3, features=16, seed=3)
+    model, calib = tmp_path / "reader.onnx", tmp_path / "lines.npz"
+    onnx.save(source, model)
+    lines = np.random.default_rng(0).standard_normal((100, 1, 4, 16)).astype(np.float32)
+    np.savez(calib, input=lines)
+    out = tmp_path / "out"
+    args = ["optimize", str(model), "-o", str(out), "--calib", str(calib), "--batch", "10", "--target-macs", "0.7",
+            "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    held = lines[80:]  # no --eval: the last fifth of the batches judges
+
+    def strings(path: Path) -> list[tuple[int, ...]]:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        frames = np.argmax(session.run(None, {"input": held})[0], axis=2).T  # [T, N, C] -> [N, T]
+        return [tuple(int(c) for t, c in enumerate(row) if c != 0 and (t == 0 or c != row[t - 1])) for row in frames]
+
+    reference = strings(model)
+    trial = report["trials"][0]
+    assert trial["score_name"] == "strings unchanged" and trial["samples"] == len(held)
+    pruned = next(m for m in report["models"] if m["name"] == "pruned")
+    changed = sum(a != b for a, b in zip(reference, strings(out / "pruned.onnx"), strict=True))
+    assert pruned["budget"]["score_name"] == "strings unchanged"
+    assert pruned["fidelity"] == pytest.approx(1 - changed / len(held)) == pytest.approx(trial["pruned_score"])
+    assert pruned["budget"]["met"] == (changed == 0)  # 20 samples: a 99% budget admits no changed string
+    assert trial["pruned_met"] == (changed == 0)
+    assert f"strings unchanged {1 - changed / len(held):.3f} (n=20)" in (out / "report.md").read_text()

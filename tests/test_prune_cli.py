@@ -311,6 +311,37 @@ def test_prune_with_calibration_reports_recovery_and_fidelity(tmp_path: Path) ->
     assert evaluation["outputs"][0]["cosine_after"] > 0.9 and not evaluation["collapsed"]
 
 
+def test_prune_reports_the_strings_of_a_ctc_reader_beside_its_cosine(tmp_path: Path) -> None:
+    """On a sequence output the held-out comparison adds the share of decoded strings unchanged, before and
+    after recovery, counted on every fifth sample (what recovery held out)."""
+    import numpy as np
+    import onnxruntime as ort
+    from builders import ctc_reader
+
+    model, calib, out = tmp_path / "reader.onnx", tmp_path / "lines.npz", tmp_path / "pruned.onnx"
+    onnx.save(ctc_reader(depth=3, features=16, seed=3), model)
+    lines = np.random.default_rng(0).standard_normal((100, 1, 4, 16)).astype(np.float32)
+    np.savez(calib, input=lines)
+    args = ["prune", str(model), "-o", str(out), "--target-macs", "0.7", "--calib", str(calib)]
+    result = CliRunner().invoke(cli, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads(result.stdout)["evaluation"]
+    held = lines[4::5]
+
+    def strings(path: Path) -> list[tuple[int, ...]]:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        frames = np.argmax(session.run(None, {"input": held})[0], axis=2).T  # [T, N, C] -> [N, T]
+        return [tuple(int(c) for t, c in enumerate(row) if c != 0 and (t == 0 or c != row[t - 1])) for row in frames]
+
+    changed = sum(a != b for a, b in zip(strings(model), strings(out), strict=True))
+    output = evaluation["outputs"][0]
+    assert evaluation["samples"] == len(held) and output["strings_after"] == pytest.approx(1 - changed / len(held))
+    assert output["strings_before"] is not None and output["cosine_after"] <= 1.0
+    text = CliRunner().invoke(cli, args).stdout
+    assert "strings unchanged " in text
+    assert f"{output['strings_after']:.3f}" in text and "strings unchanged: share of samples" in text
+
+
 @pytest.mark.parametrize("extra", [["--criterion", "activation"], ["--recover", "lsq"], ["--eval", "random"]])
 def test_data_options_without_calibration_data_are_usage_errors(extra: list[str], tmp_path: Path) -> None:
     out = tmp_path / "pruned.onnx"

@@ -770,6 +770,46 @@ def test_cli_quantizes_and_reports_json(tmp_path: Path, model_and_data, fake_lat
     assert find_quantized_nodes(onnx.load(str(out)))
 
 
+def test_a_fallback_that_leaves_nothing_int8_keeps_the_fp32_model_instead_of_failing(tmp_path: Path) -> None:
+    """The Softmax reader of the test above: the string budget holds only with every node onnxruntime runs
+    in int8 kept fp32, so no int8 variant can be built with that fallback. Was exit 1, "no int8 model could
+    be built"; now the fp32 model is kept, the closest int8 variant shown, and a note says why."""
+    from builders import ctc_reader
+
+    source = ctc_reader(depth=3, features=16, seed=3, softmax=True)
+    data = dataset(_random_npz(tmp_path / "lines.npz", source, 100), source, batch=10)
+    result = quantize_model(source, data, QuantizeOptions(cpu=VNNI), timer=FAST)
+    met = [t for t in result.exclusion_trials if t.check.met]
+    assert met and max(t.nodes for t in met) >= len({n.name for n in source.graph.node if n.op_type in ("Conv", "MatMul")})
+    assert not result.quantized and not find_quantized_nodes(result.model)
+    assert all(n.error is None for n in result.fp32_nodes)  # no measured fallback kept: it left nothing int8
+    assert any("leaves nothing to run in int8" in note for note in result.notes)
+    assert result.budget_check is not None and not result.budget_check.met  # the closest int8 variant misses it
+
+
+def test_cli_names_the_strings_figure_of_a_ctc_reader_in_text_and_json(tmp_path: Path, fake_latencies) -> None:
+    from builders import ctc_reader
+
+    fake_latencies(10.0, 4.0)
+    source = ctc_reader(depth=3, features=16, seed=3)
+    path, calib = save(source, tmp_path / "reader.onnx"), _random_npz(tmp_path / "lines.npz", source, 100)
+    args = ["quantize", str(path), "-o", str(tmp_path / "int8.onnx"), "--calib", str(calib), "--batch", "10",
+            "--max-trials", "0", "--force"]
+    code, stdout, _ = invoke(*args, "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    fidelity, check = report["fidelity"], report["budget_check"]
+    changed, samples = fidelity["strings_changed"], fidelity["samples"]
+    assert changed > 0 and samples == 20 and fidelity["strings_unchanged"] == pytest.approx(1 - changed / samples)
+    assert check["score_name"] == "strings unchanged" and check["samples"] == samples and check["met"] is False
+    assert check["score_bound"] < check["score"] and report["budget_met"] is False
+    code, stdout, _ = invoke(*args)
+    assert code == 0
+    share = f"{1 - changed / samples:.3f}"
+    assert f"strings unchanged {share} (n={samples}, {changed} changed; per frame top-1 agreement" in stdout
+    assert f"MISSED: strings unchanged {share} ({changed} of {samples} changed)" in stdout
+
+
 def test_cli_writes_fp32_when_int8_is_not_faster_and_force_overrides(tmp_path: Path, model_and_data, fake_latencies) -> None:
     fake_latencies(10.0, 11.0)
     _, path, calib = model_and_data
@@ -927,6 +967,48 @@ def test_a_yolo_head_whose_scores_collapse_is_caught_and_its_concat_kept_fp32(tm
     assert len(concat) == 1 and "ranges differ" in concat[0].reason
     assert guarded.budget_met and guarded.fidelity is not None and guarded.fidelity.channel_axis == 1
     assert guarded.fidelity.top1_agreement is None  # boxes and scores: no class axis
+
+
+def _decoded(model: onnx.ModelProto, x: np.ndarray, time_major: bool) -> list[tuple[int, ...]]:
+    """Each sample's greedy CTC string (blank 0), decoded here independently of onnxslim's meter."""
+    scores = run(model, x)
+    frames = np.argmax(np.moveaxis(scores, 1, 0) if time_major else scores, axis=2)  # [N, T]
+    strings = []
+    for row in frames:
+        collapsed = [c for t, c in enumerate(row) if t == 0 or c != row[t - 1]]
+        strings.append(tuple(int(c) for c in collapsed if c != 0))
+    return strings
+
+
+@pytest.mark.parametrize(("softmax", "time_major"), [(False, True), (False, False)], ids=["logits-TNC", "logits-NTC"])
+def test_a_ctc_readers_int8_is_judged_by_its_strings(tmp_path: Path, softmax: bool, time_major: bool) -> None:
+    """Issue 23: plain int8 of a CTC reader keeps cosine and per-frame top-1 above 0.99 while changing
+    strings; the default budget (99% of strings unchanged) refuses it, and the guard keeps the roundings
+    that change strings in fp32 until no held-out string changes."""
+    from builders import ctc_reader
+
+    source = ctc_reader(depth=3, features=16, seed=3, softmax=softmax, time_major=time_major)
+    path = _random_npz(tmp_path / "lines.npz", source, 100)
+    data = dataset(path, source, batch=10)
+    held = np.load(path)["input"][80:]  # the last fifth of the batches judges (hold_out_tail)
+    reference = _decoded(source, held, time_major)
+
+    plain = quantize_model(source, data, QuantizeOptions(max_trials=0, force=True, cpu=VNNI), timer=FAST)
+    assert plain.quantized and plain.fidelity is not None and plain.budget_check is not None
+    changed = sum(a != b for a, b in zip(reference, _decoded(plain.model, held, time_major), strict=True))
+    fidelity, check = plain.fidelity, plain.budget_check
+    assert changed > 0 and fidelity.strings_changed == changed and fidelity.samples == len(held)
+    assert check.score_name == "strings unchanged" and check.score == pytest.approx(1 - changed / len(held))
+    assert not check.met and f"{changed} of {len(held)} changed" in check.why
+    # what the budget read before: cosine and per-frame top-1 agreement, both of which this int8 passes
+    assert fidelity.cosine > 0.99 and fidelity.top1_agreement is not None and fidelity.top1_agreement > 0.99
+
+    guarded = quantize_model(source, data, QuantizeOptions(cpu=VNNI), timer=FAST)
+    assert guarded.budget_met and guarded.quantized and guarded.fp32_nodes
+    assert guarded.budget_check is not None and guarded.budget_check.score_name == "strings unchanged"
+    assert _decoded(guarded.model, held, time_major) == reference
+    onnx.checker.check_model(guarded.model)
+    assert [o.name for o in guarded.model.graph.output] == [o.name for o in source.graph.output]
 
 
 def test_max_drop_needs_labels(tmp_path: Path, model_and_data) -> None:

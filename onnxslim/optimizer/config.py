@@ -105,6 +105,7 @@ class Trial:
     seconds: float = 0.0
     score_name: str = "cosine"  # what the scores are (BudgetCheck.score_name)
     same_as: int | None = None  # the earlier trial (1-based) whose plan this level gave again: not pruned twice
+    samples: int | None = None  # the evaluation samples the scores rest on (BudgetCheck.samples)
     whole_budget: bool = False  # pruned_* judged with the whole budget (int8 was not kept), not half of it
 
 

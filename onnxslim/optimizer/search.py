@@ -274,7 +274,7 @@ def optimize(
         check, _, _ = judge(result.model, level_budget)  # remembered when the plan was tried before
         trial = Trial(keep, result.macs_after / result.macs_before, check.score, check.drop, check.met,
                       seconds=pruning + spent("judging levels", begin + pruning), score_name=check.score_name,
-                      same_as=same_as)
+                      same_as=same_as, samples=check.samples)
         logger.info("trial: keep %.3f of the MACs → %s", keep, "passes" if check.met else check.why)
         return result, trial
 
@@ -289,10 +289,9 @@ def optimize(
         spent("judging int8", begin + quantizing)
         if trial is None:
             return q, None
-        return q, Trial(
-            trial.target_macs, trial.macs_kept, trial.pruned_score, trial.pruned_drop, trial.pruned_met,
-            q.quantized, check.score, check.drop, check.met, None, trial.seconds + time.perf_counter() - begin,
-            trial.score_name, trial.same_as,
+        return q, replace(
+            trial, quantized=q.quantized, final_score=check.score, final_drop=check.drop, final_met=check.met,
+            seconds=trial.seconds + time.perf_counter() - begin,
         )
 
     if levels is None:
@@ -458,11 +457,7 @@ def _search_speed(
         final = final or trial
         final_model = quantized.model if quantized is not None else result.model
         speedup = _speedup(loaded.model, final_model, options)
-        trials.append(Trial(
-            final.target_macs, final.macs_kept, final.pruned_score, final.pruned_drop, final.pruned_met,
-            final.quantized, final.final_score, final.final_drop, final.final_met, speedup, final.seconds,
-            final.score_name,
-        ))
+        trials.append(replace(final, speedup=speedup))
         if speedup >= options.target_speedup:
             if best is None or keep > best[0]:
                 best = (keep, result, quantized)

@@ -270,7 +270,8 @@ def measure(state: PruneState) -> None:
     before = evaluator.compare(state.unrecovered, "the pruned model")
     after = before if state.pruned is state.unrecovered else evaluator.compare(state.pruned, "the pruned model")
     fidelities = tuple(
-        OutputFidelity(name, b.score, a.score, b.top1_agreement, a.top1_agreement)
+        OutputFidelity(name, b.closeness, a.closeness, b.top1_agreement, a.top1_agreement, b.strings_unchanged,
+                       a.strings_unchanged)
         for name, b, a in zip(evaluator.outputs, before.fidelities, after.fidelities, strict=True)
     )
     state.evaluation = Evaluation(

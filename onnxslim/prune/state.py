@@ -117,13 +117,16 @@ class OutputFidelity:
     """One output of the pruned model against the original's on held-out data, before and after recovery:
     the cosine score (the lower of the mean cosine and the worst output channel's, `Fidelity.score`) and,
     where the output has a class axis, the share of positions whose top-1 class agrees (every time step of
-    a `[T, N, C]` recognizer output, for instance)."""
+    a `[T, N, C]` recognizer output, for instance); on a sequence output (a CTC recognizer's) also the share
+    of samples whose greedy-decoded string is unchanged (`Fidelity.strings_unchanged`)."""
 
     output: str
     cosine_before: float
     cosine_after: float
     agreement_before: float | None = None
     agreement_after: float | None = None
+    strings_before: float | None = None
+    strings_after: float | None = None
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,10 @@ cheapest of them in fp32 until the budget holds.
 * **Budget.** `max_drop` (points of top-1 against labels) and/or `min_fidelity` (against fp32 on held-out
   data, no labels needed): the lower of the mean per-sample cosine and the *worst channel's* cosine (see
   `metrics`), so a collapsed slice of an output (class scores concatenated with box coordinates) fails it;
-  on an output whose channels are classes, top-1 agreement instead of the worst channel (`Fidelity.score`).
-  Default: `min_fidelity` 0.99 -- see `DEFAULT_MIN_FIDELITY`.
+  on an output whose channels are classes, top-1 agreement instead of the worst channel; on a sequence of
+  classes (a CTC recognizer), the share of greedy-decoded strings unchanged (`Fidelity.score`, checked at its
+  lower confidence bound by `evaluate.check_budget`). Default: `min_fidelity` 0.99 -- see
+  `DEFAULT_MIN_FIDELITY`.
 * **Ranges first.** A Concat whose inputs' calibrated ranges differ by more than `RANGE_RATIO` (100x) would
   share one int8 scale and round the small input to a few levels (a YOLO head's scores, 0-1 beside box
   pixels 0-320, all became 0): it is kept in fp32 before anything is measured.

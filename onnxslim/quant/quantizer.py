@@ -815,7 +815,26 @@ def keep_harmful_fp32(state: QuantState) -> None:
 
 def choose_fastest(state: QuantState) -> None:
     """The speed guard (speed.py) over the candidates built from the shared ranges, each judged too. The
-    placement's run already timed the configuration in force when nothing since changed it."""
+    placement's run already timed the configuration in force when nothing since changed it.
+
+    When the fp32 fallback met the budget only by leaving nothing onnxruntime runs in int8 (every compute
+    node of a small model kept fp32: no variant can be built), the answer is the fp32 model; the variants
+    are then timed and judged without that fallback, so the decision (fp32 kept, the budget missed by
+    int8) has the closest int8 variant to show, and a note says why."""
+    _time_candidates(state)
+    assert state.decision is not None
+    if state.decision.best is None and state.guarded:
+        state.notes.append(
+            f"the accuracy budget held only with {len(state.guarded)} node(s) fp32, which leaves nothing to run in "
+            "int8: the fp32 model is kept; the int8 variants shown are those without that fallback"
+        )
+        state.guarded = {}
+        _time_candidates(state)
+    if state.decision.best is None:
+        raise UnsupportedModelError(state.decision.reason)
+
+
+def _time_candidates(state: QuantState) -> None:
     options = state.options
     state.excluded = sorted({*state.base_excluded, *state.guarded})
     candidates = state.candidates_for(state.method, state.excluded)
@@ -844,18 +863,6 @@ def choose_fastest(state: QuantState) -> None:
         state.config, measure, per_channel_possible=state.prepared.per_channel,
         min_speedup=options.min_speedup, force=options.force,
     )
-    if state.decision.best is None and state.guarded:
-        # the fallback kept fp32 every node onnxruntime would quantize: no int8 model is left to build. The
-        # speed guard judges plain int8 instead (it misses the budget: fp32 is written unless --force).
-        state.notes.append(
-            f"the fp32 fallback kept {len(state.guarded)} node(s) fp32, which leaves no node in int8: int8 meets the "
-            "budget nowhere on this model (the candidates below are int8 without the fallback)"
-        )
-        state.guarded, state.exclusion_trials = {}, ()
-        choose_fastest(state)
-        return
-    if state.decision.best is None:
-        raise UnsupportedModelError(state.decision.reason)
 
 
 def validate_chosen(state: QuantState) -> None:

@@ -5,7 +5,8 @@ one node's constant inputs (weights, bias). `gated_model` turns the int8 (QDQ) m
 scalar switch per gate -- all off is the fp32 model, one on rounds at that one place only, any set on rounds
 at those places -- so a single onnxruntime session measures any gate or group of gates: the *deficit* is 1
 minus the fidelity score the budget reads (mean cosine and worst channel, worst output), on a few
-calibration samples.
+calibration samples -- on a sequence output (a CTC recognizer's) the per-frame top-1 agreement and cosine
+rather than the strings the budget reads, which few samples resolve too coarsely (`Fidelity.closeness`).
 
 Measured, not inferred: a relative error at a tensor says nothing of what the rest of the network makes of
 it (a residual stream's outlier features, a Softmax's logits, a LayerNorm's input), and charging a node
@@ -288,7 +289,7 @@ class _GateRunner:
             for meter, want, got in zip(meters, wants, self.rows(self.session.run(self.outputs, feeds), batch), strict=True):
                 meter.update(want, got)
         self.count += 1
-        score = min(meter.result().score for meter in meters)
+        score = min(meter.result().closeness for meter in meters)
         return 1.0 - score if np.isfinite(score) else 2.0
 
 

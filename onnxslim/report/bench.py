@@ -18,7 +18,7 @@ from onnxslim.report.format import (
 __all__ = ["render_bench", "bench_json"]
 
 
-def _bench_row(model: ModelBench, *, labels: bool) -> list[str]:
+def _bench_row(model: ModelBench, *, labels: bool, strings: bool = False) -> list[str]:
     latency, fidelity = model.latency, model.fidelity
     row = [
         model.name,
@@ -36,6 +36,9 @@ def _bench_row(model: ModelBench, *, labels: bool) -> list[str]:
         "ref" if fidelity is None else f"{fidelity.max_abs:.3g}",
         "ref" if fidelity is None else format_fraction(fidelity.top1_agreement),
     ]
+    if strings:  # a sequence output: the share of decoded strings unchanged, and how many samples it counts
+        row.append("ref" if fidelity is None or fidelity.strings_unchanged is None
+                   else f"{fidelity.strings_unchanged:.3f} (n={fidelity.samples})")
     if labels:
         row.append(format_fraction(model.accuracy.top1 if model.accuracy else None))
     row.append("n/a" if model.peak_memory_bytes is None else format_bytes(model.peak_memory_bytes))
@@ -48,6 +51,9 @@ def render_bench(result: BenchResult, *, markdown: bool = False) -> str:
         "model", "p50 ms", "p90 ms", "p99 ms", "mean±std ms", "min ms", "speedup", "samples/s", "size",
         "params", "MACs", "cosine", "max abs", "top-1 agree",
     ]
+    strings = any(m.fidelity is not None and m.fidelity.reads_strings for m in result.models)
+    if strings:
+        headers.append("strings unchanged")
     if labels:
         headers.append("top-1 acc")
     headers.append("peak mem")
@@ -77,7 +83,7 @@ def render_bench(result: BenchResult, *, markdown: bool = False) -> str:
         if m.speedup_range is not None and m.speedup_significant is False
     ]
     notes = "\n".join([notes, *(f"note: {text}" for text in [*result.notes, *warnings])])
-    table = format_table(headers, [_bench_row(m, labels=labels) for m in result.models], markdown=markdown)
+    table = format_table(headers, [_bench_row(m, labels=labels, strings=strings) for m in result.models], markdown=markdown)
     profile = _render_profiles(result.models, markdown=markdown)
     if markdown:
         return "\n".join([f"{settings}; {data}", "", table, "", notes, *profile])

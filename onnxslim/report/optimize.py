@@ -36,7 +36,7 @@ def _quality(bench: ModelBench, check: Any) -> str:
     if bench.accuracy is not None:
         return format_percent(bench.accuracy.top1)
     if check is not None:
-        return f"{check.score_name} {check.score:.4f}"
+        return str(check.score_label)
     return "reference"
 
 def _optimize_rows(result: OptimizeResult) -> list[list[str]]:
@@ -56,6 +56,14 @@ def _optimize_rows(result: OptimizeResult) -> list[list[str]]:
 _OPTIMIZE_HEADERS = ["model", "p50 ms", "p90 ms", "speedup", "size", "params", "MACs", "accuracy / fidelity",
                      "peak mem", "meets budget"]
 
+def _score(name: str, score: float | None, samples: int | None) -> str:
+    """A trial's score: shares of strings to 3 places with the samples they count, cosines to 4."""
+    if score is None:
+        return name
+    if name == "strings unchanged":
+        return f"{name} {score:.3f}" + ("" if samples is None else f" (n={samples})")
+    return f"{name} {score:.4f}"
+
 def _trial_rows(result: OptimizeResult) -> list[list[str]]:
     rows = []
     for number, trial in enumerate(result.trials, start=1):
@@ -64,9 +72,9 @@ def _trial_rows(result: OptimizeResult) -> list[list[str]]:
         if trial.final_met is not None:
             final_drop = f", top-1 -{trial.final_drop:.2f} pt" if trial.final_drop is not None else ""
             int8 = "int8" if trial.quantized else "fp32 kept"
-            final = f"{int8}: {trial.score_name} {trial.final_score:.4f}{final_drop} ({'meets' if trial.final_met else 'misses'})"
+            final = f"{int8}: {_score(trial.score_name, trial.final_score, trial.samples)}{final_drop} ({'meets' if trial.final_met else 'misses'})"
         verdict = "passes" if trial.pruned_met else "fails"
-        pruned = f"{trial.score_name} {trial.pruned_score:.4f}{drop} ({verdict}{' the whole budget' if trial.whole_budget else ''})"
+        pruned = f"{_score(trial.score_name, trial.pruned_score, trial.samples)}{drop} ({verdict}{' the whole budget' if trial.whole_budget else ''})"
         if trial.same_as is not None:
             pruned = f"the plan of trial {trial.same_as}: not pruned again"
         rows.append([
@@ -135,7 +143,8 @@ def _check_json(check: Any) -> dict[str, Any] | None:
     if check is None:
         return None
     return {"met": check.met, "score": check.score, "score_name": check.score_name, "drop": check.drop,
-            "drop_bound": check.drop_bound, "samples": check.samples, "why": check.why or None}
+            "drop_bound": check.drop_bound, "score_bound": check.score_bound, "samples": check.samples,
+            "why": check.why or None}
 
 def optimize_json(result: OptimizeResult, outdir: str | None = None) -> dict[str, Any]:
     """The `optimize --json` object (and report.json)."""

@@ -111,6 +111,8 @@ def _recovery_lines(result: PruneResult) -> list[str]:
             rows.append((f"cosine {o.output}", f"{o.cosine_before:.4f}", f"{o.cosine_after:.4f}"))
             if o.agreement_after is not None:
                 rows.append((f"top-1 agreement {o.output}", format_percent(o.agreement_before), format_percent(o.agreement_after)))
+            if o.strings_after is not None and o.strings_before is not None:
+                rows.append((f"strings unchanged {o.output}", f"{o.strings_before:.3f}", f"{o.strings_after:.3f}"))
         if evaluation.accuracy_after is not None:
             rows.insert(0, ("top-1 (original " + format_percent(evaluation.accuracy_original) + ")",
                             format_percent(evaluation.accuracy_before), format_percent(evaluation.accuracy_after)))
@@ -122,6 +124,8 @@ def _recovery_lines(result: PruneResult) -> list[str]:
         legend = "cosine: the lower of the mean cosine and the worst output channel's"
         if any(o.agreement_after is not None for o in evaluation.outputs):
             legend += "; top-1 agreement: share of positions, e.g. every time step, whose top class is the original's"
+        if any(o.strings_after is not None for o in evaluation.outputs):
+            legend += "; strings unchanged: share of samples whose greedy CTC decoding is the original's"
         lines.append(f"({legend})")
     return lines
 
@@ -152,7 +156,8 @@ def _evaluation_json(result: PruneResult) -> dict[str, Any] | None:
         "samples": evaluation.samples,
         "collapsed": evaluation.collapsed,
         "outputs": [{"output": o.output, "cosine_before": o.cosine_before, "cosine_after": o.cosine_after,
-                     "agreement_before": o.agreement_before, "agreement_after": o.agreement_after}
+                     "agreement_before": o.agreement_before, "agreement_after": o.agreement_after,
+                     "strings_before": o.strings_before, "strings_after": o.strings_after}
                     for o in evaluation.outputs],
         "accuracy_original": evaluation.accuracy_original,
         "accuracy_before": evaluation.accuracy_before,

@@ -79,6 +79,9 @@ def render_quantize(result: QuantizeResult, output: str | None = None) -> str:
     if result.fidelity is not None:
         fidelity = result.fidelity
         top1 = "" if fidelity.top1_agreement is None else f", top-1 agreement {format_fraction(fidelity.top1_agreement)}"
+        if fidelity.strings_unchanged is not None:  # a sequence output: the strings first, frames after
+            top1 = (f", strings unchanged {fidelity.strings_unchanged:.3f} (n={fidelity.samples}, "
+                    f"{fidelity.strings_changed} changed; per frame{top1.removeprefix(',')})")
         channel = ""
         if fidelity.worst_channel_cosine is not None:
             channel = (
@@ -132,6 +135,8 @@ def _render_guard(result: QuantizeResult) -> list[str]:
     check = result.budget_check
     verdict = "-" if check is None else "met" if check.met else f"MISSED: {check.why}"
     basis = "" if check is None or check.samples is None else f" (on {check.samples} samples)"
+    if check is not None and check.met and check.score_name == "strings unchanged":
+        basis = f" ({check.score_label})"
     lines.append(f"budget       {result.budget.label}: {verdict}{basis}")
     lines += _render_placement(result)
     measure = result.measure
@@ -146,12 +151,13 @@ def _render_guard(result: QuantizeResult) -> list[str]:
     trials = len(result.method_trials) - 1 + len(result.exclusion_trials)
     if trials:
         tried = ", ".join(f"{t.method} {t.check.score:.4f}" for t in result.method_trials)
-        lines.append(f"guard        {trials} of at most {result.max_trials} trials; calibration methods (fidelity): {tried}")
+        figure = result.method_trials[0].check.score_name if result.method_trials else "fidelity"
+        lines.append(f"guard        {trials} of at most {result.max_trials} trials; calibration methods ({figure}): {tried}")
         for trial in result.exclusion_trials:
             share = f" ({format_percent(trial.cost / result.model_macs)} of the MACs)" if result.model_macs else ""
             lines.append(
-                f"             top {trial.blocks} block(s), {trial.nodes} node(s) fp32{share}: fidelity "
-                f"{trial.check.score:.4f}{' (meets)' if trial.check.met else ''}"
+                f"             top {trial.blocks} block(s), {trial.nodes} node(s) fp32{share}: "
+                f"{trial.check.score_label}{' (meets)' if trial.check.met else ''}"
             )
     if result.fp32_nodes:
         rows = [(n.name, n.op_type, "-" if n.error is None else f"{n.error:.3g}", n.reason) for n in result.fp32_nodes[:20]]
