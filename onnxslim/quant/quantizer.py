@@ -691,7 +691,7 @@ def try_other_methods(state: QuantState) -> None:
     """When the budget is missed: the other calibration methods, one trial each; the best is kept."""
     if state.method_trials[0].check.met or not state.trials_left:
         return
-    for other in (m for m in ("percentile", "entropy", "minmax") if m != state.method):
+    for other in (m for m in ("tensor", "percentile", "entropy", "minmax") if m != state.method):
         if not state.trials_left:
             break
         state.trials_left -= 1
