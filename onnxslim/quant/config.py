@@ -97,7 +97,7 @@ class QuantizeOptions:
     """
 
     config: QuantConfig = field(default_factory=QuantConfig)
-    method: str = "minmax"
+    method: str = "tensor"  # each tensor's range by the error it causes (calibrate.py); minmax/entropy/percentile: one method
     exclude: tuple[str, ...] = ()
     force: bool = False
     min_speedup: float = MIN_SPEEDUP
@@ -108,7 +108,7 @@ class QuantizeOptions:
     budget: AccuracyBudget = field(default_factory=AccuracyBudget)
     max_trials: int = MAX_TRIALS  # trial quantizations the accuracy guard may run (0: only check the budget)
     cpu: CpuFeatures | None = None  # None: detected from /proc/cpuinfo
-    range_ratio: float | None = RANGE_RATIO  # Concats whose inputs' ranges differ more stay fp32 (None: never)
+    range_ratio: float | None = RANGE_RATIO  # Concats whose inputs' ranges differ more are joined in float per input (None: never)
     placement: str = "auto"  # auto: `compute`, or `kernels` when measured clearly faster (placement.py)
 
     def __post_init__(self) -> None:

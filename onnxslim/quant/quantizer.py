@@ -103,6 +103,7 @@ from onnxslim.metrics import (
 from onnxslim.progress import Progress
 from onnxslim.quant.calibrate import calibrate
 from onnxslim.quant.config import (
+    COMPUTE_OP_TYPES,
     FORMAT_NAMES,
     METHOD_NAMES,
     ORT_METADATA,
@@ -598,7 +599,7 @@ def apply_range_rules(state: QuantState) -> None:
     path, summary = state.calibrated(options.method)
     if options.range_ratio is not None:
         state.rule_nodes = [
-            e for e in concat_range_offenders(state.model, _load_ranges(path), options.range_ratio)
+            e for e in concat_range_offenders(state.model, _load_ranges(path), options.range_ratio, COMPUTE_OP_TYPES)
             if e.name not in state.user_excluded
         ]
     ruled = {r.name for r in state.rule_nodes}
@@ -688,8 +689,9 @@ def try_plain(state: QuantState) -> None:
 
 
 def try_other_methods(state: QuantState) -> None:
-    """When the budget is missed: the other calibration methods, one trial each; the best is kept."""
-    if state.method_trials[0].check.met or not state.trials_left:
+    """When the budget is missed: the other calibration methods, one trial each; the best is kept. Not after
+    `tensor`: it already chose each tensor's range among min-max, percentile and the least-error clip."""
+    if state.method_trials[0].check.met or not state.trials_left or state.method == "tensor":
         return
     for other in (m for m in ("tensor", "percentile", "entropy", "minmax") if m != state.method):
         if not state.trials_left:
