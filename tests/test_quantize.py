@@ -40,7 +40,15 @@ from onnxslim.quant import (
     QuantizeResult,
     quantize_model,
 )
-from onnxslim.quant.calibrate import calibrate
+from onnxslim.quant.calibrate import (
+    SIGMOID,
+    SILU,
+    RangeHistogram,
+    calibrate,
+    choose_range,
+    range_error,
+    reader_transfers,
+)
 from onnxslim.quant.config import InterleavedTiming, TimingBudget
 from onnxslim.quant.guard import (
     Block,
@@ -1192,13 +1200,14 @@ def test_a_calibration_method_that_fails_on_infinite_values_is_a_failed_trial_no
     np.savez(tmp_path / "x.npz", x=np.random.default_rng(1).standard_normal((16, 4, 8)).astype(np.float32))
     loaded = load_model(tmp_path / "attention.onnx")
     # every node placed: the histogram methods then collect the masked scores (compute ops alone never read them)
-    options = QuantizeOptions(budget=AccuracyBudget(min_fidelity=0.999999), max_trials=3, placement="all")
+    options = QuantizeOptions(budget=AccuracyBudget(min_fidelity=0.999999), max_trials=3, placement="all", method="minmax")
     result = quantize_model(loaded, dataset(tmp_path / "x.npz", loaded.model), options, timer=FAST)
     failed = [t for t in result.method_trials if "calibration failed" in t.check.why]
-    assert failed and all(t.method != "minmax" for t in failed)
+    assert failed and all(t.method not in ("minmax", "tensor") for t in failed)  # per tensor: finite values only
+    assert "tensor" in {t.method for t in result.method_trials}
     # placed on compute ops, the other methods range only the MatMuls' tensors: both calibrate
     placed = quantize_model(loaded, dataset(tmp_path / "x.npz", loaded.model), replace(options, placement="compute"), timer=FAST)
-    assert len(placed.method_trials) == 3 and not any("calibration failed" in t.check.why for t in placed.method_trials)
+    assert len(placed.method_trials) == 4 and not any("calibration failed" in t.check.why for t in placed.method_trials)
 
 
 # ------------------------------------------------------------------------------------------ placement
@@ -1393,3 +1402,127 @@ def test_the_group_measure_ranks_the_roundings_as_the_one_at_a_time_measure(tmp_
     top_exact = [b.gate for b in rank_gates(exact, gates, norms, quantizable, minimum=resolution)]
     top_grouped = [b.gate for b in rank_gates(grouped.deficits, gates, norms, quantizable, minimum=resolution)]
     assert top_grouped == top_exact
+
+
+# --------------------------------------------------------------------------------------- ranges per tensor
+
+
+def _fake_quantize(x: np.ndarray, low: float, high: float) -> np.ndarray:
+    """x rounded to 8 bits over [low, high] (widened to hold 0), as onnxruntime's u8 activations are."""
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = (high - low) / 255
+    zero = np.round(-low / scale)
+    return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
+def _histogram(values: np.ndarray, batches: int = 4) -> RangeHistogram:
+    histogram = RangeHistogram()
+    for part in np.array_split(values, batches):
+        histogram.add(part.astype(np.float32))
+    return histogram
+
+
+def test_the_histogram_keeps_exact_bounds_and_every_value_when_its_span_doubles() -> None:
+    rng = np.random.default_rng(0)
+    small, large = rng.standard_normal(5000), 40 * rng.standard_normal(5000)  # the second batch reaches far past
+    histogram = RangeHistogram()
+    histogram.add(small.astype(np.float32))
+    span = histogram.span
+    histogram.add(large.astype(np.float32))
+    assert histogram.span >= np.abs(large).max() and histogram.span / span == 2 ** round(np.log2(histogram.span / span))
+    assert histogram.counts.sum() == 10000
+    assert histogram.low == np.float32(min(small.min(), large.min())) and histogram.high == np.float32(max(small.max(), large.max()))
+    # the merged histogram is the histogram of all values at the final span (bins merged exactly)
+    direct, _ = np.histogram(np.concatenate([small, large]).astype(np.float32), bins=histogram.bins,
+                             range=(-histogram.span, histogram.span))
+    assert np.abs(direct - histogram.counts).sum() <= 4  # float edge rounding only
+
+
+def test_the_mse_range_beats_min_max_on_a_tensor_with_an_outlier() -> None:
+    """One value in a million at 60 (the rest ~ N(0, 1)) stretches min-max 15x: the chosen range clips it and
+    rounds everything else finer; its measured error is less than half min-max's, as the histogram predicts."""
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal(1_000_000)
+    values[123] = 60.0
+    histogram = _histogram(values, batches=40)  # batches within SAMPLE: the histogram sees every value
+    low, high, kind = choose_range(histogram)
+    assert kind == "mse" and high < 40
+    chosen = np.mean((_fake_quantize(values, low, high) - values) ** 2)
+    minmax = np.mean((_fake_quantize(values, values.min(), values.max()) - values) ** 2)
+    assert chosen < minmax / 2
+    assert float(range_error(histogram, low, high)) == pytest.approx(chosen, rel=0.05)
+    assert float(range_error(histogram, values.min(), values.max())) == pytest.approx(minmax, rel=0.05)
+
+
+def test_a_tensor_without_outliers_keeps_about_min_max() -> None:
+    values = np.random.default_rng(2).uniform(-3, 5, 100_000).astype(np.float32)
+    low, high, _ = choose_range(_histogram(values))
+    assert (low, high) == pytest.approx((values.min(), values.max()), rel=1e-3)  # nothing worth clipping
+
+
+def test_a_tensor_read_by_silu_is_ranged_by_the_error_after_silu() -> None:
+    """A pre-activation with a long negative tail (YOLOv8's early Conv outputs: -158 ... 168): SiLU maps the
+    whole tail to about 0, so the range may clip it and spend its steps where SiLU passes values on."""
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.normal(0, 3, 90_000), rng.uniform(-150, -10, 10_000), [150.0]])
+    histogram = _histogram(values)
+    plain_low, plain_high, _ = choose_range(histogram)
+    low, high, _ = choose_range(histogram, SILU)
+    assert plain_low < -100 and -30 < low < -3  # the tail clipped where SiLU no longer tells values apart
+
+    def silu(x: np.ndarray) -> np.ndarray:
+        return x / (1 + np.exp(-x))
+
+    after = np.mean((silu(_fake_quantize(values, low, high)) - silu(values)) ** 2)
+    plain = np.mean((silu(_fake_quantize(values, plain_low, plain_high)) - silu(values)) ** 2)
+    minmax = np.mean((silu(_fake_quantize(values, values.min(), values.max())) - silu(values)) ** 2)
+    assert after < plain and after < minmax / 2
+
+
+def test_reader_transfers_find_silu_sigmoid_and_nothing_else() -> None:
+    source = load_model_proto(yolo_head())
+    b = ModelBuilder((3, 8, 8), opset=13, seed=0)
+    pre = b.conv(b.input, 4, k=3)
+    silu = b.op("Mul", [pre, b.op("Sigmoid", [pre])])
+    model = b.build(b.conv(silu, 4))
+    transfers = reader_transfers(model, [pre, silu, "input"])
+    assert transfers == {pre: SILU}
+    logits = {n.input[0]: n for n in source.graph.node if n.op_type == "Sigmoid"}
+    found = reader_transfers(source, list(logits))
+    assert set(found) == set(logits) and all(t is SIGMOID for t in found.values())
+
+
+def test_per_tensor_ranges_quantize_a_model_that_passes_every_check(tmp_path: Path) -> None:
+    source = yolo_head()
+    data = dataset(_random_npz(tmp_path / "y.npz", source, 24), source, batch=8)
+    result = quantize_model(source, data, QuantizeOptions(method="tensor", cpu=VNNI, max_trials=0), timer=FAST)
+    assert result.method == "tensor" and result.calibration.method == "tensor"
+    assert sum(result.calibration.range_kinds.values()) == result.calibration.tensors > 0
+    assert result.validation is not None and result.quantized
+    int8 = result.model
+    onnx.checker.check_model(int8, full_check=True)
+    assert [(i.name, i.type) for i in int8.graph.input] == [(i.name, i.type) for i in source.graph.input]
+    assert [(o.name, o.type) for o in int8.graph.output] == [(o.name, o.type) for o in source.graph.output]
+    x = np.random.default_rng(9).uniform(0, 1, (2, 3, 16, 16)).astype(np.float32)
+    assert run(int8, x).shape == run(source, x).shape
+
+
+def test_a_concat_of_different_scales_is_joined_per_input_where_one_scale_breaks_the_scores(tmp_path: Path) -> None:
+    """Every node placed int8: under one shared scale (the rule off) the score channels (<= 0.2 beside box
+    pixels 0-320) round to a few levels and the worst channel fails; joined per input they keep their own
+    scale and the budget holds. The element-wise producers only the Concat reads (through Reshapes) are not
+    rounded at all."""
+    source = yolo_head()
+    data = dataset(_random_npz(tmp_path / "y.npz", source, 24), source, batch=8)
+    options = QuantizeOptions(max_trials=0, cpu=VNNI, placement="all")
+    shared = quantize_model(source, data, replace(options, range_ratio=None), timer=FAST).method_trials[0].check
+    per_input = quantize_model(source, data, options, timer=FAST)
+    check = per_input.method_trials[0].check
+    assert not shared.met and "channel" in shared.why
+    assert check.met and check.score > shared.score + 0.03
+    reasons = {n.name: (n.op_type, n.reason) for n in per_input.fp32_nodes}
+    concat = [name for name, (op, why) in reasons.items() if op == "Concat" and "per input" in why]
+    assert len(concat) == 1
+    readers = sorted(op for op, why in reasons.values() if f"read only by {concat[0]}" in why)
+    assert readers == ["Mul", "Reshape", "Reshape", "Sigmoid"]  # boxes: Mul -> Reshape; scores: Sigmoid -> Reshape
+    assert not any(op == "Conv" for op, _ in reasons.values())  # the compute ops before them stay int8

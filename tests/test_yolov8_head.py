@@ -158,3 +158,24 @@ def test_optimize_with_int8_exits_0_and_writes_a_valid_model(
                                       "--input-shapes", f"images:1,3,{SIZE},{SIZE}", "--max-trials", "2"])
     assert result.exit_code == 0, result.output
     _assert_valid_like_the_original(tmp_path / "optimized.onnx", dynamic)
+
+
+def test_quantize_joins_the_boxes_and_scores_per_input_and_writes_a_valid_model(
+    files: tuple[Path, Path], dynamic: onnx.ModelProto, tmp_path: Path
+) -> None:
+    """`onnxslim quantize` at its defaults on the v8 head: the output Concat (box pixels beside probabilities
+    <= 1) is joined in float per input, with the box Mul and the class Sigmoid that only it reads; ranges
+    are chosen per tensor; the model written passes the checker, runs and keeps its inputs and outputs."""
+    model, calib = files
+    out = tmp_path / "int8.onnx"
+    result = CliRunner().invoke(cli, ["quantize", str(model), "-o", str(out), "--calib", str(calib), "--input-shapes",
+                                      f"images:1,3,{SIZE},{SIZE}", "--max-trials", "0", "--force", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["method"] == "tensor" and sum(report["calibration"]["range_kinds"].values()) > 0
+    ruled = {n["name"]: (n["op_type"], n["reason"]) for n in report["fp32_nodes"]}
+    (last,) = [n.name for n in dynamic.graph.node if "output0" in n.output]
+    assert "joined in float per input" in ruled[last][1]
+    assert [name for name, (_, why) in ruled.items() if "per input" in why and "read only" not in why] == [last]
+    assert sorted(op for op, why in ruled.values() if f"read only by {last}" in why) == ["Mul", "Sigmoid"]
+    _assert_valid_like_the_original(out, dynamic)

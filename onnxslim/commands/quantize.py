@@ -46,8 +46,10 @@ logger = logging.getLogger("onnxslim")
 @click.option("--format", "quant_format", type=click.Choice(FORMATS), default="qdq", show_default=True,
               help="qdq: QuantizeLinear/DequantizeLinear around float ops (portable; onnxruntime fuses them); "
               "qoperator: QLinearConv, QLinearMatMul ... ops.")
-@click.option("--method", type=click.Choice(METHODS), default="minmax", show_default=True,
-              help="How activation ranges are calibrated.")
+@click.option("--method", type=click.Choice(METHODS), default="tensor", show_default=True,
+              help="How activation ranges are calibrated: tensor chooses each tensor's range (min-max, percentile or "
+              "the clip of least squared error, judged after the activation that reads it) by the error it "
+              "causes; minmax, entropy, percentile use one method for every tensor.")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True,
               help="Weight scales per output channel (needs opset 13: older models are upgraded, or fall back to "
               "per-tensor with a warning) or one per tensor.")

@@ -1,12 +1,26 @@
 """int8 quantization, calibration in bounded memory: onnxruntime's calibrators fed chunk by chunk, so that
-memory stays within `calibration_memory` whatever the number of samples (see quantize.py)."""
+memory stays within `calibration_memory` whatever the number of samples (see quantize.py).
+
+**Ranges per tensor** (method `tensor`). One calibration pass keeps a signed histogram of every calibrated
+tensor (`RangeHistogram`, `HISTOGRAM_BINS` bins over a symmetric span that doubles when a batch reaches past
+it, bins merged exactly) and its exact min and max. Each tensor's range is then chosen by the error it
+causes (`choose_range`): among its min-max range, its percentile range (`PERCENTILE` of |x|, as the
+`percentile` method) and the clipped ranges of a grid search, the one with the least expected squared
+quantization error on that tensor's histogram -- rounding (step^2 / 12 per value inside the range) plus
+clipping ((x - bound)^2 per value outside). A tensor with a few outliers gets a clipped range, a tensor
+whose extremes are its signal keeps min-max; which kind won for how many tensors is in the summary
+(`CalibrationSummary.range_kinds`). The ranges are written as a min-max cache, so onnxruntime's quantizer
+reads them as it reads every other method's.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +29,198 @@ import onnx
 
 from onnxslim.calib import Batch, Dataset
 from onnxslim.errors import DataError, UnsupportedModelError, first_line
+from onnxslim.graph import ProtoIndex
 from onnxslim.io import infer_tensor_infos
 from onnxslim.progress import Progress
 from onnxslim.quant.config import CALIBRATION_MEMORY, FLOAT_TYPES, CalibrationSummary
 from onnxslim.runtime import open_session, quiet_onnxruntime
 
 logger = logging.getLogger(__name__)
+
+HISTOGRAM_BINS = 4096  # bins of a tensor's signed histogram (method `tensor`)
+SAMPLE = 1 << 15  # values of a tensor per batch its histogram counts (min and max read every value)
+PERCENTILE = 99.999  # the percentile candidate of `choose_range`, as the `percentile` method's
+LEVELS = 255  # steps of an 8-bit activation scale: onnxruntime's u8 and s8 activations both use 255
+_GRID = np.linspace(0.01, 1.0, 100)  # fractions of the min-max bounds the MSE search tries
+RANGE_KINDS = ("minmax", "percentile", "mse")
+
+
+# ----------------------------------------------------------------------------------- ranges per tensor
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_positions(size: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(size).choice(size, SAMPLE, replace=False))
+
+
+class RangeHistogram:
+    """A tensor's values, streamed: exact min and max, how many are exactly 0 (int8 keeps them exact), and a
+    histogram of the finite ones over [-span, span] in `bins` bins, the span doubled (bins merged two by two,
+    exactly) whenever a batch reaches past it."""
+
+    def __init__(self, bins: int = HISTOGRAM_BINS) -> None:
+        if bins % 4:
+            raise ValueError(f"bins must be a multiple of 4, not {bins}")
+        self.bins = bins
+        self.counts = np.zeros(bins, dtype=np.int64)
+        self.span = 0.0
+        self.low, self.high = np.inf, -np.inf
+        self.zeros = 0
+
+    def add(self, values: np.ndarray) -> None:
+        """Merge one batch's values: min and max over all of them, the histogram over at most `SAMPLE` of
+        them (the same seeded positions for every batch of a shape)."""
+        flat = np.asarray(values).ravel()
+        if flat.size == 0:
+            return
+        self.low, self.high = min(self.low, float(np.min(flat))), max(self.high, float(np.max(flat)))
+        if flat.size > SAMPLE:
+            flat = flat[_sample_positions(flat.size)]
+        finite = flat[np.isfinite(flat)] if not (np.isfinite(self.low) and np.isfinite(self.high)) else flat
+        if finite.size == 0:
+            return
+        self.zeros += int(np.count_nonzero(finite == 0))
+        reach = float(max(-float(np.min(finite)), float(np.max(finite))))
+        if self.span == 0.0:
+            self.span = reach if reach > 0 else 0.0
+        while reach > self.span:
+            self._double()
+        if self.span == 0.0:
+            return  # only zeros so far
+        counts, _ = np.histogram(finite, bins=self.bins, range=(-self.span, self.span))
+        self.counts += counts
+
+    def _double(self) -> None:
+        half = self.bins // 2
+        merged = self.counts.reshape(-1, 2).sum(axis=1)  # [-span, span] in bins/2 bins of twice the width
+        self.counts = np.zeros(self.bins, dtype=np.int64)
+        self.counts[half // 2: half // 2 + half] = merged
+        self.span *= 2.0
+
+    @property
+    def centers(self) -> np.ndarray:
+        width = 2 * self.span / self.bins
+        return -self.span + width * (np.arange(self.bins) + 0.5)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow in exp
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """What a tensor's readers make of it, for the error its rounding causes: f and f'."""
+
+    name: str
+    value: Callable[[np.ndarray], np.ndarray]
+    slope: Callable[[np.ndarray], np.ndarray]
+
+
+IDENTITY = Transfer("identity", lambda x: x, np.ones_like)
+SIGMOID = Transfer("sigmoid", _sigmoid, lambda x: _sigmoid(x) * (1.0 - _sigmoid(x)))
+SILU = Transfer("silu", lambda x: x * _sigmoid(x), lambda x: _sigmoid(x) * (1.0 + x * (1.0 - _sigmoid(x))))
+RELU = Transfer("relu", lambda x: np.maximum(x, 0.0), lambda x: (x > 0).astype(np.float64))
+
+# Per-op knowledge of the range choice, in one table: a tensor read only by one of these ops (and, for SiLU,
+# x * Sigmoid(x): both readers) is judged by the error after that op; any other reader sees the tensor itself.
+READER_TRANSFERS: Mapping[str, Transfer] = {"Sigmoid": SIGMOID, "Relu": RELU}
+
+
+def reader_transfers(model: onnx.ModelProto, tensors: Collection[str]) -> dict[str, Transfer]:
+    """Each of `tensors` whose every reader applies one known activation (`READER_TRANSFERS`, or SiLU as
+    `x * Sigmoid(x)`, as exporters write it): that activation. Graph outputs and other tensors: identity."""
+    index = ProtoIndex(model.graph)
+    transfers: dict[str, Transfer] = {}
+    for tensor in tensors:
+        readers = index.consumers(tensor)
+        if not readers or tensor in index.outputs:
+            continue
+        kinds = sorted(r.op_type for r in readers)
+        if kinds == ["Mul", "Sigmoid"]:
+            sigmoid = next(r for r in readers if r.op_type == "Sigmoid")
+            mul = next(r for r in readers if r.op_type == "Mul")
+            if sorted(mul.input) == sorted([tensor, sigmoid.output[0]]):
+                transfers[tensor] = SILU
+        elif len(set(kinds)) == 1 and kinds[0] in READER_TRANSFERS:
+            transfers[tensor] = READER_TRANSFERS[kinds[0]]
+    return transfers
+
+
+def range_error(
+    histogram: RangeHistogram, low: float | np.ndarray, high: float | np.ndarray, transfer: Transfer = IDENTITY
+) -> np.ndarray:
+    """Expected squared error per value, after `transfer` (what the readers make of the tensor), when
+    `histogram`'s tensor is quantized to 8 bits over [low, high] (widened to hold 0, as onnxruntime does):
+    rounding, f'(x)^2 step^2 / 12 for every nonzero value inside (0 is kept exactly), plus clipping,
+    (f(x) - f(bound))^2 for every value outside. Vectorized over arrays of bounds."""
+    low = np.minimum(np.asarray(low, dtype=np.float64), 0.0)[..., None]
+    high = np.maximum(np.asarray(high, dtype=np.float64), 0.0)[..., None]
+    centers, counts = histogram.centers, histogram.counts.astype(np.float64)
+    total = max(float(counts.sum()), 1.0)
+    step = (high - low) / LEVELS
+    clipped = np.clip(centers, low, high)
+    outside = ((transfer.value(centers) - transfer.value(clipped)) ** 2 * counts).sum(axis=-1)
+    inside = (centers >= low) & (centers <= high)
+    slopes = (transfer.slope(centers) ** 2) * counts
+    rounding = np.where(inside, slopes, 0.0).sum(axis=-1)
+    rounding = np.maximum(rounding - histogram.zeros * float(transfer.slope(np.zeros(1))[0]) ** 2, 0.0)
+    return (outside + rounding * (step[..., 0] ** 2) / 12.0) / total
+
+
+def percentile_range(histogram: RangeHistogram, percentile: float = PERCENTILE) -> tuple[float, float]:
+    """The symmetric range holding `percentile` % of |x| (the `percentile` method's), within [min, max]."""
+    half = histogram.bins // 2
+    folded = histogram.counts[half:] + histogram.counts[:half][::-1]  # |x| in bins of the same width
+    cumulative = np.cumsum(folded) / max(int(folded.sum()), 1)
+    index = int(np.searchsorted(cumulative, percentile / 100.0))
+    bound = histogram.span * (index + 1) / half
+    return max(-bound, histogram.low), min(bound, histogram.high)
+
+
+def choose_range(histogram: RangeHistogram, transfer: Transfer = IDENTITY) -> tuple[float, float, str]:
+    """The range of least `range_error` (after `transfer`) among min-max, the percentile range, and the grid
+    search (both bounds scaled together, then each refined alone): (low, high, the kind that won)."""
+    low, high = histogram.low, histogram.high
+    if not (np.isfinite(low) and np.isfinite(high)) or histogram.span == 0.0:
+        return low, high, "minmax"  # infinite ranges are handled by the range rules; all zeros: nothing to choose
+
+    def error(lows: float | np.ndarray, highs: float | np.ndarray) -> np.ndarray:
+        return range_error(histogram, lows, highs, transfer)
+
+    candidates: dict[str, tuple[float, float]] = {"minmax": (low, high), "percentile": percentile_range(histogram)}
+    errors = {kind: float(error(*bounds)) for kind, bounds in candidates.items()}
+    best = int(np.argmin(error(_GRID * low, _GRID * high)))
+    best_low = float(_GRID[best] * low)
+    best_high = float(_GRID[int(np.argmin(error(np.full_like(_GRID, best_low), _GRID * high)))] * high)
+    best_low = float(_GRID[int(np.argmin(error(_GRID * low, np.full_like(_GRID, best_high))))] * low)
+    candidates["mse"] = (best_low, best_high)
+    errors["mse"] = float(error(best_low, best_high))
+    kind = min(errors, key=lambda k: (errors[k], RANGE_KINDS.index(k)))  # ties: the simplest kind
+    return candidates[kind][0], candidates[kind][1], kind
+
+
+class _TensorRangeCollector:
+    """Stands in for onnxruntime's HistogramCollector inside its HistogramCalibrater (which calls `collect`
+    with every calibrated tensor's outputs of one chunk): a `RangeHistogram` per tensor."""
+
+    def __init__(self, transfers: Mapping[str, Transfer]) -> None:
+        self.histograms: dict[str, RangeHistogram] = {}
+        self.transfers = transfers
+
+    def collect(self, name_to_arr: Mapping[str, Sequence[np.ndarray]]) -> None:
+        for name, arrays in name_to_arr.items():
+            histogram = self.histograms.setdefault(name, RangeHistogram())
+            for array in arrays:
+                histogram.add(array)
+
+    def choose(self) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, int]]:
+        """Every tensor's chosen range (float32 bounds) and how many tensors each kind won."""
+        ranges, kinds = {}, dict.fromkeys(RANGE_KINDS, 0)
+        for name, histogram in self.histograms.items():
+            low, high, kind = choose_range(histogram, self.transfers.get(name, IDENTITY))
+            ranges[name] = (np.array(low, dtype=np.float32), np.array(high, dtype=np.float32))
+            kinds[kind] += 1
+        return ranges, kinds
 
 
 # ------------------------------------------------------------------------------------------ calibration
@@ -110,9 +310,13 @@ def _limited(batches: Iterator[Batch], count: int) -> Iterator[Batch]:
         yield batch
 
 
-def _create_calibrator(model_path: Path, method: str, scratch: Path, only: Collection[str] | None = None) -> Any:
+def _create_calibrator(
+    model_path: Path, method: str, scratch: Path, only: Collection[str] | None = None,
+    transfers: Mapping[str, Transfer] | None = None,
+) -> Any:
     """onnxruntime's calibrator for `method`, with the settings `quantize_static` would give it (the tensors
-    of every op type it quantizes, or of those `only`), and a session of ours (quiet logging)."""
+    of every op type it quantizes, or of those `only`), and a session of ours (quiet logging). `tensor`:
+    onnxruntime's histogram calibrater collecting into our `RangeHistogram`s (judged after `transfers`)."""
     from onnxruntime.quantization import calibrate as ort_calibrate
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
@@ -122,6 +326,9 @@ def _create_calibrator(model_path: Path, method: str, scratch: Path, only: Colle
     augmented = str(scratch / "augmented.onnx")
     if method == "minmax":
         calibrator = ort_calibrate.MinMaxCalibrater(model_path, op_types, augmented)
+    elif method == "tensor":
+        calibrator = ort_calibrate.HistogramCalibrater(model_path, op_types, augmented)
+        calibrator.collector = _TensorRangeCollector(transfers or {})
     elif method == "entropy":
         calibrator = ort_calibrate.EntropyCalibrater(model_path, op_types, augmented)
     else:
@@ -171,11 +378,14 @@ def calibrate(
         if progress is not None:
             progress("calibrating", done, total)
 
+    from onnxruntime.quantization import calibrate as ort_calibrate
+
     with tempfile.TemporaryDirectory(prefix="onnxslim-calib-") as scratch, quiet_onnxruntime():
         model_path = Path(scratch) / "prepared.onnx"
         onnx.save_model(prepared, str(model_path))
         try:
-            calibrator = _create_calibrator(model_path, method, Path(scratch), op_types)
+            transfers = reader_transfers(prepared, tensors) if method == "tensor" else None
+            calibrator = _create_calibrator(model_path, method, Path(scratch), op_types, transfers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
             raise UnsupportedModelError(f"onnxruntime cannot prepare the model for calibration: {first_line(e)}") from e
         source = _Peekable(_limited(dataset.batches(), total))
@@ -194,19 +404,22 @@ def calibrate(
                     f"{first_line(e)}"
                 ) from e
             peak = max(peak, reader.held)
+        kinds: dict[str, int] = {}
         try:
-            ranges = calibrator.compute_data()
+            if method == "tensor":
+                chosen, kinds = calibrator.collector.choose()
+                ranges = ort_calibrate.TensorsData(ort_calibrate.CalibrationMethod.MinMax, chosen)
+            else:
+                ranges = calibrator.compute_data()
         except Exception as e:  # noqa: BLE001 - onnxruntime raises anything from ValueError to AssertionError
             raise UnsupportedModelError(f"onnxruntime's {method} calibrator failed: {first_line(e)}") from e
         infinite = _check_ranges(ranges, dataset.description)
-        from onnxruntime.quantization.calibrate import save_tensors_data
-
-        save_tensors_data(ranges, cache_path)
+        ort_calibrate.save_tensors_data(ranges, cache_path)
     return CalibrationSummary(
         method=method, data=dataset.description, samples=samples, batches=total, batch_size=dataset.batch_size,
         tensors=len(ranges.data), chunk_batches=chunk, bytes_per_batch=per_batch,
         memory_bound_bytes=chunk * per_batch, peak_held_batches=peak, random=dataset.is_random,
-        infinite_ranges=infinite,
+        infinite_ranges=infinite, range_kinds=kinds,
     )
 
 

@@ -21,7 +21,7 @@ from onnxslim.quant.guard import MAX_TRIALS, RANGE_RATIO, ExclusionTrial, NodeEr
 from onnxslim.quant.sensitivity import GateMeasure
 
 FORMATS = ("qdq", "qoperator")
-METHODS = ("minmax", "entropy", "percentile")
+METHODS = ("minmax", "entropy", "percentile", "tensor")  # tensor: each tensor's range by its error (calibrate.py)
 INT8_TYPES = ("u8", "s8")
 MIN_SPEEDUP = 1.05  # int8 must be at least 5 % faster than fp32 to be kept (see quant_speed's docstring)
 RETIME_FACTOR = 3  # an uncertain speed verdict is re-timed once, this many times longer (quant_speed)
@@ -37,7 +37,7 @@ PLACEMENT_CHOICES = ("auto", *PLACEMENTS)
 PLACEMENT_LABELS = {"compute": " compute-ops", "kernels": " int8-kernels", "all": ""}
 
 QUANT_TYPE_NAMES = {"u8": "QUInt8", "s8": "QInt8"}
-METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "tensor": "MinMax"}  # tensor: written as min-max
 FORMAT_NAMES = {"qdq": "QDQ", "qoperator": "QOperator"}
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 ORT_METADATA = ("onnx.infer", "onnx.quant.pre_process")
@@ -97,7 +97,7 @@ class QuantizeOptions:
     """
 
     config: QuantConfig = field(default_factory=QuantConfig)
-    method: str = "minmax"
+    method: str = "tensor"  # each tensor's range by the error it causes (calibrate.py); minmax/entropy/percentile: one method
     exclude: tuple[str, ...] = ()
     force: bool = False
     min_speedup: float = MIN_SPEEDUP
@@ -108,7 +108,7 @@ class QuantizeOptions:
     budget: AccuracyBudget = field(default_factory=AccuracyBudget)
     max_trials: int = MAX_TRIALS  # trial quantizations the accuracy guard may run (0: only check the budget)
     cpu: CpuFeatures | None = None  # None: detected from /proc/cpuinfo
-    range_ratio: float | None = RANGE_RATIO  # Concats whose inputs' ranges differ more stay fp32 (None: never)
+    range_ratio: float | None = RANGE_RATIO  # Concats whose inputs' ranges differ more are joined in float per input (None: never)
     placement: str = "auto"  # auto: `compute`, or `kernels` when measured clearly faster (placement.py)
 
     def __post_init__(self) -> None:
@@ -223,6 +223,7 @@ class CalibrationSummary:
     peak_held_batches: int  # the most batches the calibrator actually held (measured)
     random: bool = False
     infinite_ranges: tuple[str, ...] = ()  # tensors whose range is infinite: kept fp32 with their readers
+    range_kinds: Mapping[str, int] = field(default_factory=dict)  # method `tensor`: tensors per kind of range chosen
 
 
 @dataclass(frozen=True)

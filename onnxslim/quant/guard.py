@@ -10,7 +10,8 @@ cheapest of them in fp32 until the budget holds.
   `DEFAULT_MIN_FIDELITY`.
 * **Ranges first.** A Concat whose inputs' calibrated ranges differ by more than `RANGE_RATIO` (100x) would
   share one int8 scale and round the small input to a few levels (a YOLO head's scores, 0-1 beside box
-  pixels 0-320, all became 0): it is kept in fp32 before anything is measured.
+  pixels 0-320, all became 0): it is joined in float per input before anything is measured -- each input
+  keeps its own scale, and the element-wise ops whose output only it reads are not rounded at all.
 * **Which roundings hurt (measured, `sensitivity.py`).** Every place int8 rounds -- an activation's
   QuantizeLinear/DequantizeLinear pair, a node's weights -- is a *gate*, switched on in a gated copy of the
   int8 model on a few calibration samples, by groups and then alone where a group matters (group testing,
@@ -117,25 +118,58 @@ def nonfinite_offenders(model: onnx.ModelProto, tensors: Sequence[str]) -> list[
     return list(offenders.values())
 
 
+# ops that only move data: a tensor passed through them to a float Concat is still read by nobody in int8
+_MOVERS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+
+
 def concat_range_offenders(
-    model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], ratio: float = RANGE_RATIO
+    model: onnx.ModelProto, ranges: Mapping[str, tuple[float, float]], ratio: float = RANGE_RATIO,
+    compute_ops: Iterable[str] = (),
 ) -> list[NodeError]:
-    """Concat nodes whose inputs' calibrated ranges (largest |value|) differ by more than `ratio`."""
-    found = []
+    """Concat nodes whose inputs' calibrated ranges (largest |value|) differ by more than `ratio`: each is
+    joined in float, per input -- every input keeps the scale of its own range (the int8 producer before it
+    rounds it alone), the output gets no shared scale. With it, the element-wise producers (not
+    `compute_ops`) whose output only that Concat reads, through data-movement ops: rounding there would
+    serve no int8 reader and cost the small input its fidelity (a YOLOv8 head's class probabilities, ≤ 1,
+    rounded to 1/255 of their largest value beside box pixels: the absent classes all become 0)."""
+    index = ProtoIndex(model.graph)
+    compute = frozenset(compute_ops)
+    found: dict[str, NodeError] = {}
     for node in model.graph.node:
         if node.op_type != "Concat":
             continue
         spans = [max(abs(ranges[i][0]), abs(ranges[i][1])) for i in node.input if i in ranges]
         spans = [s for s in spans if s > 0]
         if len(spans) >= 2 and max(spans) / min(spans) > ratio:
-            found.append(
-                NodeError(
-                    node.name, node.op_type, None,
-                    f"inputs' calibrated ranges differ {max(spans) / min(spans):.0f}x (max |x| {min(spans):.3g} "
-                    f"vs {max(spans):.3g}): one int8 scale would round the small one away",
-                )
+            found[node.name] = NodeError(
+                node.name, node.op_type, None,
+                f"joined in float per input: its inputs' calibrated ranges differ {max(spans) / min(spans):.0f}x "
+                f"(max |x| {min(spans):.3g} vs {max(spans):.3g}), one int8 scale would round the small one away",
             )
-    return found
+            for tensor in node.input:
+                for producer in _only_read_by(index, tensor, compute):
+                    found.setdefault(producer.name, NodeError(
+                        producer.name, producer.op_type, None,
+                        f"its output is read only by {node.name}, joined in float per input: int8 there would "
+                        "round for no int8 reader",
+                    ))
+    return list(found.values())
+
+
+def _only_read_by(index: ProtoIndex, tensor: str, compute: frozenset[str]) -> list[onnx.NodeProto]:
+    """The producers up from `tensor` (through data movement) whose output nothing else reads, up to and
+    including the first that is no mover, unless that one is a compute op."""
+    chain: list[onnx.NodeProto] = []
+    while True:
+        producer = index.producer(tensor)
+        if producer is None or producer.op_type in compute or len(index.consumers(tensor)) != 1:
+            return chain
+        if tensor in index.outputs:
+            return chain
+        chain.append(producer)
+        if producer.op_type not in _MOVERS or not producer.input:
+            return chain
+        tensor = producer.input[0]
 
 
 _STATISTICS = frozenset({"Sqrt", "Add", "ReduceMean", "Pow", "Mul", "Reciprocal"})

@@ -44,8 +44,9 @@ The steps, and why each one is here:
   runs as int8 kernels on this machine (read from its optimized graph), with the activations folded into
   them; every int8 kernel (element-wise ops too) only when timed clearly faster and within the budget.
 * **Accuracy guard** (`guard.py`): the int8 model must meet an accuracy budget (default: cosine
-  0.99, mean and worst channel). Concats joining very different ranges stay fp32 from the start; when
-  the budget is missed, the other calibration methods are tried, then every rounding is measured by group
+  0.99, mean and worst channel). Each activation's range is chosen by the error it causes (`--method
+  tensor`, calibrate.py); Concats joining very different ranges are joined in float per input from the
+  start; when the budget is missed, the other calibration methods are tried, then every rounding is measured by group
   testing (`sensitivity.py`: whole blocks first, down to the roundings that matter) and those that cost
   most fidelity per MAC are kept in fp32 with the nodes that touch them, within `max_trials` trials. The
   speed guard then runs on that set of nodes: only candidates that meet the budget can be kept.
@@ -103,6 +104,7 @@ from onnxslim.metrics import (
 from onnxslim.progress import Progress
 from onnxslim.quant.calibrate import calibrate
 from onnxslim.quant.config import (
+    COMPUTE_OP_TYPES,
     FORMAT_NAMES,
     METHOD_NAMES,
     ORT_METADATA,
@@ -619,7 +621,7 @@ def apply_range_rules(state: QuantState) -> None:
     path, summary = state.calibrated(options.method)
     if options.range_ratio is not None:
         state.rule_nodes = [
-            e for e in concat_range_offenders(state.model, _load_ranges(path), options.range_ratio)
+            e for e in concat_range_offenders(state.model, _load_ranges(path), options.range_ratio, COMPUTE_OP_TYPES)
             if e.name not in state.user_excluded
         ]
     ruled = {r.name for r in state.rule_nodes}
@@ -731,15 +733,22 @@ def try_plain(state: QuantState) -> None:
 
 
 def try_other_methods(state: QuantState) -> None:
-    """When the budget is missed: the other calibration methods, one trial each; the best is kept."""
+    """When the budget is missed: the other calibration methods, one trial each; the best is kept (a tie goes
+    to the method asked for). After `tensor` only min-max, and a tie goes to it: the per-tensor choice already
+    weighed each tensor's min-max, percentile and least-error clip, so percentile and entropy rarely add
+    anything, and where the per-tensor ranges are no better the plainer ones are kept."""
     if state.method_trials[0].check.met or not state.trials_left:
         return
-    for other in (m for m in ("percentile", "entropy", "minmax") if m != state.method):
+    others = ("minmax",) if state.method == "tensor" else ("tensor", "percentile", "entropy", "minmax")
+    for other in (m for m in others if m != state.method):
         if not state.trials_left:
             break
         state.trials_left -= 1
         state.method_trials.append(MethodTrial(other, state.trial(other, state.base_excluded)))
-    state.method = max(state.method_trials, key=lambda t: (t.check.met, t.check.score)).method
+    preferred = "minmax" if state.method == "tensor" else state.method
+    state.method = max(
+        state.method_trials, key=lambda t: (t.check.met, t.check.score, t.method == preferred)
+    ).method
 
 
 def _target(state: QuantState) -> float | None:

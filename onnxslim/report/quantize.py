@@ -57,7 +57,9 @@ def render_quantize(result: QuantizeResult, output: str | None = None) -> str:
         f"calibration  {calibration.method} on {calibration.data}: {calibration.samples} samples in "
         f"{calibration.batches} batches of {calibration.batch_size}, {calibration.tensors} tensors; held at most "
         f"{calibration.peak_held_batches} batches ({format_bytes(calibration.peak_held_batches * calibration.bytes_per_batch)}"
-        f", bound {format_bytes(calibration.memory_bound_bytes)})",
+        f", bound {format_bytes(calibration.memory_bound_bytes)})"
+        + ("; ranges per tensor: " + ", ".join(f"{kind} {count}" for kind, count in calibration.range_kinds.items())
+           if calibration.range_kinds else ""),
         "",
         format_table(
             ["", _float_label(result), f"int8 ({label})", "change"],
