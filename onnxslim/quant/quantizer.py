@@ -103,7 +103,10 @@ from onnxslim.metrics import (
 from onnxslim.progress import Progress
 from onnxslim.quant.calibrate import calibrate
 from onnxslim.quant.config import (
+    DYNAMIC_METHOD,
+    DYNAMIC_OP_TYPES,
     FORMAT_NAMES,
+    MATMUL_SHARE,
     METHOD_NAMES,
     ORT_METADATA,
     QUANT_TYPE_NAMES,
@@ -111,6 +114,8 @@ from onnxslim.quant.config import (
     CandidateTiming,
     InterleavedTiming,
     MethodTrial,
+    ModeCandidate,
+    ModeChoice,
     PlacementChoice,
     PreparedModel,
     QuantConfig,
@@ -119,6 +124,7 @@ from onnxslim.quant.config import (
     SpeedDecision,
     Timer,
     TimingBudget,
+    dynamic_config,
 )
 from onnxslim.quant.guard import (
     CLOSE_ENOUGH,
@@ -149,7 +155,7 @@ from onnxslim.quant.speed import beats, measure_latencies, search_fastest
 from onnxslim.runtime import open_session, physical_cores, quiet_onnxruntime
 from onnxslim.shapes import infer_tensor_infos
 
-__all__ = ["quantize_with_ranges", "count_quantized_nodes", "quantize_model"]
+__all__ = ["quantize_with_ranges", "quantize_dynamic_weights", "count_quantized_nodes", "quantize_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +199,38 @@ def quantize_with_ranges(
             )
         except Exception as e:  # noqa: BLE001 - the quantizer raises anything from ValueError to AssertionError
             raise UnsupportedModelError(f"onnxruntime's quantizer failed ({config.label}): {first_line(e)}") from e
+        quantized = onnx.load_model(str(output))
+    strip_unused_domains(quantized)
+    kept = [p for p in quantized.metadata_props if p.key not in ORT_METADATA]
+    del quantized.metadata_props[:]
+    quantized.metadata_props.extend(kept)
+    return quantized
+
+
+def quantize_dynamic_weights(
+    prepared_path: str | os.PathLike[str], config: QuantConfig, *, exclude_nodes: Sequence[str] = ()
+) -> onnx.ModelProto:
+    """onnxruntime's dynamic int8 of the prepared model file, as the dynamic `config` says: the weights of its
+    MatMul/Gemm ops int8 (QInt8; per channel or per tensor), their activations quantized at run time
+    (DynamicQuantizeLinear, MatMulInteger). Only MatMuls with a constant B: attention's activation x
+    activation products, the residual Adds and the LayerNorms stay float.
+
+    Raises UnsupportedModelError when onnxruntime's quantizer fails.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    assert config.mode == "dynamic"
+    with tempfile.TemporaryDirectory(prefix="onnxslim-qd-") as scratch, quiet_onnxruntime():
+        output = Path(scratch) / "int8.onnx"
+        try:
+            quantize_dynamic(
+                str(prepared_path), str(output), op_types_to_quantize=list(config.op_types or DYNAMIC_OP_TYPES),
+                per_channel=config.per_channel, reduce_range=bool(config.reduce_range),
+                weight_type=getattr(QuantType, QUANT_TYPE_NAMES[config.weights]), nodes_to_exclude=list(exclude_nodes),
+                extra_options={"MatMulConstBOnly": True},
+            )
+        except Exception as e:  # noqa: BLE001 - the quantizer raises anything from ValueError to AssertionError
+            raise UnsupportedModelError(f"onnxruntime's dynamic quantizer failed ({config.label}): {first_line(e)}") from e
         quantized = onnx.load_model(str(output))
     strip_unused_domains(quantized)
     kept = [p for p in quantized.metadata_props if p.key not in ORT_METADATA]
@@ -276,7 +314,7 @@ class _Candidates:
         source: onnx.ModelProto,
         prepared: onnx.ModelProto,
         prepared_path: Path,
-        cache_path: Path,
+        cache_path: Path | None,
         *,
         method: str,
         exclusions: Callable[[QuantConfig], list[str]],
@@ -298,9 +336,13 @@ class _Candidates:
             self._progress("quantizing", len(self.built) + 1, len(self.built) + 1)
         result: onnx.ModelProto | UnsupportedModelError
         try:
-            result = quantize_with_ranges(
-                self._prepared_path, self._cache_path, config, self._method, exclude_nodes=self._exclusions(config)
-            )
+            if config.mode == "dynamic":
+                result = quantize_dynamic_weights(self._prepared_path, config, exclude_nodes=self._exclusions(config))
+            else:
+                assert self._cache_path is not None, "static candidates need calibrated ranges"
+                result = quantize_with_ranges(
+                    self._prepared_path, self._cache_path, config, self._method, exclude_nodes=self._exclusions(config)
+                )
             declare_like(result, self._source)
             open_session(result, self._threads)  # a candidate onnxruntime cannot load is no candidate
             if self.count(config, result)[0] == 0:
@@ -371,6 +413,18 @@ class _Judged:
 
 
 @dataclass
+class _ModeRun:
+    """One mode's speed guard: its decision, every variant tried, the candidates built, the calibration
+    method and the nodes kept fp32 its models were judged with (the key of `QuantState.judgements`)."""
+
+    decision: SpeedDecision
+    tried: tuple[CandidateTiming, ...]
+    candidates: _Candidates
+    method: str
+    excluded: list[str]
+
+
+@dataclass
 class QuantState:
     """Everything the quantizer's steps share (`PIPELINE`); a field is filled by the step that needs it.
 
@@ -419,6 +473,13 @@ class QuantState:
     decision: SpeedDecision | None = None
     tried: tuple[CandidateTiming, ...] = ()
     validation: Validation | None = None
+    modes: tuple[str, ...] = ("static",)  # the modes this run measures (the `modes` step)
+    matmul_share: float = 0.0  # share of the MACs in MatMul/Gemm
+    mode_reason: str = ""
+    static_run: _ModeRun | None = None  # static's guard, when it built any candidate
+    static_error: str | None = None  # why static has no candidate, when it has none
+    dynamic_run: _ModeRun | None = None
+    mode_choice: ModeChoice | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     _costs: ModelCost | None = None
@@ -536,21 +597,36 @@ class QuantState:
             return BudgetCheck(False, -1.0, None, f"{method} calibration failed: {first_line(e)}")
         return self.judge(int8, key).check
 
+    def time_models(
+        self, entries: Sequence[tuple[QuantConfig | None, onnx.ModelProto]], budget: TimingBudget
+    ) -> Sequence[InterleavedTiming]:
+        """The models of `entries` (fp32 first) timed in one interleaved run on this run's feeds."""
+        return self.time_models_with_feeds(entries, self.feeds, budget)
+
     def candidates_for(self, method: str, excluded: Sequence[str]) -> _Candidates:
         """Builds and times int8 candidates with `method`'s ranges, `excluded` and each one's placement."""
-        threads, progress = self.threads, self.progress
-
-        def default_timer(
-            entries: Sequence[tuple[QuantConfig | None, onnx.ModelProto]], feeds: Mapping[str, np.ndarray],
-            budget: TimingBudget,
-        ) -> list[InterleavedTiming]:
-            return measure_latencies([m for _, m in entries], feeds, threads=threads, budget=budget, progress=progress)
-
         return _Candidates(
             self.source, self.model, self.prepared_path, self.calibrated(method)[0], method=method,
             exclusions=lambda config: sorted({*excluded, *self.float_nodes(config)}),
-            threads=threads, timer=self.timer or default_timer, feeds=self.feeds, progress=progress,
+            threads=self.threads, timer=self.time_models_with_feeds, feeds=self.feeds, progress=self.progress,
         )
+
+    def dynamic_candidates(self) -> _Candidates:
+        """Builds and times dynamic int8 candidates: no ranges, `--exclude` kept fp32."""
+        return _Candidates(
+            self.source, self.model, self.prepared_path, None, method=DYNAMIC_METHOD,
+            exclusions=lambda config: list(self.user_excluded),
+            threads=self.threads, timer=self.time_models_with_feeds, feeds=self.feeds, progress=self.progress,
+        )
+
+    def time_models_with_feeds(
+        self, entries: Sequence[tuple[QuantConfig | None, onnx.ModelProto]], feeds: Mapping[str, np.ndarray],
+        budget: TimingBudget,
+    ) -> Sequence[InterleavedTiming]:
+        """A `Timer`: the injected one, or `speed.measure_latencies` with this run's threads."""
+        if self.timer is not None:
+            return self.timer(entries, feeds, budget)
+        return measure_latencies([m for _, m in entries], feeds, threads=self.threads, budget=budget, progress=self.progress)
 
 
 # ------------------------------------------------------------------------------------------------ steps
@@ -591,10 +667,35 @@ def prepare(state: QuantState) -> None:
     state.evaluator = Evaluator(source, state.split, state.judged_outputs, threads=state.threads, progress=state.progress)
 
 
+def choose_modes(state: QuantState) -> None:
+    """Which modes this run measures: the one asked for, or with `auto` both static and dynamic when
+    MatMul/Gemm carry at least `MATMUL_SHARE` of the MACs (a transformer), static alone otherwise (a CNN)."""
+    costs = state.costs
+    matmul = sum(layer.macs for layer in costs.layers if layer.op_type in DYNAMIC_OP_TYPES)
+    state.matmul_share = matmul / costs.macs if costs.macs else 0.0
+    share = f"MatMul/Gemm carry {state.matmul_share:.0%} of the MACs"
+    asked = state.options.mode
+    if asked != "auto":
+        state.modes, state.mode_reason = (asked,), f"--mode {asked}"
+    elif state.matmul_share >= MATMUL_SHARE:
+        state.modes = ("static", "dynamic")
+        state.mode_reason = f"{share} (at least {MATMUL_SHARE:.0%}): static and dynamic measured side by side"
+    else:
+        state.modes = ("static",)
+        state.mode_reason = f"{share} (under {MATMUL_SHARE:.0%}): static only"
+
+
+def _static(state: QuantState) -> bool:
+    return "static" in state.modes
+
+
 def apply_range_rules(state: QuantState) -> None:
     """Calibrate with the method asked for; Concats joining very different ranges and tensors with infinite
     ranges stay fp32 from the start (guard.py)."""
     options = state.options
+    state.method = options.method
+    if not _static(state):
+        return
     path, summary = state.calibrated(options.method)
     if options.range_ratio is not None:
         state.rule_nodes = [
@@ -629,6 +730,8 @@ def place_ops(state: QuantState) -> None:
     """Which nodes may be int8 (placement.py): the `compute` placement, or `kernels` when it is measured
     clearly faster than `compute` (fp32, both, one interleaved run; within the noise, re-timed once longer)
     and meets the budget; `--placement` fixes it. Every later step quantizes within it."""
+    if not _static(state):
+        return
     asked = state.options.placement
     if asked == "all":
         _placement_choice(state, "all", "--placement all: every node onnxruntime's quantizer handles")
@@ -684,12 +787,14 @@ def _ratio(challenger: CandidateTiming, best: CandidateTiming) -> str:
 def try_plain(state: QuantState) -> None:
     """int8 everywhere the placement and the rules allow, with the method asked for, checked against the
     budget."""
+    if not _static(state):
+        return
     state.method_trials = [MethodTrial(state.method, state.trial(state.method, state.base_excluded))]
 
 
 def try_other_methods(state: QuantState) -> None:
     """When the budget is missed: the other calibration methods, one trial each; the best is kept."""
-    if state.method_trials[0].check.met or not state.trials_left:
+    if not state.method_trials or state.method_trials[0].check.met or not state.trials_left:
         return
     for other in (m for m in ("percentile", "entropy", "minmax") if m != state.method):
         if not state.trials_left:
@@ -707,7 +812,7 @@ def _target(state: QuantState) -> float | None:
 def measure_roundings(state: QuantState) -> None:
     """When no method meets the budget: every rounding of the int8 model measured, by group testing on a
     gated copy (sensitivity.py), split down to the gates that matter beside the budget."""
-    if any(t.check.met for t in state.method_trials) or not state.trials_left:
+    if not state.method_trials or any(t.check.met for t in state.method_trials) or not state.trials_left:
         return
     try:
         gated, state.gates = state.gated()
@@ -770,14 +875,27 @@ def keep_harmful_fp32(state: QuantState) -> None:
 def choose_fastest(state: QuantState) -> None:
     """The speed guard (speed.py) over the candidates built from the shared ranges, each judged too. The
     placement's run already timed the configuration in force when nothing since changed it."""
+    if not _static(state):
+        return
     options = state.options
-    state.excluded = sorted({*state.base_excluded, *state.guarded})
-    candidates = state.candidates_for(state.method, state.excluded)
-    state.candidates = candidates
+    excluded = sorted({*state.base_excluded, *state.guarded})
+    candidates = state.candidates_for(state.method, excluded)
     reusable: dict[QuantConfig, CandidateTiming] = {}
-    if state.excluded == state.base_excluded and state.method == options.method:  # the same models as timed
+    if excluded == state.base_excluded and state.method == options.method:  # the same models as timed
         reusable = dict(state.placement_timings)
         candidates.built.update(state.placement_built)
+    run = _guard_speed(state, state.config, candidates, state.method, excluded, reusable)
+    if run.decision.best is None:
+        state.static_error = run.decision.reason
+        return
+    state.static_run = run
+
+
+def _guard_speed(
+    state: QuantState, requested: QuantConfig, candidates: _Candidates, method: str, excluded: list[str],
+    reusable: dict[QuantConfig, CandidateTiming],
+) -> _ModeRun:
+    """The speed guard (speed.py) from `requested`, every candidate judged against the budget too."""
 
     def measure(configs: Sequence[QuantConfig], timing_budget: TimingBudget) -> list[CandidateTiming]:
         if len(configs) == 1 and configs[0] in reusable and timing_budget == TimingBudget():
@@ -788,18 +906,139 @@ def choose_fastest(state: QuantState) -> None:
         for timing in reused:
             built = candidates.built.get(timing.config)
             if timing.error is None and isinstance(built, onnx.ModelProto):
-                check = state.judge(built, (timing.config, state.method, tuple(state.excluded))).check
+                check = state.judge(built, (timing.config, method, tuple(excluded))).check
                 timing = replace(timing, budget_met=check.met, score=check.score)
             timings.append(timing)
         return timings
 
     assert state.prepared is not None
-    state.decision, state.tried = search_fastest(
-        state.config, measure, per_channel_possible=state.prepared.per_channel,
-        min_speedup=options.min_speedup, force=options.force,
+    decision, tried = search_fastest(
+        requested, measure, per_channel_possible=state.prepared.per_channel,
+        min_speedup=state.options.min_speedup, force=state.options.force,
     )
-    if state.decision.best is None:
-        raise UnsupportedModelError(state.decision.reason)
+    return _ModeRun(decision, tried, candidates, method, excluded)
+
+
+def try_dynamic(state: QuantState) -> None:
+    """Dynamic int8 (onnxruntime's quantize_dynamic on MatMul/Gemm weights; no calibration), through the same
+    speed guard and the same budget as static: per-channel weights first, per-tensor when not clearly
+    faster."""
+    if "dynamic" not in state.modes:
+        return
+    run = _guard_speed(state, dynamic_config(state.config), state.dynamic_candidates(), DYNAMIC_METHOD,
+                       list(state.user_excluded), {})
+    if run.decision.best is not None:
+        state.dynamic_run = run
+    elif not _static(state) or state.static_run is None:
+        raise UnsupportedModelError(run.decision.reason + (f"; static: {state.static_error}" if state.static_error else ""))
+    else:
+        state.notes.append(f"dynamic int8: {run.decision.reason}")
+
+
+def _mode_candidate(mode: str, run: _ModeRun | None, error: str | None) -> ModeCandidate:
+    if run is None:
+        return ModeCandidate(mode, None, False, error or "not measured")
+    return ModeCandidate(mode, run.decision.best, run.decision.chosen is not None, run.decision.reason)
+
+
+def _adopt(state: QuantState, run: _ModeRun, decision: SpeedDecision | None = None) -> None:
+    """Make `run` the result of the quantizer (what `validate` checks and `_result` reports)."""
+    state.decision, state.tried, state.candidates = decision or run.decision, run.tried, run.candidates
+    state.method, state.excluded = run.method, run.excluded
+
+
+def choose_mode(state: QuantState) -> None:
+    """Static or dynamic: the mode its own guard kept; both kept, the two timed side by side in one
+    interleaved run with fp32 (re-timed once, longer, within the noise), the clearly faster kept, and within
+    the noise the more faithful; neither kept, fp32 (the report shows the closer)."""
+    static, dynamic = state.static_run, state.dynamic_run
+    if static is None and dynamic is None:
+        raise UnsupportedModelError(state.static_error or "no int8 model could be built")
+    candidates: list[ModeCandidate] = []
+    if _static(state):
+        candidates.append(_mode_candidate("static", static, state.static_error))
+    if "dynamic" in state.modes:
+        candidates.append(_mode_candidate("dynamic", dynamic, None))
+    head_to_head: tuple[CandidateTiming, ...] = ()
+
+    def choice(chosen: str, why: str) -> ModeChoice:
+        return ModeChoice(chosen, why, state.options.mode, state.matmul_share, tuple(candidates), head_to_head)
+
+    if static is None or dynamic is None:
+        only = static or dynamic
+        assert only is not None
+        name = "static" if only is static else "dynamic"
+        _adopt(state, only)
+        why = state.mode_reason if len(state.modes) == 1 else f"the only mode with an int8 model ({state.mode_reason})"
+        state.mode_choice = choice(name, why)
+        return
+    kept = {name: run for name, run in (("static", static), ("dynamic", dynamic)) if run.decision.chosen is not None}
+    if len(kept) == 1:
+        (name, run), = kept.items()
+        other = "dynamic" if name == "static" else "static"
+        _adopt(state, run)
+        state.mode_choice = choice(name, f"{name} int8 is kept by its guard, {other} is not "
+                                   f"({(dynamic if other == 'dynamic' else static).decision.reason})")
+        return
+    if not kept:
+        # neither: fp32 stays; the report shows the candidate that met the budget, else the more faithful
+        def closeness(run: _ModeRun) -> tuple[bool, float]:
+            best = run.decision.best
+            assert best is not None
+            return (best.budget_met is not False, best.score if best.score is not None else -1.0)
+
+        name, run = max((("static", static), ("dynamic", dynamic)), key=lambda item: closeness(item[1]))
+        _adopt(state, run, replace(run.decision, reason=f"neither static nor dynamic int8 is kept: static: "
+                                   f"{static.decision.reason}; dynamic: {dynamic.decision.reason}"))
+        state.mode_choice = choice(name, "neither mode is clearly faster within the budget; fp32 kept")
+        return
+    assert static.decision.chosen is not None and dynamic.decision.chosen is not None
+    pair = [static.decision.chosen, dynamic.decision.chosen]
+    timings = _time_side_by_side(state, pair, TimingBudget())
+    verdict = _faster(*timings)
+    if verdict is None:
+        timings = [replace(t, retimed=True) for t in _time_side_by_side(state, pair, TimingBudget().longer())]
+        verdict = _faster(*timings)
+    head_to_head = tuple(timings)
+    s_time, d_time = timings
+    ratio = f"static {s_time.speedup or 0:.2f}x, dynamic {d_time.speedup or 0:.2f}x of fp32 in one run"
+    if verdict is None:
+        s_score, d_score = static.decision.chosen.score or -1.0, dynamic.decision.chosen.score or -1.0
+        name = "dynamic" if d_score > s_score else "static"
+        why = (f"static and dynamic are as fast within the noise ({ratio}); {name} is the more faithful "
+               f"({max(s_score, d_score):.4f} against {min(s_score, d_score):.4f})")
+    else:
+        name = verdict
+        why = f"{name} int8 is clearly faster than the other ({ratio}), both within the budget"
+    run = static if name == "static" else dynamic
+    _adopt(state, run)
+    state.mode_choice = choice(name, why)
+
+
+def _time_side_by_side(state: QuantState, pair: Sequence[CandidateTiming], budget: TimingBudget) -> list[CandidateTiming]:
+    """The static and dynamic candidates of `pair` timed with fp32 in one interleaved run."""
+    models = []
+    for timing in pair:
+        run = state.static_run if timing.config.mode == "static" else state.dynamic_run
+        assert run is not None
+        built = run.candidates.built[timing.config]
+        assert isinstance(built, onnx.ModelProto)
+        models.append((timing.config, built))
+    latencies = list(state.time_models([(None, state.source), *models], budget))
+    return [
+        replace(timing, latency_ms=timed.median_ms, fp32_latency_ms=latencies[0].median_ms,
+                block_speedups=timed.block_speedups)
+        for timing, timed in zip(pair, latencies[1:], strict=True)
+    ]
+
+
+def _faster(static: CandidateTiming, dynamic: CandidateTiming) -> str | None:
+    """The mode clearly faster than the other in their shared run (`speed.beats`), None within the noise."""
+    if beats(dynamic, static):
+        return "dynamic"
+    if beats(static, dynamic):
+        return "static"
+    return None
 
 
 def validate_chosen(state: QuantState) -> None:
@@ -816,6 +1055,7 @@ Step = Callable[[QuantState], None]
 
 PIPELINE: tuple[tuple[str, Step], ...] = (
     ("prepare", prepare),
+    ("modes", choose_modes),
     ("range rules", apply_range_rules),
     ("placement", place_ops),
     ("plain int8", try_plain),
@@ -823,6 +1063,8 @@ PIPELINE: tuple[tuple[str, Step], ...] = (
     ("measure", measure_roundings),
     ("fp32 fallback", keep_harmful_fp32),
     ("speed", choose_fastest),
+    ("dynamic", try_dynamic),
+    ("mode", choose_mode),
     ("validate", validate_chosen),
 )
 
@@ -882,7 +1124,8 @@ def _result(state: QuantState) -> QuantizeResult:
         accuracy_fp32=judged.accuracy_fp32,
         accuracy_int8=judged.accuracy_int8,
         output=judged.output,
-        calibration=state.calibrated(state.method)[1],
+        calibration=next((state.calibrations[m][1] for m in (state.method, state.options.method)
+                          if m in state.calibrations), None),
         candidates=state.tried,
         threads=state.threads,
         timing_shapes={name: tuple(array.shape) for name, array in state.feeds.items()},
@@ -904,6 +1147,7 @@ def _result(state: QuantState) -> QuantizeResult:
         measure=state.measure,
         fp32_macs=sum(macs.get(n.name, 0) for n in fp32_nodes),
         model_macs=state.costs.macs,
+        mode=state.mode_choice,
     )
 
 
@@ -931,6 +1175,8 @@ def quantize_model(
         source, _ = normalize_model(model)
         size_fp32 = _size(model)
     refuse_quantized(source, QUANTIZE_ADVICE)
+    if options.mode == "dynamic" and eval_data is None:
+        eval_data = calib  # nothing is calibrated: all of the data judges
     with tempfile.TemporaryDirectory(prefix="onnxslim-quantize-") as scratch:
         state = QuantState(options, source, size_fp32, calib, eval_data, Path(scratch), progress=progress, timer=timer)
         run_pipeline(state)
