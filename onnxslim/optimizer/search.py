@@ -2,6 +2,12 @@
 
     prune (activation criterion, lsq recovery) → int8 (CPU-aware, accuracy and speed guards) → measure
 
+**Levels x modes.** Every level that is quantized goes through `quantize_model` with `--quant-mode`
+(default `auto`): on a model whose MatMul/Gemm carry most MACs, static and dynamic int8 are measured side
+by side there and the faster within the (whole) budget is kept, by quantize's own rules; the search then
+moves to the next level exactly as when one mode is tried. So the choice is among levels x {static,
+dynamic}, each pair judged by the same budget and speed rules, and the trial records the mode kept.
+
 **The search.** With an accuracy budget and no target (`--max-drop` points of top-1 with labels, else
 `--min-fidelity`; default: 0.5 point with labels, cosine 0.99 without — the first is what a user of a
 classifier notices, the second keeps every output and every output channel close), pruning levels are
@@ -192,7 +198,9 @@ def quantize_for(
     model: onnx.ModelProto, calib: Dataset, evaluation: Dataset | None, budget: AccuracyBudget,
     options: OptimizeOptions, progress: Progress | None,
 ) -> QuantizeResult:
-    quant_options = QuantizeOptions(budget=budget, threads=options.threads, min_speedup=options.min_speedup)
+    quant_options = QuantizeOptions(
+        budget=budget, threads=options.threads, min_speedup=options.min_speedup, mode=options.quant_mode
+    )
     return quantize_model(model, calib, quant_options, eval_data=evaluation, progress=progress)
 
 
@@ -263,7 +271,7 @@ def optimize(
         return q, Trial(
             trial.target_macs, trial.macs_kept, trial.pruned_score, trial.pruned_drop, trial.pruned_met,
             q.quantized, check.score, check.drop, check.met, None, trial.seconds + time.perf_counter() - begin,
-            trial.score_name, trial.same_as,
+            trial.score_name, trial.same_as, None if q.mode is None else q.mode.chosen,
         )
 
     if not options.prune:
@@ -360,7 +368,7 @@ def _search_speed(
         trials.append(Trial(
             final.target_macs, final.macs_kept, final.pruned_score, final.pruned_drop, final.pruned_met,
             final.quantized, final.final_score, final.final_drop, final.final_met, speedup, final.seconds,
-            final.score_name,
+            final.score_name, mode=final.mode,
         ))
         if speedup >= options.target_speedup:
             if best is None or keep > best[0]:
