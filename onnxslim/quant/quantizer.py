@@ -53,7 +53,8 @@ The steps, and why each one is here:
 **The pipeline.** `quantize_model` runs `PIPELINE`, named steps over one `QuantState`, as `prune/pruner.py`
 does:
 
-    prepare → range rules → placement → plain int8 → other methods → measure → fp32 fallback → speed → validate
+    prepare → modes → range rules → placement → plain int8 → other methods → measure → fp32 fallback → speed
+            → dynamic → mode → validate
 
 Each step is a function `step(state) -> None` that reads what earlier steps left and adds its part; a step
 with nothing to do returns at once (the budget met by plain int8: `other methods`, `measure` and `fp32
@@ -61,6 +62,12 @@ fallback` do nothing). The state owns the shared work: each calibration method's
 (`QuantState.calibrated`), every trial requantizes from them (`QuantState.trial`), and every int8 model is
 judged once (`QuantState.judge`, through `evaluate.Evaluator`). To add a remedy, write its step, give the
 state the fields it fills, and put it in `PIPELINE` before `speed`. Each step's wall time is in the result.
+
+**Modes.** `modes` picks static, dynamic, or both (`auto`, when MatMul/Gemm carry at least half the MACs);
+the static steps return at once without static. `dynamic` is onnxruntime's `quantize_dynamic` on the
+MatMul/Gemm weights (QInt8, per channel; activations quantized at run time; no calibration) through the same
+speed guard and judge; `mode` keeps the one its guard kept, or with both kept, the clearly faster of the two
+timed side by side with fp32 in one run (within the noise, the more faithful).
 
 The library never prints: progress goes through an optional callback, results are dataclasses that
 `report/quantize.py` renders. The concerns live in their own modules of this package (its `__init__`).
