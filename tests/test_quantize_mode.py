@@ -151,6 +151,25 @@ def test_dynamic_outside_the_budget_is_refused_and_fp32_kept(encoder) -> None:
     assert not INTEGER_OPS & _op_types(result.model)
 
 
+def test_dynamic_missing_the_budget_keeps_the_most_harmful_matmuls_fp32(encoder) -> None:
+    model, _, data = encoder
+    plain = quantize_model(model, _dataset(model, data), QuantizeOptions(mode="dynamic", max_trials=0),
+                           timer=mode_timer(7.0, 5.0))
+    assert plain.budget_check is not None and plain.fp32_nodes == ()
+    floor = 1 - (1 - plain.budget_check.score) / 2  # half the plain deficit: some MatMuls must stay fp32
+    result = quantize_model(model, _dataset(model, data),
+                            QuantizeOptions(mode="dynamic", budget=AccuracyBudget(min_fidelity=floor)),
+                            timer=mode_timer(7.0, 5.0))
+    assert result.quantized and result.budget_met is True and result.budget_check is not None
+    assert result.budget_check.score >= floor > plain.budget_check.score
+    kept = {n.name for n in result.fp32_nodes}
+    assert kept and all(n.op_type == "MatMul" and n.error is not None and n.error > 0 for n in result.fp32_nodes)
+    assert result.nodes_quantized == 12 - len(kept) and result.exclusion_trials
+    floats = {n.name for n in result.model.graph.node if n.op_type == "MatMul"}
+    assert kept <= floats  # the MatMuls kept fp32 are still plain MatMuls in the model written
+    _check_emitted(result.model, model, data)
+
+
 def test_auto_with_both_modes_outside_the_budget_keeps_fp32(encoder) -> None:
     model, _, data = encoder
     options = QuantizeOptions(budget=AccuracyBudget(min_fidelity=0.999999), max_trials=0)
@@ -267,7 +286,7 @@ def test_optimize_chooses_the_mode_at_the_level_it_quantizes(tmp_path: Path, enc
     result = run_optimize(path, data, options, data_options=DataOptions(batch=4))
     assert result.quantize is not None and result.quantize.mode is not None
     assert result.quantize.mode.chosen == "dynamic" and result.trials[0].mode == "dynamic"
-    static = run_optimize(path, data, OptimizeOptions(target_macs=0.8, min_fidelity=0.9, repeat=5, quant_mode="static"),
+    static = run_optimize(path, data, OptimizeOptions(prune=False, min_fidelity=0.9, repeat=5, quant_mode="static"),
                           data_options=DataOptions(batch=4))
     assert static.quantize is not None and static.quantize.mode is not None
-    assert static.quantize.mode.chosen == "static" and static.trials[0].mode == "static"
+    assert static.quantize.mode.chosen == "static" and static.quantize.mode.asked == "static"

@@ -136,6 +136,7 @@ from onnxslim.quant.config import (
 from onnxslim.quant.guard import (
     CLOSE_ENOUGH,
     RESOLUTION,
+    Block,
     ExclusionTrial,
     Gate,
     NodeError,
@@ -215,12 +216,14 @@ def quantize_with_ranges(
 
 
 def quantize_dynamic_weights(
-    prepared_path: str | os.PathLike[str], config: QuantConfig, *, exclude_nodes: Sequence[str] = ()
+    prepared_path: str | os.PathLike[str], config: QuantConfig, *, exclude_nodes: Sequence[str] = (),
+    only: Sequence[str] | None = None,
 ) -> onnx.ModelProto:
     """onnxruntime's dynamic int8 of the prepared model file, as the dynamic `config` says: the weights of its
     MatMul/Gemm ops int8 (QInt8; per channel or per tensor), their activations quantized at run time
     (DynamicQuantizeLinear, MatMulInteger). Only MatMuls with a constant B: attention's activation x
-    activation products, the residual Adds and the LayerNorms stay float.
+    activation products, the residual Adds and the LayerNorms stay float. `only`: these nodes and no other
+    (the fallback's measure).
 
     Raises UnsupportedModelError when onnxruntime's quantizer fails.
     """
@@ -234,7 +237,7 @@ def quantize_dynamic_weights(
                 str(prepared_path), str(output), op_types_to_quantize=list(config.op_types or DYNAMIC_OP_TYPES),
                 per_channel=config.per_channel, reduce_range=bool(config.reduce_range),
                 weight_type=getattr(QuantType, QUANT_TYPE_NAMES[config.weights]), nodes_to_exclude=list(exclude_nodes),
-                extra_options={"MatMulConstBOnly": True},
+                nodes_to_quantize=None if only is None else list(only), extra_options={"MatMulConstBOnly": True},
             )
         except Exception as e:  # noqa: BLE001 - the quantizer raises anything from ValueError to AssertionError
             raise UnsupportedModelError(f"onnxruntime's dynamic quantizer failed ({config.label}): {first_line(e)}") from e
@@ -486,6 +489,9 @@ class QuantState:
     static_run: _ModeRun | None = None  # static's guard, when it built any candidate
     static_error: str | None = None  # why static has no candidate, when it has none
     dynamic_run: _ModeRun | None = None
+    dynamic_check: BudgetCheck | None = None  # dynamic int8 with every MatMul/Gemm quantized, against the budget
+    dynamic_guarded: dict[str, NodeError] = field(default_factory=dict)  # kept fp32 by dynamic's fallback
+    dynamic_trials: tuple[ExclusionTrial, ...] = ()
     mode_choice: ModeChoice | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     cpu_seconds: dict[str, float] = field(default_factory=dict)
@@ -619,10 +625,11 @@ class QuantState:
         )
 
     def dynamic_candidates(self) -> _Candidates:
-        """Builds and times dynamic int8 candidates: no ranges, `--exclude` kept fp32."""
+        """Builds and times dynamic int8 candidates: no ranges, `--exclude` and dynamic's fallback kept fp32."""
+        excluded = sorted({*self.user_excluded, *self.dynamic_guarded})
         return _Candidates(
             self.source, self.model, self.prepared_path, None, method=DYNAMIC_METHOD,
-            exclusions=lambda config: list(self.user_excluded),
+            exclusions=lambda config: excluded,
             threads=self.threads, timer=self.time_models_with_feeds, feeds=self.feeds, progress=self.progress,
         )
 
@@ -926,14 +933,104 @@ def _guard_speed(
     return _ModeRun(decision, tried, candidates, method, excluded)
 
 
+def _dynamic_excluded(state: QuantState, nodes: Sequence[str] = ()) -> list[str]:
+    return sorted({*state.user_excluded, *nodes})
+
+
+def _dynamic_trial(state: QuantState, nodes: Sequence[str]) -> BudgetCheck:
+    """Dynamic int8 with `nodes` (and --exclude) fp32, against the budget on the held-out data."""
+    config = dynamic_config(state.config)
+    excluded = _dynamic_excluded(state, nodes)
+    key = (config, DYNAMIC_METHOD, tuple(excluded))
+    if key in state.judgements:
+        return state.judgements[key].check
+    try:
+        int8 = quantize_dynamic_weights(state.prepared_path, config, exclude_nodes=excluded)
+        declare_like(int8, state.source)
+    except UnsupportedModelError as e:
+        return BudgetCheck(False, -1.0, None, str(e))
+    return state.judge(int8, key).check
+
+
 def try_dynamic(state: QuantState) -> None:
-    """Dynamic int8 (onnxruntime's quantize_dynamic on MatMul/Gemm weights; no calibration), through the same
-    speed guard and the same budget as static: per-channel weights first, per-tensor when not clearly
-    faster."""
+    """Dynamic int8 (onnxruntime's quantize_dynamic on MatMul/Gemm weights; no calibration) with every node
+    it handles, checked against the budget."""
+    if "dynamic" not in state.modes:
+        return
+    state.dynamic_check = _dynamic_trial(state, ())
+
+
+DYNAMIC_MEASURE_SAMPLES = 48  # samples the dynamic fallback measures each node on (every n-th held-out one)
+
+
+def keep_dynamic_harm_fp32(state: QuantState) -> None:
+    """When dynamic int8 misses the budget: each MatMul/Gemm measured int8 alone (the others float) on a few
+    held-out samples, ranked by deficit per MAC, and the fewest top ones kept fp32 that meet the budget
+    (guard.search_exclusions: the same bounded search as static's fallback, within --max-trials)."""
+    check = state.dynamic_check
+    if check is None or check.met or state.options.max_trials < 1:
+        return
+    assert state.split is not None and state.evaluator is not None
+    initializers = {t.name for t in state.model.graph.initializer}
+    excluded = set(state.user_excluded)
+    nodes = [n.name for n in state.model.graph.node if n.op_type in DYNAMIC_OP_TYPES and len(n.input) > 1
+             and n.input[1] in initializers and n.name not in excluded]
+    split = state.split
+    every = max(1, split.samples // DYNAMIC_MEASURE_SAMPLES)
+    few = replace(split, every=every * (split.every or 1), samples=max(1, split.samples // every))
+    evaluator = Evaluator(state.source, few, state.judged_outputs, threads=state.threads)
+    config, kinds = dynamic_config(state.config), {n.name: n.op_type for n in state.model.graph.node}
+    deficits: dict[str, float] = {}
+    started = time.perf_counter()
+    for done, name in enumerate(nodes, start=1):
+        if state.progress is not None:
+            state.progress("measuring", done, len(nodes))
+        try:
+            alone = quantize_dynamic_weights(state.prepared_path, config, exclude_nodes=sorted(excluded), only=[name])
+            declare_like(alone, state.source)
+        except UnsupportedModelError:
+            continue
+        comparison = evaluator.compare(alone, "a dynamic int8 node")
+        fidelity = comparison.fidelities[comparison.worst]
+        score = check_budget(state.options.budget, fidelity, comparison.accuracy_original, comparison.accuracy,
+                             comparison.paired).score
+        deficits[name] = max(0.0, 1.0 - score)
+    costs = node_costs(state.costs.layers)
+    ranked = sorted(
+        (Block((name, ), deficit, name, max(costs.get(name, 0.0), 1.0)) for name, deficit in deficits.items() if deficit > 0),
+        key=lambda block: block.error / block.cost, reverse=True,
+    )
+    if len(ranked) == len(nodes):  # keeping every one fp32 is the fp32 model, not a fallback
+        ranked = ranked[:-1]
+    target = target_deficit(state.options.budget, check)
+    predictions = [sum(b.error for b in ranked[count:]) for count in range(len(ranked) + 1)]
+    start = 1 if target is None else first_count_within(predictions, target)
+    search = search_exclusions(ranked, lambda kept: _dynamic_trial(state, kept), state.options.max_trials, start=start,
+                               close_enough=CLOSE_ENOUGH * state.costs.macs)
+    count = search.blocks
+    if count is None and search.trials:  # nothing met the budget: the most faithful set tried
+        count = max(search.trials, key=lambda t: t.check.score).blocks
+    state.dynamic_trials = search.trials
+    state.dynamic_guarded = {
+        block.gate: NodeError(block.gate, kinds.get(block.gate, "?"), block.error,
+                              f"dynamic int8 at its weights alone costs {block.error:.3g} of fidelity")
+        for block in ranked[: count or 0]
+    }
+    state.notes.append(
+        f"dynamic int8 misses the budget ({check.why}): {len(deficits)} MatMul/Gemm measured int8 alone on "
+        f"{few.samples} held-out samples in {time.perf_counter() - started:.0f} s, ranked by fidelity per MAC; "
+        f"{len(state.dynamic_guarded)} kept fp32 after {len(search.trials)} trial(s)"
+        + ("" if search.blocks is not None else " (none met the budget: the most faithful set tried)")
+    )
+
+
+def choose_fastest_dynamic(state: QuantState) -> None:
+    """Dynamic int8 through the same speed guard and the same budget as static: per-channel weights first,
+    per-tensor when not clearly faster; with the nodes its fallback kept fp32."""
     if "dynamic" not in state.modes:
         return
     run = _guard_speed(state, dynamic_config(state.config), state.dynamic_candidates(), DYNAMIC_METHOD,
-                       list(state.user_excluded), {})
+                       _dynamic_excluded(state, list(state.dynamic_guarded)), {})
     if run.decision.best is not None:
         state.dynamic_run = run
     elif not _static(state) or state.static_run is None:
@@ -1070,7 +1167,9 @@ PIPELINE: tuple[tuple[str, Step], ...] = (
     ("measure", measure_roundings),
     ("fp32 fallback", keep_harmful_fp32),
     ("speed", choose_fastest),
-    ("dynamic", try_dynamic),
+    ("dynamic int8", try_dynamic),
+    ("dynamic fallback", keep_dynamic_harm_fp32),
+    ("dynamic speed", choose_fastest_dynamic),
     ("mode", choose_mode),
     ("validate", validate_chosen),
 )
@@ -1105,8 +1204,8 @@ def _result(state: QuantState) -> QuantizeResult:
     quantized_nodes, fp32_count = candidates.count(best.config, int8)
     kinds = {n.name: n.op_type for n in prepared.model.graph.node}
     fp32_nodes = [NodeError(n, kinds.get(n, "?"), None, "--exclude") for n in state.user_excluded]
-    fp32_nodes += state.rule_nodes
-    fp32_nodes += list(state.guarded.values())
+    dynamic = best.config.mode == "dynamic"
+    fp32_nodes += list(state.dynamic_guarded.values()) if dynamic else [*state.rule_nodes, *state.guarded.values()]
     macs = {layer.name: layer.macs for layer in state.costs.layers}
     budget = state.options.budget
     if not judged.check.met and decision.chosen is not None:
@@ -1143,15 +1242,15 @@ def _result(state: QuantState) -> QuantizeResult:
         budget=budget,
         budget_check=judged.check,
         fp32_nodes=tuple(fp32_nodes),
-        method_trials=tuple(state.method_trials),
-        exclusion_trials=state.exclusion_trials,
+        method_trials=() if dynamic else tuple(state.method_trials),
+        exclusion_trials=state.dynamic_trials if dynamic else state.exclusion_trials,
         max_trials=state.options.max_trials,
         validation=state.validation,
         timing=best,
         step_seconds=dict(state.seconds),
         step_cpu_seconds=dict(state.cpu_seconds),
-        placement=state.placement,
-        measure=state.measure,
+        placement=None if dynamic else state.placement,
+        measure=None if dynamic else state.measure,
         fp32_macs=sum(macs.get(n.name, 0) for n in fp32_nodes),
         model_macs=state.costs.macs,
         mode=state.mode_choice,
