@@ -1,7 +1,7 @@
 """int8 for a real transformer encoder: onnxslim quantize --mode dynamic/static/auto against onnxruntime's
 dynamic int8, on all-MiniLM-L6-v2 (issue 24, "int8 for transformers").
 
-    python benchmarks/transformers.py [--optimize] [--threads N] [--cache DIR] [--timeout S]
+    python benchmarks/transformers.py [--optimize [--max-trials N]] [--threads N] [--cache DIR] [--timeout S]
                                       [--json] [--markdown FILE]
 
 The model and its data come from benchmarks/real_models.py (`export_minilm`, the same cache, nothing
@@ -75,7 +75,8 @@ def _slim(mode: str, args: argparse.Namespace, model: Path, calib: Path, out: Pa
     """One onnxslim run as a subprocess; the row is named after it and says when fp32 was kept."""
     spec = MODELS["minilm"]
     if mode == "optimize":
-        candidate, report = run_onnxslim(spec, "optimize", model, calib, out / "optimize", None, args.timeout)
+        candidate, report = run_onnxslim(spec, "optimize", model, calib, out / "optimize", args.max_trials,
+                                         args.timeout)
         candidate.name = "onnxslim optimize"
         return candidate, report
     candidate, report = run_onnxslim(spec, "quantize", model, calib, out / f"quantize-{mode}", None, args.timeout,
@@ -130,6 +131,7 @@ def _row(candidate: Candidate, status: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--optimize", action="store_true", help="also run `onnxslim optimize` (minutes)")
+    parser.add_argument("--max-trials", type=int, default=None, help="optimize's --max-trials (default: its own)")
     parser.add_argument("--threads", type=int, default=2, help="timing and scoring threads (default 2)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for each onnxslim run")
