@@ -27,6 +27,7 @@ from onnxslim.optimizer import optimize as run_optimize
 from onnxslim.quant import QuantConfig, QuantizeOptions, quantize_model
 from onnxslim.quant.config import InterleavedTiming, TimingBudget, dynamic_config
 from onnxslim.quant.speed import alternatives
+from onnxslim.report.quantize import render_quantize
 
 INTEGER_OPS = {"DynamicQuantizeLinear", "MatMulInteger"}
 
@@ -168,6 +169,8 @@ def test_dynamic_missing_the_budget_keeps_the_most_harmful_matmuls_fp32(encoder)
     floats = {n.name for n in result.model.graph.node if n.op_type == "MatMul"}
     assert kept <= floats  # the MatMuls kept fp32 are still plain MatMuls in the model written
     _check_emitted(result.model, model, data)
+    text = render_quantize(result)
+    assert "dynamic int8: MatMul/Gemm kept fp32" in text and all(name in text for name in kept)
 
 
 def test_auto_with_both_modes_outside_the_budget_keeps_fp32(encoder) -> None:

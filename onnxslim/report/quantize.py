@@ -195,10 +195,11 @@ def _render_guard(result: QuantizeResult) -> list[str]:
             f"measure      {measure.gates} roundings: {how}; {measure.runs} runs of the gated model on "
             f"{measure.samples} calibration sample(s), {measure.seconds:.1f} s{stopped}"
         )
-    trials = len(result.method_trials) - 1 + len(result.exclusion_trials)
+    trials = max(len(result.method_trials) - 1, 0) + len(result.exclusion_trials)
     if trials:
         tried = ", ".join(f"{t.method} {t.check.score:.4f}" for t in result.method_trials)
-        lines.append(f"guard        {trials} of at most {result.max_trials} trials; calibration methods (fidelity): {tried}")
+        methods = f"; calibration methods (fidelity): {tried}" if tried else " (dynamic int8: MatMul/Gemm kept fp32)"
+        lines.append(f"guard        {trials} of at most {result.max_trials} trials{methods}")
         for trial in result.exclusion_trials:
             share = f" ({format_percent(trial.cost / result.model_macs)} of the MACs)" if result.model_macs else ""
             lines.append(
