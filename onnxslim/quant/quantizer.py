@@ -54,7 +54,7 @@ The steps, and why each one is here:
 does:
 
     prepare → modes → range rules → placement → plain int8 → other methods → measure → fp32 fallback → speed
-            → dynamic → mode → validate
+            → dynamic int8 → dynamic fallback → dynamic speed → mode → validate
 
 Each step is a function `step(state) -> None` that reads what earlier steps left and adds its part; a step
 with nothing to do returns at once (the budget met by plain int8: `other methods`, `measure` and `fp32
@@ -64,9 +64,10 @@ judged once (`QuantState.judge`, through `evaluate.Evaluator`). To add a remedy,
 state the fields it fills, and put it in `PIPELINE` before `speed`. Each step's wall time is in the result.
 
 **Modes.** `modes` picks static, dynamic, or both (`auto`, when MatMul/Gemm carry at least half the MACs);
-the static steps return at once without static. `dynamic` is onnxruntime's `quantize_dynamic` on the
-MatMul/Gemm weights (QInt8, per channel; activations quantized at run time; no calibration) through the same
-speed guard and judge; `mode` keeps the one its guard kept, or with both kept, the clearly faster of the two
+the static steps return at once without static. `dynamic int8` is onnxruntime's `quantize_dynamic` on the
+MatMul/Gemm weights (QInt8, per channel; activations quantized at run time; no calibration), judged like
+static; `dynamic fallback` keeps fp32 the MatMuls that cost most fidelity per MAC (each measured int8 alone)
+when it misses the budget; `dynamic speed` is the same speed guard; `mode` keeps the one its guard kept, or with both kept, the clearly faster of the two
 timed side by side with fp32 in one run (within the noise, the more faithful).
 
 The library never prints: progress goes through an optional callback, results are dataclasses that
