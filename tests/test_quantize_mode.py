@@ -21,6 +21,7 @@ from click.testing import CliRunner
 import onnxslim.quant.quantizer as quantize_module
 from onnxslim.calib import DataOptions, open_dataset
 from onnxslim.cli import cli
+from onnxslim.errors import UnsupportedModelError
 from onnxslim.evaluate import AccuracyBudget
 from onnxslim.optimizer import OptimizeOptions
 from onnxslim.optimizer import optimize as run_optimize
@@ -293,3 +294,22 @@ def test_optimize_chooses_the_mode_at_the_level_it_quantizes(tmp_path: Path, enc
                           data_options=DataOptions(batch=4))
     assert static.quantize is not None and static.quantize.mode is not None
     assert static.quantize.mode.chosen == "static" and static.quantize.mode.asked == "static"
+
+
+def test_a_dynamic_model_onnxruntime_cannot_load_leaves_auto_to_static(encoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _, data = encoder
+
+    def unloadable(*args, **kwargs) -> onnx.ModelProto:
+        broken = onnx.ModelProto()
+        broken.CopyFrom(model)
+        broken.graph.node[0].op_type = "NoSuchOp"
+        return broken
+
+    monkeypatch.setattr(quantize_module, "quantize_dynamic_weights", unloadable)
+    result = quantize_model(model, _dataset(model, data), QuantizeOptions(), timer=mode_timer(7.0, 5.0))
+    assert result.quantized and result.mode is not None and result.mode.chosen == "static"
+    assert [(c.mode, c.timing is None) for c in result.mode.candidates] == [("static", False), ("dynamic", True)]
+    assert "cannot load" in result.mode.candidates[1].reason
+    assert any("dynamic int8" in note and "cannot load" in note for note in result.notes)
+    with pytest.raises(UnsupportedModelError, match="cannot load"):
+        quantize_model(model, _dataset(model, data), QuantizeOptions(mode="dynamic"), timer=mode_timer(7.0, 5.0))

@@ -92,7 +92,7 @@ from onnxslim.analysis.cost import ModelCost, compute_cost
 from onnxslim.analysis.quantized import refuse_quantized
 from onnxslim.calib import Dataset
 from onnxslim.cpu import CpuChoice, choose_for_cpu, detect_cpu
-from onnxslim.errors import DataError, UnsupportedModelError, UsageError, first_line
+from onnxslim.errors import DataError, UnsupportedModelError, UsageError, ValidationError, first_line
 from onnxslim.evaluate import (
     BudgetCheck,
     Evaluator,
@@ -490,6 +490,7 @@ class QuantState:
     static_run: _ModeRun | None = None  # static's guard, when it built any candidate
     static_error: str | None = None  # why static has no candidate, when it has none
     dynamic_run: _ModeRun | None = None
+    dynamic_error: str | None = None  # why dynamic has no candidate, when it has none
     dynamic_check: BudgetCheck | None = None  # dynamic int8 with every MatMul/Gemm quantized, against the budget
     dynamic_guarded: dict[str, NodeError] = field(default_factory=dict)  # kept fp32 by dynamic's fallback
     dynamic_trials: tuple[ExclusionTrial, ...] = ()
@@ -948,8 +949,11 @@ def _dynamic_trial(state: QuantState, nodes: Sequence[str]) -> BudgetCheck:
     try:
         int8 = quantize_dynamic_weights(state.prepared_path, config, exclude_nodes=excluded)
         declare_like(int8, state.source)
+        open_session(int8, state.threads)  # a model onnxruntime cannot load is a failed trial, not a crash
     except UnsupportedModelError as e:
         return BudgetCheck(False, -1.0, None, str(e))
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        return BudgetCheck(False, -1.0, None, f"onnxruntime cannot load the dynamic int8 model: {first_line(e)}")
     return state.judge(int8, key).check
 
 
@@ -969,8 +973,8 @@ def keep_dynamic_harm_fp32(state: QuantState) -> None:
     held-out samples, ranked by deficit per MAC, and the fewest top ones kept fp32 that meet the budget
     (guard.search_exclusions: the same bounded search as static's fallback, within --max-trials)."""
     check = state.dynamic_check
-    if check is None or check.met or state.options.max_trials < 1:
-        return
+    if check is None or check.met or check.score < 0 or state.options.max_trials < 1:
+        return  # met, or no dynamic model could be built at all (the speed step says why)
     assert state.split is not None and state.evaluator is not None
     initializers = {t.name for t in state.model.graph.initializer}
     excluded = set(state.user_excluded)
@@ -989,9 +993,10 @@ def keep_dynamic_harm_fp32(state: QuantState) -> None:
         try:
             alone = quantize_dynamic_weights(state.prepared_path, config, exclude_nodes=sorted(excluded), only=[name])
             declare_like(alone, state.source)
-        except UnsupportedModelError:
+            comparison = evaluator.compare(alone, "a dynamic int8 node")
+        except (UnsupportedModelError, ValidationError) as e:
+            logger.info("dynamic int8 of %s alone: %s", name, e)
             continue
-        comparison = evaluator.compare(alone, "a dynamic int8 node")
         fidelity = comparison.fidelities[comparison.worst]
         score = check_budget(state.options.budget, fidelity, comparison.accuracy_original, comparison.accuracy,
                              comparison.paired).score
@@ -1037,6 +1042,7 @@ def choose_fastest_dynamic(state: QuantState) -> None:
     elif not _static(state) or state.static_run is None:
         raise UnsupportedModelError(run.decision.reason + (f"; static: {state.static_error}" if state.static_error else ""))
     else:
+        state.dynamic_error = run.decision.reason
         state.notes.append(f"dynamic int8: {run.decision.reason}")
 
 
@@ -1063,7 +1069,7 @@ def choose_mode(state: QuantState) -> None:
     if _static(state):
         candidates.append(_mode_candidate("static", static, state.static_error))
     if "dynamic" in state.modes:
-        candidates.append(_mode_candidate("dynamic", dynamic, None))
+        candidates.append(_mode_candidate("dynamic", dynamic, state.dynamic_error))
     head_to_head: tuple[CandidateTiming, ...] = ()
 
     def choice(chosen: str, why: str) -> ModeChoice:
