@@ -378,14 +378,15 @@ def _onnxslim_command() -> list[str]:
 
 
 def run_onnxslim(spec: RealModel, mode: str, model: Path, calib: Path, out: Path, max_trials: int | None,
-                 timeout: float) -> tuple[Candidate, dict[str, Any] | None]:
-    """`onnxslim optimize` or `quantize` at its defaults as a subprocess: the candidate and its JSON report."""
+                 timeout: float, extra: tuple[str, ...] = ()) -> tuple[Candidate, dict[str, Any] | None]:
+    """`onnxslim optimize` or `quantize` at its defaults (plus `extra` options) as a subprocess: the candidate
+    and its JSON report."""
     out.mkdir(parents=True, exist_ok=True)
     shapes = [arg for shape in spec.input_shapes for arg in ("--input-shapes", shape)]
     trials = [] if max_trials is None else ["--max-trials", str(max_trials)]
     result = out / ("optimized.onnx" if mode == "optimize" else "quantized.onnx")
     target = ["-o", str(out)] if mode == "optimize" else ["-o", str(result)]
-    command = [*_onnxslim_command(), mode, str(model), *target, "--calib", str(calib), *shapes, *trials, "--json"]
+    command = [*_onnxslim_command(), mode, str(model), *target, "--calib", str(calib), *shapes, *trials, *extra, "--json"]
     printable = " ".join(command)
     _log(f"  {printable}")
     candidate = Candidate(f"onnxslim {mode}", None, printable)
@@ -459,12 +460,16 @@ def ort_static(model: Path, calib: Path, out: Path) -> Candidate:
                   lambda: quantize_static(str(model), str(out), Reader(calib)), out)
 
 
-def ort_dynamic(model: Path, out: Path) -> Candidate:
-    """onnxruntime's quantize_dynamic at its defaults (s8 weights, activations quantized at run time)."""
+def ort_dynamic(model: Path, out: Path, *, per_channel: bool = False) -> Candidate:
+    """onnxruntime's quantize_dynamic at its defaults (s8 weights, activations quantized at run time; per-tensor
+    weights, or per-channel)."""
     from onnxruntime.quantization import quantize_dynamic
 
-    return _timed(Candidate("ort quantize_dynamic", None, "quantize_dynamic(model, out) (defaults)"),
-                  lambda: quantize_dynamic(str(model), str(out)), out)
+    if not per_channel:
+        return _timed(Candidate("ort quantize_dynamic", None, "quantize_dynamic(model, out) (defaults)"),
+                      lambda: quantize_dynamic(str(model), str(out)), out)
+    return _timed(Candidate("ort quantize_dynamic per-channel", None, "quantize_dynamic(model, out, per_channel=True)"),
+                  lambda: quantize_dynamic(str(model), str(out), per_channel=True), out)
 
 
 QUARK_CONFIGS = ("A8W8", "INT8_CNN_DEFAULT")  # Quark's "CPU general" recipe, then its CPU/GPU CNN default

@@ -658,7 +658,7 @@ def classification_npz(path: Path, samples: int = 12, seed: int = 0) -> tuple[np
 #     ctc_head()                 a recognizer whose output is [T, batch, C] (sequence first), by Softmax
 #                                then Transpose, declared [1, seqlen] as Paddle exports declare it.
 
-__all__ = ["transformer_classifier", "yolo_head", "ctc_head", "TOKEN_DIM"]
+__all__ = ["transformer_classifier", "yolo_head", "ctc_head", "transformer_encoder", "TOKEN_DIM"]
 
 TOKEN_DIM = 16
 
@@ -921,3 +921,47 @@ def crnn_lstm_model(*, steps: int = 8, channels: int = 16, hidden: int = 12, cla
     y = b.op("Reshape", [y, b.const(np.array([0, 0, 2 * hidden], np.int64), prefix="shape")], channels=2 * hidden)
     return _ctc_output(b, y, classes)
 
+
+
+def _gelu_erf(b: ModelBuilder, x: str) -> str:
+    """GELU as exporters decompose it: x * 0.5 * (1 + erf(x / sqrt(2)))."""
+    erf = b.op("Erf", [b.op("Div", [x, b.const(np.array(np.sqrt(2.0), np.float32), prefix="sqrt2")])])
+    one_plus = b.op("Add", [erf, b.const(np.array(1.0, np.float32), prefix="one")])
+    return b.op("Mul", [b.op("Mul", [x, one_plus]), b.const(np.array(0.5, np.float32), prefix="half")])
+
+
+def _layer_normalization(b: ModelBuilder, x: str, dim: int) -> str:
+    gamma = b.const((1 + 0.1 * b.rng.standard_normal(dim)).astype(np.float32), prefix="ln_scale")
+    beta = b.const((0.1 * b.rng.standard_normal(dim)).astype(np.float32), prefix="ln_bias")
+    return b.op("LayerNormalization", [x, gamma, beta], axis=-1, epsilon=1e-5)
+
+
+def transformer_encoder(
+    *, tokens: int = 16, dim: int = 32, heads: int = 4, ffn: int = 64, layers: int = 2, seed: int = 21
+) -> onnx.ModelProto:
+    """A BERT-style encoder, input `input` [batch, tokens, dim] -> `embedding` [batch, dim] (mean over the
+    tokens): per layer Q/K/V projections (MatMul + bias Add) split into heads (Reshape with 0 entries,
+    Transpose), Softmax attention, the output projection, a residual Add and LayerNormalization; then an FFN
+    with Erf GELU, a residual Add and LayerNormalization. MatMuls carry nearly all the MACs."""
+    width = dim // heads
+    b = ModelBuilder((tokens, dim), opset=17, seed=seed)
+    split = b.const(np.array([0, 0, heads, width], np.int64), prefix="heads")
+    merge = b.const(np.array([0, 0, dim], np.int64), prefix="merge")
+    scale = b.const(np.array(np.sqrt(width), np.float32), prefix="sqrt_d")
+    x = b.input
+    for _ in range(layers):
+        q, k, v = (b.op("Reshape", [_linear(b, x, dim, dim), split]) for _ in range(3))
+        q = b.op("Transpose", [q], perm=[0, 2, 1, 3])
+        k = b.op("Transpose", [k], perm=[0, 2, 3, 1])
+        v = b.op("Transpose", [v], perm=[0, 2, 1, 3])
+        scores = b.op("Div", [b.op("MatMul", [q, k]), scale])
+        context = b.op("MatMul", [b.op("Softmax", [scores], axis=-1), v])
+        context = b.op("Reshape", [b.op("Transpose", [context], perm=[0, 2, 1, 3]), merge])
+        x = _layer_normalization(b, b.op("Add", [x, _linear(b, context, dim, dim)]), dim)
+        hidden = _gelu_erf(b, _linear(b, x, dim, ffn))
+        x = _layer_normalization(b, b.op("Add", [x, _linear(b, hidden, ffn, dim)]), dim)
+    pooled = b.op("ReduceMean", [x], axes=[1], keepdims=0)
+    model = b.build(pooled)
+    model.graph.output[0].name = "embedding"
+    model.graph.node[-1].output[0] = "embedding"
+    return model

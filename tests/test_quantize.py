@@ -334,7 +334,7 @@ def test_an_infinite_calibrated_range_keeps_its_nodes_fp32_instead_of_refusing(t
     onnx.save(model, tmp_path / "attention.onnx")
     np.savez(tmp_path / "x.npz", x=np.random.default_rng(1).standard_normal((16, 4, 8)).astype(np.float32))
     loaded = load_model(tmp_path / "attention.onnx")
-    result = quantize_model(loaded, dataset(tmp_path / "x.npz", loaded.model), QuantizeOptions(), timer=FAST)
+    result = quantize_model(loaded, dataset(tmp_path / "x.npz", loaded.model), QuantizeOptions(mode="static"), timer=FAST)  # static's range rule
     kept = {n.name: n.reason for n in result.fp32_nodes}
     assert "add_mask" in kept and "softmax" in kept and "infinite" in kept["add_mask"]
     assert result.calibration.infinite_ranges == ("masked",)
@@ -938,9 +938,9 @@ def test_guard_keeps_the_harmful_nodes_of_a_transformer_in_fp32(tmp_path: Path) 
     misses the default budget; the guard meets it with far from every quantizable node in fp32."""
     source = transformer_classifier()
     data = dataset(_random_npz(tmp_path / "t.npz", source, 48), source, batch=8)
-    plain = quantize_model(source, data, QuantizeOptions(max_trials=0, cpu=VNNI), timer=FAST)
+    plain = quantize_model(source, data, QuantizeOptions(max_trials=0, cpu=VNNI, mode="static"), timer=FAST)
     assert not plain.method_trials[0].check.met and plain.method_trials[0].check.score < 0.95
-    guarded = quantize_model(source, data, QuantizeOptions(cpu=VNNI), timer=FAST)
+    guarded = quantize_model(source, data, QuantizeOptions(cpu=VNNI, mode="static"), timer=FAST)
     assert guarded.budget_met and guarded.quantized
     assert guarded.fidelity is not None and guarded.fidelity.score >= 0.99
     trials = len(guarded.method_trials) - 1 + len(guarded.exclusion_trials)
@@ -1200,7 +1200,7 @@ def test_a_calibration_method_that_fails_on_infinite_values_is_a_failed_trial_no
     np.savez(tmp_path / "x.npz", x=np.random.default_rng(1).standard_normal((16, 4, 8)).astype(np.float32))
     loaded = load_model(tmp_path / "attention.onnx")
     # every node placed: the histogram methods then collect the masked scores (compute ops alone never read them)
-    options = QuantizeOptions(budget=AccuracyBudget(min_fidelity=0.999999), max_trials=3, placement="all", method="minmax")
+    options = QuantizeOptions(budget=AccuracyBudget(min_fidelity=0.999999), max_trials=3, placement="all", method="minmax", mode="static")
     result = quantize_model(loaded, dataset(tmp_path / "x.npz", loaded.model), options, timer=FAST)
     failed = [t for t in result.method_trials if "calibration failed" in t.check.why]
     assert failed and all(t.method not in ("minmax", "tensor") for t in failed)  # per tensor: finite values only

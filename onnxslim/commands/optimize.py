@@ -27,6 +27,7 @@ from onnxslim.optimizer import optimize as run_optimize
 from onnxslim.optimizer import sweep as run_sweep
 from onnxslim.ortformat import to_ort_format
 from onnxslim.prune.state import ALLOCATIONS
+from onnxslim.quant.config import MODE_CHOICES
 from onnxslim.report.format import require_plotting, to_json
 from onnxslim.report.optimize import (
     check_outdir,
@@ -58,6 +59,9 @@ logger = logging.getLogger("onnxslim")
               help="Search the pruning level whose final model runs S times as fast as the original, measured here.")
 @click.option("--no-prune", is_flag=True, help="Only int8.")
 @click.option("--no-quantize", is_flag=True, help="Only pruning (and recovery).")
+@click.option("--quant-mode", type=click.Choice(MODE_CHOICES), default="auto", show_default=True,
+              help="quantize's --mode at every level: auto measures static and dynamic int8 side by side on models "
+              "whose MatMul/Gemm carry most MACs (transformers) and keeps the faster within the budget.")
 @click.option("--max-trials", type=click.IntRange(min=1), default=6, show_default=True,
               help="Pruning levels (and int8 attempts) the search may try.")
 @click.option("--allocate", type=click.Choice(ALLOCATIONS), default="global", show_default=True,
@@ -77,7 +81,7 @@ logger = logging.getLogger("onnxslim")
 def optimize(
     ctx: click.Context, model: str, outdir: str, calib: str, eval_data: str | None, max_drop: float | None,
     min_fidelity: float | None, target_macs: float | None, target_speedup: float | None, no_prune: bool,
-    no_quantize: bool, max_trials: int, allocate: str, threads: int | None, output_format: str,
+    no_quantize: bool, quant_mode: str, max_trials: int, allocate: str, threads: int | None, output_format: str,
     input_shapes: tuple[str, ...], data_options: DataOptions, as_json: bool,
 ) -> None:
     """The fastest model that keeps MODEL's accuracy, and the proof: prune, recover, int8, measure.
@@ -91,7 +95,7 @@ def optimize(
     options = OptimizeOptions(
         max_drop=max_drop, min_fidelity=min_fidelity, target_macs=target_macs, target_speedup=target_speedup,
         prune=not no_prune, quantize=not no_quantize, max_trials=max_trials, threads=threads, seed=ctx.obj["seed"],
-        allocate=allocate,
+        allocate=allocate, quant_mode=quant_mode,
     )
     command = "onnxslim " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
     check_outdir(outdir, model, prune=options.prune)  # before any work: a run that cannot write fails at once

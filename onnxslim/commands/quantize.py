@@ -17,6 +17,7 @@ from onnxslim.commands.options import (
     progress_bars,
     quiet_option,
 )
+from onnxslim.errors import UsageError
 from onnxslim.evaluate import AccuracyBudget
 from onnxslim.io import check_output_path, load_model, write_validated
 from onnxslim.quant import (
@@ -24,6 +25,7 @@ from onnxslim.quant import (
     INT8_TYPES,
     METHODS,
     MIN_SPEEDUP,
+    MODE_CHOICES,
     PLACEMENT_CHOICES,
     QuantConfig,
     QuantizeOptions,
@@ -39,10 +41,16 @@ logger = logging.getLogger("onnxslim")
 @click.argument("model", type=click.Path(dir_okay=True, path_type=str))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str),
               help="Where to write the int8 model (or the fp32 model, when int8 is not faster).")
-@click.option("--calib", "calib", metavar="DATA", required=True,
-              help=DATA_HELP + " The last 20% of its batches are held out to measure fidelity unless --eval is given.")
+@click.option("--calib", "calib", metavar="DATA", default=None,
+              help=DATA_HELP + " The last 20% of its batches are held out to measure fidelity unless --eval is given. "
+              "Required unless --mode dynamic: dynamic int8 calibrates nothing, and all of --calib (or --eval) judges it.")
 @click.option("--eval", "eval_data", metavar="DATA", default=None,
               help="Data to measure fidelity (and accuracy, with labels) on; then all of --calib calibrates.")
+@click.option("--mode", type=click.Choice(MODE_CHOICES), default="auto", show_default=True,
+              help="static: activation ranges calibrated on --calib; dynamic: onnxruntime's dynamic int8 (MatMul/Gemm "
+              "weights int8 per channel, activations quantized at run time; residual Adds and LayerNorms stay float); "
+              "auto: both measured side by side and the faster within the budget kept when MatMul/Gemm carry at "
+              "least half the MACs (transformers), static otherwise (CNNs).")
 @click.option("--format", "quant_format", type=click.Choice(FORMATS), default="qdq", show_default=True,
               help="qdq: QuantizeLinear/DequantizeLinear around float ops (portable; onnxruntime fuses them); "
               "qoperator: QLinearConv, QLinearMatMul ... ops.")
@@ -90,13 +98,19 @@ logger = logging.getLogger("onnxslim")
 @quiet_option
 @click.pass_context
 def quantize(
-    ctx: click.Context, model: str, output: str, calib: str, eval_data: str | None, quant_format: str, method: str,
+    ctx: click.Context, model: str, output: str, calib: str | None, eval_data: str | None, mode: str,
+    quant_format: str, method: str,
     per_channel: bool, activations: str, weights: str, reduce_range: bool | None, max_drop: float | None,
     min_fidelity: float | None, max_trials: int, placement: str, exclude: tuple[str, ...],
     input_shapes: tuple[str, ...], data_options: DataOptions, threads: int | None, calib_memory_mb: int,
     force: bool, as_json: bool,
 ) -> None:
-    """Quantize MODEL to int8 (onnxruntime static quantization), calibrated on --calib, and keep it only if faster.
+    """Quantize MODEL to int8 (onnxruntime static or dynamic quantization, --mode) and keep it only if faster.
+
+    --mode auto (the default) measures static and dynamic int8 side by side on models whose MatMul/Gemm
+    carry most of the MACs (transformers) and keeps the faster of those within the budget (the more faithful
+    when they are as fast); elsewhere it is static, calibrated on --calib. Dynamic int8 needs no calibration:
+    with --mode dynamic, all of --calib (or --eval) judges the accuracy budget.
 
     Only the nodes int8 pays for are quantized (--placement): the compute ops onnxruntime runs as int8
     kernels on this machine, every int8 kernel only when measured clearly faster. The int8 model is timed
@@ -111,16 +125,22 @@ def quantize(
     Weights are 7-bit on CPUs without VNNI (see --reduce-range).
     Models that are already quantized are refused. Symbolic input dims are kept.
     """
+    if calib is None and mode != "dynamic":
+        raise UsageError(f"--mode {mode} needs --calib (static int8 calibrates its activation ranges on it)")
+    if calib is None and eval_data is None:
+        raise UsageError("--mode dynamic calibrates nothing, but the accuracy budget needs data to judge the int8 "
+                         "model on: give --eval (or --calib)")
     check_output_path(output, sources=[model])
     loaded = load_model(model)
-    calib_data = open_dataset(calib, loaded.model, data_options)
     evaluation = open_dataset(eval_data, loaded.model, data_options) if eval_data is not None else None
+    calib_data = open_dataset(calib, loaded.model, data_options) if calib is not None else evaluation
+    assert calib_data is not None
     options = QuantizeOptions(
         config=QuantConfig(format=quant_format, activations=activations, weights=weights, per_channel=per_channel,
                            reduce_range=reduce_range),
         method=method, exclude=exclude, force=force, threads=threads, calibration_memory=calib_memory_mb * 2**20,
         budget=AccuracyBudget(max_drop=max_drop, min_fidelity=min_fidelity), max_trials=max_trials,
-        placement=placement,
+        placement=placement, mode=mode,
     )
     with ExitStack() as stack:
         result = quantize_model(

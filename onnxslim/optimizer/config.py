@@ -13,7 +13,7 @@ from onnxslim.errors import UsageError
 from onnxslim.evaluate import AccuracyBudget, BudgetCheck
 from onnxslim.prune import PruneResult
 from onnxslim.prune.state import ALLOCATIONS
-from onnxslim.quant import MIN_SPEEDUP, QuantizeResult
+from onnxslim.quant import MIN_SPEEDUP, MODE_CHOICES, QuantizeResult
 
 __all__ = [
     "DEFAULT_TRIALS",
@@ -51,8 +51,11 @@ class OptimizeOptions:
     min_speedup: float = MIN_SPEEDUP
     repeat: int = 50  # timed runs per model in the final interleaved measurement
     seed: int = 0
+    quant_mode: str = "auto"  # quantize's --mode at every level: auto measures static and dynamic on transformers
 
     def __post_init__(self) -> None:
+        if self.quant_mode not in MODE_CHOICES:
+            raise UsageError(f"--quant-mode must be one of {', '.join(MODE_CHOICES)}, not {self.quant_mode!r}")
         if self.target_macs is not None and self.target_speedup is not None:
             raise UsageError("--target-macs and --target-speedup are exclusive: give one")
         if not self.prune and not self.quantize:
@@ -107,6 +110,7 @@ class Trial:
     same_as: int | None = None  # the earlier trial (1-based) whose plan this level gave again: not pruned twice
     samples: int | None = None  # the evaluation samples the scores rest on (BudgetCheck.samples)
     whole_budget: bool = False  # pruned_* judged with the whole budget (int8 was not kept), not half of it
+    mode: str | None = None  # the int8 mode quantize chose at this level (static or dynamic), when it ran
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,12 @@
 
     prune (activation criterion, lsq recovery) → int8 (CPU-aware, accuracy and speed guards) → measure
 
+**Levels x modes.** Every level that is quantized goes through `quantize_model` with `--quant-mode`
+(default `auto`): on a model whose MatMul/Gemm carry most MACs, static and dynamic int8 are measured side
+by side there and the faster within the (whole) budget is kept, by quantize's own rules; the search then
+moves to the next level exactly as when one mode is tried. So the choice is among levels x {static,
+dynamic}, each pair judged by the same budget and speed rules, and the trial records the mode kept.
+
 **The search.** With an accuracy budget and no target (`--max-drop` points of top-1 with labels, else
 `--min-fidelity`; default: 0.5 point with labels, cosine 0.99 without — the first is what a user of a
 classifier notices, the second keeps every output and every output channel close), pruning levels are
@@ -205,7 +211,9 @@ def quantize_for(
     model: onnx.ModelProto, calib: Dataset, evaluation: Dataset | None, budget: AccuracyBudget,
     options: OptimizeOptions, progress: Progress | None,
 ) -> QuantizeResult:
-    quant_options = QuantizeOptions(budget=budget, threads=options.threads, min_speedup=options.min_speedup)
+    quant_options = QuantizeOptions(
+        budget=budget, threads=options.threads, min_speedup=options.min_speedup, mode=options.quant_mode
+    )
     return quantize_model(model, calib, quant_options, eval_data=evaluation, progress=progress)
 
 
@@ -291,7 +299,7 @@ def optimize(
             return q, None
         return q, replace(
             trial, quantized=q.quantized, final_score=check.score, final_drop=check.drop, final_met=check.met,
-            seconds=trial.seconds + time.perf_counter() - begin,
+            seconds=trial.seconds + time.perf_counter() - begin, mode=None if q.mode is None else q.mode.chosen,
         )
 
     if levels is None:

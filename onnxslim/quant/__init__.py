@@ -3,7 +3,7 @@
 The quantizer is a pipeline of named steps over one state (`quantizer.PIPELINE`), as `prune/` is; each
 concern has one module:
 
-    config.py       constants, options (`QuantConfig`, `QuantizeOptions`) and results
+    config.py       constants, options (static or dynamic `mode`) (`QuantConfig`, `QuantizeOptions`) and results
     prepare.py      opset upgrade, onnxruntime's basic optimizations, type inference
     calibrate.py    calibration in bounded memory (ranges for each method)
     placement.py    which nodes may be int8: what onnxruntime runs as int8 kernels here, the placements
@@ -21,9 +21,12 @@ from onnxslim.quant.config import (
     INT8_TYPES,
     METHODS,
     MIN_SPEEDUP,
+    MODE_CHOICES,
+    MODES,
     PLACEMENT_CHOICES,
     PLACEMENTS,
     CandidateTiming,
+    ModeChoice,
     QuantConfig,
     QuantizeOptions,
     QuantizeResult,
@@ -38,6 +41,9 @@ __all__ = [
     "INT8_TYPES",
     "METHODS",
     "MIN_SPEEDUP",
+    "MODE_CHOICES",
+    "MODES",
+    "ModeChoice",
     "PLACEMENT_CHOICES",
     "PLACEMENTS",
     "CandidateTiming",

@@ -36,6 +36,16 @@ PLACEMENTS = ("compute", "kernels", "all")  # placement.py: from the narrowest
 PLACEMENT_CHOICES = ("auto", *PLACEMENTS)
 PLACEMENT_LABELS = {"compute": " compute-ops", "kernels": " int8-kernels", "all": ""}
 
+# Modes (quantizer.py, the `modes`, `dynamic` and `mode` steps): static int8 (ranges calibrated, QDQ or
+# QOperator) or onnxruntime's dynamic int8 (weights int8 ahead of time, activations quantized at run time by
+# DynamicQuantizeLinear, MatMulInteger). `auto` measures both side by side on models whose MatMul/Gemm carry
+# at least `MATMUL_SHARE` of the MACs (transformers) and keeps static alone elsewhere (CNNs).
+MODES = ("static", "dynamic")
+MODE_CHOICES = ("auto", *MODES)
+MATMUL_SHARE = 0.5
+DYNAMIC_OP_TYPES = ("MatMul", "Gemm")  # what dynamic int8 quantizes: residual Adds, LayerNorms stay float
+DYNAMIC_METHOD = "run-time"  # the "calibration method" of a dynamic model: its activations are ranged as it runs
+
 QUANT_TYPE_NAMES = {"u8": "QUInt8", "s8": "QInt8"}
 METHOD_NAMES = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile", "tensor": "MinMax"}  # tensor: written as min-max
 FORMAT_NAMES = {"qdq": "QDQ", "qoperator": "QOperator"}
@@ -62,8 +72,14 @@ class QuantConfig:
     reduce_range: bool | None = None  # None: chosen for the CPU (see cpu.py)
     op_types: tuple[str, ...] | None = None
     placement: str = "all"
+    mode: str = "static"  # dynamic: onnxruntime's quantize_dynamic (QOperator, u8 activations ranged at run time)
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UsageError(f"quantization mode must be one of {list(MODES)}, not {self.mode!r}")
+        if self.mode == "dynamic" and (self.activations != "u8" or self.format != "qoperator" or self.placement != "all"):
+            raise UsageError("dynamic int8 runs u8 activations in QOperator form (DynamicQuantizeLinear, MatMulInteger) "
+                             "on every node of its op types: use `dynamic_config`")
         if self.placement not in PLACEMENTS:
             raise UsageError(f"placement must be one of {list(PLACEMENTS)}, not {self.placement!r}")
         if self.format not in FORMATS:
@@ -76,13 +92,25 @@ class QuantConfig:
 
     @property
     def label(self) -> str:
-        """'qdq u8/s8 per-channel', '+ compute ops only' when op types are restricted."""
+        """'qdq u8/s8 per-channel', '+ compute ops only' when op types are restricted; 'dynamic s8 per-channel'."""
+        if self.mode == "dynamic":
+            granularity = "per-channel" if self.per_channel else "per-tensor"
+            return f"dynamic {self.weights} {granularity}" + (" reduce-range" if self.reduce_range else "")
         text = f"{self.format} {self.activations}/{self.weights} {'per-channel' if self.per_channel else 'per-tensor'}"
         if self.reduce_range:
             text += " reduce-range"
         if self.op_types is not None:
             text += " compute-ops-only" if set(self.op_types) == set(COMPUTE_OP_TYPES) else f" ops={','.join(self.op_types)}"
         return text + PLACEMENT_LABELS[self.placement]
+
+
+def dynamic_config(config: QuantConfig) -> QuantConfig:
+    """The dynamic counterpart of `config`: its weight granularity and range, s8 weights (QInt8) on the
+    MatMul/Gemm ops (`DYNAMIC_OP_TYPES`), activations u8 quantized at run time."""
+    return QuantConfig(
+        format="qoperator", activations="u8", weights="s8", per_channel=config.per_channel,
+        reduce_range=config.reduce_range, op_types=DYNAMIC_OP_TYPES, placement="all", mode="dynamic",
+    )
 
 
 @dataclass(frozen=True)
@@ -110,8 +138,11 @@ class QuantizeOptions:
     cpu: CpuFeatures | None = None  # None: detected from /proc/cpuinfo
     range_ratio: float | None = RANGE_RATIO  # Concats whose inputs' ranges differ more are joined in float per input (None: never)
     placement: str = "auto"  # auto: `compute`, or `kernels` when measured clearly faster (placement.py)
+    mode: str = "auto"  # static, dynamic, or auto: both side by side when MatMul/Gemm carry most MACs
 
     def __post_init__(self) -> None:
+        if self.mode not in MODE_CHOICES:
+            raise UsageError(f"mode must be one of {list(MODE_CHOICES)}, not {self.mode!r}")
         if self.placement not in PLACEMENT_CHOICES:
             raise UsageError(f"placement must be one of {list(PLACEMENT_CHOICES)}, not {self.placement!r}")
         if self.method not in METHODS:
@@ -265,7 +296,7 @@ class QuantizeResult:
     accuracy_fp32: Accuracy | None
     accuracy_int8: Accuracy | None
     output: str
-    calibration: CalibrationSummary
+    calibration: CalibrationSummary | None  # None: nothing was calibrated (dynamic int8 alone)
     candidates: tuple[CandidateTiming, ...]
     threads: int
     timing_shapes: dict[str, tuple[int, ...]]
@@ -287,6 +318,7 @@ class QuantizeResult:
     measure: GateMeasure | None = None  # how the fallback measured the roundings (None: it did not run)
     fp32_macs: int | None = None  # MACs of the nodes kept fp32 by --exclude, the range rules and the fallback
     model_macs: int | None = None  # MACs of the whole model at the calibration shapes
+    mode: ModeChoice | None = None  # static or dynamic, why, and both candidates when both were measured
 
     @property
     def speedup_low(self) -> float | None:
@@ -328,6 +360,32 @@ class PlacementChoice:
     float_nodes: tuple[NodeError, ...] = ()
     fates: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     timings: tuple[CandidateTiming, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModeCandidate:
+    """One mode as its own speed guard left it (`timing`: its fastest int8 variant against fp32; None when
+    none could be built), whether that guard kept it (`kept`: clearly faster and within the budget), and
+    why (`reason`)."""
+
+    mode: str
+    timing: CandidateTiming | None
+    kept: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class ModeChoice:
+    """What the `mode` step chose: static or dynamic, why, the mode asked for, the share of the MACs in
+    MatMul/Gemm that `auto` reads, each mode's candidate, and the kept variants timed side by side in one
+    interleaved run (`head_to_head`: empty unless both modes were kept by their own guards)."""
+
+    chosen: str
+    reason: str
+    asked: str
+    matmul_share: float
+    candidates: tuple[ModeCandidate, ...] = ()
+    head_to_head: tuple[CandidateTiming, ...] = ()
 
 
 @dataclass(frozen=True)

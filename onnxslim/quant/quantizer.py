@@ -54,7 +54,8 @@ The steps, and why each one is here:
 **The pipeline.** `quantize_model` runs `PIPELINE`, named steps over one `QuantState`, as `prune/pruner.py`
 does:
 
-    prepare → range rules → placement → plain int8 → other methods → measure → fp32 fallback → speed → validate
+    prepare → modes → range rules → placement → plain int8 → other methods → measure → fp32 fallback → speed
+            → dynamic int8 → dynamic fallback → dynamic speed → mode → validate
 
 Each step is a function `step(state) -> None` that reads what earlier steps left and adds its part; a step
 with nothing to do returns at once (the budget met by plain int8: `other methods`, `measure` and `fp32
@@ -62,6 +63,13 @@ fallback` do nothing). The state owns the shared work: each calibration method's
 (`QuantState.calibrated`), every trial requantizes from them (`QuantState.trial`), and every int8 model is
 judged once (`QuantState.judge`, through `evaluate.Evaluator`). To add a remedy, write its step, give the
 state the fields it fills, and put it in `PIPELINE` before `speed`. Each step's wall time is in the result.
+
+**Modes.** `modes` picks static, dynamic, or both (`auto`, when MatMul/Gemm carry at least half the MACs);
+the static steps return at once without static. `dynamic int8` is onnxruntime's `quantize_dynamic` on the
+MatMul/Gemm weights (QInt8, per channel; activations quantized at run time; no calibration), judged like
+static; `dynamic fallback` keeps fp32 the MatMuls that cost most fidelity per MAC (each measured int8 alone)
+when it misses the budget; `dynamic speed` is the same speed guard; `mode` keeps the one its guard kept, or with both kept, the clearly faster of the two
+timed side by side with fp32 in one run (within the noise, the more faithful).
 
 The library never prints: progress goes through an optional callback, results are dataclasses that
 `report/quantize.py` renders. The concerns live in their own modules of this package (its `__init__`).
@@ -85,7 +93,7 @@ from onnxslim.analysis.cost import ModelCost, compute_cost
 from onnxslim.analysis.quantized import refuse_quantized
 from onnxslim.calib import Dataset
 from onnxslim.cpu import CpuChoice, choose_for_cpu, detect_cpu
-from onnxslim.errors import DataError, UnsupportedModelError, UsageError, first_line
+from onnxslim.errors import DataError, UnsupportedModelError, UsageError, ValidationError, first_line
 from onnxslim.evaluate import (
     BudgetCheck,
     Evaluator,
@@ -105,7 +113,10 @@ from onnxslim.progress import Progress
 from onnxslim.quant.calibrate import calibrate
 from onnxslim.quant.config import (
     COMPUTE_OP_TYPES,
+    DYNAMIC_METHOD,
+    DYNAMIC_OP_TYPES,
     FORMAT_NAMES,
+    MATMUL_SHARE,
     METHOD_NAMES,
     ORT_METADATA,
     QUANT_TYPE_NAMES,
@@ -113,6 +124,8 @@ from onnxslim.quant.config import (
     CandidateTiming,
     InterleavedTiming,
     MethodTrial,
+    ModeCandidate,
+    ModeChoice,
     PlacementChoice,
     PreparedModel,
     QuantConfig,
@@ -121,10 +134,12 @@ from onnxslim.quant.config import (
     SpeedDecision,
     Timer,
     TimingBudget,
+    dynamic_config,
 )
 from onnxslim.quant.guard import (
     CLOSE_ENOUGH,
     RESOLUTION,
+    Block,
     ExclusionTrial,
     Gate,
     NodeError,
@@ -151,7 +166,7 @@ from onnxslim.quant.speed import beats, measure_latencies, search_fastest
 from onnxslim.runtime import open_session, physical_cores, quiet_onnxruntime
 from onnxslim.shapes import infer_tensor_infos
 
-__all__ = ["quantize_with_ranges", "count_quantized_nodes", "quantize_model"]
+__all__ = ["quantize_with_ranges", "quantize_dynamic_weights", "count_quantized_nodes", "quantize_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +218,40 @@ def quantize_with_ranges(
         raise UnsupportedModelError(
             f"onnxruntime's quantizer made a model that fails onnx.checker ({config.label}): {first_line(e)}"
         ) from e
+    strip_unused_domains(quantized)
+    kept = [p for p in quantized.metadata_props if p.key not in ORT_METADATA]
+    del quantized.metadata_props[:]
+    quantized.metadata_props.extend(kept)
+    return quantized
+
+
+def quantize_dynamic_weights(
+    prepared_path: str | os.PathLike[str], config: QuantConfig, *, exclude_nodes: Sequence[str] = (),
+    only: Sequence[str] | None = None,
+) -> onnx.ModelProto:
+    """onnxruntime's dynamic int8 of the prepared model file, as the dynamic `config` says: the weights of its
+    MatMul/Gemm ops int8 (QInt8; per channel or per tensor), their activations quantized at run time
+    (DynamicQuantizeLinear, MatMulInteger). Only MatMuls with a constant B: attention's activation x
+    activation products, the residual Adds and the LayerNorms stay float. `only`: these nodes and no other
+    (the fallback's measure).
+
+    Raises UnsupportedModelError when onnxruntime's quantizer fails.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    assert config.mode == "dynamic"
+    with tempfile.TemporaryDirectory(prefix="onnxslim-qd-") as scratch, quiet_onnxruntime():
+        output = Path(scratch) / "int8.onnx"
+        try:
+            quantize_dynamic(
+                str(prepared_path), str(output), op_types_to_quantize=list(config.op_types or DYNAMIC_OP_TYPES),
+                per_channel=config.per_channel, reduce_range=bool(config.reduce_range),
+                weight_type=getattr(QuantType, QUANT_TYPE_NAMES[config.weights]), nodes_to_exclude=list(exclude_nodes),
+                nodes_to_quantize=None if only is None else list(only), extra_options={"MatMulConstBOnly": True},
+            )
+        except Exception as e:  # noqa: BLE001 - the quantizer raises anything from ValueError to AssertionError
+            raise UnsupportedModelError(f"onnxruntime's dynamic quantizer failed ({config.label}): {first_line(e)}") from e
+        quantized = onnx.load_model(str(output))
     strip_unused_domains(quantized)
     kept = [p for p in quantized.metadata_props if p.key not in ORT_METADATA]
     del quantized.metadata_props[:]
@@ -285,7 +334,7 @@ class _Candidates:
         source: onnx.ModelProto,
         prepared: onnx.ModelProto,
         prepared_path: Path,
-        cache_path: Path,
+        cache_path: Path | None,
         *,
         method: str,
         exclusions: Callable[[QuantConfig], list[str]],
@@ -307,9 +356,13 @@ class _Candidates:
             self._progress("quantizing", len(self.built) + 1, len(self.built) + 1)
         result: onnx.ModelProto | UnsupportedModelError
         try:
-            result = quantize_with_ranges(
-                self._prepared_path, self._cache_path, config, self._method, exclude_nodes=self._exclusions(config)
-            )
+            if config.mode == "dynamic":
+                result = quantize_dynamic_weights(self._prepared_path, config, exclude_nodes=self._exclusions(config))
+            else:
+                assert self._cache_path is not None, "static candidates need calibrated ranges"
+                result = quantize_with_ranges(
+                    self._prepared_path, self._cache_path, config, self._method, exclude_nodes=self._exclusions(config)
+                )
             declare_like(result, self._source)
             open_session(result, self._threads)  # a candidate onnxruntime cannot load is no candidate
             if self.count(config, result)[0] == 0:
@@ -380,6 +433,18 @@ class _Judged:
 
 
 @dataclass
+class _ModeRun:
+    """One mode's speed guard: its decision, every variant tried, the candidates built, the calibration
+    method and the nodes kept fp32 its models were judged with (the key of `QuantState.judgements`)."""
+
+    decision: SpeedDecision
+    tried: tuple[CandidateTiming, ...]
+    candidates: _Candidates
+    method: str
+    excluded: list[str]
+
+
+@dataclass
 class QuantState:
     """Everything the quantizer's steps share (`PIPELINE`); a field is filled by the step that needs it.
 
@@ -428,6 +493,17 @@ class QuantState:
     decision: SpeedDecision | None = None
     tried: tuple[CandidateTiming, ...] = ()
     validation: Validation | None = None
+    modes: tuple[str, ...] = ("static",)  # the modes this run measures (the `modes` step)
+    matmul_share: float = 0.0  # share of the MACs in MatMul/Gemm
+    mode_reason: str = ""
+    static_run: _ModeRun | None = None  # static's guard, when it built any candidate
+    static_error: str | None = None  # why static has no candidate, when it has none
+    dynamic_run: _ModeRun | None = None
+    dynamic_error: str | None = None  # why dynamic has no candidate, when it has none
+    dynamic_check: BudgetCheck | None = None  # dynamic int8 with every MatMul/Gemm quantized, against the budget
+    dynamic_guarded: dict[str, NodeError] = field(default_factory=dict)  # kept fp32 by dynamic's fallback
+    dynamic_trials: tuple[ExclusionTrial, ...] = ()
+    mode_choice: ModeChoice | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     _costs: ModelCost | None = None
@@ -559,21 +635,37 @@ class QuantState:
             return BudgetCheck(False, -1.0, None, f"{method} calibration failed: {first_line(e)}")
         return self.judge(int8, key).check
 
+    def time_models(
+        self, entries: Sequence[tuple[QuantConfig | None, onnx.ModelProto]], budget: TimingBudget
+    ) -> Sequence[InterleavedTiming]:
+        """The models of `entries` (fp32 first) timed in one interleaved run on this run's feeds."""
+        return self.time_models_with_feeds(entries, self.feeds, budget)
+
     def candidates_for(self, method: str, excluded: Sequence[str]) -> _Candidates:
         """Builds and times int8 candidates with `method`'s ranges, `excluded` and each one's placement."""
-        threads, progress = self.threads, self.progress
-
-        def default_timer(
-            entries: Sequence[tuple[QuantConfig | None, onnx.ModelProto]], feeds: Mapping[str, np.ndarray],
-            budget: TimingBudget,
-        ) -> list[InterleavedTiming]:
-            return measure_latencies([m for _, m in entries], feeds, threads=threads, budget=budget, progress=progress)
-
         return _Candidates(
             self.source, self.model, self.prepared_path, self.calibrated(method)[0], method=method,
             exclusions=lambda config: sorted({*excluded, *self.float_nodes(config)}),
-            threads=threads, timer=self.timer or default_timer, feeds=self.feeds, progress=progress,
+            threads=self.threads, timer=self.time_models_with_feeds, feeds=self.feeds, progress=self.progress,
         )
+
+    def dynamic_candidates(self) -> _Candidates:
+        """Builds and times dynamic int8 candidates: no ranges, `--exclude` and dynamic's fallback kept fp32."""
+        excluded = sorted({*self.user_excluded, *self.dynamic_guarded})
+        return _Candidates(
+            self.source, self.model, self.prepared_path, None, method=DYNAMIC_METHOD,
+            exclusions=lambda config: excluded,
+            threads=self.threads, timer=self.time_models_with_feeds, feeds=self.feeds, progress=self.progress,
+        )
+
+    def time_models_with_feeds(
+        self, entries: Sequence[tuple[QuantConfig | None, onnx.ModelProto]], feeds: Mapping[str, np.ndarray],
+        budget: TimingBudget,
+    ) -> Sequence[InterleavedTiming]:
+        """A `Timer`: the injected one, or `speed.measure_latencies` with this run's threads."""
+        if self.timer is not None:
+            return self.timer(entries, feeds, budget)
+        return measure_latencies([m for _, m in entries], feeds, threads=self.threads, budget=budget, progress=self.progress)
 
 
 # ------------------------------------------------------------------------------------------------ steps
@@ -614,10 +706,35 @@ def prepare(state: QuantState) -> None:
     state.evaluator = Evaluator(source, state.split, state.judged_outputs, threads=state.threads, progress=state.progress)
 
 
+def choose_modes(state: QuantState) -> None:
+    """Which modes this run measures: the one asked for, or with `auto` both static and dynamic when
+    MatMul/Gemm carry at least `MATMUL_SHARE` of the MACs (a transformer), static alone otherwise (a CNN)."""
+    costs = state.costs
+    matmul = sum(layer.macs for layer in costs.layers if layer.op_type in DYNAMIC_OP_TYPES)
+    state.matmul_share = matmul / costs.macs if costs.macs else 0.0
+    share = f"MatMul/Gemm carry {state.matmul_share:.0%} of the MACs"
+    asked = state.options.mode
+    if asked != "auto":
+        state.modes, state.mode_reason = (asked,), f"--mode {asked}"
+    elif state.matmul_share >= MATMUL_SHARE:
+        state.modes = ("static", "dynamic")
+        state.mode_reason = f"{share} (at least {MATMUL_SHARE:.0%}): static and dynamic measured side by side"
+    else:
+        state.modes = ("static",)
+        state.mode_reason = f"{share} (under {MATMUL_SHARE:.0%}): static only"
+
+
+def _static(state: QuantState) -> bool:
+    return "static" in state.modes
+
+
 def apply_range_rules(state: QuantState) -> None:
     """Calibrate with the method asked for; Concats joining very different ranges and tensors with infinite
     ranges stay fp32 from the start (guard.py)."""
     options = state.options
+    state.method = options.method
+    if not _static(state):
+        return
     path, summary = state.calibrated(options.method)
     if options.range_ratio is not None:
         state.rule_nodes = [
@@ -654,7 +771,7 @@ def settle_weights(state: QuantState) -> None:
     truth value of an array ... is ambiguous"), so that placement, the guard and the fallback have an int8
     model to work on; said in the notes. Otherwise nothing changes (the probe is the model `placements`
     reads, built once)."""
-    if not state.config.per_channel:
+    if not _static(state) or not state.config.per_channel:
         return
     try:
         state.qdq_everywhere()
@@ -674,6 +791,8 @@ def place_ops(state: QuantState) -> None:
     """Which nodes may be int8 (placement.py): the `compute` placement, or `kernels` when it is measured
     clearly faster than `compute` (fp32, both, one interleaved run; within the noise, re-timed once longer)
     and meets the budget; `--placement` fixes it. Every later step quantizes within it."""
+    if not _static(state):
+        return
     asked = state.options.placement
     if asked == "all":
         _placement_choice(state, "all", "--placement all: every node onnxruntime's quantizer handles")
@@ -729,6 +848,8 @@ def _ratio(challenger: CandidateTiming, best: CandidateTiming) -> str:
 def try_plain(state: QuantState) -> None:
     """int8 everywhere the placement and the rules allow, with the method asked for, checked against the
     budget."""
+    if not _static(state):
+        return
     state.method_trials = [MethodTrial(state.method, state.trial(state.method, state.base_excluded))]
 
 
@@ -737,7 +858,7 @@ def try_other_methods(state: QuantState) -> None:
     to the method asked for). After `tensor` only min-max, and a tie goes to it: the per-tensor choice already
     weighed each tensor's min-max, percentile and least-error clip, so percentile and entropy rarely add
     anything, and where the per-tensor ranges are no better the plainer ones are kept."""
-    if state.method_trials[0].check.met or not state.trials_left:
+    if not state.method_trials or state.method_trials[0].check.met or not state.trials_left:
         return
     others = ("minmax",) if state.method == "tensor" else ("tensor", "percentile", "entropy", "minmax")
     for other in (m for m in others if m != state.method):
@@ -759,7 +880,7 @@ def _target(state: QuantState) -> float | None:
 def measure_roundings(state: QuantState) -> None:
     """When no method meets the budget: every rounding of the int8 model measured, by group testing on a
     gated copy (sensitivity.py), split down to the gates that matter beside the budget."""
-    if any(t.check.met for t in state.method_trials) or not state.trials_left:
+    if not state.method_trials or any(t.check.met for t in state.method_trials) or not state.trials_left:
         return
     try:
         gated, state.gates = state.gated()
@@ -830,28 +951,38 @@ def choose_fastest(state: QuantState) -> None:
     node of a small model kept fp32: no variant can be built), the answer is the fp32 model; the variants
     are then timed and judged without that fallback, so the decision (fp32 kept, the budget missed by
     int8) has the closest int8 variant to show, and a note says why."""
-    _time_candidates(state)
-    assert state.decision is not None
-    if state.decision.best is None and state.guarded:
+    if not _static(state):
+        return
+    run = _static_speed(state)
+    if run.decision.best is None and state.guarded:
         state.notes.append(
             f"the accuracy budget held only with {len(state.guarded)} node(s) fp32, which leaves nothing to run in "
             "int8: the fp32 model is kept; the int8 variants shown are those without that fallback"
         )
         state.guarded = {}
-        _time_candidates(state)
-    if state.decision.best is None:
-        raise UnsupportedModelError(state.decision.reason)
+        run = _static_speed(state)
+    if run.decision.best is None:
+        state.static_error = run.decision.reason
+        return
+    state.static_run = run
 
 
-def _time_candidates(state: QuantState) -> None:
+def _static_speed(state: QuantState) -> _ModeRun:
     options = state.options
-    state.excluded = sorted({*state.base_excluded, *state.guarded})
-    candidates = state.candidates_for(state.method, state.excluded)
-    state.candidates = candidates
+    excluded = sorted({*state.base_excluded, *state.guarded})
+    candidates = state.candidates_for(state.method, excluded)
     reusable: dict[QuantConfig, CandidateTiming] = {}
-    if state.excluded == state.base_excluded and state.method == options.method:  # the same models as timed
+    if excluded == state.base_excluded and state.method == options.method:  # the same models as timed
         reusable = dict(state.placement_timings)
         candidates.built.update(state.placement_built)
+    return _guard_speed(state, state.config, candidates, state.method, excluded, reusable)
+
+
+def _guard_speed(
+    state: QuantState, requested: QuantConfig, candidates: _Candidates, method: str, excluded: list[str],
+    reusable: dict[QuantConfig, CandidateTiming],
+) -> _ModeRun:
+    """The speed guard (speed.py) from `requested`, every candidate judged against the budget too."""
 
     def measure(configs: Sequence[QuantConfig], timing_budget: TimingBudget) -> list[CandidateTiming]:
         if len(configs) == 1 and configs[0] in reusable and timing_budget == TimingBudget():
@@ -862,16 +993,234 @@ def _time_candidates(state: QuantState) -> None:
         for timing in reused:
             built = candidates.built.get(timing.config)
             if timing.error is None and isinstance(built, onnx.ModelProto):
-                check = state.judge(built, (timing.config, state.method, tuple(state.excluded))).check
+                check = state.judge(built, (timing.config, method, tuple(excluded))).check
                 timing = replace(timing, budget_met=check.met, score=check.score)
             timings.append(timing)
         return timings
 
     assert state.prepared is not None
-    state.decision, state.tried = search_fastest(
-        state.config, measure, per_channel_possible=state.prepared.per_channel,
-        min_speedup=options.min_speedup, force=options.force,
+    decision, tried = search_fastest(
+        requested, measure, per_channel_possible=state.prepared.per_channel,
+        min_speedup=state.options.min_speedup, force=state.options.force,
     )
+    return _ModeRun(decision, tried, candidates, method, excluded)
+
+
+def _dynamic_excluded(state: QuantState, nodes: Sequence[str] = ()) -> list[str]:
+    return sorted({*state.user_excluded, *nodes})
+
+
+def _dynamic_trial(state: QuantState, nodes: Sequence[str]) -> BudgetCheck:
+    """Dynamic int8 with `nodes` (and --exclude) fp32, against the budget on the held-out data."""
+    config = dynamic_config(state.config)
+    excluded = _dynamic_excluded(state, nodes)
+    key = (config, DYNAMIC_METHOD, tuple(excluded))
+    if key in state.judgements:
+        return state.judgements[key].check
+    try:
+        int8 = quantize_dynamic_weights(state.prepared_path, config, exclude_nodes=excluded)
+        declare_like(int8, state.source)
+        open_session(int8, state.threads)  # a model onnxruntime cannot load is a failed trial, not a crash
+    except UnsupportedModelError as e:
+        return BudgetCheck(False, -1.0, None, str(e))
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        return BudgetCheck(False, -1.0, None, f"onnxruntime cannot load the dynamic int8 model: {first_line(e)}")
+    return state.judge(int8, key).check
+
+
+def try_dynamic(state: QuantState) -> None:
+    """Dynamic int8 (onnxruntime's quantize_dynamic on MatMul/Gemm weights; no calibration) with every node
+    it handles, checked against the budget."""
+    if "dynamic" not in state.modes:
+        return
+    state.dynamic_check = _dynamic_trial(state, ())
+
+
+DYNAMIC_MEASURE_SAMPLES = 48  # samples the dynamic fallback measures each node on (every n-th held-out one)
+
+
+def keep_dynamic_harm_fp32(state: QuantState) -> None:
+    """When dynamic int8 misses the budget: each MatMul/Gemm measured int8 alone (the others float) on a few
+    held-out samples, ranked by deficit per MAC, and the fewest top ones kept fp32 that meet the budget
+    (guard.search_exclusions: the same bounded search as static's fallback, within --max-trials)."""
+    check = state.dynamic_check
+    if check is None or check.met or check.score < 0 or state.options.max_trials < 1:
+        return  # met, or no dynamic model could be built at all (the speed step says why)
+    assert state.split is not None and state.evaluator is not None
+    initializers = {t.name for t in state.model.graph.initializer}
+    excluded = set(state.user_excluded)
+    nodes = [n.name for n in state.model.graph.node if n.op_type in DYNAMIC_OP_TYPES and len(n.input) > 1
+             and n.input[1] in initializers and n.name not in excluded]
+    split = state.split
+    every = max(1, split.samples // DYNAMIC_MEASURE_SAMPLES)
+    few = replace(split, every=every * (split.every or 1), samples=max(1, split.samples // every))
+    evaluator = Evaluator(state.source, few, state.judged_outputs, threads=state.threads)
+    config, kinds = dynamic_config(state.config), {n.name: n.op_type for n in state.model.graph.node}
+    deficits: dict[str, float] = {}
+    started = time.perf_counter()
+    for done, name in enumerate(nodes, start=1):
+        if state.progress is not None:
+            state.progress("measuring", done, len(nodes))
+        try:
+            alone = quantize_dynamic_weights(state.prepared_path, config, exclude_nodes=sorted(excluded), only=[name])
+            declare_like(alone, state.source)
+            comparison = evaluator.compare(alone, "a dynamic int8 node")
+        except (UnsupportedModelError, ValidationError) as e:
+            logger.info("dynamic int8 of %s alone: %s", name, e)
+            continue
+        fidelity = comparison.fidelities[comparison.worst]
+        score = check_budget(state.options.budget, fidelity, comparison.accuracy_original, comparison.accuracy,
+                             comparison.paired).score
+        deficits[name] = max(0.0, 1.0 - score)
+    costs = node_costs(state.costs.layers)
+    ranked = sorted(
+        (Block((name, ), deficit, name, max(costs.get(name, 0.0), 1.0)) for name, deficit in deficits.items() if deficit > 0),
+        key=lambda block: block.error / block.cost, reverse=True,
+    )
+    if len(ranked) == len(nodes):  # keeping every one fp32 is the fp32 model, not a fallback
+        ranked = ranked[:-1]
+    target = target_deficit(state.options.budget, check)
+    predictions = [sum(b.error for b in ranked[count:]) for count in range(len(ranked) + 1)]
+    start = 1 if target is None else first_count_within(predictions, target)
+    search = search_exclusions(ranked, lambda kept: _dynamic_trial(state, kept), state.options.max_trials, start=start,
+                               close_enough=CLOSE_ENOUGH * state.costs.macs)
+    count = search.blocks
+    if count is None and search.trials:  # nothing met the budget: the most faithful set tried
+        count = max(search.trials, key=lambda t: t.check.score).blocks
+    state.dynamic_trials = search.trials
+    state.dynamic_guarded = {
+        block.gate: NodeError(block.gate, kinds.get(block.gate, "?"), block.error,
+                              f"dynamic int8 at its weights alone costs {block.error:.3g} of fidelity")
+        for block in ranked[: count or 0]
+    }
+    state.notes.append(
+        f"dynamic int8 misses the budget ({check.why}): {len(deficits)} MatMul/Gemm measured int8 alone on "
+        f"{few.samples} held-out samples in {time.perf_counter() - started:.0f} s, ranked by fidelity per MAC; "
+        f"{len(state.dynamic_guarded)} kept fp32 after {len(search.trials)} trial(s)"
+        + ("" if search.blocks is not None else " (none met the budget: the most faithful set tried)")
+    )
+
+
+def choose_fastest_dynamic(state: QuantState) -> None:
+    """Dynamic int8 through the same speed guard and the same budget as static: per-channel weights first,
+    per-tensor when not clearly faster; with the nodes its fallback kept fp32."""
+    if "dynamic" not in state.modes:
+        return
+    run = _guard_speed(state, dynamic_config(state.config), state.dynamic_candidates(), DYNAMIC_METHOD,
+                       _dynamic_excluded(state, list(state.dynamic_guarded)), {})
+    if run.decision.best is not None:
+        state.dynamic_run = run
+    elif not _static(state) or state.static_run is None:
+        raise UnsupportedModelError(run.decision.reason + (f"; static: {state.static_error}" if state.static_error else ""))
+    else:
+        state.dynamic_error = run.decision.reason
+        state.notes.append(f"dynamic int8: {run.decision.reason}")
+
+
+def _mode_candidate(mode: str, run: _ModeRun | None, error: str | None) -> ModeCandidate:
+    if run is None:
+        return ModeCandidate(mode, None, False, error or "not measured")
+    return ModeCandidate(mode, run.decision.best, run.decision.chosen is not None, run.decision.reason)
+
+
+def _adopt(state: QuantState, run: _ModeRun, decision: SpeedDecision | None = None) -> None:
+    """Make `run` the result of the quantizer (what `validate` checks and `_result` reports)."""
+    state.decision, state.tried, state.candidates = decision or run.decision, run.tried, run.candidates
+    state.method, state.excluded = run.method, run.excluded
+
+
+def choose_mode(state: QuantState) -> None:
+    """Static or dynamic: the mode its own guard kept; both kept, the two timed side by side in one
+    interleaved run with fp32 (re-timed once, longer, within the noise), the clearly faster kept, and within
+    the noise the more faithful; neither kept, fp32 (the report shows the closer)."""
+    static, dynamic = state.static_run, state.dynamic_run
+    if static is None and dynamic is None:
+        raise UnsupportedModelError(state.static_error or "no int8 model could be built")
+    candidates: list[ModeCandidate] = []
+    if _static(state):
+        candidates.append(_mode_candidate("static", static, state.static_error))
+    if "dynamic" in state.modes:
+        candidates.append(_mode_candidate("dynamic", dynamic, state.dynamic_error))
+    head_to_head: tuple[CandidateTiming, ...] = ()
+
+    def choice(chosen: str, why: str) -> ModeChoice:
+        return ModeChoice(chosen, why, state.options.mode, state.matmul_share, tuple(candidates), head_to_head)
+
+    if static is None or dynamic is None:
+        only = static or dynamic
+        assert only is not None
+        name = "static" if only is static else "dynamic"
+        _adopt(state, only)
+        why = state.mode_reason if len(state.modes) == 1 else f"the only mode with an int8 model ({state.mode_reason})"
+        state.mode_choice = choice(name, why)
+        return
+    kept = {name: run for name, run in (("static", static), ("dynamic", dynamic)) if run.decision.chosen is not None}
+    if len(kept) == 1:
+        (name, run), = kept.items()
+        other = "dynamic" if name == "static" else "static"
+        _adopt(state, run)
+        state.mode_choice = choice(name, f"{name} int8 is kept by its guard, {other} is not "
+                                   f"({(dynamic if other == 'dynamic' else static).decision.reason})")
+        return
+    if not kept:
+        # neither: fp32 stays; the report shows the candidate that met the budget, else the more faithful
+        def closeness(run: _ModeRun) -> tuple[bool, float]:
+            best = run.decision.best
+            assert best is not None
+            return (best.budget_met is not False, best.score if best.score is not None else -1.0)
+
+        name, run = max((("static", static), ("dynamic", dynamic)), key=lambda item: closeness(item[1]))
+        _adopt(state, run, replace(run.decision, reason=f"neither static nor dynamic int8 is kept: static: "
+                                   f"{static.decision.reason}; dynamic: {dynamic.decision.reason}"))
+        state.mode_choice = choice(name, "neither mode is clearly faster within the budget; fp32 kept")
+        return
+    assert static.decision.chosen is not None and dynamic.decision.chosen is not None
+    pair = [static.decision.chosen, dynamic.decision.chosen]
+    timings = _time_side_by_side(state, pair, TimingBudget())
+    verdict = _faster(*timings)
+    if verdict is None:
+        timings = [replace(t, retimed=True) for t in _time_side_by_side(state, pair, TimingBudget().longer())]
+        verdict = _faster(*timings)
+    head_to_head = tuple(timings)
+    s_time, d_time = timings
+    ratio = f"static {s_time.speedup or 0:.2f}x, dynamic {d_time.speedup or 0:.2f}x of fp32 in one run"
+    if verdict is None:
+        s_score, d_score = static.decision.chosen.score or -1.0, dynamic.decision.chosen.score or -1.0
+        name = "dynamic" if d_score > s_score else "static"
+        why = (f"static and dynamic are as fast within the noise ({ratio}); {name} is the more faithful "
+               f"({max(s_score, d_score):.4f} against {min(s_score, d_score):.4f})")
+    else:
+        name = verdict
+        why = f"{name} int8 is clearly faster than the other ({ratio}), both within the budget"
+    run = static if name == "static" else dynamic
+    _adopt(state, run)
+    state.mode_choice = choice(name, why)
+
+
+def _time_side_by_side(state: QuantState, pair: Sequence[CandidateTiming], budget: TimingBudget) -> list[CandidateTiming]:
+    """The static and dynamic candidates of `pair` timed with fp32 in one interleaved run."""
+    models = []
+    for timing in pair:
+        run = state.static_run if timing.config.mode == "static" else state.dynamic_run
+        assert run is not None
+        built = run.candidates.built[timing.config]
+        assert isinstance(built, onnx.ModelProto)
+        models.append((timing.config, built))
+    latencies = list(state.time_models([(None, state.source), *models], budget))
+    return [
+        replace(timing, latency_ms=timed.median_ms, fp32_latency_ms=latencies[0].median_ms,
+                block_speedups=timed.block_speedups)
+        for timing, timed in zip(pair, latencies[1:], strict=True)
+    ]
+
+
+def _faster(static: CandidateTiming, dynamic: CandidateTiming) -> str | None:
+    """The mode clearly faster than the other in their shared run (`speed.beats`), None within the noise."""
+    if beats(dynamic, static):
+        return "dynamic"
+    if beats(static, dynamic):
+        return "static"
+    return None
 
 
 def validate_chosen(state: QuantState) -> None:
@@ -888,6 +1237,7 @@ Step = Callable[[QuantState], None]
 
 PIPELINE: tuple[tuple[str, Step], ...] = (
     ("prepare", prepare),
+    ("modes", choose_modes),
     ("range rules", apply_range_rules),
     ("weights", settle_weights),
     ("placement", place_ops),
@@ -896,6 +1246,10 @@ PIPELINE: tuple[tuple[str, Step], ...] = (
     ("measure", measure_roundings),
     ("fp32 fallback", keep_harmful_fp32),
     ("speed", choose_fastest),
+    ("dynamic int8", try_dynamic),
+    ("dynamic fallback", keep_dynamic_harm_fp32),
+    ("dynamic speed", choose_fastest_dynamic),
+    ("mode", choose_mode),
     ("validate", validate_chosen),
 )
 
@@ -929,8 +1283,8 @@ def _result(state: QuantState) -> QuantizeResult:
     quantized_nodes, fp32_count = candidates.count(best.config, int8)
     kinds = {n.name: n.op_type for n in prepared.model.graph.node}
     fp32_nodes = [NodeError(n, kinds.get(n, "?"), None, "--exclude") for n in state.user_excluded]
-    fp32_nodes += state.rule_nodes
-    fp32_nodes += list(state.guarded.values())
+    dynamic = best.config.mode == "dynamic"
+    fp32_nodes += list(state.dynamic_guarded.values()) if dynamic else [*state.rule_nodes, *state.guarded.values()]
     macs = {layer.name: layer.macs for layer in state.costs.layers}
     budget = state.options.budget
     if not judged.check.met and decision.chosen is not None:
@@ -955,7 +1309,8 @@ def _result(state: QuantState) -> QuantizeResult:
         accuracy_fp32=judged.accuracy_fp32,
         accuracy_int8=judged.accuracy_int8,
         output=judged.output,
-        calibration=state.calibrated(state.method)[1],
+        calibration=next((state.calibrations[m][1] for m in (state.method, state.options.method)
+                          if m in state.calibrations), None),
         candidates=state.tried,
         threads=state.threads,
         timing_shapes={name: tuple(array.shape) for name, array in state.feeds.items()},
@@ -966,17 +1321,18 @@ def _result(state: QuantState) -> QuantizeResult:
         budget=budget,
         budget_check=judged.check,
         fp32_nodes=tuple(fp32_nodes),
-        method_trials=tuple(state.method_trials),
-        exclusion_trials=state.exclusion_trials,
+        method_trials=() if dynamic else tuple(state.method_trials),
+        exclusion_trials=state.dynamic_trials if dynamic else state.exclusion_trials,
         max_trials=state.options.max_trials,
         validation=state.validation,
         timing=best,
         step_seconds=dict(state.seconds),
         step_cpu_seconds=dict(state.cpu_seconds),
-        placement=state.placement,
-        measure=state.measure,
+        placement=None if dynamic else state.placement,
+        measure=None if dynamic else state.measure,
         fp32_macs=sum(macs.get(n.name, 0) for n in fp32_nodes),
         model_macs=state.costs.macs,
+        mode=state.mode_choice,
     )
 
 
@@ -1004,6 +1360,8 @@ def quantize_model(
         source, _ = normalize_model(model)
         size_fp32 = _size(model)
     refuse_quantized(source, QUANTIZE_ADVICE)
+    if options.mode == "dynamic" and eval_data is None:
+        eval_data = calib  # nothing is calibrated: all of the data judges
     with tempfile.TemporaryDirectory(prefix="onnxslim-quantize-") as scratch:
         state = QuantState(options, source, size_fp32, calib, eval_data, Path(scratch), progress=progress, timer=timer)
         run_pipeline(state)

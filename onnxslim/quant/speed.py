@@ -63,8 +63,15 @@ def alternatives(config: QuantConfig, *, per_channel_possible: bool = True) -> l
     2. the other format;
     3. per-tensor weights (when per-channel);
     4. only the compute ops quantized (the `compute` placement, placement.py; when another was in force).
+
+    A dynamic config has one alternative: per-tensor weights (its activations are u8 and its form QOperator
+    by construction).
     """
     steps: list[tuple[str, QuantConfig]] = []
+    if config.mode == "dynamic":
+        if config.per_channel and per_channel_possible:
+            steps.append(("per-tensor", replace(config, per_channel=False)))
+        return steps
     flipped = "s8" if config.activations == "u8" else "u8"
     steps.append(("activations", replace(config, activations=flipped, weights="s8" if flipped == "s8" else config.weights)))
     steps.append(("format", replace(config, format="qoperator" if config.format == "qdq" else "qdq")))

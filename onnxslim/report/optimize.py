@@ -71,7 +71,7 @@ def _trial_rows(result: OptimizeResult) -> list[list[str]]:
         final = "-"
         if trial.final_met is not None:
             final_drop = f", top-1 -{trial.final_drop:.2f} pt" if trial.final_drop is not None else ""
-            int8 = "int8" if trial.quantized else "fp32 kept"
+            int8 = (f"int8 {trial.mode}" if trial.mode else "int8") if trial.quantized else "fp32 kept"
             final = f"{int8}: {_score(trial.score_name, trial.final_score, trial.samples)}{final_drop} ({'meets' if trial.final_met else 'misses'})"
         verdict = "passes" if trial.pruned_met else "fails"
         pruned = f"{_score(trial.score_name, trial.pruned_score, trial.samples)}{drop} ({verdict}{' the whole budget' if trial.whole_budget else ''})"
@@ -124,6 +124,8 @@ def render_optimize(result: OptimizeResult, outdir: str | None = None, *, markdo
         q = result.quantize
         lines += ["", h("int8"), "", f"{'kept' if q.quantized else 'not kept'} (the quantizer's own timing, against "
                   f"the fp32 model it was given): {q.reason}"]
+        if q.mode is not None:
+            lines += ["", f"mode: {q.mode.chosen if q.quantized else 'none kept'} ({q.mode.reason})"]
         if q.fp32_nodes:
             rows = [[n.name, n.op_type, "-" if n.error is None else f"{n.error:.4f}", n.reason] for n in q.fp32_nodes[:20]]
             lines += ["", "nodes kept in fp32:", "", format_table(["node", "op", "error", "why"], rows, markdown=markdown)]
@@ -184,6 +186,8 @@ def optimize_json(result: OptimizeResult, outdir: str | None = None) -> dict[str
         },
         "int8": None if result.quantize is None else {
             "kept": result.quantize.quantized, "reason": result.quantize.reason,
+            "mode": None if result.quantize.mode is None else result.quantize.mode.chosen,
+            "mode_reason": None if result.quantize.mode is None else result.quantize.mode.reason,
             "fp32_nodes": [{"name": n.name, "op_type": n.op_type, "error": n.error, "reason": n.reason}
                            for n in result.quantize.fp32_nodes],
         },

@@ -52,14 +52,19 @@ def render_quantize(result: QuantizeResult, output: str | None = None) -> str:
     calibration = result.calibration
     verdict = "yes" if result.quantized else "NO, the fp32 model is kept"
     label = result.config.label if result.config else "-"
-    lines = [
-        f"quantized    {verdict}: {result.reason}",
-        f"calibration  {calibration.method} on {calibration.data}: {calibration.samples} samples in "
-        f"{calibration.batches} batches of {calibration.batch_size}, {calibration.tensors} tensors; held at most "
-        f"{calibration.peak_held_batches} batches ({format_bytes(calibration.peak_held_batches * calibration.bytes_per_batch)}"
-        f", bound {format_bytes(calibration.memory_bound_bytes)})"
-        + ("; ranges per tensor: " + ", ".join(f"{kind} {count}" for kind, count in calibration.range_kinds.items())
-           if calibration.range_kinds else ""),
+    lines = [f"quantized    {verdict}: {result.reason}", *_render_mode(result)]
+    if calibration is None:
+        lines.append("calibration  none: dynamic int8 quantizes the activations at run time")
+    else:
+        lines.append(
+            f"calibration  {calibration.method} on {calibration.data}: {calibration.samples} samples in "
+            f"{calibration.batches} batches of {calibration.batch_size}, {calibration.tensors} tensors; held at most "
+            f"{calibration.peak_held_batches} batches ({format_bytes(calibration.peak_held_batches * calibration.bytes_per_batch)}"
+            f", bound {format_bytes(calibration.memory_bound_bytes)})"
+            + ("; ranges per tensor: " + ", ".join(f"{kind} {count}" for kind, count in calibration.range_kinds.items())
+               if calibration.range_kinds else "")
+        )
+    lines += [
         "",
         format_table(
             ["", _float_label(result), f"int8 ({label})", "change"],
@@ -125,6 +130,53 @@ def render_quantize(result: QuantizeResult, output: str | None = None) -> str:
         ]
     return "\n".join(lines)
 
+def _render_mode(result: QuantizeResult) -> list[str]:
+    """The mode chosen and why; with both measured, each mode's fastest variant: speed and fidelity."""
+    mode = result.mode
+    if mode is None:
+        return []
+    chosen = mode.chosen if result.quantized else f"none kept, fp32 (the int8 shown below is {mode.chosen})"
+    lines = [f"mode         {chosen} (--mode {mode.asked}; MatMul/Gemm {mode.matmul_share:.0%} of the MACs): "
+             f"{mode.reason}"]
+    if len(mode.candidates) < 2:
+        return lines
+    head = {t.config.mode: t for t in mode.head_to_head}
+    rows = []
+    for candidate in mode.candidates:
+        timing = head.get(candidate.mode, candidate.timing)
+        if timing is None or timing.speedup is None:
+            rows.append([candidate.mode, "-", "-", "-", "no", candidate.reason])
+            continue
+        spread = "" if timing.speedup_low is None else f" ({timing.speedup_low:.2f}-{timing.speedup_high:.2f})"
+        rows.append([
+            candidate.mode, timing.config.label, f"{timing.speedup:.2f}x{spread}",
+            "-" if timing.score is None else f"{timing.score:.4f}",
+            "yes" if candidate.kept else "no",
+            "timed side by side" if candidate.mode in head else "its own guard's run",
+        ])
+    return lines + [format_table(["mode", "fastest variant", "speedup", "fidelity", "kept", "timing"], rows)]
+
+
+def _mode_json(result: QuantizeResult) -> dict[str, Any] | None:
+    mode = result.mode
+    if mode is None:
+        return None
+
+    def timing(t: CandidateTiming | None) -> dict[str, Any] | None:
+        if t is None:
+            return None
+        return {"config": t.config.label, "latency_ms": t.latency_ms, "fp32_latency_ms": t.fp32_latency_ms,
+                "speedup": t.speedup, "speedup_low": t.speedup_low, "speedup_high": t.speedup_high,
+                "retimed": t.retimed, "score": t.score, "budget_met": t.budget_met, "size_bytes": t.size_bytes}
+
+    return {
+        "chosen": mode.chosen, "reason": mode.reason, "asked": mode.asked, "matmul_share": mode.matmul_share,
+        "candidates": [{"mode": c.mode, "kept": c.kept, "reason": c.reason, **(timing(c.timing) or {})}
+                       for c in mode.candidates],
+        "head_to_head": [{"mode": t.config.mode, **(timing(t) or {})} for t in mode.head_to_head],
+    }
+
+
 def _render_guard(result: QuantizeResult) -> list[str]:
     """CPU choice, budget, calibration methods and exclusion trials, nodes kept fp32."""
     lines = [""]
@@ -150,11 +202,12 @@ def _render_guard(result: QuantizeResult) -> list[str]:
             f"measure      {measure.gates} roundings: {how}; {measure.runs} runs of the gated model on "
             f"{measure.samples} calibration sample(s), {measure.seconds:.1f} s{stopped}"
         )
-    trials = len(result.method_trials) - 1 + len(result.exclusion_trials)
+    trials = max(len(result.method_trials) - 1, 0) + len(result.exclusion_trials)
     if trials:
         tried = ", ".join(f"{t.method} {t.check.score:.4f}" for t in result.method_trials)
         figure = result.method_trials[0].check.score_name if result.method_trials else "fidelity"
-        lines.append(f"guard        {trials} of at most {result.max_trials} trials; calibration methods ({figure}): {tried}")
+        methods = f"; calibration methods ({figure}): {tried}" if tried else " (dynamic int8: MatMul/Gemm kept fp32)"
+        lines.append(f"guard        {trials} of at most {result.max_trials} trials{methods}")
         for trial in result.exclusion_trials:
             share = f" ({format_percent(trial.cost / result.model_macs)} of the MACs)" if result.model_macs else ""
             lines.append(
@@ -268,4 +321,6 @@ def quantize_json(result: QuantizeResult, output: str | None = None) -> dict[str
         },
         "fp32_macs": result.fp32_macs,
         "model_macs": result.model_macs,
+        "mode": None if result.mode is None else result.mode.chosen,
+        "mode_choice": _mode_json(result),
     }
