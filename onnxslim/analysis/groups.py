@@ -22,6 +22,13 @@ cut stays on it until `_Spaces.settle`, after the walk, hands it down to the par
 offsets moved to each part). So every node is visited once and every entry is handed down once per cut of
 its class, however many concatenations feed residual streams; there is no fixpoint over walks.
 
+Heads. A Reshape that splits the channel axis into (heads, width) (`rules.SplitHeads`) turns the class it
+reads into a class of heads: a new space of H channels takes over everything collected so far, each entry
+with `unit` = D (channel c of the group is entries (offset + c)·D … (offset + c)·D + D − 1 of its tensor or
+weights); the old space is left `heads`-redirected, so every tensor that still names it reads the new one
+flattened (`inner` = D), as after a Flatten: only a sink may read it. The class must be whole where it is
+split (one segment of every tensor that holds it, none flattened, uncut, unblocked), else the node blocks.
+
 A class already blocked when a node would cut it is not cut (nothing to gain): the node blocks. What a cut
 does to grouped convs is kept on the class until it happens (`blocked_if_cut`): the parts of a grouped
 conv's output, and channels a grouped conv reads whole, cannot lose channels evenly once cut, so the cut
@@ -49,6 +56,7 @@ from onnxslim.analysis.rules import (
     Flow,
     NodeView,
     Partition,
+    SplitHeads,
     Unread,
     decide,
     unsupported,
@@ -74,12 +82,14 @@ _T = TypeVar("_T")
 
 @dataclass(frozen=True)
 class Member:
-    """Channels [offset, offset + length) of `tensor` on `axis` belong to the group."""
+    """Channels [offset, offset + length) of `tensor` on `axis` belong to the group (each as `unit`
+    consecutive entries: attention heads before the head split)."""
 
     tensor: str
     axis: int
     offset: int
     length: int
+    unit: int = 1
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,7 @@ class Source:
     offset: int = 0
     extent: int | None = None
     blocks: int = 1  # a grouped Conv: its channels fall into this many equal blocks (ChannelGroup.blocks)
+    unit: int = 1  # attention heads: channel c is output columns (offset + c)·unit … + unit − 1
 
 
 @dataclass(frozen=True)
@@ -122,6 +133,7 @@ class Follower:
     rank: int
     offset: int = 0
     extent: int | None = None
+    unit: int = 1  # attention heads: channel c is entries (offset + c)·unit … + unit − 1 on `axis`
 
 
 class BlockerKind(Enum):
@@ -161,6 +173,12 @@ class ChannelGroup:
     @property
     def prunable(self) -> bool:
         return self.blocked_by is None
+
+    @property
+    def width(self) -> int:
+        """Entries per channel in the group's sources: D for attention heads (a channel is a head of D
+        columns of the Q, K and V projections), 1 otherwise."""
+        return max((s.unit for s in self.sources), default=1)
 
     @property
     def blocks(self) -> int:
@@ -213,6 +231,7 @@ class _Space:
     sourced: bool = False  # some source creates these channels (else they come from a graph input or a blocker)
     blocked_if_cut: tuple[int, Blocker] | None = None  # a grouped conv makes or reads them whole
     parts: tuple[int, int] | None = None  # cut: the spaces of channels [0, c) and [c, size)
+    heads: tuple[int, int] | None = None  # split into heads: (the space of the heads, entries per head)
 
 
 class _Spaces:
@@ -389,8 +408,12 @@ class _Walker:
         if state is None:
             return None
         spaces = self.spaces
-        if all(spaces.data[spaces.find(s.space)].parts is None for s in state.segments):
+        roots = [spaces.data[spaces.find(s.space)] for s in state.segments]
+        if all(data.parts is None and data.heads is None for data in roots):
             return state
+        if roots[0].heads is not None:  # split into heads: whole here (checked when it was split)
+            space, width = roots[0].heads
+            state = _ChannelState(state.axis, (_Segment(0, spaces.data[space].size, space),), 1, state.inner * width)
         segments, offset = [], 0
         for segment in state.segments:
             for leaf in spaces.leaves(segment.space):
@@ -483,6 +506,7 @@ class _Walker:
             opset=self.opset,
             input_shapes=tuple(self.shape(t) for t in node.inputs),
             output_shapes=tuple(self.shape(t) for t in node.outputs),
+            tensor_shape=self.shape,
             input_axes=tuple(state.axis if state is not None else None for state in states),
             opaque_inputs={
                 index: self.opaque_origin(state)
@@ -529,6 +553,8 @@ class _Walker:
             decision = self.check_join(node, decision)
         elif isinstance(decision, Partition):
             decision = self.check_partition(node, decision)
+        elif isinstance(decision, SplitHeads):
+            decision = self.check_heads(node, decision)
         if isinstance(decision, Block):
             kind = BlockerKind.GRAPH_OUTPUT if decision.to_output else BlockerKind.OP
             blocker = Blocker(node.name, decision.reason, kind)
@@ -554,6 +580,9 @@ class _Walker:
             self.set_state(node.outputs[0], order, decision.out_axis, segments)
         elif isinstance(decision, Unread):
             handled = {0}  # read, but not its channels; the outputs carry none
+        elif isinstance(decision, SplitHeads):
+            handled = {0}
+            self.split_heads(order, node, view, decision)
         else:
             handled = {0}
             self.partition(order, node, view, decision)
@@ -572,7 +601,7 @@ class _Walker:
         else:
             read = list(range(len(node.inputs)))
         for index in read:
-            state = self.states.get(node.inputs[index].name)
+            state = self.state(node.inputs[index].name)
             if state is not None and state.flattened and not isinstance(decision, Create):
                 return Block(f"{node.op} reads channels flattened into features")
         return decision
@@ -600,6 +629,48 @@ class _Walker:
         if any(s.offset < p < s.offset + s.length for p in positions for s in self.segments(tensor.name)):
             return Block(f"{node.op} cuts a group of channels (modelled as separate groups where the source allows)")
         return decision
+
+    def check_heads(self, node: gs.Node, decision: SplitHeads) -> SplitHeads | Block:
+        """A head split needs the class it reads whole: one segment of every tensor holding it, none
+        flattened, uncut, unblocked and not read whole by a grouped conv."""
+        state = self.state(node.inputs[0].name)
+        assert state is not None
+        if len(state.segments) != 1 or state.flattened:
+            return Block("Reshape splits into heads channels of several groups or flattened channels")
+        data = self.spaces.get(state.segments[0].space)
+        if data.blocker is not None:
+            return Block("Reshape splits into heads channels that cannot be pruned")
+        if data.blocked_if_cut is not None or not data.sourced:
+            return Block("Reshape splits into heads channels that grouped convs or a graph input make")
+        for _, _, member in data.members:
+            held = self.state(member.tensor)
+            if held is None or len(held.segments) != 1 or held.flattened:
+                return Block(f"Reshape splits into heads channels that {member.tensor!r} holds with others")
+        return decision
+
+    def split_heads(self, order: int, node: gs.Node, view: NodeView, decision: SplitHeads) -> None:
+        """The class read becomes a class of heads: a new space takes over its entries with `unit` = width."""
+        spaces, width = self.spaces, decision.width
+        state = self.state(node.inputs[0].name)
+        assert state is not None
+        root = spaces.find(state.segments[0].space)
+        data = spaces.data[root]
+        heads = spaces.new(decision.heads)
+        target = spaces.data[heads]
+        target.sourced = data.sourced
+        target.members = [(o, n, replace(m, offset=0, length=decision.heads, unit=width)) for o, n, m in data.members]
+        target.sources = [(o, n, replace(s, offset=0, extent=decision.heads, unit=width)) for o, n, s in data.sources]
+        # sinks read whole, unflattened tensors (checked): each head is `width` consecutive input features
+        target.sinks = [(o, n, replace(s, offset=0, extent=decision.heads, inner=width)) for o, n, s in data.sinks]
+        target.followers = [
+            (o, n, replace(f, offset=0, extent=decision.heads, unit=width)) for o, n, f in data.followers
+        ]
+        data.members, data.sources, data.sinks, data.followers = [], [], [], []
+        data.heads = (heads, width)
+        if decision.follower:
+            follower = Follower(node.name, node.op, decision.out_axis, view.out_rank(), 0, decision.heads)
+            self.collect(order, target.followers, follower)
+        self.set_state(node.outputs[0], order, decision.out_axis, [_Segment(0, decision.heads, heads)])
 
     def create(self, order: int, node: gs.Node, decision: Create) -> None:
         spaces = self.spaces
