@@ -169,6 +169,9 @@ class ChannelGroup:
     sinks: tuple[Sink, ...]
     followers: tuple[Follower, ...]
     blocked_by: Blocker | None
+    # the node normalizing over these channels (LayerNormalization or its decomposition), when one does: the
+    # hidden size of a transformer's residual stream, which stays whatever else blocks it first
+    normalized_by: str | None = None
 
     @property
     def prunable(self) -> bool:
@@ -232,6 +235,9 @@ class _Space:
     blocked_if_cut: tuple[int, Blocker] | None = None  # a grouped conv makes or reads them whole
     parts: tuple[int, int] | None = None  # cut: the spaces of channels [0, c) and [c, size)
     heads: tuple[int, int] | None = None  # split into heads: (the space of the heads, entries per head)
+    normalized: tuple[int, str] | None = None  # (order, node) of the first node normalizing over these channels
+    origins: list[int] = field(default_factory=list)  # an opaque space: the spaces of the same-shaped inputs of the
+    # blocking node that made it (a residual Add blocked by its other operand), so a LayerNorm's mark reaches them
 
 
 class _Spaces:
@@ -293,6 +299,9 @@ class _Spaces:
         keep.followers, gone.followers = _merged(keep.followers, gone.followers), []
         keep.blocker = _earliest(keep.blocker, gone.blocker)
         keep.blocked_if_cut = _earliest(keep.blocked_if_cut, gone.blocked_if_cut)
+        if gone.normalized is not None and (keep.normalized is None or gone.normalized < keep.normalized):
+            keep.normalized = gone.normalized
+        keep.origins, gone.origins = keep.origins + gone.origins, []
         keep.sourced = keep.sourced or gone.sourced
         return a
 
@@ -317,6 +326,8 @@ class _Spaces:
             part = self.new(size, data.blocker)
             self.data[part].sourced = data.sourced
             self.data[part].blocked_if_cut = data.blocked_if_cut
+            self.data[part].normalized = data.normalized
+            self.data[part].origins = list(data.origins)
             parts.append(part)
         data.parts = (parts[0], parts[1])
         self.cuts.append(root)
@@ -439,17 +450,32 @@ class _Walker:
             member = Member(tensor.name, axis, segment.offset, segment.length)
             self.collect(order, self.spaces.get(segment.space).members, member)
 
-    def opaque(self, tensor: gs.Tensor, order: int, blocker: Blocker) -> None:
+    def opaque(self, tensor: gs.Tensor, order: int, blocker: Blocker) -> int | None:
         """Give `tensor` a space that is blocked from the start (graph inputs, outputs of blockers).
 
         Its channel axis is not known: it is assumed to be 1 (0 for vectors), and rules are told the input is
         opaque (NodeView.opaque_inputs) so that they do not rely on the assumption where it matters."""
         shape = self.shape(tensor)
         if not tensor.name or shape is None or len(shape) == 0:
-            return
+            return None
         axis = 1 if len(shape) >= 2 else 0
         space = self.spaces.new(shape[axis], (order, blocker))
         self.set_state(tensor, order, axis, [_Segment(0, shape[axis], space)])
+        return space
+
+    def mark_normalized(self, tensor: gs.Tensor, order: int, node: gs.Node) -> None:
+        """`node` normalizes over the channels of `tensor`: mark its class, and through the opaque spaces'
+        origins every class blocked on the way to it (the residual stream's projections), as the hidden size."""
+        stack = [segment.space for segment in self.segments(tensor.name)]
+        seen: set[int] = set()
+        while stack:
+            root = self.spaces.find(stack.pop())
+            if root in seen:
+                continue
+            seen.add(root)
+            data = self.spaces.data[root]
+            data.normalized = data.normalized or (order, node.name)
+            stack += data.origins
 
     def block_input(self, tensor: gs.Tensor, order: int, blocker: Blocker) -> None:
         for segment in self.segments(tensor.name):
@@ -559,10 +585,21 @@ class _Walker:
             kind = BlockerKind.GRAPH_OUTPUT if decision.to_output else BlockerKind.OP
             blocker = Blocker(node.name, decision.reason, kind)
             logger.debug("blocker %s (%s): %s", node.name, node.op, decision.reason)
+            if decision.normalizes:
+                self.mark_normalized(node.inputs[0], order, node)
+            out_shape = self.shape(node.outputs[0]) if node.outputs else None
+            origins = [
+                segment.space
+                for tensor in node.inputs
+                if tensor.name and not isinstance(tensor, gs.Constant) and self.shape(tensor) == out_shape
+                for segment in self.segments(tensor.name)
+            ]
             for tensor in node.inputs:
                 self.block_input(tensor, order, blocker)
             for tensor in node.outputs:
-                self.opaque(tensor, order, blocker)
+                space = self.opaque(tensor, order, blocker)
+                if space is not None:
+                    self.spaces.data[space].origins = origins
             return
         if isinstance(decision, Create):
             handled = {decision.sink_input}
@@ -780,6 +817,7 @@ class _Walker:
                 sinks=sinks,
                 followers=tuple(f for _, _, f in sorted(data.followers, key=_entry_order)),
                 blocked_by=blocker,
+                normalized_by=data.normalized[1] if data.normalized is not None and blocker is not None else None,
             )
             if group.prunable and group.channels // group.blocks <= 1:
                 grouped = next(

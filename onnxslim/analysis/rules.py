@@ -110,6 +110,9 @@ class Block:
 
     reason: str
     to_output: bool = False
+    # it normalizes over the channels (LayerNormalization, its decomposition's ReduceMean): the channels are
+    # a transformer's hidden size, the residual stream, which stays (reports say so plainly)
+    normalizes: bool = False
 
 
 @dataclass(frozen=True)
@@ -424,17 +427,33 @@ def _reduce_axes(view: NodeView) -> list[int] | None:
     return sorted(int(a) % rank for a in axes)
 
 
+def _normalizes_opaque_features(view: NodeView, axes: Sequence[int] | None) -> Block | None:
+    """A LayerNorm (or its decomposition's ReduceMean) over the last axis of a tensor of rank >= 3 whose
+    channels could not be followed: a transformer's residual stream, its hidden size. It blocks, saying so
+    (its axis is only assumed there, so passing it through would be a guess anyway)."""
+    if 0 not in view.opaque_inputs or view.axis(0) is None:
+        return None
+    rank = len(view.shape(0))
+    if rank >= 3 and axes is not None and list(axes) == [rank - 1]:
+        return Block(f"{view.op} normalizes channels that could not be followed ({view.opaque_inputs[0]})", normalizes=True)
+    return None
+
+
 @_on_channels
 def _reduce(view: NodeView, axis: int) -> Decision:
     if view.has_input(1) and view.constant(1) is None:
         return Block(f"{view.op} over computed axes")
     axes = _reduce_axes(view)
+    if view.op == "ReduceMean" and int(view.attr("keepdims", 1)):
+        blocked = _normalizes_opaque_features(view, axes)
+        if blocked is not None:
+            return blocked
     if axes is None:
         if view.attr("noop_with_empty_axes", 0):
             return Flow((0,), axis)
         return Block(f"{view.op} over all axes mixes the channels")
     if axis in axes:
-        return Block(f"{view.op} over the channel axis mixes the channels")
+        return Block(f"{view.op} over the channel axis mixes the channels", normalizes=view.op == "ReduceMean")
     keepdims = view.attr("keepdims", 1)
     out_axis = axis if keepdims else axis - sum(1 for a in axes if a < axis)
     return Flow((0,), out_axis)
@@ -454,8 +473,12 @@ def _softmax(view: NodeView, axis: int) -> Decision:
 
 @_on_channels
 def _layer_norm(view: NodeView, axis: int) -> Decision:
-    if int(view.attr("axis", -1)) % len(view.shape(0)) <= axis:
-        return Block("LayerNormalization over the channel axis mixes the channels")
+    rank = len(view.shape(0))
+    blocked = _normalizes_opaque_features(view, list(range(int(view.attr("axis", -1)) % rank, rank)))
+    if blocked is not None:
+        return blocked
+    if int(view.attr("axis", -1)) % rank <= axis:
+        return Block("LayerNormalization over the channel axis mixes the channels", normalizes=True)
     return Flow((0,), axis)
 
 
