@@ -425,7 +425,9 @@ def _token_gate_model() -> onnx.ModelProto:
         helper.make_node("ReduceMean", ["g0"], ["g1"], name="mean", axes=[1], keepdims=0),
         helper.make_node("Shape", ["input"], ["shape"], name="shape"),
         helper.make_node("Gather", ["shape", "zero"], ["batch"], name="batch", axis=0),
-        helper.make_node("Concat", ["batch", "one", "minus_one"], ["target"], name="target", axis=0),
+        helper.make_node("Concat", ["batch", "one", "minus_one"], ["target0"], name="target", axis=0),
+        # a Cast hides the Concat from the Reshape rule (which follows a -1 channel entry in a Concat target)
+        helper.make_node("Cast", ["target0"], ["target"], name="target_cast", to=TensorProto.INT64),
         helper.make_node("Reshape", ["g1", "target"], ["g2"], name="reshape"),
         helper.make_node("Sigmoid", ["g2"], ["g"], name="sigmoid"),
         helper.make_node("Mul", ["h", "g"], ["gated"], name="gate"),

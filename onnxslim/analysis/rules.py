@@ -573,18 +573,16 @@ def target_pieces(reshape: gs.Node) -> list[gs.Tensor] | None:
 
 
 def heads_split(in_shape: Sequence[int], axis: int, out_shape: Sequence[int]) -> tuple[int, int, int] | None:
-    """Where a row-major reshape splits channel axis `axis` into two axes (heads, width), everything before
-    it and after it kept as a block: (head axis, heads, width), else None."""
+    """Where a row-major reshape splits the last axis, the channels, into the last two (heads, width), the
+    axes before it kept as a block ([.., H·D] → [.., H, D]): (head axis, heads, width), else None. Only the
+    last axis: a split of an NCHW channel axis is a channel shuffle's first half, which blocks."""
+    if axis != len(in_shape) - 1 or len(out_shape) < 2:
+        return None
+    heads, width = int(out_shape[-2]), int(out_shape[-1])
     before = int(np.prod(in_shape[:axis], dtype=np.int64))
-    after = int(np.prod(in_shape[axis + 1 :], dtype=np.int64))
-    leading = 1
-    for head_axis in range(len(out_shape) - 1):
-        heads, width = int(out_shape[head_axis]), int(out_shape[head_axis + 1])
-        trailing = int(np.prod(out_shape[head_axis + 2 :], dtype=np.int64))
-        if leading == before and heads * width == in_shape[axis] and trailing == after and heads > 1 and width > 1:
-            return head_axis, heads, width
-        leading *= heads
-    return None
+    if int(np.prod(out_shape[:-2], dtype=np.int64)) != before or heads * width != in_shape[axis] or min(heads, width) < 2:
+        return None
+    return len(out_shape) - 2, heads, width
 
 
 def _split_heads(view: NodeView, axis: int, out_shape: Sequence[int]) -> Decision:
