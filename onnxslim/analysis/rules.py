@@ -435,7 +435,8 @@ def _normalizes_opaque_features(view: NodeView, axes: Sequence[int] | None) -> B
         return None
     rank = len(view.shape(0))
     if rank >= 3 and axes is not None and list(axes) == [rank - 1]:
-        return Block(f"{view.op} normalizes channels that could not be followed ({view.opaque_inputs[0]})", normalizes=True)
+        reason = f"{view.op} normalizes over the last axis, but its channels could not be followed ({view.opaque_inputs[0]})"
+        return Block(reason, normalizes=True)
     return None
 
 

@@ -451,10 +451,17 @@ def apply_plan_to_graph(
     pruned = export_model(graph, template)
     del pruned.graph.value_info[:]
     try:
-        return onnx.shape_inference.infer_shapes(pruned, check_type=False, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(pruned, check_type=False, strict_mode=False)
     except Exception as e:  # noqa: BLE001 - onnx raises several types; value_info is optional
         logger.debug("shape inference of the pruned model failed (%s); saving it without value_info", e)
         return pruned
+    # inference may replace a symbolic output dim by the value it infers ('Div..._dim_1' → 384 on a torch
+    # export): the outputs as declared are the model's contract, kept as the template declares them
+    declared = {value.name: value for value in template.graph.output}
+    for value in inferred.graph.output:
+        if value.name in declared:
+            value.CopyFrom(declared[value.name])
+    return inferred
 
 
 def rewrite_model(

@@ -38,6 +38,7 @@ from onnxslim.prune.plan import (
     MacModel,
     PrunePlan,
     _kept_count,
+    _round_to,
     _order,
     _plan_from_counts,
     plan_by_ratio,
@@ -180,7 +181,7 @@ def allocate(
     for group in chosen:
         most = max(p.removed for p in curve[group.id].points) if curve[group.id].points else 0
         counts = sorted({
-            group.channels - _kept_count(group.channels, remove, round_to, min_keep, group.blocks)
+            group.channels - _kept_count(group.channels, remove, _round_to(round_to, group), min_keep, group.blocks)
             for remove in range(group.channels + 1)
         })
         base = len(forced.get(group.id, ()))

@@ -27,16 +27,16 @@ def root_cause(node: str | None, reason: str, *, verbose: bool = False) -> tuple
 
 def hidden_size_note(normalized_by: str) -> str:
     """What a blocked group normalized by a LayerNorm is, said plainly."""
-    return f"hidden size (the residual stream, normalized over it by {normalized_by}): stays"
+    return f"hidden size: the residual stream through {normalized_by} stays (--verbose: what blocks it first)"
 
 
 def _group_status(group: ChannelGroup, *, verbose: bool = False) -> str:
     if group.blocked_by is None:
         return "prunable"
+    if group.normalized_by is not None and not verbose:
+        return hidden_size_note(group.normalized_by)
     node, reason = root_cause(group.blocked_by.node, group.blocked_by.reason, verbose=verbose)
     where = f" at {node}" if node else ""
-    if group.normalized_by is not None:
-        return f"{hidden_size_note(group.normalized_by)}; blocked{where}: {reason}"
     return f"blocked{where}: {reason}"
 
 def _names(nodes: Sequence[str], limit: int = 1) -> str:
