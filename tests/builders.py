@@ -957,6 +957,7 @@ def encoder_model(
     split_target: str | None = None,
     merge_target: str | None = None,
     decomposed_norm: bool | None = None,
+    shared_targets: bool = False,
     seed: int = 21,
 ) -> onnx.ModelProto:
     """A BERT-style encoder: x [batch, seq, heads·head_size] and mask [batch, seq] (1 keep, 0 pad) → the
@@ -967,6 +968,7 @@ def encoder_model(
     the scores divided by sqrt(head_size), LayerNorm decomposed; 'dynamo': constant targets [0, 0, -1,
     head_size] and [0, 0, -1], Q and Kᵀ each multiplied by head_size^-1/4, LayerNormalization. The Erf-GELU FFN
     and the additive mask (1 − mask)·−10000 broadcast over heads and queries are common to both.
+    `shared_targets`: Q, K and V of a layer reshape by one target (one Concat, or one initializer).
     """
     torchscript = exporter == "torchscript"
     split_target = split_target or ("concat_heads" if torchscript else "const_minus_one")
@@ -987,9 +989,10 @@ def encoder_model(
     merge_tail = [-1 if merge_target.endswith("minus_one") else hidden]
     for _ in range(layers):
         per_head = []
+        shared = _target(b, x, split_target, split_tail) if shared_targets else None
         for role in ("query", "key", "value"):
             y = _projection(b, x, hidden, hidden)
-            y = b.op("Reshape", [y, _target(b, y, split_target, split_tail)], channels=heads)
+            y = b.op("Reshape", [y, shared or _target(b, y, split_target, split_tail)], channels=heads)
             perm = [0, 2, 3, 1] if role == "key" else [0, 2, 1, 3]
             per_head.append(b.op("Transpose", [y], perm=perm))
         q, k_t, v = per_head
