@@ -373,12 +373,13 @@ def _batched_matmul(view: NodeView) -> Decision:
         if len(shape) < 3 or axis >= len(shape) - 2:
             return Block("MatMul of two computed tensors multiplies along the channel axis")
         aligned = axis + rank - len(shape)
-        if shape[axis] != out_shape[aligned]:
+        if shape[axis] == out_shape[aligned]:
+            operands.append(index)
+            axes.add(aligned)
+        elif shape[axis] != 1:  # size 1: broadcast (below)
             return Block(f"operand {index} has {shape[axis]} channels where the output has {out_shape[aligned]}")
-        operands.append(index)
-        axes.add(aligned)
     if len(axes) != 1:
-        return Block("its operands carry channels on different axes")
+        return Block("its operands carry channels on different axes" if axes else "no operand carries channels")
     out_axis = axes.pop()
     for index in (0, 1):
         if index in operands:
