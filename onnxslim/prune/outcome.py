@@ -6,9 +6,8 @@ Reports read this; nothing here changes the plan.
 
 from __future__ import annotations
 
-import math
-
 import logging
+import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 

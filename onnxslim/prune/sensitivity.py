@@ -38,9 +38,9 @@ from onnxslim.prune.plan import (
     MacModel,
     PrunePlan,
     _kept_count,
-    _round_to,
     _order,
     _plan_from_counts,
+    _round_to,
     plan_by_ratio,
 )
 from onnxslim.prune.recover import RecoverOptions, recover_model
