@@ -341,14 +341,57 @@ class _Spaces:
             start = 0
             for part in data.parts:
                 size, target = self.data[part].size, self.get(part)
-                target.members += [(o, n, replace(m, offset=m.offset + start, length=size)) for o, n, m in data.members]
-                target.sources += [(o, n, replace(s, offset=s.offset + start)) for o, n, s in data.sources]
+                handed = _Space(size)
+                handed.members = [(o, n, replace(m, offset=m.offset + start, length=size)) for o, n, m in data.members]
+                handed.sources = [(o, n, replace(s, offset=s.offset + start)) for o, n, s in data.sources]
                 # a grouped Conv that read the class whole now reads channels of several groups: it blocked
                 # the class when it was cut (blocked_if_cut) and is no sink of the parts
-                target.sinks += [(o, n, replace(s, offset=s.offset + start)) for o, n, s in data.sinks if s.blocks == 1]
-                target.followers += [(o, n, replace(f, offset=f.offset + start)) for o, n, f in data.followers]
+                handed.sinks = [(o, n, replace(s, offset=s.offset + start)) for o, n, s in data.sinks if s.blocks == 1]
+                handed.followers = [(o, n, replace(f, offset=f.offset + start)) for o, n, f in data.followers]
                 start += size
+                if target.heads is not None:  # the part was split into heads (a fused QKV projection's part)
+                    heads, width = target.heads
+                    target = self.get(heads)
+                    converted = _as_heads(handed, width, target.size)
+                    if converted is None:
+                        first = handed.sources[0][2].node if handed.sources else None
+                        blocker = Blocker(first, "its columns do not fall on head boundaries")
+                        target.blocker = _earliest(target.blocker, (-1, blocker))
+                        continue
+                    handed = converted
+                target.members += handed.members
+                target.sources += handed.sources
+                target.sinks += handed.sinks
+                target.followers += handed.followers
             data.members, data.sources, data.sinks, data.followers = [], [], [], []
+
+
+def _as_heads(space: _Space, width: int, heads: int) -> _Space | None:
+    """The entries of `space` with a head of `width` entries as their channel: offsets and extents divided by
+    `width`, members, sources and followers holding a head as `unit` = width entries, sinks reading it as
+    `inner` = width features. None when an entry does not fall on head boundaries (or is flattened already)."""
+    for _, _, entry in [*space.members, *space.sources, *space.sinks, *space.followers]:
+        extent = getattr(entry, "extent", None) or getattr(entry, "length", None) or space.size
+        if entry.offset % width or extent % width or getattr(entry, "unit", 1) != 1:
+            return None
+        if isinstance(entry, Sink) and entry.outer * entry.inner != 1:
+            return None
+
+    def extent(value: int | None) -> int:
+        return (value or space.size) // width
+
+    converted = _Space(heads)
+    converted.members = [(o, n, replace(m, offset=m.offset // width, length=heads, unit=width)) for o, n, m in space.members]
+    converted.sources = [
+        (o, n, replace(s, offset=s.offset // width, extent=extent(s.extent), unit=width)) for o, n, s in space.sources
+    ]
+    converted.sinks = [
+        (o, n, replace(s, offset=s.offset // width, extent=extent(s.extent), inner=width)) for o, n, s in space.sinks
+    ]
+    converted.followers = [
+        (o, n, replace(f, offset=f.offset // width, extent=extent(f.extent), unit=width)) for o, n, f in space.followers
+    ]
+    return converted
 
 
 def _merged(keep: list[_T], gone: list[_T]) -> list[_T]:
@@ -679,6 +722,8 @@ class _Walker:
             return Block("Reshape splits into heads channels that cannot be pruned")
         if data.blocked_if_cut is not None or not data.sourced:
             return Block("Reshape splits into heads channels that grouped convs or a graph input make")
+        if _as_heads(data, decision.width, decision.heads) is None:
+            return Block("Reshape splits into heads channels whose layers do not hold them on head boundaries")
         for _, _, member in data.members:
             held = self.state(member.tensor)
             if held is None or len(held.segments) != 1 or held.flattened:
@@ -693,15 +738,12 @@ class _Walker:
         root = spaces.find(state.segments[0].space)
         data = spaces.data[root]
         heads = spaces.new(decision.heads)
+        converted = _as_heads(data, width, decision.heads)
+        assert converted is not None  # check_heads
         target = spaces.data[heads]
         target.sourced = data.sourced
-        target.members = [(o, n, replace(m, offset=0, length=decision.heads, unit=width)) for o, n, m in data.members]
-        target.sources = [(o, n, replace(s, offset=0, extent=decision.heads, unit=width)) for o, n, s in data.sources]
-        # sinks read whole, unflattened tensors (checked): each head is `width` consecutive input features
-        target.sinks = [(o, n, replace(s, offset=0, extent=decision.heads, inner=width)) for o, n, s in data.sinks]
-        target.followers = [
-            (o, n, replace(f, offset=0, extent=decision.heads, unit=width)) for o, n, f in data.followers
-        ]
+        target.members, target.sources = converted.members, converted.sources
+        target.sinks, target.followers = converted.sinks, converted.followers
         data.members, data.sources, data.sinks, data.followers = [], [], [], []
         data.heads = (heads, width)
         if decision.follower:
