@@ -960,7 +960,7 @@ def encoder_model(
     shared_targets: bool = False,
     seed: int = 21,
 ) -> onnx.ModelProto:
-    """A BERT-style encoder: x [batch, seq, heads·head_size] and mask [batch, seq] (1 keep, 0 pad) → the
+    """A BERT-style encoder: x [batch, seq, heads·head_size] and attention_mask [batch, seq] (1 keep, 0 pad) → the
     last hidden state. Batch and sequence length are symbolic.
 
     `exporter` sets the defaults of the patterns: 'torchscript' (torch.onnx.export): reshape targets built
@@ -978,10 +978,10 @@ def encoder_model(
     b = ModelBuilder((1,), opset=17, seed=seed, input_name="x")
     b.inputs = [
         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", hidden]),
-        helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", "seq"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.FLOAT, ["batch", "seq"]),
     ]
-    b.channels.update({"x": hidden, "mask": 1})
-    keep = b.op("Unsqueeze", ["mask", b.const(np.array([1, 2], np.int64), prefix="axes")])
+    b.channels.update({"x": hidden, "attention_mask": 1})
+    keep = b.op("Unsqueeze", ["attention_mask", b.const(np.array([1, 2], np.int64), prefix="axes")])
     additive = b.op("Mul", [b.op("Sub", [b.const(np.array(1.0, np.float32), prefix="one"), keep], channels=1),
                             b.const(np.array(-10000.0, np.float32), prefix="big")])
     x = "x"

@@ -300,7 +300,7 @@ def test_attention_heads_are_one_group_per_layer_and_the_hidden_size_stays(expor
     projection as head_size features per head; the FFN is a group of neurons; the residual stream is the
     hidden size, normalized by every LayerNorm: blocked, and said so."""
     model = encoder_model(exporter=exporter, layers=2, heads=4, head_size=3, ffn=10)
-    groups = groups_of(model, {"x": [2, 5, 12], "mask": [2, 5]})
+    groups = groups_of(model, {"x": [2, 5, 12], "attention_mask": [2, 5]})
     heads = [g for g in groups if g.width > 1]
     assert len(heads) == 2
     for group in heads:

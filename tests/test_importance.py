@@ -127,7 +127,7 @@ def test_a_head_is_scored_by_its_columns_of_q_k_and_v_or_by_its_context_at_the_o
     model = encoder_model(layers=1, heads=4, head_size=3, ffn=6)
     normalized = normalize_model(model)[0]
     graph = gs.import_onnx(normalized)
-    groups = find_channel_groups(normalized, {"x": [2, 5, 12], "mask": [2, 5]})
+    groups = find_channel_groups(normalized, {"x": [2, 5, 12], "attention_mask": [2, 5]})
     group = next(g for g in groups if g.width == 3)
     context = ScoreContext(graph)
     expected = np.zeros(4)

@@ -235,7 +235,7 @@ def test_an_unbalanced_plan_for_a_grouped_conv_is_refused(tmp_path: Path) -> Non
 def test_mac_model_is_exact_for_heads_including_the_attention_products() -> None:
     """Q·Kᵀ and softmax·V lose a head's share of their MACs with each head (followers that count MACs)."""
     model = normalize_model(encoder_model(layers=2, heads=4, head_size=4, ffn=24))[0]
-    shapes = {"x": [2, 7, 16], "mask": [2, 7]}
+    shapes = {"x": [2, 7, 16], "attention_mask": [2, 7]}
     result = prune_model(model, target_macs=0.6, input_shapes=shapes, protect_first=False)
     assert any(g.width == 4 and result.plan.changes(g) for g in result.groups)
     infos = infer_tensor_infos(model, result.analysis_shapes)

@@ -368,11 +368,11 @@ def test_recovery_of_pruned_heads_and_neurons_improves_the_held_out_error(tmp_pa
     mask = np.ones((60, 6), np.float32)
     mask[::3, 4:] = 0.0
     data = tmp_path / "calib.npz"
-    np.savez(data, x=rng.standard_normal((60, 6, 16)).astype(np.float32), mask=mask)
+    np.savez(data, x=rng.standard_normal((60, 6, 16)).astype(np.float32), attention_mask=mask)
     calib = open_dataset(data, normalize_model(model)[0])
     results = {
         method: prune_model(model, ratio=None, target_macs=0.6, criterion="activation", calib=calib, recover=method,
-                            input_shapes={"x": [1, 6, 16], "mask": [1, 6]},
+                            input_shapes={"x": [1, 6, 16], "attention_mask": [1, 6]},
                             protect_first=False)
         for method in ("none", "lsq")
     }
@@ -383,3 +383,22 @@ def test_recovery_of_pruned_heads_and_neurons_improves_the_held_out_error(tmp_pa
     assert any("MatMul" in name for name in refit)
     before, after = (results[m].evaluation.outputs[0].cosine_after for m in ("none", "lsq"))  # type: ignore[union-attr]
     assert after > before, (before, after)
+
+
+def test_padded_token_positions_are_no_rows_of_a_refit() -> None:
+    """With the token mask, rows come only from tokens (each sample's padding is skipped), at most
+    per_sample of them per sample; without it, from every position."""
+    from onnxslim.prune.recover import _feature_rows
+
+    x = np.arange(2 * 5 * 3, dtype=np.float32).reshape(2, 5, 3)
+    y = -x
+    valid = np.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], bool)
+    features, target, samples = _feature_rows(x, y, None, np.random.default_rng(0), 8, valid)
+    assert samples.tolist() == [0, 0, 0, 1, 1]
+    np.testing.assert_array_equal(features[:, 0], x[valid])
+    np.testing.assert_array_equal(target[:, 0], y[valid])
+    few, _, few_samples = _feature_rows(x, y, None, np.random.default_rng(0), 2, valid)
+    assert few_samples.tolist() == [0, 0, 1, 1]
+    assert all(any((row == token).all() for token in x[0, :3]) for row in few[:2, 0])
+    every, _, _ = _feature_rows(x, y, None, np.random.default_rng(0), 8)
+    assert len(every) == 10

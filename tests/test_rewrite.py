@@ -1035,14 +1035,14 @@ def test_round_to_keeps_multiples_in_every_segment(round_to: int) -> None:
 
 # ----------------------------------------------------------------------------------- attention heads
 
-ENCODER_SHAPES = {"x": [2, 5, 16], "mask": [2, 5]}
+ENCODER_SHAPES = {"x": [2, 5, 16], "attention_mask": [2, 5]}
 
 
 def _encoder_feeds(batch: int, seq: int, seed: int = 3) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     mask = np.ones((batch, seq), np.float32)
     mask[0, seq - 2 :] = 0.0  # padding in the first sequence
-    return {"x": rng.standard_normal((batch, seq, 16)).astype(np.float32), "mask": mask}
+    return {"x": rng.standard_normal((batch, seq, 16)).astype(np.float32), "attention_mask": mask}
 
 
 @pytest.mark.parametrize(
