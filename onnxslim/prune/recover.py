@@ -25,7 +25,9 @@ the weight is not refit at all, none is. A weight is never split into a copy per
 time-major [T, N, C], a Reshape of it to [T·N, C], or with a batch of one a tensor without a batch axis;
 one probe per model (the first batch run as it is and with sample 0 replaced by another: the entries that
 change are sample 0's) finds each such tensor's sample axis, so every time step is a row and the held-out
-rows are held-out samples.
+rows are held-out samples. Token positions of a text model are rows too, except padding: when the model
+has an input named `RecoverOptions.token_mask` ("attention_mask", [batch, tokens], 0 = padding), a
+Gemm/MatMul over [batch, tokens, features] takes its rows from the tokens only.
 
 The least-squares problem of a node is accumulated as Gram matrices over the calibration batches —
 [AᵀA, Aᵀy] with A the node's input features plus a column of ones (its bias) — so memory is the square of
