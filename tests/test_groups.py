@@ -331,15 +331,18 @@ def test_a_head_split_of_a_tensor_read_elsewhere_reads_it_as_flattened_heads() -
     check_prune(model, ratio=0.5)
 
 
-def test_a_fused_qkv_projection_split_into_parts_is_one_group_of_heads() -> None:
+@pytest.mark.parametrize("second_reader", [False, True])
+def test_a_fused_qkv_projection_split_into_parts_is_one_group_of_heads(second_reader: bool) -> None:
     """One MatMul makes Q, K and V and a Split cuts them apart (the Split's cut reaches the MatMul only after
-    the head splits): one group of heads whose source is the MatMul three times, a head's columns in each part."""
+    the head splits): one group of heads whose source is the MatMul three times, a head's columns in each part.
+    A second reader of the fused output, after the head splits, reads the three parts' heads flattened."""
     b = ModelBuilder((1,), opset=17, seed=3)
     b.inputs = [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["batch", 5, 8])]
     b.channels["input"] = 8
     parts = [b.name("part") for _ in range(3)]
     sizes = b.const(np.array([8, 8, 8], np.int64), prefix="sizes")
-    b.nodes.append(onnx.helper.make_node("Split", [b.matmul(b.input, 24), sizes], parts, name="qkv_split", axis=2))
+    fused = b.matmul(b.input, 24)
+    b.nodes.append(onnx.helper.make_node("Split", [fused, sizes], parts, name="qkv_split", axis=2))
     q, k, v = parts
     target = b.const(np.array([0, 0, 2, 4], np.int64), prefix="target")
     b.channels.update({q: 8, k: 8, v: 8})
@@ -349,11 +352,15 @@ def test_a_fused_qkv_projection_split_into_parts_is_one_group_of_heads() -> None
     context = b.op("MatMul", [b.op("Softmax", [scores], axis=-1), b.op("Transpose", [heads[2]], perm=[0, 2, 1, 3])])
     merged = b.op("Reshape", [b.op("Transpose", [context], perm=[0, 2, 1, 3]),
                               b.const(np.array([0, 0, 8], np.int64), prefix="m")], channels=8)
-    model = b.build(b.matmul(merged, 3))
+    out = b.matmul(merged, 3)
+    if second_reader:
+        out = b.op("Add", [out, b.matmul(fused, 3, bias=False)])
+    model = b.build(out)
     groups = groups_of(model)
     fused = by_first_source_op(groups, node_names(model, "MatMul")[0])
     assert fused.prunable and fused.channels == 2 and fused.width == 4
     assert [(s.offset, s.extent, s.unit) for s in fused.sources] == [(0, 6, 4), (2, 6, 4), (4, 6, 4)]
+    assert len(fused.sinks) == (4 if second_reader else 1) and all(s.inner == 4 for s in fused.sinks)
     result = check_prune(model, ratio=0.5)
     weight = next(n for n in result.model.graph.node if n.op_type == "MatMul").input[1]
     assert next(t.dims for t in result.model.graph.initializer if t.name == weight) == [8, 12]

@@ -465,16 +465,26 @@ class _Walker:
         roots = [spaces.data[spaces.find(s.space)] for s in state.segments]
         if all(data.parts is None and data.heads is None for data in roots):
             return state
-        if roots[0].heads is not None:  # split into heads: whole here (checked when it was split)
-            space, width = roots[0].heads
-            state = _ChannelState(state.axis, (_Segment(0, spaces.data[space].size, space),), 1, state.inner * width)
+        leaves = [leaf for segment in state.segments for leaf in spaces.leaves(segment.space)]
+        redirected = [spaces.data[leaf].heads for leaf in leaves]
+        inner = state.inner
+        if any(r is not None for r in redirected):
+            # split into heads since: the tensor holds heads flattened, `width` entries each
+            widths = {r[1] for r in redirected if r is not None}
+            if all(r is not None for r in redirected) and len(widths) == 1 and state.outer == 1:
+                inner *= widths.pop()
+                leaves = [leaf for r in redirected if r is not None for leaf in spaces.leaves(r[0])]
+            else:  # heads beside other channels in one tensor: not modelled
+                blocker = Blocker(None, f"{name!r} holds attention heads beside other channels")
+                for r, leaf in zip(redirected, leaves, strict=True):
+                    spaces.block(r[0] if r is not None else leaf, -1, blocker)
+                leaves = [leaf for r, leaf in zip(redirected, leaves, strict=True) if r is None]
         segments, offset = [], 0
-        for segment in state.segments:
-            for leaf in spaces.leaves(segment.space):
-                length = spaces.data[leaf].size
-                segments.append(_Segment(offset, length, leaf))
-                offset += length
-        state = replace(state, segments=tuple(segments))
+        for leaf in leaves:
+            length = spaces.data[leaf].size
+            segments.append(_Segment(offset, length, leaf))
+            offset += length
+        state = replace(state, segments=tuple(segments), inner=inner)
         self.states[name] = state
         return state
 
