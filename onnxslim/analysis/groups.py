@@ -370,11 +370,17 @@ def _as_heads(space: _Space, width: int, heads: int) -> _Space | None:
     """The entries of `space` with a head of `width` entries as their channel: offsets and extents divided by
     `width`, members, sources and followers holding a head as `unit` = width entries, sinks reading it as
     `inner` = width features. None when an entry does not fall on head boundaries (or is flattened already)."""
-    for _, _, entry in [*space.members, *space.sources, *space.sinks, *space.followers]:
-        extent = getattr(entry, "extent", None) or getattr(entry, "length", None) or space.size
-        if entry.offset % width or extent % width or getattr(entry, "unit", 1) != 1:
+    entries: list[Member | Source | Sink | Follower] = [
+        *(m for _, _, m in space.members), *(s for _, _, s in space.sources),
+        *(s for _, _, s in space.sinks), *(f for _, _, f in space.followers),
+    ]
+    for entry in entries:
+        held = entry.length if isinstance(entry, Member) else (entry.extent or space.size)
+        if entry.offset % width or held % width:
             return None
         if isinstance(entry, Sink) and entry.outer * entry.inner != 1:
+            return None
+        if not isinstance(entry, Sink) and entry.unit != 1:
             return None
 
     def extent(value: int | None) -> int:
