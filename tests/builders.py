@@ -41,6 +41,9 @@ __all__ = [
     "ctc_head",
     "ctc_reader",
     "dynamic_lstm_model",
+    "encoder_model",
+    "MERGE_TARGETS",
+    "SPLIT_TARGETS",
     "gemm_model",
     "image_model",
     "int_input_model",
@@ -965,3 +968,114 @@ def transformer_encoder(
     model.graph.output[0].name = "embedding"
     model.graph.node[-1].output[0] = "embedding"
     return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small encoders in the two PyTorch exporters' patterns, for the attention-head rules
+
+SPLIT_TARGETS = ("concat_heads", "concat_minus_one", "const_heads", "const_minus_one")
+MERGE_TARGETS = ("concat_features", "concat_minus_one", "const_features", "const_minus_one")
+
+
+def _unsqueezed_dim(b: ModelBuilder, x: str, axis: int) -> str:
+    """Unsqueeze(Gather(Shape(x), axis)): one entry of a run-time target, as the TorchScript exporter builds it."""
+    dim = b.op("Gather", [b.op("Shape", [x]), b.const(np.array(axis, np.int64), prefix="axis")], axis=0)
+    return b.op("Unsqueeze", [dim, b.const(np.array([0], np.int64), prefix="axes")])
+
+
+def _target(b: ModelBuilder, x: str, form: str, tail: Sequence[int]) -> str:
+    """A Reshape target [batch, seq, *tail]: Concat(Unsqueeze(Gather(Shape(x))) ×2, tail) ('concat_*') or the
+    constant [0, 0, *tail] ('const_*', the dynamo exporter's)."""
+    if form.startswith("const"):
+        return b.const(np.array([0, 0, *tail], np.int64), prefix="target")
+    pieces = [_unsqueezed_dim(b, x, 0), _unsqueezed_dim(b, x, 1)]
+    pieces += [b.const(np.array([entry], np.int64), prefix="entry") for entry in tail]
+    return b.op("Concat", pieces, axis=0)
+
+
+def _encoder_layer_norm(b: ModelBuilder, x: str, dim: int, decomposed: bool) -> str:
+    if not decomposed:
+        gamma = b.const((1 + 0.1 * b.rng.standard_normal(dim)).astype(np.float32), prefix="gamma")
+        beta = b.const((0.1 * b.rng.standard_normal(dim)).astype(np.float32), prefix="beta")
+        return b.op("LayerNormalization", [x, gamma, beta], axis=-1, epsilon=1e-5)
+    mean = b.op("ReduceMean", [x], axes=[-1], keepdims=1)
+    centered = b.op("Sub", [x, mean])
+    variance = b.op("ReduceMean", [b.op("Mul", [centered, centered])], axes=[-1], keepdims=1)
+    std = b.op("Sqrt", [b.op("Add", [variance, b.const(np.array(1e-5, np.float32), prefix="eps")])])
+    gamma = b.const((1 + 0.1 * b.rng.standard_normal(dim)).astype(np.float32), prefix="gamma")
+    beta = b.const((0.1 * b.rng.standard_normal(dim)).astype(np.float32), prefix="beta")
+    return b.op("Add", [b.op("Mul", [b.op("Div", [centered, std]), gamma]), beta])
+
+
+def _projection(b: ModelBuilder, x: str, d_in: int, d_out: int) -> str:
+    """MatMul then the bias Add with the bias first, as torch exports nn.Linear on a 3-D input."""
+    weight = (b.rng.standard_normal((d_in, d_out)) / np.sqrt(d_in)).astype(np.float32)
+    y = b.op("MatMul", [x, b.const(weight)], channels=d_out)
+    return b.op("Add", [b.const((0.1 * b.rng.standard_normal(d_out)).astype(np.float32), prefix="b"), y], channels=d_out)
+
+
+def encoder_model(
+    *,
+    exporter: str = "torchscript",
+    layers: int = 2,
+    heads: int = 4,
+    head_size: int = 4,
+    ffn: int = 24,
+    split_target: str | None = None,
+    merge_target: str | None = None,
+    decomposed_norm: bool | None = None,
+    shared_targets: bool = False,
+    seed: int = 21,
+) -> onnx.ModelProto:
+    """A BERT-style encoder: x [batch, seq, heads·head_size] and attention_mask [batch, seq] (1 keep, 0 pad) → the
+    last hidden state. Batch and sequence length are symbolic.
+
+    `exporter` sets the defaults of the patterns: 'torchscript' (torch.onnx.export): reshape targets built
+    at run time, Concat(Unsqueeze(Gather(Shape(x), 0)), Unsqueeze(Gather(Shape(x), 1)), [heads], [head_size]),
+    the scores divided by sqrt(head_size), LayerNorm decomposed; 'dynamo': constant targets [0, 0, -1,
+    head_size] and [0, 0, -1], Q and Kᵀ each multiplied by head_size^-1/4, LayerNormalization. The Erf-GELU FFN
+    and the additive mask (1 − mask)·−10000 broadcast over heads and queries are common to both.
+    `shared_targets`: Q, K and V of a layer reshape by one target (one Concat, or one initializer).
+    """
+    torchscript = exporter == "torchscript"
+    split_target = split_target or ("concat_heads" if torchscript else "const_minus_one")
+    merge_target = merge_target or ("concat_features" if torchscript else "const_minus_one")
+    decomposed = torchscript if decomposed_norm is None else decomposed_norm
+    hidden = heads * head_size
+    b = ModelBuilder((1,), opset=17, seed=seed, input_name="x")
+    b.inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", hidden]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.FLOAT, ["batch", "seq"]),
+    ]
+    b.channels.update({"x": hidden, "attention_mask": 1})
+    keep = b.op("Unsqueeze", ["attention_mask", b.const(np.array([1, 2], np.int64), prefix="axes")])
+    additive = b.op("Mul", [b.op("Sub", [b.const(np.array(1.0, np.float32), prefix="one"), keep], channels=1),
+                            b.const(np.array(-10000.0, np.float32), prefix="big")])
+    x = "x"
+    split_tail = [-1 if split_target.endswith("minus_one") else heads, head_size]
+    merge_tail = [-1 if merge_target.endswith("minus_one") else hidden]
+    for _ in range(layers):
+        per_head = []
+        shared = _target(b, x, split_target, split_tail) if shared_targets else None
+        for role in ("query", "key", "value"):
+            y = _projection(b, x, hidden, hidden)
+            y = b.op("Reshape", [y, shared or _target(b, y, split_target, split_tail)], channels=heads)
+            perm = [0, 2, 3, 1] if role == "key" else [0, 2, 1, 3]
+            per_head.append(b.op("Transpose", [y], perm=perm))
+        q, k_t, v = per_head
+        if torchscript:
+            scores = b.op("MatMul", [q, k_t])
+            scores = b.op("Div", [scores, b.const(np.array(np.sqrt(head_size), np.float32), prefix="sqrt_d")])
+        else:
+            scale = b.const(np.array(head_size ** -0.25, np.float32), prefix="scale")
+            scores = b.op("MatMul", [b.op("Mul", [q, scale]), b.op("Mul", [k_t, scale])])
+        probs = b.op("Softmax", [b.op("Add", [scores, additive])], axis=-1)
+        context = b.op("Transpose", [b.op("MatMul", [probs, v])], perm=[0, 2, 1, 3])
+        context = b.op("Reshape", [context, _target(b, context, merge_target, merge_tail)], channels=hidden)
+        x = _encoder_layer_norm(b, b.op("Add", [_projection(b, context, hidden, hidden), x]), hidden, decomposed)
+        inner = _projection(b, x, hidden, ffn)
+        erf = b.op("Erf", [b.op("Div", [inner, b.const(np.array(np.sqrt(2.0), np.float32), prefix="sqrt2")])])
+        gelu = b.op("Mul", [b.op("Mul", [inner, b.op("Add", [erf, b.const(np.array(1.0, np.float32), prefix="one")])]),
+                            b.const(np.array(0.5, np.float32), prefix="half")])
+        x = _encoder_layer_norm(b, b.op("Add", [_projection(b, gelu, ffn, hidden), x]), hidden, decomposed)
+    return b.build(x)

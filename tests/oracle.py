@@ -95,7 +95,8 @@ def _kept_counts(groups: Sequence[ChannelGroup], plan: PrunePlan) -> dict[tuple[
         for role, members in (("out", group.sources), ("in", group.sinks), ("follow", group.followers)):
             for member in members:
                 key = (role, member.node)
-                features = member.outer * member.inner if isinstance(member, Sink) else 1  # flattened sinks
+                # flattened sinks; attention heads (unit columns each) at the sources and their followers
+                features = member.outer * member.inner if isinstance(member, Sink) else member.unit
                 extents[key] = (member.extent or group.channels) * features
                 removed[key] = removed.get(key, 0) + len(plan.removed(group)) * features
     return {key: extents[key] - removed[key] for key in extents}

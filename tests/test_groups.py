@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from builders import ModelBuilder
+import pytest
+from builders import ModelBuilder, encoder_model
 from oracle import check_prune
 
 from onnxslim.analysis.groups import ChannelGroup, Member, find_channel_groups
@@ -291,3 +292,75 @@ def test_a_grouped_conv_that_read_a_group_whole_blocks_it_when_a_later_split_cut
         assert part.blocked_by is not None and part.blocked_by.node == grouped_conv
         assert part.blocked_by.reason.startswith("grouped Conv (group=2) reads channels of several groups")
         assert grouped_conv not in [s.node for s in part.sinks] and part.sinks
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_attention_heads_are_one_group_per_layer_and_the_hidden_size_stays(exporter: str) -> None:
+    """Q, K and V of a layer are one group of heads (a head is head_size columns of each), read by the output
+    projection as head_size features per head; the FFN is a group of neurons; the residual stream is the
+    hidden size, normalized by every LayerNorm: blocked, and said so."""
+    model = encoder_model(exporter=exporter, layers=2, heads=4, head_size=3, ffn=10)
+    groups = groups_of(model, {"x": [2, 5, 12], "attention_mask": [2, 5]})
+    heads = [g for g in groups if g.width > 1]
+    assert len(heads) == 2
+    for group in heads:
+        assert group.prunable and group.channels == 4 and group.width == 3
+        assert len(group.sources) == 3 and all(s.unit == 3 and s.extent == 4 for s in group.sources)
+        assert [(s.inner, s.extent) for s in group.sinks] == [(3, 4)]
+    ffn = [g for g in groups if g.prunable and g.width == 1]
+    assert [g.channels for g in ffn] == [10, 10]
+    hidden = [g for g in groups if not g.prunable]
+    assert hidden and all(g.normalized_by is not None and g.channels == 12 for g in hidden)
+
+
+def test_a_head_split_of_a_tensor_read_elsewhere_reads_it_as_flattened_heads() -> None:
+    """The projection's output also feeds a MatMul sink: after the split it is heads of width D there too."""
+    b = ModelBuilder((1,), opset=17, seed=3)
+    b.inputs = [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["batch", 5, 8])]
+    b.channels["input"] = 8
+    q = b.matmul(b.input, 8)
+    heads = b.op("Reshape", [q, b.const(np.array([0, 0, 2, 4], np.int64), prefix="target")], channels=2)
+    axes = b.const(np.array([3], np.int64), prefix="axes")
+    summed = b.op("ReduceSum", [heads, axes], keepdims=0, channels=2)  # [batch, 5, 2]: per-head sums
+    side = b.matmul(q, 3)  # a second reader of the 8 columns
+    out = b.op("Add", [b.matmul(summed, 3), side], channels=3)
+    model = b.build(out)
+    group = by_first_source_op(groups_of(model), node_names(model, "MatMul")[0])
+    assert group.channels == 2 and group.width == 4
+    assert sorted(s.inner for s in group.sinks) == [1, 4]
+    check_prune(model, ratio=0.5)
+
+
+@pytest.mark.parametrize("second_reader", [False, True])
+def test_a_fused_qkv_projection_split_into_parts_is_one_group_of_heads(second_reader: bool) -> None:
+    """One MatMul makes Q, K and V and a Split cuts them apart (the Split's cut reaches the MatMul only after
+    the head splits): one group of heads whose source is the MatMul three times, a head's columns in each part.
+    A second reader of the fused output, after the head splits, reads the three parts' heads flattened."""
+    b = ModelBuilder((1,), opset=17, seed=3)
+    b.inputs = [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["batch", 5, 8])]
+    b.channels["input"] = 8
+    parts = [b.name("part") for _ in range(3)]
+    sizes = b.const(np.array([8, 8, 8], np.int64), prefix="sizes")
+    fused = b.matmul(b.input, 24)
+    b.nodes.append(onnx.helper.make_node("Split", [fused, sizes], parts, name="qkv_split", axis=2))
+    q, k, v = parts
+    target = b.const(np.array([0, 0, 2, 4], np.int64), prefix="target")
+    b.channels.update({q: 8, k: 8, v: 8})
+    heads = [b.op("Reshape", [t, target], channels=2) for t in (q, k, v)]
+    scores = b.op("MatMul", [b.op("Transpose", [heads[0]], perm=[0, 2, 1, 3]),
+                             b.op("Transpose", [heads[1]], perm=[0, 2, 3, 1])], channels=2)
+    context = b.op("MatMul", [b.op("Softmax", [scores], axis=-1), b.op("Transpose", [heads[2]], perm=[0, 2, 1, 3])])
+    merged = b.op("Reshape", [b.op("Transpose", [context], perm=[0, 2, 1, 3]),
+                              b.const(np.array([0, 0, 8], np.int64), prefix="m")], channels=8)
+    out = b.matmul(merged, 3)
+    if second_reader:
+        out = b.op("Add", [out, b.matmul(fused, 3, bias=False)])
+    model = b.build(out)
+    groups = groups_of(model)
+    fused = by_first_source_op(groups, node_names(model, "MatMul")[0])
+    assert fused.prunable and fused.channels == 2 and fused.width == 4
+    assert [(s.offset, s.extent, s.unit) for s in fused.sources] == [(0, 6, 4), (2, 6, 4), (4, 6, 4)]
+    assert len(fused.sinks) == (4 if second_reader else 1) and all(s.inner == 4 for s in fused.sinks)
+    result = check_prune(model, ratio=0.5)
+    weight = next(n for n in result.model.graph.node if n.op_type == "MatMul").input[1]
+    assert next(t.dims for t in result.model.graph.initializer if t.name == weight) == [8, 12]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
-from builders import ModelBuilder
+from builders import ModelBuilder, encoder_model
 
 from onnxslim.analysis.groups import ChannelGroup, Source, find_channel_groups
 from onnxslim.errors import UsageError
@@ -117,3 +117,31 @@ def test_random_criterion_is_seeded() -> None:
     first = score_groups(groups, graph, "random", seed=1)
     assert all(np.array_equal(first[k], v) for k, v in score_groups(groups, graph, "random", seed=1).items())
     assert not np.array_equal(first[groups[0].id], score_groups(groups, graph, "random", seed=2)[groups[0].id])
+
+
+def test_a_head_is_scored_by_its_columns_of_q_k_and_v_or_by_its_context_at_the_output_projection() -> None:
+    """l2: each of Q, K, V gives a head the norm of its head_size columns (mean-normalized, summed);
+    activation: ‖W_o rows of the head‖² · E[context²] over the head's features, per sink."""
+    from onnxslim.activations import ChannelStats
+
+    model = encoder_model(layers=1, heads=4, head_size=3, ffn=6)
+    normalized = normalize_model(model)[0]
+    graph = gs.import_onnx(normalized)
+    groups = find_channel_groups(normalized, {"x": [2, 5, 12], "attention_mask": [2, 5]})
+    group = next(g for g in groups if g.width == 3)
+    context = ScoreContext(graph)
+    expected = np.zeros(4)
+    for source in group.sources:
+        columns = np.asarray(context.node(source.node).inputs[1].values, np.float64)  # [12, 12]: heads on columns
+        norms = np.sqrt(np.square(columns.reshape(12, 4, 3)).sum(axis=(0, 2)))
+        expected += norms / norms.mean()
+    np.testing.assert_allclose(l2_importance(group, context), expected)
+
+    sink = group.sinks[0]
+    rows = np.asarray(context.node(sink.node).inputs[1].values, np.float64)  # [12 features, 12 outputs]
+    mean_square = np.arange(1, 13, dtype=np.float64)  # the context's energy per feature
+    stats = ChannelStats(count=1, mean=np.zeros(12), mean_square=mean_square, mean_abs=np.zeros(12))
+    tensor = context.node(sink.node).inputs[0].name
+    scores = CRITERIA["activation"](group, ScoreContext(graph, statistics={tensor: stats}))
+    per_head = np.sqrt((np.square(rows).sum(axis=1) * mean_square).reshape(4, 3).sum(axis=1))
+    np.testing.assert_allclose(scores, per_head / per_head.mean())

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import ModelBuilder
+from builders import ModelBuilder, encoder_model
 from oracle import assert_outputs_close, check_weight_shapes, masked_model, run_model
 
 from models.build import BUILDERS
@@ -230,3 +230,15 @@ def test_an_unbalanced_plan_for_a_grouped_conv_is_refused(tmp_path: Path) -> Non
     save_plan(path, PrunePlan(unbalanced), result.groups, result.model_sha256, {})
     with pytest.raises(ModelLoadError, match=r"each of its 4 blocks must keep as many channels; this plan keeps \[0, 0, 6, 6\]"):
         load_plan(path, result.groups, result.model_sha256)
+
+
+def test_mac_model_is_exact_for_heads_including_the_attention_products() -> None:
+    """Q·Kᵀ and softmax·V lose a head's share of their MACs with each head (followers that count MACs)."""
+    model = normalize_model(encoder_model(layers=2, heads=4, head_size=4, ffn=24))[0]
+    shapes = {"x": [2, 7, 16], "attention_mask": [2, 7]}
+    result = prune_model(model, target_macs=0.6, input_shapes=shapes, protect_first=False)
+    assert any(g.width == 4 and result.plan.changes(g) for g in result.groups)
+    infos = infer_tensor_infos(model, result.analysis_shapes)
+    estimate = MacModel(result.groups, {layer.name: layer.macs for layer in compute_cost(model, infos).layers})
+    removed = {g.id: len(result.plan.removed(g)) for g in result.groups}
+    assert estimate.macs_after(removed) == pytest.approx(result.macs_after, rel=1e-9)

@@ -76,7 +76,8 @@ def test_inspect_lists_groups_and_names_the_blocker(model_with_blocker: Path) ->
     assert len(groups) == 5
     blocked = [g for g in groups if not g["prunable"]]
     assert any(g["blocked_by"]["reason"] == "unsupported op LpNormalization" for g in blocked)
-    assert all(set(g) == {"id", "channels", "blocks", "sources", "sinks", "prunable", "blocked_by"} for g in groups)
+    keys = {"id", "channels", "blocks", "sources", "sinks", "prunable", "blocked_by", "normalized_by", "heads", "width"}
+    assert all(set(g) == keys for g in groups)
     assert all(g["blocked_by"] is None for g in groups if g["prunable"])
 
 

@@ -356,3 +356,49 @@ def test_a_matmul_refit_aims_past_its_bias_add() -> None:
     want = run_model(model, test)[0]
     sliced, refit = (float(np.mean((run_model(m, test)[0] - want) ** 2)) for m in (pruned, recovered))
     assert report.nodes[0].method == "lsq" and refit < 0.5 * sliced
+
+
+def test_recovery_of_pruned_heads_and_neurons_improves_the_held_out_error(tmp_path: Path) -> None:
+    """An encoder pruned to 60% of its MACs (heads and FFN neurons): refitting the output projections and
+    the FFN down-projections (token positions as samples) brings the held-out outputs closer to the original's."""
+    from builders import encoder_model
+
+    model = encoder_model(layers=2, heads=4, head_size=4, ffn=24, seed=5)
+    rng = np.random.default_rng(0)
+    mask = np.ones((60, 6), np.float32)
+    mask[::3, 4:] = 0.0
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=rng.standard_normal((60, 6, 16)).astype(np.float32), attention_mask=mask)
+    calib = open_dataset(data, normalize_model(model)[0])
+    results = {
+        method: prune_model(model, ratio=None, target_macs=0.6, criterion="activation", calib=calib, recover=method,
+                            input_shapes={"x": [1, 6, 16], "attention_mask": [1, 6]},
+                            protect_first=False)
+        for method in ("none", "lsq")
+    }
+    for result in results.values():
+        assert any(g.width == 4 and result.plan.changes(g) for g in result.groups)
+    assert results["lsq"].recovery is not None
+    refit = {r.node for r in results["lsq"].recovery.nodes if r.method == "lsq"}
+    assert any("MatMul" in name for name in refit)
+    before, after = (results[m].evaluation.outputs[0].cosine_after for m in ("none", "lsq"))  # type: ignore[union-attr]
+    assert after > before, (before, after)
+
+
+def test_padded_token_positions_are_no_rows_of_a_refit() -> None:
+    """With the token mask, rows come only from tokens (each sample's padding is skipped), at most
+    per_sample of them per sample; without it, from every position."""
+    from onnxslim.prune.recover import _feature_rows
+
+    x = np.arange(2 * 5 * 3, dtype=np.float32).reshape(2, 5, 3)
+    y = -x
+    valid = np.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], bool)
+    features, target, samples = _feature_rows(x, y, None, np.random.default_rng(0), 8, valid)
+    assert samples.tolist() == [0, 0, 0, 1, 1]
+    np.testing.assert_array_equal(features[:, 0], x[valid])
+    np.testing.assert_array_equal(target[:, 0], y[valid])
+    few, _, few_samples = _feature_rows(x, y, None, np.random.default_rng(0), 2, valid)
+    assert few_samples.tolist() == [0, 0, 1, 1]
+    assert all(any((row == token).all() for token in x[0, :3]) for row in few[:2, 0])
+    every, _, _ = _feature_rows(x, y, None, np.random.default_rng(0), 8)
+    assert len(every) == 10

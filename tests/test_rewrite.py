@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import STORAGES, ModelBuilder
+from builders import STORAGES, ModelBuilder, encoder_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
-from oracle import assert_outputs_close, check_prune, run_model
+from oracle import assert_outputs_close, check_prune, masked_model, run_model
 
 from onnxslim.analysis.groups import ChannelGroup, find_channel_groups
 from onnxslim.errors import ValidationError
@@ -439,7 +439,9 @@ def _token_gate_model() -> onnx.ModelProto:
         helper.make_node("ReduceMean", ["g0"], ["g1"], name="mean", axes=[1], keepdims=0),
         helper.make_node("Shape", ["input"], ["shape"], name="shape"),
         helper.make_node("Gather", ["shape", "zero"], ["batch"], name="batch", axis=0),
-        helper.make_node("Concat", ["batch", "one", "minus_one"], ["target"], name="target", axis=0),
+        helper.make_node("Concat", ["batch", "one", "minus_one"], ["target0"], name="target", axis=0),
+        # a Cast hides the Concat from the Reshape rule (which follows a -1 channel entry in a Concat target)
+        helper.make_node("Cast", ["target0"], ["target"], name="target_cast", to=TensorProto.INT64),
         helper.make_node("Reshape", ["g1", "target"], ["g2"], name="reshape"),
         helper.make_node("Sigmoid", ["g2"], ["g"], name="sigmoid"),
         helper.make_node("Mul", ["h", "g"], ["gated"], name="gate"),
@@ -1043,3 +1045,70 @@ def test_round_to_keeps_multiples_in_every_segment(round_to: int) -> None:
     result = prune_model(b.build(b.conv(y, 3)), ratio=0.5, round_to=round_to)
     kept = {g.id: len(result.plan.kept[g.id]) for g in result.groups if result.plan.changes(g)}
     assert kept and all(count % round_to == 0 for count in kept.values())
+
+
+# ----------------------------------------------------------------------------------- attention heads
+
+ENCODER_SHAPES = {"x": [2, 5, 16], "attention_mask": [2, 5]}
+
+
+def _encoder_feeds(batch: int, seq: int, seed: int = 3) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    mask = np.ones((batch, seq), np.float32)
+    mask[0, seq - 2 :] = 0.0  # padding in the first sequence
+    return {"x": rng.standard_normal((batch, seq, 16)).astype(np.float32), "attention_mask": mask}
+
+
+@pytest.mark.parametrize(
+    ("exporter", "split_target", "merge_target", "shared"),
+    [
+        ("torchscript", "concat_heads", "concat_features", False),
+        ("torchscript", "concat_heads", "concat_features", True),
+        ("torchscript", "concat_minus_one", "concat_minus_one", False),
+        ("dynamo", "const_minus_one", "const_minus_one", False),
+        ("dynamo", "const_heads", "const_features", False),
+        ("dynamo", "const_heads", "const_features", True),
+    ],
+)
+def test_heads_and_ffn_neurons_in_one_mac_budget_hold_the_oracle_at_every_length(
+    exporter: str, split_target: str, merge_target: str, shared: bool
+) -> None:
+    """Removing head h equals zeroing its context before the output projection; the targets (constants,
+    Concats built from Shape, -1 and 0 entries) are rewritten so the model runs at other batch sizes and
+    sequence lengths, checked against the masked oracle there too."""
+    model = encoder_model(exporter=exporter, split_target=split_target, merge_target=merge_target,
+                          shared_targets=shared)
+    result = check_prune(model, ratio=None, target_macs=0.6, input_shapes=ENCODER_SHAPES, protect_first=False)
+    pruned = {g.id: g for g in result.groups if result.plan.changes(g)}
+    assert any(g.width == 4 for g in pruned.values()), "no head was removed"
+    assert any(g.width == 1 for g in pruned.values()), "no FFN neuron was removed"
+    for group in pruned.values():
+        if group.width == 4:  # Q, K and V lose the head's 4 columns each
+            kept = len(result.plan.kept[group.id])
+            for source in group.sources:
+                weight = next(n for n in result.model.graph.node if n.name == source.node).input[1]
+                assert next(t.dims for t in result.model.graph.initializer if t.name == weight) == [16, 4 * kept]
+    oracle = masked_model(normalize_model(model)[0], result.groups, result.plan, result.analysis_shapes)
+    for batch, seq in ((1, 9), (3, 2)):
+        feeds = _encoder_feeds(batch, seq)
+        assert_outputs_close(run_model(result.model, feeds), run_model(oracle, feeds))
+
+
+def test_a_head_split_with_a_computed_head_count_blocks() -> None:
+    """A head entry computed at run time (here Shape(x)[2] / 4) cannot be rewritten: the heads stay."""
+    b = ModelBuilder((1,), opset=17, seed=3)
+    b.inputs = [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["batch", 5, 8])]
+    b.channels["input"] = 8
+    q = b.matmul(b.input, 8)
+    dims = b.op("Shape", [b.input])
+    count = b.op("Div", [b.op("Gather", [dims, b.const(np.array([2], np.int64), prefix="i")], axis=0),
+                         b.const(np.array([4], np.int64), prefix="d")])
+    target = b.op("Concat", [b.const(np.array([0, 0], np.int64), prefix="t"), count,
+                             b.const(np.array([4], np.int64), prefix="t")], axis=0, channels=1)
+    heads = b.op("Reshape", [q, target], channels=2)
+    merged = b.op("Reshape", [heads, b.const(np.array([0, 0, 8], np.int64), prefix="m")], channels=8)
+    model = b.build(b.matmul(merged, 3))
+    groups = find_channel_groups(normalize_model(model)[0], {"input": [2, 5, 8]})
+    first = next(n.name for n in model.graph.node if n.op_type == "MatMul")
+    group = _group_with_source_op(groups, first)
+    assert group.blocked_by is not None and "computed at run time" in group.blocked_by.reason, group.blocked_by

@@ -176,3 +176,51 @@ def test_a_new_source_op_is_told_every_table_it_must_fill() -> None:
     assert stale == ["onnxslim/prune/lossless.py SOURCE_BIAS_INPUT has an entry for Foo, which RULES does not know"]
     missing_macs = op_table_problems(mac_ops={"Conv", "Gemm", "MatMul"})
     assert missing_macs == ["source op ConvTranspose has no entry in onnxslim/analysis/cost.py MAC_OPS"]
+
+
+def test_a_matmul_of_two_computed_tensors_joins_channels_on_a_batch_axis_and_blocks_on_a_multiplied_one() -> None:
+    q, k = gs.Variable("q", dtype=np.float32), gs.Variable("k", dtype=np.float32)
+    shapes: list[tuple[int, ...] | None] = [(2, 4, 5, 3), (2, 4, 3, 5)]
+    joined = decide(view("MatMul", [q, k], shapes, (2, 4, 5, 5), [1, 1]))
+    assert joined == Flow((0, 1), 1, follower=True)
+    mixed = decide(view("MatMul", [q, k], shapes, (2, 4, 5, 5), [3, 2]))
+    assert isinstance(mixed, Block) and "multiplies along the channel axis" in mixed.reason
+    broadcast = decide(view("MatMul", [q, k], [(2, 4, 5, 3), (1, 1, 3, 5)], (2, 4, 5, 5), [1, 1]))
+    assert isinstance(broadcast, Flow) and broadcast.operands == (0,) and broadcast.broadcast == (1,)
+
+
+@pytest.mark.parametrize(
+    ("in_shape", "axis", "out_shape", "split"),
+    [
+        ((2, 7, 12), 2, (2, 7, 4, 3), (2, 4, 3)),  # [B, T, H·D] → [B, T, H, D]
+        ((14, 12), 1, (14, 4, 3), (1, 4, 3)),  # tokens flattened into the batch
+        ((2, 7, 12), 2, (14, 4, 3), (1, 4, 3)),  # batch and tokens merged by the same reshape
+        ((2, 12, 7), 1, (2, 4, 3, 7), None),  # an NCHW channel split: a shuffle's first half
+        ((2, 7, 12), 2, (2, 7, 12, 1), None),  # no split
+        ((2, 7, 12), 2, (2, 7, 2, 2, 3), None),  # three ways
+    ],
+)
+def test_heads_split_is_the_last_axis_into_the_last_two(in_shape, axis, out_shape, split) -> None:
+    assert rules.heads_split(in_shape, axis, out_shape) == split
+
+
+@pytest.mark.parametrize(
+    ("head", "width", "expected"),
+    [(4, 3, rules.SplitHeads(2, 4, 3, follower=True)), (-1, 3, rules.SplitHeads(2, 4, 3)),
+     (4, -1, rules.SplitHeads(2, 4, 3, follower=True)), (None, 3, "computed at run time"), (-1, -1, "entries")],
+)
+def test_a_head_split_target_built_by_a_concat(head: int | None, width: int, expected: object) -> None:
+    """Concat(Unsqueeze(batch), Unsqueeze(seq), head, width): the head entry must be a constant (or -1)."""
+    pieces: list[gs.Tensor] = [gs.Variable("b", dtype=np.int64, shape=[1]), gs.Variable("t", dtype=np.int64, shape=[1])]
+    pieces.append(gs.Variable("h", dtype=np.int64, shape=[1]) if head is None else gs.Constant("h", np.array([head])))
+    pieces.append(gs.Constant("w", np.array([width])))
+    target = gs.Variable("target", dtype=np.int64)
+    gs.Node("Concat", "concat", attrs={"axis": 0}, inputs=pieces, outputs=[target])
+    node = gs.Node("Reshape", "node", inputs=[x(), target], outputs=[gs.Variable("y")])
+    node_view = NodeView(node, 17, ((2, 7, 12), None), ((2, 7, 4, 3),), (2, None),
+                         tensor_shape=lambda tensor: tuple(tensor.shape) if tensor.shape else None)
+    decision = decide(node_view)
+    if isinstance(expected, str):
+        assert isinstance(decision, Block) and expected in decision.reason
+    else:
+        assert decision == expected

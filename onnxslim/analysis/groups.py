@@ -22,6 +22,13 @@ cut stays on it until `_Spaces.settle`, after the walk, hands it down to the par
 offsets moved to each part). So every node is visited once and every entry is handed down once per cut of
 its class, however many concatenations feed residual streams; there is no fixpoint over walks.
 
+Heads. A Reshape that splits the channel axis into (heads, width) (`rules.SplitHeads`) turns the class it
+reads into a class of heads: a new space of H channels takes over everything collected so far, each entry
+with `unit` = D (channel c of the group is entries (offset + c)·D … (offset + c)·D + D − 1 of its tensor or
+weights); the old space is left `heads`-redirected, so every tensor that still names it reads the new one
+flattened (`inner` = D), as after a Flatten: only a sink may read it. The class must be whole where it is
+split (one segment of every tensor that holds it, none flattened, uncut, unblocked), else the node blocks.
+
 A class already blocked when a node would cut it is not cut (nothing to gain): the node blocks. What a cut
 does to grouped convs is kept on the class until it happens (`blocked_if_cut`): the parts of a grouped
 conv's output, and channels a grouped conv reads whole, cannot lose channels evenly once cut, so the cut
@@ -49,6 +56,7 @@ from onnxslim.analysis.rules import (
     Flow,
     NodeView,
     Partition,
+    SplitHeads,
     Unread,
     decide,
     unsupported,
@@ -74,12 +82,14 @@ _T = TypeVar("_T")
 
 @dataclass(frozen=True)
 class Member:
-    """Channels [offset, offset + length) of `tensor` on `axis` belong to the group."""
+    """Channels [offset, offset + length) of `tensor` on `axis` belong to the group (each as `unit`
+    consecutive entries: attention heads before the head split)."""
 
     tensor: str
     axis: int
     offset: int
     length: int
+    unit: int = 1
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,7 @@ class Source:
     offset: int = 0
     extent: int | None = None
     blocks: int = 1  # a grouped Conv: its channels fall into this many equal blocks (ChannelGroup.blocks)
+    unit: int = 1  # attention heads: channel c is output columns (offset + c)·unit … + unit − 1
 
 
 @dataclass(frozen=True)
@@ -122,6 +133,7 @@ class Follower:
     rank: int
     offset: int = 0
     extent: int | None = None
+    unit: int = 1  # attention heads: channel c is entries (offset + c)·unit … + unit − 1 on `axis`
 
 
 class BlockerKind(Enum):
@@ -157,10 +169,19 @@ class ChannelGroup:
     sinks: tuple[Sink, ...]
     followers: tuple[Follower, ...]
     blocked_by: Blocker | None
+    # the node normalizing over these channels (LayerNormalization or its decomposition), when one does: the
+    # hidden size of a transformer's residual stream, which stays whatever else blocks it first
+    normalized_by: str | None = None
 
     @property
     def prunable(self) -> bool:
         return self.blocked_by is None
+
+    @property
+    def width(self) -> int:
+        """Entries per channel in the group's sources: D for attention heads (a channel is a head of D
+        columns of the Q, K and V projections), 1 otherwise."""
+        return max((s.unit for s in self.sources), default=1)
 
     @property
     def blocks(self) -> int:
@@ -213,6 +234,10 @@ class _Space:
     sourced: bool = False  # some source creates these channels (else they come from a graph input or a blocker)
     blocked_if_cut: tuple[int, Blocker] | None = None  # a grouped conv makes or reads them whole
     parts: tuple[int, int] | None = None  # cut: the spaces of channels [0, c) and [c, size)
+    heads: tuple[int, int] | None = None  # split into heads: (the space of the heads, entries per head)
+    normalized: tuple[int, str] | None = None  # (order, node) of the first node normalizing over these channels
+    origins: list[int] = field(default_factory=list)  # an opaque space: the spaces of the same-shaped inputs of the
+    # blocking node that made it (a residual Add blocked by its other operand), so a LayerNorm's mark reaches them
 
 
 class _Spaces:
@@ -274,6 +299,9 @@ class _Spaces:
         keep.followers, gone.followers = _merged(keep.followers, gone.followers), []
         keep.blocker = _earliest(keep.blocker, gone.blocker)
         keep.blocked_if_cut = _earliest(keep.blocked_if_cut, gone.blocked_if_cut)
+        if gone.normalized is not None and (keep.normalized is None or gone.normalized < keep.normalized):
+            keep.normalized = gone.normalized
+        keep.origins, gone.origins = keep.origins + gone.origins, []
         keep.sourced = keep.sourced or gone.sourced
         return a
 
@@ -298,6 +326,8 @@ class _Spaces:
             part = self.new(size, data.blocker)
             self.data[part].sourced = data.sourced
             self.data[part].blocked_if_cut = data.blocked_if_cut
+            self.data[part].normalized = data.normalized
+            self.data[part].origins = list(data.origins)
             parts.append(part)
         data.parts = (parts[0], parts[1])
         self.cuts.append(root)
@@ -311,14 +341,63 @@ class _Spaces:
             start = 0
             for part in data.parts:
                 size, target = self.data[part].size, self.get(part)
-                target.members += [(o, n, replace(m, offset=m.offset + start, length=size)) for o, n, m in data.members]
-                target.sources += [(o, n, replace(s, offset=s.offset + start)) for o, n, s in data.sources]
+                handed = _Space(size)
+                handed.members = [(o, n, replace(m, offset=m.offset + start, length=size)) for o, n, m in data.members]
+                handed.sources = [(o, n, replace(s, offset=s.offset + start)) for o, n, s in data.sources]
                 # a grouped Conv that read the class whole now reads channels of several groups: it blocked
                 # the class when it was cut (blocked_if_cut) and is no sink of the parts
-                target.sinks += [(o, n, replace(s, offset=s.offset + start)) for o, n, s in data.sinks if s.blocks == 1]
-                target.followers += [(o, n, replace(f, offset=f.offset + start)) for o, n, f in data.followers]
+                handed.sinks = [(o, n, replace(s, offset=s.offset + start)) for o, n, s in data.sinks if s.blocks == 1]
+                handed.followers = [(o, n, replace(f, offset=f.offset + start)) for o, n, f in data.followers]
                 start += size
+                if target.heads is not None:  # the part was split into heads (a fused QKV projection's part)
+                    heads, width = target.heads
+                    target = self.get(heads)
+                    converted = _as_heads(handed, width, target.size)
+                    if converted is None:
+                        first = handed.sources[0][2].node if handed.sources else None
+                        blocker = Blocker(first, "its columns do not fall on head boundaries")
+                        target.blocker = _earliest(target.blocker, (-1, blocker))
+                        continue
+                    handed = converted
+                target.members += handed.members
+                target.sources += handed.sources
+                target.sinks += handed.sinks
+                target.followers += handed.followers
             data.members, data.sources, data.sinks, data.followers = [], [], [], []
+
+
+def _as_heads(space: _Space, width: int, heads: int) -> _Space | None:
+    """The entries of `space` with a head of `width` entries as their channel: offsets and extents divided by
+    `width`, members, sources and followers holding a head as `unit` = width entries, sinks reading it as
+    `inner` = width features. None when an entry does not fall on head boundaries (or is flattened already)."""
+    entries: list[Member | Source | Sink | Follower] = [
+        *(m for _, _, m in space.members), *(s for _, _, s in space.sources),
+        *(s for _, _, s in space.sinks), *(f for _, _, f in space.followers),
+    ]
+    for entry in entries:
+        held = entry.length if isinstance(entry, Member) else (entry.extent or space.size)
+        if entry.offset % width or held % width:
+            return None
+        if isinstance(entry, Sink) and entry.outer * entry.inner != 1:
+            return None
+        if not isinstance(entry, Sink) and entry.unit != 1:
+            return None
+
+    def extent(value: int | None) -> int:
+        return (value or space.size) // width
+
+    converted = _Space(heads)
+    converted.members = [(o, n, replace(m, offset=m.offset // width, length=heads, unit=width)) for o, n, m in space.members]
+    converted.sources = [
+        (o, n, replace(s, offset=s.offset // width, extent=extent(s.extent), unit=width)) for o, n, s in space.sources
+    ]
+    converted.sinks = [
+        (o, n, replace(s, offset=s.offset // width, extent=extent(s.extent), inner=width)) for o, n, s in space.sinks
+    ]
+    converted.followers = [
+        (o, n, replace(f, offset=f.offset // width, extent=extent(f.extent), unit=width)) for o, n, f in space.followers
+    ]
+    return converted
 
 
 def _merged(keep: list[_T], gone: list[_T]) -> list[_T]:
@@ -389,15 +468,29 @@ class _Walker:
         if state is None:
             return None
         spaces = self.spaces
-        if all(spaces.data[spaces.find(s.space)].parts is None for s in state.segments):
+        roots = [spaces.data[spaces.find(s.space)] for s in state.segments]
+        if all(data.parts is None and data.heads is None for data in roots):
             return state
+        leaves = [leaf for segment in state.segments for leaf in spaces.leaves(segment.space)]
+        redirected = [spaces.data[leaf].heads for leaf in leaves]
+        inner = state.inner
+        if any(r is not None for r in redirected):
+            # split into heads since: the tensor holds heads flattened, `width` entries each
+            widths = {r[1] for r in redirected if r is not None}
+            if all(r is not None for r in redirected) and len(widths) == 1 and state.outer == 1:
+                inner *= widths.pop()
+                leaves = [leaf for r in redirected if r is not None for leaf in spaces.leaves(r[0])]
+            else:  # heads beside other channels in one tensor: not modelled
+                blocker = Blocker(None, f"{name!r} holds attention heads beside other channels")
+                for r, leaf in zip(redirected, leaves, strict=True):
+                    spaces.block(r[0] if r is not None else leaf, -1, blocker)
+                leaves = [leaf for r, leaf in zip(redirected, leaves, strict=True) if r is None]
         segments, offset = [], 0
-        for segment in state.segments:
-            for leaf in spaces.leaves(segment.space):
-                length = spaces.data[leaf].size
-                segments.append(_Segment(offset, length, leaf))
-                offset += length
-        state = replace(state, segments=tuple(segments))
+        for leaf in leaves:
+            length = spaces.data[leaf].size
+            segments.append(_Segment(offset, length, leaf))
+            offset += length
+        state = replace(state, segments=tuple(segments), inner=inner)
         self.states[name] = state
         return state
 
@@ -416,17 +509,32 @@ class _Walker:
             member = Member(tensor.name, axis, segment.offset, segment.length)
             self.collect(order, self.spaces.get(segment.space).members, member)
 
-    def opaque(self, tensor: gs.Tensor, order: int, blocker: Blocker) -> None:
+    def opaque(self, tensor: gs.Tensor, order: int, blocker: Blocker) -> int | None:
         """Give `tensor` a space that is blocked from the start (graph inputs, outputs of blockers).
 
         Its channel axis is not known: it is assumed to be 1 (0 for vectors), and rules are told the input is
         opaque (NodeView.opaque_inputs) so that they do not rely on the assumption where it matters."""
         shape = self.shape(tensor)
         if not tensor.name or shape is None or len(shape) == 0:
-            return
+            return None
         axis = 1 if len(shape) >= 2 else 0
         space = self.spaces.new(shape[axis], (order, blocker))
         self.set_state(tensor, order, axis, [_Segment(0, shape[axis], space)])
+        return space
+
+    def mark_normalized(self, tensor: gs.Tensor, order: int, node: gs.Node) -> None:
+        """`node` normalizes over the channels of `tensor`: mark its class, and through the opaque spaces'
+        origins every class blocked on the way to it (the residual stream's projections), as the hidden size."""
+        stack = [segment.space for segment in self.segments(tensor.name)]
+        seen: set[int] = set()
+        while stack:
+            root = self.spaces.find(stack.pop())
+            if root in seen:
+                continue
+            seen.add(root)
+            data = self.spaces.data[root]
+            data.normalized = data.normalized or (order, node.name)
+            stack += data.origins
 
     def block_input(self, tensor: gs.Tensor, order: int, blocker: Blocker) -> None:
         for segment in self.segments(tensor.name):
@@ -483,6 +591,7 @@ class _Walker:
             opset=self.opset,
             input_shapes=tuple(self.shape(t) for t in node.inputs),
             output_shapes=tuple(self.shape(t) for t in node.outputs),
+            tensor_shape=self.shape,
             input_axes=tuple(state.axis if state is not None else None for state in states),
             opaque_inputs={
                 index: self.opaque_origin(state)
@@ -529,14 +638,27 @@ class _Walker:
             decision = self.check_join(node, decision)
         elif isinstance(decision, Partition):
             decision = self.check_partition(node, decision)
+        elif isinstance(decision, SplitHeads):
+            decision = self.check_heads(node, decision)
         if isinstance(decision, Block):
             kind = BlockerKind.GRAPH_OUTPUT if decision.to_output else BlockerKind.OP
             blocker = Blocker(node.name, decision.reason, kind)
             logger.debug("blocker %s (%s): %s", node.name, node.op, decision.reason)
+            if decision.normalizes:
+                self.mark_normalized(node.inputs[0], order, node)
+            out_shape = self.shape(node.outputs[0]) if node.outputs else None
+            origins = [
+                segment.space
+                for tensor in node.inputs
+                if tensor.name and not isinstance(tensor, gs.Constant) and self.shape(tensor) == out_shape
+                for segment in self.segments(tensor.name)
+            ]
             for tensor in node.inputs:
                 self.block_input(tensor, order, blocker)
             for tensor in node.outputs:
-                self.opaque(tensor, order, blocker)
+                space = self.opaque(tensor, order, blocker)
+                if space is not None:
+                    self.spaces.data[space].origins = origins
             return
         if isinstance(decision, Create):
             handled = {decision.sink_input}
@@ -554,6 +676,9 @@ class _Walker:
             self.set_state(node.outputs[0], order, decision.out_axis, segments)
         elif isinstance(decision, Unread):
             handled = {0}  # read, but not its channels; the outputs carry none
+        elif isinstance(decision, SplitHeads):
+            handled = {0}
+            self.split_heads(order, node, view, decision)
         else:
             handled = {0}
             self.partition(order, node, view, decision)
@@ -572,7 +697,7 @@ class _Walker:
         else:
             read = list(range(len(node.inputs)))
         for index in read:
-            state = self.states.get(node.inputs[index].name)
+            state = self.state(node.inputs[index].name)
             if state is not None and state.flattened and not isinstance(decision, Create):
                 return Block(f"{node.op} reads channels flattened into features")
         return decision
@@ -600,6 +725,47 @@ class _Walker:
         if any(s.offset < p < s.offset + s.length for p in positions for s in self.segments(tensor.name)):
             return Block(f"{node.op} cuts a group of channels (modelled as separate groups where the source allows)")
         return decision
+
+    def check_heads(self, node: gs.Node, decision: SplitHeads) -> SplitHeads | Block:
+        """A head split needs the class it reads whole: one segment of every tensor holding it, none
+        flattened, uncut, unblocked and not read whole by a grouped conv."""
+        state = self.state(node.inputs[0].name)
+        assert state is not None
+        if len(state.segments) != 1 or state.flattened:
+            return Block("Reshape splits into heads channels of several groups or flattened channels")
+        data = self.spaces.get(state.segments[0].space)
+        if data.blocker is not None:
+            return Block("Reshape splits into heads channels that cannot be pruned")
+        if data.blocked_if_cut is not None or not data.sourced:
+            return Block("Reshape splits into heads channels that grouped convs or a graph input make")
+        if _as_heads(data, decision.width, decision.heads) is None:
+            return Block("Reshape splits into heads channels whose layers do not hold them on head boundaries")
+        for _, _, member in data.members:
+            held = self.state(member.tensor)
+            if held is None or len(held.segments) != 1 or held.flattened:
+                return Block(f"Reshape splits into heads channels that {member.tensor!r} holds with others")
+        return decision
+
+    def split_heads(self, order: int, node: gs.Node, view: NodeView, decision: SplitHeads) -> None:
+        """The class read becomes a class of heads: a new space takes over its entries with `unit` = width."""
+        spaces, width = self.spaces, decision.width
+        state = self.state(node.inputs[0].name)
+        assert state is not None
+        root = spaces.find(state.segments[0].space)
+        data = spaces.data[root]
+        heads = spaces.new(decision.heads)
+        converted = _as_heads(data, width, decision.heads)
+        assert converted is not None  # check_heads
+        target = spaces.data[heads]
+        target.sourced = data.sourced
+        target.members, target.sources = converted.members, converted.sources
+        target.sinks, target.followers = converted.sinks, converted.followers
+        data.members, data.sources, data.sinks, data.followers = [], [], [], []
+        data.heads = (heads, width)
+        if decision.follower:
+            follower = Follower(node.name, node.op, decision.out_axis, view.out_rank(), 0, decision.heads)
+            self.collect(order, target.followers, follower)
+        self.set_state(node.outputs[0], order, decision.out_axis, [_Segment(0, decision.heads, heads)])
 
     def create(self, order: int, node: gs.Node, decision: Create) -> None:
         spaces = self.spaces
@@ -709,6 +875,7 @@ class _Walker:
                 sinks=sinks,
                 followers=tuple(f for _, _, f in sorted(data.followers, key=_entry_order)),
                 blocked_by=blocker,
+                normalized_by=data.normalized[1] if data.normalized is not None and blocker is not None else None,
             )
             if group.prunable and group.channels // group.blocks <= 1:
                 grouped = next(

@@ -15,6 +15,15 @@ operands, the channel axis of each input) and decides what happens to the channe
   a sequence of segments that each keep their own group.
 * `Partition` — **split**: output i carries channels [start, end) of input 0 (Split, Slice); `follower`
   marks that the rewrite must update the sizes or starts/ends.
+* `SplitHeads` — **heads**: a Reshape that splits the channel axis [.., H·D] into [.., H, D] with the head
+  axis kept whole partitions the channels into H heads of D consecutive channels. The group's channel
+  becomes the head: every member, source and follower seen so far holds a head as D channels, the output
+  carries the H heads on the head axis (D is just another axis there). What follows acts per head:
+  Transpose moves the head axis, Softmax and scale Mul/Div pass it, the attention MatMuls (Q·Kᵀ and
+  softmax·V, both operands computed) treat it as a batch axis and join their operands' heads, and the merge
+  Transpose + Reshape back to [.., H·D] flattens the heads (D features each) into the output projection,
+  the group's sink. The target's head entry is rewritten H → H−k (a constant, or a constant piece of a
+  `Concat` built at run time from `Shape`/`Gather`/`Unsqueeze`); a −1 there needs no rewrite.
 * `Unread` — the node reads input 0 but neither its channels' values nor their count (`Shape` whose
   channel entry nobody uses): nothing flows on, and nothing blocks.
 * `Block` — a **blocker**, with the reason reported by `inspect` and `prune`.
@@ -43,10 +52,14 @@ __all__ = [
     "Block",
     "Concatenate",
     "Partition",
+    "SplitHeads",
     "Unread",
     "Decision",
     "NodeView",
     "merged_channel_axis",
+    "heads_split",
+    "reshape_target",
+    "target_pieces",
     "OpRule",
     "RULES",
     "decide",
@@ -97,6 +110,9 @@ class Block:
 
     reason: str
     to_output: bool = False
+    # it normalizes over the channels (LayerNormalization, its decomposition's ReduceMean): the channels are
+    # a transformer's hidden size, the residual stream, which stays (reports say so plainly)
+    normalizes: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,7 +137,19 @@ class Unread:
     """The node reads input 0 without depending on its channels; its outputs carry none."""
 
 
-Decision = Create | Flow | Concatenate | Partition | Unread | Block
+@dataclass(frozen=True)
+class SplitHeads:
+    """Output 0 splits the channel axis of input 0 into `heads` × `width` on axes `out_axis`, `out_axis` + 1:
+    the group's channels become heads of `width` consecutive channels each, carried on `out_axis`.
+    `follower`: the target names the head count (the rewrite sets it to the heads kept)."""
+
+    out_axis: int
+    heads: int
+    width: int
+    follower: bool = False
+
+
+Decision = Create | Flow | Concatenate | Partition | SplitHeads | Unread | Block
 
 
 @dataclass(frozen=True)
@@ -136,6 +164,8 @@ class NodeView:
     # variable inputs whose channels are not followed (graph inputs, outputs of blocking ops) -> what stopped
     # them: their axis in `input_axes` is only assumed (1), so a rule may not conclude from it that they broadcast
     opaque_inputs: Mapping[int, str] = field(default_factory=dict)
+    # the static shape of any tensor (a Reshape target's pieces), when known
+    tensor_shape: Callable[[gs.Tensor], tuple[int, ...] | None] = field(default=lambda tensor: None)
 
     @property
     def op(self) -> str:
@@ -322,8 +352,53 @@ def _gemm(view: NodeView) -> Decision:
     return Create(out_axis=1, channels=int(features))
 
 
+def _batched_matmul(view: NodeView) -> Decision:
+    """A MatMul of two computed tensors (attention's Q·Kᵀ and softmax·V): the axes before the last two are
+    batch axes, elementwise with numpy broadcasting; channels on one of them flow through and join the
+    other operand's. Channels on a multiplied axis (the last two) are mixed: a block. A follower: its MACs
+    scale with the channels kept (MacModel), and it has no constants to slice."""
+    out_shape = view.output_shapes[0]
+    assert out_shape is not None
+    rank = len(out_shape)
+    with_axis = [i for i in (0, 1) if view.axis(i) is not None]
+    carriers = [i for i in with_axis if i not in view.opaque_inputs] or with_axis
+    if not carriers:
+        return Block("MatMul of two computed tensors that carry no channels")
+    operands: list[int] = []
+    broadcast: list[int] = []
+    axes: set[int] = set()
+    for index in carriers:
+        shape, axis = view.shape(index), view.axis(index)
+        assert axis is not None
+        if len(shape) < 3 or axis >= len(shape) - 2:
+            return Block("MatMul of two computed tensors multiplies along the channel axis")
+        aligned = axis + rank - len(shape)
+        if shape[axis] == out_shape[aligned]:
+            operands.append(index)
+            axes.add(aligned)
+        elif shape[axis] != 1:  # size 1: broadcast (below)
+            return Block(f"operand {index} has {shape[axis]} channels where the output has {out_shape[aligned]}")
+    if len(axes) != 1:
+        return Block("its operands carry channels on different axes" if axes else "no operand carries channels")
+    out_axis = axes.pop()
+    for index in (0, 1):
+        if index in operands:
+            continue
+        shape = view.shape(index)
+        position = out_axis - (rank - len(shape))
+        if position < 0 or shape[position] == 1:
+            broadcast.append(index)
+        elif index in view.opaque_inputs and view.axis(index) == position:
+            operands.append(index)  # joined: what blocked its channels blocks the group
+        else:
+            return Block(f"operand {index} varies along the channel axis but its channels are not followed there")
+    return Flow(tuple(sorted(operands)), out_axis, follower=True, broadcast=tuple(broadcast))
+
+
 def _matmul(view: NodeView) -> Decision:
     weight = view.constant(1)
+    if view.is_variable(0) and view.is_variable(1):
+        return _batched_matmul(view)
     if weight is None or weight.ndim != 2 or not view.is_variable(0):
         return Block("MatMul without a constant 2-D weight as its second input")
     rank = len(view.shape(0))
@@ -353,17 +428,34 @@ def _reduce_axes(view: NodeView) -> list[int] | None:
     return sorted(int(a) % rank for a in axes)
 
 
+def _normalizes_opaque_features(view: NodeView, axes: Sequence[int] | None) -> Block | None:
+    """A LayerNorm (or its decomposition's ReduceMean) over the last axis of a tensor of rank >= 3 whose
+    channels could not be followed: a transformer's residual stream, its hidden size. It blocks, saying so
+    (its axis is only assumed there, so passing it through would be a guess anyway)."""
+    if 0 not in view.opaque_inputs or view.axis(0) is None:
+        return None
+    rank = len(view.shape(0))
+    if rank >= 3 and axes is not None and list(axes) == [rank - 1]:
+        reason = f"{view.op} normalizes over the last axis, but its channels could not be followed ({view.opaque_inputs[0]})"
+        return Block(reason, normalizes=True)
+    return None
+
+
 @_on_channels
 def _reduce(view: NodeView, axis: int) -> Decision:
     if view.has_input(1) and view.constant(1) is None:
         return Block(f"{view.op} over computed axes")
     axes = _reduce_axes(view)
+    if view.op == "ReduceMean" and int(view.attr("keepdims", 1)):
+        blocked = _normalizes_opaque_features(view, axes)
+        if blocked is not None:
+            return blocked
     if axes is None:
         if view.attr("noop_with_empty_axes", 0):
             return Flow((0,), axis)
         return Block(f"{view.op} over all axes mixes the channels")
     if axis in axes:
-        return Block(f"{view.op} over the channel axis mixes the channels")
+        return Block(f"{view.op} over the channel axis mixes the channels", normalizes=view.op == "ReduceMean")
     keepdims = view.attr("keepdims", 1)
     out_axis = axis if keepdims else axis - sum(1 for a in axes if a < axis)
     return Flow((0,), out_axis)
@@ -383,8 +475,12 @@ def _softmax(view: NodeView, axis: int) -> Decision:
 
 @_on_channels
 def _layer_norm(view: NodeView, axis: int) -> Decision:
-    if int(view.attr("axis", -1)) % len(view.shape(0)) <= axis:
-        return Block("LayerNormalization over the channel axis mixes the channels")
+    rank = len(view.shape(0))
+    blocked = _normalizes_opaque_features(view, list(range(int(view.attr("axis", -1)) % rank, rank)))
+    if blocked is not None:
+        return blocked
+    if int(view.attr("axis", -1)) % rank <= axis:
+        return Block("LayerNormalization over the channel axis mixes the channels", normalizes=True)
     return Flow((0,), axis)
 
 
@@ -445,22 +541,97 @@ def merged_channel_axis(in_shape: Sequence[int], axis: int, out_shape: Sequence[
     return None
 
 
+def reshape_target(view: NodeView) -> list[int | None] | None:
+    """The entries of a Reshape's target, one per output axis: an int where it is a constant, None where
+    it is computed at run time (from `Shape`/`Gather`/`Unsqueeze`). The target is a constant or a `Concat`
+    of 1-D pieces whose lengths are known; anything else is None (not understood)."""
+    target = view.constant(1)
+    if target is not None:
+        return [int(v) for v in target.reshape(-1)]
+    pieces = target_pieces(view.node)
+    if pieces is None:
+        return None
+    entries: list[int | None] = []
+    for piece in pieces:
+        if isinstance(piece, gs.Constant):
+            entries += [int(v) for v in np.asarray(piece.values).reshape(-1)]
+            continue
+        shape = view.tensor_shape(piece)
+        if shape is None or len(shape) != 1:
+            return None
+        entries += [None] * shape[0]
+    return entries
+
+
+def target_pieces(reshape: gs.Node) -> list[gs.Tensor] | None:
+    """The inputs of the `Concat` (on axis 0) that builds a Reshape's target at run time, else None."""
+    target = reshape.inputs[1]
+    if isinstance(target, gs.Constant) or len(target.inputs) != 1:
+        return None
+    concat = target.inputs[0]
+    if concat.op != "Concat" or int(concat.attrs.get("axis", 0)) != 0:
+        return None
+    return list(concat.inputs)
+
+
+def heads_split(in_shape: Sequence[int], axis: int, out_shape: Sequence[int]) -> tuple[int, int, int] | None:
+    """Where a row-major reshape splits the last axis, the channels, into the last two (heads, width), the
+    axes before it kept as a block ([.., H·D] → [.., H, D]): (head axis, heads, width), else None. Only the
+    last axis: a split of an NCHW channel axis is a channel shuffle's first half, which blocks."""
+    if axis != len(in_shape) - 1 or len(out_shape) < 2:
+        return None
+    heads, width = int(out_shape[-2]), int(out_shape[-1])
+    before = int(np.prod(in_shape[:axis], dtype=np.int64))
+    if int(np.prod(out_shape[:-2], dtype=np.int64)) != before or heads * width != in_shape[axis] or min(heads, width) < 2:
+        return None
+    return len(out_shape) - 2, heads, width
+
+
+def _split_heads(view: NodeView, axis: int, out_shape: Sequence[int]) -> Decision:
+    """A Reshape that splits the channel axis into (heads, width): a partition into heads, when its target
+    can be rewritten for fewer heads at every batch and sequence length."""
+    split = heads_split(view.shape(0), axis, out_shape)
+    if split is None:
+        return Block("Reshape splits the channel axis")
+    head_axis, heads, width = split
+    entries = reshape_target(view)
+    if entries is None or len(entries) != len(out_shape):
+        return Block("Reshape splits the channel axis into heads with a target computed in a way the rules do not follow")
+    head, columns = entries[head_axis], entries[head_axis + 1]
+    if head is None:
+        return Block("Reshape splits the channel axis into heads whose count is computed at run time")
+    if columns not in (width, -1) or (head, columns) == (-1, -1):
+        return Block(f"Reshape splits the channel axis into heads with target entries {head}, {columns}")
+    if axis < len(entries) and entries[axis] == 0 and int(view.attr("allowzero", 0)) == 0:
+        return Block("Reshape copies the channel count into its output")
+    if head == -1:
+        return SplitHeads(head_axis, heads, width)
+    if head != heads:
+        return Block(f"Reshape splits the channel axis into heads with target entry {head} for {heads} heads")
+    return SplitHeads(head_axis, heads, width, follower=True)
+
+
 @_on_channels
 def _flatten(view: NodeView, axis: int) -> Decision:
-    """Flatten/Reshape: channel c becomes a block of features (NCHW) or every C-th feature (NHWC)."""
-    if view.op == "Reshape" and view.constant(1) is None:
-        return Block("Reshape with a computed shape")
+    """Flatten/Reshape: channel c becomes a block of features (NCHW) or every C-th feature (NHWC); a Reshape
+    that splits the channel axis into (heads, width) partitions it into heads (`_split_heads`)."""
     out_shape = view.output_shapes[0]
     assert out_shape is not None
     merged = merged_channel_axis(view.shape(0), axis, out_shape)
     if merged is None:
-        return Block(f"{view.op} splits the channel axis")
+        return _split_heads(view, axis, out_shape) if view.op == "Reshape" else Block(f"{view.op} splits the channel axis")
     out_axis, outer, inner = merged
     names_channels = False
     if view.op == "Reshape":
-        shape = view.constant(1)
-        assert shape is not None
-        names_channels = out_axis < shape.size and int(shape.reshape(-1)[out_axis]) > 0
+        entries = reshape_target(view)
+        if entries is None or len(entries) != len(out_shape):
+            return Block("Reshape with a computed shape")
+        entry = entries[out_axis]
+        if entry is None:
+            return Block("Reshape computes the channel count at run time")
+        if entry == 0 and int(view.attr("allowzero", 0)) == 0 and (out_axis != axis or outer * inner != 1):
+            return Block("Reshape copies an input dim into the channel axis")
+        names_channels = entry > 0
     return Flow((0,), out_axis, follower=names_channels, outer=outer, inner=inner)
 
 
@@ -666,7 +837,7 @@ RULES: Mapping[str, OpRule] = {
     "Conv": OpRule(Behaviour.SOURCE, _conv, follower=True),  # follower when depthwise
     "ConvTranspose": OpRule(Behaviour.SOURCE, _conv_transpose),
     "Gemm": OpRule(Behaviour.SOURCE, _gemm),
-    "MatMul": OpRule(Behaviour.SOURCE, _matmul),
+    "MatMul": OpRule(Behaviour.SOURCE, _matmul, follower=True),  # follower when batched (attention)
     "LRN": OpRule(Behaviour.BLOCKER, _blocker("LRN mixes neighbouring channels")),
     "Shape": OpRule(Behaviour.TERMINAL, _shape),
     "Size": OpRule(Behaviour.BLOCKER, _blocker("Size reads the channel count")),
@@ -690,7 +861,7 @@ def decide(view: NodeView) -> Decision:
         return blocked
     rule = RULES[node.op]
     decision = rule.decide(view)
-    if isinstance(decision, Flow | Partition) and decision.follower and not rule.follower:
+    if isinstance(decision, Flow | Partition | SplitHeads) and decision.follower and not rule.follower:
         raise AssertionError(f"rules: {node.op} decided follower=True but its table entry says it cannot be one")
     return decision
 

@@ -117,8 +117,11 @@ def output_channel_weights(source: Source, graph: gs.Graph | GraphIndex | ScoreC
 
 
 def _group_rows(source: Source, context: ScoreContext, group: ChannelGroup) -> np.ndarray:
-    """The rows of `source`'s output-channel weights that belong to `group` (a segment after a cut)."""
-    return output_channel_weights(source, context)[source.offset : source.offset + group.channels]
+    """The rows of `source`'s output-channel weights that belong to `group` (a segment after a cut), one per
+    channel: an attention head's `unit` columns of the Q/K/V projection side by side."""
+    weights = output_channel_weights(source, context)
+    rows = weights[source.offset * source.unit : (source.offset + group.channels) * source.unit]
+    return rows.reshape(group.channels, -1)
 
 
 def _node_named(graph: gs.Graph, name: str) -> gs.Node:

@@ -373,6 +373,8 @@ def find_lossless_channels(graph: gs.Graph | GraphIndex, groups: Sequence[Channe
     for group in groups:
         if not group.prunable or group.blocks > 1:  # grouped convs: removals must be balanced, not just dead
             continue
+        if group.width > 1:  # attention heads: a head is D values, not one; not searched for dead channels
+            continue
         values = _GroupValues(index, group)
         values.run()
         at_sinks = [values.at_sink(sink, nodes[sink.node]) for sink in group.sinks]

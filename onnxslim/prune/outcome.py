@@ -7,6 +7,7 @@ Reports read this; nothing here changes the plan.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -105,7 +106,7 @@ def describe_outcome(
     def whole(group: ChannelGroup) -> str:
         if not budget:
             return "no dead or constant channels to remove" if group.id not in lossless else "its lossless channels stay"
-        if round_to > 1:
+        if round_to // math.gcd(round_to, group.width) > 1:  # attention heads: round_to counts their columns
             return f"--round-to {round_to} keeps all its channels (the cut rounds to zero)"
         return "nothing to remove at this budget"
 

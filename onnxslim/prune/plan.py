@@ -17,7 +17,9 @@ Two budgets:
   rounded up simply lets the threshold rise and take more elsewhere.
 
 Every group (a segment, after Concat/Split) keeps at least `min_keep` channels and, with `round_to`, a
-multiple of it (rounded up, capped at the group's size). Channels listed in `forced` (dead channels from
+multiple of it (rounded up, capped at the group's size). `round_to` counts columns: an attention head is
+D columns, so a head group keeps a multiple of round_to / gcd(round_to, D) heads (any count for D = 32 and
+round_to 8: every head count is a multiple of 8 columns). Channels listed in `forced` (dead channels from
 `lossless.py`) go first in either budget. `eligible_groups` applies `--exclude` and
 `--protect-first/--protect-last`. Plans are saved to and loaded from JSON with the model's hash.
 """
@@ -92,6 +94,11 @@ def _kept_count(channels: int, remove: int, round_to: int, min_keep: int, blocks
     return min(channels, -(-per_block // step) * step * blocks)
 
 
+def _round_to(round_to: int, group: ChannelGroup) -> int:
+    """`round_to` in the group's channels: attention heads of D columns each need round_to / gcd(round_to, D)."""
+    return round_to // math.gcd(round_to, group.width)
+
+
 def _order(group: ChannelGroup, scores: Mapping[str, np.ndarray], forced: Collection[int]) -> np.ndarray:
     """Channel indices of `group` from first to go to last: forced ones, then by score, then by index."""
     group_scores = np.asarray(scores[group.id], dtype=np.float64).copy()
@@ -151,7 +158,7 @@ def plan_by_ratio(
             continue
         dead = len(forced.get(group.id, ()))
         wanted = max(math.floor(ratio * group.channels + 1e-9), dead)
-        count = group.channels - _kept_count(group.channels, wanted, round_to, min_keep, group.blocks)
+        count = group.channels - _kept_count(group.channels, wanted, _round_to(round_to, group), min_keep, group.blocks)
         if count > 0:
             orders[group.id] = _order(group, scores, forced.get(group.id, ()))
             removed[group.id] = count
@@ -256,7 +263,7 @@ def plan_by_macs(
         for group in chosen:
             wanted = int(np.searchsorted(keys[group.id], threshold, side="left"))  # keys below the threshold
             wanted = max(wanted, len(forced.get(group.id, ())))
-            removed[group.id] = group.channels - _kept_count(group.channels, wanted, round_to, min_keep, group.blocks)
+            removed[group.id] = group.channels - _kept_count(group.channels, wanted, _round_to(round_to, group), min_keep, group.blocks)
         return removed
 
     total = model.total or 1.0

@@ -25,7 +25,9 @@ the weight is not refit at all, none is. A weight is never split into a copy per
 time-major [T, N, C], a Reshape of it to [T·N, C], or with a batch of one a tensor without a batch axis;
 one probe per model (the first batch run as it is and with sample 0 replaced by another: the entries that
 change are sample 0's) finds each such tensor's sample axis, so every time step is a row and the held-out
-rows are held-out samples.
+rows are held-out samples. Token positions of a text model are rows too, except padding: when the model
+has an input named `RecoverOptions.token_mask` ("attention_mask", [batch, tokens], 0 = padding), a
+Gemm/MatMul over [batch, tokens, features] takes its rows from the tokens only.
 
 The least-squares problem of a node is accumulated as Gram matrices over the calibration batches —
 [AᵀA, Aᵀy] with A the node's input features plus a column of ones (its bias) — so memory is the square of
@@ -100,6 +102,9 @@ class RecoverOptions:
     memory_budget: int = 1 << 30
     seed: int = 0
     sequential: bool = True  # False: inputs from the original model (kept channels), for comparison only
+    # a graph input [batch, tokens] whose zeros mark padding (as tokenizers name it): padded token positions
+    # are not rows of a Gemm/MatMul refit over [batch, tokens, features]; ignored when the model has no such input
+    token_mask: str | None = "attention_mask"
 
     def __post_init__(self) -> None:
         if self.method not in RECOVERY_METHODS:
@@ -212,9 +217,11 @@ class _Layer:
     has_bias_slot: bool = True
 
     def rows(
-        self, x: np.ndarray, y: np.ndarray, kept_out: np.ndarray | None, rng: np.random.Generator, per_sample: int
+        self, x: np.ndarray, y: np.ndarray, kept_out: np.ndarray | None, rng: np.random.Generator, per_sample: int,
+        valid: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Features [rows, G, K], targets [rows, G, O] and the sample index of every row."""
+        """Features [rows, G, K], targets [rows, G, O] and the sample index of every row (`valid`: the token
+        mask [samples, tokens], read by the layers over token features)."""
         raise NotImplementedError
 
     def features(self) -> int:
@@ -300,9 +307,17 @@ class _ModelEditor:
 
 
 def _sample_positions(
-    rng: np.random.Generator, samples: int, total: int, per_sample: int
+    rng: np.random.Generator, samples: int, total: int, per_sample: int, valid: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(sample index, flat position) pairs: `per_sample` distinct positions of each sample (all if fewer)."""
+    """(sample index, flat position) pairs: `per_sample` distinct positions of each sample (all if fewer);
+    with `valid` [samples, total], only among the valid positions (tokens that are not padding)."""
+    if valid is not None:
+        chosen = []
+        for sample in range(samples):
+            where = np.flatnonzero(valid[sample])
+            chosen.append(where if per_sample >= len(where) else np.sort(rng.choice(where, per_sample, replace=False)))
+        counts = [len(c) for c in chosen]
+        return np.repeat(np.arange(samples), counts), np.concatenate(chosen).astype(np.int64)
     if per_sample >= total:
         return np.repeat(np.arange(samples), total), np.tile(np.arange(total), samples)
     positions = np.stack([rng.choice(total, per_sample, replace=False) for _ in range(samples)])
@@ -310,15 +325,19 @@ def _sample_positions(
 
 
 def _feature_rows(
-    x: np.ndarray, y: np.ndarray, kept_out: np.ndarray | None, rng: np.random.Generator, per_sample: int
+    x: np.ndarray, y: np.ndarray, kept_out: np.ndarray | None, rng: np.random.Generator, per_sample: int,
+    valid: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of a layer that reads features on the last axis, from x [N, ..., K] and y [N, ..., O] (samples
-    first): `per_sample` sampled positions (time steps, tokens) of each sample."""
+    first): `per_sample` sampled positions (time steps, tokens) of each sample; with `valid` [N, positions]
+    (the token mask), only positions that are not padding."""
     if kept_out is not None:
         y = y[..., kept_out]
     x3 = x.reshape(x.shape[0], -1, x.shape[-1])
     y3 = y.reshape(y.shape[0], -1, y.shape[-1])
-    samples, positions = _sample_positions(rng, x3.shape[0], x3.shape[1], per_sample)
+    if valid is not None and valid.shape != x3.shape[:2]:
+        valid = None
+    samples, positions = _sample_positions(rng, x3.shape[0], x3.shape[1], per_sample, valid)
     return x3[samples, positions][:, None, :], y3[samples, positions][:, None, :], samples
 
 
@@ -339,7 +358,7 @@ class _Conv(_Layer):
     def features(self) -> int:
         return int(np.prod(self.weight_shape[1:]))
 
-    def rows(self, x, y, kept_out, rng, per_sample):
+    def rows(self, x, y, kept_out, rng, per_sample, valid=None):
         out_shape = y.shape[2:]
         total = int(np.prod(out_shape))
         samples, positions = _sample_positions(rng, x.shape[0], total, per_sample)
@@ -383,8 +402,8 @@ class _Gemm(_Layer):
     def layout(self) -> tuple[object, ...]:
         return ("Gemm", self.trans_b, self.alpha, self.beta)
 
-    def rows(self, x, y, kept_out, rng, per_sample):
-        return _feature_rows(x, y, kept_out, rng, per_sample)
+    def rows(self, x, y, kept_out, rng, per_sample, valid=None):
+        return _feature_rows(x, y, kept_out, rng, per_sample, valid)
 
     def share_from(self, other: _Layer) -> None:
         super().share_from(other)
@@ -448,8 +467,8 @@ class _MatMul(_Layer):
         assert weight is not None
         return int(weight.shape[0])
 
-    def rows(self, x, y, kept_out, rng, per_sample):
-        return _feature_rows(x, y, kept_out, rng, per_sample)
+    def rows(self, x, y, kept_out, rng, per_sample, valid=None):
+        return _feature_rows(x, y, kept_out, rng, per_sample, valid)
 
     def bias_name(self) -> str:
         return self.add.input[self.add_index] if self.add is not None else ""
@@ -508,7 +527,7 @@ class _Recurrent(_Layer):
     def bias_name(self) -> str:
         return self.node.input[3] if len(self.node.input) > 3 else ""
 
-    def rows(self, x, y, kept_out, rng, per_sample):
+    def rows(self, x, y, kept_out, rng, per_sample, valid=None):
         assert self.reference is not None
         features, inputs, samples = _feature_rows(x, y, None, rng, per_sample)  # y: the original's input
         weights, bias = self.reference  # [dirs, I, gates], [dirs, gates]
@@ -943,6 +962,14 @@ def recover_model(
     def feeds() -> Iterator[dict[str, np.ndarray]]:
         return _rebatched(stream(), rows, fixed_batch, [])
 
+    masked = options.token_mask is not None and any(i.name == options.token_mask for i in original.graph.input)
+
+    def token_masks() -> Iterator[np.ndarray | None]:
+        """The token mask of each batch (True: a token, not padding), or None throughout."""
+        if not masked:
+            return itertools.repeat(None)
+        return (np.asarray(batch[str(options.token_mask)]) != 0 for batch in feeds())
+
     runner_original = StagedRunner(
         original, _rebatched(batches(), rows, fixed_batch, sizes, fed_sizes),
         memory_budget=options.memory_budget // 2, protect=targets,
@@ -1004,7 +1031,9 @@ def recover_model(
             check = _Normal(unit.layer.blocks, weights.shape[1], weights.shape[2])
             first = 0
             pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-            for batch, (pairs, size, fed) in enumerate(zip(values, sizes, fed_sizes, strict=True)):
+            batches_of = zip(values, sizes, fed_sizes, token_masks(), strict=False)
+            for batch, (pairs, size, fed, tokens) in enumerate(batches_of):
+                valid = tokens[:size] if tokens is not None and tokens.ndim == 2 else None
                 for layer, (x, y) in zip(gathered, pairs, strict=True):
                     name = layer.node.name
                     if not layer.samples_first:  # samples on axis 0, as rows() expects
@@ -1014,7 +1043,7 @@ def recover_model(
                     if not options.sequential and kept_inputs is not None and name in kept_inputs:
                         # the original's kept input channels (a Conv's axis 1, the last axis of the others)
                         x = np.take(x, kept_inputs[name], axis=1 if layer.samples_first else -1)
-                    features, target, sample = layer.rows(x, y, kept_outputs.get(name), rng, per_sample)
+                    features, target, sample = layer.rows(x, y, kept_outputs.get(name), rng, per_sample, valid)
                     pending.append((features, target, (first + sample) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1))
                 first += size
                 if sum(len(p[0]) for p in pending) >= _CHUNK_ROWS or batch == len(sizes) - 1:

@@ -3,13 +3,15 @@
 Per-op knowledge lives in one table, `REWRITE_HANDLERS`: op type → how to slice that op's constants and
 attributes when channels go from its output (a source), from one of its inputs (a sink), or pass through
 it (a follower: BatchNorm statistics, per-channel Mul/Add constants, depthwise Conv weights and `group`,
-Resize sizes, Split sizes, Slice starts/ends, Reshape shape constants). It is checked against
+Resize sizes, Split sizes, Slice starts/ends, Reshape shape constants, a head split's head count in a
+target built at run time by a `Concat`). It is checked against
 `rules.RULES` once at import, with every other per-op table (optables.py). A constant read by several nodes is copied for the node being sliced, never
 sliced in place under the others.
 
 A node may hold several groups in one tensor (a Conv reading a Concat, a Split cutting its producer into
 independent groups): the removals of every group are gathered first, in that node's own channel
-numbering (segment offset + channel; for a Flatten/Reshape → Gemm sink, every feature of the channel),
+numbering (segment offset + channel; for a Flatten/Reshape → Gemm sink, every feature of the channel; for
+an attention head, its `unit` = D columns of the Q/K/V projections and their biases),
 and each handler runs once per node and role.
 
 After slicing, stale shape information is dropped, shapes are re-inferred (symbolic dims kept), and the
@@ -28,6 +30,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim.analysis.groups import ChannelGroup
+from onnxslim.analysis.rules import target_pieces
 from onnxslim.errors import ValidationError
 from onnxslim.graph import export_model
 from onnxslim.io import validate
@@ -52,12 +55,26 @@ class _Slicer:
     """Slices constant inputs of nodes; copies a constant when other nodes read it too (one copy per way it is
     sliced, shared by the readers that slice it alike)."""
 
-    def __init__(self, opset: int) -> None:
+    def __init__(self, opset: int, graph: gs.Graph) -> None:
         self.opset = opset
+        self.graph = graph
         self._names = itertools.count()
         # a constant several nodes read, sliced the same way for each (an unrolled LSTM's recurrent weight read
         # by every step): one sliced copy they all share, not one per reader
         self._sliced: dict[tuple[str, int, bytes], gs.Constant] = {}
+
+    def own_producer(self, node: gs.Node, index: int) -> gs.Node:
+        """The producer of variable input `index` of `node`, copied for `node` when other nodes read its output."""
+        tensor = node.inputs[index]
+        producer = tensor.inputs[0]
+        if len(tensor.outputs) == 1:
+            return producer
+        output = gs.Variable(f"{tensor.name}_pruned_{next(self._names)}", dtype=tensor.dtype, shape=tensor.shape)
+        copy = gs.Node(producer.op, f"{producer.name}_pruned_{next(self._names)}", dict(producer.attrs),
+                       list(producer.inputs), [output], domain=producer.domain)
+        self.graph.nodes.append(copy)
+        node.inputs[index] = output
+        return copy
 
     def set_constant(self, node: gs.Node, index: int, values: np.ndarray) -> None:
         """Replace constant input `index` of `node` (copied if other nodes read it too)."""
@@ -192,12 +209,64 @@ def prune_resize_sizes(slicer: _Slicer, resize: gs.Node, axis: int, kept: Kept, 
 
 
 def prune_reshape_shape(slicer: _Slicer, reshape: gs.Node, axis: int, kept: Kept, channels: int, rank: int) -> None:
-    """A Reshape shape constant that names the channel count (times H·W when flattening): scale it down."""
-    shape = np.asarray(reshape.inputs[1].values).copy()
-    if shape[axis] % channels:
-        raise ValidationError(f"Reshape {reshape.name!r}: shape {shape.tolist()} does not hold {channels} channels")
-    shape[axis] = shape[axis] // channels * len(kept)
-    slicer.set_constant(reshape, 1, shape)
+    """A Reshape target entry that names the channel count (times H·W when flattening; the head count of a
+    head split): scale it down. The target is a constant, or a `Concat` built at run time whose piece holding
+    the entry is a constant (the Concat is copied when other nodes read it too); −1 and 0 entries stay."""
+
+    def scaled(values: np.ndarray, at: int) -> np.ndarray:
+        values = values.copy()
+        if values[at] <= 0:
+            return values
+        if values[at] % channels:
+            raise ValidationError(f"Reshape {reshape.name!r}: target {values.tolist()} does not hold {channels} channels")
+        values[at] = values[at] // channels * len(kept)
+        return values
+
+    if isinstance(reshape.inputs[1], gs.Constant):
+        slicer.set_constant(reshape, 1, scaled(np.asarray(reshape.inputs[1].values), axis))
+        return
+    if target_pieces(reshape) is None:
+        raise ValidationError(f"Reshape {reshape.name!r}: its target is neither a constant nor a Concat")
+    concat = slicer.own_producer(reshape, 1)
+    lengths = [_piece_length(piece) for piece in concat.inputs]
+    # where each piece starts: counted from the front up to the first piece of unknown length, from the back
+    # (the target has `rank` entries) after the last one
+    starts: list[int | None] = [None] * len(lengths)
+    position: int | None = 0
+    for index, length in enumerate(lengths):
+        starts[index] = position
+        position = position + length if position is not None and length is not None else None
+    position = rank
+    for index in reversed(range(len(lengths))):
+        length = lengths[index]
+        if position is None or length is None:
+            break
+        position -= length
+        starts[index] = position
+    for index, (piece, start, length) in enumerate(zip(concat.inputs, starts, lengths, strict=True)):
+        if start is not None and length is not None and start <= axis < start + length:
+            if not isinstance(piece, gs.Constant):
+                raise ValidationError(f"Reshape {reshape.name!r}: its target computes the channel count")
+            slicer.set_constant(concat, index, scaled(np.asarray(piece.values).reshape(-1), axis - start))
+            return
+    raise ValidationError(f"Reshape {reshape.name!r}: no constant piece of its target holds entry {axis}")
+
+
+def _piece_length(piece: gs.Tensor) -> int | None:
+    """The length of a 1-D piece of a Concat: a constant's size, a Variable's static shape, an Unsqueeze of
+    a scalar 1."""
+    if isinstance(piece, gs.Constant):
+        return int(np.asarray(piece.values).size)
+    if piece.shape is not None and len(piece.shape) == 1 and isinstance(piece.shape[0], int):
+        return int(piece.shape[0])
+    producer = piece.inputs[0] if len(piece.inputs) == 1 else None
+    if producer is not None and producer.op == "Unsqueeze" and producer.inputs[0].shape == []:
+        return 1
+    return None
+
+
+def prune_nothing(slicer: _Slicer, node: gs.Node, axis: int, kept: Kept, channels: int, rank: int) -> None:
+    """A follower with nothing to slice (a MatMul of two computed tensors: attention's per-head products)."""
 
 
 def _kept_in(kept: Kept, start: int, end: int) -> int:
@@ -269,7 +338,7 @@ REWRITE_HANDLERS: Mapping[str, RewriteHandler] = {
     ),
     "ConvTranspose": RewriteHandler(prune_conv_transpose_out_channels, prune_conv_transpose_in_channels),
     "Gemm": RewriteHandler(prune_gemm_out_features, prune_gemm_in_features),
-    "MatMul": RewriteHandler(prune_matmul_out_features, prune_matmul_in_features),
+    "MatMul": RewriteHandler(prune_matmul_out_features, prune_matmul_in_features, prune_nothing),
     "BatchNormalization": RewriteHandler(prune_follower=_ignoring_rank(_slice_inputs_on_axis0(1, 2, 3, 4))),
     "InstanceNormalization": RewriteHandler(prune_follower=_ignoring_rank(_slice_inputs_on_axis0(1, 2))),
     "Resize": RewriteHandler(prune_follower=_ignoring_rank(prune_resize_sizes)),
@@ -303,10 +372,11 @@ def _collect_removals(groups: Sequence[ChannelGroup], plan: PrunePlan) -> dict[t
     removals: dict[tuple[str, str, int], _Removal] = {}
 
     def add(
-        key: tuple[str, str, int], op_type: str, offset: int, extent: int | None, axis: int, rank: int, group: ChannelGroup
+        key: tuple[str, str, int], op_type: str, offset: int, extent: int | None, axis: int, rank: int,
+        group: ChannelGroup, unit: int = 1,
     ) -> None:
-        removal = removals.setdefault(key, _Removal(op_type, extent or group.channels, axis, rank, set()))
-        removal.removed.update(offset + c for c in plan.removed(group))
+        removal = removals.setdefault(key, _Removal(op_type, (extent or group.channels) * unit, axis, rank, set()))
+        removal.removed.update((offset + c) * unit + j for c in plan.removed(group) for j in range(unit))
 
     for group in groups:
         if not plan.changes(group):
@@ -315,7 +385,8 @@ def _collect_removals(groups: Sequence[ChannelGroup], plan: PrunePlan) -> dict[t
             raise ValidationError(f"the plan prunes group {group.id!r}, which is blocked: {group.blocked_by}")
         logger.debug("group %s: keeping %d of %d channels", group.id, len(plan.kept[group.id]), group.channels)
         for source in group.sources:
-            add(("output", source.node, source.axis), source.op_type, source.offset, source.extent, source.axis, 0, group)
+            add(("output", source.node, source.axis), source.op_type, source.offset, source.extent, source.axis, 0, group,
+                source.unit)
         for sink in group.sinks:
             key = ("input", sink.node, sink.input_index)
             if sink.outer * sink.inner == 1:
@@ -329,7 +400,7 @@ def _collect_removals(groups: Sequence[ChannelGroup], plan: PrunePlan) -> dict[t
                     features.removed.update(range(first, first + sink.inner))
         for follower in group.followers:
             key = ("follower", follower.node, follower.axis)
-            add(key, follower.op_type, follower.offset, follower.extent, follower.axis, follower.rank, group)
+            add(key, follower.op_type, follower.offset, follower.extent, follower.axis, follower.rank, group, follower.unit)
     return removals
 
 
@@ -366,7 +437,7 @@ def apply_plan_to_graph(
     """`apply_plan` on a graph already imported from `template` (the pipeline's analysis graph, so the model
     is imported once per prune). The graph is edited in place; the pruned model keeps `template`'s metadata."""
     nodes = {node.name: node for node in graph.nodes}
-    slicer = _Slicer(int(graph.opset or onnx.defs.onnx_opset_version()))
+    slicer = _Slicer(int(graph.opset or onnx.defs.onnx_opset_version()), graph)
     for (role, name, where), removal in _collect_removals(groups, plan).items():
         handler, node, kept = REWRITE_HANDLERS[removal.op_type], nodes[name], removal.kept()
         if role == "output":
@@ -386,10 +457,17 @@ def apply_plan_to_graph(
     pruned = export_model(graph, template)
     del pruned.graph.value_info[:]
     try:
-        return onnx.shape_inference.infer_shapes(pruned, check_type=False, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(pruned, check_type=False, strict_mode=False)
     except Exception as e:  # noqa: BLE001 - onnx raises several types; value_info is optional
         logger.debug("shape inference of the pruned model failed (%s); saving it without value_info", e)
         return pruned
+    # inference may replace a symbolic output dim by the value it infers ('Div..._dim_1' → 384 on a torch
+    # export): the outputs as declared are the model's contract, kept as the template declares them
+    declared = {value.name: value for value in template.graph.output}
+    for value in inferred.graph.output:
+        if value.name in declared:
+            value.CopyFrom(declared[value.name])
+    return inferred
 
 
 def rewrite_model(

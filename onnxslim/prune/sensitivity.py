@@ -40,6 +40,7 @@ from onnxslim.prune.plan import (
     _kept_count,
     _order,
     _plan_from_counts,
+    _round_to,
     plan_by_ratio,
 )
 from onnxslim.prune.recover import RecoverOptions, recover_model
@@ -181,7 +182,7 @@ def allocate(
     for group in chosen:
         most = max(p.removed for p in curve[group.id].points) if curve[group.id].points else 0
         counts = sorted({
-            group.channels - _kept_count(group.channels, remove, round_to, min_keep, group.blocks)
+            group.channels - _kept_count(group.channels, remove, _round_to(round_to, group), min_keep, group.blocks)
             for remove in range(group.channels + 1)
         })
         base = len(forced.get(group.id, ()))

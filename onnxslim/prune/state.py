@@ -51,6 +51,7 @@ class BlockedGroup:
     group: str
     node: str | None
     reason: str
+    normalized_by: str | None = None  # a transformer's hidden size: the LayerNorm over it (it stays)
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,7 @@ class PruneResult:
     @property
     def blocked(self) -> tuple[BlockedGroup, ...]:
         return tuple(
-            BlockedGroup(group.id, group.blocked_by.node, group.blocked_by.reason)
+            BlockedGroup(group.id, group.blocked_by.node, group.blocked_by.reason, group.normalized_by)
             for group in self.groups
             if group.blocked_by is not None
         )

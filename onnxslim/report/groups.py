@@ -8,7 +8,7 @@ from typing import Any
 from onnxslim.analysis.groups import ChannelGroup
 from onnxslim.report.format import format_table, to_jsonable
 
-__all__ = ["root_cause", "render_groups", "groups_json"]
+__all__ = ["root_cause", "hidden_size_note", "render_groups", "groups_json"]
 
 
 _FOLLOWED = ", but its channels could not be followed ("
@@ -25,9 +25,16 @@ def root_cause(node: str | None, reason: str, *, verbose: bool = False) -> tuple
         depth += 1
     return node, reason + (f" (through {depth} joins; --verbose for the chain)" if depth else "")
 
+def hidden_size_note(normalized_by: str) -> str:
+    """What a blocked group normalized by a LayerNorm is, said plainly."""
+    return f"hidden size: the residual stream through {normalized_by} stays (--verbose: what blocks it first)"
+
+
 def _group_status(group: ChannelGroup, *, verbose: bool = False) -> str:
     if group.blocked_by is None:
         return "prunable"
+    if group.normalized_by is not None and not verbose:
+        return hidden_size_note(group.normalized_by)
     node, reason = root_cause(group.blocked_by.node, group.blocked_by.reason, verbose=verbose)
     where = f" at {node}" if node else ""
     return f"blocked{where}: {reason}"
@@ -69,6 +76,9 @@ def groups_json(groups: Sequence[ChannelGroup]) -> list[dict[str, Any]]:
             "sinks": [s.node for s in group.sinks],
             "prunable": group.prunable,
             "blocked_by": to_jsonable(group.blocked_by),
+            "normalized_by": group.normalized_by,  # a transformer's hidden size (the residual stream): it stays
+            "heads": group.width > 1,  # attention heads: a channel is a head of `width` columns
+            "width": group.width,
         }
         for group in groups
     ]

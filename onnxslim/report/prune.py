@@ -14,7 +14,7 @@ from onnxslim.report.format import (
     format_table,
     to_jsonable,
 )
-from onnxslim.report.groups import root_cause
+from onnxslim.report.groups import hidden_size_note, root_cause
 from onnxslim.report.sensitivity import sensitivity_json
 
 __all__ = ["render_prune", "plan_record", "prune_json"]
@@ -70,6 +70,8 @@ def render_prune(result: PruneResult, output: str | None = None, *, verbose: boo
         blocked_rows = []
         for b in result.blocked:
             node, reason = root_cause(b.node, b.reason, verbose=verbose)
+            if b.normalized_by is not None and not verbose:
+                node, reason = b.normalized_by, hidden_size_note(b.normalized_by)
             blocked_rows.append((b.group, node or "-", reason))
         lines += ["", "blocked groups", format_table(["group", "node", "reason"], blocked_rows)]
     if result.sensitivity is not None:
