@@ -402,3 +402,35 @@ def test_padded_token_positions_are_no_rows_of_a_refit() -> None:
     assert all(any((row == token).all() for token in x[0, :3]) for row in few[:2, 0])
     every, _, _ = _feature_rows(x, y, None, np.random.default_rng(0), 8)
     assert len(every) == 10
+
+
+def test_a_projection_joining_the_residual_stream_is_aimed_at_the_sum() -> None:
+    """FFN neurons of an encoder's first layer pruned: the error they leave rides the residual stream, which
+    no layer on it can refit. Aimed at its own output, each later projection only reproduces its own part;
+    aimed at the original's residual sum (less the skip path as pruned), the output and FFN down-projections
+    make up for the stream's error too, and the pruned model comes closer to the original on fresh data."""
+    from builders import transformer_encoder
+
+    model = transformer_encoder(tokens=8, dim=16, heads=4, ffn=32, layers=2, seed=21)
+    name = model.graph.input[0].name
+    constants = {i.name for i in model.graph.initializer}
+    linear = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in constants]
+    # per layer: Q, K, V, output projection, FFN up, FFN down; keep 8 of layer 0's 32 FFN neurons
+    normalized, groups, plan, pruned = _pruned(model, {linear[4]: tuple(range(0, 32, 4))})
+    rng = np.random.default_rng(0)
+    feeds = [{name: rng.standard_normal((16, 8, 16)).astype(np.float32)} for _ in range(8)]
+    test = {name: np.random.default_rng(9).standard_normal((64, 8, 16)).astype(np.float32)}
+    want = run_model(normalized, test)[0]
+    errors, reports = {}, {}
+    for through in (False, True):
+        recovered, reports[through] = recover_model(
+            normalized, pruned, linear[5:], kept_output_channels(groups, plan), feeds, RecoverOptions(through_skips=through)
+        )
+        onnx.checker.check_model(recovered)
+        down = next(n for n in recovered.graph.node if n.name == linear[5])
+        assert [list(t.dims) for t in recovered.graph.initializer if t.name == down.input[1]] == [[8, 16]]
+        errors[through] = float(np.mean((run_model(recovered, test)[0] - want) ** 2))
+    aimed = {r.node for r in reports[True].nodes if "residual sum" in r.note}
+    assert {linear[5], linear[11]} <= aimed and not any("residual sum" in r.note for r in reports[False].nodes)
+    assert linear[6] not in aimed  # Q reads the stream; its output joins none
+    assert errors[True] < 0.9 * errors[False], errors

@@ -7,7 +7,10 @@ node*. Refit nodes are visited in topological order. For each, its input is take
 pruned and refit so far* and its target is the *original* model's output at that node (the kept output
 channels of it; past the bias Add of a MatMul; for a recurrent op, the original's W x + Wb computed from
 the original's input): sequential refits, measured to beat refits from the original's inputs
-(docs/ARCHITECTURE.md, "Recovery"). Activations are passed forward range by range
+(docs/ARCHITECTURE.md, "Recovery"). A Gemm/MatMul whose output (past its bias Add) joins a skip path at a
+residual Add is aimed at the original's sum instead, less the skip path as pruned and refit so far: the
+residual stream of a transformer has no layer of its own to refit, so the error it carries from upstream is
+made up for by the projections that write into it (`RecoverOptions.through_skips`). Activations are passed forward range by range
 (`activations.StagedRunner`), so the whole model is run about once per model, not once per layer. Where the
 staged runner cannot go on (its limit: a sequence kept between ranges, a range onnxruntime refuses alone),
 each remaining layer's input and target come from runs of the whole model instead — slower, the same
@@ -89,6 +92,7 @@ UNCHANGED = 1e-6  # a layer whose relative error before recovery is below this i
 _CHUNK_ROWS = 4096  # sampled rows gathered across batches before they are added to the Gram matrices
 _REBATCH_ROWS = 32  # with a free batch dim, calibration samples run through the stages 32 at a time
 _PROBE_SAMPLES = 4  # with a free batch dim, where the samples lie is probed on the first 4
+_RIDGE_FACTORS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)  # lsq tries these multiples of the ridge and keeps the best on held-out samples
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,9 @@ class RecoverOptions:
     # a graph input [batch, tokens] whose zeros mark padding (as tokenizers name it): padded token positions
     # are not rows of a Gemm/MatMul refit over [batch, tokens, features]; ignored when the model has no such input
     token_mask: str | None = "attention_mask"
+    # a Gemm/MatMul whose output joins a skip path at a residual Add is aimed at the sum (the original's),
+    # so it makes up for the error the skip path carries from upstream too; False: at its own output
+    through_skips: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in RECOVERY_METHODS:
@@ -246,6 +253,21 @@ class _Layer:
 
     def aim(self, original: _ModelEditor) -> None:
         """Read what the targets need from the original model (a layer whose target is computed)."""
+
+    def skip_join(self) -> tuple[onnx.NodeProto, str] | None:
+        """The residual Add that alone reads this layer's target, and its other operand (the skip path, a
+        computed tensor), or None. Recovery then aims at the sum: the skip path carries the upstream error
+        that no layer on it can refit (a transformer's residual stream has none), and only the layer whose
+        output joins it can make up for it."""
+        output = self.target_node().output[0]
+        readers = self.model.index.consumers(output)
+        if len(readers) != 1 or readers[0].op_type != "Add" or output in self.model.outputs:
+            return None
+        join = readers[0]
+        skip = join.input[1] if join.input[0] == output else join.input[0]
+        if skip == output or self.model.constant(skip) is not None:
+            return None
+        return join, skip
 
     def bias_name(self) -> str:
         """The constant holding the bias ("" when there is none)."""
@@ -513,6 +535,9 @@ class _Recurrent(_Layer):
 
     def target_tensor(self, original: onnx.NodeProto) -> str:
         return original.input[0]  # the gates' input projection is computed from the original's input
+
+    def skip_join(self) -> tuple[onnx.NodeProto, str] | None:
+        return None  # the target is the gates' projection, which no Add reads
 
     def aim(self, original: _ModelEditor) -> None:
         aimed = refit_layer(original.index.nodes[self.node.name], original)
@@ -948,6 +973,10 @@ def recover_model(
     }
     units = _refit_units(layers, ProtoIndex(original.graph), kept_outputs)
     target_of = {name: layer.target_tensor(original_nodes[layer.target_node().name]) for name, layer in layers.items()}
+    aim_of = {name: layer.target_node().name for name, layer in layers.items()}  # the original's node making the target
+    skip_of = _skip_paths(units, recovered, original_nodes, options) if options.sequential else {}
+    for name, (join, _) in skip_of.items():
+        target_of[name], aim_of[name] = original_nodes[join].output[0], join
     reference = _ModelEditor(original)
     for layer in layers.values():
         layer.aim(reference)
@@ -984,7 +1013,8 @@ def recover_model(
     try:
         # where each batch's samples lie in the tensors of the layers that do not read NCHW ([T, N, C], …)
         probed = sorted({name for layer in layers.values() if not layer.samples_first
-                         for name in (original_nodes[layer.node.name].input[0], target_of[layer.node.name])})
+                         for name in (original_nodes[layer.node.name].input[0], target_of[layer.node.name])}
+                        | {skip for _, skip in skip_of.values()})
         axes: dict[str, _SampleAxis] = {}
         if probed and sizes:
             probe, size = next(feeds()), sizes[0]
@@ -998,7 +1028,7 @@ def recover_model(
             if not staged_limit:
                 try:
                     runner_pruned.run_to(runner_pruned.position_of(names[0]))
-                    runner_original.run_to(max(runner_original.position_of(layer.target_node().name) for layer in gathered) + 1)
+                    runner_original.run_to(max(runner_original.position_of(aim_of[layer.node.name]) for layer in gathered) + 1)
                 except StagedRunError as e:
                     staged_limit = first_line(e)
                     logger.warning(
@@ -1023,6 +1053,13 @@ def recover_model(
                     else ([runner_original.get(b, name) for name in y_names] for b in range(len(sizes)))
                 )
                 values = (list(zip(x, y, strict=True)) for x, y in zip(xs, ys, strict=True))
+            # the skip path's value in the model as refit so far, for a layer aimed at a residual sum
+            skip = skip_of[names[0]][1] if len(names) == 1 and names[0] in skip_of else ""
+            skips: Iterable[np.ndarray | None] = (
+                itertools.repeat(None) if not skip
+                else (runner_pruned.get(b, skip) for b in range(len(sizes))) if not staged_limit
+                else (value[0] for value in _whole_model_values(recovered, [skip], feeds(), "pruned"))
+            )
             weights, bias = unit.layer.get()
             per_sample = max(4, math.ceil(
                 options.positions_per_weight * (unit.layer.features() + 1) / (train_samples * len(names))
@@ -1031,8 +1068,8 @@ def recover_model(
             check = _Normal(unit.layer.blocks, weights.shape[1], weights.shape[2])
             first = 0
             pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-            batches_of = zip(values, sizes, fed_sizes, token_masks(), strict=False)
-            for batch, (pairs, size, fed, tokens) in enumerate(batches_of):
+            batches_of = zip(values, sizes, fed_sizes, token_masks(), skips, strict=False)
+            for batch, (pairs, size, fed, tokens, skip_value) in enumerate(batches_of):
                 valid = tokens[:size] if tokens is not None and tokens.ndim == 2 else None
                 for layer, (x, y) in zip(gathered, pairs, strict=True):
                     name = layer.node.name
@@ -1040,6 +1077,9 @@ def recover_model(
                         x = axes.get(original_nodes[name].input[0], _SampleAxis()).samples_first(np.asarray(x), fed)
                         y = axes.get(target_of[name], _SampleAxis()).samples_first(np.asarray(y), fed)
                     x, y = np.asarray(x)[:size], np.asarray(y)[:size]
+                    if skip_value is not None:  # the sum's target less what the skip path brings
+                        skip_value = axes.get(skip, _SampleAxis()).samples_first(np.asarray(skip_value), fed)[:size]
+                        y = _less_skip(y, skip_value, kept_outputs.get(name), name)
                     if not options.sequential and kept_inputs is not None and name in kept_inputs:
                         # the original's kept input channels (a Conv's axis 1, the last axis of the others)
                         x = np.take(x, kept_inputs[name], axis=1 if layer.samples_first else -1)
@@ -1052,6 +1092,9 @@ def recover_model(
                     check.add(features[held], target[held])
                     pending = []
             result = _refit(unit, fit, check if check.rows else fit, weights, bias, options)
+            if skip:
+                note = f"aimed at the residual sum {skip_of[names[0]][0]} (errors: of the sum)"
+                result = dataclasses.replace(result, note="; ".join(filter(None, [result.note, note])))
             if staged_limit:
                 note = f"input and target from whole-model runs (the staged runner's limit: {staged_limit})"
                 result = dataclasses.replace(result, note="; ".join(filter(None, [result.note, note])))
@@ -1072,13 +1115,53 @@ def recover_model(
     return recovered, report
 
 
+def _skip_paths(
+    units: Sequence[_Unit], model: onnx.ModelProto, original_nodes: Mapping[str, onnx.NodeProto],
+    options: RecoverOptions,
+) -> dict[str, tuple[str, str]]:
+    """Layer → (its residual Add, the skip operand) for the Gemm/MatMul refit alone whose target joins a
+    skip path computed before the layer (`_Layer.skip_join`): those are aimed at the original's sum."""
+    if not options.through_skips:
+        return {}
+    position = {node.name: index for index, node in enumerate(model.graph.node)}  # ONNX lists nodes in order
+    producer = {output: node.name for node in model.graph.node for output in node.output}
+    fed = {value.name for value in model.graph.input}
+    found = {}
+    for unit in units:
+        layer = unit.layer
+        if len(unit.layers) != 1 or unit.alone or layer.samples_first or not isinstance(layer, (_Gemm, _MatMul)):
+            continue
+        joined = layer.skip_join()
+        if joined is None or joined[0].name not in original_nodes:
+            continue
+        join, skip = joined
+        made_by = producer.get(skip)
+        if made_by is None and skip not in fed or made_by is not None and position[made_by] >= position[layer.node.name]:
+            continue  # the skip path is not there yet when the layer's input is
+        found[layer.node.name] = (join.name, skip)
+    return found
+
+
+def _less_skip(target: np.ndarray, skip: np.ndarray, kept_out: np.ndarray | None, name: str) -> np.ndarray:
+    """A residual sum's target [N, ..., O] less the skip path's value [N, ..., O kept] in its kept channels."""
+    kept = slice(None) if kept_out is None else np.asarray(kept_out)
+    part = target[..., kept]
+    if part.shape != skip.shape:
+        raise ValidationError(f"recovery: the residual Add after {name} joins {skip.shape} to {part.shape}")
+    target = np.array(target, dtype=np.float64, copy=True)
+    target[..., kept] -= skip
+    return target
+
+
 def _refit(
     unit: _Unit, fit: _Normal, check: _Normal, weights: np.ndarray, bias: np.ndarray, options: RecoverOptions
 ) -> NodeRecovery:
     """Choose and write the node's new weights by held-out error (module docstring): the method asked for,
-    unless leaving the layer (or moving the mean into its bias) does better on the held-out samples. An lsq
-    refit that loses is tried again with 10× and 100× the ridge before it falls back (deep layers that see
-    few positions per sample overfit)."""
+    unless leaving the layer (or moving the mean into its bias) does better on the held-out samples. lsq is
+    solved with each of `_RIDGE_FACTORS` times the ridge and the one best on the held-out samples is kept: a layer with
+    few rows per weight (MiniLM's FFN down-projections: every token of 160 sentences, 1.6 rows per weight)
+    overfits at 1× even where 1× already beats the fallback, so stopping at the first that beats it kept a
+    worse refit."""
     layer = unit.layer
     intercept = layer.has_bias_slot
     candidates: dict[str, tuple[np.ndarray, np.ndarray]] = {"none": (weights, bias)}
@@ -1106,14 +1189,12 @@ def _refit(
         return NodeRecovery(node.name, node.op_type, "none", "none", errors["none"], errors["none"], note)
     ridge = options.ridge
     fallback = min((m for m in ("none", "bias") if m in errors), key=lambda m: errors[m])
-    if options.method == "lsq":
-        for factor in (1.0, 10.0, 100.0) if options.ridge > 0 else (1.0,):
+    if options.method == "lsq":  # the ridge that does best on the held-out samples, not the first that beats the fallback
+        for factor in _RIDGE_FACTORS if options.ridge > 0 else (1.0,):
             trial = _solve_lsq(fit, weights, options.ridge * factor, intercept)
             trial_error = error(trial)
             if "lsq" not in errors or trial_error < errors["lsq"]:
                 candidates["lsq"], errors["lsq"], ridge = trial, trial_error, options.ridge * factor
-            if errors["lsq"] <= errors[fallback]:
-                break
     requested = options.method
     method, note = requested, ""
     if requested not in candidates:
