@@ -92,6 +92,13 @@ class Fidelity:
     strings_unchanged: float | None = None  # sequence outputs: share of samples whose decoded string is unchanged
     strings_changed: int | None = None  # ... and how many samples' strings changed
     time_axis: int | None = None
+    classes_picked: int | None = None  # on a class axis: how many classes fp32's top-1 picks on the data
+
+    @property
+    def one_class_only(self) -> bool:
+        """fp32 picks the same class on every sample judged (a binary NSFW score on safe images): top-1
+        agreement then tells nothing, so `closeness` reads every class's cosine instead."""
+        return self.classes_picked is not None and self.classes_picked < 2 and self.time_axis is None
 
     @property
     def reads_strings(self) -> bool:
@@ -101,7 +108,8 @@ class Fidelity:
     @property
     def decides_classes(self) -> bool:
         """The channels are classes (a Softmax's or a classifier's axis) and top-1 agreement was measured."""
-        return self.class_axis is not None and self.class_axis == self.channel_axis and self.top1_agreement is not None
+        return (self.class_axis is not None and self.class_axis == self.channel_axis and self.top1_agreement is not None
+                and not self.one_class_only)
 
     @property
     def closeness(self) -> float:
@@ -333,9 +341,10 @@ class FidelityMeter:
             return None, None, None
         assert self._channel_ref is not None and self._channel_cand is not None and self._channel_noise is not None
         scored = self._channel_ref > _NEGLIGIBLE_CHANNEL * max(float(np.max(self._channel_ref)), 0.0)
-        if self._decided is not None and len(self._decided) == len(scored):
+        if self._decided is not None and len(self._decided) == len(scored) and int(self._decided.sum()) >= 2:
             # classes: only those fp32 picks somewhere. A CTC head's 6,625 characters are mostly ~0
-            # probabilities that int8 rounds to 0 (cosine 0) without changing any decision.
+            # probabilities that int8 rounds to 0 (cosine 0) without changing any decision. Not when fp32
+            # picks one class only: then every class is scored (`Fidelity.one_class_only`)
             scored &= self._decided
         if not scored.any():
             return None, None, None
@@ -379,6 +388,7 @@ class FidelityMeter:
             strings_unchanged=1.0 - self._strings_changed / self._samples if strings else None,
             strings_changed=self._strings_changed if strings else None,
             time_axis=layout.time_axis if strings else None,
+            classes_picked=None if self._decided is None else int(self._decided.sum()),
         )
 
 
@@ -642,7 +652,8 @@ def output_layout(model: onnx.ModelProto, output: str, shape: Sequence[int], bat
         class_axis = _axis_through(axis, path)
         if class_axis is not None and (class_axis == batch_axis or class_axis >= rank or shape[class_axis] < 2):
             class_axis = None
-    elif op_type not in _NO_CLASSES and is_classifier_output(shape, batch_axis):
+    elif (op_type not in _NO_CLASSES and is_classifier_output(shape, batch_axis)
+          and not _beside_a_softmax_output(model, output)):
         class_axis = next(axis for axis, d in enumerate(shape) if axis != batch_axis and d > 1)
     else:
         class_axis = _sequence_logits_axis(model, head, shape, batch_axis)
@@ -658,6 +669,17 @@ def output_layout(model: onnx.ModelProto, output: str, shape: Sequence[int], bat
     if channel_axis is not None and (channel_axis == batch_axis or channel_axis >= rank):
         channel_axis = None
     return OutputLayout(batch_axis, class_axis, channel_axis, time_axis)
+
+
+def _beside_a_softmax_output(model: onnx.ModelProto, output: str) -> bool:
+    """Another graph output ends in a Softmax/LogSoftmax: the model's classes are there, and this output,
+    with none, is a regression (MTCNN's box and landmark heads beside its face score): no class axis."""
+    for other in model.graph.output:
+        if other.name != output:
+            head, _ = _head(model, other.name)
+            if head is not None and head.op_type in _SOFTMAX and head.input[0] != output:  # not Softmax(this)
+                return True
+    return False
 
 
 def _default_opset(model: onnx.ModelProto) -> int:

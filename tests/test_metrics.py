@@ -336,3 +336,40 @@ def test_strings_are_compared_per_sample_across_batches_and_with_the_layouts_bla
     # without a time axis nothing is decoded: the class-axis score as before
     plain = fidelity_with(dataclasses.replace(TNC, time_axis=None), _frames_to_scores(frames), _frames_to_scores(broken))
     assert plain.strings_unchanged is None and not plain.reads_strings and plain.score_name == "top-1 agreement"
+
+
+def test_when_fp32_picks_one_class_only_every_class_is_judged_by_its_cosine() -> None:
+    """A binary NSFW score on safe images only: fp32 picks class 0 everywhere, so top-1 agreement is 1 whatever
+    happens to class 1. A candidate whose class-1 score no longer follows the original's fails on that
+    channel's cosine (open-nsfw pruned to 1% of its parameters passed at 'top-1 agreement 1.0000')."""
+    samples = 64
+    nsfw = RNG.uniform(0.001, 0.2, samples)  # never the top class
+    reference = np.stack([1 - nsfw, nsfw], axis=1)
+    flat = np.full(samples, 0.01)
+    broken = np.stack([1 - flat, flat], axis=1)
+    layout = OutputLayout(batch_axis=0, class_axis=1, channel_axis=1)
+    result = fidelity_with(layout, reference, broken)
+    assert result.classes_picked == 1 and result.one_class_only and not result.decides_classes
+    assert result.top1_agreement == 1.0 and result.cosine > 0.98  # what the budget read before: both pass
+    assert result.worst_channel == 1 and result.score == result.worst_channel_cosine < 0.9
+    assert result.score_name == "cosine"
+    # with both classes picked, agreement decides as before
+    mixed = reference.copy()
+    mixed[:8] = mixed[:8, ::-1]
+    both = fidelity_with(layout, mixed, mixed)
+    assert both.classes_picked == 2 and both.decides_classes and both.score == 1.0
+
+
+def test_a_regression_output_beside_a_softmax_output_has_no_class_axis() -> None:
+    """MTCNN's ONet: box [N, 4] and landmarks [N, 10] from Gemms beside the face score Softmax [N, 2]: only
+    the score is a classifier; the landmarks were judged by top-1 agreement (0.94 at cosine 0.99996).
+    Logits beside Softmax(logits) stay a classifier."""
+    b = ModelBuilder((8,))
+    features = b.relu(b.gemm(b.input, 16))
+    landmarks, logits = b.gemm(features, 10), b.gemm(features, 2)
+    score = b.op("Softmax", [logits], axis=1)
+    model = b.build(landmarks, score)
+    assert output_layout(model, landmarks, (3, 10), 0).class_axis is None
+    assert output_layout(model, score, (3, 2), 0).class_axis == 1
+    both = b.build(logits, score)
+    assert output_layout(both, logits, (3, 2), 0).class_axis == 1
