@@ -34,7 +34,9 @@ Fidelity (same inputs through both models, one output):
                   (energy below 1e-12 of the largest channel's) are not scored, nor, when the channel axis
                   is a class axis, the classes fp32 never picks on the data (a CTC head's thousands of
                   unused characters have ~0 probabilities that int8 rounds to 0: cosine 0, no decision
-                  changed; the picked ones and the per-sample cosine still catch a broken head).
+                  changed; the picked ones and the per-sample cosine still catch a broken head). When fp32 picks one
+                  class only, every class is scored and the score is that worst cosine, not top-1 agreement
+                  (`Fidelity.one_class_only`).
 Accuracy (one output, integer labels): top-1 and top-5 (None with 5 classes or fewer), for outputs with a
 class axis and one position per sample.
 """
