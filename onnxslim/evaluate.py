@@ -227,6 +227,8 @@ def check_budget(
         elif not fidelity.decides_classes and fidelity.worst_channel_cosine is not None and fidelity.worst_channel_cosine < fidelity.cosine:
             where = f"cosine of channel {fidelity.worst_channel} (axis {fidelity.channel_axis})"
         misses.append(f"{where} {score:.4f} (budget {budget.min_fidelity:g})")
+    if samples is None and fidelity.samples:  # a fidelity verdict rests on the samples compared
+        samples = fidelity.samples
     return BudgetCheck(not misses, score, drop, "; ".join(misses), fidelity.score_name, samples, bound, score_bound)
 
 

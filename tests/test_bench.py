@@ -147,7 +147,7 @@ LATENCY_KEYS = {"p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "ru
 FIDELITY_KEYS = {
     "cosine", "max_abs", "mean_abs", "snr_db", "top1_agreement", "samples", "worst_channel_cosine",
     "worst_channel_rel_error", "worst_channel", "channel_axis", "channels", "batch_axis", "class_axis",
-    "strings_unchanged", "strings_changed", "time_axis",
+    "strings_unchanged", "strings_changed", "time_axis", "classes_picked",
 }
 
 

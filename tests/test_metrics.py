@@ -335,7 +335,9 @@ def test_strings_are_compared_per_sample_across_batches_and_with_the_layouts_bla
     assert fidelity_with(TNC, _frames_to_scores(frames), _frames_to_scores(broken)).strings_changed == 1
     # without a time axis nothing is decoded: the class-axis score as before
     plain = fidelity_with(dataclasses.replace(TNC, time_axis=None), _frames_to_scores(frames), _frames_to_scores(broken))
-    assert plain.strings_unchanged is None and not plain.reads_strings and plain.score_name == "top-1 agreement"
+    assert plain.strings_unchanged is None and not plain.reads_strings and plain.decides_classes
+    # the score is named for the figure that gives it: the lower of cosine and top-1 agreement
+    assert plain.score == (plain.top1_agreement if plain.score_name == "top-1 agreement" else plain.cosine)
 
 
 def test_when_fp32_picks_one_class_only_every_class_is_judged_by_its_cosine() -> None:
