@@ -342,3 +342,20 @@ def test_optimize_judges_a_ctc_readers_pruning_levels_and_int8_by_their_strings(
     assert pruned["budget"]["met"] == (changed == 0)  # 20 samples: a 99% budget admits no changed string
     assert trial["pruned_met"] == (changed == 0)
     assert f"strings unchanged {1 - changed / len(held):.3f} (n=20)" in (out / "report.md").read_text()
+
+
+def test_the_pruned_levels_warnings_reach_the_report(
+    small: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the prune of the kept level warned about (a MAC budget taken from few groups) was on stderr only;
+    optimize's report carries it too."""
+    from onnxslim.prune import outcome
+
+    monkeypatch.setattr(outcome, "_concentration", lambda *args: "the MAC budget falls on few groups: (injected)")
+    model, calib, evaluation = small
+    args = ["optimize", str(model), "-o", str(tmp_path / "out"), "--calib", str(calib), "--eval", str(evaluation),
+            "--target-macs", "0.6", "--min-fidelity", "0.1", "--no-quantize", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    notes = json.loads(result.stdout)["notes"]
+    assert "the pruned level: the MAC budget falls on few groups: (injected)" in notes, notes

@@ -329,6 +329,8 @@ def optimize(
         pruned, quantized, trials = _search_budget(options, level, finish, budget, deeper)
     if pruned is None and levels is not None and options.target_speedup is None:
         notes.append("no pruning level met the budget" + ("; int8 was tried on the original" if options.quantize else ""))
+    if pruned is not None:  # what the prune of the level kept warned about (stderr only until now)
+        notes += [f"the pruned level: {note}" for note in pruned.outcome.notes]
     begin = time.perf_counter()
     result = _measure(
         loaded, calib_data, eval_data if eval_data is not None else calib, data_options, options, budget, judge,

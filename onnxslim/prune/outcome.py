@@ -73,7 +73,7 @@ def _concentration(
         f"the MAC budget falls on few groups: {len(hard)} of {len(cut)} pruned groups keep at most "
         f"{100 * _HARD_CUT * target:.0f}% of their channels ({listed}{more}); {blocked} groups are blocked and "
         f"{sum(g.prunable for g in groups) - len(eligible)} left alone, so the rest pays for them. Check accuracy, "
-        "or lower the budget"
+        "or keep more of the MACs"
     )
 
 
