@@ -359,3 +359,24 @@ def test_the_pruned_levels_warnings_reach_the_report(
     assert result.exit_code == 0, result.output
     notes = json.loads(result.stdout)["notes"]
     assert "the pruned level: the MAC budget falls on few groups: (injected)" in notes, notes
+
+
+@pytest.mark.parametrize(("threshold", "expected"), [(1.01, [0.55, 0.972]), (0.9, [0.55, 0.972, 0.761, 0.867, 0.919, 0.893])])
+def test_a_failing_middle_probes_the_shallowest_level_before_walking_up(threshold: float, expected: list[float]) -> None:
+    """Pruning that fails at every level (real exports: five levels for nothing) stops after the middle and
+    the shallowest level; when the shallowest passes, the bisection goes on between them."""
+    from types import SimpleNamespace
+
+    from onnxslim.optimizer.config import Trial
+
+    asked: list[float] = []
+
+    def level(keep: float):
+        asked.append(keep)
+        met = keep >= threshold
+        return SimpleNamespace(model=None, macs_after=keep, macs_before=1.0), Trial(keep, keep, keep, None, met)
+
+    options = OptimizeOptions(min_fidelity=0.99, quantize=False, max_trials=6)
+    pruned, _, trials = pipeline._search_budget(options, level, lambda r, t: (None, t), AccuracyBudget(min_fidelity=0.99))
+    assert asked == expected and [t.target_macs for t in trials] == expected
+    assert (pruned is None) == (threshold > 1)

@@ -317,7 +317,8 @@ def optimize(
         if pruned is None:
             notes.append(f"no level reached {options.target_speedup:g}x within {options.max_trials} trials")
     else:
-        search = (f"bisection on the MACs kept ({LOWEST_KEEP:g} to 1), each level's pruned model judged with half "
+        search = (f"bisection on the MACs kept ({LOWEST_KEEP:g} to 1; when the middle fails, {SHALLOWEST_KEEP:g} next, "
+                  f"and no more levels if it fails too), each level's pruned model judged with half "
                   f"the budget, then int8 on the best; at most {options.max_trials} trials")
         def deeper(passed: list[tuple[float, PruneResult, int]], failed: list[tuple[float, PruneResult, int]],
                    tried_levels: list[Trial], left: int) -> PruneResult | None:
@@ -340,6 +341,9 @@ def optimize(
     return replace(result, stage_seconds=stages, seconds=time.perf_counter() - started)
 
 
+SHALLOWEST_KEEP = 0.972  # the level bisection on [LOWEST_KEEP, 1] reaches after four failures
+
+
 def _search_budget(
     options: OptimizeOptions,
     level: Callable[[float], tuple[PruneResult, Trial]],
@@ -360,10 +364,17 @@ def _search_budget(
     levels = max(options.max_trials - 1, 1) if options.quantize else options.max_trials
     for _ in range(levels):
         keep = round((low + high) / 2, 3)
+        if len(trials) == 1 and failed and high == 1.0:
+            # the middle failed: probe the shallowest level the bisection would reach before walking up to
+            # it; if even that fails, no level will pass (real exports: YOLOv8n, PP-OCR and ddddocr failed at
+            # every level up to 0.972 of the MACs, five levels for nothing)
+            keep = SHALLOWEST_KEEP
         result, trial = level(keep)
         trials.append(trial)
         if not trial.pruned_met:
             failed.append((keep, result, len(trials) - 1))
+            if keep == SHALLOWEST_KEEP and high == 1.0:
+                break
         if trial.same_as is not None:  # rounding gives the plan of a level already tried: resolution reached
             break
         if trial.pruned_met:
