@@ -481,12 +481,14 @@ def quark(cache: Path, model: Path, calib: Path, out: Path, timeout: float) -> t
     python = ensure_venv(cache, "quark", QUARK_REQUIREMENTS)
     failures: list[str] = []
     for config in QUARK_CONFIGS:
-        command = [str(python), str(ROOT / "benchmarks" / "real_models_quark.py"), str(model), str(out), str(calib),
-                   "--config", config]
+        command = [str(python), str(ROOT / "benchmarks" / "real_models_quark.py"), str(model.resolve()), str(out.resolve()),
+                   str(calib.resolve()), "--config", config]
         candidate = Candidate(f"quark {config}", None, " ".join(command))
 
         def make(command: list[str] = command, config: str = config) -> None:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+            # in the output's folder: Quark writes quantized_info.csv into its working directory
+            out.parent.mkdir(parents=True, exist_ok=True)
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=out.parent)
             (out.parent / f"quark-{config}.log").write_text(done.stderr + done.stdout)
             if done.returncode != 0 or not out.exists():
                 raise RuntimeError(f"exit {done.returncode}: {_tail(done.stderr or done.stdout, 2)}")
