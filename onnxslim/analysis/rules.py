@@ -251,6 +251,50 @@ def _per_channel_norm(view: NodeView) -> Decision:
     return _axis_must_be(view, 1, view.op) or Flow((0,), 1, follower=True)
 
 
+def _broadcast_join(
+    view: NodeView, carriers: Sequence[int], operands_of_node: Sequence[int]
+) -> tuple[list[int], list[int], int] | Block:
+    """The numpy-broadcast core of `_elementwise` and `_batched_matmul`: the `carriers` whose channel dim,
+    aligned from the right, matches the output's are joined on one output axis; every other operand of
+    `operands_of_node` broadcasts (size 1 there), joins (an opaque operand on that axis), or blocks.
+    Returns (joined, broadcast, output axis) or the Block."""
+    out_shape = view.output_shapes[0]
+    assert out_shape is not None
+    rank = len(out_shape)
+    operands: list[int] = []
+    broadcast: list[int] = []
+    axes: set[int] = set()
+    for index in carriers:
+        shape, axis = view.shape(index), view.axis(index)
+        assert axis is not None
+        aligned = axis + rank - len(shape)
+        if shape[axis] == out_shape[aligned]:
+            operands.append(index)
+            axes.add(aligned)
+        elif shape[axis] != 1:  # size 1: broadcast (below)
+            return Block(f"operand {index} has {shape[axis]} channels where the output has {out_shape[aligned]}")
+    if len(axes) != 1:
+        return Block("its operands carry channels on different axes" if axes else "no operand carries channels")
+    out_axis = axes.pop()
+    for index in operands_of_node:
+        if index in operands:
+            continue
+        shape, axis = view.shape(index), view.axis(index)
+        position = out_axis - (rank - len(shape))
+        if position < 0 or shape[position] == 1:
+            broadcast.append(index)  # the same value for every channel
+        elif index in view.opaque_inputs and axis is not None and axis + rank - len(shape) == out_axis:
+            operands.append(index)  # joined: what blocked its channels blocks the group
+        elif index in view.opaque_inputs:
+            return Block(
+                f"operand {index} varies along the channel axis, but its channels could not be followed "
+                f"({view.opaque_inputs[index]})"
+            )
+        else:
+            return Block(f"operand {index} varies along the channel axis but carries its channels on another axis")
+    return operands, broadcast, out_axis
+
+
 def _elementwise(view: NodeView) -> Decision:
     """Add/Sub/Mul/Div/Pow/Sum/Max/Min/Mean/PRelu with numpy broadcasting, aligned from the right.
 
@@ -267,37 +311,10 @@ def _elementwise(view: NodeView) -> Decision:
     constants = [value for i in range(len(view.node.inputs)) if (value := view.constant(i)) is not None]
     with_axis = [i for i in variables if view.axis(i) is not None]
     carriers = [i for i in with_axis if i not in view.opaque_inputs] or with_axis
-    operands: list[int] = []
-    broadcast: list[int] = []
-    axes: set[int] = set()
-    for index in carriers:
-        shape, axis = view.shape(index), view.axis(index)
-        assert axis is not None
-        aligned = axis + rank - len(shape)
-        if shape[axis] == out_shape[aligned]:
-            operands.append(index)
-            axes.add(aligned)
-        elif shape[axis] != 1:
-            return Block(f"operand {index} has {shape[axis]} channels where the output has {out_shape[aligned]}")
-    if len(axes) != 1:
-        return Block("its operands carry channels on different axes" if axes else "no operand carries channels")
-    out_axis = axes.pop()
-    for index in variables:
-        if index in operands:
-            continue
-        shape, axis = view.shape(index), view.axis(index)
-        position = out_axis - (rank - len(shape))
-        if position < 0 or shape[position] == 1:
-            broadcast.append(index)  # the same value for every channel
-        elif index in view.opaque_inputs and axis is not None and axis + rank - len(shape) == out_axis:
-            operands.append(index)  # joined: what blocked its channels blocks the group
-        elif index in view.opaque_inputs:
-            return Block(
-                f"operand {index} varies along the channel axis, but its channels could not be followed "
-                f"({view.opaque_inputs[index]})"
-            )
-        else:
-            return Block(f"operand {index} varies along the channel axis but carries its channels on another axis")
+    joined = _broadcast_join(view, carriers, variables)
+    if isinstance(joined, Block):
+        return joined
+    operands, broadcast, out_axis = joined
     follower = False
     for value in constants:
         aligned = out_axis - (rank - value.ndim)
@@ -357,41 +374,19 @@ def _batched_matmul(view: NodeView) -> Decision:
     batch axes, elementwise with numpy broadcasting; channels on one of them flow through and join the
     other operand's. Channels on a multiplied axis (the last two) are mixed: a block. A follower: its MACs
     scale with the channels kept (MacModel), and it has no constants to slice."""
-    out_shape = view.output_shapes[0]
-    assert out_shape is not None
-    rank = len(out_shape)
     with_axis = [i for i in (0, 1) if view.axis(i) is not None]
     carriers = [i for i in with_axis if i not in view.opaque_inputs] or with_axis
     if not carriers:
         return Block("MatMul of two computed tensors that carry no channels")
-    operands: list[int] = []
-    broadcast: list[int] = []
-    axes: set[int] = set()
     for index in carriers:
         shape, axis = view.shape(index), view.axis(index)
         assert axis is not None
         if len(shape) < 3 or axis >= len(shape) - 2:
             return Block("MatMul of two computed tensors multiplies along the channel axis")
-        aligned = axis + rank - len(shape)
-        if shape[axis] == out_shape[aligned]:
-            operands.append(index)
-            axes.add(aligned)
-        elif shape[axis] != 1:  # size 1: broadcast (below)
-            return Block(f"operand {index} has {shape[axis]} channels where the output has {out_shape[aligned]}")
-    if len(axes) != 1:
-        return Block("its operands carry channels on different axes" if axes else "no operand carries channels")
-    out_axis = axes.pop()
-    for index in (0, 1):
-        if index in operands:
-            continue
-        shape = view.shape(index)
-        position = out_axis - (rank - len(shape))
-        if position < 0 or shape[position] == 1:
-            broadcast.append(index)
-        elif index in view.opaque_inputs and view.axis(index) == position:
-            operands.append(index)  # joined: what blocked its channels blocks the group
-        else:
-            return Block(f"operand {index} varies along the channel axis but its channels are not followed there")
+    joined = _broadcast_join(view, carriers, (0, 1))
+    if isinstance(joined, Block):
+        return joined
+    operands, broadcast, out_axis = joined
     return Flow(tuple(sorted(operands)), out_axis, follower=True, broadcast=tuple(broadcast))
 
 
