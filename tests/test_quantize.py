@@ -1131,19 +1131,36 @@ def test_target_deficit_from_the_fidelity_and_the_top1_budgets() -> None:
     assert target_deficit(AccuracyBudget(max_drop=0.5), replace(plain, drop=None)) is None
 
 
+def _quantized_everywhere(
+    source: onnx.ModelProto, data, tmp_path: Path, config: QuantConfig | None = None, *, keep_activations: bool = False
+) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """The prepared model and its QDQ model with every node the quantizer handles in int8 (min-max ranges)."""
+    prepared = prepare_model(source, dict(data.input_shapes), per_channel=True).model
+    prepared_path = save(prepared, tmp_path / "prepared.onnx")
+    cache = tmp_path / "ranges.json"
+    calibrate(prepared, data, "minmax", cache_path=cache)
+    qdq = quantize_module.quantize_with_ranges(
+        prepared_path, cache, config or QuantConfig(), "minmax", keep_activations=keep_activations
+    )
+    return prepared, qdq
+
+
+def _gated(source: onnx.ModelProto, data, tmp_path: Path):
+    """The prepared model, its int8 model (every quantizable node), the quantizable nodes, and the gated copy
+    of the int8 model with its gates."""
+    prepared, qdq = _quantized_everywhere(source, data, tmp_path, keep_activations=True)
+    types = quantize_module._quantized_op_types(QuantConfig())
+    quantizable = [n.name for n in prepared.graph.node if n.op_type in types]
+    gated, gates = gated_model(qdq, prepared, quantizable)
+    return prepared, qdq, quantizable, gated, gates
+
+
 def test_the_gated_model_is_fp32_with_every_gate_off_and_rounds_one_place_per_gate(tmp_path: Path) -> None:
     """The switches the guard measures with: all off is the fp32 model; all on is the int8 model; most
     single switches change the outputs."""
     source = transformer_classifier()
     data = dataset(_random_npz(tmp_path / "t.npz", source, 16), source, batch=8)
-    prepared = prepare_model(source, dict(data.input_shapes), per_channel=True).model
-    prepared_path = save(prepared, tmp_path / "prepared.onnx")
-    cache = tmp_path / "ranges.json"
-    calibrate(prepared, data, "minmax", cache_path=cache)
-    qdq = quantize_module.quantize_with_ranges(prepared_path, cache, QuantConfig(), "minmax", keep_activations=True)
-    types = quantize_module._quantized_op_types(QuantConfig())
-    quantizable = [n.name for n in prepared.graph.node if n.op_type in types]
-    gated, gates = gated_model(qdq, prepared, quantizable)
+    prepared, qdq, quantizable, gated, gates = _gated(source, data, tmp_path)
     onnx.checker.check_model(gated)
     kinds = {g.kind for g in gates}
     assert kinds == {"activation", "weights"} and len({g.input for g in gates}) == len(gates)
@@ -1216,11 +1233,7 @@ def test_a_calibration_method_that_fails_on_infinite_values_is_a_failed_trial_no
 
 def _placements(source: onnx.ModelProto, data, tmp_path: Path, **config: object):
     """The prepared model, onnxruntime's fates of its nodes quantized everywhere, and the placements."""
-    prepared = prepare_model(source, dict(data.input_shapes), per_channel=True).model
-    prepared_path = save(prepared, tmp_path / "prepared.onnx")
-    cache = tmp_path / "ranges.json"
-    calibrate(prepared, data, "minmax", cache_path=cache)
-    qdq = quantize_module.quantize_with_ranges(prepared_path, cache, QuantConfig(**config), "minmax")  # type: ignore[arg-type]
+    prepared, qdq = _quantized_everywhere(source, data, tmp_path, QuantConfig(**config))  # type: ignore[arg-type]
     handled = quantize_module._quantized_op_types(QuantConfig())
     fates = onnxruntime_fates(prepared, qdq, handled)
     return prepared, fates, build_placements(prepared, fates)
@@ -1378,14 +1391,7 @@ def test_the_group_measure_ranks_the_roundings_as_the_one_at_a_time_measure(tmp_
     as the resolution reaches; and it took fewer runs than one per gate."""
     source = build()
     data = dataset(_random_npz(tmp_path / "x.npz", source, 16), source, batch=8)
-    prepared = prepare_model(source, dict(data.input_shapes), per_channel=True).model
-    prepared_path = save(prepared, tmp_path / "prepared.onnx")
-    cache = tmp_path / "ranges.json"
-    calibrate(prepared, data, "minmax", cache_path=cache)
-    qdq = quantize_module.quantize_with_ranges(prepared_path, cache, QuantConfig(), "minmax", keep_activations=True)
-    types = quantize_module._quantized_op_types(QuantConfig())
-    quantizable = [n.name for n in prepared.graph.node if n.op_type in types]
-    gated, gates = gated_model(qdq, prepared, quantizable)
+    prepared, qdq, quantizable, gated, gates = _gated(source, data, tmp_path)
     position = {n.name: i for i, n in enumerate(prepared.graph.node)}
     gates = sorted(gates, key=lambda g: min((position[t] for t in g.touchers), default=len(position)))
     evaluator = Evaluator(source, hold_out_tail(data, None, 0.2), [source.graph.output[0].name], threads=1)
