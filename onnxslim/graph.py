@@ -54,15 +54,19 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
 def subgraph_references(graph: onnx.GraphProto) -> set[str]:
     """Names that nodes inside subgraphs of `graph` (If, Loop, Scan bodies, nested) read, possibly from the
     outer scope: a value or initializer only a branch reads is still in use."""
+    return {name for node in graph.node for name in _branch_reads(node)}
+
+
+def _branch_reads(node: onnx.NodeProto) -> set[str]:
+    """What the subgraphs of `node` read, nested ones included (and the names their outputs give)."""
     names: set[str] = set()
-    for node in graph.node:
-        for attr in node.attribute:
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for sub in subs:
-                for inner in sub.node:
-                    names.update(inner.input)
-                names.update(o.name for o in sub.output)
-                names |= subgraph_references(sub)
+    for attr in node.attribute:
+        subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for sub in subs:
+            for inner in sub.node:
+                names.update(inner.input)
+            names.update(o.name for o in sub.output)
+            names |= subgraph_references(sub)
     return names
 
 
@@ -75,11 +79,7 @@ def sort_nodes(graph: onnx.GraphProto) -> bool:
     producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
     needs: list[set[int]] = []
     for i, node in enumerate(nodes):
-        reads = set(node.input)
-        for attr in node.attribute:
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for sub in subs:
-                reads |= {name for inner in sub.node for name in inner.input} | subgraph_references(sub)
+        reads = set(node.input) | _branch_reads(node)
         needs.append({producer[name] for name in reads if name in producer and producer[name] != i})
     if all(all(j < i for j in deps) for i, deps in enumerate(needs)):
         return False
